@@ -1,0 +1,403 @@
+"""Tests for evaluate.py: metrics against closed forms, clean-fid and brute force; the CLI end to end; bad input."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.spatial.distance import cdist
+
+import evaluate as ev
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- helpers ----
+
+
+def random_cov(rng, d, scale=1.0):
+    """A random well-conditioned SPD matrix (d, d)."""
+    a = rng.normal(size=(d, d))
+    return scale * (a @ a.T / d + 0.5 * np.eye(d))
+
+
+def closed_form_fid(mu1, s1, mu2, s2):
+    """FID through eigendecompositions: tr((S1 S2)^1/2) = tr((S1^1/2 S2 S1^1/2)^1/2), no sqrtm of a product."""
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(w)) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+class TinyExtractor(torch.nn.Module):
+    """A stand-in feature network: 8-d features and 5 logits from a 4x4 average pool of the image."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.nn.Parameter(torch.randn(48, 8, generator=g) / 7)
+        self.head = torch.nn.Parameter(torch.randn(8, 5, generator=g))
+
+    def forward(self, x):
+        z = F.adaptive_avg_pool2d(x / 255.0, 4).flatten(1)  # (B, 48)
+        f = torch.tanh(3 * z @ self.proj)  # (B, 8)
+        return f, f @ self.head
+
+
+class FakeInception(torch.nn.Module):
+    """Shaped like clean-fid's TorchScript Inception: `layers` -> (B, 2048, 1, 1) and an `output` Linear(2048, 1008)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(3, 2048, 1))
+        self.output = torch.nn.Linear(2048, 1008)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def jit_save(module, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(module).save(str(path))
+    return path
+
+
+def write_pngs(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def make_images(rng, n, bright=0, size=16, every=3):
+    """n uint8 (size, size, 3) noise images; one in `every` brightened by `bright`."""
+    imgs = rng.integers(0, 196, (n, size, size, 3))
+    imgs[::every] += bright
+    return np.clip(imgs, 0, 255).astype(np.uint8)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny extractor file and two folders of 24 PNGs each (samples and reference)."""
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    samples, reference = make_images(rng, 24), make_images(rng, 24, bright=70, every=2)
+    return {"root": root, "extractor": jit_save(TinyExtractor(), root / "tiny.pt"),
+            "samples_array": samples, "samples": write_pngs(root / "A", samples), "ref": write_pngs(root / "B", reference)}
+
+
+# ---- Fréchet distance ----
+
+
+def test_frechet_distance_matches_closed_form():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    s1, s2 = random_cov(rng, 6), random_cov(rng, 6, 2.0)  # generic covariances: S1 S2 is not symmetric
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed_form_fid(mu1, s1, mu2, s2), rel=1e-9)
+    assert ev.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-6)
+    # 1-D: (m1-m2)^2 + (s1-s2)^2 in standard deviations
+    assert ev.frechet_distance([0.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(9 + 1)
+
+
+def test_fid_of_gaussian_samples_matches_closed_form():
+    rng = np.random.default_rng(2)
+    mu1, mu2 = np.zeros(4), np.array([2.0, -1.0, 0.5, 1.0])
+    s1, s2 = random_cov(rng, 4), random_cov(rng, 4, 3.0)
+    x1 = rng.multivariate_normal(mu1, s1, size=40_000)
+    x2 = rng.multivariate_normal(mu2, s2, size=40_000)
+    fid = ev.frechet_distance(*ev.feature_statistics(x1), *ev.feature_statistics(x2))
+    expected = closed_form_fid(mu1, s1, mu2, s2)
+    assert expected > 5
+    assert fid == pytest.approx(expected, rel=0.02)
+
+
+def test_frechet_distance_equals_cleanfid():
+    from cleanfid.fid import frechet_distance as cleanfid_frechet
+    rng = np.random.default_rng(3)
+    for n, d in [(300, 32), (20, 48)]:  # the second has singular covariances (fewer samples than dimensions)
+        a, b = rng.normal(size=(n, d)), rng.normal(0.3, 1.5, size=(n, d))
+        stats = (*ev.feature_statistics(a), *ev.feature_statistics(b))
+        ours, theirs = ev.frechet_distance(*stats), cleanfid_frechet(*stats)
+        assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-9)
+    # clean-fid's own from-features route (float32 features, as the network gives) agrees too
+    from cleanfid.fid import fid_from_feats
+    a32, b32 = rng.normal(size=(200, 16)).astype(np.float32), rng.normal(0.5, 1, size=(200, 16)).astype(np.float32)
+    ours = ev.frechet_distance(*ev.feature_statistics(a32), *ev.feature_statistics(b32))
+    assert ours == pytest.approx(fid_from_feats(a32, b32), rel=1e-5)
+
+
+def test_frechet_distance_bad_statistics():
+    with pytest.raises(ValueError, match="imaginary"):  # a "covariance" with a negative eigenvalue
+        ev.frechet_distance([0.0, 0.0], np.eye(2), [0.0, 0.0], np.diag([1.0, -1.0]))
+    with pytest.raises(ValueError, match="do not match"):
+        ev.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="at least 2"):
+        ev.feature_statistics(np.zeros((1, 4)))
+
+
+# ---- Inception Score ----
+
+
+def test_inception_score_constructed_probabilities():
+    assert ev.inception_score(np.full((100, 7), 1 / 7)) == pytest.approx((1.0, 0.0))
+    k = 6
+    one_hot = np.eye(k)[np.arange(10 * k * 3) % k]  # each of the 10 splits holds every class equally often
+    mean, std = ev.inception_score(one_hot, splits=10)
+    assert mean == pytest.approx(k) and std == pytest.approx(0, abs=1e-12)
+
+
+def test_inception_score_matches_direct_formula():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 2, size=(1000, 10))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scores = []
+    for part in np.split(probs, 5):
+        py = part.mean(0)
+        scores.append(np.exp(np.mean([np.sum(p * (np.log(p) - np.log(py))) for p in part])))
+    assert ev.inception_score(probs, splits=5) == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-10)
+    with pytest.raises(ValueError, match="at least 10 samples"):
+        ev.inception_score(probs[:9], splits=10)
+
+
+# ---- precision / recall ----
+
+
+def test_precision_recall_known_answers():
+    real = np.arange(10.0)[:, None]  # k=3 radii: 3 at both ends, 2 inside
+    fake = np.array([[4.5], [100.0], [-2.5], [12.5]])  # inside, far, within 3 of 0, 3.5 beyond 9
+    precision, recall = ev.precision_recall(real, fake, k=3, device="cpu")
+    assert precision == pytest.approx(0.5) and recall == pytest.approx(1.0)  # 100's 3rd neighbour is 102.5 away
+    real = np.arange(10.0)[:, None] + 0.25
+    fake = np.arange(5.0)[:, None]  # radii 3, 2, 2, 2, 3: covers reals up to 7 -> 0.25 ... 6.25
+    assert ev.precision_recall(real, fake, k=3, device="cpu") == pytest.approx((1.0, 0.7))
+    assert ev.precision_recall(fake, real, k=3, device="cpu") == pytest.approx((0.7, 1.0))  # roles swap
+    far = np.arange(10.0)[:, None] + 1000
+    assert ev.precision_recall(real, far, k=3, device="cpu") == (0.0, 0.0)
+    with pytest.raises(ValueError, match="more than 3 samples"):
+        ev.precision_recall(real, fake[:3], k=3)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_against_brute_force(k):
+    rng = np.random.default_rng(5 + k)
+    real = np.concatenate([rng.normal(0, 1, (40, 3)), rng.normal(4, 0.5, (20, 3))])
+    fake = np.concatenate([rng.normal(0.5, 1.2, (35, 3)), rng.normal(8, 1, (10, 3))])
+    radius_real = np.sort(cdist(real, real), axis=1)[:, k]  # plain distances; column 0 is the point itself
+    radius_fake = np.sort(cdist(fake, fake), axis=1)[:, k]
+    precision = (cdist(fake, real) <= radius_real[None]).any(1).mean()
+    recall = (cdist(real, fake) <= radius_fake[None]).any(1).mean()
+    # a tiny chunk budget forces many row chunks through both code paths
+    got = ev.precision_recall(real, fake, k=k, device="cpu", max_elems=100)
+    assert got == pytest.approx((precision, recall))
+    assert 0 < precision < 1 and 0 < recall < 1
+    got32 = ev.precision_recall(real.astype(np.float32), fake.astype(np.float32), k=k, device="cpu")
+    assert got32 == pytest.approx((precision, recall))
+
+
+# ---- features ----
+
+
+def test_features_equal_across_sources_and_cache(data, tmp_path):
+    net = ev.load_torchscript_extractor(data["extractor"])
+    from_array = ev.extract_features(data["samples_array"], net, batch_size=7, resize="none")
+    from_folder = ev.extract_features(data["samples"], net, batch_size=5, resize="none", workers=2)
+    ev.save_npz(tmp_path / "s.npz", arr_0=data["samples_array"])
+    from_npz = ev.extract_features(tmp_path / "s.npz", net, batch_size=10, resize="none")
+    assert from_array["feats"].shape == (24, 8) and from_array["probs"].shape == (24, 5)
+    for other in (from_folder, from_npz):  # features bit-equal; logits may differ in the last bit across batch sizes
+        np.testing.assert_array_equal(other["feats"], from_array["feats"])
+        np.testing.assert_allclose(other["probs"], from_array["probs"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(from_array["probs"].sum(1), 1, rtol=1e-6)
+
+    featurizer = ev.Featurizer(data["extractor"], resize="none", cache_dir=tmp_path / "cache")
+    first = featurizer(tmp_path / "s.npz")
+    cached = list((tmp_path / "cache").glob("*.npz"))
+    assert len(cached) == 1
+    with np.load(cached[0]) as z:  # the cache holds exactly what was returned
+        np.testing.assert_array_equal(z["feats"], first["feats"])
+    assert ev.Featurizer(data["extractor"], resize="none", cache_dir=tmp_path / "cache")._net is None
+    again = ev.Featurizer(data["extractor"], resize="none", cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again(tmp_path / "s.npz")["feats"], first["feats"])
+    assert again._net is None  # served from the cache: the network was never loaded
+    # a features .npz is read back as features
+    np.testing.assert_array_equal(featurizer(cached[0])["feats"], first["feats"])
+
+
+def test_clean_inception_wrapper_matches_cleanfid(tmp_path):
+    from cleanfid.inception_torchscript import InceptionV3W
+    jit_save(FakeInception(), tmp_path / "inception-2015-12-05.pt")
+    ours = ev.CleanInception(str(tmp_path / "inception-2015-12-05.pt"), download=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates torch.jit.load, which clean-fid calls
+        theirs = InceptionV3W(str(tmp_path), download=False)
+    x = torch.rand(2, 3, 299, 299) * 255
+    feats, logits = ours(x)
+    torch.testing.assert_close(feats, theirs(x))
+    torch.testing.assert_close(logits, feats @ ours.net.output.weight.T)  # bias-free, as the ADM evaluator
+    with pytest.raises(ValueError, match="299x299"):
+        ours(torch.rand(1, 3, 32, 32))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ev.CleanInception(str(tmp_path / "missing.pt"), download=False)
+
+
+# ---- command line ----
+
+
+def test_metrics_cli_end_to_end_matches_cleanfid(data, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("metrics", "--samples", data["samples"], "--ref", data["ref"], "--features", data["extractor"],
+                   "--out", out, "--is-splits", "2", "--workers", "0", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    # clean-fid's own pipeline (its resize to 299, its data loader, its statistics) on the same folders and network
+    from cleanfid import fid
+    net = ev.load_torchscript_extractor(data["extractor"])
+    expected = fid.compute_fid(str(data["samples"]), str(data["ref"]), mode="clean", custom_feat_extractor=lambda x: net(x)[0],
+                               device=torch.device("cpu"), num_workers=0, batch_size=8, verbose=False)
+    assert expected > 0.01
+    assert row["fid"] == pytest.approx(expected, rel=1e-4)
+    # IS and P/R from the cached features agree with the library functions on them
+    cache = {p.name.split("-")[0]: np.load(p) for p in (out / "features").glob("*.npz")}
+    assert row["is_mean"] == pytest.approx(ev.inception_score(cache["A"]["probs"], 2)[0])
+    assert (row["precision"], row["recall"]) == pytest.approx(ev.precision_recall(cache["B"]["feats"], cache["A"]["feats"]))
+    assert row["num_samples"] == 24 and row["num_ref"] == 24 and row["feature_dim"] == 8
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:6] == ["cfg_scale", "fid", "is_mean", "is_std", "precision", "recall"]
+
+    # the cached features .npz serve as samples and reference: same numbers, no images read
+    code = ev.main(["metrics", "--samples", str(out / "features" / next(p.name for p in (out / "features").iterdir()
+                                                                         if p.name.startswith("A"))),
+                    "--ref", str(next((out / "features").glob("B-*.npz"))), "--out", str(tmp_path / "again"),
+                    "--is-splits", "2", "--cfg-scales", "1.5"])
+    assert code == 0
+    (row2,) = json.loads((tmp_path / "again" / "results.json").read_text())["rows"]
+    assert row2["cfg_scale"] == 1.5
+    assert row2["fid"] == pytest.approx(row["fid"], rel=1e-12) and row2["precision"] == row["precision"]
+
+
+def test_stats_reference_and_adm_reference_batch(data, tmp_path):
+    net = ev.load_torchscript_extractor(data["extractor"])
+    ref_images = np.stack([np.array(Image.open(p)) for p in ev.list_images(data["ref"])])
+    ref_feats = ev.extract_features(ref_images, net, resize="none")["feats"]
+    mu, sigma = ev.feature_statistics(ref_feats)
+    ev.save_npz(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    ev.save_npz(tmp_path / "adm_ref.npz", mu=mu, sigma=sigma, arr_0=ref_images)
+    featurizer = ev.Featurizer(data["extractor"], resize="none")
+    sample = featurizer(data["samples"])
+    by_folder = ev.compute_metrics(sample, ev.load_reference(data["ref"], featurizer), is_splits=2)
+    by_stats = ev.compute_metrics(sample, ev.load_reference(tmp_path / "stats.npz", featurizer), is_splits=2)
+    by_adm = ev.compute_metrics(sample, ev.load_reference(tmp_path / "adm_ref.npz", featurizer), is_splits=2)
+    assert by_stats["fid"] == pytest.approx(by_folder["fid"], rel=1e-9) and by_stats["precision"] is None
+    assert by_adm["fid"] == pytest.approx(by_folder["fid"], rel=1e-9)
+    assert (by_adm["precision"], by_adm["recall"]) == (by_folder["precision"], by_folder["recall"])
+
+
+def test_plot_cli_and_plot_errors(tmp_path):
+    for name, shift in [("clean", 0.0), ("cep", -1.0)]:
+        rows = [{"cfg_scale": s, "fid": 10 + shift + (s - 2) ** 2, "is_mean": 100 * s, "precision": 0.5 + s / 10,
+                 "recall": 0.6 - s / 10} for s in (1.5, 2.0, 3.0)]
+        ev.write_results(rows, tmp_path / name)
+    fig = tmp_path / "fig.png"
+    assert ev.main(["plot", str(tmp_path / "clean/results.json"), str(tmp_path / "cep/results.json"), "-o", str(fig)]) == 0
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="nothing to plot"):
+        ev.plot_fid_is({"x": [{"cfg_scale": 1.5, "fid": None}]}, tmp_path / "none.png")
+
+
+def test_bad_input_subprocess(data, tmp_path):
+    """A real process: exit 2, exactly one line on stderr naming the problem, no traceback, nothing written."""
+    proc = run_cli("metrics", "--samples", data["samples"], "--ref", tmp_path / "missing_ref",
+                   "--features", data["extractor"], "--out", tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"evaluate.py: error: reference not found: {tmp_path / 'missing_ref'}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_in_process(data, tmp_path, capsys):
+    few = write_pngs(tmp_path / "few", make_images(np.random.default_rng(9), 3))
+    (tmp_path / "ckpt.pt").write_bytes(b"not yet")
+    (tmp_path / "junk.pt").write_bytes(b"not torchscript")
+    ev.save_npz(tmp_path / "odd.npz", weights=np.zeros(3))
+    (tmp_path / "ref.txt").write_text("not a reference")
+    ev.save_npz(tmp_path / "float.npz", arr_0=np.zeros((12, 8, 8, 3), np.float32))
+    cases = [
+        (["metrics", "--samples", str(data["samples"]), "--ref", str(tmp_path / "ref.txt")], "unknown reference format"),
+        (["metrics", "--samples", str(few), "--ref", str(data["ref"])], "statistics need at least 10"),
+        (["metrics", "--samples", str(data["samples"]), "--ref", str(few), "--k", "3"], "need at least 4"),
+        (["metrics", "--samples", str(tmp_path / "odd.npz"), "--ref", str(data["ref"])], "unknown image source"),
+        (["metrics", "--samples", str(tmp_path / "float.npz"), "--ref", str(data["ref"])], "must be uint8"),
+        (["metrics", "--samples", str(data["samples"]), "--ref", str(tmp_path / "odd.npz")], "unknown reference .npz"),
+        (["metrics", "--samples", str(data["samples"]), "--ref", str(data["ref"]), "--cfg-scales", "1,x"], "--cfg-scales"),
+        (["metrics", "--samples", str(data["samples"]), "--ref", str(data["ref"]), "--features", str(tmp_path / "junk.pt")],
+         "not a TorchScript"),
+        ([str(tmp_path / "missing.pt"), "--ref", str(data["ref"])], "checkpoint not found"),
+        ([str(tmp_path / "ckpt.pt"), "--ref", str(data["ref"]), "--num-samples", "5"], "statistics need"),
+        ([str(tmp_path / "ckpt.pt"), "--ref", str(data["ref"])], "needs train_dit.py"),
+        (["plot", str(tmp_path / "nope.json")], "results not found"),
+        (["metrics", "--samples", str(tmp_path / "nowhere"), "--ref", str(data["ref"])], "images not found"),
+    ]
+    for args, message in cases:
+        try:
+            extra = [] if args[0] == "plot" else ["--out", str(tmp_path / "out")]
+            extra += [] if args[0] == "plot" or "--features" in args else ["--features", str(data["extractor"])]
+            code = ev.main(args + extra)
+        except SystemExit as e:  # argparse's own errors exit from inside main
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert not (tmp_path / "out").exists(), args
+
+
+# ---- sampling plumbing (the sampler itself comes from train_dit.py) ----
+
+
+def fake_sampler(labels, seeds, cfg_scale):
+    """Deterministic per seed: noise tinted by the label, so a sharded run must reproduce a single-process one."""
+    images = [np.random.default_rng(s).integers(0, 200, (16, 16, 3)) + 5 * int(y) for s, y in zip(seeds, labels)]
+    return (np.stack(images) + 10 * cfg_scale).clip(0, 255).astype(np.uint8)
+
+
+def test_labels_seeds_shards():
+    labels = ev.balanced_labels(50_000, 1000)
+    assert np.array_equal(np.bincount(labels), np.full(1000, 50))
+    shards = [ev.shard_indices(103, r, 4) for r in range(4)]
+    assert np.array_equal(np.concatenate(shards), np.arange(103)) and {len(s) for s in shards} == {25, 26}
+    assert np.array_equal(ev.sample_seeds(4, 7), [7, 8, 9, 10])
+
+
+def test_sharded_sampling_equals_single_process(data, tmp_path):
+    featurizer = ev.Featurizer(data["extractor"], resize="none")
+    kwargs = dict(num_classes=3, cfg_scales=[1.0, 2.0], featurizer=featurizer, ref=data["ref"], num_samples=14, seed=5,
+                  batch_size=4, write_npz=True, is_splits=2, settings={"sampler": "fake"})
+    single = ev.sample_and_evaluate(fake_sampler, out_dir=tmp_path / "one", write_png=True, **kwargs)
+    # two ranks run one after the other (no process group: barriers are no-ops); rank 0 merges last
+    assert ev.sample_and_evaluate(fake_sampler, out_dir=tmp_path / "two", rank=1, world_size=2, **kwargs) is None
+    sharded = ev.sample_and_evaluate(fake_sampler, out_dir=tmp_path / "two", rank=0, world_size=2, **kwargs)
+    for scale in ("cfg1", "cfg2"):
+        with np.load(tmp_path / "one" / scale / "samples.npz") as a, np.load(tmp_path / "two" / scale / "samples.npz") as b:
+            assert a["arr_0"].shape == (14, 16, 16, 3) and a["arr_0"].dtype == np.uint8
+            np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+            np.testing.assert_array_equal(b["labels"], np.arange(14) % 3)
+            np.testing.assert_array_equal(b["seeds"], 5 + np.arange(14))
+            np.testing.assert_array_equal(a["arr_0"][9], fake_sampler([9 % 3], [14], float(scale[3:]))[0])
+        assert not list((tmp_path / "two" / scale).glob("shard*"))
+    pngs = sorted(p.name for p in (tmp_path / "one" / "cfg2" / "samples").iterdir())
+    assert pngs == [f"{i:06d}.png" for i in range(14)]
+    assert [r["cfg_scale"] for r in sharded] == [1.0, 2.0] and sharded[0]["sampler"] == "fake"
+    for a, b in zip(single, sharded):
+        assert a["fid"] == pytest.approx(b["fid"], rel=1e-12) and a["precision"] == b["precision"]
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["rows"][1]["world_size"] == 2
