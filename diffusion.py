@@ -221,15 +221,19 @@ class GaussianDiffusion:
         """Sample x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I) with the given noise."""
         return self._at("sqrt_abar", t, x0) * x0 + self._at("sqrt_one_minus_abar", t, x0) * noise
 
-    def training_losses(self, model_fn, x0, t=None, noise=None) -> dict:
-        """Per-example losses {"loss", "mse"[, "vb"]}, each (B,) float32, for model_fn(x_t, t) -> eps[, v]."""
+    def training_losses(self, model_fn, x0, t=None, noise=None, ip_noise=None) -> dict:
+        """Per-example losses {"loss", "mse"[, "vb"]}, each (B,) float32, for model_fn(x_t, t) -> eps[, v].
+        t, noise and (with ip_gamma > 0) ip_noise are drawn from the global RNG when not given."""
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         # input perturbation (Ning et al. 2023): the model sees x_t built from perturbed noise but must predict
         # the unperturbed one, which mimics the error of its own earlier steps at sampling time
-        model_noise = noise + self.ip_gamma * torch.randn_like(noise) if self.ip_gamma > 0 else noise
+        if self.ip_gamma > 0:
+            model_noise = noise + self.ip_gamma * (torch.randn_like(noise) if ip_noise is None else ip_noise)
+        else:
+            model_noise = noise
         x_t = self.q_sample(x0, t, model_noise)  # (B, C, ...)
         out = model_fn(x_t, t)
         channels = x0.shape[1] * (2 if self.learn_sigma else 1)
