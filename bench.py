@@ -1,0 +1,132 @@
+"""
+Benchmark one training step: img/s, step time, peak memory, FLOPs per image and MFU, for any model/batch/precision/
+compile setting. Every flag the train script takes works here too (they build the same model).
+
+    python bench.py                                                     # the tiny CPU default of train_dit.py
+    python bench.py --model DiT-S/2 --image-size 32 --batch-size 32
+    python bench.py --device cuda --model DiT-XL/2 --vae kl-f8 --image-size 256 --batch-size 32 --precision bf16 --compile
+    python bench.py --script train_ldm --model ldm4-cin256 ...          # the U-Net (once train_ldm.py exists)
+
+A step here is what the trainer does: forward + loss (the script's diffusion loss) + backward + AdamW + EMA update, on
+latents of the model's input shape (the VAE encode is not included: with a latent cache it is not in the loop).
+FLOPs are counted by torch's FlopCounterMode on one forward+backward (so they include attention), and MFU divides
+the achieved FLOP/s by the accelerator's dense bf16 peak (--peak-tflops to override).
+"""
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s) for MFU; the fp32 peak is used with --precision fp32 (TF32 on).
+PEAKS = {"H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
+         "4090": (165.0, 82.6), "3090": (71.0, 35.6)}
+
+
+def peak_tflops(device: torch.device, precision: str):
+    """The card's dense peak for `precision`, or None when unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32) in PEAKS.items():
+        if key in name:
+            return bf16 if precision == "bf16" else tf32
+    return None
+
+
+def count_flops(fn) -> int:
+    """FLOPs (2 per multiply-add) of running fn() once, as torch's dispatcher sees them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), add_help=False)
+    p.add_argument("--script", default="train_dit", choices=["train_dit", "train_ldm"], help="which model family")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
+    p.add_argument("--iters", type=int, default=10, help="timed steps")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="override the accelerator peak for MFU")
+    p.add_argument("-h", "--help", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    script = importlib.import_module(args.script)
+    if args.help:
+        p.print_help()
+        print("\nAll flags of the train script are accepted; see python", args.script + ".py --help")
+        return 0
+    from trainer import RunError, ema_update, parse_config
+    try:
+        cfg = parse_config(script.CONFIG_CLASS, rest, getattr(script, "PRESETS", None))
+        script.check_config(cfg)
+    except RunError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 2
+    if not cfg.num_classes:
+        cfg.num_classes = 1000 if cfg.data != "builtin" else 10
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda" if use_cuda else "cpu")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "fp32")
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(0)
+    model = script.build_model(cfg).to(dev)
+    diffusion = script.build_diffusion(cfg)
+    ema = script.build_model(cfg).to(dev).requires_grad_(False)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, fused=use_cuda or None)
+    fwd = torch.compile(model) if (cfg.compile if cfg.compile is not None else use_cuda) else model
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    shape = script.latent_shape(cfg)
+    B = cfg.batch_size
+    x = torch.randn(B, *shape, device=dev)
+    y = torch.randint(0, cfg.num_classes, (B,), device=dev)
+
+    def step():
+        with autocast:
+            loss = diffusion.training_losses(lambda xt, t: fwd(xt, t, y), x)["loss"].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(ema, model, 0.9999)
+
+    def fwd_bwd_eager():
+        with autocast:
+            out = model(x[:1], torch.zeros(1, dtype=torch.long, device=dev), y[:1])
+        out.float().pow(2).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    flops_per_img = count_flops(fwd_bwd_eager)  # one image, forward + backward (= 3x forward)
+    for _ in range(args.warmup):
+        step()
+    if use_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        step()
+        if use_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    n_params = sum(q.numel() for q in model.parameters())
+    peak = args.peak_tflops or peak_tflops(dev, precision)
+    achieved = flops_per_img * B / dt / 1e12
+    print(f"{cfg.model} | {n_params / 1e6:.1f}M params | input {tuple(shape)} | batch {B} | {dev}"
+          f"{' ' + torch.cuda.get_device_name(dev) if use_cuda else ''} | {precision}"
+          f"{' compiled' if fwd is not model else ''}")
+    print(f"step {dt * 1000:.1f} ms (median of {args.iters}, min {min(times) * 1000:.1f}) | {B / dt:.1f} img/s | "
+          f"{flops_per_img / 3 / 1e9:.2f} GFLOP fwd/img | {achieved:.2f} TFLOP/s | "
+          f"MFU {f'{100 * achieved / peak:.1f}%' if peak else 'n/a (unknown peak; --peak-tflops)'}"
+          + (f" | peak mem {torch.cuda.max_memory_allocated(dev) / 2 ** 30:.2f} GiB" if use_cuda else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""train_dit.py + trainer.py end to end on tiny configs: learning, exact resume, DDP equality, signals, bad input."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import diffusion
+import train_dit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
+        "--builtin-length", "64", "--num-workers", "0", "--lr", "1e-3"]
+
+
+def run(out, *extra):
+    return train_dit.main(TINY + ["--out", str(out), *map(str, extra)])
+
+
+def ckpt(out, name="last.pt"):
+    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=True)
+
+
+def records(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(ln) for ln in f]
+
+
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def test_default_trains_loss_falls_and_writes_grid(tmp_path):
+    rc = train_dit.main(["--image-size", "8", "--batch-size", "16", "--steps", "40", "--log-every", "10",
+                         "--ckpt-every", "40", "--sample-every", "40", "--sample-steps", "4", "--sample-per-class", "2",
+                         "--builtin-length", "256", "--corrupt", "0.05", "--cep", "uniform", "--out", str(tmp_path)])
+    assert rc == 0
+    losses = [r["loss"] for r in records(tmp_path) if "loss" in r and "event" not in r]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert os.path.isfile(tmp_path / "samples" / "step_0000040.png")
+    man = json.load(open(tmp_path / "corruption.json"))
+    assert man["num_corrupted"] == round(0.05 * 256) and man["kind"] == "symmetric"
+    c = ckpt(tmp_path)
+    assert c["step"] == 40 and c["kind"] == "dit" and c["config"]["cep"] == "uniform"
+
+
+def test_resume_is_bit_identical(tmp_path):
+    extra = ["--cep", "uniform", "--corrupt", "0.1"]
+    assert run(tmp_path / "straight", "--steps", 4, *extra) == 0
+    assert run(tmp_path / "split", "--steps", 2, *extra) == 0
+    assert run(tmp_path / "split", "--steps", 4, "--resume", "auto", *extra) == 0
+    a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "split")
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert b["step"] == 4
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    args = TINY + ["--steps", "3", "--seed", "3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_dit.py"), *args, "--out", str(tmp_path / "ddp")]
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert train_dit.main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert train_dit.main(args + ["--out", str(tmp_path / "accum"), "--micro-batch-size", "2"]) == 0
+    one = ckpt(tmp_path / "one")
+    for other in ("ddp", "accum"):
+        o = ckpt(tmp_path / other)
+        for k, v in one["model"].items():
+            assert torch.allclose(v, o["model"][k], atol=1e-6, rtol=1e-5), (other, k)
+    assert len(ckpt(tmp_path / "ddp")["rng"]) == 2           # every rank's RNG state is saved
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train_dit.py"), *TINY, "--steps", "100000", "--ckpt-every", "1000",
+           "--out", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and sum(1 for _ in open(log)) >= 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    stopped = [r for r in records(out) if r.get("event") == "stopped"]
+    assert stopped and ckpt(out)["step"] == stopped[0]["step"] > 0
+    step = stopped[0]["step"]
+    assert run(out, "--steps", step + 2, "--resume", "auto") == 0
+    assert ckpt(out)["step"] == step + 2
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real = diffusion.GaussianDiffusion.training_losses
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        calls["n"] += 1
+        out = real(self, *a, **k)
+        if calls["n"] >= 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_losses", poisoned)
+    assert run(tmp_path, "--steps", 6) == 1
+    assert "non-finite" in capsys.readouterr().err
+    assert ckpt(tmp_path)["step"] == 2
+
+
+def _expect_error(capsys, argv, needle):
+    assert train_dit.main(argv) == 2
+    err = capsys.readouterr().err.strip()   # a progress bar may precede the error; the error is one last line
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and err.splitlines()[-1].startswith("train_dit.py: error:") and needle in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
+    base = TINY + ["--steps", "1"]
+    _expect_error(capsys, base + ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")], "not found")
+    (tmp_path / "empty").mkdir()
+    _expect_error(capsys, base + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")], "no images")
+    bad = tmp_path / "bad" / "cat"
+    bad.mkdir(parents=True)
+    (bad / "broken.png").write_bytes(b"this is not a png")
+    _expect_error(capsys, base + ["--data", str(tmp_path / "bad"), "--out", str(tmp_path / "o3")], "broken.png")
+    _expect_error(capsys, base + ["--corrupt", "1.5", "--out", str(tmp_path / "o4")], "--corrupt")
+    _expect_error(capsys, base + ["--model", "DiT-Q/3", "--out", str(tmp_path / "o5")], "unknown --model")
+    assert run(tmp_path / "t2", "--steps", 1) == 0
+    _expect_error(capsys, base + ["--model", "DiT-T/4", "--resume", str(tmp_path / "t2" / "last.pt"),
+                                  "--out", str(tmp_path / "o6")], "model")
+    before = hashlib.sha256(open(tmp_path / "t2" / "last.pt", "rb").read()).hexdigest()
+    _expect_error(capsys, base + ["--out", str(tmp_path / "t2")], "already holds a run")   # never overwrite a run
+    assert hashlib.sha256(open(tmp_path / "t2" / "last.pt", "rb").read()).hexdigest() == before
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    _expect_error(capsys, base + ["--resume", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "o7")], "junk.pt")
+
+
+def test_cli_exit_code_is_2_for_real(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_dit.py"), "--corrupt", "-0.1", "--out",
+                        str(tmp_path)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().startswith("train_dit.py: error:") and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("preset", list(train_dit.PRESETS))
+def test_presets_parse(preset):
+    from trainer import parse_config
+    cfg = parse_config(train_dit.DiTConfig, ["--preset", preset, "--steps", "7"], train_dit.PRESETS)
+    assert cfg.steps == 7 and cfg.model == train_dit.PRESETS[preset]["model"] and cfg.vae == "kl-f8"

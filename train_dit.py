@@ -1,0 +1,408 @@
+"""
+Train a class-conditional DiT (Peebles & Xie, 2023) under condition corruption and CEP.
+
+    python train_dit.py                                            # tiny DiT on the built-in dataset, CPU, ~10 min
+    python train_dit.py --corrupt 0.05 --cep uniform               # 5% flipped labels + CEP-U (paper §5)
+    torchrun --nproc_per_node 8 train_dit.py --preset dit-xl2-in1k --data /data/imagenet/train --corrupt 0.05
+    python train_dit.py --out runs/dit --resume auto               # continue where the run in runs/dit stopped
+
+The file reads top to bottom: the config (every field is a flag), the presets (the paper's recipes), the DiT model
+(exactly the official architecture, initialisation and state-dict names, so DiT-XL-2-256x256.pt loads with
+strict=True), then the glue that hands everything to trainer.train().
+"""
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import diffusion as diff
+from conditions import build_condition_encoder
+from trainer import Diverged, RunError, one_line, parse_config, train
+
+
+def opt(default, help: str, **kw):
+    """A config field with its help text (shown by --help)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config: every field is a command-line flag (--kebab-case)
+
+@dataclass
+class DiTConfig:
+    # data
+    data: str = opt("builtin", "'builtin' (procedural shapes, no download) or an ImageNet-layout folder root/<class>/*.jpg")
+    image_size: int = opt(16, "image side in pixels (latent side = image_size / 8 with --vae kl-f8)")
+    num_classes: int = opt(0, "classes of the class embedder; 0 = the dataset's count (set 1000 to match ImageNet ckpts)")
+    flip: bool = opt(True, "random horizontal flips (decided by seed and step, so resume is exact)")
+    builtin_length: int = opt(100_000, "items in the built-in dataset (each is drawn from (index, seed))")
+    # model & diffusion
+    model: str = opt("DiT-T/2", "DiT size/patch: DiT-{T,S,B,L,XL}/{2,4,8}")
+    learn_sigma: bool = opt(True, "predict the variance too (official DiT); trains with the hybrid MSE + VB loss")
+    schedule: str = opt("linear", "beta schedule: linear (DiT, 1e-4..0.02) or scaled_linear (LDM)")
+    vae: str = opt("none", "autoencoder: none (pixels) | kl-f8 (SD-VAE, 32x32x4 latents at 256^2)",
+                   choices=["none", "kl-f8"])
+    vae_path: str = opt("", "local autoencoder weights (safetensors/.bin/.ckpt); empty = download")
+    # condition corruption (paper §2) and CEP (paper §5)
+    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped")
+    corrupt_type: str = opt("symmetric", "symmetric (to another class, by the class prior) | asymmetric",
+                            choices=["symmetric", "asymmetric"])
+    corrupt_classes: str = opt("", "asymmetric only: comma-separated class ids that flip among themselves")
+    corrupt_mode: str = opt("static", "static: flip once when the data is built (paper) | random: re-flip every step",
+                            choices=["static", "random"])
+    cep: str = opt("none", "condition embedding perturbation: none | uniform | gaussian",
+                   choices=["none", "uniform", "gaussian"])
+    cep_gamma: float = opt(1.0, "CEP magnitude gamma (noise scale gamma/sqrt(d)); the paper uses 1")
+    cep_null: bool = opt(False, "also perturb the CFG null embedding (the paper does not say; default: no)")
+    ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)")
+    class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)")
+    # optimisation
+    steps: int = opt(2000, "training steps")
+    batch_size: int = opt(64, "global batch size (split over processes)")
+    micro_batch_size: int = opt(0, "per-process micro-batch for gradient accumulation; 0 = no accumulation")
+    lr: float = opt(1e-3, "AdamW learning rate (constant, as DiT)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this value; 0 = off (DiT uses none)")
+    ema_decay: float = opt(0.995, "EMA decay of the weights used for sampling (DiT: 0.9999 over 400K steps)")
+    # run
+    out: str = opt("runs/dit", "run folder: checkpoints, log.jsonl, samples/")
+    resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
+    seed: int = opt(0, "global seed (data order, noise, corruption)")
+    device: str = opt("auto", "auto | cpu | cuda")
+    precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
+                         choices=["auto", "fp32", "bf16"])
+    compile: bool | None = opt(None, "torch.compile the model (default: on for GPU, off for CPU)")
+    num_workers: int = opt(-1, "data loader workers; -1 = auto (0 on CPU)")
+    log_every: int = opt(50, "log the all-reduced loss every N steps")
+    ckpt_every: int = opt(500, "write out/last.pt every N steps (and at the end)")
+    keep_every: int = opt(0, "also keep out/step_XXXXXXX.pt every N steps; 0 = only last.pt")
+    sample_every: int = opt(500, "write an EMA sample grid every N steps; 0 = never")
+    sample_cfg: float = opt(4.0, "guidance scale of the sample grids")
+    sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
+                              choices=["dpm++", "ddim", "ddpm"])
+    sample_steps: int = opt(25, "sampling steps of the sample grids")
+    sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
+
+
+CONFIG_CLASS = DiTConfig  # what bench.py and evaluate.py build from
+
+# The config fields that define the network: resuming with a different value is refused.
+ARCH_FIELDS = ("model", "image_size", "num_classes", "learn_sigma", "vae", "schedule")
+
+PRESETS = {
+    # DiT-XL/2 on ImageNet-1K 256^2, the paper's recipe (Table 4 + official DiT train.py): 400K steps, 32/GPU x 8.
+    "dit-xl2-in1k": dict(model="DiT-XL/2", image_size=256, num_classes=1000, vae="kl-f8", steps=400_000,
+                         batch_size=256, lr=1e-4, weight_decay=0.0, ema_decay=0.9999, class_dropout=0.1,
+                         learn_sigma=True, schedule="linear", log_every=100, ckpt_every=10_000, keep_every=50_000,
+                         sample_every=10_000, sample_cfg=1.5, sample_steps=50, sample_per_class=4),
+    # A small ImageNet model for ablations on one GPU node (DiT README: B/4 FID-50K ~68 at 400K steps, cfg 1).
+    "dit-b4-in1k": dict(model="DiT-B/4", image_size=256, num_classes=1000, vae="kl-f8", steps=400_000,
+                        batch_size=256, lr=1e-4, weight_decay=0.0, ema_decay=0.9999, log_every=100,
+                        ckpt_every=10_000, keep_every=50_000, sample_every=10_000, sample_cfg=1.5, sample_steps=50,
+                        sample_per_class=4),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DiT building blocks
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, with (B, D) shift/scale broadcast over the tokens of x (B, T, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim); cos half first, as GLIDE/DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]                         # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class TimestepEmbedder(nn.Module):
+    """t -> sinusoidal features (256) -> MLP -> (B, D)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, T, D) with a p x p stride-p convolution; T = (H/p) * (W/p), row-major."""
+
+    def __init__(self, patch: int, in_ch: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_ch, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm's key names) and SDPA (flash on GPU)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # each (B, h, T, hd)
+        out = F.scaled_dot_product_attention(q, k, v)                                             # (B, h, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2, 4x wide."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: the condition c sets shift/scale/gate of both branches; gates start at 0."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):                                                      # x (B, T, D), c (B, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map from each token to its p x p x C_out patch."""
+
+    def __init__(self, dim: int, patch: int, out_ch: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch * patch * out_ch)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table (T, dim), MAE/DiT layout: first dim/2 channels encode the column, the rest the row."""
+    def one_axis(pos, d):                                           # pos (T,) -> (T, d): [sin | cos]
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        ang = pos[:, None] * omega[None]
+        return torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    return torch.cat([one_axis(cols.flatten(), dim // 2), one_axis(rows.flatten(), dim // 2)], dim=1).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The DiT
+
+class DiT(nn.Module):
+    """Diffusion transformer: patchify -> + pos -> N adaLN-Zero blocks conditioned on t and c(y) -> unpatchify."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, cep="none",
+                 cep_gamma=1.0, cep_null=False):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
+        self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = build_condition_encoder("class", hidden_size, num_classes=num_classes,
+                                                  dropout_prob=class_dropout_prob, cep=cep, cep_gamma=cep_gamma,
+                                                  cep_null=cep_null)
+        self.grid = input_size // patch_size
+        # A frozen Parameter (not a buffer) only so that the key exists as in the official checkpoints.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @property
+    def cond(self):
+        """The condition encoder c_θ (the trainer uses it for CFG dropout, the samplers for the null condition)."""
+        return self.y_embedder
+
+    def initialize_weights(self):
+        """The official DiT initialisation: xavier everywhere, N(0, 0.02) embeddings, and every adaLN output zeroed."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid)[None])
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))          # the patch conv is a linear map of flattened patches
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for blk in self.blocks:                                  # adaLN-Zero: every residual branch starts closed
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)           # so the initial output is exactly zero
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        """(B, T, p*p*C) -> (B, C, H, W)."""
+        p, c, g = self.patch_size, self.out_channels, self.grid
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x, t, y):
+        """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) class ids (null id = num_classes) -> (B, C_out, H, W)."""
+        if x.shape[-1] != self.grid * self.patch_size or x.shape[-2] != x.shape[-1]:
+            raise ValueError(f"DiT expects square {self.grid * self.patch_size}px inputs, got {tuple(x.shape[-2:])}")
+        x = self.x_embedder(x) + self.pos_embed                  # (B, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)              # (B, D): CEP already applied to the class embedding
+        for blk in self.blocks:
+            x = blk(x, c)
+        return self.unpatchify(self.final_layer(x, c))           # (B, C_out, H, W)
+
+
+SIZES = {"T": dict(depth=4, hidden_size=128, num_heads=4),       # tiny: the CPU default (not an official size)
+         "S": dict(depth=12, hidden_size=384, num_heads=6),
+         "B": dict(depth=12, hidden_size=768, num_heads=12),
+         "L": dict(depth=24, hidden_size=1024, num_heads=16),
+         "XL": dict(depth=28, hidden_size=1152, num_heads=16)}
+
+
+def _factory(size, patch):
+    def make(**kw):
+        return DiT(patch_size=patch, **SIZES[size], **kw)
+    make.__name__ = f"DiT_{size}_{patch}"
+    return make
+
+
+DiT_models = {f"DiT-{s}/{p}": _factory(s, p) for s in SIZES for p in (2, 4, 8)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Glue: config -> model, diffusion, data, sample grids -> trainer
+
+def latent_shape(cfg) -> tuple[int, int, int]:
+    """(C, H, W) of what the DiT sees: pixels, or KL-f8 latents."""
+    if cfg.vae == "kl-f8":
+        return 4, cfg.image_size // 8, cfg.image_size // 8
+    return 3, cfg.image_size, cfg.image_size
+
+
+def build_model(cfg) -> DiT:
+    """The DiT the config describes (num_classes must be resolved, i.e. > 0)."""
+    channels, side, _ = latent_shape(cfg)
+    return DiT_models[cfg.model](input_size=side, in_channels=channels, num_classes=cfg.num_classes,
+                                 learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout, cep=cfg.cep,
+                                 cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null)
+
+
+def build_diffusion(cfg) -> "diff.GaussianDiffusion":
+    """1000-step diffusion with the DiT loss: hybrid (MSE + VB) when sigma is learned, else MSE."""
+    return diff.GaussianDiffusion(diff.make_beta_schedule(cfg.schedule, 1000), learn_sigma=cfg.learn_sigma,
+                                  loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip)
+
+
+def check_config(cfg) -> None:
+    """Reject bad values with one clear message (RunError) before any work is done."""
+    if cfg.model not in DiT_models:
+        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DiT_models)}")
+    if not 0.0 <= cfg.corrupt < 1.0:
+        raise RunError(f"--corrupt must be in [0, 1), got {cfg.corrupt}")
+    if cfg.cep_gamma < 0:
+        raise RunError(f"--cep-gamma must be >= 0, got {cfg.cep_gamma}")
+    if not 0.0 <= cfg.class_dropout < 1.0:
+        raise RunError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise RunError("--steps, --batch-size and --lr must be positive")
+    side = latent_shape(cfg)[1]
+    patch = int(cfg.model.split("/")[1])
+    if cfg.vae != "none" and cfg.image_size % 8:
+        raise RunError(f"--image-size {cfg.image_size} must be a multiple of 8 with --vae {cfg.vae}")
+    if side % patch:
+        raise RunError(f"{cfg.model} needs an input side divisible by {patch}, got {side}")
+    if cfg.corrupt_type == "asymmetric" and cfg.corrupt > 0 and not cfg.corrupt_classes:
+        raise RunError("--corrupt-type asymmetric needs --corrupt-classes (e.g. 1,5,9)")
+    if cfg.log_every < 1 or cfg.ckpt_every < 1:
+        raise RunError("--log-every and --ckpt-every must be >= 1")
+
+
+def make_sample_fn(cfg, diffusion, num_classes: int, decode=None):
+    """EMA sample grid: one row per class (<= 16 classes), fixed noise and labels, CFG at cfg.sample_cfg."""
+    classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(int))
+    labels = torch.as_tensor(classes).repeat_interleave(cfg.sample_per_class)
+    noise = torch.randn((len(labels), *latent_shape(cfg)), generator=torch.Generator().manual_seed(cfg.seed))
+
+    @torch.no_grad()
+    def sample(model):
+        dev = next(model.parameters()).device
+        y = labels.to(dev)
+        fn = diff.cfg_model_fn(model, y, model.cond.null_like(y), cfg.sample_cfg, learn_sigma=cfg.learn_sigma)
+        x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps)
+        return decode(x) if decode is not None else x
+
+    sample.nrow = cfg.sample_per_class
+    return sample
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
+        check_config(cfg)
+        if cfg.vae != "none":
+            raise RunError(f"--vae {cfg.vae}: latent training needs vae.py, which is not yet available in this version")
+        dataset = __import__("data").build_dataset(cfg.data, cfg.image_size, seed=cfg.seed,
+                                                   builtin_length=cfg.builtin_length)
+        if cfg.num_classes == 0:
+            cfg.num_classes = dataset.num_classes
+        elif cfg.num_classes < dataset.num_classes:
+            raise RunError(f"--num-classes {cfg.num_classes} < the {dataset.num_classes} classes in {cfg.data}")
+        if cfg.corrupt > 0 and cfg.corrupt_mode == "static":
+            classes = [int(c) for c in cfg.corrupt_classes.split(",")] if cfg.corrupt_classes else None
+            os.makedirs(cfg.out, exist_ok=True)
+            __import__("data").apply_corruption(dataset, cfg.corrupt, cfg.corrupt_type, seed=cfg.seed,
+                                                classes=classes, manifest_path=os.path.join(cfg.out, "corruption.json"))
+        torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
+        model = build_model(cfg)
+        diffusion = build_diffusion(cfg)
+        result = train(cfg, model, diffusion, dataset, kind="dit", arch_fields=ARCH_FIELDS,
+                       sample_fn=make_sample_fn(cfg, diffusion, cfg.num_classes) if cfg.sample_every else None)
+    except (RunError, ValueError, FileNotFoundError) as e:
+        print(f"train_dit.py: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"train_dit.py: {e}", file=sys.stderr)
+        return 1
+    return 0 if result["status"] in ("done", "stopped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""
+The training loop that train_dit.py and train_ldm.py share: DDP, mixed precision, compile, EMA, logging, sample grids,
+checkpoints, resume, and a clean stop on SIGTERM/SIGINT.
+
+You do not run this file; the train scripts call `train(...)`:
+    python train_dit.py                                   # CPU, 1 process
+    torchrun --nproc_per_node 8 train_dit.py ...          # 8 GPUs; add --nnodes/--node_rank/--rdzv_* for several nodes
+
+What makes a run reproducible and exactly resumable, in one place:
+- The data order is a function of (seed, step) (data.StepSampler), and so is every per-sample random draw of the
+  training step (timestep t, noise ε, CFG dropout mask): they are drawn for the whole *global* batch from a generator
+  seeded by (seed, step) and each rank takes its slice. So 1 process and N processes see the same samples with the same
+  noise, and a run resumed at step s continues exactly as if it had never stopped.
+- Randomness drawn inside modules (CEP's δ) comes from the per-rank torch RNG, seeded by (seed, rank), whose state is
+  saved for every rank in each checkpoint.
+- A checkpoint holds plain data only (tensors, numbers, strings, dicts), the *uncompiled* module's state_dict, the EMA,
+  the optimizer, the step, every rank's RNG state and the config, written atomically (temporary file, then rename), and
+  loads with torch.load(weights_only=True).
+"""
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+CHECKPOINT_VERSION = 1
+
+
+class RunError(Exception):
+    """A problem the user must fix (bad flag, bad file): the scripts print its message on one line and exit 2."""
+
+
+class Diverged(Exception):
+    """The loss became non-finite: the run stops (exit 1) and leaves the last good checkpoint untouched."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config -> command line
+
+def parse_config(cls, argv=None, presets: dict | None = None, description: str = ""):
+    """Build an argparse CLI from a config dataclass (every field a --kebab-case flag) and return the config.
+
+    A field's help text is its `metadata["help"]`. `--preset NAME` first applies presets[NAME]; flags given explicitly
+    win over the preset.
+    """
+    import argparse
+    presets = presets or {}
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if presets:
+        p.add_argument("--preset", choices=sorted(presets), default=None, help="a named recipe (see README)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if f.type in (bool, "bool") or (hasattr(f.type, "__args__") and bool in f.type.__args__):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            typ = typ if typ in (int, float, str) else str
+            p.add_argument(flag, type=typ, default=f.default, choices=choices, help=help_)
+    args = p.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    if presets and args.preset:
+        explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                    if a.startswith("--")}
+        explicit |= {n[3:] for n in explicit if n.startswith("no_")}
+        values.update({k: v for k, v in presets[args.preset].items() if k not in explicit})
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed setup (torchrun's environment variables; plain `python` = 1 process)
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join the process group torchrun created (gloo on CPU, nccl on GPU); the device comes from LOCAL_RANK."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if use_cuda:
+        # LOCAL_RANK, not RANK: on node 2 of 2, global rank 9 is local GPU 1 (the multi-node bug of the official DiT).
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return Dist(rank, local_rank, world, dev)
+
+
+def all_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Average a tensor over all ranks (identity with one process)."""
+    if d.world > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= d.world
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a nanoCEP checkpoint (weights only: no arbitrary unpickling) or raise RunError with a one-line reason."""
+    if not os.path.isfile(path):
+        raise RunError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise RunError(f"{path} is not a nanoCEP checkpoint (no 'model'/'config' entries)")
+    return ckpt
+
+
+def find_resume(resume: str, out: str) -> str | None:
+    """--resume auto -> out/last.pt if it exists; a path -> that path; '' -> None."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = os.path.join(out, "last.pt")
+        return path if os.path.isfile(path) else None
+    return resume
+
+
+def rng_state(d: Dist) -> dict:
+    """This rank's torch RNG states (CPU and, when used, CUDA)."""
+    s = {"cpu": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(d.device)
+    return s
+
+
+def gather_rng_states(d: Dist) -> list:
+    """Every rank's RNG state, on rank 0 (None elsewhere)."""
+    mine = rng_state(d)
+    if d.world == 1:
+        return [mine]
+    objs = [None] * d.world
+    dist.all_gather_object(objs, {k: v.cpu() for k, v in mine.items()})
+    return objs if d.main else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EMA
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over trainable parameters (frozen ones such as pos_embed stay put)."""
+    e, m = zip(*[(pe, pm) for pe, pm in zip(ema.parameters(), model.parameters()) if pm.requires_grad])
+    torch._foreach_lerp_(list(e), list(m), 1.0 - decay)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+class _closing:
+    """Close the progress bar (so an error message starts on a fresh line) and the log file, however the loop ends."""
+
+    def __init__(self, *things):
+        self.things = things
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for t in self.things:
+            if t is not None:
+                t.close()
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps and saves before leaving."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+
+def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timesteps: int, drop_prob: float,
+               device: torch.device, ip: bool = False):
+    """(t, noise, drop, ip_noise or None) for the whole global batch of `step`, from a generator seeded by (seed, step)."""
+    g = torch.Generator(device=device).manual_seed((seed * 7_919_993 + step) % (2 ** 63))
+    t = torch.randint(0, num_timesteps, (global_batch,), generator=g, device=device)
+    noise = torch.randn((global_batch, *latent_shape), generator=g, device=device)
+    drop = torch.rand((global_batch,), generator=g, device=device) < drop_prob
+    ip_noise = torch.randn((global_batch, *latent_shape), generator=g, device=device) if ip else None
+    return t, noise, drop, ip_noise
+
+
+def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: tuple, sample_fn=None,
+          encode_fn=None, latent_shape=None, d: Dist | None = None) -> dict:
+    """Train `model` on `dataset` with `diffusion` as cfg says; returns a summary dict (final step, last loss, ...).
+
+    model(x, t, y) is the denoiser and `model.cond` its condition encoder (conditions.py interface: drop, null_like).
+    sample_fn(ema_model) -> images (N, C, H, W) in [-1, 1] for the grid; encode_fn(x) maps images to latents (VAE) when
+    the data are pixels but the model works on latents; latent_shape is the model's input shape (C, H, W).
+    arch_fields are the config fields that must match to resume from a checkpoint.
+    """
+    d = d or setup_distributed(cfg.device)
+    use_cuda = d.device.type == "cuda"
+    if cfg.batch_size % d.world:
+        raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
+    local_batch = cfg.batch_size // d.world
+    micro = cfg.micro_batch_size or local_batch
+    if local_batch % micro:
+        raise RunError(f"--micro-batch-size {micro} does not divide the per-process batch {local_batch}")
+    latent_shape = tuple(latent_shape or (dataset.channels, dataset.image_size, dataset.image_size))
+
+    # -- precision & speed switches
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls/convs: ~free speed on Ampere+ for fp32 parts
+        torch.backends.cudnn.allow_tf32 = True
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "fp32")
+    autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+    do_compile = cfg.compile if cfg.compile is not None else use_cuda
+
+    # -- resume?
+    os.makedirs(cfg.out, exist_ok=True)
+    resume_path = find_resume(cfg.resume, cfg.out)
+    if resume_path is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
+        raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
+    ckpt = None
+    if resume_path:
+        ckpt = load_checkpoint(resume_path)
+        if ckpt.get("kind") != kind:
+            raise RunError(f"{resume_path} is a {ckpt.get('kind')!r} checkpoint, not {kind!r}")
+        for f in arch_fields:
+            theirs, ours = ckpt["config"].get(f), getattr(cfg, f)
+            if theirs != ours:
+                raise RunError(f"cannot resume from {resume_path}: it has {f}={theirs!r} but this run has {f}={ours!r}")
+
+    torch.manual_seed(cfg.seed * 1000 + d.rank)      # per-rank module randomness (CEP δ)
+    model.to(d.device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                            fused=use_cuda or None)
+    start_step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        start_step = int(ckpt["step"])
+        states = ckpt.get("rng") or []
+        if len(states) == d.world:
+            torch.set_rng_state(states[d.rank]["cpu"])
+            if use_cuda and "cuda" in states[d.rank]:
+                torch.cuda.set_rng_state(states[d.rank]["cuda"], d.device)
+        elif d.main:
+            tqdm.write(f"note: checkpoint was written by {len(states)} processes, this run has {d.world}; "
+                       f"CEP noise streams are re-seeded (the data order is unaffected)")
+            torch.manual_seed(cfg.seed * 1000 + d.rank + 7 * start_step)
+    del ckpt
+
+    train_model = model
+    if do_compile:
+        train_model = torch.compile(model)
+    if d.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[d.local_rank] if use_cuda else None)
+
+    # -- data
+    from data import StepSampler
+    sampler = StepSampler(len(dataset), cfg.batch_size, d.rank, d.world, cfg.seed, start_step, cfg.steps,
+                          flip=getattr(cfg, "flip", True))
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (min(8, os.cpu_count() or 1) if use_cuda else 0)
+    # The loader gets its own generator: creating its iterator must not draw from the global RNG that CEP uses,
+    # or a resumed run would drift from the straight one.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=use_cuda,
+                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                         generator=torch.Generator().manual_seed(cfg.seed + 1_000_003 * start_step))
+    random_flip = None
+    if cfg.corrupt_mode == "random" and cfg.corrupt > 0:
+        import corrupt
+        import numpy as np
+        random_flip = lambda y, step: torch.as_tensor(corrupt.random_flip(   # noqa: E731
+            y.numpy(), cfg.corrupt, dataset.num_classes, np.random.default_rng([cfg.seed, step, d.rank])))
+
+    # -- logging
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    log_file = open(log_path, "a") if d.main else None
+
+    def log(record: dict) -> None:
+        if d.main:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    if d.main:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        n_params = sum(p.numel() for p in model.parameters())
+        tqdm.write(f"{kind}: {n_params:,} parameters | {len(dataset):,} items | global batch {cfg.batch_size} = "
+                   f"{d.world} x {local_batch // micro} x {micro} | {d.device} {precision}"
+                   f"{' compiled' if do_compile else ''} | steps {start_step} -> {cfg.steps} | out {cfg.out}")
+        log({"event": "start", "step": start_step, "world": d.world, "device": str(d.device), "params": n_params,
+             "precision": precision, "compile": do_compile, "resumed_from": resume_path})
+
+    def save(step: int, extra_copy: bool) -> None:
+        rng = gather_rng_states(d)
+        if d.main:
+            state = {"version": CHECKPOINT_VERSION, "kind": kind, "step": step, "config": dataclasses.asdict(cfg),
+                     "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "rng": rng,
+                     "data": {"samples_seen": step * cfg.batch_size, "world": d.world}}
+            atomic_save(state, os.path.join(cfg.out, "last.pt"))
+            if extra_copy:
+                atomic_save(state, os.path.join(cfg.out, f"step_{step:07d}.pt"))
+        if d.world > 1:
+            dist.barrier()
+
+    def grid(step: int) -> None:
+        if d.main and sample_fn is not None:
+            from data import save_grid
+            images = sample_fn(ema)
+            path = os.path.join(cfg.out, "samples", f"step_{step:07d}.png")
+            save_grid(images.float().cpu(), path, nrow=getattr(sample_fn, "nrow", 8))
+            log({"event": "samples", "step": step, "path": path})
+        if d.world > 1:
+            dist.barrier()
+
+    # -- the loop
+    loss_sum = torch.zeros((), device=d.device)
+    loss_n, last_loss, t_log, step = 0, float("nan"), time.time(), start_step
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not d.main, dynamic_ncols=True, desc=kind)
+    status = "done"
+    model.train()
+    with _StopFlag() as stop, _closing(bar, log_file):
+        it = iter(loader)
+        for step in range(start_step, cfg.steps):
+            x, y = next(it)
+            x = x.to(d.device, non_blocking=True)
+            if random_flip is not None:
+                y = random_flip(y, step)
+            y = y.to(d.device, non_blocking=True)
+            if encode_fn is not None:
+                with torch.no_grad(), autocast:
+                    x = encode_fn(x).float()
+            t, noise, drop, ip_noise = step_draws(cfg.seed, step, cfg.batch_size, latent_shape,
+                                                  diffusion.num_timesteps, cfg.class_dropout, d.device,
+                                                  ip=diffusion.ip_gamma > 0)
+            mine = slice(d.rank * local_batch, (d.rank + 1) * local_batch)
+            t, noise, drop = t[mine], noise[mine], drop[mine]
+            ip_noise = ip_noise[mine] if ip_noise is not None else None
+            y = model.cond.drop(y, drop)                                   # CFG: null condition where dropped
+            for i in range(0, local_batch, micro):
+                mb = slice(i, i + micro)
+                last_micro = i + micro >= local_batch
+                sync = nullcontext() if (d.world == 1 or last_micro) else train_model.no_sync()
+                with sync, autocast:
+                    yc = y[mb]
+                    terms = diffusion.training_losses(lambda xt, tt: train_model(xt, tt, yc), x[mb], t[mb], noise[mb],
+                                                      ip_noise=None if ip_noise is None else ip_noise[mb])
+                    loss = terms["loss"].mean()
+                (loss * (micro / local_batch)).backward()
+                loss_sum += loss.detach() * (micro / local_batch)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema_update(ema, model, cfg.ema_decay)
+            loss_n += 1
+            done = step + 1
+            bar.update(1)
+
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            ckpt_now = done % cfg.ckpt_every == 0 or done == cfg.steps
+            if log_now or ckpt_now or (d.world == 1 and stop.raised):
+                mean_loss = all_mean(loss_sum / max(loss_n, 1), d).item()
+                if not math.isfinite(mean_loss):
+                    raise Diverged(f"loss became non-finite ({mean_loss}) before step {done}; stopping. The last good "
+                                   f"checkpoint ({os.path.join(cfg.out, 'last.pt')}) is left untouched")
+                if log_now:
+                    if use_cuda:
+                        torch.cuda.synchronize()
+                    dt = time.time() - t_log
+                    rec = {"step": done, "loss": mean_loss, "lr": cfg.lr, "step_time": dt / loss_n,
+                           "img_per_s": loss_n * cfg.batch_size / dt}
+                    if use_cuda:
+                        rec["max_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2 ** 30
+                    log(rec)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+                    last_loss, loss_sum, loss_n, t_log = mean_loss, loss_sum.zero_(), 0, time.time()
+            if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+                grid(done)
+            if ckpt_now:
+                save(done, extra_copy=cfg.keep_every > 0 and done % cfg.keep_every == 0)
+            # all ranks must agree to stop at the same step: with DDP the flag is reduced at log/ckpt steps only
+            stop_now = stop.raised
+            if d.world > 1 and (log_now or ckpt_now):
+                flag = torch.tensor(float(stop.raised), device=d.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop_now = bool(flag.item())
+            elif d.world > 1:
+                stop_now = False
+            if stop_now and done < cfg.steps:
+                if not ckpt_now:
+                    save(done, extra_copy=False)
+                status = "stopped"
+                if d.main:
+                    tqdm.write(f"stopped by signal at step {done}; checkpoint saved to {cfg.out}/last.pt "
+                               f"(continue with --resume auto)")
+                log({"event": "stopped", "step": done})
+                break
+        if status == "done":
+            log({"event": "done", "step": cfg.steps, "loss": last_loss})
+    return {"status": status, "step": step + 1 if cfg.steps > start_step else start_step, "loss": last_loss,
+            "ema": ema, "model": model}
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line; errors re-raised from DataLoader workers keep only the original message."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    return lines[-1] if lines[0].startswith("Caught ") else lines[0]
