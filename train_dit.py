@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import diffusion as diff
 from conditions import build_condition_encoder
-from trainer import Diverged, RunError, one_line, parse_config, train
+from trainer import Diverged, RunError, one_line, parse_config, setup_distributed, train
 
 
 def opt(default, help: str, **kw):
@@ -46,9 +46,10 @@ class DiTConfig:
     model: str = opt("DiT-T/2", "DiT size/patch: DiT-{T,S,B,L,XL}/{2,4,8}")
     learn_sigma: bool = opt(True, "predict the variance too (official DiT); trains with the hybrid MSE + VB loss")
     schedule: str = opt("linear", "beta schedule: linear (DiT, 1e-4..0.02) or scaled_linear (LDM)")
-    vae: str = opt("none", "autoencoder: none (pixels) | kl-f8 (SD-VAE, 32x32x4 latents at 256^2)",
-                   choices=["none", "kl-f8"])
+    vae: str = opt("none", "autoencoder: none (pixels) | kl-f8 (SD-VAE, 32x32x4 latents at 256^2) | vq-f4 (64x64x3)",
+                   choices=["none", "kl-f8", "vq-f4"])
     vae_path: str = opt("", "local autoencoder weights (safetensors/.bin/.ckpt); empty = download")
+    latents: str = opt("", "train from a latent cache DIR made by `python latents.py` (no VAE encode in the loop)")
     # condition corruption (paper §2) and CEP (paper §5)
     corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped")
     corrupt_type: str = opt("symmetric", "symmetric (to another class, by the class prior) | asymmetric",
@@ -310,11 +311,13 @@ DiT_models = {f"DiT-{s}/{p}": _factory(s, p) for s in SIZES for p in (2, 4, 8)}
 # ----------------------------------------------------------------------------------------------------------------------
 # Glue: config -> model, diffusion, data, sample grids -> trainer
 
+LATENT_GEOMETRY = {"none": (3, 1), "kl-f8": (4, 8), "vq-f4": (3, 4)}   # autoencoder -> (channels, downsampling)
+
+
 def latent_shape(cfg) -> tuple[int, int, int]:
-    """(C, H, W) of what the DiT sees: pixels, or KL-f8 latents."""
-    if cfg.vae == "kl-f8":
-        return 4, cfg.image_size // 8, cfg.image_size // 8
-    return 3, cfg.image_size, cfg.image_size
+    """(C, H, W) of what the DiT sees: pixels, or the autoencoder's latents."""
+    channels, down = LATENT_GEOMETRY[cfg.vae]
+    return channels, cfg.image_size // down, cfg.image_size // down
 
 
 def build_model(cfg) -> DiT:
@@ -345,14 +348,41 @@ def check_config(cfg) -> None:
         raise RunError("--steps, --batch-size and --lr must be positive")
     side = latent_shape(cfg)[1]
     patch = int(cfg.model.split("/")[1])
-    if cfg.vae != "none" and cfg.image_size % 8:
-        raise RunError(f"--image-size {cfg.image_size} must be a multiple of 8 with --vae {cfg.vae}")
+    down = LATENT_GEOMETRY[cfg.vae][1]
+    if cfg.image_size % down:
+        raise RunError(f"--image-size {cfg.image_size} must be a multiple of {down} with --vae {cfg.vae}")
     if side % patch:
         raise RunError(f"{cfg.model} needs an input side divisible by {patch}, got {side}")
     if cfg.corrupt_type == "asymmetric" and cfg.corrupt > 0 and not cfg.corrupt_classes:
         raise RunError("--corrupt-type asymmetric needs --corrupt-classes (e.g. 1,5,9)")
+    if cfg.latents and cfg.vae == "none":
+        raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
     if cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise RunError("--log-every and --ckpt-every must be >= 1")
+
+
+def build_data(cfg, device):
+    """(dataset, encode_fn, decode): pixels from --data, or latents from a --latents cache, with the VAE around them.
+
+    encode_fn maps a loaded batch to what the DiT trains on (VAE posterior sample of pixels, or a fresh sample from the
+    cached mean/std); decode maps latents back to pixels for the sample grids. Both are None in pixel space.
+    """
+    import data
+    if cfg.latents:
+        from latents import LatentDataset, posterior_sample
+        dataset = LatentDataset(cfg.latents)
+        if dataset.vae != cfg.vae or dataset.image_size != cfg.image_size:
+            raise RunError(f"latent cache {cfg.latents} holds {dataset.vae} latents of {dataset.image_size}px images; "
+                           f"pass --vae {dataset.vae} --image-size {dataset.image_size}")
+        encode_fn = posterior_sample
+    else:
+        dataset = data.build_dataset(cfg.data, cfg.image_size, seed=cfg.seed, builtin_length=cfg.builtin_length)
+        encode_fn = None
+    if cfg.vae == "none":
+        return dataset, None, None
+    import vae
+    ae = vae.load_vae(cfg.vae, cfg.vae_path or None, device=device)
+    return dataset, encode_fn or ae.encode, ae.decode
 
 
 def make_sample_fn(cfg, diffusion, num_classes: int, decode=None):
@@ -377,10 +407,8 @@ def main(argv=None) -> int:
     try:
         cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
         check_config(cfg)
-        if cfg.vae != "none":
-            raise RunError(f"--vae {cfg.vae}: latent training needs vae.py, which is not yet available in this version")
-        dataset = __import__("data").build_dataset(cfg.data, cfg.image_size, seed=cfg.seed,
-                                                   builtin_length=cfg.builtin_length)
+        d = setup_distributed(cfg.device)
+        dataset, encode_fn, decode = build_data(cfg, d.device)
         if cfg.num_classes == 0:
             cfg.num_classes = dataset.num_classes
         elif cfg.num_classes < dataset.num_classes:
@@ -393,8 +421,9 @@ def main(argv=None) -> int:
         torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
         model = build_model(cfg)
         diffusion = build_diffusion(cfg)
-        result = train(cfg, model, diffusion, dataset, kind="dit", arch_fields=ARCH_FIELDS,
-                       sample_fn=make_sample_fn(cfg, diffusion, cfg.num_classes) if cfg.sample_every else None)
+        result = train(cfg, model, diffusion, dataset, kind="dit", arch_fields=ARCH_FIELDS, d=d,
+                       sample_fn=make_sample_fn(cfg, diffusion, cfg.num_classes, decode) if cfg.sample_every else None,
+                       encode_fn=encode_fn, latent_shape=latent_shape(cfg))
     except (RunError, ValueError, FileNotFoundError) as e:
         print(f"train_dit.py: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -581,13 +581,42 @@ def fetch_weights(name, cache_dir=None, url=None):
 # ---- public loader ----
 
 
+def architecture_from_config(config_path) -> dict:
+    """build_vae overrides from a diffusers config.json beside a weights file ({} when there is none).
+
+    Only the architecture is read (widths, depth, channels, codebook); the latent scale factor stays the preset's,
+    because pipelines disagree on applying it (see shared notes on the paper's LDM releases)."""
+    if not Path(config_path).is_file():
+        return {}
+    import json
+    try:
+        cfg = json.loads(Path(config_path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_path}: not a readable JSON config ({e})") from None
+    names = {"block_out_channels": "block_out_channels", "layers_per_block": "layers_per_block",
+             "latent_channels": "latent_channels", "in_channels": "in_channels", "out_channels": "out_channels",
+             "norm_num_groups": "norm_groups", "num_vq_embeddings": "num_codes"}
+    return {ours: (tuple(cfg[theirs]) if isinstance(cfg[theirs], list) else cfg[theirs])
+            for theirs, ours in names.items() if theirs in cfg}
+
+
 def load_vae(kind, path=None, *, device="cpu", dtype=torch.float32, cache_dir=None, weights=None, url=None,
              **overrides):
     """The frozen `kind` autoencoder ("kl-f8" | "vq-f4") in eval mode, weights from `path` (any supported layout);
     with no path the released weights `weights` (a WEIGHTS key, default = kind) are downloaded into the cache.
-    kind "none" returns None (pixel-space training has no autoencoder). `overrides` are passed to build_vae."""
+    kind "none" returns None (pixel-space training has no autoencoder). `path` may also be a diffusers component
+    folder; a diffusers config.json beside the weights sets the architecture (so small custom autoencoders load too).
+    `overrides` are passed to build_vae and win over that config."""
     if kind in (None, "none"):
         return None
+    if path is not None and Path(path).is_dir():          # a diffusers component folder (vae/, vqvae/)
+        files = [f for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                 if (Path(path) / f).is_file()]
+        if not files:
+            raise FileNotFoundError(f"{path}: no diffusion_pytorch_model.safetensors/.bin in this folder")
+        path = Path(path) / files[0]
+    if path is not None and not overrides:
+        overrides = architecture_from_config(Path(path).parent / "config.json")
     model = build_vae(kind, **overrides)
     if path is None:
         path = fetch_weights(weights or kind, cache_dir, url)

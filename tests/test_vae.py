@@ -344,3 +344,20 @@ def test_cli_roundtrip_and_bad_input(kl_ref, tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_diffusers_folder_with_config_sets_the_architecture(tmp_path):
+    """A diffusers component folder (config.json + weights) loads a custom-width autoencoder without overrides."""
+    import json
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    small = vae.build_vae("kl-f8", block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+    save_file(small.state_dict(), str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1,
+                                                      "latent_channels": 4, "norm_num_groups": 32}))
+    ae = vae.load_vae("kl-f8", str(tmp_path))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert ae.downsample == 8 and ae.scale_factor == 0.18215
+    assert torch.equal(ae.encode_moments(x)[0], small.eval().encode_moments(x)[0])
+    with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model"):
+        vae.load_vae("kl-f8", str(tmp_path.parent))
