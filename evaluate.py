@@ -554,16 +554,63 @@ def shard_indices(num_samples, rank, world_size):
     return np.array_split(np.arange(num_samples), world_size)[rank]
 
 
-def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50):
+SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}  # checkpoint "kind" -> the train script that defines its model
+
+
+def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precision="auto", vae_path=None):
     """Rebuild the model stored in CKPT: (sample_fn(labels (B,), seeds list, cfg_scale) -> uint8 (B, H, W, 3), info).
 
-    info holds at least "num_classes" (and whatever settings belong in results rows). The model and its sampler live in
-    train_dit.py; until that file provides the loader, checkpoint sampling is not available (use `metrics`).
+    The model is rebuilt by its train script (CONFIG_CLASS, build_model, build_diffusion, latent_shape) from the config
+    stored in the checkpoint, so any nanoCEP checkpoint samples without flags. Image i starts from the noise of
+    torch.Generator().manual_seed(seeds[i]) (on the CPU), so a sharded run reproduces a single-process one.
+    info holds num_classes and the settings that belong in results rows.
     """
-    if not Path(ckpt).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    raise NotImplementedError("checkpoint sampling needs train_dit.py (not wired yet); "
-                              "measure existing samples with `evaluate.py metrics --samples ...`")
+    import dataclasses
+    import importlib
+    from diffusion import cfg_model_fn
+    from trainer import RunError, load_checkpoint
+    try:
+        state = load_checkpoint(str(ckpt))
+    except RunError as e:
+        raise ValueError(str(e)) from None
+    kind = state.get("kind")
+    if kind not in SCRIPTS:
+        raise ValueError(f"{ckpt}: unknown checkpoint kind {kind!r} (expected one of {', '.join(SCRIPTS)})")
+    script = importlib.import_module(SCRIPTS[kind])
+    names = {f.name for f in dataclasses.fields(script.CONFIG_CLASS)}
+    cfg = script.CONFIG_CLASS(**{k: v for k, v in state["config"].items() if k in names})
+    model = script.build_model(cfg)
+    weights = state["ema" if ema else "model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{ckpt}: weights do not fit the stored config ({str(e).splitlines()[0]})") from None
+    model.to(device).eval().requires_grad_(False)
+    diffusion = script.build_diffusion(cfg)
+    decode = None
+    if getattr(cfg, "vae", "none") != "none":
+        import vae
+        decode = vae.load_vae(cfg.vae, vae_path or cfg.vae_path or None, device=device).decode
+    shape = script.latent_shape(cfg)
+    use_bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
+
+    @torch.no_grad()
+    def sample_fn(labels, seeds, cfg_scale):
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        y = torch.as_tensor(labels).to(device)
+        fn = cfg_model_fn(model, y, model.cond.null_like(y), cfg_scale, learn_sigma=getattr(cfg, "learn_sigma", False))
+        with autocast:
+            x = diffusion.sample(fn, noise.to(device), sampler=sampler, steps=steps)
+            if decode is not None:
+                x = decode(x)
+        # DiT's sample_ddp.py mapping of [-1, 1] to uint8
+        return (x.float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
+            "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
+            "precision": "bf16" if use_bf16 else "fp32"}
+    return sample_fn, info
 
 
 def sample_shard(sample_fn, labels, seeds, indices, cfg_scale, batch_size, png_dir=None):
@@ -767,6 +814,8 @@ def main_sample(argv):
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch, per GPU")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU")
+    p.add_argument("--vae-path", help="autoencoder weights, if not where the training run found them")
     p.add_argument("--png", action="store_true", help="save OUT/cfg{scale}/samples/{index:06d}.png")
     p.add_argument("--npz", action="store_true", help="save OUT/cfg{scale}/samples.npz (arr_0, ADM evaluator format)")
     _add_feature_args(p)
@@ -781,7 +830,8 @@ def main_sample(argv):
         raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
     rank, world_size, device = setup_distributed()
     device = args.device or device
-    sample_fn, info = load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps)
+    sample_fn, info = load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
+                                   precision=args.precision, vae_path=args.vae_path)
     settings = {"checkpoint": str(args.ckpt), "sampler": args.sampler, "steps": args.steps, "ema": not args.no_ema,
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
     rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, _featurizer(args, device),
