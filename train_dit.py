@@ -118,10 +118,13 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim); cos half first, as GLIDE/DiT."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim); cos half first, as GLIDE/DiT.
+
+    Frequencies are max_period^(-k / (half - freq_shift)): DiT uses shift 0, diffusers' DiT port uses 1."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * k / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]                         # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
@@ -130,13 +133,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimestepEmbedder(nn.Module):
     """t -> sinusoidal features (256) -> MLP -> (B, D)."""
 
-    def __init__(self, dim: int, freq_dim: int = 256):
+    def __init__(self, dim: int, freq_dim: int = 256, freq_shift: float = 0.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.freq_shift = freq_dim, freq_shift   # freq_shift=1 reproduces diffusers' DiT (pretrained.py)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim))
+        return self.mlp(timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift))
 
 
 class PatchEmbed(nn.Module):
