@@ -7,7 +7,8 @@ latents.py: encode a dataset once into a memory-mapped latent cache, so that tra
 
 A cache folder holds, index aligned with the source dataset (item i = dataset key 2*i):
     meta.json     what was encoded and how (autoencoder kind and parameter sha256, image size, latent shape (C, h, w),
-                  scale factor, dataset identity, dtype) and "complete", set only when every item is encoded
+                  scale factor, dtype; the dataset's size, classes, label sha256 and a sha256 of three decoded images)
+                  and "complete", set only when every item is encoded
     latents.npy   (N, 2, K, C, h, w): axis 1 = horizontal orientation (0 original, 1 the mirrored image encoded on its
                   own, so flip augmentation survives caching); axis 2 = (mean, std) of the KL posterior (K=2) or the
                   VQ pre-quantisation latent (K=1); all in scaled units, i.e. what the diffusion model sees
@@ -31,7 +32,6 @@ the output folder must be on one machine's disk (or a file system with coherent 
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -179,7 +179,7 @@ def prepare_cache(out_dir, meta: dict, dataset) -> dict:
             raise ValueError(f"--out {out_dir} exists and is not a folder")
         foreign = sorted(set(os.listdir(out_dir)) - set(OWN_FILES))
         if foreign:  # never write into somebody else's folder; our own names are left-overs of a crash before meta
-            raise ValueError(f"--out {out_dir} is not empty and holds no latent cache ({', '.join(foreign[:3])}...)")
+            raise ValueError(f"--out {out_dir} is not empty and holds no latent cache ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})")
     os.makedirs(out_dir, exist_ok=True)
     n = meta["num_items"]
     # open_memmap(w+) makes sparse, zero-filled files: a 42 GB ImageNet cache costs no time to allocate.
@@ -414,6 +414,10 @@ def infer_vae_config(kind, path) -> dict:
         return {}
     sd = vae.to_diffusers_layout(sd, max(level_ids) + 1)
     preset = vae.PRESETS[kind]
+    has_codebook = "quantize.embedding.weight" in sd
+    if has_codebook != bool(preset.num_codes):
+        raise ValueError(f"{path}: a {'VQ' if has_codebook else 'KL'} autoencoder, not {kind} "
+                         f"(pass --vae {'vq-f4' if has_codebook else 'kl-f8'})")
     try:
         cfg = {
             "block_out_channels": tuple(int(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0])
@@ -423,7 +427,7 @@ def infer_vae_config(kind, path) -> dict:
             "in_channels": int(sd["encoder.conv_in.weight"].shape[1]),
             "out_channels": int(sd["decoder.conv_out.weight"].shape[0]),
         }
-        if preset.num_codes and "quantize.embedding.weight" in sd:
+        if has_codebook:
             cfg["num_codes"] = int(sd["quantize.embedding.weight"].shape[0])
     except KeyError:
         return {}
@@ -457,10 +461,10 @@ def _build_main(args) -> int:
     d = trainer.setup_distributed(args.device)
     dataset = data.build_dataset(args.data, args.image_size, seed=args.seed, builtin_length=args.builtin_length)
     overrides = infer_vae_config(args.vae, args.vae_path) if args.vae_path else {}
-    if overrides and d.main:
-        print(f"{args.vae} config read off {args.vae_path}: {overrides}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     ae = vae.load_vae(args.vae, args.vae_path, device=d.device, dtype=dtype, **overrides)
+    if overrides and d.main:
+        print(f"{args.vae} config read off {args.vae_path}: {overrides}")
     extra = {"data": "builtin" if args.data == "builtin" else os.path.abspath(args.data), "precision": args.precision}
     if args.data == "builtin":
         extra.update(seed=args.seed, builtin_length=args.builtin_length)

@@ -250,7 +250,7 @@ def run_cli(argv, capsys):
 
 
 @pytest.mark.parametrize("case", ["no-folder", "bad-size", "no-weights", "bad-kind", "bad-batch", "bench-missing",
-                                  "bad-weights"])
+                                  "bad-weights", "wrong-kind"])
 def test_cli_bad_input_one_line_exit_2(tmp_path, kl_file, capsys, case):
     base = ["--data", "builtin", "--image-size", "16", "--vae", "kl-f8", "--vae-path", str(kl_file),
             "--out", str(tmp_path / "o"), "--builtin-length", "4", "--device", "cpu"]
@@ -264,6 +264,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, kl_file, capsys, case):
         "bad-batch": (base + ["--batch-size", "0"], "--batch-size"),
         "bench-missing": (["bench", str(tmp_path / "none")], "meta.json"),
         "bad-weights": (base[:6] + ["--vae-path", str(junk)] + base[8:], "junk.safetensors"),
+        "wrong-kind": (base[:4] + ["--vae", "vq-f4"] + base[6:], "a KL autoencoder, not vq-f4"),
     }[case]
     rc, err = run_cli(argv, capsys)
     assert rc == 2 and len(err.splitlines()) == 1 and expect in err, err
