@@ -4,6 +4,9 @@ evaluate.py: FID, Inception Score and precision/recall of nanoCEP samples, the p
 Sample a checkpoint over a grid of guidance scales, then measure every scale (one row per scale):
     python evaluate.py CKPT --num-samples 50000 --cfg-scales 1.5,1.75,2.0 --sampler dpm++ --steps 50 --ref REF --npz
     torchrun --nproc_per_node=8 evaluate.py CKPT ...        # each rank samples (and featurizes) its own slice
+Released weights (pretrained.py) instead of a checkpoint, and a quick preview grid (no metrics):
+    python evaluate.py --pretrained DiffusionNoise/dit-xl-2_imagenet_clean --cfg-scales 1.75 --ref REF ...
+    python evaluate.py --pretrained DiT-XL-2-256 --classes 88,207,360 --grid preview.png --cfg-scales 4
 Measure samples that already exist: a folder of images, an ADM .npz (uint8 NHWC arr_0) or a features .npz:
     python evaluate.py metrics --samples DIR_OR_NPZ [MORE ...] [--cfg-scales 1.5,...] --ref REF [--out DIR]
 Overlay runs, FID against IS (and precision against recall) across guidance scales, like the paper's Fig. 3:
@@ -567,7 +570,6 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     """
     import dataclasses
     import importlib
-    from diffusion import cfg_model_fn
     from trainer import RunError, load_checkpoint
     try:
         state = load_checkpoint(str(ckpt))
@@ -591,26 +593,77 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     if getattr(cfg, "vae", "none") != "none":
         import vae
         decode = vae.load_vae(cfg.vae, vae_path or cfg.vae_path or None, device=device).decode
-    shape = script.latent_shape(cfg)
     use_bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
+    sample_fn = make_sample_fn(model, diffusion, script.latent_shape(cfg), decode, device, sampler, steps, use_bf16,
+                               learn_sigma=getattr(cfg, "learn_sigma", False))
+    info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
+            "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
+            "precision": "bf16" if use_bf16 else "fp32"}
+    return sample_fn, info
+
+
+def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_bf16, *, learn_sigma=False,
+                   null_class=None, guide_channels=None, timesteps=None):
+    """sample_fn(labels (B,), seeds, cfg_scale) -> uint8 (B, H, W, 3): CFG sampling from per-image seeded noise.
+
+    null_class: the CFG null label (default: the model's condition encoder's); guide_channels: guide only the first
+    N latent channels (official DiT: 3); timesteps: explicit dpm++ timesteps (a release's scheduler spacing)."""
+    from diffusion import cfg_model_fn, sample_dpmpp_2m
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
 
     @torch.no_grad()
     def sample_fn(labels, seeds, cfg_scale):
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         y = torch.as_tensor(labels).to(device)
-        fn = cfg_model_fn(model, y, model.cond.null_like(y), cfg_scale, learn_sigma=getattr(cfg, "learn_sigma", False))
+        y_null = model.cond.null_like(y) if null_class is None else torch.full_like(y, null_class)
+        fn = cfg_model_fn(model, y, y_null, cfg_scale, learn_sigma=learn_sigma, guide_channels=guide_channels)
         with autocast:
-            x = diffusion.sample(fn, noise.to(device), sampler=sampler, steps=steps)
+            if timesteps is not None and sampler == "dpm++":
+                x = sample_dpmpp_2m(fn, noise.to(device), diffusion.alphas_cumprod, timesteps, learn_sigma=learn_sigma)
+            else:
+                x = diffusion.sample(fn, noise.to(device), sampler=sampler, steps=steps)
             if decode is not None:
                 x = decode(x)
         # DiT's sample_ddp.py mapping of [-1, 1] to uint8
         return (x.float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-    info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
-            "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
-            "precision": "bf16" if use_bf16 else "fp32"}
+    return sample_fn
+
+
+def load_pretrained_sampler(source, device="cpu", sampler="dpm++", steps=50, precision="auto", vae_path=None,
+                            guide_channels="auto"):
+    """(sample_fn, info) for a released model (pretrained.py): its schedule, null label, CFG channels and, for dpm++,
+    the timesteps diffusers' DPMSolverMultistepScheduler.from_config(release scheduler) would visit."""
+    import pretrained
+    from diffusion import GaussianDiffusion
+    p = pretrained.load_pretrained(source, vae_path=vae_path, guide_channels=guide_channels)
+    cfg = p["config"]
+    model = p["model"].to(device).requires_grad_(False)
+    decode = p["vae"].to(device).decode if p["vae"] is not None else None
+    diffusion = GaussianDiffusion(p["betas"], learn_sigma=cfg["learn_sigma"])
+    timesteps = pretrained.dpm_timesteps(cfg["scheduler"], steps) if sampler == "dpm++" else None
+    shape = (cfg["in_channels"], cfg["latent_size"], cfg["latent_size"])
+    use_bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
+    sample_fn = make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_bf16,
+                               learn_sigma=cfg["learn_sigma"], null_class=p["null_class"],
+                               guide_channels=cfg["guide_channels"], timesteps=timesteps)
+    info = {"num_classes": cfg["num_classes"], "kind": cfg["kind"], "model": cfg["name"], "format": cfg["format"],
+            "vae": cfg["vae"], "precision": "bf16" if use_bf16 else "fp32", "null_class": p["null_class"],
+            "guide_channels": cfg["guide_channels"] or shape[0], "timestep_spacing":
+                cfg["scheduler"].get("timestep_spacing", "linspace") if sampler == "dpm++" else "nanoCEP"}
     return sample_fn, info
+
+
+def save_preview(sample_fn, classes, per_class, cfg_scales, seed, path):
+    """A PNG grid: one row per (scale, class), per_class images each (image i of a row uses seed + i)."""
+    rows = []
+    for scale in cfg_scales:
+        for c in classes:
+            rows.append(np.concatenate(list(sample_fn(torch.full((per_class,), c), [seed + i for i in range(per_class)],
+                                                      scale)), axis=1))           # (H, per_class * W, 3)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path
 
 
 def sample_shard(sample_fn, labels, seeds, indices, cfg_scale, batch_size, png_dir=None):
@@ -806,7 +859,14 @@ def main_plot(argv):
 def main_sample(argv):
     """`evaluate.py CKPT`: sample a checkpoint over guidance scales, then measure each scale."""
     p = _Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="nanoCEP checkpoint")
+    p.add_argument("ckpt", nargs="?", help="nanoCEP checkpoint (or --pretrained SOURCE)")
+    p.add_argument("--pretrained", metavar="SOURCE", help="a released model instead (pretrained.py): file, folder, URL, "
+                   "Hugging Face repo id or a short name such as DiT-XL-2-256")
+    p.add_argument("--guide-channels", type=int, help="guide only the first N latent channels (default: the release's "
+                   "convention, 3 for official DiT; 0 = all)")
+    p.add_argument("--classes", type=_classes, help="preview: comma-separated class ids, e.g. 88,207,360")
+    p.add_argument("--per-class", type=int, default=4, help="preview: images per class")
+    p.add_argument("--grid", help="preview: write a PNG grid of --classes (first --cfg-scales) and stop (no metrics)")
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--cfg-scales", type=_scales, default=[1.5], help="comma-separated, e.g. 1.5,1.75,2.0")
     p.add_argument("--sampler", choices=SAMPLERS, default="dpm++")
@@ -826,13 +886,27 @@ def main_sample(argv):
                          "the statistics need")
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
-    if not Path(args.ckpt).is_file():
+    if (args.ckpt is None) == (args.pretrained is None):
+        raise ValueError("pass a nanoCEP checkpoint or --pretrained SOURCE (exactly one)")
+    if args.ckpt is not None and not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
+    if args.grid and not args.classes:
+        raise ValueError("--grid needs --classes (e.g. --classes 88,207,360)")
+    if args.per_class < 1 or (args.guide_channels is not None and args.guide_channels < 0):
+        raise ValueError("--per-class must be >= 1 and --guide-channels >= 0")
+    if args.grid:                                          # preview: one process, no metrics
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        sample_fn, info = _sampler_from_args(args, device)
+        if max(args.classes) >= info["num_classes"]:
+            raise ValueError(f"--classes: the model has {info['num_classes']} classes (0..{info['num_classes'] - 1})")
+        print(f"wrote {save_preview(sample_fn, args.classes, args.per_class, args.cfg_scales[:1], args.seed, args.grid)}",
+              file=sys.stderr)
+        return 0
     rank, world_size, device = setup_distributed()
     device = args.device or device
-    sample_fn, info = load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
-                                   precision=args.precision, vae_path=args.vae_path)
-    settings = {"checkpoint": str(args.ckpt), "sampler": args.sampler, "steps": args.steps, "ema": not args.no_ema,
+    sample_fn, info = _sampler_from_args(args, device)
+    settings = {"checkpoint": str(args.ckpt or args.pretrained), "sampler": args.sampler, "steps": args.steps,
+                "ema": not args.no_ema and args.pretrained is None,
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
     rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, _featurizer(args, device),
                                args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
@@ -845,6 +919,26 @@ def main_sample(argv):
     return 0
 
 
+def _classes(text):
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of class ids: {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"class ids must be >= 0: {text!r}")
+    return values
+
+
+def _sampler_from_args(args, device):
+    """(sample_fn, info) for the CLI: a nanoCEP checkpoint or a --pretrained release."""
+    if args.pretrained is not None:
+        guide = "auto" if args.guide_channels is None else args.guide_channels
+        return load_pretrained_sampler(args.pretrained, device, args.sampler, args.steps, args.precision,
+                                       args.vae_path, guide)
+    return load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
+                        precision=args.precision, vae_path=args.vae_path)
+
+
 def main(argv=None):
     """Dispatch the subcommands; bad input becomes one line on stderr and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
@@ -853,7 +947,7 @@ def main(argv=None):
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])
         return main_sample(argv)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, ConnectionError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
 

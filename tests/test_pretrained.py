@@ -1,0 +1,306 @@
+"""pretrained.py: released layouts (random weights, tiny configs) loaded into nanoCEP modules, checked against diffusers
+as the oracle; schedulers, downloads (file:// and a fake opener, never the network) and bad input."""
+import argparse
+import hashlib
+import io
+import json
+import shutil
+import urllib.error
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluate as ev
+import pretrained
+from train_dit import DiT
+
+diffusers = pytest.importorskip("diffusers")
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def randomize(module, std=0.3, seed=0):
+    """Overwrite every parameter with N(0, std^2) so no weight is trivially zero (adaLN-Zero starts at 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def read_key_listing(path):
+    """`name (d0, d1, ...)` lines -> {name: meta tensor of that shape}."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            name, shape = line.split(" (")
+            out[name] = torch.empty(tuple(int(s) for s in shape.rstrip(")").split(",") if s.strip()), device="meta")
+    return out
+
+
+# ---- a tiny DiT release in the DiTPipeline layout (transformer/, vae/, scheduler/, model_index.json) ----
+
+
+@pytest.fixture(scope="module")
+def dit_release(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dit_release")
+    transformer = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                  out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                                  num_embeds_ada_norm=1000)   # the pipeline hard-codes null = 1000
+    randomize(transformer, 0.2)
+    for blk in transformer.transformer_blocks[1:]:   # a DiT trained by facebookresearch/DiT: one shared t/y embedder
+        blk.norm1.emb.load_state_dict(transformer.transformer_blocks[0].norm1.emb.state_dict())
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                                  layers_per_block=1, sample_size=16, scaling_factor=0.5)
+    randomize(vae, 0.1, seed=1)
+    # a DDIM config as diffusers' DiT converter writes it, with the spacing keys a 0.27 save adds
+    scheduler = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False, timestep_spacing="leading",
+                                        steps_offset=1)
+    pipe = diffusers.DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return folder, pipe
+
+
+def test_dit_release_equals_diffusers_transformer(dit_release):
+    folder, pipe = dit_release
+    p = pretrained.load_pretrained(folder)
+    cfg, model = p["config"], p["model"]
+    assert (cfg["format"], cfg["kind"], p["null_class"], cfg["guide_channels"]) == ("diffusers-dit", "dit", 1000, None)
+    assert cfg["learn_sigma"] and cfg["latent_size"] == 8 and p["vae"].scale_factor == 0.5
+    torch.testing.assert_close(p["betas"].float(), pipe.scheduler.betas, rtol=1e-6, atol=0)
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([0, 17, 500, 999]), torch.tensor([3, 999, 1000, 42])
+    with torch.no_grad():
+        theirs = pipe.transformer(x, timestep=t, class_labels=y).sample
+        torch.testing.assert_close(model(x, t, y), theirs, rtol=1e-5, atol=1e-5)
+        dit_numerics = pretrained.load_pretrained(folder, with_vae=False, numerics="dit")["model"](x, t, y)
+    assert (dit_numerics - theirs).abs().max() > 1e-3     # the frequency shift and eps options are what make it match
+    # the fork saves the same weights as Transformer2DModel: same mapping
+    conf = json.loads((folder / "transformer" / "config.json").read_text())
+    sd = pretrained.read_weights(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    ours = pretrained.dit_from_diffusers(sd, {**conf, "_class_name": "Transformer2DModel"})
+    assert all(torch.equal(ours[k], v) for k, v in model.state_dict().items() if k != "pos_embed")
+
+
+def test_per_block_embedders_must_be_identical(dit_release):
+    folder, _ = dit_release
+    conf = json.loads((folder / "transformer" / "config.json").read_text())
+    sd = pretrained.read_weights(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    sd["transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"][7] += 1e-3
+    with pytest.raises(ValueError, match="block 1's class_embedder.embedding_table.weight differs from block 0's"):
+        pretrained.dit_from_diffusers(sd, conf)
+    sd = pretrained.read_weights(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    del sd["proj_out_2.bias"]
+    with pytest.raises(ValueError, match="no proj_out_2.bias"):
+        pretrained.dit_from_diffusers(sd, conf)
+
+
+def test_pipeline_samples_equal_diffusers_dit_pipeline(dit_release):
+    """evaluate.py's --pretrained sampler == DiTPipeline + DPMSolverMultistepScheduler.from_config (as the paper's
+    script): same noise, CFG on all 4 channels with null 1000, the release's 'leading' spacing, vae scaling_factor."""
+    folder, pipe = dit_release
+    dpm = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe = diffusers.DiTPipeline(transformer=pipe.transformer, vae=pipe.vae, scheduler=dpm)
+    pipe.set_progress_bar_config(disable=True)
+    sample_fn, info = ev.load_pretrained_sampler(folder, steps=6)
+    assert info["timestep_spacing"] == "leading" and info["guide_channels"] == 4
+    dpm.set_timesteps(6)
+    assert pretrained.dpm_timesteps(dict(pipe.scheduler.config), 6) == dpm.timesteps.tolist()
+    for label, seed in [(5, 11), (999, 12)]:
+        theirs = pipe([label], guidance_scale=3.0, num_inference_steps=6, output_type="np",
+                      generator=torch.Generator().manual_seed(seed)).images[0] * 255   # (16, 16, 3) in [0, 255]
+        ours = sample_fn(torch.tensor([label]), [seed], 3.0)[0].astype(np.float64)
+        assert 0.05 < (theirs > 0).mean() and (theirs < 255).mean() > 0.05   # not a saturated image
+        # ours maps x -> floor(127.5 x + 128), diffusers -> 127.5 x + 127.5: at most half a level apart
+        assert np.abs(ours - theirs).max() <= 0.5 + 1e-3
+
+
+def test_evaluate_pretrained_end_to_end_and_preview(dit_release, tmp_path):
+    folder, _ = dit_release
+    extractor = tmp_path / "extractor.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(PoolFeatures()).save(str(extractor))
+    rng = np.random.default_rng(0)
+    (tmp_path / "ref").mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "ref" / f"{i}.png")
+    out = tmp_path / "eval"
+    code = ev.main(["--pretrained", str(folder), "--num-samples", "10", "--cfg-scales", "1,2", "--steps", "3",
+                    "--batch-size", "5", "--features", str(extractor), "--ref", str(tmp_path / "ref"),
+                    "--out", str(out), "--is-splits", "2", "--resize", "none", "--npz"])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["cfg_scale"] for r in rows] == [1.0, 2.0] and all(np.isfinite(r["fid"]) for r in rows)
+    assert rows[0]["format"] == "diffusers-dit" and rows[0]["null_class"] == 1000 and rows[0]["checkpoint"] == str(folder)
+    assert np.load(out / "cfg2" / "samples.npz")["arr_0"].shape == (10, 16, 16, 3)
+    grid = tmp_path / "preview.png"
+    assert ev.main(["--pretrained", str(folder), "--classes", "88,207,360", "--per-class", "2", "--grid", str(grid),
+                    "--steps", "2", "--cfg-scales", "4"]) == 0
+    assert Image.open(grid).size == (2 * 16, 3 * 16)
+
+
+class PoolFeatures(torch.nn.Module):
+    """A stand-in feature network (TorchScript): 6-d features and 4 logits from a 2x2 average pool."""
+
+    def forward(self, x):
+        f = torch.tanh(F.adaptive_avg_pool2d(x / 255.0, 2).flatten(1)[:, :6] * 3 - 1.5)
+        return f, f[:, :4] * 2
+
+
+# ---- official DiT layout ----
+
+
+def test_official_xl2_listing_loads_strict():
+    """The official DiT-XL/2 key listing (names and shapes) loads strictly into DiT_models["DiT-XL/2"] (meta tensors)."""
+    sd = read_key_listing(DATA / "dit-xl-2_official_state_dict.txt")
+    model, name, kwargs = pretrained.build_dit(sd)
+    assert name == "DiT-XL/2" and sum(p.numel() for p in model.parameters()) == 675_129_632
+    assert (kwargs["input_size"], kwargs["num_classes"], kwargs["num_heads"], kwargs["learn_sigma"]) == (32, 1000, 16, True)
+    sd["pos_embed"] = torch.empty(1, 1024, 1152, device="meta")                      # the 512px model
+    assert pretrained.dit_architecture(sd)[0]["input_size"] == 64
+
+
+@pytest.mark.parametrize("wrap", ["raw", "train_dict", "safetensors"])
+def test_official_file_loads(wrap, tmp_path):
+    torch.manual_seed(0)
+    ema = randomize(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=4, num_heads=4,
+                        num_classes=1000)).state_dict()                                 # DiT-T/2 at 8x8 latents
+    path = tmp_path / ("w.safetensors" if wrap == "safetensors" else "w.pt")
+    if wrap == "safetensors":
+        from safetensors.torch import save_file
+        save_file(ema, str(path))
+    elif wrap == "raw":
+        torch.save(ema, path)
+    else:   # DiT train.py: {"model", "ema", "opt", "args": argparse.Namespace} (the Namespace is never built)
+        torch.save({"model": {k: v * 0 for k, v in ema.items()}, "ema": ema, "opt": {"state": {}},
+                    "args": argparse.Namespace(model="DiT-T/2", lr=1e-4)}, path)
+    p = pretrained.load_pretrained(path, with_vae=False)
+    assert (p["config"]["format"], p["config"]["name"], p["null_class"], p["config"]["guide_channels"]) == \
+        ("official-dit", "DiT-T/2", 1000, 3)
+    assert all(torch.equal(v, ema[k]) for k, v in p["model"].state_dict().items())
+    assert p["model"].t_embedder.freq_shift == 0 and p["model"].blocks[0].norm2.eps == 1e-6
+    assert pretrained.load_pretrained(path, with_vae=False, guide_channels=0)["config"]["guide_channels"] is None
+
+
+# ---- schedulers ----
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(timestep_spacing="leading", steps_offset=1),
+                                    dict(timestep_spacing="trailing"),
+                                    dict(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195),
+                                    dict(trained_betas=(np.linspace(1e-4, 0.03, 1000) ** 1.5).tolist())])
+def test_scheduler_betas_and_dpm_timesteps_match_diffusers(kwargs):
+    saved = dict(diffusers.DDIMScheduler(**kwargs).config)               # what a release's scheduler_config.json holds
+    if "timestep_spacing" not in kwargs:
+        saved.pop("timestep_spacing")                                    # an old save without the key: DPM's default
+    dpm = diffusers.DPMSolverMultistepScheduler.from_config(saved)
+    torch.testing.assert_close(pretrained.scheduler_betas(saved).float(), dpm.betas, rtol=2e-6, atol=0)
+    for steps in (7, 25, 50):
+        dpm.set_timesteps(steps)
+        assert pretrained.dpm_timesteps(saved, steps) == dpm.timesteps.tolist()
+
+
+def test_scheduler_defaults_and_unsupported_options():
+    ldm = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195)
+    torch.testing.assert_close(pretrained.scheduler_betas({}, "scaled_linear").float(), ldm.betas, rtol=2e-6, atol=0)
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'"):
+        pretrained.scheduler_betas({"prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="beta_schedule 'squaredcos_cap_v2'"):
+        pretrained.scheduler_betas({"beta_schedule": "squaredcos_cap_v2"})
+
+
+# ---- downloads: file:// URLs and a fake Hugging Face opener (no network) ----
+
+
+def test_url_download_checks_sha256_and_caches(tmp_path):
+    src = tmp_path / "DiT-T.pt"
+    torch.save(randomize(DiT(input_size=8, hidden_size=128, depth=4, num_heads=4, num_classes=10)).state_dict(), src)
+    url = src.resolve().as_uri()
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        pretrained.load_pretrained(url, root=tmp_path / "cache", sha256="0" * 64, with_vae=False)
+    assert not any(f.is_file() for f in (tmp_path / "cache").rglob("*"))               # nothing half-written left
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    p = pretrained.load_pretrained(url, root=tmp_path / "cache", sha256=digest, with_vae=False)
+    assert p["config"]["num_classes"] == 10 and len(list((tmp_path / "cache").rglob("*.pt"))) == 1
+    src.unlink()                                                                         # served from the cache now
+    assert pretrained.load_pretrained(url, root=tmp_path / "cache", with_vae=False)["null_class"] == 10
+    with pytest.raises(FileNotFoundError):
+        pretrained.resolve((tmp_path / "missing.pt").resolve().as_uri(), root=tmp_path / "cache")
+
+
+def test_hf_repo_download_with_token_bin_fallback_and_cache(dit_release, tmp_path, monkeypatch):
+    folder, _ = dit_release
+    files = {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+    files["vae/diffusion_pytorch_model.bin"] = files.pop("vae/diffusion_pytorch_model.safetensors")  # an older repo
+    requests = []
+
+    def fake_urlopen(request):
+        requests.append((request.full_url, request.get_header("Authorization")))
+        prefix = "https://huggingface.co/org/dit-tiny/resolve/v1/"
+        name = request.full_url[len(prefix):]
+        if not request.full_url.startswith(prefix) or name not in files:
+            raise urllib.error.HTTPError(request.full_url, 404, "Not Found", {}, None)
+        return io.BytesIO(files[name])
+
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    p = pretrained.load_pretrained("org/dit-tiny@v1", root=tmp_path)
+    assert p["config"]["format"] == "diffusers-dit" and p["vae"] is not None
+    assert requests and all(auth == "Bearer hf_secret" for _, auth in requests)
+    assert requests[0][0].endswith("/model_index.json")
+    assert any(u.endswith("vae/diffusion_pytorch_model.safetensors") for u, _ in requests)   # tried first, 404
+    n = len(requests)
+    pretrained.load_pretrained("org/dit-tiny@v1", root=tmp_path)
+    assert len(requests) == n                                                             # all from the cache
+    with pytest.raises(ValueError, match="bert-base-uncased"):                           # refused before any request
+        pretrained.load_pretrained("DiffusionNoise/ldm_cc3m_clean", root=tmp_path)
+    assert len(requests) == n
+
+    def denied(request):
+        raise urllib.error.HTTPError(request.full_url, 401, "Unauthorized", {}, None)
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", denied)
+    with pytest.raises(ValueError, match="HF_TOKEN"):
+        pretrained.load_pretrained("DiffusionNoise/dit-xl-2_imagenet_clean", root=tmp_path)
+
+
+# ---- bad input: one clear line, exit code 2, nothing written ----
+
+
+def test_bad_sources_give_one_line_and_exit_2(dit_release, tmp_path, capsys):
+    folder, _ = dit_release
+    good = (folder / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    buf = io.BytesIO()
+    torch.save({"a.weight": torch.zeros(64, 64)}, buf)
+    (tmp_path / "truncated.pt").write_bytes(buf.getvalue()[:300])
+    torch.save({"foo.weight": torch.zeros(3)}, tmp_path / "foreign.pt")
+    torch.save({"kind": "dit", "config": {}, "model": {}}, tmp_path / "nanocep.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", tmp_path / "vae.safetensors")
+    shutil.copy(folder / "transformer" / "diffusion_pytorch_model.safetensors", tmp_path / "transformer.safetensors")
+    text = tmp_path / "text_release"
+    text.mkdir()
+    (text / "model_index.json").write_text(json.dumps({"_class_name": "LDMTextToImagePipeline",
+                                                       "bert": ["transformers", "BertModel"]}))
+    cases = {"truncated.safetensors": "truncated or corrupt", "truncated.pt": "truncated or corrupt",
+             "foreign.pt": "unrecognised checkpoint", "nanocep.pt": "is a nanoCEP checkpoint",
+             "empty.pt": "empty file", "vae.safetensors": "an autoencoder", "text_release": "bert-base-uncased",
+             "transformer.safetensors": "pass its pipeline folder", "missing.pt": "not found"}
+    for name, message in cases.items():
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            pretrained.load_pretrained(tmp_path / name, with_vae=False)
+        grid = tmp_path / "grid.png"
+        assert ev.main(["--pretrained", str(tmp_path / name), "--classes", "1", "--grid", str(grid)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and not grid.exists()
+    assert ev.main(["--pretrained", str(folder), "--classes", "1000", "--grid", str(tmp_path / "g.png")]) == 2
+    assert ev.main([str(tmp_path / "foreign.pt"), "--pretrained", str(folder)]) == 2
+    assert pretrained.main([str(tmp_path / "foreign.pt")]) == 2
+    assert "unrecognised" in capsys.readouterr().err
