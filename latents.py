@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 
@@ -404,36 +403,6 @@ def bench_loader(path, batch_size=256, steps=50, num_workers=0, seed=0, warmup=3
 # ---- autoencoder from a weights file ----
 
 
-def infer_vae_config(kind, path) -> dict:
-    """VAEConfig overrides that make build_vae(kind) fit the weights in `path` (widths, depth, latent channels, codebook
-    size), read off the tensor shapes; {} for the released sizes. The strict loader reports anything else."""
-    import vae
-    sd = vae.read_state_dict(path)
-    level_ids = {int(m[1]) for k in sd if (m := re.match(r"(?:first_stage_model\.)?encoder\.down(?:_blocks)?\.(\d+)\.", k))}
-    if not level_ids:
-        return {}
-    sd = vae.to_diffusers_layout(sd, max(level_ids) + 1)
-    preset = vae.PRESETS[kind]
-    has_codebook = "quantize.embedding.weight" in sd
-    if has_codebook != bool(preset.num_codes):
-        raise ValueError(f"{path}: a {'VQ' if has_codebook else 'KL'} autoencoder, not {kind} "
-                         f"(pass --vae {'vq-f4' if has_codebook else 'kl-f8'})")
-    try:
-        cfg = {
-            "block_out_channels": tuple(int(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0])
-                                        for i in range(max(level_ids) + 1)),
-            "layers_per_block": len({m[1] for k in sd if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))}),
-            "latent_channels": int(sd["post_quant_conv.weight"].shape[0]),
-            "in_channels": int(sd["encoder.conv_in.weight"].shape[1]),
-            "out_channels": int(sd["decoder.conv_out.weight"].shape[0]),
-        }
-        if has_codebook:
-            cfg["num_codes"] = int(sd["quantize.embedding.weight"].shape[0])
-    except KeyError:
-        return {}
-    return {k: v for k, v in cfg.items() if getattr(preset, k) != v}
-
-
 # ---- CLI ----
 
 
@@ -460,7 +429,7 @@ def _build_main(args) -> int:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     d = trainer.setup_distributed(args.device)
     dataset = data.build_dataset(args.data, args.image_size, seed=args.seed, builtin_length=args.builtin_length)
-    overrides = infer_vae_config(args.vae, args.vae_path) if args.vae_path else {}
+    overrides = vae.infer_architecture(args.vae, args.vae_path) if args.vae_path else {}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     ae = vae.load_vae(args.vae, args.vae_path, device=d.device, dtype=dtype, **overrides)
     if overrides and d.main:

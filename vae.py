@@ -600,6 +600,35 @@ def architecture_from_config(config_path) -> dict:
             for theirs, ours in names.items() if theirs in cfg}
 
 
+def infer_architecture(kind, path) -> dict:
+    """VAEConfig overrides that make build_vae(kind) fit the weights in `path` (widths, depth, latent channels, codebook
+    size), read off the tensor shapes; {} for the released sizes. The strict loader reports anything else."""
+    sd = read_state_dict(path)
+    level_ids = {int(m[1]) for k in sd if (m := re.match(r"(?:first_stage_model\.)?encoder\.down(?:_blocks)?\.(\d+)\.", k))}
+    if not level_ids:
+        return {}
+    sd = to_diffusers_layout(sd, max(level_ids) + 1)
+    preset = PRESETS[kind]
+    has_codebook = "quantize.embedding.weight" in sd
+    if has_codebook != bool(preset.num_codes):
+        raise ValueError(f"{path}: a {'VQ' if has_codebook else 'KL'} autoencoder, not {kind} "
+                         f"(pass --vae {'vq-f4' if has_codebook else 'kl-f8'})")
+    try:
+        cfg = {
+            "block_out_channels": tuple(int(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0])
+                                        for i in range(max(level_ids) + 1)),
+            "layers_per_block": len({m[1] for k in sd if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))}),
+            "latent_channels": int(sd["post_quant_conv.weight"].shape[0]),
+            "in_channels": int(sd["encoder.conv_in.weight"].shape[1]),
+            "out_channels": int(sd["decoder.conv_out.weight"].shape[0]),
+        }
+        if has_codebook:
+            cfg["num_codes"] = int(sd["quantize.embedding.weight"].shape[0])
+    except KeyError:
+        return {}
+    return {k: v for k, v in cfg.items() if getattr(preset, k) != v}
+
+
 def load_vae(kind, path=None, *, device="cpu", dtype=torch.float32, cache_dir=None, weights=None, url=None,
              **overrides):
     """The frozen `kind` autoencoder ("kl-f8" | "vq-f4") in eval mode, weights from `path` (any supported layout);
@@ -615,8 +644,10 @@ def load_vae(kind, path=None, *, device="cpu", dtype=torch.float32, cache_dir=No
         if not files:
             raise FileNotFoundError(f"{path}: no diffusion_pytorch_model.safetensors/.bin in this folder")
         path = Path(path) / files[0]
-    if path is not None and not overrides:
-        overrides = architecture_from_config(Path(path).parent / "config.json")
+    if kind not in PRESETS:
+        raise ValueError(f"unknown VAE kind {kind!r}; choose one of {', '.join(PRESETS)} (or 'none')")
+    if path is not None and not overrides:   # a custom-size autoencoder: its config.json, else its tensor shapes
+        overrides = architecture_from_config(Path(path).parent / "config.json") or infer_architecture(kind, path)
     model = build_vae(kind, **overrides)
     if path is None:
         path = fetch_weights(weights or kind, cache_dir, url)

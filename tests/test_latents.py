@@ -218,7 +218,7 @@ def kl_file(tmp_path_factory, kl):
 
 
 def test_cli_reads_tiny_config_and_two_process_build_equals_one(tmp_path, kl, kl_file):
-    assert latents.infer_vae_config("kl-f8", kl_file) == {"block_out_channels": (32, 64), "layers_per_block": 1}
+    assert vae.infer_architecture("kl-f8", kl_file) == {"block_out_channels": (32, 64), "layers_per_block": 1}
     ref, _ = build(tmp_path, "ref", kl, builtin(12), batch_size=3, dtype="float32")
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "latents.py",
@@ -269,3 +269,24 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, kl_file, capsys, case):
     rc, err = run_cli(argv, capsys)
     assert rc == 2 and len(err.splitlines()) == 1 and expect in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_dit_trains_from_cache_end_to_end(tmp_path):
+    """encode -> cache -> train_dit --latents -> sample grid decoded by the same autoencoder, all on CPU."""
+    import train_dit
+    torch.manual_seed(0)
+    f8 = vae.build_vae("kl-f8", block_out_channels=(32, 32, 32, 32), layers_per_block=1)   # a real f=8 geometry
+    weights = tmp_path / "kl-f8-small.safetensors"
+    save_file({k: v.contiguous() for k, v in f8.state_dict().items()}, str(weights))
+    cache, res = build(tmp_path, "cache", vae.load_vae("kl-f8", str(weights)), data.BuiltinShapes(size=32, length=24))
+    assert res["complete"]
+    run = tmp_path / "run"
+    rc = train_dit.main(["--latents", cache, "--vae", "kl-f8", "--vae-path", str(weights), "--image-size", "32",
+                         "--batch-size", "8", "--steps", "2", "--log-every", "1", "--sample-every", "2",
+                         "--sample-steps", "2", "--sample-per-class", "1", "--out", str(run)])
+    assert rc == 0
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert state["model"]["x_embedder.proj.weight"].shape[1] == 4 and state["config"]["latents"] == cache
+    assert (run / "samples" / "step_0000002.png").is_file()
+    wrong = train_dit.main(["--latents", cache, "--vae", "kl-f8", "--image-size", "64", "--out", str(tmp_path / "x")])
+    assert wrong == 2                                   # the cache's image size must match the run's
