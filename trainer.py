@@ -53,8 +53,13 @@ def parse_config(cls, argv=None, presets: dict | None = None, description: str =
     win over the preset.
     """
     import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line and exit 2, instead of the usage block plus a line
+            self.exit(2, f"{self.prog}: error: {message}\n")
+
     presets = presets or {}
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if presets:
         p.add_argument("--preset", choices=sorted(presets), default=None, help="a named recipe (see README)")
     for f in dataclasses.fields(cls):
