@@ -428,3 +428,14 @@ def test_checkpoint_end_to_end_offline(data, tmp_path):
     np.testing.assert_array_equal(again, images[5:7])
     assert ev.main(["plot", str(out / "results.json"), "-o", str(tmp_path / "fig.png")]) == 0
     assert (tmp_path / "fig.png").stat().st_size > 0
+
+
+def test_ldm_checkpoint_samples_like_a_dit_one(tmp_path):
+    """evaluate.py rebuilds a train_ldm.py checkpoint from its config exactly as it does a DiT one."""
+    import train_ldm
+    assert train_ldm.main(["--steps", "3", "--batch-size", "8", "--sample-every", "0", "--builtin-length", "32",
+                           "--log-every", "1", "--out", str(tmp_path)]) == 0
+    sample_fn, info = ev.load_sampler(tmp_path / "last.pt", steps=3)
+    images = sample_fn(torch.tensor([0, 1]), [0, 1], 2.0)
+    assert info["kind"] == "ldm" and info["num_classes"] == 10
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
