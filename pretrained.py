@@ -57,8 +57,8 @@ RELEASES = {
     "cin256-v2": Release("https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt",
                          "CompVis LDM-4 class-conditional ImageNet 256px (Lightning checkpoint, ~1.7 GB)"),
 }
-HF_ENDPOINT = "https://huggingface.co"
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")   # a diffusers component's   # $HF_ENDPOINT overrides it (a mirror, or file:// in tests)
+HF_ENDPOINT = "https://huggingface.co"   # $HF_ENDPOINT overrides it (a mirror, or a file:// folder)
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")   # in a diffusers component
 TEXT_MODEL_ERROR = ("is a text-to-image LDM (the paper's CC3M models): its text encoder is a pre-trained "
                     "bert-base-uncased with a WordPiece tokenizer, which nanoCEP does not implement; "
                     "only the class-conditional releases load")
@@ -371,7 +371,7 @@ def unet_to_compvis(sd) -> dict:
             m = re.match(pattern, key)
             if m:
                 rest = key[m.end():]
-                if ".resnets." in pattern:
+                if "resnets" in pattern:
                     head, _, tail = rest.partition(".")
                     rest = f"{RESNET_NAMES.get(head, head)}.{tail}"
                 out[prefix(m) + rest] = value
@@ -397,7 +397,7 @@ def unet_architecture(sd, num_heads=1) -> dict:
             attn.add(2 ** (len(levels) - 1))
     widths = [sd[f"input_blocks.{lv[0]}.0.in_layers.2.weight"].shape[0] for lv in levels]
     to_k = [v for k, v in sd.items() if k.endswith("attn2.to_k.weight")]
-    depth = len({k.split(".")[4] for k in sd if k.startswith("middle_block.1.transformer_blocks.")})
+    depth = len({k.split(".")[3] for k in sd if k.startswith("middle_block.1.transformer_blocks.")})
     if any(w % mc for w in widths) or not to_k:
         raise ValueError("unsupported U-Net layout (level widths not multiples of the base width, or no cross-attention)")
     return dict(in_channels=in_ch, model_channels=mc, out_channels=sd["out.2.weight"].shape[0],
@@ -492,12 +492,6 @@ def pipeline_kind(index, name="") -> tuple:
     return PIPELINES[cls]
 
 
-def _vae_scale(folder, default):
-    """scaling_factor of a diffusers autoencoder folder's config.json (default when absent)."""
-    conf = Path(folder) / "config.json"
-    return float(read_json(conf).get("scaling_factor", default)) if conf.is_file() else default
-
-
 def _dit_folder(path, name, numerics, num_heads):
     """The paper's DiT-XL/2 releases (DiTPipeline): transformer/ -> our DiT, with diffusers' numerics by default."""
     conf = read_json(path / "transformer" / "config.json")
@@ -508,7 +502,9 @@ def _dit_folder(path, name, numerics, num_heads):
     info = dict(format="diffusers-dit", name=model_name, numerics="dit" if numerics == "dit" else "diffusers",
                 latent_size=arch["input_size"], learn_sigma=arch["learn_sigma"], in_channels=arch["in_channels"])
     # DiTPipeline: null label = 1000 = num_classes, CFG on every latent channel, latents / vae scaling_factor
-    return model, arch["num_classes"], None, info, ("kl-f8", path / "vae", _vae_scale(path / "vae", 0.18215)), "linear"
+    vae_conf = path / "vae" / "config.json"
+    scale = float(read_json(vae_conf).get("scaling_factor", 0.18215)) if vae_conf.is_file() else 0.18215
+    return model, arch["num_classes"], None, info, ("kl-f8", path / "vae", scale), "linear"
 
 
 def _ldm_folder(path, name, num_heads):
@@ -530,7 +526,7 @@ def _ldm_folder(path, name, num_heads):
     return model, table.shape[0] - 1, None, info, ("vq-f4", path / "vqvae", 1.0), "scaled_linear"
 
 
-def _compvis_ldm(sd, name, num_heads, with_vae, vae_path):
+def _compvis_ldm(sd, path, name, num_heads, with_vae, vae_path):
     """The CompVis cin256-v2 Lightning checkpoint: U-Net, class table (row 1000 = null) and VQ first stage inside."""
     prefix = "model.diffusion_model."
     if "cond_stage_model.embedding.weight" not in sd:
@@ -541,9 +537,8 @@ def _compvis_ldm(sd, name, num_heads, with_vae, vae_path):
     info = dict(format="compvis-ldm", name="LDM-4", latent_size=64,   # cin256-v2: image_size 64 (not in the weights)
                 learn_sigma=arch["out_channels"] == 2 * arch["in_channels"], in_channels=arch["in_channels"])
     betas = sd["betas"].double() if "betas" in sd else scheduler_betas({}, "scaled_linear")
-    ae = None
-    if with_vae:
-        ae = vae_lib.load_vae("vq-f4", vae_path) if vae_path else compvis_first_stage(sd, name)
+    # vae.py reads the first_stage_model.* tensors of the same file (its widths off their shapes)
+    ae = vae_lib.load_vae("vq-f4", vae_path or path) if with_vae else None
     return model, table.shape[0] - 1, ae, betas, info
 
 
@@ -583,7 +578,7 @@ def load_pretrained(source, *, root=None, sha256=None, with_vae=True, vae_path=N
         sd = read_weights(path)
         if any(k.startswith("model.diffusion_model.") for k in sd):
             kind, vae_kind, guide = "ldm", "vq-f4", None
-            model, null, ae, betas, info = _compvis_ldm(sd, name, num_heads, with_vae, vae_path)
+            model, null, ae, betas, info = _compvis_ldm(sd, path, name, num_heads, with_vae, vae_path)
         elif "x_embedder.proj.weight" in sd or "blocks.0.attn.qkv.weight" in sd:
             kind, vae_kind, guide = "dit", "kl-f8", 3
             model, model_name, arch = build_dit(sd, num_heads, name)
@@ -602,22 +597,6 @@ def load_pretrained(source, *, root=None, sha256=None, with_vae=True, vae_path=N
         guide = guide_channels or None
     cfg.update(kind=kind, vae=vae_kind, num_classes=int(null), guide_channels=guide, **info)
     return {"model": model.eval(), "vae": ae, "betas": betas, "null_class": int(null), "config": cfg}
-
-
-def compvis_first_stage(sd, what):
-    """vae.py's VQ autoencoder from the first_stage_model.* tensors of a CompVis LDM checkpoint (widths read off)."""
-    first = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
-    levels = sorted({int(m[1]) for k in first if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
-    if not levels or "quantize.embedding.weight" not in first:
-        raise ValueError(f"{what}: no VQ first stage (first_stage_model.*) inside; pass vae_path")
-    first = vae_lib.to_diffusers_layout(first, len(levels))
-    depth = len({k.split(".")[4] for k in first if k.startswith("encoder.down_blocks.0.resnets.")})
-    widths = tuple(first[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in levels)
-    with torch.device("meta"):
-        ae = vae_lib.build_vae("vq-f4", block_out_channels=widths, layers_per_block=depth,
-                               latent_channels=first["quant_conv.weight"].shape[0],
-                               num_codes=first["quantize.embedding.weight"].shape[0])
-    return load_strict(ae, first, f"{what} first stage").eval().requires_grad_(False)
 
 
 # ---- CLI ----

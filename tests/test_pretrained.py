@@ -304,3 +304,128 @@ def test_bad_sources_give_one_line_and_exit_2(dit_release, tmp_path, capsys):
     assert ev.main([str(tmp_path / "foreign.pt"), "--pretrained", str(folder)]) == 2
     assert pretrained.main([str(tmp_path / "foreign.pt")]) == 2
     assert "unrecognised" in capsys.readouterr().err
+
+
+# ---- the paper's LDM-4 IN-1K layout (LDMClassToImagePipeline) and the CompVis cin256-v2 checkpoint ----
+
+
+@pytest.fixture(scope="module")
+def ldm_release(tmp_path_factory):
+    """unet/ (UNet2DConditionModel), class_embedder/ (the fork's ClassEmbedder: embedding.weight, n_classes = 10 + null),
+    vqvae/ (VQModel), scheduler/ (DDIM with trained_betas), model_index.json, as the fork's pipeline saves them."""
+    from safetensors.torch import save_file
+    folder = tmp_path_factory.mktemp("ldm_release")
+    # attention only at the deepest level, so one up level has an upsampler without attention (CompVis sub-index 1)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=16, attention_head_dim=2)
+    randomize(unet, 0.05, seed=2)
+    unet.eval().save_pretrained(folder / "unet")
+    table = torch.randn(11, 16, generator=torch.Generator().manual_seed(3))
+    (folder / "class_embedder").mkdir()
+    save_file({"embedding.weight": table}, str(folder / "class_embedder" / "diffusion_pytorch_model.safetensors"))
+    (folder / "class_embedder" / "config.json").write_text(json.dumps({"_class_name": "ClassEmbedder",
+                                                                        "embed_dim": 16, "n_classes": 11}))
+    vq = diffusers.VQModel(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                           up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=3, num_vq_embeddings=64,
+                           norm_num_groups=4, layers_per_block=1, sample_size=16)
+    randomize(vq, 0.1, seed=4)
+    vq.eval().save_pretrained(folder / "vqvae")        # its scaling_factor 0.18215 must NOT be applied (class pipeline)
+    betas = (torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000, dtype=torch.float64) ** 2).tolist()
+    diffusers.DDIMScheduler(trained_betas=betas, clip_sample=False, set_alpha_to_one=False,
+                            steps_offset=1).save_config(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "LDMClassToImagePipeline", "class_embedder": ["latent_diffusion", "ClassEmbedder"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vqvae": ["diffusers", "VQModel"]}))
+    return folder, unet, table, vq
+
+
+def test_ldm_release_equals_diffusers_unet_with_class_context(ldm_release):
+    folder, unet, table, _ = ldm_release
+    p = pretrained.load_pretrained(folder)
+    cfg, model = p["config"], p["model"]
+    assert (cfg["format"], p["null_class"], cfg["num_classes"], cfg["latent_size"]) == ("diffusers-ldm", 10, 10, 8)
+    assert p["vae"].scale_factor == 1.0 and not cfg["learn_sigma"]
+    g = torch.Generator().manual_seed(5)
+    x, t, y = torch.randn(3, 3, 8, 8, generator=g), torch.tensor([3, 420, 999]), torch.tensor([0, 7, 10])
+    with torch.no_grad():
+        theirs = unet(x, t, encoder_hidden_states=table[y][:, None]).sample     # a one-token class context
+        torch.testing.assert_close(model(x, t, y), theirs, rtol=1e-5, atol=1e-5)
+
+
+def reference_class_pipeline(unet, table, vq, scheduler, label, noise, scale, steps):
+    """LDMClassToImagePipeline's loop as the authors' fork writes it (checkpoints.md §1.3): null = n_classes - 1, CFG
+    when scale != 1 on the batch [uncond, cond], no latent rescaling, VQ decode (which quantizes) -> [0, 1]."""
+    null = table.shape[0] - 1
+    context = torch.stack([table[[null]], table[[label]]])                            # (2, 1, D): uncond first
+    scheduler.set_timesteps(steps)
+    latents = noise
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps_u, eps_c = unet(torch.cat([latents] * 2), t, encoder_hidden_states=context).sample.chunk(2)
+            latents = scheduler.step(eps_u + scale * (eps_c - eps_u), t, latents).prev_sample
+        return (vq.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+
+
+def test_ldm_sampling_equals_reference_class_pipeline(ldm_release):
+    folder, unet, table, vq = ldm_release
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    dpm = diffusers.DPMSolverMultistepScheduler.from_config(config)
+    sample_fn, info = ev.load_pretrained_sampler(folder, steps=5)
+    assert info["null_class"] == 10 and info["timestep_spacing"] == "leading"
+    for label, seed in [(3, 21), (9, 22)]:
+        noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        theirs = reference_class_pipeline(unet, table, vq, dpm, label, noise, 2.5, 5)[0].permute(1, 2, 0).numpy() * 255
+        ours = sample_fn(torch.tensor([label]), [seed], 2.5)[0].astype(np.float64)
+        assert 0.05 < (theirs > 0).mean() and (theirs < 255).mean() > 0.05
+        assert np.abs(ours - theirs).max() <= 0.5 + 1e-3
+
+
+def test_full_size_unet_mapping_gives_the_compvis_cin256_layout():
+    """diffusers' cin256-v2 U-Net config (meta tensors) maps onto exactly the CompVis key listing, names and shapes,
+    and its architecture read back is train_ldm's ldm4-cin256."""
+    from train_ldm import UNET_CONFIGS
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=64, in_channels=3, out_channels=3, block_out_channels=(192, 384, 576, 960), layers_per_block=2,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+            up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",), cross_attention_dim=512, attention_head_dim=1)
+    ours = {k: tuple(v.shape) for k, v in pretrained.unet_to_compvis(unet.state_dict()).items()}
+    listing = {k: tuple(v.shape) for k, v in read_key_listing(DATA / "ldm4-cin256-v2_unet_compvis_state_dict.txt").items()}
+    assert ours == listing
+    model, arch = pretrained.build_ldm(read_key_listing(DATA / "ldm4-cin256-v2_unet_compvis_state_dict.txt"),
+                                       torch.empty(1001, 512, device="meta"))
+    assert {k: arch[k] for k in UNET_CONFIGS["ldm4-cin256"]} == UNET_CONFIGS["ldm4-cin256"]
+    assert sum(p.numel() for p in model.diffusion_model.parameters()) == 400_920_579
+    assert model.cond.null_id == 1000
+
+
+def test_compvis_lightning_checkpoint(ldm_release, tmp_path):
+    """A cin256-v2-style Lightning .ckpt (model.diffusion_model.*, cond_stage_model.embedding.weight,
+    first_stage_model.*, DDPM buffers, pickled callbacks) loads to the same model as the diffusers release."""
+    folder, unet, table, _ = ldm_release
+    vq = randomize(diffusers.VQModel(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                                     up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=3, num_vq_embeddings=64,
+                                     layers_per_block=1), 0.1, seed=6).eval()   # CompVis: 32 groups, no config needed
+    sd = {f"model.diffusion_model.{k}": v for k, v in pretrained.unet_to_compvis(unet.state_dict()).items()}
+    sd.update({f"first_stage_model.{k}": v for k, v in vq.state_dict().items()})
+    betas = torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000, dtype=torch.float64) ** 2
+    sd.update({"cond_stage_model.embedding.weight": table, "betas": betas.float(),
+               "alphas_cumprod": torch.cumprod(1 - betas, 0).float()})
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": sd, "global_step": 7, "callbacks": {"ckpt": argparse.Namespace(monitor="val")}}, ckpt)
+    p = pretrained.load_pretrained(ckpt)
+    ref = pretrained.load_pretrained(folder)
+    assert (p["config"]["format"], p["null_class"]) == ("compvis-ldm", 10)
+    torch.testing.assert_close(p["betas"], betas, rtol=1e-6, atol=0)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([5, 900]), torch.tensor([10, 4])
+    z = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(p["model"](x, t, y), ref["model"](x, t, y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p["vae"].decode(z), vq.decode(z).sample, rtol=1e-4, atol=1e-4)
+    del sd["cond_stage_model.embedding.weight"]
+    torch.save({"state_dict": sd}, ckpt)
+    with pytest.raises(ValueError, match="without a class embedder"):
+        pretrained.load_pretrained(ckpt)
