@@ -440,7 +440,7 @@ def check_unet_config(config):
 DPM_DEFAULTS = {"prediction_type": "epsilon", "thresholding": False, "use_karras_sigmas": False,
                 "use_lu_lambdas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
                 "rescale_betas_zero_snr": False, "algorithm_type": "dpmsolver++", "solver_order": 2,
-                "final_sigmas_type": "zero", "variance_type": None}
+                "final_sigmas_type": "zero"}   # variance_type is free: DDPM saves "fixed_small", DPM only drops sigma
 
 
 def scheduler_betas(config, default="linear") -> torch.Tensor:

@@ -191,12 +191,15 @@ def test_official_file_loads(wrap, tmp_path):
 # ---- schedulers ----
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(timestep_spacing="leading", steps_offset=1),
-                                    dict(timestep_spacing="trailing"),
-                                    dict(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195),
-                                    dict(trained_betas=(np.linspace(1e-4, 0.03, 1000) ** 1.5).tolist())])
-def test_scheduler_betas_and_dpm_timesteps_match_diffusers(kwargs):
-    saved = dict(diffusers.DDIMScheduler(**kwargs).config)               # what a release's scheduler_config.json holds
+@pytest.mark.parametrize("cls,kwargs", [("DDIMScheduler", dict()),
+                                        ("DDIMScheduler", dict(timestep_spacing="leading", steps_offset=1)),
+                                        ("DDIMScheduler", dict(timestep_spacing="trailing")),
+                                        ("DDPMScheduler", dict(beta_schedule="scaled_linear", beta_start=0.0015,
+                                                               beta_end=0.0195, timestep_spacing="leading")),
+                                        ("DDIMScheduler", dict(trained_betas=(np.linspace(1e-4, 0.03, 1000) ** 1.5)
+                                                               .tolist()))])
+def test_scheduler_betas_and_dpm_timesteps_match_diffusers(cls, kwargs):
+    saved = dict(getattr(diffusers, cls)(**kwargs).config)              # what a release's scheduler_config.json holds
     if "timestep_spacing" not in kwargs:
         saved.pop("timestep_spacing")                                    # an old save without the key: DPM's default
     dpm = diffusers.DPMSolverMultistepScheduler.from_config(saved)
