@@ -183,7 +183,7 @@ def read_weights(path) -> dict:
         head = f.read(16)
     try:
         if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":        # torch zip, or a legacy raw pickle
-            obj = vae_lib._torch_load(path)
+            obj = vae_lib.load_tensors_only(path)
         elif len(head) >= 9 and head[8:9] == b"{":                  # safetensors: u64 header size, then JSON
             from safetensors.torch import load_file
             obj = load_file(str(path), device="cpu")

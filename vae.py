@@ -384,7 +384,7 @@ _tensors_only_pickle.Unpickler = _TensorsOnlyUnpickler
 _tensors_only_pickle.load = lambda f, **kw: _TensorsOnlyUnpickler(f, **kw).load()
 
 
-def _torch_load(path):
+def load_tensors_only(path):
     """torch.load with weights_only=True; a Lightning .ckpt that also pickles its callbacks goes through the
     tensors-only unpickler instead, which never imports or calls anything outside _SAFE_GLOBALS."""
     try:
@@ -407,7 +407,7 @@ def read_state_dict(path):
         raise ValueError(f"{path}: empty file")
     try:
         if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":   # torch's zip format, or its legacy raw pickle
-            obj = _torch_load(path)
+            obj = load_tensors_only(path)
         elif len(head) >= 9 and head[8:9] == b"{":            # safetensors: u64 header length, then JSON
             from safetensors.torch import load_file
             obj = load_file(str(path), device="cpu")
