@@ -1,5 +1,5 @@
 """
-Condition encoders c_θ(y): what turns a label (or, later, a caption) into the vector the denoiser consumes.
+Condition encoders c_θ(y): what turns a class label or a caption into what the denoiser consumes, and the tokenizer.
 
 This is where the paper's CEP acts: the perturbation δ is added to the *output* of the condition encoder, while
 training only, for every sample on every step (cep.py). The classifier-free-guidance (CFG) null condition lives here
@@ -9,18 +9,32 @@ Every encoder here shares one small interface, so the models never care which on
     enc(y)               -> embedding of the condition tensor y (CEP applied while enc.training)
     enc.null_like(y)     -> a condition tensor of the same shape holding the null condition (for CFG)
     enc.drop(y, mask)    -> y with the null condition where mask (B,) is True (CFG label dropout, done by the trainer)
-Conditions are always tensors batched along dim 0 (class ids (B,) int64), so the samplers can concatenate them.
+Conditions are always tensors batched along dim 0 (class ids (B,) int64, or caption token ids (B, L) int64 padded
+to a fixed context length), so the trainer can drop them and the samplers can concatenate them unchanged.
+
+Text (the paper's CC3M models): captions are tokenised with tiktoken (`get_tokenizer`: GPT-2 BPE, or an offline
+byte-level encoding) and encoded by a small transformer trained from scratch with the denoiser (as the original LDM
+text-to-image model trained its BERT-style encoder). The text encoder returns (context (B, L, D), mask (B, L)), the
+keys/values for cross-attention; the CFG null condition is the empty caption.
 
 Design choices the paper leaves open (paper.md §3.2), made explicit here:
 - CFG dropout is decided by the training loop (trainer.py), not drawn inside the module, so that the same global batch
   gets the same dropout mask on 1 GPU and on 8 (DDP equality) and after a resume.
 - CEP perturbs only samples that carry a real condition; the null (dropped) embedding stays clean by default, because
   it stands for "no condition" and has nothing to corrupt. `cep_null=True` perturbs it as well.
+- For text, CEP's d is the per-token width D (every real token vector gets noise of scale gamma/sqrt(D)), not L*D as
+  NEFTune would use; padding is never perturbed.
 
 Run `python -c "import conditions; help(conditions)"` to read this; there is no CLI.
 """
+import base64
+import functools
+import hashlib
+import os
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from cep import CEP
 
@@ -60,11 +74,231 @@ class ClassEmbedder(nn.Module):
         return self.cep(emb, mask=real)                             # identity in eval mode
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer: tiktoken, padded and truncated to a fixed context length
+
+# The classic GPT-2 pre-tokenisation regex (tiktoken's r50k_base pattern without the possessive quantifiers that only
+# newer tiktoken versions accept).
+GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# sha256 of r50k_base.tiktoken, the GPT-2 ranks (also shipped as whisper/assets/gpt2.tiktoken in openai-whisper).
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+EOT, PAD = "<|endoftext|>", "<|pad|>"
+
+
+class Tokenizer:
+    """Captions -> token ids (B, L): tiktoken ids of the text, then <|endoftext|>, truncated and padded to L.
+
+    Every caption keeps its end token (a long caption loses its tail, not its end), so even the empty caption, the
+    CFG null condition, is one real token followed by padding: no row of the attention mask is ever empty.
+    The pad id is the encoding's <|pad|> token if it has one, else one id past its vocabulary.
+    """
+
+    def __init__(self, spec: str, encoding):
+        self.spec, self.encoding = spec, encoding
+        self.eot_id = encoding.eot_token
+        self.pad_id = encoding._special_tokens.get(PAD, encoding.n_vocab)
+        self.vocab_size = max(encoding.n_vocab, self.pad_id + 1)   # rows of the token embedding table
+
+    def __reduce__(self):  # DataLoader workers / deepcopy rebuild it from its spec (cheap, cached)
+        return get_tokenizer, (self.spec,)
+
+    def encode(self, text: str, context_length: int) -> list[int]:
+        """One caption -> its L ids (special-token text in captions is read as plain text, never as a control)."""
+        ids = self.encoding.encode_ordinary(text)[: context_length - 1] + [self.eot_id]
+        return ids + [self.pad_id] * (context_length - len(ids))
+
+    def __call__(self, captions, context_length: int) -> torch.Tensor:
+        """A list of B captions -> LongTensor (B, L)."""
+        if isinstance(captions, str):
+            raise ValueError("expected a list of captions, got a single string")
+        if context_length < 2:
+            raise ValueError(f"context length must be >= 2 (text + end token), got {context_length}")
+        return torch.tensor([self.encode(c, context_length) for c in captions], dtype=torch.long).view(-1, context_length)
+
+    def decode(self, ids) -> str:
+        """Ids (L,) -> the caption: everything before the first end token, padding dropped."""
+        ids = [int(i) for i in ids]
+        ids = ids[: ids.index(self.eot_id)] if self.eot_id in ids else ids
+        return self.encoding.decode([i for i in ids if i != self.pad_id])
+
+    def __repr__(self):
+        return f"Tokenizer({self.spec!r}, vocab {self.vocab_size}, eot {self.eot_id}, pad {self.pad_id})"
+
+
+def _byte_encoding():
+    """The offline default: 256 single-byte tokens + <|endoftext|> (256) + <|pad|> (257). No download, any text."""
+    import tiktoken
+    return tiktoken.Encoding(name="bytes", pat_str=GPT2_PAT, mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={EOT: 256, PAD: 257})
+
+
+def _file_encoding(path: str):
+    """A local `.tiktoken` ranks file (base64 token, space, rank per line); GPT-2's is recognised by its sha256."""
+    import tiktoken
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    # parsed here rather than with tiktoken.load.load_tiktoken_bpe, which would also copy the file into its cache dir
+    try:
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in raw.splitlines() if ln)}
+    except ValueError:
+        raise ValueError(f"{path} is not a .tiktoken ranks file (expected 'base64-token rank' lines)") from None
+    if not ranks:
+        raise ValueError(f"tokenizer file is empty: {path}")
+    if hashlib.sha256(raw).hexdigest() == R50K_SHA256:   # GPT-2 / r50k_base: reuse its exact special id and size
+        return tiktoken.Encoding(name="r50k_base", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                                 special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+    return tiktoken.Encoding(name=os.path.basename(path), pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens={EOT: max(ranks.values()) + 1})
+
+
+@functools.lru_cache(maxsize=8)
+def get_tokenizer(name: str = "bytes") -> Tokenizer:
+    """'bytes' (offline byte-level), 'gpt2' / 'r50k_base' (GPT-2 BPE, which tiktoken downloads once and caches), or a
+    path to a local `.tiktoken` file (e.g. gpt2.tiktoken from the openai-whisper package, for offline GPT-2 BPE)."""
+    if name == "bytes":
+        return Tokenizer(name, _byte_encoding())
+    if name in ("gpt2", "r50k_base"):
+        import tiktoken
+        try:
+            return Tokenizer(name, tiktoken.get_encoding(name))
+        except Exception as e:  # requests/urllib errors of many kinds: the user needs the way out, not the type
+            raise ValueError(f"cannot load the {name} tokenizer ({type(e).__name__}): tiktoken downloads it once, which "
+                             f"needs internet; offline, pass --tokenizer PATH/TO/gpt2.tiktoken or use 'bytes'") from None
+    if name.endswith(".tiktoken") or os.sep in name or os.path.exists(name):
+        return Tokenizer(name, _file_encoding(name))
+    raise ValueError(f"unknown tokenizer {name!r} (expected 'bytes', 'gpt2', 'r50k_base' or a .tiktoken file)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text encoder: a small pre-norm transformer over the caption tokens, trained jointly with the denoiser
+
+class TextBlock(nn.Module):
+    """Pre-norm transformer encoder block (bidirectional attention, padding keys masked out, 4x GELU MLP)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x, keep):                                   # x (B, L, D), keep (B, 1, 1, L) bool
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)                   # (B, h, L, hd)
+        x = x + self.proj(att.transpose(1, 2).reshape(B, L, D))
+        return x + self.fc2(F.gelu(self.fc1(self.ln_2(x)), approximate="tanh"))
+
+
+class TextEncoder(nn.Module):
+    """c_θ(caption): token ids (B, L) -> (context (B, L, D), mask (B, L) bool), then CEP on the context.
+
+    Token + learned position embeddings and a LayerNorm over their sum (as BERT), `depth` pre-norm blocks whose
+    attention ignores padding keys, a final LayerNorm; padding positions of the context are zeroed, so a model that
+    ignores the mask still sees no padding. Why the embedding LayerNorm: with GPT-style N(0, 0.02) embeddings the
+    residual stream starts tiny, and trained jointly at the DiT's constant lr (1e-3, no warmup) the first blocks' outputs
+    drowned the token identities within ~25 steps, leaving a caption-independent context (measured on the built-in
+    data); normalising the embeddings keeps the stream O(1) while the small init still lets them learn fast.
+    The mask is derived from the ids (id != pad), always keeping position 0 (the tokenizer puts a real token there).
+    The null condition (CFG) is the empty caption's tokens: [<|endoftext|>, pad, pad, ...].
+
+    CEP acts on the encoder output, per token: every real token vector of a real caption gets fresh noise of scale
+    gamma/sqrt(D) (d = D, the per-token width, as for a class embedding; not L*D). Padding is never perturbed, and the
+    null caption stays clean unless cep_null. pooled(context, mask) gives the masked mean (B, D) of the (perturbed)
+    context, for models that also condition globally (e.g. adaLN); it does not depend on the amount of padding.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int, *, pad_id: int,
+                 eot_id: int, tokenizer: str = "bytes", dropout_prob: float = 0.1, cep: str = "none",
+                 cep_gamma: float = 1.0, cep_null: bool = False):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"text width {width} is not divisible by {heads} heads")
+        self.context_length, self.width, self.pad_id = context_length, width, pad_id
+        self.tokenizer, self.dropout_prob, self.cep_null = tokenizer, dropout_prob, cep_null
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.position_embedding = nn.Parameter(torch.zeros(1, context_length, width))
+        self.ln_embed = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList([TextBlock(width, heads) for _ in range(depth)])
+        self.ln_final = nn.LayerNorm(width)
+        self.cep = CEP(cep, cep_gamma)
+        null = torch.full((context_length,), pad_id, dtype=torch.long)
+        null[0] = eot_id
+        self.register_buffer("null_tokens", null, persistent=False)   # derived from the tokenizer: not saved
+        self.init_weights()
+
+    def init_weights(self):
+        """GPT-2 style: N(0, 0.02) embeddings and weights, zero biases, unit LayerNorms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.position_embedding, std=0.01)
+
+    def tokenize(self, captions) -> torch.Tensor:
+        """Captions -> ids (B, L) with this encoder's tokenizer and context length (on the CPU)."""
+        return get_tokenizer(self.tokenizer)(captions, self.context_length)
+
+    def null_like(self, y: torch.Tensor) -> torch.Tensor:
+        """The empty caption's tokens, shaped like y (B, L)."""
+        return self.null_tokens[: y.shape[-1]].to(y.device).expand_as(y)
+
+    def drop(self, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Replace the captions where mask (B,) is True by the empty caption (CFG training dropout)."""
+        return torch.where(mask[:, None], self.null_like(y), y)
+
+    @staticmethod
+    def pooled(context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked mean over the real tokens: (B, L, D), (B, L) -> (B, D)."""
+        m = mask.unsqueeze(-1).to(context.dtype)
+        return (context * m).sum(1) / m.sum(1)
+
+    def forward(self, y: torch.Tensor):
+        if y.dim() != 2 or y.shape[1] > self.context_length:
+            raise ValueError(f"text condition must be token ids (B, L <= {self.context_length}), got {tuple(y.shape)}")
+        L = y.shape[1]
+        mask = y != self.pad_id                                                # (B, L)
+        mask[:, 0] = True                                                      # never an all-masked row (NaN)
+        x = self.ln_embed(self.token_embedding(y) + self.position_embedding[:, :L])  # (B, L, D)
+        keep = mask[:, None, None, :]                                          # (B, 1, 1, L): keys to attend to
+        for blk in self.blocks:
+            x = blk(x, keep)
+        context = self.ln_final(x) * mask.unsqueeze(-1)                        # (B, L, D), padding zeroed
+        real = mask if self.cep_null else mask & ~(y == self.null_like(y)).all(1, keepdim=True)
+        return self.cep(context, mask=real), mask                              # CEP: identity in eval mode
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Factory
+
 def build_condition_encoder(kind: str, dim: int, *, num_classes: int = 0, dropout_prob: float = 0.1,
-                            cep: str = "none", cep_gamma: float = 1.0, cep_null: bool = False) -> nn.Module:
-    """The condition encoder for `kind` ("class"), as used by train_dit.py / train_ldm.py."""
+                            cep: str = "none", cep_gamma: float = 1.0, cep_null: bool = False,
+                            tokenizer: str = "bytes", context_length: int = 77, depth: int = 2,
+                            heads: int = 4) -> nn.Module:
+    """The condition encoder for `kind`, as used by train_dit.py / train_ldm.py.
+
+    "class": ClassEmbedder(num_classes, dim) -> (B, dim).
+    "text":  TextEncoder of width dim (tokenizer, context_length, depth, heads) -> ((B, L, dim) context, (B, L) mask).
+    """
     if kind == "class":
         if num_classes < 1:
             raise ValueError(f"class conditioning needs num_classes >= 1, got {num_classes}")
         return ClassEmbedder(num_classes, dim, dropout_prob, cep, cep_gamma, cep_null)
-    raise ValueError(f"unknown condition kind {kind!r} (expected 'class')")
+    if kind == "text":
+        if context_length < 2 or depth < 0 or heads < 1 or dim < 1:
+            raise ValueError(f"bad text encoder shape: context_length={context_length} (>= 2), depth={depth} (>= 0), "
+                             f"heads={heads} (>= 1), width={dim}")
+        tok = get_tokenizer(tokenizer)
+        return TextEncoder(tok.vocab_size, context_length, dim, depth, heads, pad_id=tok.pad_id, eot_id=tok.eot_id,
+                           tokenizer=tokenizer, dropout_prob=dropout_prob, cep=cep, cep_gamma=cep_gamma,
+                           cep_null=cep_null)
+    raise ValueError(f"unknown condition kind {kind!r} (expected 'class' or 'text')")

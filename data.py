@@ -1,22 +1,26 @@
 """
-Datasets for nanoCEP: the built-in procedural dataset, ImageNet-style image folders, static condition corruption, and
-the step-indexed sampler that makes training resumable and identical on 1 or N processes.
+Datasets for nanoCEP: the built-in procedural dataset, ImageNet-style image folders, captioned images, static
+condition corruption (labels and captions), and the step-indexed sampler that makes training resumable and identical
+on 1 or N processes.
 
     python data.py preview --out builtin.png          # a grid of the built-in dataset, one row per class
     python data.py preview --data /path/to/imagenet/train --out folder.png
+    python data.py preview --data /path/to/cc3m --captions --out cc3m.png      # img2dataset folder (or a .tsv table)
 
 Every dataset here speaks one protocol, which is all the trainer relies on:
     len(ds)                  number of items
     ds[key]                  (image (C, H, W) float32 in [-1, 1], label int); key = 2 * index + flip, flip in {0, 1}
     ds.labels                (N,) int64 numpy array, the labels *as trained on* (after any static corruption)
     ds.captions              list of N strings or None
-    ds.num_classes, ds.class_names, ds.image_size, ds.channels
+    ds.num_classes, ds.class_names, ds.image_size, ds.channels     (captioned-only data: 0 classes, labels all 0)
+For text conditioning, TokenizedCaptions(ds, tokenizer, L) is a view whose items are (image, token ids (L,) int64).
 The horizontal flip is part of the key (chosen by StepSampler from the run's seed and the sample position), so the
 flip a sample gets is a function of (seed, step), never of a worker's random state: resume and DDP stay exact.
 """
 import argparse
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -181,10 +185,108 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return to_tensor(np.ascontiguousarray(arr)), int(self.labels[index])
 
 
-def build_dataset(data: str, image_size: int, seed: int = 0, builtin_length: int = 100_000):
-    """'builtin' or a folder path -> a dataset following the protocol in this file's docstring."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Captioned images: img2dataset folders (<shard>/<key>.jpg + <key>.txt) and path<TAB>caption tables
+
+TABLE_EXTENSIONS = (".tsv", ".csv")
+
+
+def _clean_caption(text: str) -> str:
+    """One line of text: line breaks and runs of whitespace become single spaces."""
+    return " ".join(text.split())
+
+
+def read_caption_folder(root: str) -> tuple[list[str], list[str]]:
+    """Every image under root (any depth, sorted) and the caption in the .txt file of the same stem beside it."""
+    files, captions = [], []
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames.sort()
+        for f in sorted(names):
+            if not f.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            image = os.path.join(dirpath, f)
+            txt = os.path.splitext(image)[0] + ".txt"
+            if not os.path.isfile(txt):
+                raise ValueError(f"no caption for {image} (expected {os.path.basename(txt)} beside it)")
+            try:
+                with open(txt, encoding="utf-8") as fh:
+                    caption = _clean_caption(fh.read())
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read caption {txt}: {e}") from None
+            if not caption:
+                raise ValueError(f"empty caption in {txt}")
+            files.append(image)
+            captions.append(caption)
+    return files, captions
+
+
+def read_caption_table(path: str) -> tuple[list[str], list[str]]:
+    """A .tsv (tab) or .csv (comma) table of `path, caption` rows; relative paths are relative to the table's folder.
+
+    A first row whose path does not end in an image extension is taken as a header and skipped; extra columns are
+    ignored. Every image must exist and every caption be non-empty.
+    """
+    import csv
+    delimiter = "\t" if path.lower().endswith(".tsv") else ","
+    base = os.path.dirname(os.path.abspath(path))
+    files, captions = [], []
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            for lineno, row in enumerate(csv.reader(fh, delimiter=delimiter), 1):
+                if not row or not any(c.strip() for c in row):
+                    continue
+                if lineno == 1 and not row[0].strip().lower().endswith(IMAGE_EXTENSIONS):
+                    continue                                            # header
+                if len(row) < 2:
+                    raise ValueError(f"{path} line {lineno}: expected 'path{'<TAB>' if delimiter == chr(9) else ','}"
+                                     f"caption', got {delimiter.join(row)[:80]!r}")
+                image = os.path.join(base, row[0].strip())
+                caption = _clean_caption(row[1])
+                if not os.path.isfile(image):
+                    raise ValueError(f"{path} line {lineno}: image not found: {image}")
+                if not caption:
+                    raise ValueError(f"{path} line {lineno}: empty caption for {row[0].strip()}")
+                files.append(image)
+                captions.append(caption)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"cannot read caption table {path}: {e}") from None
+    return files, captions
+
+
+class CaptionedImages(ImageFolderDataset):
+    """Images with one caption each, from a caption folder or a table; ADM center crop, flip chosen by the key.
+
+    There are no classes: labels are all 0 and num_classes is 0, so only --cond text can train on it. All captions are
+    read when the dataset is built (caption corruption and the error checks need them; ~1 min for 3M files).
+    """
+
+    def __init__(self, source: str, size: int = 256):
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"data not found: {source}")
+        if os.path.isdir(source):
+            files, captions = read_caption_folder(source)
+        elif source.lower().endswith(TABLE_EXTENSIONS):
+            files, captions = read_caption_table(source)
+        else:
+            raise ValueError(f"captioned data must be a folder or a .tsv/.csv table, got {source}")
+        if not files:
+            raise ValueError(f"no captioned images found in {source} (expected <image>.jpg|png + <image>.txt, "
+                             f"or 'path<TAB>caption' rows)")
+        self.root, self.files, self.captions = source, files, captions
+        self.image_size, self.channels = size, 3
+        self.class_names, self.num_classes = [], 0
+        self.labels = np.zeros(len(files), dtype=np.int64)
+
+
+def build_dataset(data: str, image_size: int, seed: int = 0, builtin_length: int = 100_000, captions: bool = False):
+    """'builtin', a folder or a caption table -> a dataset following the protocol in this file's docstring.
+
+    captions=False reads a folder as ImageNet class folders; captions=True as images with same-stem .txt captions.
+    """
     if data == "builtin":
         return BuiltinShapes(size=image_size, length=builtin_length, seed=seed)
+    if captions or data.lower().endswith(TABLE_EXTENSIONS):
+        return CaptionedImages(data, size=image_size)
     return ImageFolderDataset(data, size=image_size)
 
 
@@ -203,6 +305,94 @@ def apply_corruption(dataset, ratio: float, kind: str = "symmetric", seed: int =
         corrupt.save_manifest(manifest_path, manifest)
     dataset.labels = np.asarray(new_labels, dtype=np.int64)
     return idx
+
+
+def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: int = 0, rewrites: str | None = None,
+                             manifest_path: str | None = None) -> np.ndarray:
+    """Corrupt round(ratio * N) captions of `dataset` in place, write the manifest, return the corrupted indices.
+
+    swap:    swap captions between random pairs (the paper's CC3M default, corrupt.swap_captions).
+    rewrite: replace captions by the user's rewrites, a JSON file {index: caption} (e.g. made with an LLM, as the
+             paper's GPT-4 rewrites); round(ratio * N) of its entries are drawn with `seed`, or all when ratio is 0.
+    Lazy captions (the built-in dataset's) are materialised once, here.
+    """
+    import json
+    import corrupt
+    captions = list(dataset.captions)                          # (N,) strings; 100K built-in captions take ~5 s
+    if kind == "swap":
+        new, idx = corrupt.swap_captions(captions, ratio, seed=seed)
+        recorded_ratio, recorded_seed = ratio, seed
+    elif kind == "rewrite":
+        if not rewrites:
+            raise ValueError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: caption})")
+        if not os.path.isfile(rewrites):
+            raise FileNotFoundError(f"rewrites file not found: {rewrites}")
+        try:
+            with open(rewrites, encoding="utf-8") as f:
+                table = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"rewrites file {rewrites} is not valid JSON: {e}") from None
+        if not isinstance(table, dict) or not table:
+            raise ValueError(f"rewrites file {rewrites} must hold a non-empty JSON object {{index: caption}}")
+        items = sorted(table.items(), key=lambda kv: (len(str(kv[0])), str(kv[0])))   # numeric order of the keys
+        if ratio > 0:
+            k = int(round(ratio * len(captions)))
+            if k > len(items):
+                raise ValueError(f"--corrupt {ratio} asks for {k} rewritten captions but {rewrites} has {len(items)}")
+            pick = np.random.Generator(np.random.PCG64(seed)).choice(len(items), size=k, replace=False)
+            items = [items[i] for i in sorted(pick)]
+        new, idx = corrupt.rewrite_captions(captions, dict(items))
+        if any(not _clean_caption(c) for c in new):
+            raise ValueError(f"rewrites file {rewrites} holds an empty caption")
+        recorded_ratio, recorded_seed = len(idx) / len(captions), (seed if ratio > 0 else None)
+    else:
+        raise ValueError(f"unknown caption corruption {kind!r} (expected 'swap' or 'rewrite')")
+    if manifest_path is not None:
+        corrupt.save_manifest(manifest_path, corrupt.make_manifest(kind, recorded_ratio, recorded_seed, captions, new,
+                                                                   idx, **({"rewrites": rewrites} if rewrites else {})))
+    dataset.captions = new
+    return idx
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text conditions: a view of a captioned dataset whose items carry token ids instead of the label
+
+_MIRROR = re.compile(r"\b(left|right)\b")
+
+
+def mirror_caption(caption: str) -> str:
+    """Swap the words 'left' and 'right', so a caption still describes its horizontally flipped image."""
+    return _MIRROR.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
+
+
+class TokenizedCaptions(torch.utils.data.Dataset):
+    """ds[key] -> (image, token ids (L,) int64) of the caption of item key >> 1, tokenised on the fly (in the loader
+    workers; microseconds). Every other attribute (len, captions, image_size, channels, ...) is the wrapped dataset's.
+
+    With mirror=True a flipped item gets the mirrored caption (mirror_caption): the built-in captions say where the
+    shape is, and a flip would otherwise move it to the other side of its caption.
+    """
+
+    def __init__(self, dataset, tokenize, context_length: int, mirror: bool = False):
+        if getattr(dataset, "captions", None) is None:
+            raise ValueError("this dataset has no captions; text conditioning needs captioned data")
+        self.dataset, self.tokenize, self.context_length, self.mirror = dataset, tokenize, context_length, mirror
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # only called for attributes this view does not have
+        if name == "dataset":     # not set yet (e.g. while unpickling): avoid infinite recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key: int):
+        index, flip = flip_key(int(key))
+        x, _ = self.dataset[key]
+        caption = self.dataset.captions[index]
+        if flip and self.mirror:
+            caption = mirror_caption(caption)
+        return x, self.tokenize([caption], self.context_length)[0]     # (C, H, W), (L,)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,9 +454,11 @@ def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
 
 
 def _preview(args) -> None:
-    ds = build_dataset(args.data, args.image_size, seed=args.seed)
+    ds = build_dataset(args.data, args.image_size, seed=args.seed, captions=args.captions)
     per_class = args.per_class
     rows = []
+    if ds.num_classes == 0:  # captioned images without classes: the first items, in rows of per_class
+        rows = [ds[2 * i][0] for i in range(min(len(ds), per_class * args.max_classes))]
     for c in range(min(ds.num_classes, args.max_classes)):
         idx = np.flatnonzero(ds.labels == c)[:per_class]
         rows += [ds[2 * int(i)][0] for i in idx] + [torch.zeros(ds.channels, ds.image_size, ds.image_size)] * (per_class - len(idx))
@@ -281,7 +473,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Look at a nanoCEP dataset.")
     sub = p.add_subparsers(dest="cmd", required=True)
     pv = sub.add_parser("preview", help="save a grid of samples, one row per class")
-    pv.add_argument("--data", default="builtin", help="'builtin' or an ImageNet-layout folder")
+    pv.add_argument("--data", default="builtin", help="'builtin', an ImageNet-layout folder, or captioned data")
+    pv.add_argument("--captions", action="store_true", help="read a folder as images with same-stem .txt captions")
     pv.add_argument("--image-size", type=int, default=16)
     pv.add_argument("--per-class", type=int, default=8)
     pv.add_argument("--max-classes", type=int, default=16)

@@ -1,14 +1,21 @@
 """
-Train a class-conditional DiT (Peebles & Xie, 2023) under condition corruption and CEP.
+Train a class- or text-conditional DiT (Peebles & Xie, 2023) under condition corruption and CEP.
 
     python train_dit.py                                            # tiny DiT on the built-in dataset, CPU, ~10 min
     python train_dit.py --corrupt 0.05 --cep uniform               # 5% flipped labels + CEP-U (paper §5)
+    python train_dit.py --cond text --corrupt 0.05 --cep uniform   # captions: 5% swapped + CEP-U on the text encoder
+    python train_dit.py --cond text --data /data/cc3m --tokenizer gpt2.tiktoken    # img2dataset folder, GPT-2 BPE
     torchrun --nproc_per_node 8 train_dit.py --preset dit-xl2-in1k --data /data/imagenet/train --corrupt 0.05
     python train_dit.py --out runs/dit --resume auto               # continue where the run in runs/dit stopped
 
 The file reads top to bottom: the config (every field is a flag), the presets (the paper's recipes), the DiT model
 (exactly the official architecture, initialisation and state-dict names, so DiT-XL-2-256x256.pt loads with
 strict=True), then the glue that hands everything to trainer.train().
+
+--cond text (PixArt-α style): a jointly trained text encoder (conditions.TextEncoder) turns the caption tokens into a
+context (B, L, D_text); every block gets a cross-attention layer after its self-attention, and adaLN-Zero keeps the
+timestep (plus, with --text-pooled, the masked mean of the context). The class path and its state-dict keys are
+untouched: the text modules exist only when --cond text.
 """
 import dataclasses
 import math
@@ -23,7 +30,7 @@ import torch.nn.functional as F
 
 import diffusion as diff
 from conditions import build_condition_encoder
-from trainer import Diverged, RunError, one_line, parse_config, setup_distributed, train
+from trainer import Diverged, RunError, find_resume, one_line, parse_config, setup_distributed, train
 
 
 def opt(default, help: str, **kw):
@@ -37,7 +44,10 @@ def opt(default, help: str, **kw):
 @dataclass
 class DiTConfig:
     # data
-    data: str = opt("builtin", "'builtin' (procedural shapes, no download) or an ImageNet-layout folder root/<class>/*.jpg")
+    data: str = opt("builtin", "'builtin' (procedural shapes, no download), an ImageNet-layout folder root/<class>/*.jpg, "
+                    "or with --cond text: a folder of images with same-stem .txt captions or a path<TAB>caption .tsv/.csv")
+    cond: str = opt("class", "condition: class labels | text captions (tokenised, encoded by a jointly trained encoder)",
+                    choices=["class", "text"])
     image_size: int = opt(16, "image side in pixels (latent side = image_size / 8 with --vae kl-f8)")
     num_classes: int = opt(0, "classes of the class embedder; 0 = the dataset's count (set 1000 to match ImageNet ckpts)")
     flip: bool = opt(True, "random horizontal flips (decided by seed and step, so resume is exact)")
@@ -50,10 +60,21 @@ class DiTConfig:
                    choices=["none", "kl-f8", "vq-f4"])
     vae_path: str = opt("", "local autoencoder weights (safetensors/.bin/.ckpt); empty = download")
     latents: str = opt("", "train from a latent cache DIR made by `python latents.py` (no VAE encode in the loop)")
+    # text encoder (--cond text)
+    tokenizer: str = opt("bytes", "bytes (offline, byte-level) | gpt2 / r50k_base (tiktoken downloads it once) | "
+                         "PATH.tiktoken (local ranks file, e.g. gpt2.tiktoken from the openai-whisper package)")
+    context_length: int = opt(77, "caption tokens (with the end token), truncated / padded to this length")
+    text_width: int = opt(128, "text encoder width D_text (the cross-attention context width)")
+    text_depth: int = opt(2, "text encoder transformer blocks")
+    text_heads: int = opt(4, "text encoder attention heads")
+    text_pooled: bool = opt(True, "also add the masked mean of the text context to adaLN's timestep embedding")
     # condition corruption (paper §2) and CEP (paper §5)
-    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped")
-    corrupt_type: str = opt("symmetric", "symmetric (to another class, by the class prior) | asymmetric",
-                            choices=["symmetric", "asymmetric"])
+    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped / captions corrupted")
+    corrupt_type: str = opt("auto", "auto (symmetric for class, swap for text) | symmetric (to another class, by the "
+                            "class prior) | asymmetric | swap (captions between random pairs) | rewrite (--corrupt-rewrites)",
+                            choices=["auto", "symmetric", "asymmetric", "swap", "rewrite"])
+    corrupt_rewrites: str = opt("", "rewrite only: JSON file {index: rewritten caption}; --corrupt picks that fraction "
+                                "of N among its entries (0 = all of them)")
     corrupt_classes: str = opt("", "asymmetric only: comma-separated class ids that flip among themselves")
     corrupt_mode: str = opt("static", "static: flip once when the data is built (paper) | random: re-flip every step",
                             choices=["static", "random"])
@@ -89,12 +110,15 @@ class DiTConfig:
                               choices=["dpm++", "ddim", "ddpm"])
     sample_steps: int = opt(25, "sampling steps of the sample grids")
     sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
+    sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one prompt per built-in "
+                              "class, or the first dataset captions)")
 
 
 CONFIG_CLASS = DiTConfig  # what bench.py and evaluate.py build from
 
 # The config fields that define the network: resuming with a different value is refused.
-ARCH_FIELDS = ("model", "image_size", "num_classes", "learn_sigma", "vae", "schedule")
+ARCH_FIELDS = ("model", "image_size", "num_classes", "learn_sigma", "vae", "schedule", "cond", "tokenizer",
+               "context_length", "text_width", "text_depth", "text_heads", "text_pooled")
 
 PRESETS = {
     # DiT-XL/2 on ImageNet-1K 256^2, the paper's recipe (Table 4 + official DiT train.py): 400K steps, 32/GPU x 8.
@@ -181,20 +205,49 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero: the condition c sets shift/scale/gate of both branches; gates start at 0."""
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to the text context (keys/values); padding keys are masked out."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context, mask):                     # x (B, T, D), context (B, L, Dc), mask (B, L) bool
+        B, T, D = x.shape
+        L, hd = context.shape[1], D // self.heads
+        q = self.q(x).view(B, T, self.heads, hd).transpose(1, 2)                             # (B, h, T, hd)
+        k, v = self.kv(context).view(B, L, 2, self.heads, hd).permute(2, 0, 3, 1, 4)        # each (B, h, L, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])   # (B, h, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: the condition c sets shift/scale/gate of both branches; gates start at 0.
+
+    With context_dim (text), a cross-attention branch sits between self-attention and the MLP, as in PixArt-α: a plain
+    residual on a LayerNorm'd input, not modulated by adaLN (the caption, not the timestep, decides what to read), with
+    its output projection zero-initialised so the block still starts as the identity.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads)
+        if context_dim:  # registered here, so the class model's keys (and their order) stay the official ones
+            self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = CrossAttention(dim, heads, context_dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c):                                                      # x (B, T, D), c (B, D)
+    def forward(self, x, c, context=None, mask=None):             # x (B, T, D), c (B, D), context (B, L, Dc)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        if context is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, mask)
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
@@ -228,11 +281,17 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
 # The DiT
 
 class DiT(nn.Module):
-    """Diffusion transformer: patchify -> + pos -> N adaLN-Zero blocks conditioned on t and c(y) -> unpatchify."""
+    """Diffusion transformer: patchify -> + pos -> N adaLN-Zero blocks conditioned on t and c(y) -> unpatchify.
+
+    cond="class": y (B,) class ids, c(y) added to the timestep embedding (the official DiT).
+    cond="text":  y (B, L) caption token ids; c(y) = (context, mask) from the text encoder, read by cross-attention in
+                  every block, and (text_pooled) its masked mean through an MLP added to the timestep embedding.
+    """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, cep="none",
-                 cep_gamma=1.0, cep_null=False):
+                 cep_gamma=1.0, cep_null=False, cond="class", tokenizer="bytes", context_length=77, text_width=128,
+                 text_depth=2, text_heads=4, text_pooled=True):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
@@ -241,13 +300,25 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = build_condition_encoder("class", hidden_size, num_classes=num_classes,
-                                                  dropout_prob=class_dropout_prob, cep=cep, cep_gamma=cep_gamma,
-                                                  cep_null=cep_null)
+        self.cond_kind = cond
+        if cond == "class":
+            self.y_embedder = build_condition_encoder("class", hidden_size, num_classes=num_classes,
+                                                      dropout_prob=class_dropout_prob, cep=cep, cep_gamma=cep_gamma,
+                                                      cep_null=cep_null)
+        elif cond == "text":  # the text encoder lives under the model: trained jointly, saved in the checkpoint
+            self.y_embedder = build_condition_encoder("text", text_width, dropout_prob=class_dropout_prob, cep=cep,
+                                                      cep_gamma=cep_gamma, cep_null=cep_null, tokenizer=tokenizer,
+                                                      context_length=context_length, depth=text_depth,
+                                                      heads=text_heads)
+            self.pooled_embedder = (nn.Sequential(nn.Linear(text_width, hidden_size), nn.SiLU(),
+                                                  nn.Linear(hidden_size, hidden_size)) if text_pooled else None)
+        else:
+            raise ValueError(f"unknown condition {cond!r} (expected 'class' or 'text')")
         self.grid = input_size // patch_size
         # A frozen Parameter (not a buffer) only so that the key exists as in the official checkpoints.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        context_dim = text_width if cond == "text" else 0
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -266,12 +337,21 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))          # the patch conv is a linear map of flattened patches
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.cond_kind == "class":
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        else:
+            self.y_embedder.init_weights()                       # the text encoder's own init (the loop above xavier'd it)
+            if self.pooled_embedder is not None:
+                nn.init.normal_(self.pooled_embedder[0].weight, std=0.02)
+                nn.init.normal_(self.pooled_embedder[2].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for blk in self.blocks:                                  # adaLN-Zero: every residual branch starts closed
             nn.init.zeros_(blk.adaLN_modulation[-1].weight)
             nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+            if hasattr(blk, "cross_attn"):                       # and so does cross-attention
+                nn.init.zeros_(blk.cross_attn.proj.weight)
+                nn.init.zeros_(blk.cross_attn.proj.bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)           # so the initial output is exactly zero
@@ -284,13 +364,21 @@ class DiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
     def forward(self, x, t, y):
-        """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) class ids (null id = num_classes) -> (B, C_out, H, W)."""
+        """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) class ids (null id = num_classes) or (B, L) caption
+        token ids (null = the empty caption) -> (B, C_out, H, W)."""
         if x.shape[-1] != self.grid * self.patch_size or x.shape[-2] != x.shape[-1]:
             raise ValueError(f"DiT expects square {self.grid * self.patch_size}px inputs, got {tuple(x.shape[-2:])}")
         x = self.x_embedder(x) + self.pos_embed                  # (B, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)              # (B, D): CEP already applied to the class embedding
+        context = mask = None
+        if self.cond_kind == "class":
+            c = self.t_embedder(t) + self.y_embedder(y)          # (B, D): CEP already applied to the class embedding
+        else:
+            context, mask = self.y_embedder(y)                   # (B, L, D_text), (B, L): CEP already applied
+            c = self.t_embedder(t)                               # (B, D)
+            if self.pooled_embedder is not None:
+                c = c + self.pooled_embedder(self.y_embedder.pooled(context, mask))
         for blk in self.blocks:
-            x = blk(x, c)
+            x = blk(x, c, context, mask)
         return self.unpatchify(self.final_layer(x, c))           # (B, C_out, H, W)
 
 
@@ -328,7 +416,10 @@ def build_model(cfg) -> DiT:
     channels, side, _ = latent_shape(cfg)
     return DiT_models[cfg.model](input_size=side, in_channels=channels, num_classes=cfg.num_classes,
                                  learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout, cep=cfg.cep,
-                                 cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null)
+                                 cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null, cond=cfg.cond,
+                                 tokenizer=cfg.tokenizer, context_length=cfg.context_length,
+                                 text_width=cfg.text_width, text_depth=cfg.text_depth, text_heads=cfg.text_heads,
+                                 text_pooled=cfg.text_pooled)
 
 
 def build_diffusion(cfg) -> "diff.GaussianDiffusion":
@@ -362,6 +453,38 @@ def check_config(cfg) -> None:
         raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
     if cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise RunError("--log-every and --ckpt-every must be >= 1")
+    check_condition_config(cfg)
+
+
+CAPTION_CORRUPTIONS = ("swap", "rewrite")
+
+
+def check_condition_config(cfg) -> None:
+    """The condition flags: resolve --corrupt-type auto, refuse label corruption of captions (and vice versa)."""
+    text = cfg.cond == "text"
+    if cfg.corrupt_type == "auto":
+        cfg.corrupt_type = "swap" if text else "symmetric"
+    if not text and cfg.corrupt_type in CAPTION_CORRUPTIONS:
+        raise RunError(f"--corrupt-type {cfg.corrupt_type} corrupts captions: it needs --cond text "
+                       f"(class labels use symmetric | asymmetric)")
+    if text and cfg.corrupt_type not in CAPTION_CORRUPTIONS:
+        raise RunError(f"--corrupt-type {cfg.corrupt_type} flips class labels; with --cond text use swap | rewrite")
+    if text and cfg.corrupt_mode == "random" and cfg.corrupt > 0:
+        raise RunError("--corrupt-mode random re-flips class labels every step; captions are corrupted statically only")
+    if cfg.corrupt_type == "rewrite" and not cfg.corrupt_rewrites:
+        raise RunError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: rewritten caption})")
+    if cfg.corrupt_rewrites and cfg.corrupt_type != "rewrite":
+        raise RunError("--corrupt-rewrites is only used with --corrupt-type rewrite")
+    if cfg.sample_prompts and not text:
+        raise RunError("--sample-prompts is for --cond text (class grids show one row per class)")
+    if text:
+        if cfg.context_length < 2:
+            raise RunError(f"--context-length must be >= 2 (text + end token), got {cfg.context_length}")
+        if cfg.text_width < 1 or cfg.text_heads < 1 or cfg.text_depth < 0 or cfg.text_width % cfg.text_heads:
+            raise RunError(f"--text-width {cfg.text_width} must be a positive multiple of --text-heads {cfg.text_heads}"
+                           f" and --text-depth ({cfg.text_depth}) >= 0")
+        from conditions import get_tokenizer
+        get_tokenizer(cfg.tokenizer)                     # a missing / bad tokenizer fails now, not after data loading
 
 
 def build_data(cfg, device):
@@ -379,7 +502,8 @@ def build_data(cfg, device):
                            f"pass --vae {dataset.vae} --image-size {dataset.image_size}")
         encode_fn = posterior_sample
     else:
-        dataset = data.build_dataset(cfg.data, cfg.image_size, seed=cfg.seed, builtin_length=cfg.builtin_length)
+        dataset = data.build_dataset(cfg.data, cfg.image_size, seed=cfg.seed, builtin_length=cfg.builtin_length,
+                                     captions=cfg.cond == "text")
         encode_fn = None
     if cfg.vae == "none":
         return dataset, None, None
@@ -388,21 +512,56 @@ def build_data(cfg, device):
     return dataset, encode_fn or ae.encode, ae.decode
 
 
-def make_sample_fn(cfg, diffusion, num_classes: int, decode=None):
-    """EMA sample grid: one row per class (<= 16 classes), fixed noise and labels, CFG at cfg.sample_cfg."""
-    classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(int))
-    labels = torch.as_tensor(classes).repeat_interleave(cfg.sample_per_class)
-    noise = torch.randn((len(labels), *latent_shape(cfg)), generator=torch.Generator().manual_seed(cfg.seed))
+def encode_prompts(cfg, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> the caption token ids (B, L) a text model of this config takes (what its y is)."""
+    from conditions import get_tokenizer
+    return get_tokenizer(cfg.tokenizer)(list(prompts), cfg.context_length)
+
+
+BUILTIN_PROMPT = "a large {} at the middle of a dark background"   # one grid row per built-in class, e.g. "red disc"
+
+
+def grid_prompts(cfg, dataset) -> list[str]:
+    """The fixed prompts of the text grids: --sample-prompts, else one per built-in class, else dataset captions."""
+    if cfg.sample_prompts:
+        if not os.path.isfile(cfg.sample_prompts):
+            raise FileNotFoundError(f"--sample-prompts file not found: {cfg.sample_prompts}")
+        with open(cfg.sample_prompts, encoding="utf-8") as f:
+            prompts = [ln.strip() for ln in f if ln.strip()]
+        if not prompts:
+            raise ValueError(f"--sample-prompts file {cfg.sample_prompts} holds no prompts")
+        return prompts[:16]
+    if cfg.data == "builtin" and not cfg.latents:
+        return [BUILTIN_PROMPT.format(name) for name in dataset.class_names]
+    picks = np.linspace(0, len(dataset) - 1, min(len(dataset), 8)).round().astype(int)
+    return list(dict.fromkeys(dataset.captions[int(i)] for i in picks))       # distinct, in order
+
+
+def make_sample_fn(cfg, diffusion, num_classes: int, decode=None, prompts=None):
+    """EMA sample grid with fixed noise and conditions, CFG at cfg.sample_cfg: one row per class (<= 16 classes), or
+    with prompts (text) one row per prompt, whose captions go to samples/captions.txt (one line per row)."""
+    if prompts is None:
+        classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(int))
+        rows = torch.as_tensor(classes)                                        # (R,)
+    else:
+        rows = encode_prompts(cfg, prompts)                                    # (R, L)
+    conds = rows.repeat_interleave(cfg.sample_per_class, dim=0)
+    noise = torch.randn((len(conds), *latent_shape(cfg)), generator=torch.Generator().manual_seed(cfg.seed))
 
     @torch.no_grad()
     def sample(model):
         dev = next(model.parameters()).device
-        y = labels.to(dev)
+        y = conds.to(dev)
         fn = diff.cfg_model_fn(model, y, model.cond.null_like(y), cfg.sample_cfg, learn_sigma=cfg.learn_sigma)
         x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps)
+        if prompts is not None:  # the grid's rows, beside its PNGs (the same prompts for every step)
+            os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
+            with open(os.path.join(cfg.out, "samples", "captions.txt"), "w", encoding="utf-8") as f:
+                f.write("".join(p + "\n" for p in prompts))
         return decode(x) if decode is not None else x
 
     sample.nrow = cfg.sample_per_class
+    sample.captions = prompts
     return sample
 
 
@@ -411,22 +570,40 @@ def main(argv=None) -> int:
         cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
         check_config(cfg)
         d = setup_distributed(cfg.device)
+        if find_resume(cfg.resume, cfg.out) is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
+            # checked here too, because the corruption manifest below is written before train() would refuse
+            raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
         dataset, encode_fn, decode = build_data(cfg, d.device)
+        if cfg.cond == "class" and dataset.num_classes == 0:
+            raise RunError(f"{cfg.latents or cfg.data} has captions but no class labels: train it with --cond text")
+        if cfg.cond == "text" and getattr(dataset, "captions", None) is None:
+            raise RunError(f"{cfg.latents or cfg.data} has no captions: --cond text needs captioned data")
         if cfg.num_classes == 0:
             cfg.num_classes = dataset.num_classes
         elif cfg.num_classes < dataset.num_classes:
             raise RunError(f"--num-classes {cfg.num_classes} < the {dataset.num_classes} classes in {cfg.data}")
-        if cfg.corrupt > 0 and cfg.corrupt_mode == "static":
+        prompts = grid_prompts(cfg, dataset) if cfg.cond == "text" else None    # from the clean captions
+        manifest = os.path.join(cfg.out, "corruption.json")
+        if cfg.cond == "class" and cfg.corrupt > 0 and cfg.corrupt_mode == "static":
             classes = [int(c) for c in cfg.corrupt_classes.split(",")] if cfg.corrupt_classes else None
             os.makedirs(cfg.out, exist_ok=True)
             __import__("data").apply_corruption(dataset, cfg.corrupt, cfg.corrupt_type, seed=cfg.seed,
-                                                classes=classes, manifest_path=os.path.join(cfg.out, "corruption.json"))
+                                                classes=classes, manifest_path=manifest)
+        if cfg.cond == "text":
+            import data
+            from conditions import get_tokenizer
+            if cfg.corrupt > 0 or cfg.corrupt_type == "rewrite":
+                os.makedirs(cfg.out, exist_ok=True)
+                data.apply_caption_corruption(dataset, cfg.corrupt, cfg.corrupt_type, seed=cfg.seed,
+                                              rewrites=cfg.corrupt_rewrites or None, manifest_path=manifest)
+            # items become (x, token ids (L,)); a flipped item gets its caption's left/right mirrored
+            dataset = data.TokenizedCaptions(dataset, get_tokenizer(cfg.tokenizer), cfg.context_length, mirror=True)
         torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
         model = build_model(cfg)
         diffusion = build_diffusion(cfg)
+        sample_fn = make_sample_fn(cfg, diffusion, cfg.num_classes, decode, prompts) if cfg.sample_every else None
         result = train(cfg, model, diffusion, dataset, kind="dit", arch_fields=ARCH_FIELDS, d=d,
-                       sample_fn=make_sample_fn(cfg, diffusion, cfg.num_classes, decode) if cfg.sample_every else None,
-                       encode_fn=encode_fn, latent_shape=latent_shape(cfg))
+                       sample_fn=sample_fn, encode_fn=encode_fn, latent_shape=latent_shape(cfg))
     except (RunError, ValueError, FileNotFoundError) as e:
         print(f"train_dit.py: error: {one_line(e)}", file=sys.stderr)
         return 2
