@@ -85,7 +85,10 @@ def main(argv=None) -> int:
     shape = script.latent_shape(cfg)
     B = cfg.batch_size
     x = torch.randn(B, *shape, device=dev)
-    y = torch.randint(0, cfg.num_classes, (B,), device=dev)
+    if getattr(cfg, "cond", "class") == "text":                       # caption token ids, as the text loader gives
+        y = script.encode_prompts(cfg, ["a large red disc at the middle of a dark background"] * B).to(dev)
+    else:
+        y = torch.randint(0, cfg.num_classes, (B,), device=dev)
 
     def step():
         with autocast:

@@ -83,6 +83,16 @@ def _predict(model_fn, x, t, learn_sigma):
     return (out[:, : x.shape[1]], out[:, x.shape[1]:]) if learn_sigma else (out, None)
 
 
+def _x0_eps(x, eps, abar, clip_x0):
+    """The model's clean-image estimate x0 from eps. With clip_x0 (pixel-space models, whose data lie in [-1, 1]) x0
+    is clipped and eps recomputed from it, as ADM's clip_denoised; latents are never clipped."""
+    x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+    return x0, eps
+
+
 def _chain(alphas_cumprod, timesteps, progress):
     """Yield (i, t, abar_t, abar_next) along the chain; abar_next belongs to the next (earlier, less noisy)
     timestep, i.e. DDPM's abar_{t-1}, and is 1 (clean) after the last step."""
@@ -96,13 +106,14 @@ def _chain(alphas_cumprod, timesteps, progress):
 
 
 @torch.no_grad()
-def sample_ddpm(model_fn, x, alphas_cumprod, timesteps, *, learn_sigma=False, generator=None, progress=False):
+def sample_ddpm(model_fn, x, alphas_cumprod, timesteps, *, learn_sigma=False, generator=None, progress=False,
+                clip_x0=False):
     """Ancestral sampling on the respaced chain; variance learned (v) or the fixed small posterior variance."""
     for i, t, abar, abar_prev in _chain(alphas_cumprod, timesteps, progress):
         eps, v = _predict(model_fn, x, t, learn_sigma)
         beta = 1 - abar / abar_prev  # the beta of this respaced step
-        x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
-        # mean of q(x_prev | x_t, x0), with x0 from the model (no clipping: latents are not in [-1, 1])
+        x0, eps = _x0_eps(x, eps, abar, clip_x0)
+        # mean of q(x_prev | x_t, x0), with x0 from the model
         x = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)) * x
         if i + 1 == len(timesteps):  # the last step lands on x0 exactly: no noise (and none drawn)
             break
@@ -116,11 +127,12 @@ def sample_ddpm(model_fn, x, alphas_cumprod, timesteps, *, learn_sigma=False, ge
 
 
 @torch.no_grad()
-def sample_ddim(model_fn, x, alphas_cumprod, timesteps, *, eta=0.0, learn_sigma=False, generator=None, progress=False):
+def sample_ddim(model_fn, x, alphas_cumprod, timesteps, *, eta=0.0, learn_sigma=False, generator=None, progress=False,
+                clip_x0=False):
     """DDIM (Song et al. 2021): eta = 0 is the deterministic ODE-like sampler, eta = 1 is ancestral-like."""
     for i, t, abar, abar_prev in _chain(alphas_cumprod, timesteps, progress):
         eps, _ = _predict(model_fn, x, t, learn_sigma)
-        x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        x0, eps = _x0_eps(x, eps, abar, clip_x0)
         sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
         x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - sigma ** 2) * eps
         if eta > 0:  # drawn on every step (even when sigma = 0) so a shared generator stays in step with diffusers
@@ -129,7 +141,7 @@ def sample_ddim(model_fn, x, alphas_cumprod, timesteps, *, eta=0.0, learn_sigma=
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model_fn, x, alphas_cumprod, timesteps, *, learn_sigma=False, progress=False):
+def sample_dpmpp_2m(model_fn, x, alphas_cumprod, timesteps, *, learn_sigma=False, progress=False, clip_x0=False):
     """DPM-Solver++(2M) (Lu et al. 2022) in the data-prediction form, as diffusers' multistep scheduler runs it."""
     def lam(abar):  # half log-SNR: log(alpha / sigma)
         return 0.5 * math.log(abar / (1 - abar))
@@ -137,7 +149,7 @@ def sample_dpmpp_2m(model_fn, x, alphas_cumprod, timesteps, *, learn_sigma=False
     x0_prev = h_prev = None
     for i, t, abar, abar_next in _chain(alphas_cumprod, timesteps, progress):
         eps, _ = _predict(model_fn, x, t, learn_sigma)
-        x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        x0, _ = _x0_eps(x, eps, abar, clip_x0)
         if abar_next == 1.0:  # the final step goes to sigma = 0, where the first-order update is exactly x0
             return x0
         h = lam(abar_next) - lam(abar)
@@ -259,8 +271,10 @@ class GaussianDiffusion:
         return torch.where(t == 0, _mean_flat(decoder_nll), _mean_flat(kl)) / math.log(2.0)  # (B,)
 
     @torch.no_grad()
-    def sample(self, model_fn, noise, *, sampler="dpm++", steps=50, eta=0.0, generator=None, progress=False):
-        """Denoise `noise` (B, C, ...) into samples with `steps` model calls of the chosen sampler."""
+    def sample(self, model_fn, noise, *, sampler="dpm++", steps=50, eta=0.0, generator=None, progress=False,
+               clip_x0=False):
+        """Denoise `noise` (B, C, ...) into samples with `steps` model calls of the chosen sampler; clip_x0 clips every
+        clean-image estimate to [-1, 1] (for pixel-space models; without it a few pixels can overshoot far)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
         if eta != 0 and sampler != "ddim":
@@ -269,7 +283,7 @@ class GaussianDiffusion:
             raise ValueError(f"eta must be >= 0, got {eta}")
         sample_fn, spacing = SAMPLERS[sampler]
         timesteps = spacing(self.num_timesteps, steps)
-        kwargs = {"learn_sigma": self.learn_sigma, "progress": progress}
+        kwargs = {"learn_sigma": self.learn_sigma, "progress": progress, "clip_x0": clip_x0}
         if sampler != "dpm++":
             kwargs["generator"] = generator
         if sampler == "ddim":

@@ -560,13 +560,15 @@ def shard_indices(num_samples, rank, world_size):
 SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}  # checkpoint "kind" -> the train script that defines its model
 
 
-def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precision="auto", vae_path=None):
+def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precision="auto", vae_path=None,
+                 prompts=None):
     """Rebuild the model stored in CKPT: (sample_fn(labels (B,), seeds list, cfg_scale) -> uint8 (B, H, W, 3), info).
 
     The model is rebuilt by its train script (CONFIG_CLASS, build_model, build_diffusion, latent_shape) from the config
     stored in the checkpoint, so any nanoCEP checkpoint samples without flags. Image i starts from the noise of
     torch.Generator().manual_seed(seeds[i]) (on the CPU), so a sharded run reproduces a single-process one.
-    info holds num_classes and the settings that belong in results rows.
+    info holds num_classes and the settings that belong in results rows. A text-conditional checkpoint needs `prompts`
+    (a list of captions): "labels" then index the prompts, so balanced labels cycle through them.
     """
     import dataclasses
     import importlib
@@ -598,7 +600,16 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
                                learn_sigma=getattr(cfg, "learn_sigma", False))
     info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
-            "precision": "bf16" if use_bf16 else "fp32"}
+            "precision": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class")}
+    if info["cond"] == "text":
+        if not prompts:
+            raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
+        class_fn = sample_fn
+
+        def sample_fn(labels, seeds, cfg_scale):        # noqa: F811  (labels index the prompts)
+            return class_fn(script.encode_prompts(cfg, [prompts[int(i)] for i in labels]), seeds, cfg_scale)
+
+        info["num_classes"] = len(prompts)
     return sample_fn, info
 
 
@@ -621,7 +632,7 @@ def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_
             if timesteps is not None and sampler == "dpm++":
                 x = sample_dpmpp_2m(fn, noise.to(device), diffusion.alphas_cumprod, timesteps, learn_sigma=learn_sigma)
             else:
-                x = diffusion.sample(fn, noise.to(device), sampler=sampler, steps=steps)
+                x = diffusion.sample(fn, noise.to(device), sampler=sampler, steps=steps, clip_x0=decode is None)
             if decode is not None:
                 x = decode(x)
         # DiT's sample_ddp.py mapping of [-1, 1] to uint8
@@ -875,6 +886,8 @@ def main_sample(argv):
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU")
+    p.add_argument("--prompts", help="text models: a file of captions, one per line (e.g. 5K MS-COCO captions); "
+                                     "samples cycle through them")
     p.add_argument("--vae-path", help="autoencoder weights, if not where the training run found them")
     p.add_argument("--png", action="store_true", help="save OUT/cfg{scale}/samples/{index:06d}.png")
     p.add_argument("--npz", action="store_true", help="save OUT/cfg{scale}/samples.npz (arr_0, ADM evaluator format)")
@@ -936,7 +949,20 @@ def _sampler_from_args(args, device):
         return load_pretrained_sampler(args.pretrained, device, args.sampler, args.steps, args.precision,
                                        args.vae_path, guide)
     return load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
-                        precision=args.precision, vae_path=args.vae_path)
+                        precision=args.precision, vae_path=args.vae_path, prompts=read_prompts(args.prompts))
+
+
+def read_prompts(path):
+    """A prompts file (one caption per line, blank lines skipped) -> list of captions; None -> None."""
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no caption")
+    return prompts
 
 
 def main(argv=None):

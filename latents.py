@@ -39,6 +39,8 @@ import time
 import numpy as np
 import torch
 
+import trainer
+
 FORMAT = "nanocep-latents"
 VERSION = 1
 DTYPES = ("float16", "float32")
@@ -412,15 +414,8 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _one_line(e) -> str:
-    """An exception as one line; errors re-raised from DataLoader workers keep only the original message."""
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
-    return lines[-1] if lines[0].startswith("Caught ") else lines[0]
-
-
 def _build_main(args) -> int:
     import data
-    import trainer
     import vae
     for name in ("image_size", "batch_size", "builtin_length"):
         if getattr(args, name) < 1:
@@ -428,7 +423,8 @@ def _build_main(args) -> int:
     if args.num_workers is not None and args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     d = trainer.setup_distributed(args.device)
-    dataset = data.build_dataset(args.data, args.image_size, seed=args.seed, builtin_length=args.builtin_length)
+    dataset = data.build_dataset(args.data, args.image_size, seed=args.seed, builtin_length=args.builtin_length,
+                                 captions=args.captions)
     overrides = vae.infer_architecture(args.vae, args.vae_path) if args.vae_path else {}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     ae = vae.load_vae(args.vae, args.vae_path, device=d.device, dtype=dtype, **overrides)
@@ -446,7 +442,7 @@ def _build_main(args) -> int:
 
         def sync(err):  # all ranks meet here; the first rank's error (as text) wins
             errors = [None] * d.world
-            dist.all_gather_object(errors, None if err is None else _one_line(err))
+            dist.all_gather_object(errors, None if err is None else trainer.one_line(err))
             first = next((e for e in errors if e is not None), None)
             return None if first is None else ValueError(first)
 
@@ -489,12 +485,14 @@ def main(argv=None) -> int:
                 raise ValueError("--batch-size and --steps must be positive, --num-workers >= 0")
             rate = bench_loader(args.path, args.batch_size, args.steps, args.num_workers, args.seed)
         except (ValueError, OSError) as e:
-            print(f"latents.py: error: {_one_line(e)}", file=sys.stderr)
+            print(f"latents.py: error: {trainer.one_line(e)}", file=sys.stderr)
             return 2
         print(f"{args.path}: {rate:,.0f} img/s (batch {args.batch_size}, {args.num_workers} workers)")
         return 0
     p = _Parser(prog="latents.py", description=__doc__.strip().split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("--data", required=True, help="'builtin' or an ImageNet-layout folder")
+    p.add_argument("--data", required=True, help="'builtin', an ImageNet-layout folder, or (--captions) captioned data")
+    p.add_argument("--captions", action="store_true",
+                   help="read --data as images with same-stem .txt captions (img2dataset layout); tables always are")
     p.add_argument("--image-size", type=int, required=True, help="image side in pixels")
     p.add_argument("--vae", required=True, choices=["kl-f8", "vq-f4"])
     p.add_argument("--vae-path", default=None, help="weights file (default: download the released weights)")
@@ -511,7 +509,7 @@ def main(argv=None) -> int:
         return _build_main(args)
     except (ValueError, OSError, ConnectionError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"latents.py: error: {_one_line(e)}", file=sys.stderr)
+            print(f"latents.py: error: {trainer.one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -276,14 +276,6 @@ def build_dit(sd, num_heads=None, what="DiT"):
     return load_strict(model, sd, what), name or f"DiT-custom-d{kwargs['depth']}-w{kwargs['hidden_size']}", kwargs
 
 
-def set_dit_numerics(model, freq_shift=0.0, mlp_norm_eps=1e-6):
-    """DiT's numerics (0, 1e-6) or diffusers' (1, norm_eps=1e-5): the timestep frequency shift and the MLP pre-norm eps."""
-    model.t_embedder.freq_shift = freq_shift
-    for blk in model.blocks:
-        blk.norm2.eps = mlp_norm_eps
-    return model
-
-
 # ---- DiT: diffusers Transformer2DModel / DiTTransformer2DModel -> the official layout ----
 
 DIT_EMBEDDERS = {"timestep_embedder.linear_1": "t_embedder.mlp.0", "timestep_embedder.linear_2": "t_embedder.mlp.2",
@@ -498,7 +490,8 @@ def _dit_folder(path, name, numerics, num_heads):
     sd = dit_from_diffusers(read_weights(component_weights(path / "transformer")), conf)
     model, model_name, arch = build_dit(sd, num_heads or conf.get("num_attention_heads"), f"{name} transformer")
     if numerics != "dit":
-        set_dit_numerics(model, 1.0, conf.get("norm_eps", 1e-5))
+        from train_dit import set_numerics
+        set_numerics(model, 1.0, conf.get("norm_eps", 1e-5))
     info = dict(format="diffusers-dit", name=model_name, numerics="dit" if numerics == "dit" else "diffusers",
                 latent_size=arch["input_size"], learn_sigma=arch["learn_sigma"], in_channels=arch["in_channels"])
     # DiTPipeline: null label = 1000 = num_classes, CFG on every latent channel, latents / vae scaling_factor

@@ -17,7 +17,6 @@ context (B, L, D_text); every block gets a cross-attention layer after its self-
 timestep (plus, with --text-pooled, the masked mean of the context). The class path and its state-dict keys are
 untouched: the text modules exist only when --cond text.
 """
-import dataclasses
 import math
 import os
 import sys
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 import diffusion as diff
 from conditions import build_condition_encoder
-from trainer import Diverged, RunError, find_resume, one_line, parse_config, setup_distributed, train
+from trainer import RunError, check_run_config, run
 
 
 def opt(default, help: str, **kw):
@@ -68,6 +67,8 @@ class DiTConfig:
     text_depth: int = opt(2, "text encoder transformer blocks")
     text_heads: int = opt(4, "text encoder attention heads")
     text_pooled: bool = opt(True, "also add the masked mean of the text context to adaLN's timestep embedding")
+    t_freq_shift: float = opt(0.0, "timestep frequency shift: 0 = DiT, 1 = diffusers' DiT port (fine-tune its releases)")
+    mlp_norm_eps: float = opt(1e-6, "eps of the LayerNorm before each MLP: 1e-6 = DiT, 1e-5 = diffusers' DiT port")
     # condition corruption (paper §2) and CEP (paper §5)
     corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped / captions corrupted")
     corrupt_type: str = opt("auto", "auto (symmetric for class, swap for text) | symmetric (to another class, by the "
@@ -118,7 +119,8 @@ CONFIG_CLASS = DiTConfig  # what bench.py and evaluate.py build from
 
 # The config fields that define the network: resuming with a different value is refused.
 ARCH_FIELDS = ("model", "image_size", "num_classes", "learn_sigma", "vae", "schedule", "cond", "tokenizer",
-               "context_length", "text_width", "text_depth", "text_heads", "text_pooled")
+               "context_length", "text_width", "text_depth", "text_heads", "text_pooled", "t_freq_shift",
+               "mlp_norm_eps")
 
 PRESETS = {
     # DiT-XL/2 on ImageNet-1K 256^2, the paper's recipe (Table 4 + official DiT train.py): 400K steps, 32/GPU x 8.
@@ -414,12 +416,23 @@ def latent_shape(cfg) -> tuple[int, int, int]:
 def build_model(cfg) -> DiT:
     """The DiT the config describes (num_classes must be resolved, i.e. > 0)."""
     channels, side, _ = latent_shape(cfg)
-    return DiT_models[cfg.model](input_size=side, in_channels=channels, num_classes=cfg.num_classes,
-                                 learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout, cep=cfg.cep,
-                                 cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null, cond=cfg.cond,
-                                 tokenizer=cfg.tokenizer, context_length=cfg.context_length,
-                                 text_width=cfg.text_width, text_depth=cfg.text_depth, text_heads=cfg.text_heads,
-                                 text_pooled=cfg.text_pooled)
+    model = DiT_models[cfg.model](input_size=side, in_channels=channels, num_classes=cfg.num_classes,
+                                  learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout, cep=cfg.cep,
+                                  cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null, cond=cfg.cond,
+                                  tokenizer=cfg.tokenizer, context_length=cfg.context_length,
+                                  text_width=cfg.text_width, text_depth=cfg.text_depth, text_heads=cfg.text_heads,
+                                  text_pooled=cfg.text_pooled)
+    return set_numerics(model, cfg.t_freq_shift, cfg.mlp_norm_eps)
+
+
+def set_numerics(model: DiT, freq_shift: float = 0.0, mlp_norm_eps: float = 1e-6) -> DiT:
+    """DiT's numerics (0, 1e-6) or diffusers' DiT port's (1, 1e-5): timestep frequency shift and MLP pre-norm eps.
+
+    Neither changes a parameter, so both checkpoints load into the same module; they change its outputs slightly."""
+    model.t_embedder.freq_shift = freq_shift
+    for blk in model.blocks:
+        blk.norm2.eps = mlp_norm_eps
+    return model
 
 
 def build_diffusion(cfg) -> "diff.GaussianDiffusion":
@@ -432,27 +445,10 @@ def check_config(cfg) -> None:
     """Reject bad values with one clear message (RunError) before any work is done."""
     if cfg.model not in DiT_models:
         raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DiT_models)}")
-    if not 0.0 <= cfg.corrupt < 1.0:
-        raise RunError(f"--corrupt must be in [0, 1), got {cfg.corrupt}")
-    if cfg.cep_gamma < 0:
-        raise RunError(f"--cep-gamma must be >= 0, got {cfg.cep_gamma}")
-    if not 0.0 <= cfg.class_dropout < 1.0:
-        raise RunError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise RunError("--steps, --batch-size and --lr must be positive")
-    side = latent_shape(cfg)[1]
-    patch = int(cfg.model.split("/")[1])
-    down = LATENT_GEOMETRY[cfg.vae][1]
-    if cfg.image_size % down:
-        raise RunError(f"--image-size {cfg.image_size} must be a multiple of {down} with --vae {cfg.vae}")
+    check_run_config(cfg, LATENT_GEOMETRY[cfg.vae][1])
+    side, patch = latent_shape(cfg)[1], int(cfg.model.split("/")[1])
     if side % patch:
         raise RunError(f"{cfg.model} needs an input side divisible by {patch}, got {side}")
-    if cfg.corrupt_type == "asymmetric" and cfg.corrupt > 0 and not cfg.corrupt_classes:
-        raise RunError("--corrupt-type asymmetric needs --corrupt-classes (e.g. 1,5,9)")
-    if cfg.latents and cfg.vae == "none":
-        raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
-    if cfg.log_every < 1 or cfg.ckpt_every < 1:
-        raise RunError("--log-every and --ckpt-every must be >= 1")
     check_condition_config(cfg)
 
 
@@ -485,31 +481,6 @@ def check_condition_config(cfg) -> None:
                            f" and --text-depth ({cfg.text_depth}) >= 0")
         from conditions import get_tokenizer
         get_tokenizer(cfg.tokenizer)                     # a missing / bad tokenizer fails now, not after data loading
-
-
-def build_data(cfg, device):
-    """(dataset, encode_fn, decode): pixels from --data, or latents from a --latents cache, with the VAE around them.
-
-    encode_fn maps a loaded batch to what the DiT trains on (VAE posterior sample of pixels, or a fresh sample from the
-    cached mean/std); decode maps latents back to pixels for the sample grids. Both are None in pixel space.
-    """
-    import data
-    if cfg.latents:
-        from latents import LatentDataset, posterior_sample
-        dataset = LatentDataset(cfg.latents)
-        if dataset.vae != cfg.vae or dataset.image_size != cfg.image_size:
-            raise RunError(f"latent cache {cfg.latents} holds {dataset.vae} latents of {dataset.image_size}px images; "
-                           f"pass --vae {dataset.vae} --image-size {dataset.image_size}")
-        encode_fn = posterior_sample
-    else:
-        dataset = data.build_dataset(cfg.data, cfg.image_size, seed=cfg.seed, builtin_length=cfg.builtin_length,
-                                     captions=cfg.cond == "text")
-        encode_fn = None
-    if cfg.vae == "none":
-        return dataset, None, None
-    import vae
-    ae = vae.load_vae(cfg.vae, cfg.vae_path or None, device=device)
-    return dataset, encode_fn or ae.encode, ae.decode
 
 
 def encode_prompts(cfg, prompts: list[str]) -> torch.Tensor:
@@ -553,7 +524,8 @@ def make_sample_fn(cfg, diffusion, num_classes: int, decode=None, prompts=None):
         dev = next(model.parameters()).device
         y = conds.to(dev)
         fn = diff.cfg_model_fn(model, y, model.cond.null_like(y), cfg.sample_cfg, learn_sigma=cfg.learn_sigma)
-        x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps)
+        x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+                             clip_x0=decode is None)          # pixel space: keep x0 estimates in [-1, 1]
         if prompts is not None:  # the grid's rows, beside its PNGs (the same prompts for every step)
             os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
             with open(os.path.join(cfg.out, "samples", "captions.txt"), "w", encoding="utf-8") as f:
@@ -566,51 +538,7 @@ def make_sample_fn(cfg, diffusion, num_classes: int, decode=None, prompts=None):
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
-        check_config(cfg)
-        d = setup_distributed(cfg.device)
-        if find_resume(cfg.resume, cfg.out) is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
-            # checked here too, because the corruption manifest below is written before train() would refuse
-            raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
-        dataset, encode_fn, decode = build_data(cfg, d.device)
-        if cfg.cond == "class" and dataset.num_classes == 0:
-            raise RunError(f"{cfg.latents or cfg.data} has captions but no class labels: train it with --cond text")
-        if cfg.cond == "text" and getattr(dataset, "captions", None) is None:
-            raise RunError(f"{cfg.latents or cfg.data} has no captions: --cond text needs captioned data")
-        if cfg.num_classes == 0:
-            cfg.num_classes = dataset.num_classes
-        elif cfg.num_classes < dataset.num_classes:
-            raise RunError(f"--num-classes {cfg.num_classes} < the {dataset.num_classes} classes in {cfg.data}")
-        prompts = grid_prompts(cfg, dataset) if cfg.cond == "text" else None    # from the clean captions
-        manifest = os.path.join(cfg.out, "corruption.json")
-        if cfg.cond == "class" and cfg.corrupt > 0 and cfg.corrupt_mode == "static":
-            classes = [int(c) for c in cfg.corrupt_classes.split(",")] if cfg.corrupt_classes else None
-            os.makedirs(cfg.out, exist_ok=True)
-            __import__("data").apply_corruption(dataset, cfg.corrupt, cfg.corrupt_type, seed=cfg.seed,
-                                                classes=classes, manifest_path=manifest)
-        if cfg.cond == "text":
-            import data
-            from conditions import get_tokenizer
-            if cfg.corrupt > 0 or cfg.corrupt_type == "rewrite":
-                os.makedirs(cfg.out, exist_ok=True)
-                data.apply_caption_corruption(dataset, cfg.corrupt, cfg.corrupt_type, seed=cfg.seed,
-                                              rewrites=cfg.corrupt_rewrites or None, manifest_path=manifest)
-            # items become (x, token ids (L,)); a flipped item gets its caption's left/right mirrored
-            dataset = data.TokenizedCaptions(dataset, get_tokenizer(cfg.tokenizer), cfg.context_length, mirror=True)
-        torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
-        model = build_model(cfg)
-        diffusion = build_diffusion(cfg)
-        sample_fn = make_sample_fn(cfg, diffusion, cfg.num_classes, decode, prompts) if cfg.sample_every else None
-        result = train(cfg, model, diffusion, dataset, kind="dit", arch_fields=ARCH_FIELDS, d=d,
-                       sample_fn=sample_fn, encode_fn=encode_fn, latent_shape=latent_shape(cfg))
-    except (RunError, ValueError, FileNotFoundError) as e:
-        print(f"train_dit.py: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except Diverged as e:
-        print(f"train_dit.py: {e}", file=sys.stderr)
-        return 1
-    return 0 if result["status"] in ("done", "stopped") else 1
+    return run(sys.modules[__name__], argv, kind="dit")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ context (B, L, D) that every SpatialTransformer attends to. A class label is one
 returns (tokens (B, L, D), padding mask (B, L)) and drops in unchanged (--cond text: a later version of this file).
 """
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -28,8 +27,8 @@ import torch.nn.functional as F
 
 import diffusion as diff
 from conditions import build_condition_encoder
-from train_dit import LATENT_GEOMETRY, build_data, opt, timestep_embedding
-from trainer import Diverged, RunError, one_line, parse_config, setup_distributed, train
+from train_dit import LATENT_GEOMETRY, opt, timestep_embedding
+from trainer import RunError, check_run_config, run
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -451,30 +450,15 @@ def check_config(cfg) -> None:
     """Reject bad values with one clear message (RunError) before any work is done."""
     if cfg.model not in UNET_CONFIGS:
         raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(UNET_CONFIGS)}")
-    if not 0.0 <= cfg.corrupt < 1.0:
-        raise RunError(f"--corrupt must be in [0, 1), got {cfg.corrupt}")
-    if cfg.cep_gamma < 0:
-        raise RunError(f"--cep-gamma must be >= 0, got {cfg.cep_gamma}")
-    if not 0.0 <= cfg.class_dropout < 1.0:
-        raise RunError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise RunError("--steps, --batch-size and --lr must be positive")
     down = LATENT_GEOMETRY[cfg.vae][1]
-    if cfg.image_size < 1 or cfg.image_size % down:
-        raise RunError(f"--image-size {cfg.image_size} must be a positive multiple of {down} with --vae {cfg.vae}")
+    check_run_config(cfg, down)
     side, f = latent_shape(cfg)[1], 2 ** (len(UNET_CONFIGS[cfg.model]["channel_mult"]) - 1)
     if side % f:
         raise RunError(f"{cfg.model} halves its input {int(math.log2(f))} times: the input side must be divisible "
                        f"by {f}, got {side}" + (f" (--image-size {cfg.image_size} / {down})" if down > 1 else ""))
-    if cfg.corrupt_type == "asymmetric" and cfg.corrupt > 0 and not cfg.corrupt_classes:
-        raise RunError("--corrupt-type asymmetric needs --corrupt-classes (e.g. 1,5,9)")
-    if cfg.latents and cfg.vae == "none":
-        raise RunError("--latents needs the --vae the cache was made with (e.g. --vae vq-f4)")
-    if cfg.log_every < 1 or cfg.ckpt_every < 1:
-        raise RunError("--log-every and --ckpt-every must be >= 1")
 
 
-def make_sample_fn(cfg, diffusion, num_classes: int, decode=None):
+def make_sample_fn(cfg, diffusion, num_classes: int, decode=None, prompts=None):
     """EMA sample grid: one row per class (<= 16 classes), fixed noise and labels, CFG at cfg.sample_cfg."""
     classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(int))
     labels = torch.as_tensor(classes).repeat_interleave(cfg.sample_per_class)
@@ -485,7 +469,8 @@ def make_sample_fn(cfg, diffusion, num_classes: int, decode=None):
         dev = next(model.parameters()).device
         y = labels.to(dev)
         fn = diff.cfg_model_fn(model, y, model.cond.null_like(y), cfg.sample_cfg, learn_sigma=cfg.learn_sigma)
-        x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps)
+        x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+                             clip_x0=decode is None)          # pixel space: keep x0 estimates in [-1, 1]
         return decode(x) if decode is not None else x
 
     sample.nrow = cfg.sample_per_class
@@ -493,33 +478,7 @@ def make_sample_fn(cfg, diffusion, num_classes: int, decode=None):
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
-        check_config(cfg)
-        d = setup_distributed(cfg.device)
-        dataset, encode_fn, decode = build_data(cfg, d.device)
-        if cfg.num_classes == 0:
-            cfg.num_classes = dataset.num_classes
-        elif cfg.num_classes < dataset.num_classes:
-            raise RunError(f"--num-classes {cfg.num_classes} < the {dataset.num_classes} classes in {cfg.data}")
-        if cfg.corrupt > 0 and cfg.corrupt_mode == "static":
-            classes = [int(c) for c in cfg.corrupt_classes.split(",")] if cfg.corrupt_classes else None
-            os.makedirs(cfg.out, exist_ok=True)
-            __import__("data").apply_corruption(dataset, cfg.corrupt, cfg.corrupt_type, seed=cfg.seed,
-                                                classes=classes, manifest_path=os.path.join(cfg.out, "corruption.json"))
-        torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
-        model = build_model(cfg)
-        diffusion = build_diffusion(cfg)
-        result = train(cfg, model, diffusion, dataset, kind="ldm", arch_fields=ARCH_FIELDS, d=d,
-                       sample_fn=make_sample_fn(cfg, diffusion, cfg.num_classes, decode) if cfg.sample_every else None,
-                       encode_fn=encode_fn, latent_shape=latent_shape(cfg))
-    except (RunError, ValueError, FileNotFoundError) as e:
-        print(f"train_ldm.py: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except Diverged as e:
-        print(f"train_ldm.py: {e}", file=sys.stderr)
-        return 1
-    return 0 if result["status"] in ("done", "stopped") else 1
+    return run(sys.modules[__name__], argv, kind="ldm")
 
 
 if __name__ == "__main__":

@@ -455,3 +455,118 @@ def one_line(e: BaseException) -> str:
     """An exception as one line; errors re-raised from DataLoader workers keep only the original message."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
     return lines[-1] if lines[0].startswith("Caught ") else lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The main() of the train scripts: config -> data -> model -> train(), with errors as one line and an exit code
+
+def check_run_config(cfg, downsample: int = 1) -> None:
+    """The checks every train script shares (ranges, corruption and latent flags); scripts add their model's own."""
+    if not 0.0 <= cfg.corrupt < 1.0:
+        raise RunError(f"--corrupt must be in [0, 1), got {cfg.corrupt}")
+    if cfg.cep_gamma < 0:
+        raise RunError(f"--cep-gamma must be >= 0, got {cfg.cep_gamma}")
+    if not 0.0 <= cfg.class_dropout < 1.0:
+        raise RunError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise RunError("--steps, --batch-size and --lr must be positive")
+    if cfg.image_size < 1 or cfg.image_size % downsample:
+        raise RunError(f"--image-size {cfg.image_size} must be a positive multiple of {downsample} with --vae {cfg.vae}")
+    if cfg.corrupt_type == "asymmetric" and cfg.corrupt > 0 and not cfg.corrupt_classes:
+        raise RunError("--corrupt-type asymmetric needs --corrupt-classes (e.g. 1,5,9)")
+    if cfg.latents and cfg.vae == "none":
+        raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
+    if cfg.log_every < 1 or cfg.ckpt_every < 1:
+        raise RunError("--log-every and --ckpt-every must be >= 1")
+
+
+def build_data(cfg, device):
+    """(dataset, encode_fn, decode): pixels from --data, or latents from a --latents cache, with the VAE around them.
+
+    encode_fn maps a loaded batch to what the model trains on (VAE posterior sample of pixels, or a fresh sample from the
+    cached mean/std); decode maps latents back to pixels for the sample grids. Both are None in pixel space.
+    """
+    import data
+    if cfg.latents:
+        from latents import LatentDataset, posterior_sample
+        dataset = LatentDataset(cfg.latents)
+        if dataset.vae != cfg.vae or dataset.image_size != cfg.image_size:
+            raise RunError(f"latent cache {cfg.latents} holds {dataset.vae} latents of {dataset.image_size}px images; "
+                           f"pass --vae {dataset.vae} --image-size {dataset.image_size}")
+        encode_fn = posterior_sample
+    else:
+        dataset = data.build_dataset(cfg.data, cfg.image_size, seed=cfg.seed, builtin_length=cfg.builtin_length,
+                                     captions=cfg.cond == "text")
+        encode_fn = None
+    if cfg.vae == "none":
+        return dataset, None, None
+    import vae
+    ae = vae.load_vae(cfg.vae, cfg.vae_path or None, device=device)
+    return dataset, encode_fn or ae.encode, ae.decode
+
+
+def prepare_data(script, cfg, device):
+    """(dataset, encode_fn, decode, prompts): the data, corrupted as cfg says, with the autoencoder around it.
+
+    Resolves cfg.num_classes from the data, applies static label or caption corruption (writing the manifest into the
+    run folder), and for text models turns items into (x, caption token ids). prompts: the text grids' fixed prompts.
+    """
+    import data
+    cond = getattr(cfg, "cond", "class")
+    dataset, encode_fn, decode = build_data(cfg, device)
+    if cond == "class" and dataset.num_classes == 0:
+        raise RunError(f"{cfg.latents or cfg.data} has captions but no class labels: train it with --cond text")
+    if cond == "text" and getattr(dataset, "captions", None) is None:
+        raise RunError(f"{cfg.latents or cfg.data} has no captions: --cond text needs captioned data")
+    if cfg.num_classes == 0:
+        cfg.num_classes = dataset.num_classes
+    elif cfg.num_classes < dataset.num_classes:
+        raise RunError(f"--num-classes {cfg.num_classes} < the {dataset.num_classes} classes in {cfg.data}")
+    prompts = script.grid_prompts(cfg, dataset) if cond == "text" else None    # from the clean captions
+    manifest = os.path.join(cfg.out, "corruption.json")
+    if cond == "class" and cfg.corrupt > 0 and cfg.corrupt_mode == "static":
+        classes = [int(c) for c in cfg.corrupt_classes.split(",")] if cfg.corrupt_classes else None
+        os.makedirs(cfg.out, exist_ok=True)
+        data.apply_corruption(dataset, cfg.corrupt, cfg.corrupt_type, seed=cfg.seed, classes=classes,
+                              manifest_path=manifest)
+    if cond == "text":
+        from conditions import get_tokenizer
+        if cfg.corrupt > 0 or cfg.corrupt_type == "rewrite":
+            os.makedirs(cfg.out, exist_ok=True)
+            data.apply_caption_corruption(dataset, cfg.corrupt, cfg.corrupt_type, seed=cfg.seed,
+                                          rewrites=cfg.corrupt_rewrites or None, manifest_path=manifest)
+        # items become (x, token ids (L,)); a flipped item gets its caption's left/right mirrored
+        dataset = data.TokenizedCaptions(dataset, get_tokenizer(cfg.tokenizer), cfg.context_length, mirror=True)
+    return dataset, encode_fn, decode, prompts
+
+
+def run(script, argv, kind: str) -> int:
+    """A train script's main(): parse its config, check it, build data, model and diffusion, train.
+
+    `script` is the train script's module (CONFIG_CLASS, PRESETS, check_config, build_model, build_diffusion,
+    latent_shape, make_sample_fn, ARCH_FIELDS). Bad input -> one line on stderr and exit 2; divergence -> exit 1.
+    """
+    name = os.path.basename(script.__file__)
+    try:
+        cfg = parse_config(script.CONFIG_CLASS, argv, script.PRESETS,
+                           description=script.__doc__.split("\n\n")[0].strip())
+        script.check_config(cfg)
+        d = setup_distributed(cfg.device)
+        if find_resume(cfg.resume, cfg.out) is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
+            # checked before the corruption manifest is written into the run folder, not only in train()
+            raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
+        dataset, encode_fn, decode, prompts = prepare_data(script, cfg, d.device)
+        torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
+        model = script.build_model(cfg)
+        diffusion = script.build_diffusion(cfg)
+        sample_fn = (script.make_sample_fn(cfg, diffusion, cfg.num_classes, decode, prompts)
+                     if cfg.sample_every else None)
+        result = train(cfg, model, diffusion, dataset, kind=kind, arch_fields=script.ARCH_FIELDS, d=d,
+                       sample_fn=sample_fn, encode_fn=encode_fn, latent_shape=script.latent_shape(cfg))
+    except (RunError, ValueError, FileNotFoundError) as e:
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1
+    return 0 if result["status"] in ("done", "stopped") else 1

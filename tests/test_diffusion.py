@@ -408,3 +408,16 @@ def test_zero_terminal_snr_and_invalid_betas_are_rejected():
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 21))  # beta_T = 0.952, abar_T ~ 1e-9
     out = diffusion.sample(toy_model, torch.randn(2, 1, 2, 2), sampler="dpm++", steps=5)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_clip_x0_keeps_pixel_samples_in_range(sampler):
+    """A model whose x0 estimates overshoot: clip_x0 (pixel-space sampling) lands every sample in [-1, 1]."""
+    diffusion = GaussianDiffusion(make_beta_schedule("linear"))
+    def wild(x, t):                       # eps that implies an x0 far outside [-1, 1] at every step
+        return -3.0 * torch.ones_like(x)
+    noise = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    free = diffusion.sample(wild, noise, sampler=sampler, steps=10, generator=torch.Generator().manual_seed(1))
+    clipped = diffusion.sample(wild, noise, sampler=sampler, steps=10, clip_x0=True,
+                               generator=torch.Generator().manual_seed(1))
+    assert free.abs().max() > 2 and clipped.abs().max() <= 1 + 1e-6

@@ -439,3 +439,20 @@ def test_ldm_checkpoint_samples_like_a_dit_one(tmp_path):
     images = sample_fn(torch.tensor([0, 1]), [0, 1], 2.0)
     assert info["kind"] == "ldm" and info["num_classes"] == 10
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+
+
+def test_text_checkpoint_samples_from_prompts(tmp_path, capsys):
+    """A text-conditional DiT samples from --prompts: labels index the prompts; without prompts, one clear error."""
+    import train_dit
+    run = tmp_path / "run"
+    assert train_dit.main(["--cond", "text", "--image-size", "8", "--batch-size", "8", "--steps", "2",
+                           "--sample-every", "0", "--builtin-length", "32", "--log-every", "1", "--text-width", "32",
+                           "--text-depth", "1", "--context-length", "16", "--out", str(run)]) == 0
+    prompts = ["a large red disc at the middle of a dark background", "a small blue cross at the top left"]
+    sample_fn, info = ev.load_sampler(run / "last.pt", steps=2, prompts=prompts)
+    assert info["cond"] == "text" and info["num_classes"] == 2
+    images = sample_fn(torch.tensor([0, 1, 0]), [3, 4, 3], 2.0)
+    assert images.shape == (3, 8, 8, 3)
+    np.testing.assert_array_equal(images[0], images[2])                      # same prompt, same seed
+    with pytest.raises(ValueError, match="--prompts"):
+        ev.load_sampler(run / "last.pt", steps=2)
