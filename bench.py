@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         p.print_help()
         print("\nAll flags of the train script are accepted; see python", args.script + ".py --help")
         return 0
-    from trainer import RunError, ema_update, parse_config
+    from trainer import RunError, ema_update, encode_prompts, parse_config
     try:
         cfg = parse_config(script.CONFIG_CLASS, rest, getattr(script, "PRESETS", None))
         script.check_config(cfg)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     B = cfg.batch_size
     x = torch.randn(B, *shape, device=dev)
     if getattr(cfg, "cond", "class") == "text":                       # caption token ids, as the text loader gives
-        y = script.encode_prompts(cfg, ["a large red disc at the middle of a dark background"] * B).to(dev)
+        y = encode_prompts(cfg, ["a large red disc at the middle of a dark background"] * B).to(dev)
     else:
         y = torch.randint(0, cfg.num_classes, (B,), device=dev)
 

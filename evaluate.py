@@ -604,10 +604,11 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
+        from trainer import encode_prompts
         class_fn = sample_fn
 
         def sample_fn(labels, seeds, cfg_scale):        # noqa: F811  (labels index the prompts)
-            return class_fn(script.encode_prompts(cfg, [prompts[int(i)] for i in labels]), seeds, cfg_scale)
+            return class_fn(encode_prompts(cfg, [prompts[int(i)] for i in labels]), seeds, cfg_scale)
 
         info["num_classes"] = len(prompts)
     return sample_fn, info

@@ -1,5 +1,5 @@
 """
-Train a class-conditional latent diffusion U-Net (LDM-4, Rombach et al. 2022) under condition corruption and CEP.
+Train a class- or text-conditional latent diffusion U-Net (LDM-4, Rombach et al. 2022) under condition corruption and CEP.
 
     python train_ldm.py                                            # tiny U-Net on the built-in dataset, CPU, minutes
     python train_ldm.py --corrupt 0.05 --cep gaussian              # 5% flipped labels + CEP-G (paper §5)
@@ -14,13 +14,12 @@ encoder, then the glue that hands everything to trainer.train().
 
 Conditioning goes through cross-attention only: the condition encoder (`model.cond`, conditions.py) maps y to a
 context (B, L, D) that every SpatialTransformer attends to. A class label is one token (L = 1); a caption encoder
-returns (tokens (B, L, D), padding mask (B, L)) and drops in unchanged (--cond text: a later version of this file).
+returns (tokens (B, L, D), padding mask (B, L)) and drops in unchanged (--cond text).
 """
 import math
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 import diffusion as diff
 from conditions import build_condition_encoder
 from train_dit import LATENT_GEOMETRY, opt, timestep_embedding
-from trainer import RunError, check_run_config, run
+from trainer import RunError, check_condition_config, check_run_config, run
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -44,18 +43,27 @@ class LDMConfig:
     builtin_length: int = opt(100_000, "items in the built-in dataset (each is drawn from (index, seed))")
     # model & diffusion
     model: str = opt("unet-tiny", "U-Net size: unet-tiny | unet-small | ldm4-cin256 (the CompVis cin256-v2 U-Net)")
-    cond: str = opt("class", "condition: class labels -> one cross-attention token (text: a later version)",
-                    choices=["class"])
+    cond: str = opt("class", "condition: class (labels -> one cross-attention token) | text (captions -> a jointly "
+                    "trained text encoder's tokens)", choices=["class", "text"])
     learn_sigma: bool = opt(False, "predict the variance too (DiT-style hybrid loss); LDM uses a fixed variance")
     schedule: str = opt("scaled_linear", "beta schedule: scaled_linear (LDM, sqrt-linear 0.0015..0.0195) or linear (DiT)")
     vae: str = opt("none", "autoencoder: none (pixels) | vq-f4 (LDM-4, 64x64x3 latents at 256^2) | kl-f8 (SD-VAE)",
                    choices=["none", "vq-f4", "kl-f8"])
     vae_path: str = opt("", "local autoencoder weights (safetensors/.bin/.ckpt); empty = download")
     latents: str = opt("", "train from a latent cache DIR made by `python latents.py` (no VAE encode in the loop)")
+    # text encoder (--cond text); its width is the U-Net's cross-attention context width
+    tokenizer: str = opt("bytes", "bytes (offline, byte-level) | gpt2 / r50k_base (tiktoken downloads it once) | "
+                         "PATH.tiktoken (local ranks file)")
+    context_length: int = opt(77, "caption tokens (with the end token), truncated / padded to this length")
+    text_width: int = opt(0, "text encoder width = the U-Net's context width; 0 = the --model's context_dim")
+    text_depth: int = opt(2, "text encoder transformer blocks (the paper's CC3M BERT: 12)")
+    text_heads: int = opt(4, "text encoder attention heads")
     # condition corruption (paper §2) and CEP (paper §5)
-    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped")
-    corrupt_type: str = opt("symmetric", "symmetric (to another class, by the class prior) | asymmetric",
-                            choices=["symmetric", "asymmetric"])
+    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped / captions corrupted")
+    corrupt_type: str = opt("auto", "auto (symmetric for class, swap for text) | symmetric (to another class, by the "
+                            "class prior) | asymmetric | swap (captions between random pairs) | rewrite (--corrupt-rewrites)",
+                            choices=["auto", "symmetric", "asymmetric", "swap", "rewrite"])
+    corrupt_rewrites: str = opt("", "rewrite only: JSON file {index: rewritten caption}")
     corrupt_classes: str = opt("", "asymmetric only: comma-separated class ids that flip among themselves")
     corrupt_mode: str = opt("static", "static: flip once when the data is built (paper) | random: re-flip every step",
                             choices=["static", "random"])
@@ -91,12 +99,14 @@ class LDMConfig:
                               choices=["dpm++", "ddim", "ddpm"])
     sample_steps: int = opt(25, "sampling steps of the sample grids")
     sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
+    sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one per built-in class)")
 
 
 CONFIG_CLASS = LDMConfig  # what bench.py and evaluate.py build from
 
 # The config fields that define the network: resuming with a different value is refused.
-ARCH_FIELDS = ("model", "cond", "image_size", "num_classes", "learn_sigma", "vae", "schedule")
+ARCH_FIELDS = ("model", "cond", "image_size", "num_classes", "learn_sigma", "vae", "schedule", "tokenizer",
+               "context_length", "text_width", "text_depth", "text_heads")
 
 PRESETS = {
     # LDM-4 on ImageNet-1K 256^2, the paper's recipe (Table 3, §4.1) on the CompVis cin256-v2 config: VQ-f4 latents
@@ -106,6 +116,14 @@ PRESETS = {
                       batch_size=512, lr=1e-4, weight_decay=0.01, ema_decay=0.9999, class_dropout=0.1,
                       learn_sigma=False, schedule="scaled_linear", log_every=100, ckpt_every=10_000,
                       keep_every=50_000, sample_every=10_000, sample_cfg=2.0, sample_steps=50, sample_per_class=4),
+    # LDM-4 on CC3M 256^2 (Table 3): the same U-Net with a 768-wide context, 396K steps. The paper fine-tunes a
+    # pre-trained bert-base-uncased (12 layers, 768 wide, WordPiece); nanoCEP trains a text encoder of that shape from
+    # scratch with GPT-2's BPE instead (LDM's own txt2img recipe trains its encoder jointly from scratch too).
+    "ldm4-cc3m": dict(model="ldm4-cin256", cond="text", image_size=256, vae="vq-f4", tokenizer="gpt2",
+                      context_length=77, text_width=768, text_depth=12, text_heads=12, steps=396_000, batch_size=512,
+                      lr=1e-4, weight_decay=0.01, ema_decay=0.9999, class_dropout=0.1, learn_sigma=False,
+                      schedule="scaled_linear", log_every=100, ckpt_every=10_000, keep_every=50_000,
+                      sample_every=10_000, sample_cfg=3.0, sample_steps=50, sample_per_class=4),
 }
 
 
@@ -431,12 +449,15 @@ def latent_shape(cfg) -> tuple[int, int, int]:
 def build_cond_encoder(cfg, context_dim: int) -> nn.Module:
     """The condition encoder c_θ(y) of width context_dim, with CFG dropout's null condition and CEP."""
     return build_condition_encoder(cfg.cond, context_dim, num_classes=cfg.num_classes, dropout_prob=cfg.class_dropout,
-                                   cep=cfg.cep, cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null)
+                                   cep=cfg.cep, cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null,
+                                   tokenizer=cfg.tokenizer, context_length=cfg.context_length, depth=cfg.text_depth,
+                                   heads=cfg.text_heads)
 
 
 def build_model(cfg) -> LDM:
     """The LDM the config describes (num_classes must be resolved, i.e. > 0)."""
-    unet = build_unet(cfg.model, in_channels=latent_shape(cfg)[0], learn_sigma=cfg.learn_sigma)
+    width = {"context_dim": cfg.text_width} if cfg.cond == "text" and cfg.text_width else {}
+    unet = build_unet(cfg.model, in_channels=latent_shape(cfg)[0], learn_sigma=cfg.learn_sigma, **width)
     return LDM(unet, build_cond_encoder(cfg, unet.context_dim))
 
 
@@ -452,29 +473,13 @@ def check_config(cfg) -> None:
         raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(UNET_CONFIGS)}")
     down = LATENT_GEOMETRY[cfg.vae][1]
     check_run_config(cfg, down)
+    if cfg.cond == "text" and cfg.text_width == 0:       # the text encoder feeds the U-Net's context directly
+        cfg.text_width = UNET_CONFIGS[cfg.model]["context_dim"]
+    check_condition_config(cfg)
     side, f = latent_shape(cfg)[1], 2 ** (len(UNET_CONFIGS[cfg.model]["channel_mult"]) - 1)
     if side % f:
         raise RunError(f"{cfg.model} halves its input {int(math.log2(f))} times: the input side must be divisible "
                        f"by {f}, got {side}" + (f" (--image-size {cfg.image_size} / {down})" if down > 1 else ""))
-
-
-def make_sample_fn(cfg, diffusion, num_classes: int, decode=None, prompts=None):
-    """EMA sample grid: one row per class (<= 16 classes), fixed noise and labels, CFG at cfg.sample_cfg."""
-    classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(int))
-    labels = torch.as_tensor(classes).repeat_interleave(cfg.sample_per_class)
-    noise = torch.randn((len(labels), *latent_shape(cfg)), generator=torch.Generator().manual_seed(cfg.seed))
-
-    @torch.no_grad()
-    def sample(model):
-        dev = next(model.parameters()).device
-        y = labels.to(dev)
-        fn = diff.cfg_model_fn(model, y, model.cond.null_like(y), cfg.sample_cfg, learn_sigma=cfg.learn_sigma)
-        x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
-                             clip_x0=decode is None)          # pixel space: keep x0 estimates in [-1, 1]
-        return decode(x) if decode is not None else x
-
-    sample.nrow = cfg.sample_per_class
-    return sample
 
 
 def main(argv=None) -> int:

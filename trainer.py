@@ -27,6 +27,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -505,6 +506,94 @@ def build_data(cfg, device):
     return dataset, encode_fn or ae.encode, ae.decode
 
 
+# ---- conditions and sample grids (class or text) ----
+
+CAPTION_CORRUPTIONS = ("swap", "rewrite")
+
+
+def check_condition_config(cfg) -> None:
+    """The condition flags: resolve --corrupt-type auto, refuse label corruption of captions (and vice versa)."""
+    text = cfg.cond == "text"
+    if cfg.corrupt_type == "auto":
+        cfg.corrupt_type = "swap" if text else "symmetric"
+    if not text and cfg.corrupt_type in CAPTION_CORRUPTIONS:
+        raise RunError(f"--corrupt-type {cfg.corrupt_type} corrupts captions: it needs --cond text "
+                       f"(class labels use symmetric | asymmetric)")
+    if text and cfg.corrupt_type not in CAPTION_CORRUPTIONS:
+        raise RunError(f"--corrupt-type {cfg.corrupt_type} flips class labels; with --cond text use swap | rewrite")
+    if text and cfg.corrupt_mode == "random" and cfg.corrupt > 0:
+        raise RunError("--corrupt-mode random re-flips class labels every step; captions are corrupted statically only")
+    if cfg.corrupt_type == "rewrite" and not cfg.corrupt_rewrites:
+        raise RunError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: rewritten caption})")
+    if cfg.corrupt_rewrites and cfg.corrupt_type != "rewrite":
+        raise RunError("--corrupt-rewrites is only used with --corrupt-type rewrite")
+    if cfg.sample_prompts and not text:
+        raise RunError("--sample-prompts is for --cond text (class grids show one row per class)")
+    if text:
+        if cfg.context_length < 2:
+            raise RunError(f"--context-length must be >= 2 (text + end token), got {cfg.context_length}")
+        if cfg.text_width < 1 or cfg.text_heads < 1 or cfg.text_depth < 0 or cfg.text_width % cfg.text_heads:
+            raise RunError(f"--text-width {cfg.text_width} must be a positive multiple of --text-heads {cfg.text_heads}"
+                           f" and --text-depth ({cfg.text_depth}) >= 0")
+        from conditions import get_tokenizer
+        get_tokenizer(cfg.tokenizer)                     # a missing / bad tokenizer fails now, not after data loading
+
+
+def encode_prompts(cfg, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> the caption token ids (B, L) a text model of this config takes (what its y is)."""
+    from conditions import get_tokenizer
+    return get_tokenizer(cfg.tokenizer)(list(prompts), cfg.context_length)
+
+
+BUILTIN_PROMPT = "a large {} at the middle of a dark background"   # one grid row per built-in class, e.g. "red disc"
+
+
+def grid_prompts(cfg, dataset) -> list[str]:
+    """The fixed prompts of the text grids: --sample-prompts, else one per built-in class, else dataset captions."""
+    if cfg.sample_prompts:
+        if not os.path.isfile(cfg.sample_prompts):
+            raise FileNotFoundError(f"--sample-prompts file not found: {cfg.sample_prompts}")
+        with open(cfg.sample_prompts, encoding="utf-8") as f:
+            prompts = [ln.strip() for ln in f if ln.strip()]
+        if not prompts:
+            raise ValueError(f"--sample-prompts file {cfg.sample_prompts} holds no prompts")
+        return prompts[:16]
+    if cfg.data == "builtin" and not cfg.latents:
+        return [BUILTIN_PROMPT.format(name) for name in dataset.class_names]
+    picks = np.linspace(0, len(dataset) - 1, min(len(dataset), 8)).round().astype(int)
+    return list(dict.fromkeys(dataset.captions[int(i)] for i in picks))       # distinct, in order
+
+
+def make_sample_fn(cfg, diffusion, num_classes: int, shape, decode=None, prompts=None):
+    """EMA sample grid with fixed noise and conditions, CFG at cfg.sample_cfg: one row per class (<= 16 classes), or
+    with prompts (text) one row per prompt, whose captions go to samples/captions.txt (one line per row)."""
+    from diffusion import cfg_model_fn
+    if prompts is None:
+        classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(int))
+        rows = torch.as_tensor(classes)                                        # (R,)
+    else:
+        rows = encode_prompts(cfg, prompts)                                    # (R, L)
+    conds = rows.repeat_interleave(cfg.sample_per_class, dim=0)
+    noise = torch.randn((len(conds), *shape), generator=torch.Generator().manual_seed(cfg.seed))  # shape (C, H, W)
+
+    @torch.no_grad()
+    def sample(model):
+        dev = next(model.parameters()).device
+        y = conds.to(dev)
+        fn = cfg_model_fn(model, y, model.cond.null_like(y), cfg.sample_cfg, learn_sigma=cfg.learn_sigma)
+        x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+                             clip_x0=decode is None)          # pixel space: keep x0 estimates in [-1, 1]
+        if prompts is not None:  # the grid's rows, beside its PNGs (the same prompts for every step)
+            os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
+            with open(os.path.join(cfg.out, "samples", "captions.txt"), "w", encoding="utf-8") as f:
+                f.write("".join(p + "\n" for p in prompts))
+        return decode(x) if decode is not None else x
+
+    sample.nrow = cfg.sample_per_class
+    sample.captions = prompts
+    return sample
+
+
 def prepare_data(script, cfg, device):
     """(dataset, encode_fn, decode, prompts): the data, corrupted as cfg says, with the autoencoder around it.
 
@@ -522,7 +611,7 @@ def prepare_data(script, cfg, device):
         cfg.num_classes = dataset.num_classes
     elif cfg.num_classes < dataset.num_classes:
         raise RunError(f"--num-classes {cfg.num_classes} < the {dataset.num_classes} classes in {cfg.data}")
-    prompts = script.grid_prompts(cfg, dataset) if cond == "text" else None    # from the clean captions
+    prompts = grid_prompts(cfg, dataset) if cond == "text" else None    # from the clean captions
     manifest = os.path.join(cfg.out, "corruption.json")
     if cond == "class" and cfg.corrupt > 0 and cfg.corrupt_mode == "static":
         classes = [int(c) for c in cfg.corrupt_classes.split(",")] if cfg.corrupt_classes else None
@@ -544,7 +633,7 @@ def run(script, argv, kind: str) -> int:
     """A train script's main(): parse its config, check it, build data, model and diffusion, train.
 
     `script` is the train script's module (CONFIG_CLASS, PRESETS, check_config, build_model, build_diffusion,
-    latent_shape, make_sample_fn, ARCH_FIELDS). Bad input -> one line on stderr and exit 2; divergence -> exit 1.
+    latent_shape, ARCH_FIELDS). Bad input -> one line on stderr and exit 2; divergence -> exit 1.
     """
     name = os.path.basename(script.__file__)
     try:
@@ -559,7 +648,7 @@ def run(script, argv, kind: str) -> int:
         torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
         model = script.build_model(cfg)
         diffusion = script.build_diffusion(cfg)
-        sample_fn = (script.make_sample_fn(cfg, diffusion, cfg.num_classes, decode, prompts)
+        sample_fn = (make_sample_fn(cfg, diffusion, cfg.num_classes, script.latent_shape(cfg), decode, prompts)
                      if cfg.sample_every else None)
         result = train(cfg, model, diffusion, dataset, kind=kind, arch_fields=script.ARCH_FIELDS, d=d,
                        sample_fn=sample_fn, encode_fn=encode_fn, latent_shape=script.latent_shape(cfg))

@@ -213,9 +213,8 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     _expect_error(capsys, base + ["--out", str(tmp_path / "t2")], "already holds a run")
     for name in ("o1", "o2", "o3", "o4", "o5", "o6"):
         assert not os.path.exists(tmp_path / name / "last.pt")
-    with pytest.raises(SystemExit) as e:                              # not yet: text conditioning (argparse choices)
-        train_ldm.main(base + ["--cond", "text", "--out", str(tmp_path / "o7")])
-    assert e.value.code == 2 and "--cond" in capsys.readouterr().err
+    _expect_error(capsys, base + ["--cond", "text", "--corrupt-type", "symmetric", "--corrupt", "0.1",
+                                  "--out", str(tmp_path / "o7")], "flips class labels")
 
 
 def test_cli_exit_code_is_2_for_real(tmp_path):
@@ -259,3 +258,30 @@ def test_on_the_fly_vq_f4_latents_train_and_grid_decodes(tmp_path):
     assert c["model"]["diffusion_model.input_blocks.0.0.weight"].shape[1] == 3      # 3-channel VQ latents in
     from PIL import Image
     assert Image.open(tmp_path / "run" / "samples" / "step_0000002.png").size[0] >= 64   # decoded to 16px images
+
+
+def test_text_conditional_unet_trains_writes_captions_and_resumes(tmp_path):
+    """--cond text: the text encoder's tokens are the U-Net's context; swap corruption, CEP, grid + captions, resume."""
+    text = ["--cond", "text", "--text-depth", "1", "--context-length", "24", "--corrupt", "0.1", "--cep", "gaussian"]
+    assert run(tmp_path / "straight", "--steps", 4, *text) == 0
+    assert run(tmp_path / "split", "--steps", 2, *text) == 0
+    assert run(tmp_path / "split", "--steps", 4, "--resume", "auto", "--sample-every", 4, "--sample-steps", 2,
+               "--sample-per-class", 1, *text) == 0
+    a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "split")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["config"]["text_width"] == 64                             # unet-tiny's context width
+    assert "cond_stage_model.token_embedding.weight" in a["model"] or any("cond_stage_model" in k for k in a["model"])
+    assert json.load(open(tmp_path / "straight" / "corruption.json"))["kind"] == "swap"
+    captions = (tmp_path / "split" / "samples" / "captions.txt").read_text().splitlines()
+    assert len(captions) == 10 and "red disc" in captions[0]
+    assert (tmp_path / "split" / "samples" / "step_0000004.png").is_file()
+
+
+def test_cc3m_preset_is_the_paper_shape():
+    cfg = parse_config(train_ldm.LDMConfig, ["--preset", "ldm4-cc3m", "--tokenizer", "bytes"], train_ldm.PRESETS)
+    train_ldm.check_config(cfg)
+    assert (cfg.cond, cfg.text_width, cfg.text_depth, cfg.steps, cfg.corrupt_type) == ("text", 768, 12, 396_000, "swap")
+    with torch.device("meta"):
+        unet = train_ldm.build_unet(cfg.model, context_dim=cfg.text_width)
+    assert unet.context_dim == 768
