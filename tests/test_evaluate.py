@@ -14,6 +14,7 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 
 import evaluate as ev
+import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,10 +107,10 @@ def test_frechet_distance_matches_closed_form():
     rng = np.random.default_rng(1)
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
     s1, s2 = random_cov(rng, 6), random_cov(rng, 6, 2.0)  # generic covariances: S1 S2 is not symmetric
-    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed_form_fid(mu1, s1, mu2, s2), rel=1e-9)
-    assert ev.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-6)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed_form_fid(mu1, s1, mu2, s2), rel=1e-9)
+    assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-6)
     # 1-D: (m1-m2)^2 + (s1-s2)^2 in standard deviations
-    assert ev.frechet_distance([0.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(9 + 1)
+    assert metrics.frechet_distance([0.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(9 + 1)
 
 
 def test_fid_of_gaussian_samples_matches_closed_form():
@@ -118,7 +119,7 @@ def test_fid_of_gaussian_samples_matches_closed_form():
     s1, s2 = random_cov(rng, 4), random_cov(rng, 4, 3.0)
     x1 = rng.multivariate_normal(mu1, s1, size=40_000)
     x2 = rng.multivariate_normal(mu2, s2, size=40_000)
-    fid = ev.frechet_distance(*ev.feature_statistics(x1), *ev.feature_statistics(x2))
+    fid = metrics.frechet_distance(*metrics.feature_statistics(x1), *metrics.feature_statistics(x2))
     expected = closed_form_fid(mu1, s1, mu2, s2)
     assert expected > 5
     assert fid == pytest.approx(expected, rel=0.02)
@@ -129,33 +130,33 @@ def test_frechet_distance_equals_cleanfid():
     rng = np.random.default_rng(3)
     for n, d in [(300, 32), (20, 48)]:  # the second has singular covariances (fewer samples than dimensions)
         a, b = rng.normal(size=(n, d)), rng.normal(0.3, 1.5, size=(n, d))
-        stats = (*ev.feature_statistics(a), *ev.feature_statistics(b))
-        ours, theirs = ev.frechet_distance(*stats), cleanfid_frechet(*stats)
+        stats = (*metrics.feature_statistics(a), *metrics.feature_statistics(b))
+        ours, theirs = metrics.frechet_distance(*stats), cleanfid_frechet(*stats)
         assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-9)
     # clean-fid's own from-features route (float32 features, as the network gives) agrees too
     from cleanfid.fid import fid_from_feats
     a32, b32 = rng.normal(size=(200, 16)).astype(np.float32), rng.normal(0.5, 1, size=(200, 16)).astype(np.float32)
-    ours = ev.frechet_distance(*ev.feature_statistics(a32), *ev.feature_statistics(b32))
+    ours = metrics.frechet_distance(*metrics.feature_statistics(a32), *metrics.feature_statistics(b32))
     assert ours == pytest.approx(fid_from_feats(a32, b32), rel=1e-5)
 
 
 def test_frechet_distance_bad_statistics():
     with pytest.raises(ValueError, match="imaginary"):  # a "covariance" with a negative eigenvalue
-        ev.frechet_distance([0.0, 0.0], np.eye(2), [0.0, 0.0], np.diag([1.0, -1.0]))
+        metrics.frechet_distance([0.0, 0.0], np.eye(2), [0.0, 0.0], np.diag([1.0, -1.0]))
     with pytest.raises(ValueError, match="do not match"):
-        ev.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="at least 2"):
-        ev.feature_statistics(np.zeros((1, 4)))
+        metrics.feature_statistics(np.zeros((1, 4)))
 
 
 # ---- Inception Score ----
 
 
 def test_inception_score_constructed_probabilities():
-    assert ev.inception_score(np.full((100, 7), 1 / 7)) == pytest.approx((1.0, 0.0))
+    assert metrics.inception_score(np.full((100, 7), 1 / 7)) == pytest.approx((1.0, 0.0))
     k = 6
     one_hot = np.eye(k)[np.arange(10 * k * 3) % k]  # each of the 10 splits holds every class equally often
-    mean, std = ev.inception_score(one_hot, splits=10)
+    mean, std = metrics.inception_score(one_hot, splits=10)
     assert mean == pytest.approx(k) and std == pytest.approx(0, abs=1e-12)
 
 
@@ -167,9 +168,9 @@ def test_inception_score_matches_direct_formula():
     for part in np.split(probs, 5):
         py = part.mean(0)
         scores.append(np.exp(np.mean([np.sum(p * (np.log(p) - np.log(py))) for p in part])))
-    assert ev.inception_score(probs, splits=5) == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-10)
+    assert metrics.inception_score(probs, splits=5) == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-10)
     with pytest.raises(ValueError, match="at least 10 samples"):
-        ev.inception_score(probs[:9], splits=10)
+        metrics.inception_score(probs[:9], splits=10)
 
 
 # ---- precision / recall ----
@@ -178,16 +179,16 @@ def test_inception_score_matches_direct_formula():
 def test_precision_recall_known_answers():
     real = np.arange(10.0)[:, None]  # k=3 radii: 3 at both ends, 2 inside
     fake = np.array([[4.5], [100.0], [-2.5], [12.5]])  # inside, far, within 3 of 0, 3.5 beyond 9
-    precision, recall = ev.precision_recall(real, fake, k=3, device="cpu")
+    precision, recall = metrics.precision_recall(real, fake, k=3, device="cpu")
     assert precision == pytest.approx(0.5) and recall == pytest.approx(1.0)  # 100's 3rd neighbour is 102.5 away
     real = np.arange(10.0)[:, None] + 0.25
     fake = np.arange(5.0)[:, None]  # radii 3, 2, 2, 2, 3: covers reals up to 7 -> 0.25 ... 6.25
-    assert ev.precision_recall(real, fake, k=3, device="cpu") == pytest.approx((1.0, 0.7))
-    assert ev.precision_recall(fake, real, k=3, device="cpu") == pytest.approx((0.7, 1.0))  # roles swap
+    assert metrics.precision_recall(real, fake, k=3, device="cpu") == pytest.approx((1.0, 0.7))
+    assert metrics.precision_recall(fake, real, k=3, device="cpu") == pytest.approx((0.7, 1.0))  # roles swap
     far = np.arange(10.0)[:, None] + 1000
-    assert ev.precision_recall(real, far, k=3, device="cpu") == (0.0, 0.0)
+    assert metrics.precision_recall(real, far, k=3, device="cpu") == (0.0, 0.0)
     with pytest.raises(ValueError, match="more than 3 samples"):
-        ev.precision_recall(real, fake[:3], k=3)
+        metrics.precision_recall(real, fake[:3], k=3)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
@@ -200,10 +201,10 @@ def test_precision_recall_against_brute_force(k):
     precision = (cdist(fake, real) <= radius_real[None]).any(1).mean()
     recall = (cdist(real, fake) <= radius_fake[None]).any(1).mean()
     # a tiny chunk budget forces many row chunks through both code paths
-    got = ev.precision_recall(real, fake, k=k, device="cpu", max_elems=100)
+    got = metrics.precision_recall(real, fake, k=k, device="cpu", max_elems=100)
     assert got == pytest.approx((precision, recall))
     assert 0 < precision < 1 and 0 < recall < 1
-    got32 = ev.precision_recall(real.astype(np.float32), fake.astype(np.float32), k=k, device="cpu")
+    got32 = metrics.precision_recall(real.astype(np.float32), fake.astype(np.float32), k=k, device="cpu")
     assert got32 == pytest.approx((precision, recall))
 
 
@@ -211,25 +212,25 @@ def test_precision_recall_against_brute_force(k):
 
 
 def test_features_equal_across_sources_and_cache(data, tmp_path):
-    net = ev.load_torchscript_extractor(data["extractor"])
-    from_array = ev.extract_features(data["samples_array"], net, batch_size=7, resize="none")
-    from_folder = ev.extract_features(data["samples"], net, batch_size=5, resize="none", workers=2)
-    ev.save_npz(tmp_path / "s.npz", arr_0=data["samples_array"])
-    from_npz = ev.extract_features(tmp_path / "s.npz", net, batch_size=10, resize="none")
+    net = metrics.load_torchscript_extractor(data["extractor"])
+    from_array = metrics.extract_features(data["samples_array"], net, batch_size=7, resize="none")
+    from_folder = metrics.extract_features(data["samples"], net, batch_size=5, resize="none", workers=2)
+    metrics.save_npz(tmp_path / "s.npz", arr_0=data["samples_array"])
+    from_npz = metrics.extract_features(tmp_path / "s.npz", net, batch_size=10, resize="none")
     assert from_array["feats"].shape == (24, 8) and from_array["probs"].shape == (24, 5)
     for other in (from_folder, from_npz):  # features bit-equal; logits may differ in the last bit across batch sizes
         np.testing.assert_array_equal(other["feats"], from_array["feats"])
         np.testing.assert_allclose(other["probs"], from_array["probs"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(from_array["probs"].sum(1), 1, rtol=1e-6)
 
-    featurizer = ev.Featurizer(data["extractor"], resize="none", cache_dir=tmp_path / "cache")
+    featurizer = metrics.Featurizer(data["extractor"], resize="none", cache_dir=tmp_path / "cache")
     first = featurizer(tmp_path / "s.npz")
     cached = list((tmp_path / "cache").glob("*.npz"))
     assert len(cached) == 1
     with np.load(cached[0]) as z:  # the cache holds exactly what was returned
         np.testing.assert_array_equal(z["feats"], first["feats"])
-    assert ev.Featurizer(data["extractor"], resize="none", cache_dir=tmp_path / "cache")._net is None
-    again = ev.Featurizer(data["extractor"], resize="none", cache_dir=tmp_path / "cache")
+    assert metrics.Featurizer(data["extractor"], resize="none", cache_dir=tmp_path / "cache")._net is None
+    again = metrics.Featurizer(data["extractor"], resize="none", cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again(tmp_path / "s.npz")["feats"], first["feats"])
     assert again._net is None  # served from the cache: the network was never loaded
     # a features .npz is read back as features
@@ -239,7 +240,7 @@ def test_features_equal_across_sources_and_cache(data, tmp_path):
 def test_clean_inception_wrapper_matches_cleanfid(tmp_path):
     from cleanfid.inception_torchscript import InceptionV3W
     jit_save(FakeInception(), tmp_path / "inception-2015-12-05.pt")
-    ours = ev.CleanInception(str(tmp_path / "inception-2015-12-05.pt"), download=False)
+    ours = metrics.CleanInception(str(tmp_path / "inception-2015-12-05.pt"), download=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates torch.jit.load, which clean-fid calls
         theirs = InceptionV3W(str(tmp_path), download=False)
@@ -250,7 +251,7 @@ def test_clean_inception_wrapper_matches_cleanfid(tmp_path):
     with pytest.raises(ValueError, match="299x299"):
         ours(torch.rand(1, 3, 32, 32))
     with pytest.raises(FileNotFoundError, match="not found"):
-        ev.CleanInception(str(tmp_path / "missing.pt"), download=False)
+        metrics.CleanInception(str(tmp_path / "missing.pt"), download=False)
 
 
 # ---- command line ----
@@ -264,15 +265,15 @@ def test_metrics_cli_end_to_end_matches_cleanfid(data, tmp_path):
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     # clean-fid's own pipeline (its resize to 299, its data loader, its statistics) on the same folders and network
     from cleanfid import fid
-    net = ev.load_torchscript_extractor(data["extractor"])
+    net = metrics.load_torchscript_extractor(data["extractor"])
     expected = fid.compute_fid(str(data["samples"]), str(data["ref"]), mode="clean", custom_feat_extractor=lambda x: net(x)[0],
                                device=torch.device("cpu"), num_workers=0, batch_size=8, verbose=False)
     assert expected > 0.01
     assert row["fid"] == pytest.approx(expected, rel=1e-4)
     # IS and P/R from the cached features agree with the library functions on them
     cache = {p.name.split("-")[0]: np.load(p) for p in (out / "features").glob("*.npz")}
-    assert row["is_mean"] == pytest.approx(ev.inception_score(cache["A"]["probs"], 2)[0])
-    assert (row["precision"], row["recall"]) == pytest.approx(ev.precision_recall(cache["B"]["feats"], cache["A"]["feats"]))
+    assert row["is_mean"] == pytest.approx(metrics.inception_score(cache["A"]["probs"], 2)[0])
+    assert (row["precision"], row["recall"]) == pytest.approx(metrics.precision_recall(cache["B"]["feats"], cache["A"]["feats"]))
     assert row["num_samples"] == 24 and row["num_ref"] == 24 and row["feature_dim"] == 8
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:6] == ["cfg_scale", "fid", "is_mean", "is_std", "precision", "recall"]
@@ -289,17 +290,17 @@ def test_metrics_cli_end_to_end_matches_cleanfid(data, tmp_path):
 
 
 def test_stats_reference_and_adm_reference_batch(data, tmp_path):
-    net = ev.load_torchscript_extractor(data["extractor"])
-    ref_images = np.stack([np.array(Image.open(p)) for p in ev.list_images(data["ref"])])
-    ref_feats = ev.extract_features(ref_images, net, resize="none")["feats"]
-    mu, sigma = ev.feature_statistics(ref_feats)
-    ev.save_npz(tmp_path / "stats.npz", mu=mu, sigma=sigma)
-    ev.save_npz(tmp_path / "adm_ref.npz", mu=mu, sigma=sigma, arr_0=ref_images)
-    featurizer = ev.Featurizer(data["extractor"], resize="none")
+    net = metrics.load_torchscript_extractor(data["extractor"])
+    ref_images = np.stack([np.array(Image.open(p)) for p in metrics.list_images(data["ref"])])
+    ref_feats = metrics.extract_features(ref_images, net, resize="none")["feats"]
+    mu, sigma = metrics.feature_statistics(ref_feats)
+    metrics.save_npz(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    metrics.save_npz(tmp_path / "adm_ref.npz", mu=mu, sigma=sigma, arr_0=ref_images)
+    featurizer = metrics.Featurizer(data["extractor"], resize="none")
     sample = featurizer(data["samples"])
-    by_folder = ev.compute_metrics(sample, ev.load_reference(data["ref"], featurizer), is_splits=2)
-    by_stats = ev.compute_metrics(sample, ev.load_reference(tmp_path / "stats.npz", featurizer), is_splits=2)
-    by_adm = ev.compute_metrics(sample, ev.load_reference(tmp_path / "adm_ref.npz", featurizer), is_splits=2)
+    by_folder = metrics.compute_metrics(sample, metrics.load_reference(data["ref"], featurizer), is_splits=2)
+    by_stats = metrics.compute_metrics(sample, metrics.load_reference(tmp_path / "stats.npz", featurizer), is_splits=2)
+    by_adm = metrics.compute_metrics(sample, metrics.load_reference(tmp_path / "adm_ref.npz", featurizer), is_splits=2)
     assert by_stats["fid"] == pytest.approx(by_folder["fid"], rel=1e-9) and by_stats["precision"] is None
     assert by_adm["fid"] == pytest.approx(by_folder["fid"], rel=1e-9)
     assert (by_adm["precision"], by_adm["recall"]) == (by_folder["precision"], by_folder["recall"])
@@ -309,12 +310,12 @@ def test_plot_cli_and_plot_errors(tmp_path):
     for name, shift in [("clean", 0.0), ("cep", -1.0)]:
         rows = [{"cfg_scale": s, "fid": 10 + shift + (s - 2) ** 2, "is_mean": 100 * s, "precision": 0.5 + s / 10,
                  "recall": 0.6 - s / 10} for s in (1.5, 2.0, 3.0)]
-        ev.write_results(rows, tmp_path / name)
+        metrics.write_results(rows, tmp_path / name)
     fig = tmp_path / "fig.png"
     assert ev.main(["plot", str(tmp_path / "clean/results.json"), str(tmp_path / "cep/results.json"), "-o", str(fig)]) == 0
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="nothing to plot"):
-        ev.plot_fid_is({"x": [{"cfg_scale": 1.5, "fid": None}]}, tmp_path / "none.png")
+        metrics.plot_fid_is({"x": [{"cfg_scale": 1.5, "fid": None}]}, tmp_path / "none.png")
 
 
 def test_bad_input_subprocess(data, tmp_path):
@@ -331,9 +332,9 @@ def test_bad_input_in_process(data, tmp_path, capsys):
     (tmp_path / "ckpt.pt").write_bytes(b"not yet")
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pt")   # a weights file of another format
     (tmp_path / "junk.pt").write_bytes(b"not torchscript")
-    ev.save_npz(tmp_path / "odd.npz", weights=np.zeros(3))
+    metrics.save_npz(tmp_path / "odd.npz", weights=np.zeros(3))
     (tmp_path / "ref.txt").write_text("not a reference")
-    ev.save_npz(tmp_path / "float.npz", arr_0=np.zeros((12, 8, 8, 3), np.float32))
+    metrics.save_npz(tmp_path / "float.npz", arr_0=np.zeros((12, 8, 8, 3), np.float32))
     cases = [
         (["metrics", "--samples", str(data["samples"]), "--ref", str(tmp_path / "ref.txt")], "unknown reference format"),
         (["metrics", "--samples", str(few), "--ref", str(data["ref"])], "statistics need at least 10"),
@@ -382,7 +383,7 @@ def test_labels_seeds_shards():
 
 
 def test_sharded_sampling_equals_single_process(data, tmp_path):
-    featurizer = ev.Featurizer(data["extractor"], resize="none")
+    featurizer = metrics.Featurizer(data["extractor"], resize="none")
     kwargs = dict(num_classes=3, cfg_scales=[1.0, 2.0], featurizer=featurizer, ref=data["ref"], num_samples=14, seed=5,
                   batch_size=4, write_npz=True, is_splits=2, settings={"sampler": "fake"})
     single = ev.sample_and_evaluate(fake_sampler, out_dir=tmp_path / "one", write_png=True, **kwargs)
