@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         p.print_help()
         print("\nAll flags of the train script are accepted; see python", args.script + ".py --help")
         return 0
-    from trainer import RunError, ema_update, encode_prompts, parse_config
+    from trainer import RunError, ema_pairs, ema_update, encode_prompts, parse_config
     try:
         cfg = parse_config(script.CONFIG_CLASS, rest, getattr(script, "PRESETS", None))
         script.check_config(cfg)
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     model = script.build_model(cfg).to(dev)
     diffusion = script.build_diffusion(cfg)
     ema = script.build_model(cfg).to(dev).requires_grad_(False)
+    averaged = ema_pairs(ema, model)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, fused=use_cuda or None)
     fwd = torch.compile(model) if (cfg.compile if cfg.compile is not None else use_cuda) else model
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema_update(ema, model, 0.9999)
+        ema_update(*averaged, 0.9999)
 
     def fwd_bwd_eager():
         with autocast:

@@ -23,7 +23,6 @@ The metrics and the feature pass live in metrics.py; this file samples, shards o
 """
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -38,6 +37,7 @@ from PIL import Image
 from metrics import (INCEPTION_PATH, METRIC_COLUMNS, Featurizer, compute_metrics, count_items,  # noqa: F401
                      feature_statistics, frechet_distance, inception_score, load_reference, min_samples,
                      plot_fid_is, precision_recall, read_results, reference_kind, save_npz, write_results)
+from trainer import ArgParser, setup_distributed
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
@@ -254,28 +254,7 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
     return rows if rank == 0 else None
 
 
-def setup_distributed():
-    """(rank, world_size, device): torchrun's process group, or a single process on the best device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # a long timeout: ranks wait at barriers while rank 0 featurizes a 50K reference folder and measures
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=4))
-        device = "cpu"
-        if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # not the global rank: multi-node safe
-            torch.cuda.set_device(local_rank)
-            device = f"cuda:{local_rank}"
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # ---- command line ----
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad arguments in one line (exit 2) instead of usage plus a line."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _scales(text):
@@ -321,7 +300,7 @@ def _featurizer(args, device):
 
 def main_metrics(argv):
     """`evaluate.py metrics`: measure existing samples against a reference."""
-    p = _Parser(prog="evaluate.py metrics", description="FID/IS/precision/recall of existing samples.")
+    p = ArgParser(prog="evaluate.py metrics", description="FID/IS/precision/recall of existing samples.")
     p.add_argument("--samples", nargs="+", required=True, help="folders of images, ADM .npz (arr_0) or features .npz")
     p.add_argument("--cfg-scales", type=_scales, help="the guidance scale of each --samples entry (for plots)")
     _add_feature_args(p)
@@ -355,7 +334,7 @@ def main_metrics(argv):
 
 def main_plot(argv):
     """`evaluate.py plot`: overlay several results.json files."""
-    p = _Parser(prog="evaluate.py plot", description="Plot FID against IS across guidance scales for several runs.")
+    p = ArgParser(prog="evaluate.py plot", description="Plot FID against IS across guidance scales for several runs.")
     p.add_argument("results", nargs="+", help="results.json files, one per run")
     p.add_argument("-o", "--output", default="fid_is.png")
     p.add_argument("--labels", help="comma-separated run names (default: each file's folder name)")
@@ -372,7 +351,7 @@ def main_plot(argv):
 
 def main_sample(argv):
     """`evaluate.py CKPT`: sample a checkpoint over guidance scales, then measure each scale."""
-    p = _Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", nargs="?", help="nanoCEP checkpoint (or --pretrained SOURCE)")
     p.add_argument("--pretrained", metavar="SOURCE", help="a released model instead (pretrained.py): file, folder, URL, "
                    "Hugging Face repo id or a short name such as DiT-XL-2-256")
@@ -418,8 +397,9 @@ def main_sample(argv):
         print(f"wrote {save_preview(sample_fn, args.classes, args.per_class, args.cfg_scales[:1], args.seed, args.grid)}",
               file=sys.stderr)
         return 0
-    rank, world_size, device = setup_distributed()
-    device = args.device or device
+    # a long timeout: ranks wait at barriers while rank 0 featurizes a 50K reference folder and measures
+    d = setup_distributed(args.device or "auto", timeout=4 * 3600)
+    rank, world_size, device = d.rank, d.world, (str(d.device) if d.world > 1 else args.device or str(d.device))
     sample_fn, info = _sampler_from_args(args, device)
     settings = {"checkpoint": str(args.ckpt or args.pretrained), "sampler": args.sampler, "steps": args.steps,
                 "ema": not args.no_ema and args.pretrained is None,

@@ -17,6 +17,7 @@ What makes a run reproducible and exactly resumable, in one place:
   the optimizer, the step, every rank's RNG state and the config, written atomically (temporary file, then rename), and
   loads with torch.load(weights_only=True).
 """
+import argparse
 import copy
 import dataclasses
 import json
@@ -47,20 +48,21 @@ class Diverged(Exception):
 # ----------------------------------------------------------------------------------------------------------------------
 # Config -> command line
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 2, instead of printing the usage block too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_config(cls, argv=None, presets: dict | None = None, description: str = ""):
     """Build an argparse CLI from a config dataclass (every field a --kebab-case flag) and return the config.
 
     A field's help text is its `metadata["help"]`. `--preset NAME` first applies presets[NAME]; flags given explicitly
     win over the preset.
     """
-    import argparse
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line and exit 2, instead of the usage block plus a line
-            self.exit(2, f"{self.prog}: error: {message}\n")
-
     presets = presets or {}
-    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if presets:
         p.add_argument("--preset", choices=sorted(presets), default=None, help="a named recipe (see README)")
     for f in dataclasses.fields(cls):
@@ -98,8 +100,10 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device: str = "auto") -> Dist:
-    """Join the process group torchrun created (gloo on CPU, nccl on GPU); the device comes from LOCAL_RANK."""
+def setup_distributed(device: str = "auto", timeout: float | None = None) -> Dist:
+    """Join the process group torchrun created (gloo on CPU, nccl on GPU); the device comes from LOCAL_RANK.
+
+    timeout (seconds) bounds how long a rank waits at a collective (torch's default: 10 minutes)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
@@ -111,7 +115,9 @@ def setup_distributed(device: str = "auto") -> Dist:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        import datetime
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
     return Dist(rank, local_rank, world, dev)
 
 
@@ -178,11 +184,17 @@ def gather_rng_states(d: Dist) -> list:
 # ----------------------------------------------------------------------------------------------------------------------
 # EMA
 
+def ema_pairs(ema: nn.Module, model: nn.Module) -> tuple[list, list]:
+    """The (EMA, model) parameter lists the EMA averages: trainable ones only (frozen ones such as pos_embed stay put).
+    Built once per run, so the per-step update is one fused call."""
+    pairs = [(pe, pm) for pe, pm in zip(ema.parameters(), model.parameters()) if pm.requires_grad]
+    return [pe for pe, _ in pairs], [pm for _, pm in pairs]
+
+
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over trainable parameters (frozen ones such as pos_embed stay put)."""
-    e, m = zip(*[(pe, pm) for pe, pm in zip(ema.parameters(), model.parameters()) if pm.requires_grad])
-    torch._foreach_lerp_(list(e), list(m), 1.0 - decay)
+def ema_update(ema_params: list, model_params: list, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for the lists of ema_pairs()."""
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -280,6 +292,7 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
     model.to(d.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
+    averaged = ema_pairs(ema, model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                             fused=use_cuda or None)
     start_step = 0
@@ -402,7 +415,7 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            ema_update(ema, model, cfg.ema_decay)
+            ema_update(*averaged, cfg.ema_decay)
             loss_n += 1
             done = step + 1
             bar.update(1)
