@@ -739,7 +739,7 @@ def main(argv=None):
             Image.fromarray(img).save(args.out)
             print(f"{args.kind}: PSNR {psnr:.2f} dB, saved {args.out}")
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"vae.py: error: {e}", file=sys.stderr)
         return 2
     return 0
 
