@@ -342,7 +342,7 @@ def test_cli_roundtrip_and_bad_input(kl_ref, tmp_path, monkeypatch, capsys):
                 ["bench", "--size", "0"]):
         assert vae.main(bad) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+        assert err.startswith("vae.py: error:") and "\n" not in err and "Traceback" not in err
     assert not out.exists()
 
 
