@@ -102,7 +102,7 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
                                learn_sigma=getattr(cfg, "learn_sigma", False))
     info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
-            "precision": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class")}
+            "numerics": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class")}
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
@@ -162,7 +162,7 @@ def load_pretrained_sampler(source, device="cpu", sampler="dpm++", steps=50, pre
                                learn_sigma=cfg["learn_sigma"], null_class=p["null_class"],
                                guide_channels=cfg["guide_channels"], timesteps=timesteps)
     info = {"num_classes": cfg["num_classes"], "kind": cfg["kind"], "model": cfg["name"], "format": cfg["format"],
-            "vae": cfg["vae"], "precision": "bf16" if use_bf16 else "fp32", "null_class": p["null_class"],
+            "vae": cfg["vae"], "numerics": "bf16" if use_bf16 else "fp32", "null_class": p["null_class"],
             "guide_channels": cfg["guide_channels"] or shape[0], "timestep_spacing":
                 cfg["scheduler"].get("timestep_spacing", "linspace") if sampler == "dpm++" else "nanoCEP"}
     return sample_fn, info

@@ -420,6 +420,8 @@ def test_checkpoint_end_to_end_offline(data, tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["cfg_scale"] for r in rows] == [1.0, 3.0] and rows[0]["model"] == "DiT-T/2"
     assert all(np.isfinite(r["fid"]) and r["train_step"] == 20 for r in rows)
+    # the run's settings ride along without clobbering a metric (the sampling numerics once overwrote precision)
+    assert all(isinstance(r["precision"], float) and r["numerics"] == "fp32" for r in rows)
     with np.load(out / "cfg3" / "samples.npz") as z:
         images = z["arr_0"]
     assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8
