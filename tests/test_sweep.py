@@ -120,7 +120,8 @@ def smoke(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.script(TinyExtractor()).save(str(extractor))
-    args = ["--preset", "smoke", "--out", root / "out", "--eval", f"--features {extractor}"]
+    args = ["--preset", "smoke", "--out", root / "out", "--judge", "0", "--reference", "builtin:60",
+            "--eval", f"--features {extractor} --resize none"]              # the judge swapped for a tiny extractor
     r = run_sweep(*args)
     assert r.returncode == 0, r.stdout + r.stderr
     return {"root": root, "out": root / "out", "args": args, "stdout": r.stdout}
