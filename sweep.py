@@ -569,28 +569,48 @@ def _plt():
     return plt
 
 
+def x_axis(cells: dict) -> str:
+    """The key plotted along x: the corruption ratio if it varies, else the first numeric axis that varies."""
+    keys = list(dict.fromkeys(k for c in cells.values() for k in c))
+    varying = [k for k in keys if len({c.get(k) for c in cells.values()}) > 1]
+    numeric = [k for k in varying if all(_is_number(c.get(k, "x")) for c in cells.values())]
+    return "corrupt" if "corrupt" in numeric else (numeric[0] if numeric else "")
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
 def plot_vs_eta(summary: dict, runs: list, path: Path, rule="best"):
-    """Fig. 2 style: each metric against the corruption ratio η, one line per group of cells (other settings equal)."""
+    """Fig. 2 style: each metric against the corruption ratio η (or the numeric axis that varies, e.g. the
+    training-set size), one line per group of cells whose other settings are equal; error bars are the 95 % CIs."""
     plt = _plt()
     cells = {cell_name(r.cell): r.cell for r in runs}
+    xkey = x_axis(cells)
     metrics = [m for m in HIGHER_IS_BETTER if any(m in e["metrics"] for e in summary["cells"].values())]
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(3.2 * max(1, len(metrics)), 3.0), squeeze=False)
     groups = {}
-    for name, cell in cells.items():
-        rest = ", ".join(f"{k}={v}" for k, v in cell.items() if k != "corrupt") or "all"
-        groups.setdefault(rest, []).append((float(cell.get("corrupt", 0)), name))
+    for i, (name, cell) in enumerate(cells.items()):
+        rest = ", ".join(f"{k}={v}" for k, v in cell.items() if k != xkey) or "all"
+        groups.setdefault(rest, []).append((float(cell[xkey]) if xkey else i, name))
+    scale = 100 if xkey == "corrupt" else 1
     for ax, m in zip(axes[0], metrics):
         for label, members in groups.items():
-            members.sort()
-            pts = [(eta, summary["cells"][n]["metrics"][m][rule]) for eta, n in members if n in summary["cells"]]
-            x = [100 * eta for eta, _ in pts]
-            y = [st["mean"] for _, st in pts]
+            pts = [(x, summary["cells"][n]["metrics"][m][rule]) for x, n in sorted(members) if n in summary["cells"]]
             err = [0 if math.isnan(st["ci"]) else st["ci"] for _, st in pts]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
-        ax.set_xlabel("corruption η (%)")
+            ax.errorbar([scale * x for x, _ in pts], [st["mean"] for _, st in pts], yerr=err, marker="o", capsize=3,
+                        label=label)
+        ax.set_xlabel({"corrupt": "corruption η (%)", "": "cell"}.get(xkey, xkey))
+        if xkey and xkey != "corrupt":
+            ax.set_xscale("log")
         ax.set_title(METRIC_NAMES.get(m, m) + (" ↑" if HIGHER_IS_BETTER[m] else " ↓"))
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"mean ± 95 % CI over seeds, at each cell's {rule} scale", fontsize=9)
+    where = f"s = {summary['fixed_scale']:g}" if rule == "fixed" else f"each cell's best scale (by {summary['metric']})"
+    fig.suptitle(f"mean ± 95 % CI over seeds, at {where}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -626,9 +646,17 @@ def report(runs: list, cfg: SweepConfig, header: str = ""):
     write_csv(rows, out / "results.csv")
     summary = summarize(rows, runs, cfg.metric, cfg.fixed_scale)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    spent = {}
+    if (out / "timings.jsonl").is_file():
+        for line in (out / "timings.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            spent[rec["what"]] = spent.get(rec["what"], 0.0) + rec["seconds"]
+    header += "; time inside the runs (timings.jsonl): " + (", ".join(
+        f"{what} {sec / 60:.1f} min" for what, sec in spent.items()) or "none")
     write_summary(summary, out / "summary.md", header)
     write_table(summary, out / "table.md")
-    plot_vs_eta(summary, runs, out / "metric_vs_eta.png")
+    plot_vs_eta(summary, runs, out / "metric_vs_eta.png", "best")
+    plot_vs_eta(summary, runs, out / "metric_vs_eta_fixed.png", "fixed")
     plot_curves(rows, out / "curves.png")
     return summary
 
@@ -739,7 +767,7 @@ def main(argv=None) -> int:
                  f"this invocation's wall time {wall / 60:.1f} min"
         summary = report(runs, cfg, header)
         print(f"sweep: {'done' if finished else 'stopped (rerun the same command to resume)'} in {wall:.0f} s; "
-              + (f"wrote {cfg.out}/results.csv, summary.md, table.md, metric_vs_eta.png, curves.png"
+              + (f"wrote {cfg.out}/results.csv, summary.md, table.md, metric_vs_eta*.png, curves.png"
                  if summary else "nothing evaluated yet"), flush=True)
         return 0 if finished else 1
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -5,33 +5,16 @@ import json
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.stats
-import torch
-import torch.nn.functional as F
 
 import sweep
+from test_evaluate import TinyExtractor, jit_save   # the stand-in judge: 8-d features, 5 logits
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class TinyExtractor(torch.nn.Module):
-    """A stand-in judge: 8-d features and 5 logits from a 4x4 average pool of the image."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.proj = torch.nn.Parameter(torch.randn(48, 8, generator=g) / 7)
-        self.head = torch.nn.Parameter(torch.randn(8, 5, generator=g))
-
-    def forward(self, x):
-        z = F.adaptive_avg_pool2d(x / 255.0, 4).flatten(1)  # (B, 48)
-        f = torch.tanh(3 * z @ self.proj)  # (B, 8)
-        return f, f @ self.head
 
 
 def run_sweep(*args):
@@ -55,6 +38,11 @@ def test_grid_product_names_and_where_keys_go():
     assert sweep.clean_counterpart({"corrupt": "0.05", "cep": "uniform", "builtin_length": "100"}) == \
         {"corrupt": "0", "cep": "none", "builtin_length": "100"}
     assert sweep.cell_name({"corrupt": "0.0", "cep": "none"}) == "clean"
+    # the Fig. 2 plot's x axis: η if it varies, else a varying numeric axis such as the training-set size
+    named = {sweep.cell_name(c): c for c in cells}
+    assert sweep.x_axis(named) == "corrupt"
+    assert sweep.x_axis({"a": {"builtin_length": "50", "cep": "none"}, "b": {"builtin_length": "500", "cep": "none"}}) \
+        == "builtin_length"
 
 
 # ---- interval math ----
@@ -116,10 +104,7 @@ def test_dry_run_prints_the_in1k_protocol_with_torchrun(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    extractor = root / "tiny.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(TinyExtractor()).save(str(extractor))
+    extractor = jit_save(TinyExtractor(), root / "tiny.pt")
     args = ["--preset", "smoke", "--out", root / "out", "--judge", "0", "--reference", "builtin:60",
             "--eval", f"--features {extractor} --resize none"]              # the judge swapped for a tiny extractor
     r = run_sweep(*args)
