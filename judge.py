@@ -267,6 +267,18 @@ def grid_verdict(images, labels, cfg_scale: float, step: int, print_fn=print) ->
     return {"event": "judge", "step": step, "class_acc": acc, "num": n, "cfg_scale": cfg_scale}
 
 
+def judge_final_grid(cfg, images, labels, log, print_fn=print) -> None:
+    """The trainer's hook after a run's last grid: print and log the judge's class accuracy of a built-in run.
+
+    Skipped for other data, and for short runs (< 500 steps: tests, smoke runs) when no judge is cached yet, so they
+    never pay the judge's one-minute build."""
+    if cfg.data != "builtin" or getattr(cfg, "cond", "class") != "class":
+        return
+    if cfg.steps < 500 and not default_path(cfg.image_size).is_file():
+        return
+    log(grid_verdict(images, labels, cfg.sample_cfg, cfg.steps, print_fn))
+
+
 def reference(image_size: int, num: int, seed: int = REF_SEED, path=None) -> dict:
     """Features of `num` fresh real images (half of them flipped): {"feats", "probs", "labels"}, evaluate.py's --ref."""
     flips = np.arange(num) // 10 % 2 == 1           # balanced over classes

@@ -373,6 +373,9 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
             path = os.path.join(cfg.out, "samples", f"step_{step:07d}.png")
             save_grid(images.float().cpu(), path, nrow=getattr(sample_fn, "nrow", 8))
             log({"event": "samples", "step": step, "path": path})
+            if step == cfg.steps and getattr(sample_fn, "labels", None) is not None:
+                import judge  # built-in data: does the final grid show its classes? (judge.py)
+                judge.judge_final_grid(cfg, images, sample_fn.labels, log, tqdm.write)
         if d.world > 1:
             dist.barrier()
 
@@ -604,6 +607,7 @@ def make_sample_fn(cfg, diffusion, num_classes: int, shape, decode=None, prompts
 
     sample.nrow = cfg.sample_per_class
     sample.captions = prompts
+    sample.labels = conds if prompts is None else None                     # (N,) the grid's classes, for the judge
     return sample
 
 
