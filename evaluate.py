@@ -415,7 +415,8 @@ def main_sample(argv):
     sample_fn, info = _sampler_from_args(args, device)
     settings = {"checkpoint": str(args.ckpt or args.pretrained), "sampler": args.sampler, "steps": args.steps,
                 "ema": not args.no_ema and args.pretrained is None,
-                **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
+                **{("sample_precision" if k == "precision" else k): v for k, v in info.items()   # precision: a metric
+                   if isinstance(v, (int, float, str, bool))}}
     train_ref = _train_reference(args) if rank == 0 else None
     rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, _featurizer(args, device),
                                args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,

@@ -185,14 +185,19 @@ def train_judge(cfg: JudgeConfig, progress: bool = True) -> JudgeNet:
     return net.eval().requires_grad_(False)
 
 
+def cache_path(cfg: JudgeConfig) -> Path:
+    """Where a judge with these settings is cached: ~/.cache/nanocep/judge-16px-<settings hash>.pt."""
+    return CACHE_DIR / f"judge-{cfg.image_size}px-{cfg.key()}.pt"
+
+
 def default_path(image_size: int = 16) -> Path:
-    """Where the default judge for this image size is cached (keyed by its settings)."""
-    return CACHE_DIR / f"judge-{image_size}px-{JudgeConfig(image_size=image_size).key()}.pt"
+    """Where the default judge for this image size is cached."""
+    return cache_path(JudgeConfig(image_size=image_size))
 
 
 def build(cfg: JudgeConfig, out=None, progress: bool = True) -> Path:
     """Train the judge, measure it on held-out images, save it as TorchScript (atomically); returns the path."""
-    out = Path(out) if out else CACHE_DIR / f"judge-{cfg.image_size}px-{cfg.key()}.pt"
+    out = Path(out) if out else cache_path(cfg)
     t0 = time.time()
     net = train_judge(cfg, progress)
     info = {"config": dataclasses.asdict(cfg), "version": JUDGE_VERSION, "key": cfg.key(),
