@@ -117,9 +117,11 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
 
 
 def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_bf16, *, learn_sigma=False,
-                   null_class=None, guide_channels=None, timesteps=None):
+                   null_class=None, guide_channels=None, timesteps=None, eta=0.0):
     """sample_fn(labels (B,), seeds, cfg_scale) -> uint8 (B, H, W, 3): CFG sampling from per-image seeded noise.
 
+    Image i's generator torch.Generator().manual_seed(seeds[i]) draws its initial noise and then, for ddpm and ddim
+    with eta > 0, its per-step noise: an image depends on its seed only, so shards reproduce one process bit for bit.
     null_class: the CFG null label (default: the model's condition encoder's); guide_channels: guide only the first
     N latent channels (official DiT: 3); timesteps: explicit dpm++ timesteps (a release's scheduler spacing)."""
     from diffusion import cfg_model_fn, sample_dpmpp_2m
@@ -127,7 +129,8 @@ def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_
 
     @torch.no_grad()
     def sample_fn(labels, seeds, cfg_scale):
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]     # one CPU generator per image
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
         y = torch.as_tensor(labels).to(device)
         y_null = model.cond.null_like(y) if null_class is None else torch.full_like(y, null_class)
         fn = cfg_model_fn(model, y, y_null, cfg_scale, learn_sigma=learn_sigma, guide_channels=guide_channels)
@@ -135,7 +138,8 @@ def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_
             if timesteps is not None and sampler == "dpm++":
                 x = sample_dpmpp_2m(fn, noise.to(device), diffusion.alphas_cumprod, timesteps, learn_sigma=learn_sigma)
             else:
-                x = diffusion.sample(fn, noise.to(device), sampler=sampler, steps=steps, clip_x0=decode is None)
+                x = diffusion.sample(fn, noise.to(device), sampler=sampler, steps=steps, clip_x0=decode is None,
+                                     eta=eta, generator=None if sampler == "dpm++" else gens)
             if decode is not None:
                 x = decode(x)
         # DiT's sample_ddp.py mapping of [-1, 1] to uint8
