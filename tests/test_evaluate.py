@@ -294,11 +294,12 @@ def test_stats_reference_and_adm_reference_batch(data, tmp_path):
     ref_images = np.stack([np.array(Image.open(p)) for p in metrics.list_images(data["ref"])])
     ref_feats = metrics.extract_features(ref_images, net, resize="none")["feats"]
     mu, sigma = metrics.feature_statistics(ref_feats)
-    metrics.save_npz(tmp_path / "stats.npz", mu=mu, sigma=sigma)
-    metrics.save_npz(tmp_path / "adm_ref.npz", mu=mu, sigma=sigma, arr_0=ref_images)
     featurizer = metrics.Featurizer(data["extractor"], resize="none")
+    label = np.array(featurizer.pipeline)      # statistics made by this extractor say so
+    metrics.save_npz(tmp_path / "stats.npz", mu=mu, sigma=sigma, pipeline=label)
+    metrics.save_npz(tmp_path / "adm_ref.npz", mu=mu, sigma=sigma, arr_0=ref_images, pipeline=label)
     sample = featurizer(data["samples"])
-    by_folder = metrics.compute_metrics(sample, metrics.load_reference(data["ref"], featurizer), is_splits=2)
+    by_folder = metrics.compute_metrics(sample, metrics.load_reference(data["ref"], featurizer, 16), is_splits=2)
     by_stats = metrics.compute_metrics(sample, metrics.load_reference(tmp_path / "stats.npz", featurizer), is_splits=2)
     by_adm = metrics.compute_metrics(sample, metrics.load_reference(tmp_path / "adm_ref.npz", featurizer), is_splits=2)
     assert by_stats["fid"] == pytest.approx(by_folder["fid"], rel=1e-9) and by_stats["precision"] is None
