@@ -7,6 +7,9 @@ Sample a checkpoint over a grid of guidance scales, then measure every scale (on
 Released weights (pretrained.py) instead of a checkpoint, and a quick preview grid (no metrics):
     python evaluate.py --pretrained DiffusionNoise/dit-xl-2_imagenet_clean --cfg-scales 1.75 --ref REF ...
     python evaluate.py --pretrained DiT-XL-2-256 --classes 88,207,360 --grid preview.png --cfg-scales 4
+Prepare an FID reference once (training's ADM centre crop to N, then the feature pipeline; labelled with it):
+    python evaluate.py ref --data /data/imagenet/val --image-size 256 --out in1k_val_256.npz [--pipeline ...]
+    python evaluate.py ref --data builtin --image-size 16 --seed 1 --builtin-length 10000 --out builtin_ref.npz
 Measure samples that already exist: a folder of images, an ADM .npz (uint8 NHWC arr_0) or a features .npz:
     python evaluate.py metrics --samples DIR_OR_NPZ [MORE ...] [--cfg-scales 1.5,...] --ref REF [--out DIR]
 Overlay runs, FID against IS (and precision against recall) across guidance scales, like the paper's Fig. 3:
@@ -18,6 +21,9 @@ Features come from one pass of clean-fid's Inception (mode "clean": clean-fid's 
 2048-d pool features (FID, precision/recall) and the 1008-way logits (IS) at once. clean-fid downloads that network
 to /tmp/inception-2015-12-05.pt on first use; offline, copy the file there or pass --inception PATH.
 --features FILE swaps in any TorchScript extractor f(x (B,3,H,W) floats in [0,255]) -> feats or (feats, logits).
+--pipeline legacy_tensorflow feeds the raw image to the same Inception file, which resizes inside as TF did (the ADM
+evaluator's pipeline, for numbers beside DiT's and the paper's). Reference images (a folder, an arr_0) are
+centre-cropped to the samples' resolution; features from different pipelines are never compared (metrics.py).
 Writes OUT/results.json and OUT/results.csv; features are cached as .npz in OUT/features for reuse.
 The metrics and the feature pass live in metrics.py; this file samples, shards over ranks, and runs the CLI.
 """

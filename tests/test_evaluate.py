@@ -477,7 +477,8 @@ def test_stochastic_sampling_two_shards_equal_one_process(sampler, eta):
     """Per-step noise comes from each image's seed: shards sampled by two fresh processes equal one process."""
     from diffusion import GaussianDiffusion, make_beta_schedule
     diffusion = GaussianDiffusion(make_beta_schedule("linear"))
-    sample_fn = ev.make_sample_fn(ToyEpsModel(), diffusion, (3, 8, 8), None, "cpu", sampler, 6, False, eta=eta)
+    sample_fn = ev.make_sample_fn(ToyEpsModel(), diffusion, (3, 8, 8), None, "cpu", sampler, 6, False,
+                                  **({"eta": eta} if eta else {}))
     labels, seeds = ev.balanced_labels(8, 3), ev.sample_seeds(8, 40)
 
     def run(rank, world):  # each rank is a fresh process: its global RNG starts from the same state
