@@ -13,6 +13,9 @@ Samplers (each one short function, k-diffusion style; `GaussianDiffusion.sample`
   ddpm  - ancestral sampling, respaced like DiT's `space_timesteps(T, str(steps))` (evenly strided, keeps 0 and T-1)
   ddim  - DDIM with eta, spaced like diffusers' DDIMScheduler default ("leading": t = i * (T // steps))
   dpm++ - DPM-Solver++(2M), equal to diffusers' DPMSolverMultistepScheduler defaults (the paper's 50-step sampler)
+ddpm and ddim (eta > 0) draw fresh noise every step from `generator`: one torch.Generator for the batch (diffusers'
+convention, so the oracle tests match), or a list of one generator per image (step_noise), which makes an image a
+function of its own seed, so sharded sampling reproduces a single process.
 """
 import math
 
