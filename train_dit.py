@@ -83,6 +83,13 @@ class DiTConfig:
     cep_null: bool = opt(False, "also perturb the CFG null embedding (the paper does not say; default: no)")
     ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)")
     class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)")
+    # the paper's ablations (Tables 6 and 7)
+    cond_dropout: float = opt(0.0, "ablation (Table 6 'Dropout'): dropout with probability P on the condition embedding "
+                              "while training; identity in eval; never on the CFG null embedding")
+    label_smoothing: float = opt(0.0, "ablation (Table 6 'Label Smoothing'): train on the embedding of a smoothed "
+                                 "one-hot, (1-eps) E[y] + eps * mean of the K class rows (no null row); class only")
+    cep_subset: float = opt(1.0, "ablation (Table 7 'Fixed CEP'): CEP only on a fixed fraction R of the training items, "
+                            "chosen once from --seed by item index; 1 = every item (the paper's CEP)")
     # optimisation
     steps: int = opt(1500, "training steps (the CPU default: ~9 min on 2 cores)")
     batch_size: int = opt(64, "global batch size (split over processes)")
@@ -94,6 +101,8 @@ class DiTConfig:
     # run
     out: str = opt("runs/dit", "run folder: checkpoints, log.jsonl, samples/")
     resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
+    resume_override: str = opt("", "comma-separated experiment fields a resume may change (e.g. batch_size,seed); "
+                               "without it a resume refuses any change of corruption, CEP, ablation, seed or batch flags")
     seed: int = opt(0, "global seed (data order, noise, corruption)")
     device: str = opt("auto", "auto | cpu | cuda")
     precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",

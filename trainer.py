@@ -49,7 +49,13 @@ class Diverged(Exception):
 # Config -> command line
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line and exits 2, instead of printing the usage block too."""
+    """argparse that reports a bad flag in one line and exits 2, instead of printing the usage block too.
+
+    Abbreviated flags are off: `--ema 0.999` must not silently become `--ema-decay` behind a preset's back."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -140,17 +146,55 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a nanoCEP checkpoint (weights only: no arbitrary unpickling) or raise RunError with a one-line reason."""
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """Load a nanoCEP checkpoint (weights only: no arbitrary unpickling) or raise RunError with a one-line reason.
+
+    mmap=True maps the tensors instead of reading them (cheap when only the config is needed)."""
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise RunError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise RunError(f"{path} is not a nanoCEP checkpoint (no 'model'/'config' entries)")
     return ckpt
+
+
+# The config fields that define the experiment (what the model is trained on, and how): resuming with a different
+# value is refused unless --resume-override names the field (architecture fields are the scripts' ARCH_FIELDS).
+EXPERIMENT_FIELDS = ("corrupt", "corrupt_type", "corrupt_classes", "corrupt_mode", "corrupt_rewrites", "cep",
+                     "cep_gamma", "cep_null", "ip", "class_dropout", "seed", "batch_size", "cond_dropout",
+                     "label_smoothing", "cep_subset")
+
+
+def resume_overrides(cfg) -> set:
+    """--resume-override as a set of field names (kebab or snake case); a name that is no experiment field is an error."""
+    names = {n.strip().replace("-", "_") for n in getattr(cfg, "resume_override", "").split(",") if n.strip()}
+    unknown = sorted(names - set(EXPERIMENT_FIELDS))
+    if unknown:
+        raise RunError(f"--resume-override: {', '.join(unknown)} is not an experiment field "
+                       f"(one of {', '.join(EXPERIMENT_FIELDS)})")
+    return names
+
+
+def check_experiment(cfg, saved: dict, path: str) -> list:
+    """Refuse to resume `path` (whose config is `saved`) with a changed experiment field not named by --resume-override;
+    return the overridden changes [{"field", "checkpoint", "now"}] so the run can log them."""
+    allowed, defaults = resume_overrides(cfg), {f.name: f.default for f in dataclasses.fields(cfg)}
+    changes = []
+    for name in EXPERIMENT_FIELDS:
+        if name not in defaults:
+            continue
+        theirs, ours = saved.get(name, defaults[name]), getattr(cfg, name)   # older checkpoints: the default
+        if theirs == ours:
+            continue
+        if name not in allowed:
+            flag = "--" + name.replace("_", "-")
+            raise RunError(f"cannot resume from {path}: it has {flag} {theirs!r} but this run has {ours!r} (resume "
+                           f"with the same value, or pass --resume-override {name} to change it on purpose)")
+        changes.append({"field": name, "checkpoint": theirs, "now": ours})
+    return changes
 
 
 def find_resume(resume: str, out: str) -> str | None:
@@ -278,7 +322,7 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
     resume_path = find_resume(cfg.resume, cfg.out)
     if resume_path is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
         raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
-    ckpt = None
+    ckpt, overridden = None, []
     if resume_path:
         ckpt = load_checkpoint(resume_path)
         if ckpt.get("kind") != kind:
@@ -287,6 +331,7 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
             theirs, ours = ckpt["config"].get(f), getattr(cfg, f)
             if theirs != ours:
                 raise RunError(f"cannot resume from {resume_path}: it has {f}={theirs!r} but this run has {f}={ours!r}")
+        overridden = check_experiment(cfg, ckpt["config"], resume_path)
 
     torch.manual_seed(cfg.seed * 1000 + d.rank)      # per-rank module randomness (CEP δ)
     model.to(d.device)
@@ -353,6 +398,10 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
                    f"{' compiled' if do_compile else ''} | steps {start_step} -> {cfg.steps} | out {cfg.out}")
         log({"event": "start", "step": start_step, "world": d.world, "device": str(d.device), "params": n_params,
              "precision": precision, "compile": do_compile, "resumed_from": resume_path})
+        if resume_path and overridden:
+            log({"event": "resume_override", "step": start_step, "changes": overridden})
+            tqdm.write("note: resumed with --resume-override: " + ", ".join(
+                f"{c['field']} {c['checkpoint']!r} -> {c['now']!r}" for c in overridden))
 
     def save(step: int, extra_copy: bool) -> None:
         rng = gather_rng_states(d)
@@ -476,6 +525,8 @@ def one_line(e: BaseException) -> str:
 
 def check_run_config(cfg, downsample: int = 1) -> None:
     """The checks every train script shares (ranges, corruption and latent flags); scripts add their model's own."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise RunError(f"--out {cfg.out} is a file, not a run folder")
     if not 0.0 <= cfg.corrupt < 1.0:
         raise RunError(f"--corrupt must be in [0, 1), got {cfg.corrupt}")
     if cfg.cep_gamma < 0:
@@ -577,8 +628,18 @@ def grid_prompts(cfg, dataset) -> list[str]:
     return list(dict.fromkeys(dataset.captions[int(i)] for i in picks))       # distinct, in order
 
 
+def grid_cfg_scale(cfg) -> float:
+    """The grids' guidance scale: --sample-cfg, or 1 (unguided, with a note) when --class-dropout 0 left no null class."""
+    if getattr(cfg, "cond", "class") == "class" and cfg.class_dropout == 0 and cfg.sample_cfg != 1:
+        if int(os.environ.get("RANK", 0)) == 0:
+            tqdm.write(f"note: --class-dropout 0 trains no null class, so the sample grids are unguided "
+                       f"(--sample-cfg {cfg.sample_cfg:g} ignored)")
+        return 1.0
+    return cfg.sample_cfg
+
+
 def make_sample_fn(cfg, diffusion, num_classes: int, shape, decode=None, prompts=None):
-    """EMA sample grid with fixed noise and conditions, CFG at cfg.sample_cfg: one row per class (<= 16 classes), or
+    """EMA sample grid with fixed noise and conditions, CFG at grid_cfg_scale(cfg): one row per class (<= 16 classes), or
     with prompts (text) one row per prompt, whose captions go to samples/captions.txt (one line per row)."""
     from diffusion import cfg_model_fn
     if prompts is None:
@@ -588,12 +649,13 @@ def make_sample_fn(cfg, diffusion, num_classes: int, shape, decode=None, prompts
         rows = encode_prompts(cfg, prompts)                                    # (R, L)
     conds = rows.repeat_interleave(cfg.sample_per_class, dim=0)
     noise = torch.randn((len(conds), *shape), generator=torch.Generator().manual_seed(cfg.seed))  # shape (C, H, W)
+    scale = grid_cfg_scale(cfg)
 
     @torch.no_grad()
     def sample(model):
         dev = next(model.parameters()).device
         y = conds.to(dev)
-        fn = cfg_model_fn(model, y, model.cond.null_like(y), cfg.sample_cfg, learn_sigma=cfg.learn_sigma)
+        fn = cfg_model_fn(model, y, model.cond.null_like(y), scale, learn_sigma=cfg.learn_sigma)
         x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
                              clip_x0=decode is None)          # pixel space: keep x0 estimates in [-1, 1]
         if prompts is not None:  # the grid's rows, beside its PNGs (the same prompts for every step)
@@ -654,9 +716,12 @@ def run(script, argv, kind: str) -> int:
                            description=script.__doc__.split("\n\n")[0].strip())
         script.check_config(cfg)
         d = setup_distributed(cfg.device)
-        if find_resume(cfg.resume, cfg.out) is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
+        resume_path = find_resume(cfg.resume, cfg.out)
+        if resume_path is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
             # checked before the corruption manifest is written into the run folder, not only in train()
             raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
+        if resume_path is not None:                      # refused before prepare_data rewrites corruption.json
+            check_experiment(cfg, load_checkpoint(resume_path, mmap=True)["config"], resume_path)
         dataset, encode_fn, decode, prompts = prepare_data(script, cfg, d.device)
         torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
         model = script.build_model(cfg)
