@@ -300,7 +300,7 @@ class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, cep="none",
                  cep_gamma=1.0, cep_null=False, cond="class", tokenizer="bytes", context_length=77, text_width=128,
-                 text_depth=2, text_heads=4, text_pooled=True):
+                 text_depth=2, text_heads=4, text_pooled=True, cond_dropout=0.0, label_smoothing=0.0):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
@@ -313,12 +313,13 @@ class DiT(nn.Module):
         if cond == "class":
             self.y_embedder = build_condition_encoder("class", hidden_size, num_classes=num_classes,
                                                       dropout_prob=class_dropout_prob, cep=cep, cep_gamma=cep_gamma,
-                                                      cep_null=cep_null)
+                                                      cep_null=cep_null, cond_dropout=cond_dropout,
+                                                      label_smoothing=label_smoothing)
         elif cond == "text":  # the text encoder lives under the model: trained jointly, saved in the checkpoint
             self.y_embedder = build_condition_encoder("text", text_width, dropout_prob=class_dropout_prob, cep=cep,
                                                       cep_gamma=cep_gamma, cep_null=cep_null, tokenizer=tokenizer,
                                                       context_length=context_length, depth=text_depth,
-                                                      heads=text_heads)
+                                                      heads=text_heads, cond_dropout=cond_dropout)
             self.pooled_embedder = (nn.Sequential(nn.Linear(text_width, hidden_size), nn.SiLU(),
                                                   nn.Linear(hidden_size, hidden_size)) if text_pooled else None)
         else:
@@ -372,17 +373,18 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, cep_mask=None, cep_unit=None):
         """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) class ids (null id = num_classes) or (B, L) caption
-        token ids (null = the empty caption) -> (B, C_out, H, W)."""
+        token ids (null = the empty caption) -> (B, C_out, H, W). cep_mask / cep_unit go to the condition encoder
+        (training only: CEP on a subset, pre-drawn CEP noise)."""
         if x.shape[-1] != self.grid * self.patch_size or x.shape[-2] != x.shape[-1]:
             raise ValueError(f"DiT expects square {self.grid * self.patch_size}px inputs, got {tuple(x.shape[-2:])}")
         x = self.x_embedder(x) + self.pos_embed                  # (B, T, D)
         context = mask = None
         if self.cond_kind == "class":
-            c = self.t_embedder(t) + self.y_embedder(y)          # (B, D): CEP already applied to the class embedding
+            c = self.t_embedder(t) + self.y_embedder(y, cep_mask, cep_unit)  # (B, D): CEP applied to the embedding
         else:
-            context, mask = self.y_embedder(y)                   # (B, L, D_text), (B, L): CEP already applied
+            context, mask = self.y_embedder(y, cep_mask, cep_unit)  # (B, L, D_text), (B, L): CEP already applied
             c = self.t_embedder(t)                               # (B, D)
             if self.pooled_embedder is not None:
                 c = c + self.pooled_embedder(self.y_embedder.pooled(context, mask))
@@ -428,7 +430,8 @@ def build_model(cfg) -> DiT:
                                   cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null, cond=cfg.cond,
                                   tokenizer=cfg.tokenizer, context_length=cfg.context_length,
                                   text_width=cfg.text_width, text_depth=cfg.text_depth, text_heads=cfg.text_heads,
-                                  text_pooled=cfg.text_pooled)
+                                  text_pooled=cfg.text_pooled, cond_dropout=cfg.cond_dropout,
+                                  label_smoothing=cfg.label_smoothing)
     return set_numerics(model, cfg.t_freq_shift, cfg.mlp_norm_eps)
 
 

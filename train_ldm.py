@@ -425,16 +425,17 @@ class LDM(nn.Module):
         """The condition encoder c_θ (the trainer uses it for CFG dropout, the samplers for the null condition)."""
         return self.cond_stage_model
 
-    def context(self, y):
+    def context(self, y, cep_mask=None, cep_unit=None):
         """y -> (context (B, L, D), key mask (B, L) or None); CEP is applied inside the encoder while training."""
-        c = self.cond_stage_model(y)
+        c = self.cond_stage_model(y, cep_mask, cep_unit)
         if isinstance(c, tuple):                                        # a text encoder: (tokens, padding mask)
             return c
         return c[:, None], None                                         # a class embedding (B, D) is one token
 
-    def forward(self, x, t, y):
-        """x (B, C, S, S) noisy input, t (B,) timesteps, y (B, ...) conditions -> (B, C_out, S, S)."""
-        context, mask = self.context(y)
+    def forward(self, x, t, y, cep_mask=None, cep_unit=None):
+        """x (B, C, S, S) noisy input, t (B,) timesteps, y (B, ...) conditions -> (B, C_out, S, S).
+        cep_mask / cep_unit go to the condition encoder (training only: CEP on a subset, pre-drawn CEP noise)."""
+        context, mask = self.context(y, cep_mask, cep_unit)
         return self.diffusion_model(x, t, context, mask)
 
 
@@ -460,7 +461,8 @@ def build_cond_encoder(cfg, context_dim: int) -> nn.Module:
     return build_condition_encoder(cfg.cond, context_dim, num_classes=cfg.num_classes, dropout_prob=cfg.class_dropout,
                                    cep=cfg.cep, cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null,
                                    tokenizer=cfg.tokenizer, context_length=cfg.context_length, depth=cfg.text_depth,
-                                   heads=cfg.text_heads)
+                                   heads=cfg.text_heads, cond_dropout=cfg.cond_dropout,
+                                   label_smoothing=cfg.label_smoothing)
 
 
 def build_model(cfg) -> LDM:
