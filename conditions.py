@@ -20,6 +20,9 @@ keys/values for cross-attention; the CFG null condition is the empty caption.
 Design choices the paper leaves open (paper.md §3.2), made explicit here:
 - CFG dropout is decided by the training loop (trainer.py), not drawn inside the module, so that the same global batch
   gets the same dropout mask on 1 GPU and on 8 (DDP equality) and after a resume.
+- CEP's δ is drawn by the training loop too when it hands the encoder `cep_unit` (the global batch's unit noise from
+  the (seed, step) generator, sliced per rank: 1 GPU = N GPUs); without it the encoder draws δ itself. `cep_mask`
+  restricts CEP to a subset of the batch (the fixed-CEP ablation, --cep-subset).
 - CEP perturbs only samples that carry a real condition; the null (dropped) embedding stays clean by default, because
   it stands for "no condition" and has nothing to corrupt. `cep_null=True` perturbs it as well.
 - For text, CEP's d is the per-token width D (every real token vector gets noise of scale gamma/sqrt(D)), not L*D as

@@ -120,7 +120,10 @@ ARCH_FIELDS = ("model", "cond", "image_size", "num_classes", "learn_sigma", "vae
 PRESETS = {
     # LDM-4 on ImageNet-1K 256^2, the paper's recipe (Table 3, §4.1) on the CompVis cin256-v2 config: VQ-f4 latents
     # 64x64x3, lr 1e-4, 64/GPU x 8 GPUs, 178K steps. Not stated by the paper, taken from upstream CompVis: AdamW's
-    # default weight decay 0.01, EMA 0.9999 (LitEma); CFG dropout 0.1 follows DiT (CompVis has none).
+    # default weight decay 0.01. EMA: CompVis's DDPM default is LitEma 0.9999, but cin256-v2.yaml sets use_ema: False,
+    # so upstream trains and samples the raw weights. We keep an EMA 0.9999 (no LitEma warmup) beside them: it costs
+    # nothing, evaluate.py samples it by default and `evaluate.py --no-ema` samples the raw weights as upstream does.
+    # CFG dropout 0.1 follows DiT (CompVis has none).
     "ldm4-in1k": dict(model="ldm4-cin256", image_size=256, num_classes=1000, vae="vq-f4", steps=178_000,
                       batch_size=512, lr=1e-4, weight_decay=0.01, ema_decay=0.9999, class_dropout=0.1,
                       learn_sigma=False, schedule="scaled_linear", log_every=100, ckpt_every=10_000,
