@@ -51,8 +51,20 @@ def _check(mode, gamma):
         raise ValueError(f"CEP gamma must be a finite number >= 0, got {gamma!r}")
 
 
-def perturb(emb, mode="uniform", gamma=1.0, mask=None, generator=None):
-    """Return emb + delta with fresh delta of scale gamma/sqrt(emb.shape[-1]); mask (leading dims) picks samples."""
+def unit_noise(shape, mode="uniform", generator=None, device=None):
+    """The unit draw delta is made from: U[0, 1) for uniform, N(0, 1) for gaussian, fp32, of `shape`.
+
+    Draw it yourself (e.g. for a whole global batch from a per-step generator, then slice) and pass it to
+    perturb(unit=...) when every process must see the same delta; perturb draws it itself otherwise."""
+    if mode == "uniform":
+        return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def perturb(emb, mode="uniform", gamma=1.0, mask=None, generator=None, unit=None):
+    """Return emb + delta with fresh delta of scale gamma/sqrt(emb.shape[-1]); mask (leading dims) picks samples.
+
+    unit (emb's shape): a pre-drawn unit_noise(emb.shape, mode) to use instead of drawing from `generator`."""
     _check(mode, gamma)
     if not emb.is_floating_point():
         raise ValueError(f"CEP needs a floating-point embedding, got dtype {emb.dtype}")
@@ -68,11 +80,18 @@ def perturb(emb, mode="uniform", gamma=1.0, mask=None, generator=None):
     # draw in fp32 (or fp64) so bf16/fp16 embeddings get the same distribution; the noise is a constant for
     # autograd, so gradients flow to emb unchanged
     noise_dtype = torch.float64 if emb.dtype == torch.float64 else torch.float32
-    if mode == "uniform":
+    if unit is not None:
+        if unit.shape != emb.shape:
+            raise ValueError(f"CEP unit noise of shape {tuple(unit.shape)} must match the embedding {tuple(emb.shape)}")
+        delta = unit.to(emb.device, noise_dtype)
+    elif mode == "uniform":
         delta = torch.rand(emb.shape, generator=generator, device=emb.device, dtype=noise_dtype)
+    else:
+        delta = torch.randn(emb.shape, generator=generator, device=emb.device, dtype=noise_dtype)
+    if mode == "uniform":
         delta = (2 * delta - 1) * scale  # (..., D) in [-scale, scale)
     else:
-        delta = torch.randn(emb.shape, generator=generator, device=emb.device, dtype=noise_dtype) * scale
+        delta = delta * scale
     delta = delta.to(emb.dtype)
     if mask is None:
         return emb + delta
@@ -90,11 +109,11 @@ class CEP(nn.Module):
         _check(mode, gamma)
         self.mode, self.gamma = mode, float(gamma)
 
-    def forward(self, emb, mask=None):
-        """emb (..., D) -> same shape; identity in eval mode or with mode='none'."""
+    def forward(self, emb, mask=None, unit=None):
+        """emb (..., D) -> same shape; identity in eval mode or with mode='none'. unit: see perturb()."""
         if not self.training or self.mode == "none":
             return emb
-        return perturb(emb, self.mode, self.gamma, mask)
+        return perturb(emb, self.mode, self.gamma, mask, unit=unit)
 
     def extra_repr(self):
         return f"mode={self.mode!r}, gamma={self.gamma:g}"

@@ -110,7 +110,8 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
                                learn_sigma=getattr(cfg, "learn_sigma", False))
     info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
-            "precision": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class")}
+            "precision": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class"),
+            "class_dropout": cfg.class_dropout}
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
@@ -509,8 +510,11 @@ def _sampler_from_args(args, device):
         guide = "auto" if args.guide_channels is None else args.guide_channels
         return load_pretrained_sampler(args.pretrained, device, args.sampler, args.steps, args.precision,
                                        args.vae_path, guide)
-    return load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
-                        precision=args.precision, vae_path=args.vae_path, prompts=read_prompts(args.prompts))
+    sample_fn, info = load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
+                                   precision=args.precision, vae_path=args.vae_path, prompts=read_prompts(args.prompts))
+    if info["class_dropout"] == 0 and info["cond"] == "class" and any(s != 1 for s in args.cfg_scales):
+        raise ValueError(f"{args.ckpt} was trained with --class-dropout 0 (no null class): only --cfg-scales 1 works")
+    return sample_fn, info
 
 
 def read_prompts(path):
