@@ -43,9 +43,10 @@ t in [0, 1] (1 = pure noise, sampling runs from 1 to 0), the clean embedding y b
     y_out = psi * y_res + (1 - psi) * y_hat                             (psi = 0: no rescale)
 
 so early (noisy) steps see a mostly random condition and late steps the clean one. We follow the paper's
-definitions above and its ablation (Sec. 4, Fig. 7: best FID near tau1 = 0.6, s = 0.1, psi = 1), so the defaults
-are tau1 = 0.6, tau2 = 0.9, s = 0.1, psi = 1. The CFG null condition stays clean (the paper anneals the condition;
-the unconditional branch is "no condition"). Choices the paper leaves open, made explicit:
+definitions above; the defaults tau1 = 0.6, tau2 = 0.9, s = 0.1, psi = 1 are where its ablation (Sec. 4, Fig. 7)
+puts the best FID for tau1, s and psi, with tau2 = 0.9 as the public ports carry it (they use s = 0.25 for
+text-to-image; tune per model). The CFG null condition stays clean: the paper anneals the condition, and the
+unconditional branch has none. Choices the paper leaves open, made explicit:
 - mean and std are taken per sample, over that sample's annealed elements (for a token sequence: its real tokens
   times D), with the unbiased std (torch.std's default), so an image does not depend on the batch it is drawn in;
 - where g(t) = 1 the embedding is returned untouched (bit for bit), so tau1 >= 1 is exactly the plain sampler;
