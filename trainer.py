@@ -492,6 +492,20 @@ def check_run_config(cfg, downsample: int = 1) -> None:
         raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
     if cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise RunError("--log-every and --ckpt-every must be >= 1")
+    grid_cads(cfg)                                       # a bad --sample-cads fails before any work
+
+
+def grid_cads(cfg):
+    """The cep.CADS of --sample-cads 'noise,tau1,tau2,psi' (evaluate.py's --cads-* in one flag), or None if off."""
+    from cep import CADS
+    spec = getattr(cfg, "sample_cads", "")
+    if not spec:
+        return None
+    try:
+        noise, tau1, tau2, psi = (float(v) for v in spec.split(","))
+        return CADS(tau1, tau2, noise, psi) if noise > 0 else None
+    except ValueError as e:
+        raise RunError(f"--sample-cads {spec!r}: expected 'noise,tau1,tau2,psi' such as 0.1,0.6,0.9,1 ({e})") from None
 
 
 def build_data(cfg, device):
@@ -588,14 +602,17 @@ def make_sample_fn(cfg, diffusion, num_classes: int, shape, decode=None, prompts
         rows = encode_prompts(cfg, prompts)                                    # (R, L)
     conds = rows.repeat_interleave(cfg.sample_per_class, dim=0)
     noise = torch.randn((len(conds), *shape), generator=torch.Generator().manual_seed(cfg.seed))  # shape (C, H, W)
+    cads = grid_cads(cfg)
 
     @torch.no_grad()
     def sample(model):
         dev = next(model.parameters()).device
         y = conds.to(dev)
         fn = cfg_model_fn(model, y, model.cond.null_like(y), cfg.sample_cfg, learn_sigma=cfg.learn_sigma)
-        x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
-                             clip_x0=decode is None)          # pixel space: keep x0 estimates in [-1, 1]
+        seeds = range(cfg.seed, cfg.seed + len(y))                             # CADS noise: one stream per image
+        with nullcontext() if cads is None else cads.sampling(model, model.cond, seeds, diffusion.num_timesteps):
+            x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+                                 clip_x0=decode is None)      # pixel space: keep x0 estimates in [-1, 1]
         if prompts is not None:  # the grid's rows, beside its PNGs (the same prompts for every step)
             os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
             with open(os.path.join(cfg.out, "samples", "captions.txt"), "w", encoding="utf-8") as f:

@@ -158,3 +158,16 @@ def ev_args(argv):
     p = argparse.ArgumentParser()
     ev._add_cads_args(p)
     return p.parse_args(argv)
+
+
+def test_training_grids_take_sample_cads(tmp_path, capsys):
+    import train_dit
+    base = ["--image-size", "8", "--batch-size", "4", "--steps", "2", "--sample-every", "2", "--builtin-length", "16",
+            "--sample-per-class", "1", "--sample-steps", "3", "--log-every", "1"]
+    assert train_dit.main(base + ["--sample-cads", "0.1,0.6,0.9,1", "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "samples" / "step_0000002.png").is_file()
+    capsys.readouterr()
+    assert train_dit.main(base + ["--sample-cads", "0.1,0.9,0.6,1", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_dit.py: error: --sample-cads") and "tau1 <= tau2" in err[0]
+    assert not (tmp_path / "b").exists()
