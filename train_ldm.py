@@ -84,6 +84,8 @@ class LDMConfig:
     # run
     out: str = opt("runs/ldm", "run folder: checkpoints, log.jsonl, samples/")
     resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
+    init_from: str = opt("", "fine-tune from SOURCE: a release pretrained.py loads or a nanoCEP checkpoint (its EMA "
+                         "weights, architecture and numerics; fresh optimizer and step); see README")
     seed: int = opt(0, "global seed (data order, noise, corruption)")
     device: str = opt("auto", "auto | cpu | cuda")
     precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",

@@ -78,11 +78,16 @@ def parse_config(cls, argv=None, presets: dict | None = None, description: str =
     args = p.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     if presets and args.preset:
-        explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
-                    if a.startswith("--")}
-        explicit |= {n[3:] for n in explicit if n.startswith("no_")}
+        explicit = explicit_fields(argv)
         values.update({k: v for k, v in presets[args.preset].items() if k not in explicit})
     return cls(**values)
+
+
+def explicit_fields(argv=None) -> set:
+    """The config fields given as flags on the command line (--no-x counts for x)."""
+    explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                if a.startswith("--")}
+    return explicit | {n[3:] for n in explicit if n.startswith("no_")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -669,6 +674,10 @@ def run(script, argv, kind: str) -> int:
     try:
         cfg = parse_config(script.CONFIG_CLASS, argv, script.PRESETS,
                            description=script.__doc__.split("\n\n")[0].strip())
+        init_sd = None
+        if cfg.init_from:                                # fine-tuning: SOURCE's architecture, numerics and weights
+            import pretrained
+            cfg, init_sd, init_note = pretrained.init_weights(cfg.init_from, cfg, kind, explicit_fields(argv))
         script.check_config(cfg)
         d = setup_distributed(cfg.device)
         if find_resume(cfg.resume, cfg.out) is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
@@ -677,12 +686,16 @@ def run(script, argv, kind: str) -> int:
         dataset, encode_fn, decode, prompts = prepare_data(script, cfg, d.device)
         torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
         model = script.build_model(cfg)
+        if init_sd is not None:
+            init_note += "; " + pretrained.load_init(model, init_sd)
+            if d.main:
+                print(f"{name}: {init_note}", flush=True)
         diffusion = script.build_diffusion(cfg)
         sample_fn = (make_sample_fn(cfg, diffusion, cfg.num_classes, script.latent_shape(cfg), decode, prompts)
                      if cfg.sample_every else None)
         result = train(cfg, model, diffusion, dataset, kind=kind, arch_fields=script.ARCH_FIELDS, d=d,
                        sample_fn=sample_fn, encode_fn=encode_fn, latent_shape=script.latent_shape(cfg))
-    except (RunError, ValueError, FileNotFoundError) as e:
+    except (RunError, ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except Diverged as e:
