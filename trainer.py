@@ -686,10 +686,13 @@ def run(script, argv, kind: str) -> int:
         dataset, encode_fn, decode, prompts = prepare_data(script, cfg, d.device)
         torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
         model = script.build_model(cfg)
-        if init_sd is not None:
+        if init_sd is not None and find_resume(cfg.resume, cfg.out) is None:   # a resumed run has its own weights
             init_note += "; " + pretrained.load_init(model, init_sd)
             if d.main:
                 print(f"{name}: {init_note}", flush=True)
+                os.makedirs(cfg.out, exist_ok=True)
+                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps({"event": "init_from", "source": cfg.init_from, "note": init_note}) + "\n")
         diffusion = script.build_diffusion(cfg)
         sample_fn = (make_sample_fn(cfg, diffusion, cfg.num_classes, script.latent_shape(cfg), decode, prompts)
                      if cfg.sample_every else None)

@@ -67,6 +67,8 @@ def test_release_fine_tunes_two_steps_and_resumes(dit_t2_release, tmp_path, caps
     assert ckpt["model"].keys() == train_dit.build_model(cfg).state_dict().keys() == ckpt["ema"].keys()
     assert train_dit.main(args + ["--steps", "3", "--resume", "auto"]) == 0
     assert load_checkpoint(str(run / "last.pt"))["step"] == 3
+    events = [json.loads(line).get("event") for line in (run / "log.jsonl").read_text().splitlines()]
+    assert events.count("init_from") == 1 and events[0] == "init_from"            # logged once, not on resume
 
 
 def test_nanocep_checkpoint_first_loss_is_its_ema_models_loss(tmp_path):
