@@ -17,6 +17,9 @@ into the cache; HF_TOKEN is sent for gated repos; "repo@revision" picks a revisi
     images = p["vae"].decode(z)                     # [-1, 1]
     p["betas"], p["null_class"], p["config"]        # schedule, CFG null label, sampling conventions
 
+Fine-tuning (train_dit.py / train_ldm.py --init-from SOURCE) goes through init_weights (config + weights) and
+load_init (the class table re-initialised when the class count differs); SOURCE may also be a nanoCEP checkpoint.
+
 Run:
     python pretrained.py SOURCE                     # fetch if needed, load, print a summary
     python evaluate.py --pretrained SOURCE --cfg-scales 1.75 --ref REF   # the paper's 50K protocol
