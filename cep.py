@@ -269,7 +269,8 @@ if __name__ == "__main__":
         print(f"{mode:8s} gamma=1 d={d}: max|delta| {delta.abs().max():.4f} (uniform bound 1/sqrt(d) = "
               f"{1 / math.sqrt(d):.4f}), std {delta.std():.5f} (expected {want_std:.5f})")
     cads, y = CADS(), torch.randn(4, d) * 0.3 + 0.1
-    print(f"CADS {cads}: gamma at t = 0, 0.6, 0.75, 0.9, 1: {[round(cads.gamma(t), 3) for t in (0, 0.6, 0.75, 0.9, 1)]}")
+    ts = (0, 0.6, 0.75, 0.9, 1)
+    print(f"CADS {cads}: gamma at t = {ts}: {[round(cads.gamma(t), 3) for t in ts]}")
     out = cads(y, 0.8)
     print(f"CADS at t = 0.8: per-sample std {out.std(1).tolist()} (input {y.std(1).tolist()}), "
           f"corr with the input {torch.corrcoef(torch.stack([out.flatten(), y.flatten()]))[0, 1]:.3f}")

@@ -100,7 +100,8 @@ class LDMConfig:
     sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
                               choices=["dpm++", "ddim", "ddpm"])
     sample_steps: int = opt(25, "sampling steps of the sample grids")
-    sample_cads: str = opt("", "CADS on the sample grids (cep.py): 'noise,tau1,tau2,psi', e.g. 0.1,0.6,0.9,1; empty = off")
+    sample_cads: str = opt("", "CADS on the sample grids (cep.py): 'noise,tau1,tau2,psi', e.g. 0.1,0.6,0.9,1; "
+                           "empty = off")
     sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
     sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one per built-in class)")
 
