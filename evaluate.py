@@ -4,6 +4,8 @@ evaluate.py: FID, Inception Score and precision/recall of nanoCEP samples, the p
 Sample a checkpoint over a grid of guidance scales, then measure every scale (one row per scale):
     python evaluate.py CKPT --num-samples 50000 --cfg-scales 1.5,1.75,2.0 --sampler dpm++ --steps 50 --ref REF --npz
     torchrun --nproc_per_node=8 evaluate.py CKPT ...        # each rank samples (and featurizes) its own slice
+CADS (condition-annealed sampling, cep.py) on any sampler, class or text, checkpoint or release (off by default):
+    python evaluate.py CKPT --cads-noise 0.1 --cads-tau1 0.6 --cads-tau2 0.9 --cads-psi 1 ...
 Released weights (pretrained.py) instead of a checkpoint, and a quick preview grid (no metrics):
     python evaluate.py --pretrained DiffusionNoise/dit-xl-2_imagenet_clean --cfg-scales 1.75 --ref REF ...
     python evaluate.py --pretrained DiT-XL-2-256 --classes 88,207,360 --grid preview.png --cfg-scales 4
@@ -71,7 +73,7 @@ SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}  # checkpoint "kind" -> the t
 
 
 def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precision="auto", vae_path=None,
-                 prompts=None):
+                 prompts=None, cads=None):
     """Rebuild the model stored in CKPT: (sample_fn(labels (B,), seeds list, cfg_scale) -> uint8 (B, H, W, 3), info).
 
     The model is rebuilt by its train script (CONFIG_CLASS, build_model, build_diffusion, latent_shape) from the config
@@ -107,10 +109,10 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
         decode = vae.load_vae(cfg.vae, vae_path or cfg.vae_path or None, device=device).decode
     use_bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
     sample_fn = make_sample_fn(model, diffusion, script.latent_shape(cfg), decode, device, sampler, steps, use_bf16,
-                               learn_sigma=getattr(cfg, "learn_sigma", False))
+                               learn_sigma=getattr(cfg, "learn_sigma", False), cads=cads)
     info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
-            "precision": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class"),
+            "dtype": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class"),
             "class_dropout": cfg.class_dropout}
     if info["cond"] == "text":
         if not prompts:
@@ -126,13 +128,15 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
 
 
 def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_bf16, *, learn_sigma=False,
-                   null_class=None, guide_channels=None, timesteps=None, eta=0.0):
+                   null_class=None, guide_channels=None, timesteps=None, eta=0.0, cads=None):
     """sample_fn(labels (B,), seeds, cfg_scale) -> uint8 (B, H, W, 3): CFG sampling from per-image seeded noise.
 
     Image i's generator torch.Generator().manual_seed(seeds[i]) draws its initial noise and then, for ddpm and ddim
     with eta > 0, its per-step noise: an image depends on its seed only, so shards reproduce one process bit for bit.
     null_class: the CFG null label (default: the model's condition encoder's); guide_channels: guide only the first
-    N latent channels (official DiT: 3); timesteps: explicit dpm++ timesteps (a release's scheduler spacing)."""
+    N latent channels (official DiT: 3); timesteps: explicit dpm++ timesteps (a release's scheduler spacing);
+    cads: a cep.CADS that anneals the condition embedding along the chain (its noise seeded per image too)."""
+    from contextlib import nullcontext
     from diffusion import cfg_model_fn, sample_dpmpp_2m
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
 
@@ -143,7 +147,9 @@ def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_
         y = torch.as_tensor(labels).to(device)
         y_null = model.cond.null_like(y) if null_class is None else torch.full_like(y, null_class)
         fn = cfg_model_fn(model, y, y_null, cfg_scale, learn_sigma=learn_sigma, guide_channels=guide_channels)
-        with autocast:
+        annealing = (nullcontext() if cads is None else      # CADS: the null branch stays clean
+                     cads.sampling(model, model.cond, seeds, diffusion.num_timesteps))
+        with autocast, annealing:
             if timesteps is not None and sampler == "dpm++":
                 x = sample_dpmpp_2m(fn, noise.to(device), diffusion.alphas_cumprod, timesteps, learn_sigma=learn_sigma)
             else:
@@ -158,7 +164,7 @@ def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_
 
 
 def load_pretrained_sampler(source, device="cpu", sampler="dpm++", steps=50, precision="auto", vae_path=None,
-                            guide_channels="auto"):
+                            guide_channels="auto", cads=None):
     """(sample_fn, info) for a released model (pretrained.py): its schedule, null label, CFG channels and, for dpm++,
     the timesteps diffusers' DPMSolverMultistepScheduler.from_config(release scheduler) would visit."""
     import pretrained
@@ -173,9 +179,9 @@ def load_pretrained_sampler(source, device="cpu", sampler="dpm++", steps=50, pre
     use_bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
     sample_fn = make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_bf16,
                                learn_sigma=cfg["learn_sigma"], null_class=p["null_class"],
-                               guide_channels=cfg["guide_channels"], timesteps=timesteps)
+                               guide_channels=cfg["guide_channels"], timesteps=timesteps, cads=cads)
     info = {"num_classes": cfg["num_classes"], "kind": cfg["kind"], "model": cfg["name"], "format": cfg["format"],
-            "vae": cfg["vae"], "precision": "bf16" if use_bf16 else "fp32", "null_class": p["null_class"],
+            "vae": cfg["vae"], "dtype": "bf16" if use_bf16 else "fp32", "null_class": p["null_class"],
             "guide_channels": cfg["guide_channels"] or shape[0], "timestep_spacing":
                 cfg["scheduler"].get("timestep_spacing", "linspace") if sampler == "dpm++" else "nanoCEP"}
     return sample_fn, info
@@ -450,11 +456,13 @@ def main_sample(argv):
     p.add_argument("--prompts", help="text models: a file of captions, one per line (e.g. 5K MS-COCO captions); "
                                      "samples cycle through them")
     p.add_argument("--vae-path", help="autoencoder weights, if not where the training run found them")
+    _add_cads_args(p)
     p.add_argument("--png", action="store_true", help="save OUT/cfg{scale}/samples/{index:06d}.png")
     p.add_argument("--npz", action="store_true", help="save OUT/cfg{scale}/samples.npz (arr_0, ADM evaluator format)")
     _add_feature_args(p)
     args = p.parse_args(argv)
     _check_common(args)
+    cads_from_args(args)                                   # bad --cads-* values fail before any work
     if args.num_samples < min_samples(args.k, args.is_splits):
         raise ValueError(f"--num-samples {args.num_samples} is below the {min_samples(args.k, args.is_splits)} "
                          "the statistics need")
@@ -481,7 +489,7 @@ def main_sample(argv):
     rank, world_size, device = d.rank, d.world, (str(d.device) if d.world > 1 else args.device or str(d.device))
     sample_fn, info = _sampler_from_args(args, device)
     settings = {"checkpoint": str(args.ckpt or args.pretrained), "sampler": args.sampler, "steps": args.steps,
-                "ema": not args.no_ema and args.pretrained is None,
+                "ema": not args.no_ema and args.pretrained is None, **cads_settings(args),
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
     rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, _featurizer(args, device),
                                args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
@@ -506,15 +514,44 @@ def _classes(text):
 
 def _sampler_from_args(args, device):
     """(sample_fn, info) for the CLI: a nanoCEP checkpoint or a --pretrained release."""
+    cads = cads_from_args(args)
     if args.pretrained is not None:
         guide = "auto" if args.guide_channels is None else args.guide_channels
         return load_pretrained_sampler(args.pretrained, device, args.sampler, args.steps, args.precision,
-                                       args.vae_path, guide)
+                                       args.vae_path, guide, cads=cads)
     sample_fn, info = load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
-                                   precision=args.precision, vae_path=args.vae_path, prompts=read_prompts(args.prompts))
+                                   precision=args.precision, vae_path=args.vae_path, prompts=read_prompts(args.prompts),
+                                   cads=cads)
     if info["class_dropout"] == 0 and info["cond"] == "class" and any(s != 1 for s in args.cfg_scales):
         raise ValueError(f"{args.ckpt} was trained with --class-dropout 0 (no null class): only --cfg-scales 1 works")
     return sample_fn, info
+
+
+def _add_cads_args(p):
+    p.add_argument("--cads-noise", type=float, default=0.0, help="CADS (cep.py): condition noise scale s at t = 1; "
+                   "0 = off (the paper's ablation: 0.1)")
+    p.add_argument("--cads-tau1", type=float, default=0.6, help="CADS: clean condition for t <= tau1 (t = 1: noise)")
+    p.add_argument("--cads-tau2", type=float, default=0.9, help="CADS: pure-noise condition for t >= tau2")
+    p.add_argument("--cads-psi", type=float, default=1.0, help="CADS: weight of the rescaled embedding, "
+                   "psi * rescaled + (1 - psi) * noised; 0 = no rescale")
+
+
+def cads_from_args(args):
+    """A cep.CADS from the --cads-* flags, or None when --cads-noise is 0 (off); bad values -> ValueError."""
+    from cep import CADS
+    if args.cads_noise < 0:
+        raise ValueError(f"--cads-noise must be >= 0, got {args.cads_noise}")
+    try:
+        cads = CADS(args.cads_tau1, args.cads_tau2, args.cads_noise, args.cads_psi)
+    except ValueError as e:
+        raise ValueError(f"--cads-*: {e}") from None
+    return cads if args.cads_noise > 0 else None
+
+
+def cads_settings(args):
+    """The CADS columns of a results row (cads_noise 0 = off)."""
+    return {"cads_noise": args.cads_noise, "cads_tau1": args.cads_tau1, "cads_tau2": args.cads_tau2,
+            "cads_psi": args.cads_psi}
 
 
 def read_prompts(path):

@@ -93,6 +93,8 @@ class LDMConfig:
     resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
     resume_override: str = opt("", "comma-separated experiment fields a resume may change (e.g. batch_size,seed); "
                                "without it a resume refuses any change of corruption, CEP, ablation, seed or batch flags")
+    init_from: str = opt("", "fine-tune from SOURCE: a release pretrained.py loads or a nanoCEP checkpoint (its EMA "
+                         "weights, architecture and numerics; fresh optimizer and step); see README")
     seed: int = opt(0, "global seed (data order, noise, corruption)")
     device: str = opt("auto", "auto | cpu | cuda")
     precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
@@ -107,6 +109,8 @@ class LDMConfig:
     sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
                               choices=["dpm++", "ddim", "ddpm"])
     sample_steps: int = opt(25, "sampling steps of the sample grids")
+    sample_cads: str = opt("", "CADS on the sample grids (cep.py): 'noise,tau1,tau2,psi', e.g. 0.1,0.6,0.9,1; "
+                           "empty = off")
     sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
     sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one per built-in class)")
 

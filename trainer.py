@@ -88,11 +88,16 @@ def parse_config(cls, argv=None, presets: dict | None = None, description: str =
     args = p.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     if presets and args.preset:
-        explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
-                    if a.startswith("--")}
-        explicit |= {n[3:] for n in explicit if n.startswith("no_")}
+        explicit = explicit_fields(argv)
         values.update({k: v for k, v in presets[args.preset].items() if k not in explicit})
     return cls(**values)
+
+
+def explicit_fields(argv=None) -> set:
+    """The config fields given as flags on the command line (--no-x counts for x)."""
+    explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                if a.startswith("--")}
+    return explicit | {n[3:] for n in explicit if n.startswith("no_")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -616,6 +621,7 @@ def check_run_config(cfg, downsample: int = 1) -> None:
     if cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise RunError("--log-every and --ckpt-every must be >= 1")
     check_ablation_config(cfg)
+    grid_cads(cfg)                                       # a bad --sample-cads fails before any work
 
 
 def check_ablation_config(cfg) -> None:
@@ -630,6 +636,19 @@ def check_ablation_config(cfg) -> None:
         raise RunError("--cep-subset picks the items CEP perturbs: it needs --cep uniform | gaussian")
     if cfg.label_smoothing > 0 and getattr(cfg, "cond", "class") == "text":
         raise RunError("--label-smoothing smooths class labels; it needs --cond class (captions have no one-hot)")
+
+
+def grid_cads(cfg):
+    """The cep.CADS of --sample-cads 'noise,tau1,tau2,psi' (evaluate.py's --cads-* in one flag), or None if off."""
+    from cep import CADS
+    spec = getattr(cfg, "sample_cads", "")
+    if not spec:
+        return None
+    try:
+        noise, tau1, tau2, psi = (float(v) for v in spec.split(","))
+        return CADS(tau1, tau2, noise, psi) if noise > 0 else None
+    except ValueError as e:
+        raise RunError(f"--sample-cads {spec!r}: expected 'noise,tau1,tau2,psi' such as 0.1,0.6,0.9,1 ({e})") from None
 
 
 def build_data(cfg, device):
@@ -737,14 +756,17 @@ def make_sample_fn(cfg, diffusion, num_classes: int, shape, decode=None, prompts
     conds = rows.repeat_interleave(cfg.sample_per_class, dim=0)
     noise = torch.randn((len(conds), *shape), generator=torch.Generator().manual_seed(cfg.seed))  # shape (C, H, W)
     scale = grid_cfg_scale(cfg)
+    cads = grid_cads(cfg)
 
     @torch.no_grad()
     def sample(model):
         dev = next(model.parameters()).device
         y = conds.to(dev)
         fn = cfg_model_fn(model, y, model.cond.null_like(y), scale, learn_sigma=cfg.learn_sigma)
-        x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
-                             clip_x0=decode is None)          # pixel space: keep x0 estimates in [-1, 1]
+        seeds = range(cfg.seed, cfg.seed + len(y))                             # CADS noise: one stream per image
+        with nullcontext() if cads is None else cads.sampling(model, model.cond, seeds, diffusion.num_timesteps):
+            x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+                                 clip_x0=decode is None)      # pixel space: keep x0 estimates in [-1, 1]
         if prompts is not None:  # the grid's rows, beside its PNGs (the same prompts for every step)
             os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
             with open(os.path.join(cfg.out, "samples", "captions.txt"), "w", encoding="utf-8") as f:
@@ -801,6 +823,10 @@ def run(script, argv, kind: str) -> int:
     try:
         cfg = parse_config(script.CONFIG_CLASS, argv, script.PRESETS,
                            description=script.__doc__.split("\n\n")[0].strip())
+        init_sd = None
+        if cfg.init_from:                                # fine-tuning: SOURCE's architecture, numerics and weights
+            import pretrained
+            cfg, init_sd, init_note = pretrained.init_weights(cfg.init_from, cfg, kind, explicit_fields(argv))
         script.check_config(cfg)
         d = setup_distributed(cfg.device)
         resume_path = find_resume(cfg.resume, cfg.out)
@@ -812,12 +838,19 @@ def run(script, argv, kind: str) -> int:
         dataset, encode_fn, decode, prompts = prepare_data(script, cfg, d.device)
         torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
         model = script.build_model(cfg)
+        if init_sd is not None and find_resume(cfg.resume, cfg.out) is None:   # a resumed run has its own weights
+            init_note += "; " + pretrained.load_init(model, init_sd)
+            if d.main:
+                print(f"{name}: {init_note}", flush=True)
+                os.makedirs(cfg.out, exist_ok=True)
+                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps({"event": "init_from", "source": cfg.init_from, "note": init_note}) + "\n")
         diffusion = script.build_diffusion(cfg)
         sample_fn = (make_sample_fn(cfg, diffusion, cfg.num_classes, script.latent_shape(cfg), decode, prompts)
                      if cfg.sample_every else None)
         result = train(cfg, model, diffusion, dataset, kind=kind, arch_fields=script.ARCH_FIELDS, d=d,
                        sample_fn=sample_fn, encode_fn=encode_fn, latent_shape=script.latent_shape(cfg))
-    except (RunError, ValueError, FileNotFoundError) as e:
+    except (RunError, ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except Diverged as e:
