@@ -87,7 +87,7 @@ def test_nanocep_checkpoint_first_loss_is_its_ema_models_loss(tmp_path):
     ds = data.build_dataset("builtin", 8, seed=7, builtin_length=16)
     keys = data.StepSampler(len(ds), 4, 0, 1, 7, 0, 1).keys(0)
     x, y = torch.utils.data.default_collate([ds[k] for k in keys])
-    t, noise, drop, _ = step_draws(7, 0, 4, (3, 8, 8), 1000, cfg.class_dropout, torch.device("cpu"))
+    t, noise, drop = step_draws(7, 0, 4, (3, 8, 8), 1000, cfg.class_dropout, torch.device("cpu"))[:3]
     diffusion = train_dit.build_diffusion(cfg)
 
     def loss_of(weights):
