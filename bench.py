@@ -139,6 +139,13 @@ def measure(script_name: str, train_argv: list, warmup: int = 3, iters: int = 10
 
 
 def main(argv=None) -> int:
+    from trainer import ArgParser
+    pre = ArgParser(prog="bench.py", add_help=False)
+    pre.add_argument("--suite", choices=["gpu"], default=None)
+    suite, rest = pre.parse_known_args(argv)
+    if suite.suite == "gpu":                                  # the suite has its own flags (--json, --rows, ...)
+        import gpu_suite
+        return gpu_suite.main(rest, prog="bench.py --suite gpu")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), add_help=False)
     p.add_argument("--suite", choices=["gpu"], default=None, help="run a whole suite instead (gpu: see gpu_suite.py)")
     p.add_argument("--script", default="train_dit", choices=["train_dit", "train_ldm"], help="which model family")
@@ -147,9 +154,6 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="override the accelerator peak for MFU")
     p.add_argument("-h", "--help", action="store_true")
     args, rest = p.parse_known_args(argv)
-    if args.suite == "gpu":                                   # the suite has its own flags (--json, --rows, ...)
-        import gpu_suite
-        return gpu_suite.main(rest + (["--help"] if args.help else []))
     if args.help:
         p.print_help()
         print("\nAll flags of the train script are accepted; see python", args.script + ".py --help")
