@@ -168,7 +168,8 @@ def main(argv=None) -> int:
           f"{r['device']}{' ' + r['gpu'] if r['gpu'] else ''} | {r['precision']}{' compiled' if r['compiled'] else ''}")
     mfu = f"{r['mfu_pct']:.1f}%" if r["mfu_pct"] is not None else "n/a (unknown peak; --peak-tflops)"
     print(f"step {r['step_s'] * 1000:.1f} ms (median of {r['iters']}, min {r['step_min_s'] * 1000:.1f}) | "
-          f"{r['img_per_s']:.1f} img/s | {r['flops_per_img'] / 3 / 1e9:.2f} GFLOP fwd/img | {r['tflops']:.2f} TFLOP/s | "
+          f"{r['img_per_s']:.1f} img/s | {r['flops_per_img'] / 3 / 1e9:.2f} GFLOP fwd/img | "
+          f"{r['tflops']:.2f} TFLOP/s | "
           f"MFU {mfu}" + (f" | peak mem {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else ""))
     return 0
 

@@ -17,7 +17,7 @@ is downloaded.
             (bench.measure: the trainer's step with fused AdamW and the EMA update; FLOPs from FlopCounterMode)
   ldm-b64   LDM-4 cin256-v2 U-Net (64x64x3 VQ-f4 latents) training step, bf16 + compile, batch 64
   sample    DiT-XL/2 DPM-Solver++ 50 steps with CFG (100 network evaluations per sample) and the KL-f8 decode, bf16,
-            batch 256, through evaluate.make_sample_fn as `evaluate.py` runs it; also the time 50K samples take on 8 GPUs
+            batch 256, through evaluate.make_sample_fn as `evaluate.py` runs it; and the time 50K samples take on 8
   encode    KL-f8 encode at 256^2 with bf16 weights, batch 64 (32 images + their mirrors, as latents.py encodes them)
   loader    latents.bench_loader on a synthetic 8192-item KL-f8 cache with the trainer's worker count; it must
             deliver >= 2x the fastest measured DiT-XL/2 training rate (the cache is in the page cache: CPU path only)
@@ -80,7 +80,7 @@ def row_tests(opts) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         xml_path = os.path.join(tmp, "junit.xml")
         cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider",
-               f"--junitxml={xml_path}", "-o", "junit_family=xunit1"]   # xunit1 keeps record_property
+               f"--junitxml={xml_path}", "-o", "junit_family=xunit1"]        # xunit1 keeps the record_property's
         proc = subprocess.run(cmd, cwd=HERE)
         if not os.path.isfile(xml_path):
             raise RuntimeError(f"pytest exited {proc.returncode} without a report")
@@ -109,45 +109,52 @@ def row_train(script: str, argv: list):
 
 
 def row_sample(opts) -> dict:
-    """DiT-XL/2 CFG sampling of one batch through evaluate.make_sample_fn, with a random-weight KL-f8 decoder."""
+    """DiT-XL/2 CFG sampling of one batch with a random-weight KL-f8 decoder (fp32 weights, as evaluate.py has them)."""
+    import vae
+    ae = vae.build_vae("kl-f8").to("cuda").eval().requires_grad_(False)
+    return sample_throughput(DIT_XL, ae, torch.device("cuda"), SAMPLE_BATCH, SAMPLE_STEPS)
+
+
+def sample_throughput(train_argv: list, ae, dev: torch.device, batch: int, steps: int) -> dict:
+    """Samples/s of one batch through evaluate.make_sample_fn (DPM-Solver++, CFG, bf16 autocast, decode, uint8)."""
     import numpy as np
 
     import evaluate
     import train_dit
-    import vae
     from trainer import parse_config
-    cfg = parse_config(train_dit.CONFIG_CLASS, DIT_XL)
-    dev = torch.device("cuda")
+    cfg = parse_config(train_dit.CONFIG_CLASS, train_argv)
     torch.manual_seed(0)
     model = train_dit.build_model(cfg).to(dev).eval().requires_grad_(False)
-    ae = vae.build_vae("kl-f8").to(dev).eval().requires_grad_(False)   # fp32 weights under autocast, as evaluate.py
     diffusion, shape = train_dit.build_diffusion(cfg), train_dit.latent_shape(cfg)
-    labels, seeds = np.arange(SAMPLE_BATCH) % cfg.num_classes, list(range(SAMPLE_BATCH))
+    labels, seeds = np.arange(batch) % cfg.num_classes, list(range(batch))
+    cuda = dev.type == "cuda"
 
-    def sampler(steps):
-        return evaluate.make_sample_fn(model, diffusion, shape, ae.decode, dev, "dpm++", steps, True, learn_sigma=True)
+    def sampler(n_steps):
+        return evaluate.make_sample_fn(model, diffusion, shape, ae.decode, dev, "dpm++", n_steps, cuda,  # bf16 on GPU
+                                       learn_sigma=cfg.learn_sigma)
 
     sampler(2)(labels, seeds, SAMPLE_CFG)                    # warm-up: cuBLAS / cuDNN choices at these shapes
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(dev)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    sampler(SAMPLE_STEPS)(labels, seeds, SAMPLE_CFG)         # returns uint8 on the host: synchronised
+    sampler(steps)(labels, seeds, SAMPLE_CFG)                # returns uint8 on the host: synchronised
     seconds = time.perf_counter() - t0
-    rate = SAMPLE_BATCH / seconds
-    flops = sample_flops(model, ae, shape, dev)
-    return {"samples_per_s": rate, "seconds": seconds, "batch": SAMPLE_BATCH, "steps": SAMPLE_STEPS,
-            "flops_per_sample": flops, "minutes_50k_on_8": 50_000 / (8 * rate) / 60,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30}
+    rate = batch / seconds
+    return {"samples_per_s": rate, "seconds": seconds, "batch": batch, "steps": steps,
+            "flops_per_sample": sample_flops(model, ae, shape, dev, steps),
+            "minutes_50k_on_8": 50_000 / (8 * rate) / 60,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if cuda else None}
 
 
-def sample_flops(model, ae, shape, dev) -> float:
-    """FLOPs of one CFG sample: 2 x SAMPLE_STEPS forwards of one image, plus one decode (FlopCounterMode)."""
+def sample_flops(model, ae, shape, dev: torch.device, steps: int) -> float:
+    """FLOPs of one CFG sample: 2 x steps forwards of one image (CFG doubles the batch), plus one decode."""
     x = torch.randn(1, *shape, device=dev)
     t, y = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
         forward = bench.count_flops(lambda: model(x, t, y))
         decode = bench.count_flops(lambda: ae.decode(x))
-    return 2 * SAMPLE_STEPS * forward + decode
+    return 2 * steps * forward + decode
 
 
 def row_encode(opts) -> dict:
@@ -180,14 +187,18 @@ def synthetic_cache(path: str, n: int) -> None:
 
 
 def row_loader(opts) -> dict:
-    """Loader img/s from a synthetic cache, through latents.bench_loader with the trainer's GPU worker count."""
+    """Loader img/s from a synthetic cache, with the trainer's GPU worker count (trainer.train's -1 = auto)."""
+    return loader_throughput(LOADER_ITEMS, LOADER_BATCH, LOADER_STEPS, workers=min(8, os.cpu_count() or 1))
+
+
+def loader_throughput(items: int, batch: int, steps: int, workers: int) -> dict:
+    """latents.bench_loader (StepSampler -> DataLoader -> posterior_sample) on a fresh synthetic cache of `items`."""
     import latents
-    workers = min(8, os.cpu_count() or 1)                    # trainer.train's -1 = auto on GPU
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "cache")
-        synthetic_cache(path, LOADER_ITEMS)
-        rate = latents.bench_loader(path, LOADER_BATCH, LOADER_STEPS, num_workers=workers)
-    return {"img_per_s": rate, "workers": workers, "batch": LOADER_BATCH, "items": LOADER_ITEMS}
+        synthetic_cache(path, items)
+        rate = latents.bench_loader(path, batch, steps, num_workers=workers)
+    return {"img_per_s": rate, "workers": workers, "batch": batch, "items": items}
 
 
 @dataclass
@@ -197,20 +208,25 @@ class Row:
     run: object            # fn(opts) -> dict, called in the child process
 
 
+TRAIN = {   # training rows: (train script, its flags)
+    "dit-b32": ("train_dit", DIT_XL + ["--batch-size", "32"]),
+    "dit-b64": ("train_dit", DIT_XL + ["--batch-size", "64"]),
+    "dit-b128": ("train_dit", DIT_XL + ["--batch-size", "128"]),
+    "ldm-b64": ("train_ldm", LDM4 + ["--batch-size", "64"]),
+}
 ROWS = {   # display order
     "matmul": Row("bf16 matmul 8192^3 (measured peak)", 30, row_matmul),
     "tests": Row("pytest -m gpu (tests/test_gpu.py)", 110, row_tests),
-    "dit-b32": Row("DiT-XL/2 256^2 train, batch 32", 100, row_train("train_dit", DIT_XL + ["--batch-size", "32"])),
-    "dit-b64": Row("DiT-XL/2 256^2 train, batch 64", 90, row_train("train_dit", DIT_XL + ["--batch-size", "64"])),
-    "dit-b128": Row("DiT-XL/2 256^2 train, batch 128", 90, row_train("train_dit", DIT_XL + ["--batch-size", "128"])),
-    "ldm-b64": Row("LDM-4 cin256-v2 train, batch 64", 110, row_train("train_ldm", LDM4 + ["--batch-size", "64"])),
+    "dit-b32": Row("DiT-XL/2 256^2 train, batch 32", 100, row_train(*TRAIN["dit-b32"])),
+    "dit-b64": Row("DiT-XL/2 256^2 train, batch 64", 90, row_train(*TRAIN["dit-b64"])),
+    "dit-b128": Row("DiT-XL/2 256^2 train, batch 128", 90, row_train(*TRAIN["dit-b128"])),
+    "ldm-b64": Row("LDM-4 cin256-v2 train, batch 64", 110, row_train(*TRAIN["ldm-b64"])),
     "sample": Row("DiT-XL/2 DPM++ 50 + CFG, batch 256", 75, row_sample),
     "encode": Row("KL-f8 encode 256^2 bf16, batch 64", 40, row_encode),
     "loader": Row("latent-cache loader (>= 2x training)", 45, row_loader),
 }
 # Cheap rows first, so that a run whose compiles are slow still reports them; then the headline training rows.
 RUN_ORDER = ["matmul", "encode", "loader", "sample", "tests", "dit-b32", "dit-b128", "ldm-b64", "dit-b64"]
-TRAIN_ROWS = ("dit-b32", "dit-b64", "dit-b128", "ldm-b64")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -327,16 +343,16 @@ def result_cells(name: str, res: dict, sheet, measured, records: dict) -> dict:
                   "note": f"{res['failed']} failed, {res['skipped']} skipped"
                           + (f" ({', '.join(res['failing'][:4])})" if res["failing"] else "")
                           + "".join(f"; {k}={v}" for k, v in sorted(res.get("properties", {}).items()))})
-    elif name in TRAIN_ROWS:
+    elif name in TRAIN:
         target = TARGET_MFU[name.split("-")[0]]
         c.update({"throughput": f"{res['img_per_s']:,.0f} img/s", "step": f"{res['step_s'] * 1e3:.1f} ms",
-                  "mem GiB": f"{res['peak_mem_gib']:.1f}",
+                  "mem GiB": f"{res['peak_mem_gib']:.1f}" if res["peak_mem_gib"] is not None else "-",
                   **mfu_cells(res["flops_per_img"], res["img_per_s"], sheet, measured),
                   "note": f"{res['flops_per_img'] / 1e9:.0f} GFLOP/img fwd+bwd, {res['params'] / 1e6:.0f}M params, "
                           f"target >= {target:.0f}% of sheet"})
     elif name == "sample":
         c.update({"throughput": f"{res['samples_per_s']:.1f} samples/s", "step": f"{res['seconds']:.1f} s/batch",
-                  "mem GiB": f"{res['peak_mem_gib']:.1f}",
+                  "mem GiB": f"{res['peak_mem_gib']:.1f}" if res["peak_mem_gib"] is not None else "-",
                   **mfu_cells(res["flops_per_sample"], res["samples_per_s"], sheet, measured),
                   "note": f"50K samples on 8 GPUs: {res['minutes_50k_on_8']:.1f} min (target <= 10)"})
     elif name == "encode":
@@ -451,6 +467,8 @@ def main(argv=None, prog: str = "gpu_suite.py") -> int:
     except SuiteError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:                                  # argparse: --help (0) or an unknown flag (2, one line)
+        return e.code
     if not torch.cuda.is_available():
         print(f"{prog}: error: the GPU suite needs CUDA, and torch {torch.__version__} sees no CUDA GPU here",
               file=sys.stderr)

@@ -63,8 +63,10 @@ def build(script_name, argv):
 def batch(script, cfg, B=16, seed=1):
     g = torch.Generator(device="cuda").manual_seed(seed)
     shape = script.latent_shape(cfg)
-    return (torch.randn(B, *shape, device="cuda", generator=g), torch.randint(0, 1000, (B,), device="cuda", generator=g),
-            torch.randn(B, *shape, device="cuda", generator=g), torch.randint(0, 10, (B,), device="cuda", generator=g))
+    x0 = torch.randn(B, *shape, device="cuda", generator=g)
+    t = torch.randint(0, 1000, (B,), device="cuda", generator=g)
+    noise = torch.randn(B, *shape, device="cuda", generator=g)
+    return x0, t, noise, torch.randint(0, 10, (B,), device="cuda", generator=g)
 
 
 # ---- training step: bf16 + compile vs fp32 eager, fused AdamW ----
