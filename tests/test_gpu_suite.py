@@ -184,3 +184,18 @@ def test_synthetic_cache_is_a_complete_latent_cache(tmp_path):
     ds = latents.LatentDataset(str(tmp_path / "c"))
     x, y = ds[3]
     assert len(ds) == 16 and x.shape == (8, 32, 32) and x.abs().sum() > 0 and 0 <= y < ds.num_classes
+
+
+def test_a_timed_out_training_row_skips_the_same_models_other_rows(monkeypatch):
+    calls = []
+
+    def fake_spawn(cmd, timeout, log=None):
+        name = cmd[cmd.index("--row") + 1]
+        calls.append(name)
+        return {"error": "timeout: over its 1 s budget", "timeout": True, "seconds": 1.0} if name == "dit-b32" \
+            else {"result": {}, "seconds": 1.0}
+    monkeypatch.setattr(gpu_suite, "spawn", fake_spawn)
+    args = gpu_suite.parse_args(["--rows", "dit-b32,dit-b64,dit-b128,ldm-b64"])
+    records = gpu_suite.run_rows(args.names, args)
+    assert calls == ["dit-b32", "ldm-b64"]                 # the U-Net still gets its try
+    assert records["dit-b64"]["error"] == "skipped: dit-b32 of the same model timed out"
