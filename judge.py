@@ -185,14 +185,19 @@ def train_judge(cfg: JudgeConfig, progress: bool = True) -> JudgeNet:
     return net.eval().requires_grad_(False)
 
 
+def cache_path(cfg: JudgeConfig) -> Path:
+    """Where a judge with these settings is cached: ~/.cache/nanocep/judge-16px-<settings hash>.pt."""
+    return CACHE_DIR / f"judge-{cfg.image_size}px-{cfg.key()}.pt"
+
+
 def default_path(image_size: int = 16) -> Path:
-    """Where the default judge for this image size is cached (keyed by its settings)."""
-    return CACHE_DIR / f"judge-{image_size}px-{JudgeConfig(image_size=image_size).key()}.pt"
+    """Where the default judge for this image size is cached."""
+    return cache_path(JudgeConfig(image_size=image_size))
 
 
 def build(cfg: JudgeConfig, out=None, progress: bool = True) -> Path:
     """Train the judge, measure it on held-out images, save it as TorchScript (atomically); returns the path."""
-    out = Path(out) if out else CACHE_DIR / f"judge-{cfg.image_size}px-{cfg.key()}.pt"
+    out = Path(out) if out else cache_path(cfg)
     t0 = time.time()
     net = train_judge(cfg, progress)
     info = {"config": dataclasses.asdict(cfg), "version": JUDGE_VERSION, "key": cfg.key(),
@@ -265,6 +270,18 @@ def grid_verdict(images, labels, cfg_scale: float, step: int, print_fn=print) ->
     print_fn(f"judge: {round(acc * n)}/{n} grid samples show their class (colour and shape): class accuracy "
              f"{acc:.3f} at guidance {cfg_scale:g}, step {step}")
     return {"event": "judge", "step": step, "class_acc": acc, "num": n, "cfg_scale": cfg_scale}
+
+
+def judge_final_grid(cfg, images, labels, log, print_fn=print) -> None:
+    """The trainer's hook after a run's last grid: print and log the judge's class accuracy of a built-in run.
+
+    Skipped for other data, and for short runs (< 500 steps: tests, smoke runs) when no judge is cached yet, so they
+    never pay the judge's one-minute build."""
+    if cfg.data != "builtin" or getattr(cfg, "cond", "class") != "class":
+        return
+    if cfg.steps < 500 and not default_path(cfg.image_size).is_file():
+        return
+    log(grid_verdict(images, labels, cfg.sample_cfg, cfg.steps, print_fn))
 
 
 def reference(image_size: int, num: int, seed: int = REF_SEED, path=None) -> dict:

@@ -83,6 +83,13 @@ class DiTConfig:
     cep_null: bool = opt(False, "also perturb the CFG null embedding (the paper does not say; default: no)")
     ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)")
     class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)")
+    # the paper's ablations (Tables 6 and 7)
+    cond_dropout: float = opt(0.0, "ablation (Table 6 'Dropout'): dropout with probability P on the condition embedding "
+                              "while training; identity in eval; never on the CFG null embedding")
+    label_smoothing: float = opt(0.0, "ablation (Table 6 'Label Smoothing'): train on the embedding of a smoothed "
+                                 "one-hot, (1-eps) E[y] + eps * mean of the K class rows (no null row); class only")
+    cep_subset: float = opt(1.0, "ablation (Table 7 'Fixed CEP'): CEP only on a fixed fraction R of the training items, "
+                            "chosen once from --seed by item index; 1 = every item (the paper's CEP)")
     # optimisation
     steps: int = opt(1500, "training steps (the CPU default: ~9 min on 2 cores)")
     batch_size: int = opt(64, "global batch size (split over processes)")
@@ -94,6 +101,10 @@ class DiTConfig:
     # run
     out: str = opt("runs/dit", "run folder: checkpoints, log.jsonl, samples/")
     resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
+    resume_override: str = opt("", "comma-separated experiment fields a resume may change (e.g. batch_size,seed); "
+                               "without it a resume refuses any change of corruption, CEP, ablation, seed or batch flags")
+    init_from: str = opt("", "fine-tune from SOURCE: a release pretrained.py loads or a nanoCEP checkpoint (its EMA "
+                         "weights, architecture and numerics; fresh optimizer and step); see README")
     seed: int = opt(0, "global seed (data order, noise, corruption)")
     device: str = opt("auto", "auto | cpu | cuda")
     precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
@@ -108,6 +119,8 @@ class DiTConfig:
     sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
                               choices=["dpm++", "ddim", "ddpm"])
     sample_steps: int = opt(25, "sampling steps of the sample grids")
+    sample_cads: str = opt("", "CADS on the sample grids (cep.py): 'noise,tau1,tau2,psi', e.g. 0.1,0.6,0.9,1; "
+                           "empty = off")
     sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
     sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one prompt per built-in "
                               "class, or the first dataset captions)")
@@ -291,7 +304,7 @@ class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, cep="none",
                  cep_gamma=1.0, cep_null=False, cond="class", tokenizer="bytes", context_length=77, text_width=128,
-                 text_depth=2, text_heads=4, text_pooled=True):
+                 text_depth=2, text_heads=4, text_pooled=True, cond_dropout=0.0, label_smoothing=0.0):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
@@ -304,12 +317,13 @@ class DiT(nn.Module):
         if cond == "class":
             self.y_embedder = build_condition_encoder("class", hidden_size, num_classes=num_classes,
                                                       dropout_prob=class_dropout_prob, cep=cep, cep_gamma=cep_gamma,
-                                                      cep_null=cep_null)
+                                                      cep_null=cep_null, cond_dropout=cond_dropout,
+                                                      label_smoothing=label_smoothing)
         elif cond == "text":  # the text encoder lives under the model: trained jointly, saved in the checkpoint
             self.y_embedder = build_condition_encoder("text", text_width, dropout_prob=class_dropout_prob, cep=cep,
                                                       cep_gamma=cep_gamma, cep_null=cep_null, tokenizer=tokenizer,
                                                       context_length=context_length, depth=text_depth,
-                                                      heads=text_heads)
+                                                      heads=text_heads, cond_dropout=cond_dropout)
             self.pooled_embedder = (nn.Sequential(nn.Linear(text_width, hidden_size), nn.SiLU(),
                                                   nn.Linear(hidden_size, hidden_size)) if text_pooled else None)
         else:
@@ -363,17 +377,18 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, cep_mask=None, cep_unit=None):
         """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) class ids (null id = num_classes) or (B, L) caption
-        token ids (null = the empty caption) -> (B, C_out, H, W)."""
+        token ids (null = the empty caption) -> (B, C_out, H, W). cep_mask / cep_unit go to the condition encoder
+        (training only: CEP on a subset, pre-drawn CEP noise)."""
         if x.shape[-1] != self.grid * self.patch_size or x.shape[-2] != x.shape[-1]:
             raise ValueError(f"DiT expects square {self.grid * self.patch_size}px inputs, got {tuple(x.shape[-2:])}")
         x = self.x_embedder(x) + self.pos_embed                  # (B, T, D)
         context = mask = None
         if self.cond_kind == "class":
-            c = self.t_embedder(t) + self.y_embedder(y)          # (B, D): CEP already applied to the class embedding
+            c = self.t_embedder(t) + self.y_embedder(y, cep_mask, cep_unit)  # (B, D): CEP applied to the embedding
         else:
-            context, mask = self.y_embedder(y)                   # (B, L, D_text), (B, L): CEP already applied
+            context, mask = self.y_embedder(y, cep_mask, cep_unit)  # (B, L, D_text), (B, L): CEP already applied
             c = self.t_embedder(t)                               # (B, D)
             if self.pooled_embedder is not None:
                 c = c + self.pooled_embedder(self.y_embedder.pooled(context, mask))
@@ -419,7 +434,8 @@ def build_model(cfg) -> DiT:
                                   cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null, cond=cfg.cond,
                                   tokenizer=cfg.tokenizer, context_length=cfg.context_length,
                                   text_width=cfg.text_width, text_depth=cfg.text_depth, text_heads=cfg.text_heads,
-                                  text_pooled=cfg.text_pooled)
+                                  text_pooled=cfg.text_pooled, cond_dropout=cfg.cond_dropout,
+                                  label_smoothing=cfg.label_smoothing)
     return set_numerics(model, cfg.t_freq_shift, cfg.mlp_norm_eps)
 
 

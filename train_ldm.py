@@ -73,6 +73,13 @@ class LDMConfig:
     cep_null: bool = opt(False, "also perturb the CFG null embedding (the paper does not say; default: no)")
     ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)")
     class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)")
+    # the paper's ablations (Tables 6 and 7)
+    cond_dropout: float = opt(0.0, "ablation (Table 6 'Dropout'): dropout with probability P on the condition embedding "
+                              "while training; identity in eval; never on the CFG null embedding")
+    label_smoothing: float = opt(0.0, "ablation (Table 6 'Label Smoothing'): train on the embedding of a smoothed "
+                                 "one-hot, (1-eps) E[y] + eps * mean of the K class rows (no null row); class only")
+    cep_subset: float = opt(1.0, "ablation (Table 7 'Fixed CEP'): CEP only on a fixed fraction R of the training items, "
+                            "chosen once from --seed by item index; 1 = every item (the paper's CEP)")
     # optimisation
     steps: int = opt(1000, "training steps")
     batch_size: int = opt(64, "global batch size (split over processes)")
@@ -84,6 +91,10 @@ class LDMConfig:
     # run
     out: str = opt("runs/ldm", "run folder: checkpoints, log.jsonl, samples/")
     resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
+    resume_override: str = opt("", "comma-separated experiment fields a resume may change (e.g. batch_size,seed); "
+                               "without it a resume refuses any change of corruption, CEP, ablation, seed or batch flags")
+    init_from: str = opt("", "fine-tune from SOURCE: a release pretrained.py loads or a nanoCEP checkpoint (its EMA "
+                         "weights, architecture and numerics; fresh optimizer and step); see README")
     seed: int = opt(0, "global seed (data order, noise, corruption)")
     device: str = opt("auto", "auto | cpu | cuda")
     precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
@@ -98,6 +109,8 @@ class LDMConfig:
     sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
                               choices=["dpm++", "ddim", "ddpm"])
     sample_steps: int = opt(25, "sampling steps of the sample grids")
+    sample_cads: str = opt("", "CADS on the sample grids (cep.py): 'noise,tau1,tau2,psi', e.g. 0.1,0.6,0.9,1; "
+                           "empty = off")
     sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
     sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one per built-in class)")
 
@@ -111,7 +124,10 @@ ARCH_FIELDS = ("model", "cond", "image_size", "num_classes", "learn_sigma", "vae
 PRESETS = {
     # LDM-4 on ImageNet-1K 256^2, the paper's recipe (Table 3, §4.1) on the CompVis cin256-v2 config: VQ-f4 latents
     # 64x64x3, lr 1e-4, 64/GPU x 8 GPUs, 178K steps. Not stated by the paper, taken from upstream CompVis: AdamW's
-    # default weight decay 0.01, EMA 0.9999 (LitEma); CFG dropout 0.1 follows DiT (CompVis has none).
+    # default weight decay 0.01. EMA: CompVis's DDPM default is LitEma 0.9999, but cin256-v2.yaml sets use_ema: False,
+    # so upstream trains and samples the raw weights. We keep an EMA 0.9999 (no LitEma warmup) beside them: it costs
+    # nothing, evaluate.py samples it by default and `evaluate.py --no-ema` samples the raw weights as upstream does.
+    # CFG dropout 0.1 follows DiT (CompVis has none).
     "ldm4-in1k": dict(model="ldm4-cin256", image_size=256, num_classes=1000, vae="vq-f4", steps=178_000,
                       batch_size=512, lr=1e-4, weight_decay=0.01, ema_decay=0.9999, class_dropout=0.1,
                       learn_sigma=False, schedule="scaled_linear", log_every=100, ckpt_every=10_000,
@@ -416,16 +432,17 @@ class LDM(nn.Module):
         """The condition encoder c_θ (the trainer uses it for CFG dropout, the samplers for the null condition)."""
         return self.cond_stage_model
 
-    def context(self, y):
+    def context(self, y, cep_mask=None, cep_unit=None):
         """y -> (context (B, L, D), key mask (B, L) or None); CEP is applied inside the encoder while training."""
-        c = self.cond_stage_model(y)
+        c = self.cond_stage_model(y, cep_mask, cep_unit)
         if isinstance(c, tuple):                                        # a text encoder: (tokens, padding mask)
             return c
         return c[:, None], None                                         # a class embedding (B, D) is one token
 
-    def forward(self, x, t, y):
-        """x (B, C, S, S) noisy input, t (B,) timesteps, y (B, ...) conditions -> (B, C_out, S, S)."""
-        context, mask = self.context(y)
+    def forward(self, x, t, y, cep_mask=None, cep_unit=None):
+        """x (B, C, S, S) noisy input, t (B,) timesteps, y (B, ...) conditions -> (B, C_out, S, S).
+        cep_mask / cep_unit go to the condition encoder (training only: CEP on a subset, pre-drawn CEP noise)."""
+        context, mask = self.context(y, cep_mask, cep_unit)
         return self.diffusion_model(x, t, context, mask)
 
 
@@ -451,7 +468,8 @@ def build_cond_encoder(cfg, context_dim: int) -> nn.Module:
     return build_condition_encoder(cfg.cond, context_dim, num_classes=cfg.num_classes, dropout_prob=cfg.class_dropout,
                                    cep=cfg.cep, cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null,
                                    tokenizer=cfg.tokenizer, context_length=cfg.context_length, depth=cfg.text_depth,
-                                   heads=cfg.text_heads)
+                                   heads=cfg.text_heads, cond_dropout=cfg.cond_dropout,
+                                   label_smoothing=cfg.label_smoothing)
 
 
 def build_model(cfg) -> LDM:

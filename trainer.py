@@ -11,8 +11,11 @@ What makes a run reproducible and exactly resumable, in one place:
   training step (timestep t, noise ε, CFG dropout mask): they are drawn for the whole *global* batch from a generator
   seeded by (seed, step) and each rank takes its slice. So 1 process and N processes see the same samples with the same
   noise, and a run resumed at step s continues exactly as if it had never stopped.
-- Randomness drawn inside modules (CEP's δ) comes from the per-rank torch RNG, seeded by (seed, rank), whose state is
-  saved for every rank in each checkpoint.
+  The same generator draws the per-step extras: CEP's δ (for the whole global batch, handed to the condition encoder
+  as cep_unit), the latent cache's posterior sample, and the seed of --corrupt-mode random's corruption of the global
+  batch; --cep-subset's fixed items are chosen once from the seed and looked up by the batch's dataset indices.
+- Randomness still drawn inside modules (--cond-dropout's mask) comes from the per-rank torch RNG, seeded by
+  (seed, rank), whose state is saved for every rank in each checkpoint: resume is exact, 1 = N processes is not.
 - A checkpoint holds plain data only (tensors, numbers, strings, dicts), the *uncompiled* module's state_dict, the EMA,
   the optimizer, the step, every rank's RNG state and the config, written atomically (temporary file, then rename), and
   loads with torch.load(weights_only=True).
@@ -27,6 +30,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,7 +53,13 @@ class Diverged(Exception):
 # Config -> command line
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line and exits 2, instead of printing the usage block too."""
+    """argparse that reports a bad flag in one line and exits 2, instead of printing the usage block too.
+
+    Abbreviated flags are off: `--ema 0.999` must not silently become `--ema-decay` behind a preset's back."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -78,11 +88,16 @@ def parse_config(cls, argv=None, presets: dict | None = None, description: str =
     args = p.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     if presets and args.preset:
-        explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
-                    if a.startswith("--")}
-        explicit |= {n[3:] for n in explicit if n.startswith("no_")}
+        explicit = explicit_fields(argv)
         values.update({k: v for k, v in presets[args.preset].items() if k not in explicit})
     return cls(**values)
+
+
+def explicit_fields(argv=None) -> set:
+    """The config fields given as flags on the command line (--no-x counts for x)."""
+    explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                if a.startswith("--")}
+    return explicit | {n[3:] for n in explicit if n.startswith("no_")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -140,17 +155,55 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a nanoCEP checkpoint (weights only: no arbitrary unpickling) or raise RunError with a one-line reason."""
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """Load a nanoCEP checkpoint (weights only: no arbitrary unpickling) or raise RunError with a one-line reason.
+
+    mmap=True maps the tensors instead of reading them (cheap when only the config is needed)."""
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise RunError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise RunError(f"{path} is not a nanoCEP checkpoint (no 'model'/'config' entries)")
     return ckpt
+
+
+# The config fields that define the experiment (what the model is trained on, and how): resuming with a different
+# value is refused unless --resume-override names the field (architecture fields are the scripts' ARCH_FIELDS).
+EXPERIMENT_FIELDS = ("corrupt", "corrupt_type", "corrupt_classes", "corrupt_mode", "corrupt_rewrites", "cep",
+                     "cep_gamma", "cep_null", "ip", "class_dropout", "seed", "batch_size", "cond_dropout",
+                     "label_smoothing", "cep_subset")
+
+
+def resume_overrides(cfg) -> set:
+    """--resume-override as a set of field names (kebab or snake case); a name that is no experiment field is an error."""
+    names = {n.strip().replace("-", "_") for n in getattr(cfg, "resume_override", "").split(",") if n.strip()}
+    unknown = sorted(names - set(EXPERIMENT_FIELDS))
+    if unknown:
+        raise RunError(f"--resume-override: {', '.join(unknown)} is not an experiment field "
+                       f"(one of {', '.join(EXPERIMENT_FIELDS)})")
+    return names
+
+
+def check_experiment(cfg, saved: dict, path: str) -> list:
+    """Refuse to resume `path` (whose config is `saved`) with a changed experiment field not named by --resume-override;
+    return the overridden changes [{"field", "checkpoint", "now"}] so the run can log them."""
+    allowed, defaults = resume_overrides(cfg), {f.name: f.default for f in dataclasses.fields(cfg)}
+    changes = []
+    for name in EXPERIMENT_FIELDS:
+        if name not in defaults:
+            continue
+        theirs, ours = saved.get(name, defaults[name]), getattr(cfg, name)   # older checkpoints: the default
+        if theirs == ours:
+            continue
+        if name not in allowed:
+            flag = "--" + name.replace("_", "-")
+            raise RunError(f"cannot resume from {path}: it has {flag} {theirs!r} but this run has {ours!r} (resume "
+                           f"with the same value, or pass --resume-override {name} to change it on purpose)")
+        changes.append({"field": name, "checkpoint": theirs, "now": ours})
+    return changes
 
 
 def find_resume(resume: str, out: str) -> str | None:
@@ -235,15 +288,75 @@ class _StopFlag:
             signal.signal(sig, h)
 
 
+class StepDraws(NamedTuple):
+    """Every per-sample random draw of one training step, for the whole global batch (ranks take their slice)."""
+    t: torch.Tensor                      # (B,) timesteps
+    noise: torch.Tensor                  # (B, C, H, W) diffusion noise ε
+    drop: torch.Tensor                   # (B,) CFG dropout mask
+    ip_noise: torch.Tensor | None        # (B, C, H, W) input perturbation noise (--ip)
+    posterior: torch.Tensor | None       # (B, C, H, W) the latent cache's posterior sample noise (--latents, KL)
+    corrupt_seed: int | None             # seeds corrupt.corrupt_batch (--corrupt-mode random)
+    cep_unit: torch.Tensor | None        # (B, *cep_shape) CEP's unit noise (cep.unit_noise)
+
+
 def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timesteps: int, drop_prob: float,
-               device: torch.device, ip: bool = False):
-    """(t, noise, drop, ip_noise or None) for the whole global batch of `step`, from a generator seeded by (seed, step)."""
+               device: torch.device, ip: bool = False, posterior: bool = False, corrupt: bool = False,
+               cep: str = "none", cep_shape=None) -> StepDraws:
+    """The StepDraws of `step` from one generator seeded by (seed, step); the optional draws come after t, ε and the
+    CFG mask (in field order), so turning one on never changes the others."""
     g = torch.Generator(device=device).manual_seed((seed * 7_919_993 + step) % (2 ** 63))
-    t = torch.randint(0, num_timesteps, (global_batch,), generator=g, device=device)
-    noise = torch.randn((global_batch, *latent_shape), generator=g, device=device)
-    drop = torch.rand((global_batch,), generator=g, device=device) < drop_prob
-    ip_noise = torch.randn((global_batch, *latent_shape), generator=g, device=device) if ip else None
-    return t, noise, drop, ip_noise
+    B = global_batch
+    t = torch.randint(0, num_timesteps, (B,), generator=g, device=device)
+    noise = torch.randn((B, *latent_shape), generator=g, device=device)
+    drop = torch.rand((B,), generator=g, device=device) < drop_prob
+    ip_noise = torch.randn((B, *latent_shape), generator=g, device=device) if ip else None
+    post = torch.randn((B, *latent_shape), generator=g, device=device) if posterior else None
+    corrupt_seed = int(torch.randint(0, 2 ** 62, (1,), generator=g, device=device).item()) if corrupt else None
+    unit = None
+    if cep != "none" and cep_shape is not None:
+        from cep import unit_noise
+        unit = unit_noise((B, *cep_shape), cep, generator=g, device=device)
+    return StepDraws(t, noise, drop, ip_noise, post, corrupt_seed, unit)
+
+
+def batch_items(dataset_len: int, cfg, start_step: int):
+    """items(step) -> the dataset indices (B,) of the whole global batch at `step` (StepSampler's order, any rank)."""
+    from data import StepSampler, flip_key
+    order = StepSampler(dataset_len, cfg.batch_size, 0, 1, cfg.seed, start_step, cfg.steps, flip=False)
+    return lambda step: np.array([flip_key(k)[0] for k in order.keys(step)], dtype=np.int64)
+
+
+def random_corruption(cfg, dataset, items):
+    """labels(step, seed) -> the global batch's labels (B,) under --corrupt-mode random: its clean labels corrupted by
+    corrupt.corrupt_batch with the static rule (dataset prior / asymmetric set), from a seed of the step's draws."""
+    import corrupt
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)             # (K,) the dataset's prior
+    classes = [int(c) for c in cfg.corrupt_classes.split(",")] if cfg.corrupt_classes else None
+    kind = cfg.corrupt_type
+
+    def labels(step: int, seed: int) -> torch.Tensor:
+        clean = dataset.labels[items(step)]
+        new, _ = corrupt.corrupt_batch(clean, cfg.corrupt, counts, kind, classes, rng=seed)
+        return torch.as_tensor(new)
+    return labels
+
+
+def cep_subset_mask(num_items: int, fraction: float, seed: int) -> torch.Tensor:
+    """(N,) bool: the fixed round(fraction * N) items that get CEP (--cep-subset), chosen once from the seed."""
+    chosen = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + 0xCE9))
+    mask = torch.zeros(num_items, dtype=torch.bool)
+    mask[chosen[: int(round(fraction * num_items))]] = True
+    return mask
+
+
+def micro_cond_kwargs(cep_mask, cep_unit, mb: slice) -> dict:
+    """The condition encoder's extra inputs for micro-batch mb (only those in use, so plain models still fit)."""
+    kw = {}
+    if cep_mask is not None:
+        kw["cep_mask"] = cep_mask[mb]
+    if cep_unit is not None:
+        kw["cep_unit"] = cep_unit[mb]
+    return kw
 
 
 def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: tuple, sample_fn=None,
@@ -278,7 +391,7 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
     resume_path = find_resume(cfg.resume, cfg.out)
     if resume_path is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
         raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
-    ckpt = None
+    ckpt, overridden = None, []
     if resume_path:
         ckpt = load_checkpoint(resume_path)
         if ckpt.get("kind") != kind:
@@ -287,8 +400,9 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
             theirs, ours = ckpt["config"].get(f), getattr(cfg, f)
             if theirs != ours:
                 raise RunError(f"cannot resume from {resume_path}: it has {f}={theirs!r} but this run has {f}={ours!r}")
+        overridden = check_experiment(cfg, ckpt["config"], resume_path)
 
-    torch.manual_seed(cfg.seed * 1000 + d.rank)      # per-rank module randomness (CEP δ)
+    torch.manual_seed(cfg.seed * 1000 + d.rank)      # per-rank module randomness (--cond-dropout)
     model.to(d.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -308,7 +422,7 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
                 torch.cuda.set_rng_state(states[d.rank]["cuda"], d.device)
         elif d.main:
             tqdm.write(f"note: checkpoint was written by {len(states)} processes, this run has {d.world}; "
-                       f"CEP noise streams are re-seeded (the data order is unaffected)")
+                       f"--cond-dropout streams are re-seeded (the data order and all per-step draws are unaffected)")
             torch.manual_seed(cfg.seed * 1000 + d.rank + 7 * start_step)
     del ckpt
 
@@ -328,12 +442,17 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=use_cuda,
                                          persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                                          generator=torch.Generator().manual_seed(cfg.seed + 1_000_003 * start_step))
-    random_flip = None
+    # per-item and per-step extras, all functions of (seed, step) over the global batch
+    random_labels = subset = items = None
+    cep_subset = getattr(cfg, "cep_subset", 1.0)
+    if (cfg.corrupt_mode == "random" and cfg.corrupt > 0) or cep_subset < 1:
+        items = batch_items(len(dataset), cfg, start_step)
     if cfg.corrupt_mode == "random" and cfg.corrupt > 0:
-        import corrupt
-        import numpy as np
-        random_flip = lambda y, step: torch.as_tensor(corrupt.random_flip(   # noqa: E731
-            y.numpy(), cfg.corrupt, dataset.num_classes, np.random.default_rng([cfg.seed, step, d.rank])))
+        random_labels = random_corruption(cfg, dataset, items)
+    if cep_subset < 1:
+        subset = cep_subset_mask(len(dataset), cep_subset, cfg.seed)
+    cached_posterior = bool(getattr(cfg, "latents", "")) and encode_fn is not None
+    cep_shape = getattr(model.cond, "cep_shape", None) if cfg.cep != "none" and cfg.cep_gamma > 0 else None
 
     # -- logging
     log_path = os.path.join(cfg.out, "log.jsonl")
@@ -353,6 +472,10 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
                    f"{' compiled' if do_compile else ''} | steps {start_step} -> {cfg.steps} | out {cfg.out}")
         log({"event": "start", "step": start_step, "world": d.world, "device": str(d.device), "params": n_params,
              "precision": precision, "compile": do_compile, "resumed_from": resume_path})
+        if resume_path and overridden:
+            log({"event": "resume_override", "step": start_step, "changes": overridden})
+            tqdm.write("note: resumed with --resume-override: " + ", ".join(
+                f"{c['field']} {c['checkpoint']!r} -> {c['now']!r}" for c in overridden))
 
     def save(step: int, extra_copy: bool) -> None:
         rng = gather_rng_states(d)
@@ -373,6 +496,9 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
             path = os.path.join(cfg.out, "samples", f"step_{step:07d}.png")
             save_grid(images.float().cpu(), path, nrow=getattr(sample_fn, "nrow", 8))
             log({"event": "samples", "step": step, "path": path})
+            if step == cfg.steps and getattr(sample_fn, "labels", None) is not None:
+                import judge  # built-in data: does the final grid show its classes? (judge.py)
+                judge.judge_final_grid(cfg, images, sample_fn.labels, log, tqdm.write)
         if d.world > 1:
             dist.barrier()
 
@@ -387,26 +513,29 @@ def train(cfg, model: nn.Module, diffusion, dataset, *, kind: str, arch_fields: 
         for step in range(start_step, cfg.steps):
             x, y = next(it)
             x = x.to(d.device, non_blocking=True)
-            if random_flip is not None:
-                y = random_flip(y, step)
+            draws = step_draws(cfg.seed, step, cfg.batch_size, latent_shape, diffusion.num_timesteps,
+                               cfg.class_dropout, d.device, ip=diffusion.ip_gamma > 0, posterior=cached_posterior,
+                               corrupt=random_labels is not None, cep=cfg.cep, cep_shape=cep_shape)
+            mine = slice(d.rank * local_batch, (d.rank + 1) * local_batch)
+            t, noise, drop = draws.t[mine], draws.noise[mine], draws.drop[mine]
+            ip_noise = draws.ip_noise[mine] if draws.ip_noise is not None else None
+            cep_unit = draws.cep_unit[mine] if draws.cep_unit is not None else None
+            cep_mask = subset[torch.as_tensor(items(step)[mine])].to(d.device) if subset is not None else None
+            if random_labels is not None:
+                y = random_labels(step, draws.corrupt_seed)[mine]
             y = y.to(d.device, non_blocking=True)
             if encode_fn is not None:
                 with torch.no_grad(), autocast:
-                    x = encode_fn(x).float()
-            t, noise, drop, ip_noise = step_draws(cfg.seed, step, cfg.batch_size, latent_shape,
-                                                  diffusion.num_timesteps, cfg.class_dropout, d.device,
-                                                  ip=diffusion.ip_gamma > 0)
-            mine = slice(d.rank * local_batch, (d.rank + 1) * local_batch)
-            t, noise, drop = t[mine], noise[mine], drop[mine]
-            ip_noise = ip_noise[mine] if ip_noise is not None else None
+                    x = (encode_fn(x, noise=draws.posterior[mine]) if cached_posterior else encode_fn(x)).float()
             y = model.cond.drop(y, drop)                                   # CFG: null condition where dropped
             for i in range(0, local_batch, micro):
                 mb = slice(i, i + micro)
                 last_micro = i + micro >= local_batch
                 sync = nullcontext() if (d.world == 1 or last_micro) else train_model.no_sync()
                 with sync, autocast:
-                    yc = y[mb]
-                    terms = diffusion.training_losses(lambda xt, tt: train_model(xt, tt, yc), x[mb], t[mb], noise[mb],
+                    yc, cond_kw = y[mb], micro_cond_kwargs(cep_mask, cep_unit, mb)
+                    terms = diffusion.training_losses(lambda xt, tt: train_model(xt, tt, yc, **cond_kw), x[mb], t[mb],
+                                                      noise[mb],
                                                       ip_noise=None if ip_noise is None else ip_noise[mb])
                     loss = terms["loss"].mean()
                 (loss * (micro / local_batch)).backward()
@@ -476,6 +605,8 @@ def one_line(e: BaseException) -> str:
 
 def check_run_config(cfg, downsample: int = 1) -> None:
     """The checks every train script shares (ranges, corruption and latent flags); scripts add their model's own."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise RunError(f"--out {cfg.out} is a file, not a run folder")
     if not 0.0 <= cfg.corrupt < 1.0:
         raise RunError(f"--corrupt must be in [0, 1), got {cfg.corrupt}")
     if cfg.cep_gamma < 0:
@@ -492,6 +623,35 @@ def check_run_config(cfg, downsample: int = 1) -> None:
         raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
     if cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise RunError("--log-every and --ckpt-every must be >= 1")
+    check_ablation_config(cfg)
+    grid_cads(cfg)                                       # a bad --sample-cads fails before any work
+
+
+def check_ablation_config(cfg) -> None:
+    """The ranges of the paper's ablation flags (--cond-dropout, --label-smoothing, --cep-subset)."""
+    if not 0.0 <= cfg.cond_dropout < 1.0:
+        raise RunError(f"--cond-dropout must be in [0, 1), got {cfg.cond_dropout}")
+    if not 0.0 <= cfg.label_smoothing <= 1.0:
+        raise RunError(f"--label-smoothing must be in [0, 1], got {cfg.label_smoothing}")
+    if not 0.0 < cfg.cep_subset <= 1.0:
+        raise RunError(f"--cep-subset must be in (0, 1], got {cfg.cep_subset}")
+    if cfg.cep_subset < 1 and cfg.cep == "none":
+        raise RunError("--cep-subset picks the items CEP perturbs: it needs --cep uniform | gaussian")
+    if cfg.label_smoothing > 0 and getattr(cfg, "cond", "class") == "text":
+        raise RunError("--label-smoothing smooths class labels; it needs --cond class (captions have no one-hot)")
+
+
+def grid_cads(cfg):
+    """The cep.CADS of --sample-cads 'noise,tau1,tau2,psi' (evaluate.py's --cads-* in one flag), or None if off."""
+    from cep import CADS
+    spec = getattr(cfg, "sample_cads", "")
+    if not spec:
+        return None
+    try:
+        noise, tau1, tau2, psi = (float(v) for v in spec.split(","))
+        return CADS(tau1, tau2, noise, psi) if noise > 0 else None
+    except ValueError as e:
+        raise RunError(f"--sample-cads {spec!r}: expected 'noise,tau1,tau2,psi' such as 0.1,0.6,0.9,1 ({e})") from None
 
 
 def build_data(cfg, device):
@@ -577,8 +737,18 @@ def grid_prompts(cfg, dataset) -> list[str]:
     return list(dict.fromkeys(dataset.captions[int(i)] for i in picks))       # distinct, in order
 
 
+def grid_cfg_scale(cfg) -> float:
+    """The grids' guidance scale: --sample-cfg, or 1 (unguided, with a note) when --class-dropout 0 left no null class."""
+    if getattr(cfg, "cond", "class") == "class" and cfg.class_dropout == 0 and cfg.sample_cfg != 1:
+        if int(os.environ.get("RANK", 0)) == 0:
+            tqdm.write(f"note: --class-dropout 0 trains no null class, so the sample grids are unguided "
+                       f"(--sample-cfg {cfg.sample_cfg:g} ignored)")
+        return 1.0
+    return cfg.sample_cfg
+
+
 def make_sample_fn(cfg, diffusion, num_classes: int, shape, decode=None, prompts=None):
-    """EMA sample grid with fixed noise and conditions, CFG at cfg.sample_cfg: one row per class (<= 16 classes), or
+    """EMA sample grid with fixed noise and conditions, CFG at grid_cfg_scale(cfg): one row per class (<= 16 classes), or
     with prompts (text) one row per prompt, whose captions go to samples/captions.txt (one line per row)."""
     from diffusion import cfg_model_fn
     if prompts is None:
@@ -588,14 +758,18 @@ def make_sample_fn(cfg, diffusion, num_classes: int, shape, decode=None, prompts
         rows = encode_prompts(cfg, prompts)                                    # (R, L)
     conds = rows.repeat_interleave(cfg.sample_per_class, dim=0)
     noise = torch.randn((len(conds), *shape), generator=torch.Generator().manual_seed(cfg.seed))  # shape (C, H, W)
+    scale = grid_cfg_scale(cfg)
+    cads = grid_cads(cfg)
 
     @torch.no_grad()
     def sample(model):
         dev = next(model.parameters()).device
         y = conds.to(dev)
-        fn = cfg_model_fn(model, y, model.cond.null_like(y), cfg.sample_cfg, learn_sigma=cfg.learn_sigma)
-        x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
-                             clip_x0=decode is None)          # pixel space: keep x0 estimates in [-1, 1]
+        fn = cfg_model_fn(model, y, model.cond.null_like(y), scale, learn_sigma=cfg.learn_sigma)
+        seeds = range(cfg.seed, cfg.seed + len(y))                             # CADS noise: one stream per image
+        with nullcontext() if cads is None else cads.sampling(model, model.cond, seeds, diffusion.num_timesteps):
+            x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+                                 clip_x0=decode is None)      # pixel space: keep x0 estimates in [-1, 1]
         if prompts is not None:  # the grid's rows, beside its PNGs (the same prompts for every step)
             os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
             with open(os.path.join(cfg.out, "samples", "captions.txt"), "w", encoding="utf-8") as f:
@@ -604,6 +778,7 @@ def make_sample_fn(cfg, diffusion, num_classes: int, shape, decode=None, prompts
 
     sample.nrow = cfg.sample_per_class
     sample.captions = prompts
+    sample.labels = conds if prompts is None else None                     # (N,) the grid's classes, for the judge
     return sample
 
 
@@ -652,20 +827,34 @@ def run(script, argv, kind: str) -> int:
     try:
         cfg = parse_config(script.CONFIG_CLASS, argv, script.PRESETS,
                            description=script.__doc__.split("\n\n")[0].strip())
+        init_sd = None
+        if cfg.init_from:                                # fine-tuning: SOURCE's architecture, numerics and weights
+            import pretrained
+            cfg, init_sd, init_note = pretrained.init_weights(cfg.init_from, cfg, kind, explicit_fields(argv))
         script.check_config(cfg)
         d = setup_distributed(cfg.device)
-        if find_resume(cfg.resume, cfg.out) is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
+        resume_path = find_resume(cfg.resume, cfg.out)
+        if resume_path is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
             # checked before the corruption manifest is written into the run folder, not only in train()
             raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
+        if resume_path is not None:                      # refused before prepare_data rewrites corruption.json
+            check_experiment(cfg, load_checkpoint(resume_path, mmap=True)["config"], resume_path)
         dataset, encode_fn, decode, prompts = prepare_data(script, cfg, d.device)
         torch.manual_seed(cfg.seed)                      # the same initial weights on every rank and every rerun
         model = script.build_model(cfg)
+        if init_sd is not None and find_resume(cfg.resume, cfg.out) is None:   # a resumed run has its own weights
+            init_note += "; " + pretrained.load_init(model, init_sd)
+            if d.main:
+                print(f"{name}: {init_note}", flush=True)
+                os.makedirs(cfg.out, exist_ok=True)
+                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps({"event": "init_from", "source": cfg.init_from, "note": init_note}) + "\n")
         diffusion = script.build_diffusion(cfg)
         sample_fn = (make_sample_fn(cfg, diffusion, cfg.num_classes, script.latent_shape(cfg), decode, prompts)
                      if cfg.sample_every else None)
         result = train(cfg, model, diffusion, dataset, kind=kind, arch_fields=script.ARCH_FIELDS, d=d,
                        sample_fn=sample_fn, encode_fn=encode_fn, latent_shape=script.latent_shape(cfg))
-    except (RunError, ValueError, FileNotFoundError) as e:
+    except (RunError, ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except Diverged as e:

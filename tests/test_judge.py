@@ -114,3 +114,19 @@ def test_bad_input_is_one_line_and_exit_2(small_judge, tmp_path, capsys):
     assert ev.main(["metrics", "--samples", str(tmp_path / "wrong.npz"), "--train-ref", str(tmp_path / "wrong.npz")]) == 2
     assert "mem_threshold" in capsys.readouterr().err
     assert not (tmp_path / "train.npz").exists()
+
+
+def test_final_grid_hook_prints_and_logs_the_class_accuracy(small_judge, monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setattr(judge, "default_path", lambda image_size=16: small_judge)
+    monkeypatch.setattr(judge, "judge_path", lambda image_size=16, progress=True: small_judge)
+    imgs, labels = judge.render_images(16, 40, 85)
+    grid = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1            # (N, 3, 16, 16) in [-1, 1]
+    records, lines = [], []
+    cfg = SimpleNamespace(data="builtin", cond="class", steps=10, image_size=16, sample_cfg=4.0)
+    judge.judge_final_grid(cfg, grid, labels, records.append, lines.append)
+    judge.judge_final_grid(cfg, grid, (labels + 5) % 10, records.append, lines.append)  # every shape called wrong
+    acc = [r["class_acc"] for r in records]
+    assert acc[0] >= 0.95 and acc[1] <= 0.05 and f"class accuracy {acc[0]:.3f}" in lines[0]
+    judge.judge_final_grid(SimpleNamespace(**{**vars(cfg), "data": "/data/imagenet"}), grid, labels, records.append)
+    assert len(records) == 2  # other data: no verdict
