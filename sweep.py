@@ -54,10 +54,11 @@ REPO = Path(__file__).resolve().parent
 # Grid keys that are evaluate.py settings, not training flags: key -> (value -> evaluate.py arguments).
 # Every other key K becomes the training flag --K (underscores as dashes). Adding an eval-side axis is one line here.
 EVAL_KEYS = {
-    "cads": lambda v: [] if v == "off" else ["--cads"],   # CADS condition annealing at sampling time (evaluate.py)
+    "cads": lambda v: [] if v == "off" else ["--cads-noise", "0.1"],   # CADS at sampling time, the paper's s = 0.1
+    "cads_noise": lambda v: ["--cads-noise", str(v)],                     # or its noise scale as the axis
 }
 # The clean value of each treatment key: the cell with these values (and the same context) is the paired baseline.
-CLEAN = {"corrupt": "0", "cep": "none", "ip": "0", "cads": "off", "corrupt_mode": "static"}
+CLEAN = {"corrupt": "0", "cep": "none", "ip": "0", "cads": "off", "cads_noise": "0", "corrupt_mode": "static"}
 # Metrics the summary reports (those present in the results), and which direction is better.
 HIGHER_IS_BETTER = {"fid": False, "is_mean": True, "precision": True, "recall": True, "class_acc": True,
                     "memorized": False, "diversity": True}
@@ -142,12 +143,17 @@ BUILTIN = dict(script="train_dit", cells=parse_grid(["builtin_length=50,500", "c
                      "--class-dropout 0.1 --sample-every 0 --ckpt-every 300 --log-every 50",
                eval="--num-samples 300 --cfg-scales 1,2,4 --sampler dpm++ --steps 10 --batch-size 300")
 
+# Added after `builtin` had run (it found no CEP effect), fixed before this one ran: label corruption at 5 items per
+# class with the same budget and measurement, η ∈ {0, 5, 20} % (2 and 10 of the 50 labels flipped). It asks the paper's
+# headline question, and it is a positive control: flipped labels should visibly cost class accuracy.
+BUILTIN_ETA = dict(BUILTIN, cells=parse_grid(["builtin_length=50", "corrupt=0,0.05,0.2"]))
+
 # The paper's DiT-XL/2 protocol (Table 1, Fig. 14): 400K steps, 50K samples over its guidance grid, s = 1.75 in Table 1.
 IN1K_DIT = dict(script="train_dit", cells=IN1K_CELLS, seeds="0", launcher="torchrun",
                 train="--preset dit-xl2-in1k --vae kl-f8 --image-size 256",
                 eval=f"--num-samples 50000 --cfg-scales {DIT_SCALES} --sampler dpm++ --steps 50", fixed_scale=1.75)
 
-PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "in1k-dit": IN1K_DIT}
+PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "in1k-dit": IN1K_DIT}
 
 
 @dataclass
@@ -668,7 +674,7 @@ def parse_args(argv=None) -> SweepConfig:
     """Flags over the preset over the defaults; --grid replaces the preset's cells."""
     from trainer import ArgParser
     p = ArgParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a protocol: smoke | builtin | in1k-dit (see the docstring)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a protocol: smoke | builtin | builtin-eta | in1k-dit (see the docstring)")
     for f in dataclasses.fields(SweepConfig):
         if f.name == "cells":
             continue

@@ -32,7 +32,7 @@ def test_grid_product_names_and_where_keys_go():
     assert names[0] == "builtin_length100_clean" and "builtin_length100_corrupt0.05_cepuniform_cadson" in names
     assert len(set(names)) == 8
     train, evaluate = sweep.cell_args({"corrupt": "0.05", "cads": "on", "builtin_length": "100"})
-    assert train == ["--corrupt", "0.05", "--builtin-length", "100"] and evaluate == ["--cads"]
+    assert train == ["--corrupt", "0.05", "--builtin-length", "100"] and evaluate == ["--cads-noise", "0.1"]
     assert sweep.cell_args({"cads": "off"}) == ([], [])
     # the clean counterpart keeps the context and resets every treatment, "0.0" == "0"
     assert sweep.clean_counterpart({"corrupt": "0.05", "cep": "uniform", "builtin_length": "100"}) == \
