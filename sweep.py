@@ -306,6 +306,7 @@ class Runner:
 
     def __init__(self, threads):
         self.children, self.stopping, self.lock, self.threads = set(), False, threading.Lock(), threads
+        self.cpu_seconds = {}   # thread id -> CPU seconds of the last command that thread ran
 
     def stop(self, signum=None, frame=None):
         self.stopping = True
@@ -325,9 +326,11 @@ class Runner:
                     return None
                 p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
                 self.children.add(p)
-            rc = p.wait()
+            _, status, usage = os.wait4(p.pid, 0)    # this child's own CPU time, even with other jobs running
+            p.returncode = rc = os.waitstatus_to_exitcode(status)
             with self.lock:
                 self.children.discard(p)
+        self.cpu_seconds[threading.get_ident()] = usage.ru_utime + usage.ru_stime
         return rc
 
 
@@ -345,7 +348,8 @@ def execute(run: Run, runner: Runner, timings: Path):
             raise RuntimeError(f"{what} of {run.name} failed (exit {rc}); see {run.folder.parent}/seed{run.seed}.{what}.log")
         seconds = time.time() - t0
         with runner.lock, open(timings, "a") as f:
-            f.write(json.dumps({"run": run.name, "what": what, "seconds": round(seconds, 1)}) + "\n")
+            f.write(json.dumps({"run": run.name, "what": what, "seconds": round(seconds, 1),
+                                "cpu_seconds": round(runner.cpu_seconds[threading.get_ident()], 1)}) + "\n")
         did.append(f"{what} {seconds:.0f}s")
     return run.name, ", ".join(did) or "already done"
 
@@ -598,21 +602,29 @@ def plot_vs_eta(summary: dict, runs: list, path: Path, rule="best"):
     cells = {cell_name(r.cell): r.cell for r in runs}
     xkey = x_axis(cells)
     metrics = [m for m in HIGHER_IS_BETTER if any(m in e["metrics"] for e in summary["cells"].values())]
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(3.2 * max(1, len(metrics)), 3.0), squeeze=False)
+    ncols = min(4, max(1, len(metrics)))
+    nrows = math.ceil(max(1, len(metrics)) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
     groups = {}
     for i, (name, cell) in enumerate(cells.items()):
         rest = ", ".join(f"{k}={v}" for k, v in cell.items() if k != xkey) or "all"
         groups.setdefault(rest, []).append((float(cell[xkey]) if xkey else i, name))
-    scale = 100 if xkey == "corrupt" else 1
-    for ax, m in zip(axes[0], metrics):
-        for label, members in groups.items():
+    scale, logx = (100, False) if xkey == "corrupt" else (1, bool(xkey))
+    xs = sorted({scale * x for members in groups.values() for x, _ in members})
+    for ax, m in zip(axes.flat, metrics):
+        for g, (label, members) in enumerate(groups.items()):
             pts = [(x, summary["cells"][n]["metrics"][m][rule]) for x, n in sorted(members) if n in summary["cells"]]
             err = [0 if math.isnan(st["ci"]) else st["ci"] for _, st in pts]
-            ax.errorbar([scale * x for x, _ in pts], [st["mean"] for _, st in pts], yerr=err, marker="o", capsize=3,
-                        label=label)
+            shift = 0.04 * (g - (len(groups) - 1) / 2)      # side by side, so the error bars do not hide each other
+            x = [scale * x * (1 + shift) if logx else scale * x + shift * (xs[-1] - xs[0] or 1) for x, _ in pts]
+            ax.errorbar(x, [st["mean"] for _, st in pts], yerr=err, marker="o", capsize=3, label=label)
         ax.set_xlabel({"corrupt": "corruption η (%)", "": "cell"}.get(xkey, xkey))
-        if xkey and xkey != "corrupt":
+        if logx:
             ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
         ax.set_title(METRIC_NAMES.get(m, m) + (" ↑" if HIGHER_IS_BETTER[m] else " ↓"))
     axes[0][0].legend(fontsize=7)
     where = f"s = {summary['fixed_scale']:g}" if rule == "fixed" else f"each cell's best scale (by {summary['metric']})"
@@ -633,7 +645,10 @@ def plot_curves(rows: list, path: Path):
             xs, ys = table_of(rows, xm).get(cell, {}), table_of(rows, ym).get(cell, {})
             scales = sorted(set.intersection(*(set(v) for v in list(xs.values()) + list(ys.values()))) if xs else ())
             mean = lambda tab, s: np.mean([v[s] for v in tab.values() if s in v])
-            ax.plot([mean(xs, s) for s in scales], [mean(ys, s) for s in scales], marker="o", label=cell)
+            px, py = [mean(xs, s) for s in scales], [mean(ys, s) for s in scales]
+            ax.plot(px, py, marker="o", label=cell)
+            for s, x, y in zip(scales, px, py):
+                ax.annotate(f"{s:g}", (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel(METRIC_NAMES.get(xm, xm))
         ax.set_ylabel(METRIC_NAMES.get(ym, ym))
     axes[0].legend(fontsize=7)
@@ -656,9 +671,11 @@ def report(runs: list, cfg: SweepConfig, header: str = ""):
     if (out / "timings.jsonl").is_file():
         for line in (out / "timings.jsonl").read_text().splitlines():
             rec = json.loads(line)
-            spent[rec["what"]] = spent.get(rec["what"], 0.0) + rec["seconds"]
+            for key in ("seconds", "cpu_seconds"):
+                spent[rec["what"], key] = spent.get((rec["what"], key), 0.0) + rec.get(key, math.nan)
     header += "; time inside the runs (timings.jsonl): " + (", ".join(
-        f"{what} {sec / 60:.1f} min" for what, sec in spent.items()) or "none")
+        f"{what} {sec / 60:.1f} min{' (CPU)' if key == 'cpu_seconds' else ''}"
+        for (what, key), sec in spent.items() if not math.isnan(sec)) or "none")
     write_summary(summary, out / "summary.md", header)
     write_table(summary, out / "table.md")
     plot_vs_eta(summary, runs, out / "metric_vs_eta.png", "best")
