@@ -3,7 +3,8 @@ sweep.py: the paper's experiment end to end. Train clean, corrupted and CEP mode
 a grid of guidance scales, and say with confidence intervals over seeds whether slight corruption or CEP helps.
 
     python sweep.py --preset builtin --out sweeps/builtin          # the CPU experiment of README "Results on the built-in benchmark"
-    python sweep.py --preset smoke --out /tmp/smoke                # 2 cells x 2 seeds in well under a minute (CI)
+    python sweep.py --preset builtin-eta --out sweeps/builtin-eta  # its label-corruption companion (η = 0, 5, 20 %)
+    python sweep.py --preset smoke --out /tmp/smoke                # 2 cells x 2 seeds, a few steps each (~1-2 min; CI)
     python sweep.py --preset in1k-dit --out sweeps/dit --train "--latents /data/in1k-kl-f8" \
         --eval "--ref /data/imagenet/val" --dry-run                # the paper's DiT-XL/2 grid as torchrun commands
     python sweep.py --script train_dit --grid "corrupt=0,0.025,0.05,0.1,0.2" --grid "cep=none,uniform" --seeds 0,1,2 \
