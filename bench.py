@@ -7,17 +7,17 @@ compile setting. Every flag the train script takes works here too (they build th
     python bench.py --device cuda --model DiT-XL/2 --vae kl-f8 --image-size 256 --batch-size 32 --precision bf16 --compile
     python bench.py --script train_ldm --model ldm4-cin256 ...          # the U-Net (once train_ldm.py exists)
 
-A step here is what the trainer does: forward + loss (the script's diffusion loss) + backward + AdamW + EMA update, on
-latents of the model's input shape (the VAE encode is not included: with a latent cache it is not in the loop).
+A step here is the trainer's own `trainer.train_step` (draws, CFG drop, loss, backward, AdamW, EMA), on latents of the
+model's input shape (the VAE encode is not included: with a latent cache it is not in the loop); the model is rebuilt
+through registry.FAMILIES, as evaluate.py does.
 FLOPs are counted by torch's FlopCounterMode on one forward+backward (so they include attention), and MFU divides
 the achieved FLOP/s by the accelerator's dense bf16 peak (--peak-tflops to override).
 """
 import argparse
-import importlib
+import dataclasses
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -46,75 +46,68 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+SCRIPTS = {"train_dit": "dit", "train_ldm": "ldm"}   # --script -> registry kind
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), add_help=False)
-    p.add_argument("--script", default="train_dit", choices=["train_dit", "train_ldm"], help="which model family")
+    p.add_argument("--script", default="train_dit", choices=list(SCRIPTS), help="which model family")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
     p.add_argument("--iters", type=int, default=10, help="timed steps")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="override the accelerator peak for MFU")
     p.add_argument("-h", "--help", action="store_true")
     args, rest = p.parse_known_args(argv)
-    script = importlib.import_module(args.script)
     if args.help:
         p.print_help()
         print("\nAll flags of the train script are accepted; see python", args.script + ".py --help")
         return 0
-    from trainer import RunError, ema_pairs, ema_update, encode_prompts, parse_config
+    from common import Dist, RunError
+    from conditions import encode_prompts
+    from config import parse_config
+    from registry import FAMILIES
+    from trainer import make_state, train_step
+    family = FAMILIES[SCRIPTS[args.script]]
     try:
-        cfg = parse_config(script.CONFIG_CLASS, rest, getattr(script, "PRESETS", None))
-        script.check_config(cfg)
+        cfg = family.resolve(parse_config(family.config, rest, family.presets))
     except RunError as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
     if not cfg.num_classes:
-        cfg.num_classes = 1000 if cfg.data != "builtin" else 10
+        cfg = dataclasses.replace(cfg, num_classes=1000 if cfg.data != "builtin" else 10)
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda" if use_cuda else "cpu")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "fp32")
-    if use_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(0)
-    model = script.build_model(cfg).to(dev)
-    diffusion = script.build_diffusion(cfg)
-    ema = script.build_model(cfg).to(dev).requires_grad_(False)
-    averaged = ema_pairs(ema, model)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, fused=use_cuda or None)
-    fwd = torch.compile(model) if (cfg.compile if cfg.compile is not None else use_cuda) else model
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    shape = script.latent_shape(cfg)
+    model, diffusion = family.build(cfg)
+    s = make_state(cfg, model, diffusion, Dist(device=dev))          # the trainer's own state: AdamW, EMA, compile
+    shape = cfg.latent_shape
     B = cfg.batch_size
     x = torch.randn(B, *shape, device=dev)
-    if getattr(cfg, "cond", "class") == "text":                       # caption token ids, as the text loader gives
+    if cfg.cond == "text":                                            # caption token ids, as the text loader gives
         y = encode_prompts(cfg, ["a large red disc at the middle of a dark background"] * B).to(dev)
     else:
         y = torch.randint(0, cfg.num_classes, (B,), device=dev)
 
-    def step():
-        with autocast:
-            loss = diffusion.training_losses(lambda xt, t: fwd(xt, t, y), x)["loss"].mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(*averaged, 0.9999)
+    def step(i=0):
+        train_step(s, x, y, i)                                       # exactly what train() runs each step
 
     def fwd_bwd_eager():
-        with autocast:
+        with s.autocast:
             out = model(x[:1], torch.zeros(1, dtype=torch.long, device=dev), y[:1])
         out.float().pow(2).mean().backward()
         model.zero_grad(set_to_none=True)
 
     flops_per_img = count_flops(fwd_bwd_eager)  # one image, forward + backward (= 3x forward)
-    for _ in range(args.warmup):
-        step()
+    for i in range(args.warmup):
+        step(i)
     if use_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
-    for _ in range(args.iters):
+    for i in range(args.iters):
         t0 = time.perf_counter()
-        step()
+        step(args.warmup + i)
         if use_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -124,7 +117,7 @@ def main(argv=None) -> int:
     achieved = flops_per_img * B / dt / 1e12
     print(f"{cfg.model} | {n_params / 1e6:.1f}M params | input {tuple(shape)} | batch {B} | {dev}"
           f"{' ' + torch.cuda.get_device_name(dev) if use_cuda else ''} | {precision}"
-          f"{' compiled' if fwd is not model else ''}")
+          f"{' compiled' if s.train_model is not model else ''}")
     print(f"step {dt * 1000:.1f} ms (median of {args.iters}, min {min(times) * 1000:.1f}) | {B / dt:.1f} img/s | "
           f"{flops_per_img / 3 / 1e9:.2f} GFLOP fwd/img | {achieved:.2f} TFLOP/s | "
           f"MFU {f'{100 * achieved / peak:.1f}%' if peak else 'n/a (unknown peak; --peak-tflops)'}"

@@ -309,14 +309,14 @@ def apply_corruption(dataset, ratio: float, kind: str = "symmetric", seed: int =
 
 def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: int = 0, rewrites: str | None = None,
                              manifest_path: str | None = None) -> np.ndarray:
-    """Corrupt round(ratio * N) captions of `dataset` in place, write the manifest, return the corrupted indices.
+    """Corrupt round(ratio * N) captions of `dataset` in place (corrupt.py), write the manifest, return the indices.
 
     swap:    swap captions between random pairs (the paper's CC3M default, corrupt.swap_captions).
     rewrite: replace captions by the user's rewrites, a JSON file {index: caption} (e.g. made with an LLM, as the
-             paper's GPT-4 rewrites); round(ratio * N) of its entries are drawn with `seed`, or all when ratio is 0.
+             paper's GPT-4 rewrites); round(ratio * N) of its entries are drawn with `seed` (corrupt.sample_rewrites),
+             or all of them when ratio is 0.
     Lazy captions (the built-in dataset's) are materialised once, here.
     """
-    import json
     import corrupt
     captions = list(dataset.captions)                          # (N,) strings; 100K built-in captions take ~5 s
     if kind == "swap":
@@ -325,23 +325,8 @@ def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: in
     elif kind == "rewrite":
         if not rewrites:
             raise ValueError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: caption})")
-        if not os.path.isfile(rewrites):
-            raise FileNotFoundError(f"rewrites file not found: {rewrites}")
-        try:
-            with open(rewrites, encoding="utf-8") as f:
-                table = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"rewrites file {rewrites} is not valid JSON: {e}") from None
-        if not isinstance(table, dict) or not table:
-            raise ValueError(f"rewrites file {rewrites} must hold a non-empty JSON object {{index: caption}}")
-        items = sorted(table.items(), key=lambda kv: (len(str(kv[0])), str(kv[0])))   # numeric order of the keys
-        if ratio > 0:
-            k = int(round(ratio * len(captions)))
-            if k > len(items):
-                raise ValueError(f"--corrupt {ratio} asks for {k} rewritten captions but {rewrites} has {len(items)}")
-            pick = np.random.Generator(np.random.PCG64(seed)).choice(len(items), size=k, replace=False)
-            items = [items[i] for i in sorted(pick)]
-        new, idx = corrupt.rewrite_captions(captions, dict(items))
+        table = corrupt.sample_rewrites(corrupt.load_rewrites(rewrites), ratio, len(captions), seed)
+        new, idx = corrupt.rewrite_captions(captions, table)
         if any(not _clean_caption(c) for c in new):
             raise ValueError(f"rewrites file {rewrites} holds an empty caption")
         recorded_ratio, recorded_seed = len(idx) / len(captions), (seed if ratio > 0 else None)
@@ -352,6 +337,17 @@ def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: in
                                                                    idx, **({"rewrites": rewrites} if rewrites else {})))
     dataset.captions = new
     return idx
+
+
+def corrupt_dataset(dataset, ratio: float, kind: str, seed: int = 0, classes: str = "", rewrites: str = "",
+                    manifest_path: str | None = None) -> np.ndarray:
+    """The static corruption a run asks for (flags --corrupt, --corrupt-type, --corrupt-classes, --corrupt-rewrites):
+    label kinds flip labels, caption kinds corrupt captions; returns the corrupted indices."""
+    if kind in ("swap", "rewrite"):
+        return apply_caption_corruption(dataset, ratio, kind, seed=seed, rewrites=rewrites or None,
+                                        manifest_path=manifest_path)
+    class_ids = [int(c) for c in classes.split(",")] if classes else None
+    return apply_corruption(dataset, ratio, kind, seed=seed, classes=class_ids, manifest_path=manifest_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,19 @@ def make_beta_schedule(name: str, num_steps: int = 1000) -> torch.Tensor:
     raise ValueError(f"unknown beta schedule {name!r} (expected 'linear' or 'scaled_linear')")
 
 
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim); cos half first, as GLIDE/DiT/LDM.
+
+    The denoisers' first timestep layer. Frequencies are max_period^(-k / (half - freq_shift)): DiT and LDM use
+    shift 0, diffusers' DiT port uses 1."""
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * k / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None]                         # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
 # ---- sampling timesteps (descending lists of original timesteps) ----
 
 

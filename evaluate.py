@@ -37,7 +37,7 @@ from PIL import Image
 from metrics import (INCEPTION_PATH, METRIC_COLUMNS, Featurizer, compute_metrics, count_items,  # noqa: F401
                      feature_statistics, frechet_distance, inception_score, load_reference, min_samples,
                      plot_fid_is, precision_recall, read_results, reference_kind, save_npz, write_results)
-from trainer import ArgParser, setup_distributed
+from common import ArgParser, RunError, setup_distributed
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
@@ -59,46 +59,39 @@ def shard_indices(num_samples, rank, world_size):
     return np.array_split(np.arange(num_samples), world_size)[rank]
 
 
-SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}  # checkpoint "kind" -> the train script that defines its model
-
-
 def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precision="auto", vae_path=None,
                  prompts=None):
     """Rebuild the model stored in CKPT: (sample_fn(labels (B,), seeds list, cfg_scale) -> uint8 (B, H, W, 3), info).
 
-    The model is rebuilt by its train script (CONFIG_CLASS, build_model, build_diffusion, latent_shape) from the config
+    The model is rebuilt through registry.FAMILIES (checkpoint kind -> its config class and build) from the config
     stored in the checkpoint, so any nanoCEP checkpoint samples without flags. Image i starts from the noise of
     torch.Generator().manual_seed(seeds[i]) (on the CPU), so a sharded run reproduces a single-process one.
     info holds num_classes and the settings that belong in results rows. A text-conditional checkpoint needs `prompts`
     (a list of captions): "labels" then index the prompts, so balanced labels cycle through them.
     """
-    import dataclasses
-    import importlib
-    from trainer import RunError, load_checkpoint
+    from registry import FAMILIES
+    from trainer import load_checkpoint
     try:
         state = load_checkpoint(str(ckpt))
     except RunError as e:
         raise ValueError(str(e)) from None
     kind = state.get("kind")
-    if kind not in SCRIPTS:
-        raise ValueError(f"{ckpt}: unknown checkpoint kind {kind!r} (expected one of {', '.join(SCRIPTS)})")
-    script = importlib.import_module(SCRIPTS[kind])
-    names = {f.name for f in dataclasses.fields(script.CONFIG_CLASS)}
-    cfg = script.CONFIG_CLASS(**{k: v for k, v in state["config"].items() if k in names})
-    model = script.build_model(cfg)
+    if kind not in FAMILIES:
+        raise ValueError(f"{ckpt}: unknown checkpoint kind {kind!r} (expected one of {', '.join(FAMILIES)})")
+    cfg = FAMILIES[kind].config_from(state["config"])
+    model, diffusion = FAMILIES[kind].build(cfg)
     weights = state["ema" if ema else "model"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise ValueError(f"{ckpt}: weights do not fit the stored config ({str(e).splitlines()[0]})") from None
     model.to(device).eval().requires_grad_(False)
-    diffusion = script.build_diffusion(cfg)
     decode = None
     if getattr(cfg, "vae", "none") != "none":
         import vae
         decode = vae.load_vae(cfg.vae, vae_path or cfg.vae_path or None, device=device).decode
     use_bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
-    sample_fn = make_sample_fn(model, diffusion, script.latent_shape(cfg), decode, device, sampler, steps, use_bf16,
+    sample_fn = make_sample_fn(model, diffusion, cfg.latent_shape, decode, device, sampler, steps, use_bf16,
                                learn_sigma=getattr(cfg, "learn_sigma", False))
     info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
@@ -106,7 +99,7 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
-        from trainer import encode_prompts
+        from conditions import encode_prompts
         class_fn = sample_fn
 
         def sample_fn(labels, seeds, cfg_scale):        # noqa: F811  (labels index the prompts)

@@ -22,21 +22,18 @@ Run:
     python evaluate.py --pretrained SOURCE --cfg-scales 1.75 --ref REF   # the paper's 50K protocol
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import re
 import sys
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import common
 import vae as vae_lib
 
 # ---- known releases ----
@@ -76,41 +73,8 @@ def cache_dir(root=None) -> Path:
 
 
 def download(url, dest, sha256=None, token=None) -> Path:
-    """Fetch url to dest atomically (a failed or mismatching download leaves nothing). HTTP 404 or a missing file://
-    -> FileNotFoundError; 401/403 -> ValueError naming HF_TOKEN; other network failures -> ConnectionError."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    headers = {"User-Agent": "nanoCEP"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    tmp, digest = Path(tmp), hashlib.sha256()
-    try:
-        print(f"downloading {url}", file=sys.stderr)
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers)) as r, open(tmp, "wb") as f:
-                while chunk := r.read(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                raise FileNotFoundError(f"not found: {url}") from None
-            if e.code in (401, 403):
-                raise ValueError(f"{url}: access denied (HTTP {e.code}); for a gated repo accept its terms on the "
-                                 "Hub and set HF_TOKEN") from None
-            raise ConnectionError(f"could not download {url} (HTTP {e.code})") from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            if isinstance(reason, FileNotFoundError):       # file:// to a missing file
-                raise FileNotFoundError(f"not found: {url}") from None
-            raise ConnectionError(f"could not download {url} ({reason}); pass a local path instead") from None
-        if sha256 and digest.hexdigest() != sha256.lower():
-            raise ValueError(f"sha256 mismatch for {url}: got {digest.hexdigest()}, expected {sha256}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+    """common.download with the Hugging Face token, when given (gated repos)."""
+    return common.download(url, dest, sha256, headers={"Authorization": f"Bearer {token}"} if token else None)
 
 
 def fetch_url(url, root=None, sha256=None) -> Path:

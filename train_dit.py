@@ -8,117 +8,50 @@ Train a class- or text-conditional DiT (Peebles & Xie, 2023) under condition cor
     torchrun --nproc_per_node 8 train_dit.py --preset dit-xl2-in1k --data /data/imagenet/train --corrupt 0.05
     python train_dit.py --out runs/dit --resume auto               # continue where the run in runs/dit stopped
 
-The file reads top to bottom: the config (every field is a flag), the presets (the paper's recipes), the DiT model
-(exactly the official architecture, initialisation and state-dict names, so DiT-XL-2-256x256.pt loads with
-strict=True), then the glue that hands everything to trainer.train().
+The file reads top to bottom: the config (the shared config.TrainConfig plus the DiT's own fields, every one a flag),
+the presets (the paper's recipes), the DiT model (exactly the official architecture, initialisation and state-dict
+names, so DiT-XL-2-256x256.pt loads with strict=True), then main(): flags -> data -> model -> trainer.train().
 
---cond text (PixArt-α style): a jointly trained text encoder (conditions.TextEncoder) turns the caption tokens into a
-context (B, L, D_text); every block gets a cross-attention layer after its self-attention, and adaLN-Zero keeps the
-timestep (plus, with --text-pooled, the masked mean of the context). The class path and its state-dict keys are
-untouched: the text modules exist only when --cond text.
+The DiT receives its condition encoder c_θ (conditions.py) as the LDM does. A class table (the official DiT) is added
+to the timestep embedding. A text encoder (--cond text, PixArt-α style) turns the caption tokens into a context
+(B, L, D_text); every block gets a cross-attention layer after its self-attention, and adaLN-Zero keeps the timestep
+(plus, with --text-pooled, the masked mean of the context). The class path and its state-dict keys are untouched:
+the text modules exist only with a text encoder.
 """
-import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import diffusion as diff
-from conditions import build_condition_encoder
-from trainer import RunError, check_condition_config, check_run_config, encode_prompts, run  # noqa: F401 (API)
-
-
-def opt(default, help: str, **kw):
-    """A config field with its help text (shown by --help)."""
-    return field(default=default, metadata={"help": help, **kw})
+from common import RunError, setup_distributed
+from conditions import ClassEmbedder, encoder_from_config
+from config import TrainConfig, opt, parse_config, resolve_run_config
+from diffusion import timestep_embedding
+from trainer import exit_codes, load_data, train
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Config: every field is a command-line flag (--kebab-case)
+# Config: the shared training fields (config.TrainConfig) + the DiT's; every field is a command-line flag
 
 @dataclass
-class DiTConfig:
-    # data
-    data: str = opt("builtin", "'builtin' (procedural shapes, no download), an ImageNet-layout folder root/<class>/*.jpg, "
-                    "or with --cond text: a folder of images with same-stem .txt captions or a path<TAB>caption .tsv/.csv")
-    cond: str = opt("class", "condition: class labels | text captions (tokenised, encoded by a jointly trained encoder)",
-                    choices=["class", "text"])
-    image_size: int = opt(16, "image side in pixels (latent side = image_size / 8 with --vae kl-f8)")
-    num_classes: int = opt(0, "classes of the class embedder; 0 = the dataset's count (set 1000 to match ImageNet ckpts)")
-    flip: bool = opt(True, "random horizontal flips (decided by seed and step, so resume is exact)")
-    builtin_length: int = opt(100_000, "items in the built-in dataset (each is drawn from (index, seed))")
-    # model & diffusion
-    model: str = opt("DiT-T/2", "DiT size/patch: DiT-{T,S,B,L,XL}/{2,4,8}")
-    learn_sigma: bool = opt(True, "predict the variance too (official DiT); trains with the hybrid MSE + VB loss")
-    schedule: str = opt("linear", "beta schedule: linear (DiT, 1e-4..0.02) or scaled_linear (LDM)")
-    vae: str = opt("none", "autoencoder: none (pixels) | kl-f8 (SD-VAE, 32x32x4 latents at 256^2) | vq-f4 (64x64x3)",
-                   choices=["none", "kl-f8", "vq-f4"])
-    vae_path: str = opt("", "local autoencoder weights (safetensors/.bin/.ckpt); empty = download")
-    latents: str = opt("", "train from a latent cache DIR made by `python latents.py` (no VAE encode in the loop)")
-    # text encoder (--cond text)
-    tokenizer: str = opt("bytes", "bytes (offline, byte-level) | gpt2 / r50k_base (tiktoken downloads it once) | "
-                         "PATH.tiktoken (local ranks file, e.g. gpt2.tiktoken from the openai-whisper package)")
-    context_length: int = opt(77, "caption tokens (with the end token), truncated / padded to this length")
-    text_width: int = opt(128, "text encoder width D_text (the cross-attention context width)")
-    text_depth: int = opt(2, "text encoder transformer blocks")
-    text_heads: int = opt(4, "text encoder attention heads")
-    text_pooled: bool = opt(True, "also add the masked mean of the text context to adaLN's timestep embedding")
-    t_freq_shift: float = opt(0.0, "timestep frequency shift: 0 = DiT, 1 = diffusers' DiT port (fine-tune its releases)")
-    mlp_norm_eps: float = opt(1e-6, "eps of the LayerNorm before each MLP: 1e-6 = DiT, 1e-5 = diffusers' DiT port")
-    # condition corruption (paper §2) and CEP (paper §5)
-    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped / captions corrupted")
-    corrupt_type: str = opt("auto", "auto (symmetric for class, swap for text) | symmetric (to another class, by the "
-                            "class prior) | asymmetric | swap (captions between random pairs) | rewrite (--corrupt-rewrites)",
-                            choices=["auto", "symmetric", "asymmetric", "swap", "rewrite"])
-    corrupt_rewrites: str = opt("", "rewrite only: JSON file {index: rewritten caption}; --corrupt picks that fraction "
-                                "of N among its entries (0 = all of them)")
-    corrupt_classes: str = opt("", "asymmetric only: comma-separated class ids that flip among themselves")
-    corrupt_mode: str = opt("static", "static: flip once when the data is built (paper) | random: re-flip every step",
-                            choices=["static", "random"])
-    cep: str = opt("none", "condition embedding perturbation: none | uniform | gaussian",
-                   choices=["none", "uniform", "gaussian"])
-    cep_gamma: float = opt(1.0, "CEP magnitude gamma (noise scale gamma/sqrt(d)); the paper uses 1")
-    cep_null: bool = opt(False, "also perturb the CFG null embedding (the paper does not say; default: no)")
-    ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)")
-    class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)")
-    # optimisation
+class DiTConfig(TrainConfig):
+    model: str = opt("DiT-T/2", "DiT size/patch: DiT-{T,S,B,L,XL}/{2,4,8}", arch=True)
+    learn_sigma: bool = opt(True, "predict the variance too (official DiT); trains with the hybrid MSE + VB loss",
+                            arch=True)
+    schedule: str = opt("linear", "beta schedule: linear (DiT, 1e-4..0.02) or scaled_linear (LDM)", arch=True)
+    text_width: int = opt(128, "text encoder width D_text (the cross-attention context width)", arch=True)
+    text_pooled: bool = opt(True, "also add the masked mean of the text context to adaLN's timestep embedding",
+                            arch=True)
+    t_freq_shift: float = opt(0.0, "timestep frequency shift: 0 = DiT, 1 = diffusers' DiT port (fine-tune its releases)",
+                              arch=True)
+    mlp_norm_eps: float = opt(1e-6, "eps of the LayerNorm before each MLP: 1e-6 = DiT, 1e-5 = diffusers' DiT port",
+                              arch=True)
     steps: int = opt(1500, "training steps (the CPU default: ~9 min on 2 cores)")
-    batch_size: int = opt(64, "global batch size (split over processes)")
-    micro_batch_size: int = opt(0, "per-process micro-batch for gradient accumulation; 0 = no accumulation")
-    lr: float = opt(1e-3, "AdamW learning rate (constant, as DiT)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    grad_clip: float = opt(0.0, "clip the gradient norm to this value; 0 = off (DiT uses none)")
-    ema_decay: float = opt(0.995, "EMA decay of the weights used for sampling (DiT: 0.9999 over 400K steps)")
-    # run
     out: str = opt("runs/dit", "run folder: checkpoints, log.jsonl, samples/")
-    resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
-    seed: int = opt(0, "global seed (data order, noise, corruption)")
-    device: str = opt("auto", "auto | cpu | cuda")
-    precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
-                         choices=["auto", "fp32", "bf16"])
-    compile: bool | None = opt(None, "torch.compile the model (default: on for GPU, off for CPU)")
-    num_workers: int = opt(-1, "data loader workers; -1 = auto (0 on CPU)")
-    log_every: int = opt(50, "log the all-reduced loss every N steps")
-    ckpt_every: int = opt(500, "write out/last.pt every N steps (and at the end)")
-    keep_every: int = opt(0, "also keep out/step_XXXXXXX.pt every N steps; 0 = only last.pt")
-    sample_every: int = opt(500, "write an EMA sample grid every N steps; 0 = never")
-    sample_cfg: float = opt(4.0, "guidance scale of the sample grids")
-    sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
-                              choices=["dpm++", "ddim", "ddpm"])
-    sample_steps: int = opt(25, "sampling steps of the sample grids")
-    sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
-    sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one prompt per built-in "
-                              "class, or the first dataset captions)")
 
-
-CONFIG_CLASS = DiTConfig  # what bench.py and evaluate.py build from
-
-# The config fields that define the network: resuming with a different value is refused.
-ARCH_FIELDS = ("model", "image_size", "num_classes", "learn_sigma", "vae", "schedule", "cond", "tokenizer",
-               "context_length", "text_width", "text_depth", "text_heads", "text_pooled", "t_freq_shift",
-               "mlp_norm_eps")
 
 PRESETS = {
     # DiT-XL/2 on ImageNet-1K 256^2, the paper's recipe (Table 4 + official DiT train.py): 400K steps, 32/GPU x 8.
@@ -140,18 +73,6 @@ PRESETS = {
 def modulate(x, shift, scale):
     """adaLN: x * (1 + scale) + shift, with (B, D) shift/scale broadcast over the tokens of x (B, T, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim); cos half first, as GLIDE/DiT.
-
-    Frequencies are max_period^(-k / (half - freq_shift)): DiT uses shift 0, diffusers' DiT port uses 1."""
-    half = dim // 2
-    k = torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(-math.log(max_period) * k / (half - freq_shift))
-    args = t.float()[:, None] * freqs[None]                         # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
 
 
 class TimestepEmbedder(nn.Module):
@@ -283,15 +204,16 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
 class DiT(nn.Module):
     """Diffusion transformer: patchify -> + pos -> N adaLN-Zero blocks conditioned on t and c(y) -> unpatchify.
 
-    cond="class": y (B,) class ids, c(y) added to the timestep embedding (the official DiT).
-    cond="text":  y (B, L) caption token ids; c(y) = (context, mask) from the text encoder, read by cross-attention in
+    y_embedder is the condition encoder c_θ (conditions.py), built outside as for the LDM:
+    a class table (kind "class"): y (B,) class ids, c(y) added to the timestep embedding (the official DiT); None
+                  builds the official one, num_classes rows + a CFG null row (when class_dropout_prob > 0);
+    a text encoder (kind "text"): y (B, L) caption token ids; c(y) = (context, mask), read by cross-attention in
                   every block, and (text_pooled) its masked mean through an MLP added to the timestep embedding.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, cep="none",
-                 cep_gamma=1.0, cep_null=False, cond="class", tokenizer="bytes", context_length=77, text_width=128,
-                 text_depth=2, text_heads=4, text_pooled=True):
+                 mlp_ratio=4.0, learn_sigma=True, y_embedder: nn.Module | None = None, num_classes=1000,
+                 class_dropout_prob=0.1, text_pooled=True):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
@@ -300,24 +222,20 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.cond_kind = cond
-        if cond == "class":
-            self.y_embedder = build_condition_encoder("class", hidden_size, num_classes=num_classes,
-                                                      dropout_prob=class_dropout_prob, cep=cep, cep_gamma=cep_gamma,
-                                                      cep_null=cep_null)
-        elif cond == "text":  # the text encoder lives under the model: trained jointly, saved in the checkpoint
-            self.y_embedder = build_condition_encoder("text", text_width, dropout_prob=class_dropout_prob, cep=cep,
-                                                      cep_gamma=cep_gamma, cep_null=cep_null, tokenizer=tokenizer,
-                                                      context_length=context_length, depth=text_depth,
-                                                      heads=text_heads)
-            self.pooled_embedder = (nn.Sequential(nn.Linear(text_width, hidden_size), nn.SiLU(),
+        # the encoder lives under the model (key prefix y_embedder.): trained jointly, saved in the checkpoint
+        self.y_embedder = y_embedder if y_embedder is not None else ClassEmbedder(num_classes, hidden_size,
+                                                                                 class_dropout_prob)
+        self.cond_kind = self.y_embedder.kind
+        context_dim = 0
+        if self.cond_kind == "text":
+            context_dim = self.y_embedder.width
+            self.pooled_embedder = (nn.Sequential(nn.Linear(context_dim, hidden_size), nn.SiLU(),
                                                   nn.Linear(hidden_size, hidden_size)) if text_pooled else None)
-        else:
-            raise ValueError(f"unknown condition {cond!r} (expected 'class' or 'text')")
+        elif self.cond_kind != "class":
+            raise ValueError(f"unknown condition encoder kind {self.cond_kind!r} (expected 'class' or 'text')")
         self.grid = input_size // patch_size
         # A frozen Parameter (not a buffer) only so that the key exists as in the official checkpoints.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size), requires_grad=False)
-        context_dim = text_width if cond == "text" else 0
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -400,26 +318,25 @@ DiT_models = {f"DiT-{s}/{p}": _factory(s, p) for s in SIZES for p in (2, 4, 8)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Glue: config -> model, diffusion, data, sample grids -> trainer
+# Config -> model and diffusion; main
 
-LATENT_GEOMETRY = {"none": (3, 1), "kl-f8": (4, 8), "vq-f4": (3, 4)}   # autoencoder -> (channels, downsampling)
+def resolve(cfg: DiTConfig) -> DiTConfig:
+    """The checked config with every 'auto' decided (a new config; bad values raise RunError)."""
+    if cfg.model not in DiT_models:
+        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DiT_models)}")
+    cfg = resolve_run_config(cfg)
+    side, patch = cfg.latent_shape[1], int(cfg.model.split("/")[1])
+    if side % patch:
+        raise RunError(f"{cfg.model} needs an input side divisible by {patch}, got {side}")
+    return cfg
 
 
-def latent_shape(cfg) -> tuple[int, int, int]:
-    """(C, H, W) of what the DiT sees: pixels, or the autoencoder's latents."""
-    channels, down = LATENT_GEOMETRY[cfg.vae]
-    return channels, cfg.image_size // down, cfg.image_size // down
-
-
-def build_model(cfg) -> DiT:
-    """The DiT the config describes (num_classes must be resolved, i.e. > 0)."""
-    channels, side, _ = latent_shape(cfg)
-    model = DiT_models[cfg.model](input_size=side, in_channels=channels, num_classes=cfg.num_classes,
-                                  learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout, cep=cfg.cep,
-                                  cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null, cond=cfg.cond,
-                                  tokenizer=cfg.tokenizer, context_length=cfg.context_length,
-                                  text_width=cfg.text_width, text_depth=cfg.text_depth, text_heads=cfg.text_heads,
-                                  text_pooled=cfg.text_pooled)
+def build_model(cfg: DiTConfig) -> DiT:
+    """The DiT the config describes, with its condition encoder (num_classes must be resolved, i.e. > 0 for class)."""
+    channels, side, _ = cfg.latent_shape
+    width = cfg.text_width if cfg.cond == "text" else SIZES[cfg.model[4:].split("/")[0]]["hidden_size"]
+    model = DiT_models[cfg.model](input_size=side, in_channels=channels, learn_sigma=cfg.learn_sigma,
+                                  y_embedder=encoder_from_config(cfg, width), text_pooled=cfg.text_pooled)
     return set_numerics(model, cfg.t_freq_shift, cfg.mlp_norm_eps)
 
 
@@ -433,25 +350,23 @@ def set_numerics(model: DiT, freq_shift: float = 0.0, mlp_norm_eps: float = 1e-6
     return model
 
 
-def build_diffusion(cfg) -> "diff.GaussianDiffusion":
+def build_diffusion(cfg: DiTConfig) -> "diff.GaussianDiffusion":
     """1000-step diffusion with the DiT loss: hybrid (MSE + VB) when sigma is learned, else MSE."""
     return diff.GaussianDiffusion(diff.make_beta_schedule(cfg.schedule, 1000), learn_sigma=cfg.learn_sigma,
                                   loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip)
 
 
-def check_config(cfg) -> None:
-    """Reject bad values with one clear message (RunError) before any work is done."""
-    if cfg.model not in DiT_models:
-        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DiT_models)}")
-    check_run_config(cfg, LATENT_GEOMETRY[cfg.vae][1])
-    side, patch = latent_shape(cfg)[1], int(cfg.model.split("/")[1])
-    if side % patch:
-        raise RunError(f"{cfg.model} needs an input side divisible by {patch}, got {side}")
-    check_condition_config(cfg)
-
-
+@exit_codes("train_dit.py")
 def main(argv=None) -> int:
-    return run(sys.modules[__name__], argv, kind="dit")
+    """Flags -> data (corrupted as asked) -> DiT + diffusion -> train. Bad input: one line, exit 2."""
+    cfg = resolve(parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip()))
+    d = setup_distributed(cfg.device)
+    data = load_data(cfg, d.device)
+    cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
+    torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
+    model, diffusion = build_model(cfg), build_diffusion(cfg)
+    train(cfg, model, diffusion, data, kind="dit", d=d)
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ Train a class- or text-conditional latent diffusion U-Net (LDM-4, Rombach et al.
     python train_ldm.py --out runs/ldm --resume auto               # continue where the run in runs/ldm stopped
     python bench.py --script train_ldm --model ldm4-cin256 --image-size 256 --vae vq-f4 --batch-size 8
 
-The file reads top to bottom like train_dit.py: the config (every field is a flag), the presets (the paper's recipes),
-the U-Net (CompVis `openaimodel.UNetModel` with spatial transformers: same modules, initialisation and state-dict
-names, so the `cin256-v2` U-Net weights load with strict=True), the LDM wrapper that holds the U-Net and the condition
-encoder, then the glue that hands everything to trainer.train().
+The file reads top to bottom like train_dit.py: the config (config.TrainConfig plus the U-Net's fields, every one a
+flag), the presets (the paper's recipes), the U-Net (CompVis `openaimodel.UNetModel` with spatial transformers: same
+modules, initialisation and state-dict names, so the `cin256-v2` U-Net weights load with strict=True), the LDM wrapper
+that holds the U-Net and the condition encoder, then main(): flags -> data -> model -> trainer.train().
 
 Conditioning goes through cross-attention only: the condition encoder (`model.cond`, conditions.py) maps y to a
 context (B, L, D) that every SpatialTransformer attends to. A class label is one token (L = 1); a caption encoder
@@ -18,95 +18,35 @@ returns (tokens (B, L, D), padding mask (B, L)) and drops in unchanged (--cond t
 """
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import diffusion as diff
-from conditions import build_condition_encoder
-from train_dit import LATENT_GEOMETRY, opt, timestep_embedding
-from trainer import RunError, check_condition_config, check_run_config, run
+from common import RunError, setup_distributed
+from conditions import encoder_from_config
+from config import LATENT_GEOMETRY, TrainConfig, opt, parse_config, resolve_run_config
+from diffusion import timestep_embedding
+from trainer import exit_codes, load_data, train
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Config: every field is a command-line flag (--kebab-case)
+# Config: the shared training fields (config.TrainConfig) + the U-Net's; every field is a command-line flag
 
 @dataclass
-class LDMConfig:
-    # data
-    data: str = opt("builtin", "'builtin' (procedural shapes, no download) or an ImageNet-layout folder root/<class>/*.jpg")
-    image_size: int = opt(16, "image side in pixels (latent side = image_size / 4 with --vae vq-f4)")
-    num_classes: int = opt(0, "classes of the class embedder; 0 = the dataset's count (set 1000 to match ImageNet ckpts)")
-    flip: bool = opt(True, "random horizontal flips (decided by seed and step, so resume is exact)")
-    builtin_length: int = opt(100_000, "items in the built-in dataset (each is drawn from (index, seed))")
-    # model & diffusion
-    model: str = opt("unet-tiny", "U-Net size: unet-tiny | unet-small | ldm4-cin256 (the CompVis cin256-v2 U-Net)")
-    cond: str = opt("class", "condition: class (labels -> one cross-attention token) | text (captions -> a jointly "
-                    "trained text encoder's tokens)", choices=["class", "text"])
-    learn_sigma: bool = opt(False, "predict the variance too (DiT-style hybrid loss); LDM uses a fixed variance")
-    schedule: str = opt("scaled_linear", "beta schedule: scaled_linear (LDM, sqrt-linear 0.0015..0.0195) or linear (DiT)")
-    vae: str = opt("none", "autoencoder: none (pixels) | vq-f4 (LDM-4, 64x64x3 latents at 256^2) | kl-f8 (SD-VAE)",
-                   choices=["none", "vq-f4", "kl-f8"])
-    vae_path: str = opt("", "local autoencoder weights (safetensors/.bin/.ckpt); empty = download")
-    latents: str = opt("", "train from a latent cache DIR made by `python latents.py` (no VAE encode in the loop)")
-    # text encoder (--cond text); its width is the U-Net's cross-attention context width
-    tokenizer: str = opt("bytes", "bytes (offline, byte-level) | gpt2 / r50k_base (tiktoken downloads it once) | "
-                         "PATH.tiktoken (local ranks file)")
-    context_length: int = opt(77, "caption tokens (with the end token), truncated / padded to this length")
-    text_width: int = opt(0, "text encoder width = the U-Net's context width; 0 = the --model's context_dim")
-    text_depth: int = opt(2, "text encoder transformer blocks (the paper's CC3M BERT: 12)")
-    text_heads: int = opt(4, "text encoder attention heads")
-    # condition corruption (paper §2) and CEP (paper §5)
-    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped / captions corrupted")
-    corrupt_type: str = opt("auto", "auto (symmetric for class, swap for text) | symmetric (to another class, by the "
-                            "class prior) | asymmetric | swap (captions between random pairs) | rewrite (--corrupt-rewrites)",
-                            choices=["auto", "symmetric", "asymmetric", "swap", "rewrite"])
-    corrupt_rewrites: str = opt("", "rewrite only: JSON file {index: rewritten caption}")
-    corrupt_classes: str = opt("", "asymmetric only: comma-separated class ids that flip among themselves")
-    corrupt_mode: str = opt("static", "static: flip once when the data is built (paper) | random: re-flip every step",
-                            choices=["static", "random"])
-    cep: str = opt("none", "condition embedding perturbation: none | uniform | gaussian",
-                   choices=["none", "uniform", "gaussian"])
-    cep_gamma: float = opt(1.0, "CEP magnitude gamma (noise scale gamma/sqrt(d)); the paper uses 1")
-    cep_null: bool = opt(False, "also perturb the CFG null embedding (the paper does not say; default: no)")
-    ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)")
-    class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)")
-    # optimisation
-    steps: int = opt(1000, "training steps")
-    batch_size: int = opt(64, "global batch size (split over processes)")
-    micro_batch_size: int = opt(0, "per-process micro-batch for gradient accumulation; 0 = no accumulation")
-    lr: float = opt(1e-3, "AdamW learning rate (constant, as LDM)")
-    weight_decay: float = opt(0.0, "AdamW weight decay (CompVis LDM: torch's default 0.01)")
-    grad_clip: float = opt(0.0, "clip the gradient norm to this value; 0 = off (LDM uses none)")
-    ema_decay: float = opt(0.995, "EMA decay of the weights used for sampling (LDM's LitEma: 0.9999)")
-    # run
+class LDMConfig(TrainConfig):
+    model: str = opt("unet-tiny", "U-Net size: unet-tiny | unet-small | ldm4-cin256 (the CompVis cin256-v2 U-Net)",
+                     arch=True)
+    learn_sigma: bool = opt(False, "predict the variance too (DiT-style hybrid loss); LDM uses a fixed variance",
+                            arch=True)
+    schedule: str = opt("scaled_linear", "beta schedule: scaled_linear (LDM, sqrt-linear 0.0015..0.0195) or linear "
+                        "(DiT)", arch=True)
+    text_width: int = opt(0, "text encoder width = the U-Net's context width; 0 = the --model's context_dim", arch=True)
     out: str = opt("runs/ldm", "run folder: checkpoints, log.jsonl, samples/")
-    resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
-    seed: int = opt(0, "global seed (data order, noise, corruption)")
-    device: str = opt("auto", "auto | cpu | cuda")
-    precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
-                         choices=["auto", "fp32", "bf16"])
-    compile: bool | None = opt(None, "torch.compile the model (default: on for GPU, off for CPU)")
-    num_workers: int = opt(-1, "data loader workers; -1 = auto (0 on CPU)")
-    log_every: int = opt(50, "log the all-reduced loss every N steps")
-    ckpt_every: int = opt(500, "write out/last.pt every N steps (and at the end)")
-    keep_every: int = opt(0, "also keep out/step_XXXXXXX.pt every N steps; 0 = only last.pt")
-    sample_every: int = opt(500, "write an EMA sample grid every N steps; 0 = never")
     sample_cfg: float = opt(2.0, "guidance scale of the sample grids (paper Table 1: 2.0 for LDM-4 IN-1K)")
-    sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
-                              choices=["dpm++", "ddim", "ddpm"])
-    sample_steps: int = opt(25, "sampling steps of the sample grids")
-    sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
-    sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one per built-in class)")
 
-
-CONFIG_CLASS = LDMConfig  # what bench.py and evaluate.py build from
-
-# The config fields that define the network: resuming with a different value is refused.
-ARCH_FIELDS = ("model", "cond", "image_size", "num_classes", "learn_sigma", "vae", "schedule", "tokenizer",
-               "context_length", "text_width", "text_depth", "text_heads")
 
 PRESETS = {
     # LDM-4 on ImageNet-1K 256^2, the paper's recipe (Table 3, §4.1) on the CompVis cin256-v2 config: VQ-f4 latents
@@ -438,52 +378,46 @@ def build_unet(name: str, in_channels: int = 3, learn_sigma: bool = False, **ove
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Glue: config -> model, diffusion, data, sample grids -> trainer
+# Config -> model and diffusion; main
 
-def latent_shape(cfg) -> tuple[int, int, int]:
-    """(C, H, W) of what the U-Net sees: pixels, or the autoencoder's latents."""
-    channels, down = LATENT_GEOMETRY[cfg.vae]
-    return channels, cfg.image_size // down, cfg.image_size // down
+def resolve(cfg: LDMConfig) -> LDMConfig:
+    """The checked config with every 'auto' decided (a new config; bad values raise RunError)."""
+    if cfg.model not in UNET_CONFIGS:
+        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(UNET_CONFIGS)}")
+    # the text encoder feeds the U-Net's context directly: its width defaults to the model's context width
+    cfg = resolve_run_config(cfg, text_width=cfg.text_width or UNET_CONFIGS[cfg.model]["context_dim"])
+    side, f = cfg.latent_shape[1], 2 ** (len(UNET_CONFIGS[cfg.model]["channel_mult"]) - 1)
+    down = LATENT_GEOMETRY[cfg.vae][1]
+    if side % f:
+        raise RunError(f"{cfg.model} halves its input {int(math.log2(f))} times: the input side must be divisible "
+                       f"by {f}, got {side}" + (f" (--image-size {cfg.image_size} / {down})" if down > 1 else ""))
+    return cfg
 
 
-def build_cond_encoder(cfg, context_dim: int) -> nn.Module:
-    """The condition encoder c_θ(y) of width context_dim, with CFG dropout's null condition and CEP."""
-    return build_condition_encoder(cfg.cond, context_dim, num_classes=cfg.num_classes, dropout_prob=cfg.class_dropout,
-                                   cep=cfg.cep, cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null,
-                                   tokenizer=cfg.tokenizer, context_length=cfg.context_length, depth=cfg.text_depth,
-                                   heads=cfg.text_heads)
-
-
-def build_model(cfg) -> LDM:
-    """The LDM the config describes (num_classes must be resolved, i.e. > 0)."""
+def build_model(cfg: LDMConfig) -> LDM:
+    """The LDM the config describes: its U-Net and condition encoder (num_classes must be resolved, > 0 for class)."""
     width = {"context_dim": cfg.text_width} if cfg.cond == "text" and cfg.text_width else {}
-    unet = build_unet(cfg.model, in_channels=latent_shape(cfg)[0], learn_sigma=cfg.learn_sigma, **width)
-    return LDM(unet, build_cond_encoder(cfg, unet.context_dim))
+    unet = build_unet(cfg.model, in_channels=cfg.latent_shape[0], learn_sigma=cfg.learn_sigma, **width)
+    return LDM(unet, encoder_from_config(cfg, unet.context_dim))
 
 
-def build_diffusion(cfg) -> "diff.GaussianDiffusion":
+def build_diffusion(cfg: LDMConfig) -> "diff.GaussianDiffusion":
     """1000-step diffusion, eps-prediction; fixed variance + MSE (LDM), or hybrid when sigma is learned."""
     return diff.GaussianDiffusion(diff.make_beta_schedule(cfg.schedule, 1000), learn_sigma=cfg.learn_sigma,
                                   loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip)
 
 
-def check_config(cfg) -> None:
-    """Reject bad values with one clear message (RunError) before any work is done."""
-    if cfg.model not in UNET_CONFIGS:
-        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(UNET_CONFIGS)}")
-    down = LATENT_GEOMETRY[cfg.vae][1]
-    check_run_config(cfg, down)
-    if cfg.cond == "text" and cfg.text_width == 0:       # the text encoder feeds the U-Net's context directly
-        cfg.text_width = UNET_CONFIGS[cfg.model]["context_dim"]
-    check_condition_config(cfg)
-    side, f = latent_shape(cfg)[1], 2 ** (len(UNET_CONFIGS[cfg.model]["channel_mult"]) - 1)
-    if side % f:
-        raise RunError(f"{cfg.model} halves its input {int(math.log2(f))} times: the input side must be divisible "
-                       f"by {f}, got {side}" + (f" (--image-size {cfg.image_size} / {down})" if down > 1 else ""))
-
-
+@exit_codes("train_ldm.py")
 def main(argv=None) -> int:
-    return run(sys.modules[__name__], argv, kind="ldm")
+    """Flags -> data (corrupted as asked) -> U-Net + diffusion -> train. Bad input: one line, exit 2."""
+    cfg = resolve(parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip()))
+    d = setup_distributed(cfg.device)
+    data = load_data(cfg, d.device)
+    cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
+    torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
+    model, diffusion = build_model(cfg), build_diffusion(cfg)
+    train(cfg, model, diffusion, data, kind="ldm", d=d)
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,27 +12,12 @@ import torch
 
 import diffusion
 import train_dit
+from conftest import ROOT, TINY, expect_one_line_error, read_log as records, load_ckpt as ckpt, subprocess_env as env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
-        "--builtin-length", "64", "--num-workers", "0", "--lr", "1e-3"]
 
 
 def run(out, *extra):
     return train_dit.main(TINY + ["--out", str(out), *map(str, extra)])
-
-
-def ckpt(out, name="last.pt"):
-    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=True)
-
-
-def records(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(ln) for ln in f]
-
-
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def test_default_trains_loss_falls_and_writes_grid(tmp_path):
@@ -114,11 +99,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
 
 
 def _expect_error(capsys, argv, needle):
-    assert train_dit.main(argv) == 2
-    err = capsys.readouterr().err.strip()   # a progress bar may precede the error; the error is one last line
-    errors = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(errors) == 1 and err.splitlines()[-1].startswith("train_dit.py: error:") and needle in errors[0], err
-    assert "Traceback" not in err
+    expect_one_line_error(capsys, train_dit.main, "train_dit.py", argv, needle)
 
 
 def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
@@ -150,7 +131,7 @@ def test_cli_exit_code_is_2_for_real(tmp_path):
 
 @pytest.mark.parametrize("preset", list(train_dit.PRESETS))
 def test_presets_parse(preset):
-    from trainer import parse_config
+    from config import parse_config
     cfg = parse_config(train_dit.DiTConfig, ["--preset", preset, "--steps", "7"], train_dit.PRESETS)
     assert cfg.steps == 7 and cfg.model == train_dit.PRESETS[preset]["model"] and cfg.vae == "kl-f8"
 

@@ -11,25 +11,15 @@ import torch
 import bench
 import diffusion
 import train_ldm
-from trainer import parse_config
+from conditions import encoder_from_config
+from config import parse_config
+from conftest import ROOT, TINY, expect_one_line_error, read_log as records, load_ckpt as ckpt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = os.path.join(os.path.dirname(__file__), "data", "ldm4-cin256-v2_unet_compvis_state_dict.txt")
-TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
-        "--builtin-length", "64", "--num-workers", "0", "--lr", "1e-3"]
 
 
 def run(out, *extra):
     return train_ldm.main(TINY + ["--out", str(out), *map(str, extra)])
-
-
-def ckpt(out, name="last.pt"):
-    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=True)
-
-
-def records(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(ln) for ln in f]
 
 
 def randomize(module, scale=0.1):
@@ -54,8 +44,8 @@ def tiny_ldm(**cfg_overrides):
 def test_cin256_v2_unet_matches_compvis_keys_shapes_order_and_count():
     cfg = parse_config(train_ldm.LDMConfig, ["--preset", "ldm4-in1k", "--num-classes", "1000"], train_ldm.PRESETS)
     with torch.device("meta"):                  # no memory, no init work (build_model = LDM(these two))
-        unet = train_ldm.build_unet(cfg.model, in_channels=train_ldm.latent_shape(cfg)[0], learn_sigma=cfg.learn_sigma)
-    model = train_ldm.LDM(unet, train_ldm.build_cond_encoder(cfg, unet.context_dim))   # (a meta normal_ costs ~4 s)
+        unet = train_ldm.build_unet(cfg.model, in_channels=cfg.latent_shape[0], learn_sigma=cfg.learn_sigma)
+    model = train_ldm.LDM(unet, encoder_from_config(cfg, unet.context_dim))   # (a meta normal_ costs ~4 s)
     ours = [(k, tuple(v.shape)) for k, v in model.diffusion_model.state_dict().items()]
     with open(KEYS) as f:
         theirs = [(ln.split(" (")[0], tuple(int(s) for s in ln.split(" (")[1].rstrip(")\n").split(",") if s.strip()))
@@ -171,7 +161,7 @@ def test_default_trains_loss_falls_writes_grid_and_checkpoint_rebuilds(tmp_path)
     c = ckpt(tmp_path)
     assert c["step"] == 30 and c["kind"] == "ldm" and c["config"]["cep"] == "gaussian"
     # what evaluate.py does: rebuild the model from the checkpoint's config alone and load the EMA strictly
-    cfg = train_ldm.CONFIG_CLASS(**c["config"])
+    cfg = train_ldm.LDMConfig(**c["config"])
     model = train_ldm.build_model(cfg)
     model.load_state_dict(c["ema"], strict=True)
     assert isinstance(train_ldm.build_diffusion(cfg), diffusion.GaussianDiffusion)
@@ -191,11 +181,7 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 def _expect_error(capsys, argv, needle):
-    assert train_ldm.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    errors = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(errors) == 1 and err.splitlines()[-1].startswith("train_ldm.py: error:") and needle in errors[0], err
-    assert "Traceback" not in err
+    expect_one_line_error(capsys, train_ldm.main, "train_ldm.py", argv, needle)
 
 
 def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
@@ -228,8 +214,8 @@ def test_cli_exit_code_is_2_for_real(tmp_path):
 def test_presets_parse():
     cfg = parse_config(train_ldm.LDMConfig, ["--preset", "ldm4-in1k", "--steps", "7"], train_ldm.PRESETS)
     assert (cfg.steps, cfg.model, cfg.vae, cfg.batch_size, cfg.lr) == (7, "ldm4-cin256", "vq-f4", 512, 1e-4)
-    assert train_ldm.latent_shape(cfg) == (3, 64, 64) and not cfg.learn_sigma and cfg.schedule == "scaled_linear"
-    train_ldm.check_config(cfg)
+    assert cfg.latent_shape == (3, 64, 64) and not cfg.learn_sigma and cfg.schedule == "scaled_linear"
+    cfg = train_ldm.resolve(cfg)
 
 
 def test_bench_runs_the_unet(capsys):
@@ -280,7 +266,7 @@ def test_text_conditional_unet_trains_writes_captions_and_resumes(tmp_path):
 
 def test_cc3m_preset_is_the_paper_shape():
     cfg = parse_config(train_ldm.LDMConfig, ["--preset", "ldm4-cc3m", "--tokenizer", "bytes"], train_ldm.PRESETS)
-    train_ldm.check_config(cfg)
+    cfg = train_ldm.resolve(cfg)
     assert (cfg.cond, cfg.text_width, cfg.text_depth, cfg.steps, cfg.corrupt_type) == ("text", 768, 12, 396_000, "swap")
     with torch.device("meta"):
         unet = train_ldm.build_unet(cfg.model, context_dim=cfg.text_width)
