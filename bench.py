@@ -49,6 +49,34 @@ def count_flops(fn) -> int:
 SCRIPTS = {"train_dit": "dit", "train_ldm": "ldm"}   # --script -> registry kind
 
 
+def synthetic_batch(cfg, device) -> tuple:
+    """(x, y): a global batch of random latents of the model's input shape and random classes (or caption ids)."""
+    from conditions import encode_prompts
+    x = torch.randn(cfg.batch_size, *cfg.latent_shape, device=device)
+    if cfg.cond == "text":                                            # caption token ids, as the text loader gives
+        return x, encode_prompts(cfg, ["a large red disc at the middle of a dark background"] * cfg.batch_size).to(device)
+    return x, torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
+
+
+def time_steps(s, x, y, warmup: int, iters: int) -> list:
+    """Seconds of each of `iters` timed trainer.train_step calls, after `warmup` untimed ones (compile happens there)."""
+    from trainer import train_step
+    cuda = s.d.device.type == "cuda"
+    for i in range(warmup):
+        train_step(s, x, y, i)                                       # exactly what train() runs each step
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(s.d.device)
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        train_step(s, x, y, warmup + i)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), add_help=False)
     p.add_argument("--script", default="train_dit", choices=list(SCRIPTS), help="which model family")
@@ -62,10 +90,9 @@ def main(argv=None) -> int:
         print("\nAll flags of the train script are accepted; see python", args.script + ".py --help")
         return 0
     from common import Dist, RunError
-    from conditions import encode_prompts
     from config import parse_config
     from registry import FAMILIES
-    from trainer import make_state, train_step
+    from trainer import make_state
     family = FAMILIES[SCRIPTS[args.script]]
     try:
         cfg = family.resolve(parse_config(family.config, rest, family.presets))
@@ -77,20 +104,10 @@ def main(argv=None) -> int:
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda" if use_cuda else "cpu")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "fp32")
-
     torch.manual_seed(0)
     model, diffusion = family.build(cfg)
     s = make_state(cfg, model, diffusion, Dist(device=dev))          # the trainer's own state: AdamW, EMA, compile
-    shape = cfg.latent_shape
-    B = cfg.batch_size
-    x = torch.randn(B, *shape, device=dev)
-    if cfg.cond == "text":                                            # caption token ids, as the text loader gives
-        y = encode_prompts(cfg, ["a large red disc at the middle of a dark background"] * B).to(dev)
-    else:
-        y = torch.randint(0, cfg.num_classes, (B,), device=dev)
-
-    def step(i=0):
-        train_step(s, x, y, i)                                       # exactly what train() runs each step
+    x, y = synthetic_batch(cfg, dev)
 
     def fwd_bwd_eager():
         with s.autocast:
@@ -99,23 +116,12 @@ def main(argv=None) -> int:
         model.zero_grad(set_to_none=True)
 
     flops_per_img = count_flops(fwd_bwd_eager)  # one image, forward + backward (= 3x forward)
-    for i in range(args.warmup):
-        step(i)
-    if use_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    for i in range(args.iters):
-        t0 = time.perf_counter()
-        step(args.warmup + i)
-        if use_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
+    times = time_steps(s, x, y, args.warmup, args.iters)
+    dt, B = statistics.median(times), cfg.batch_size
     n_params = sum(q.numel() for q in model.parameters())
     peak = args.peak_tflops or peak_tflops(dev, precision)
     achieved = flops_per_img * B / dt / 1e12
-    print(f"{cfg.model} | {n_params / 1e6:.1f}M params | input {tuple(shape)} | batch {B} | {dev}"
+    print(f"{cfg.model} | {n_params / 1e6:.1f}M params | input {cfg.latent_shape} | batch {B} | {dev}"
           f"{' ' + torch.cuda.get_device_name(dev) if use_cuda else ''} | {precision}"
           f"{' compiled' if s.train_model is not model else ''}")
     print(f"step {dt * 1000:.1f} ms (median of {args.iters}, min {min(times) * 1000:.1f}) | {B / dt:.1f} img/s | "

@@ -327,17 +327,22 @@ def grid_labels(num_classes: int, rows: int = 16) -> torch.Tensor:
 BUILTIN_PROMPT = "a large {} at the middle of a dark background"   # one grid row per built-in class, e.g. "red disc"
 
 
+def read_prompts(path: str, what: str = "prompts file") -> list[str]:
+    """A prompts file (one caption per line, blank lines skipped) -> its captions; errors name `what` and the path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        prompts = [ln.strip() for ln in f if ln.strip()]
+    if not prompts:
+        raise ValueError(f"{what} {path} holds no prompts")
+    return prompts
+
+
 def grid_prompts(path: str, dataset, builtin: bool, rows: int = 16) -> list[str]:
     """The fixed prompts of a text model's grids: the file `path` (one per line), else one per built-in class, else
     up to 8 distinct captions evenly spread over the dataset."""
     if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--sample-prompts file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            prompts = [ln.strip() for ln in f if ln.strip()]
-        if not prompts:
-            raise ValueError(f"--sample-prompts file {path} holds no prompts")
-        return prompts[:rows]
+        return read_prompts(path, "--sample-prompts file")[:rows]
     if builtin:
         return [BUILTIN_PROMPT.format(name) for name in dataset.class_names]
     picks = np.linspace(0, len(dataset) - 1, min(len(dataset), 8)).round().astype(int)

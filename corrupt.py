@@ -280,13 +280,7 @@ def rewrite_captions(captions, rewrites):
 
 def load_rewrites(path):
     """Read a rewrites file, a JSON object {index: new caption} -> dict (ValueError / FileNotFoundError naming it)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"rewrites file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"rewrites file {path} is not valid JSON: {e}") from None
+    table = _read_json(path, "rewrites file")
     if not isinstance(table, dict) or not table:
         raise ValueError(f"rewrites file {path} must hold a non-empty JSON object {{index: caption}}")
     return table
@@ -418,14 +412,18 @@ def save_manifest(path, manifest):
 
 def load_manifest(path):
     """Read and validate a manifest written by save_manifest."""
+    return validate_manifest(_read_json(path, "manifest"))
+
+
+def _read_json(path, what):
+    """A JSON file's content; a missing or malformed file is an error naming `what` and the path."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"manifest not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"manifest {path} is not valid JSON: {e}") from None
-    return validate_manifest(manifest)
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
 
 
 def apply_manifest(values, manifest):
@@ -499,6 +497,29 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _corrupt_lines(lines, kind, args):
+    """The CLI's corruption of the input lines -> (old, new, idx, output text, ratio, seed, manifest params)."""
+    if args.captions:
+        if kind == "swap":
+            new, idx = swap_captions(lines, args.ratio, seed=args.seed)
+            ratio, seed = args.ratio, args.seed
+        else:
+            rewrites = sample_rewrites(load_rewrites(args.rewrites), args.ratio or 0.0, len(lines), args.seed)
+            new, idx = rewrite_captions(lines, rewrites)
+            ratio, seed = len(idx) / len(lines), (args.seed if args.ratio else None)
+        if any("\n" in c or "\r" in c for c in new):
+            raise ValueError("a rewritten caption contains a line break; captions are one per line")
+        return lines, new, idx, "".join(c + "\n" for c in new), ratio, seed, {}
+    old = _parse_labels(lines, args.input)
+    classes = _parse_classes(args.classes) if args.classes is not None else None
+    new, idx = corrupt_labels(old, args.ratio, num_classes=args.num_classes, kind=kind, classes=classes,
+                              seed=args.seed)
+    params = {"num_classes": args.num_classes}  # exactly the arguments that reproduce it
+    if classes is not None:
+        params["classes"] = classes
+    return old, new, idx, "".join(f"{v}\n" for v in new.tolist()), args.ratio, args.seed, params
+
+
 def main(argv=None):
     p = _Parser(description="Corrupt a fixed fraction of labels or captions (one per line) and write a manifest.")
     p.add_argument("input", help="labels.txt (one integer label per line) or captions.txt with --captions")
@@ -529,29 +550,7 @@ def main(argv=None):
             raise ValueError("--kind rewrite needs --rewrites FILE.json")
         if args.classes is not None and kind != "asymmetric":
             raise ValueError("--classes is only used with --kind asymmetric")
-        lines = _read_lines(args.input)
-        params = {}
-        if args.captions:
-            if kind == "swap":
-                new, idx = swap_captions(lines, args.ratio, seed=args.seed)
-                ratio, seed = args.ratio, args.seed
-            else:
-                rewrites = sample_rewrites(load_rewrites(args.rewrites), args.ratio or 0.0, len(lines), args.seed)
-                new, idx = rewrite_captions(lines, rewrites)
-                ratio, seed = len(idx) / len(lines), (args.seed if args.ratio else None)
-            if any("\n" in c or "\r" in c for c in new):
-                raise ValueError("a rewritten caption contains a line break; captions are one per line")
-            old, text = lines, "".join(c + "\n" for c in new)
-        else:
-            old = _parse_labels(lines, args.input)
-            classes = _parse_classes(args.classes) if args.classes is not None else None
-            new, idx = corrupt_labels(old, args.ratio, num_classes=args.num_classes, kind=kind, classes=classes,
-                                      seed=args.seed)
-            ratio, seed = args.ratio, args.seed
-            params = {"num_classes": args.num_classes}  # exactly the arguments that reproduce it
-            if classes is not None:
-                params["classes"] = classes
-            text = "".join(f"{v}\n" for v in new.tolist())
+        old, new, idx, text, ratio, seed, params = _corrupt_lines(_read_lines(args.input), kind, args)
         manifest = make_manifest(kind, ratio, seed, old, new, idx, **params)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         sys.stderr.write(f"corrupt.py: error: {e}\n")

@@ -307,6 +307,13 @@ class GaussianDiffusion:
 # ---- classifier-free guidance ----
 
 
+def from_config(cfg) -> GaussianDiffusion:
+    """The 1000-step diffusion of a train config (DiT and LDM alike): its beta schedule (cfg.schedule), the hybrid
+    (MSE + VB) loss when the variance is learned (cfg.learn_sigma) else the eps-MSE, input perturbation cfg.ip."""
+    return GaussianDiffusion(make_beta_schedule(cfg.schedule, 1000), learn_sigma=cfg.learn_sigma,
+                             loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip)
+
+
 def cfg_model_fn(model, y, y_null, scale: float, *, learn_sigma: bool = False, guide_channels=None):
     """Wrap model(x, t, y) into fn(x, t) for the samplers, guided as eps_u + scale * (eps_c - eps_u)."""
     if scale == 1:  # guidance off: the plain conditional model, one forward pass

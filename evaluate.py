@@ -38,6 +38,7 @@ from metrics import (INCEPTION_PATH, METRIC_COLUMNS, Featurizer, compute_metrics
                      feature_statistics, frechet_distance, inception_score, load_reference, min_samples,
                      plot_fid_is, precision_recall, read_results, reference_kind, save_npz, write_results)
 from common import ArgParser, RunError, setup_distributed
+from conditions import read_prompts
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
@@ -70,7 +71,7 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     (a list of captions): "labels" then index the prompts, so balanced labels cycle through them.
     """
     from registry import FAMILIES
-    from trainer import load_checkpoint
+    from runio import load_checkpoint
     try:
         state = load_checkpoint(str(ckpt))
     except RunError as e:
@@ -425,20 +426,8 @@ def _sampler_from_args(args, device):
         return load_pretrained_sampler(args.pretrained, device, args.sampler, args.steps, args.precision,
                                        args.vae_path, guide)
     return load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
-                        precision=args.precision, vae_path=args.vae_path, prompts=read_prompts(args.prompts))
-
-
-def read_prompts(path):
-    """A prompts file (one caption per line, blank lines skipped) -> list of captions; None -> None."""
-    if path is None:
-        return None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompts file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {path} holds no caption")
-    return prompts
+                        precision=args.precision, vae_path=args.vae_path,
+                        prompts=read_prompts(args.prompts) if args.prompts else None)
 
 
 def main(argv=None):

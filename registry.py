@@ -11,6 +11,7 @@ Nothing to run here.
 import dataclasses
 from typing import Callable, NamedTuple
 
+import diffusion
 import train_dit
 import train_ldm
 
@@ -21,11 +22,10 @@ class Family(NamedTuple):
     presets: dict          # the paper's recipes, by name
     resolve: Callable      # cfg -> the checked config, 'auto' decided
     build_model: Callable  # cfg -> the denoiser nn.Module (model(x, t, y), model.cond its condition encoder)
-    build_diffusion: Callable  # cfg -> diffusion.GaussianDiffusion
 
     def build(self, cfg) -> tuple:
-        """(model, diffusion) of a resolved config."""
-        return self.build_model(cfg), self.build_diffusion(cfg)
+        """(model, diffusion) of a resolved config; the diffusion is built alike for every family."""
+        return self.build_model(cfg), diffusion.from_config(cfg)
 
     def config_from(self, stored: dict):
         """The config stored in a checkpoint as this family's dataclass (keys it does not know are ignored)."""
@@ -34,8 +34,6 @@ class Family(NamedTuple):
 
 
 FAMILIES = {
-    "dit": Family("train_dit.py", train_dit.DiTConfig, train_dit.PRESETS, train_dit.resolve, train_dit.build_model,
-                  train_dit.build_diffusion),
-    "ldm": Family("train_ldm.py", train_ldm.LDMConfig, train_ldm.PRESETS, train_ldm.resolve, train_ldm.build_model,
-                  train_ldm.build_diffusion),
+    "dit": Family("train_dit.py", train_dit.DiTConfig, train_dit.PRESETS, train_dit.resolve, train_dit.build_model),
+    "ldm": Family("train_ldm.py", train_ldm.LDMConfig, train_ldm.PRESETS, train_ldm.resolve, train_ldm.build_model),
 }

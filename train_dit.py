@@ -350,12 +350,6 @@ def set_numerics(model: DiT, freq_shift: float = 0.0, mlp_norm_eps: float = 1e-6
     return model
 
 
-def build_diffusion(cfg: DiTConfig) -> "diff.GaussianDiffusion":
-    """1000-step diffusion with the DiT loss: hybrid (MSE + VB) when sigma is learned, else MSE."""
-    return diff.GaussianDiffusion(diff.make_beta_schedule(cfg.schedule, 1000), learn_sigma=cfg.learn_sigma,
-                                  loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip)
-
-
 @exit_codes("train_dit.py")
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> DiT + diffusion -> train. Bad input: one line, exit 2."""
@@ -364,7 +358,7 @@ def main(argv=None) -> int:
     data = load_data(cfg, d.device)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
-    model, diffusion = build_model(cfg), build_diffusion(cfg)
+    model, diffusion = build_model(cfg), diff.from_config(cfg)
     train(cfg, model, diffusion, data, kind="dit", d=d)
     return 0
 

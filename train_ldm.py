@@ -401,12 +401,6 @@ def build_model(cfg: LDMConfig) -> LDM:
     return LDM(unet, encoder_from_config(cfg, unet.context_dim))
 
 
-def build_diffusion(cfg: LDMConfig) -> "diff.GaussianDiffusion":
-    """1000-step diffusion, eps-prediction; fixed variance + MSE (LDM), or hybrid when sigma is learned."""
-    return diff.GaussianDiffusion(diff.make_beta_schedule(cfg.schedule, 1000), learn_sigma=cfg.learn_sigma,
-                                  loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip)
-
-
 @exit_codes("train_ldm.py")
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> U-Net + diffusion -> train. Bad input: one line, exit 2."""
@@ -415,7 +409,7 @@ def main(argv=None) -> int:
     data = load_data(cfg, d.device)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
-    model, diffusion = build_model(cfg), build_diffusion(cfg)
+    model, diffusion = build_model(cfg), diff.from_config(cfg)
     train(cfg, model, diffusion, data, kind="ldm", d=d)
     return 0
 

@@ -12,7 +12,8 @@ import torch
 
 import diffusion
 import train_dit
-from conftest import ROOT, TINY, expect_one_line_error, read_log as records, load_ckpt as ckpt, subprocess_env as env
+from conftest import ROOT, TINY, check_resume_is_bit_identical, expect_one_line_error, train_and_check_learning
+from conftest import load_ckpt as ckpt, read_log as records, subprocess_env as env
 
 
 
@@ -21,28 +22,15 @@ def run(out, *extra):
 
 
 def test_default_trains_loss_falls_and_writes_grid(tmp_path):
-    rc = train_dit.main(["--image-size", "8", "--batch-size", "16", "--steps", "40", "--log-every", "10",
-                         "--ckpt-every", "40", "--sample-every", "40", "--sample-steps", "4", "--sample-per-class", "2",
-                         "--builtin-length", "256", "--corrupt", "0.05", "--cep", "uniform", "--out", str(tmp_path)])
-    assert rc == 0
-    losses = [r["loss"] for r in records(tmp_path) if "loss" in r and "event" not in r]
-    assert losses[-1] < 0.6 * losses[0], losses
-    assert os.path.isfile(tmp_path / "samples" / "step_0000040.png")
-    man = json.load(open(tmp_path / "corruption.json"))
+    man = train_and_check_learning(train_dit.main, tmp_path, 40, "--batch-size", "16", "--sample-steps", "4",
+                                   "--sample-per-class", "2", "--cep", "uniform")
     assert man["num_corrupted"] == round(0.05 * 256) and man["kind"] == "symmetric"
     c = ckpt(tmp_path)
     assert c["step"] == 40 and c["kind"] == "dit" and c["config"]["cep"] == "uniform"
 
 
 def test_resume_is_bit_identical(tmp_path):
-    extra = ["--cep", "uniform", "--corrupt", "0.1"]
-    assert run(tmp_path / "straight", "--steps", 4, *extra) == 0
-    assert run(tmp_path / "split", "--steps", 2, *extra) == 0
-    assert run(tmp_path / "split", "--steps", 4, "--resume", "auto", *extra) == 0
-    a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "split")
-    for part in ("model", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    b = check_resume_is_bit_identical(run, tmp_path, "--cep", "uniform", "--corrupt", "0.1")
     assert b["step"] == 4
 
 

@@ -13,7 +13,8 @@ import diffusion
 import train_ldm
 from conditions import encoder_from_config
 from config import parse_config
-from conftest import ROOT, TINY, expect_one_line_error, read_log as records, load_ckpt as ckpt
+from conftest import ROOT, TINY, check_resume_is_bit_identical, expect_one_line_error, train_and_check_learning
+from conftest import load_ckpt as ckpt
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "ldm4-cin256-v2_unet_compvis_state_dict.txt")
 
@@ -150,33 +151,20 @@ def test_non_square_and_indivisible_inputs_are_rejected_clearly():
 # ---- training through main(argv) ----
 
 def test_default_trains_loss_falls_writes_grid_and_checkpoint_rebuilds(tmp_path):
-    rc = train_ldm.main(["--image-size", "8", "--batch-size", "8", "--steps", "30", "--log-every", "10",
-                         "--ckpt-every", "30", "--sample-every", "30", "--sample-steps", "3", "--sample-per-class", "1",
-                         "--builtin-length", "256", "--corrupt", "0.05", "--cep", "gaussian", "--out", str(tmp_path)])
-    assert rc == 0
-    losses = [r["loss"] for r in records(tmp_path) if "loss" in r and "event" not in r]
-    assert losses[-1] < 0.6 * losses[0], losses
-    assert os.path.isfile(tmp_path / "samples" / "step_0000030.png")
-    assert json.load(open(tmp_path / "corruption.json"))["num_corrupted"] == round(0.05 * 256)
+    man = train_and_check_learning(train_ldm.main, tmp_path, 30, "--batch-size", "8", "--sample-steps", "3",
+                                   "--sample-per-class", "1", "--cep", "gaussian")
+    assert man["num_corrupted"] == round(0.05 * 256)
     c = ckpt(tmp_path)
     assert c["step"] == 30 and c["kind"] == "ldm" and c["config"]["cep"] == "gaussian"
     # what evaluate.py does: rebuild the model from the checkpoint's config alone and load the EMA strictly
     cfg = train_ldm.LDMConfig(**c["config"])
     model = train_ldm.build_model(cfg)
     model.load_state_dict(c["ema"], strict=True)
-    assert isinstance(train_ldm.build_diffusion(cfg), diffusion.GaussianDiffusion)
+    assert isinstance(diffusion.from_config(cfg), diffusion.GaussianDiffusion)
 
 
 def test_resume_is_bit_identical(tmp_path):
-    extra = ["--cep", "uniform", "--corrupt", "0.1"]
-    assert run(tmp_path / "straight", "--steps", 4, *extra) == 0
-    assert run(tmp_path / "split", "--steps", 2, *extra) == 0
-    assert run(tmp_path / "split", "--steps", 4, "--resume", "auto", *extra) == 0
-    a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "split")
-    for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    b = check_resume_is_bit_identical(run, tmp_path, "--cep", "uniform", "--corrupt", "0.1")
     assert b["step"] == 4
 
 
