@@ -1,6 +1,6 @@
 """
-pretrained.py: released diffusion weights -> nanoCEP's own modules (the DiT of train_dit.py, the LDM U-Net of
-train_ldm.py, the autoencoders of vae.py). No diffusers, timm or Lightning at run time: each foreign layout is a key map.
+pretrained.py: released diffusion weights -> nanoCEP's own modules (the DiT of dit.py, the LDM U-Net of unet.py,
+the autoencoders of vae.py). No diffusers, timm or Lightning at run time: each foreign layout is a key map.
 
 Sources (facts, URLs and open questions: shared/notes/checkpoints.md):
   official DiT    DiT-XL-2-256x256.pt / -512x512.pt: a raw EMA state dict, or a DiT train.py dict with "ema"
@@ -201,13 +201,13 @@ def load_strict(model, sd, what):
     return model
 
 
-# ---- DiT: the official layout (facebookresearch/DiT models.py names = train_dit.py names) ----
+# ---- DiT: the official layout (facebookresearch/DiT models.py names = dit.py names) ----
 
 
 def dit_architecture(sd, num_heads=None) -> tuple:
     """(DiT constructor kwargs, registry name or None) read off an official-layout state dict. The head count is not
-    in the shapes: it comes from train_dit.SIZES (depth, width) or from num_heads."""
-    from train_dit import SIZES
+    in the shapes: it comes from dit.SIZES (depth, width) or from num_heads."""
+    from dit import SIZES
     need = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight",
             "blocks.0.mlp.fc1.weight")
     if any(k not in sd for k in need):
@@ -232,7 +232,7 @@ def dit_architecture(sd, num_heads=None) -> tuple:
 
 def build_dit(sd, num_heads=None, what="DiT"):
     """Our DiT with these official-layout weights, loaded strictly (built on the meta device: no init cost)."""
-    from train_dit import DiT, DiT_models
+    from dit import DiT, DiT_models
     kwargs, name = dit_architecture(sd, num_heads)
     with torch.device("meta"):
         model = DiT_models[name](**{k: kwargs[k] for k in ("input_size", "in_channels", "num_classes", "learn_sigma")}) \
@@ -252,7 +252,7 @@ def dit_from_diffusers(sd, config) -> dict:
     """diffusers DiT weights -> official names: q/k/v concatenated into qkv, the per-block copies of the t/y embedders
     collapsed into one (they must be identical), the final layer from proj_out_1/2, and the fixed sin-cos pos_embed
     (a non-persistent buffer in diffusers) recomputed."""
-    from train_dit import sincos_pos_embed_2d
+    from dit import sincos_pos_embed_2d
     cls = config.get("_class_name", "DiTTransformer2DModel")
     if cls not in ("Transformer2DModel", "DiTTransformer2DModel") or config.get("norm_type") not in (None, "ada_norm_zero"):
         raise ValueError(f"not a diffusers DiT transformer: {cls} with norm_type {config.get('norm_type')}")
@@ -294,7 +294,7 @@ def dit_from_diffusers(sd, config) -> dict:
     return out
 
 
-# ---- LDM: diffusers UNet2DConditionModel -> CompVis names (train_ldm.py's UNetModel) ----
+# ---- LDM: diffusers UNet2DConditionModel -> CompVis names (unet.py's UNetModel) ----
 
 RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -338,7 +338,7 @@ def unet_to_compvis(sd) -> dict:
 
 
 def unet_architecture(sd, num_heads=1) -> dict:
-    """train_ldm.UNetModel kwargs read off CompVis-layout U-Net weights (heads are not in the shapes: num_heads)."""
+    """unet.UNetModel kwargs read off CompVis-layout U-Net weights (heads are not in the shapes: num_heads)."""
     if "input_blocks.0.0.weight" not in sd or "out.2.weight" not in sd:
         raise ValueError("not a CompVis-layout U-Net (no input_blocks.0.0 / out.2)")
     mc, in_ch = sd["input_blocks.0.0.weight"].shape[:2]
@@ -363,9 +363,9 @@ def unet_architecture(sd, num_heads=1) -> dict:
 
 
 def build_ldm(unet_sd, class_table, num_heads=1, what="LDM"):
-    """train_ldm.LDM with these CompVis-layout U-Net weights and class table (last row = the null class)."""
+    """unet.LDM with these CompVis-layout U-Net weights and class table (last row = the null class)."""
     from conditions import build_condition_encoder
-    from train_ldm import LDM, UNetModel
+    from unet import LDM, UNetModel
     kwargs = unet_architecture(unet_sd, num_heads)
     if class_table.ndim != 2 or class_table.shape[1] != kwargs["context_dim"]:
         raise ValueError(f"{what}: class table {tuple(class_table.shape)} does not fit context dim {kwargs['context_dim']}")
@@ -378,7 +378,7 @@ def build_ldm(unet_sd, class_table, num_heads=1, what="LDM"):
 
 
 def check_unet_config(config):
-    """Refuse diffusers U-Net options that train_ldm.UNetModel does not reproduce."""
+    """Refuse diffusers U-Net options that unet.UNetModel does not reproduce."""
     expected = {"flip_sin_to_cos": True, "freq_shift": 0, "norm_num_groups": 32, "class_embed_type": None,
                 "addition_embed_type": None, "time_embedding_type": "positional", "resnet_time_scale_shift": "default",
                 "center_input_sample": False, "only_cross_attention": False, "dual_cross_attention": False}
@@ -454,7 +454,7 @@ def _dit_folder(path, name, numerics, num_heads):
     sd = dit_from_diffusers(read_weights(component_weights(path / "transformer")), conf)
     model, model_name, arch = build_dit(sd, num_heads or conf.get("num_attention_heads"), f"{name} transformer")
     if numerics != "dit":
-        from train_dit import set_numerics
+        from dit import set_numerics
         set_numerics(model, 1.0, conf.get("norm_eps", 1e-5))
     info = dict(format="diffusers-dit", name=model_name, numerics="dit" if numerics == "dit" else "diffusers",
                 latent_size=arch["input_size"], learn_sigma=arch["learn_sigma"], in_channels=arch["in_channels"])
@@ -465,7 +465,7 @@ def _dit_folder(path, name, numerics, num_heads):
 
 
 def _ldm_folder(path, name, num_heads):
-    """The paper's LDM-4 IN-1K releases (LDMClassToImagePipeline): unet/ + class_embedder/ -> train_ldm.LDM."""
+    """The paper's LDM-4 IN-1K releases (LDMClassToImagePipeline): unet/ + class_embedder/ -> unet.LDM."""
     uconf = read_json(path / "unet" / "config.json")
     heads = num_heads or check_unet_config(uconf)
     table = read_weights(component_weights(path / "class_embedder"))

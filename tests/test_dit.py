@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conditions import ClassEmbedder
-from train_dit import DiT, DiT_models, sincos_pos_embed_2d, timestep_embedding
+from diffusion import timestep_embedding
+from dit import DiT, DiT_models, sincos_pos_embed_2d
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "dit-xl-2_official_state_dict.txt")
 

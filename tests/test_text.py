@@ -17,7 +17,7 @@ import diffusion as diff
 import train_dit
 from conditions import build_condition_encoder, encode_prompts, get_tokenizer
 from conftest import expect_one_line_error, load_ckpt as ckpt
-from train_dit import DiT
+from dit import DiT
 
 CAPS = ["a large red disc at the middle of a dark background", "", "héllo wörld, 123 <|endoftext|> !", "x" * 100]
 

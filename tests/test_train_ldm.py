@@ -15,6 +15,7 @@ from conditions import encoder_from_config
 from config import parse_config
 from conftest import ROOT, TINY, check_resume_is_bit_identical, expect_one_line_error, train_and_check_learning
 from conftest import load_ckpt as ckpt
+from unet import LDM, UNetModel, build_unet
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "ldm4-cin256-v2_unet_compvis_state_dict.txt")
 
@@ -45,8 +46,8 @@ def tiny_ldm(**cfg_overrides):
 def test_cin256_v2_unet_matches_compvis_keys_shapes_order_and_count():
     cfg = parse_config(train_ldm.LDMConfig, ["--preset", "ldm4-in1k", "--num-classes", "1000"], train_ldm.PRESETS)
     with torch.device("meta"):                  # no memory, no init work (build_model = LDM(these two))
-        unet = train_ldm.build_unet(cfg.model, in_channels=cfg.latent_shape[0], learn_sigma=cfg.learn_sigma)
-    model = train_ldm.LDM(unet, encoder_from_config(cfg, unet.context_dim))   # (a meta normal_ costs ~4 s)
+        unet = build_unet(cfg.model, in_channels=cfg.latent_shape[0], learn_sigma=cfg.learn_sigma)
+    model = LDM(unet, encoder_from_config(cfg, unet.context_dim))   # (a meta normal_ costs ~4 s)
     ours = [(k, tuple(v.shape)) for k, v in model.diffusion_model.state_dict().items()]
     with open(KEYS) as f:
         theirs = [(ln.split(" (")[0], tuple(int(s) for s in ln.split(" (")[1].rstrip(")\n").split(",") if s.strip()))
@@ -70,7 +71,7 @@ def test_unet_equals_diffusers_on_converted_compvis_weights(side):
                                                      create_unet_diffusers_config_from_ldm)
     arch = dict(model_channels=32, channel_mult=[1, 2, 3, 5], num_res_blocks=2, attention_resolutions=[8, 4, 2],
                 num_heads=2, context_dim=24, transformer_depth=1)
-    ours = randomize(train_ldm.UNetModel(in_channels=3, out_channels=3, **arch)).eval()
+    ours = randomize(UNetModel(in_channels=3, out_channels=3, **arch)).eval()
     compvis = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
     yaml = {"model": {"params": {"unet_config": {"params": dict(in_channels=3, out_channels=3, **arch)},
                                  "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4]}}}}}}
@@ -123,7 +124,7 @@ def test_class_embedding_is_one_context_token_and_cep_perturbs_it_only_in_traini
 
 def test_context_mask_hides_padding_tokens():
     """The text interface: masked context tokens have no effect, i.e. the same output as leaving them out."""
-    unet = randomize(train_ldm.build_unet("unet-tiny", context_dim=8)).eval()
+    unet = randomize(build_unet("unet-tiny", context_dim=8)).eval()
     torch.manual_seed(4)
     x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([10, 600]), torch.randn(2, 3, 8)
     keep = torch.tensor([[True, True, False], [True, False, False]])
@@ -136,7 +137,7 @@ def test_context_mask_hides_padding_tokens():
 
 
 def test_non_square_and_indivisible_inputs_are_rejected_clearly():
-    unet = train_ldm.build_unet("ldm4-cin256", model_channels=32, context_dim=8)    # 4 levels: side % 8 == 0
+    unet = build_unet("ldm4-cin256", model_channels=32, context_dim=8)    # 4 levels: side % 8 == 0
     t, ctx = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 8)
     with pytest.raises(ValueError, match="square"):
         unet(torch.zeros(1, 3, 16, 24), t, ctx)
@@ -145,7 +146,7 @@ def test_non_square_and_indivisible_inputs_are_rejected_clearly():
     with pytest.raises(ValueError, match="context must be"):
         unet(torch.zeros(1, 3, 16, 16), t, torch.zeros(1, 1, 9))
     with pytest.raises(ValueError, match="multiple of 32"):
-        train_ldm.UNetModel(model_channels=48, channel_mult=(1, 3))
+        UNetModel(model_channels=48, channel_mult=(1, 3))
 
 
 # ---- training through main(argv) ----
@@ -257,5 +258,5 @@ def test_cc3m_preset_is_the_paper_shape():
     cfg = train_ldm.resolve(cfg)
     assert (cfg.cond, cfg.text_width, cfg.text_depth, cfg.steps, cfg.corrupt_type) == ("text", 768, 12, 396_000, "swap")
     with torch.device("meta"):
-        unet = train_ldm.build_unet(cfg.model, context_dim=cfg.text_width)
+        unet = build_unet(cfg.model, context_dim=cfg.text_width)
     assert unet.context_dim == 768
