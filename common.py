@@ -27,7 +27,13 @@ class RunError(Exception):
 # Command lines: a bad flag is one line and exit 2
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line and exits 2, instead of printing the usage block too."""
+    """argparse that reports a bad flag in one line and exits 2, instead of printing the usage block too.
+
+    Abbreviated flags are off: `--ema 0.999` must not silently become `--ema-decay` behind a preset's back."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")

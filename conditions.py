@@ -20,6 +20,9 @@ keys/values for cross-attention; the CFG null condition is the empty caption.
 Design choices the paper leaves open (paper.md §3.2), made explicit here:
 - CFG dropout is decided by the training loop (trainer.py), not drawn inside the module, so that the same global batch
   gets the same dropout mask on 1 GPU and on 8 (DDP equality) and after a resume.
+- CEP's δ is drawn by the training loop too when it hands the encoder `cep_unit` (the global batch's unit noise from
+  the (seed, step) generator, sliced per rank: 1 GPU = N GPUs); without it the encoder draws δ itself. `cep_mask`
+  restricts CEP to a subset of the batch (the fixed-CEP ablation, --cep-subset).
 - CEP perturbs only samples that carry a real condition; the null (dropped) embedding stays clean by default, because
   it stands for "no condition" and has nothing to corrupt. `cep_null=True` perturbs it as well.
 - For text, CEP's d is the per-token width D (every real token vector gets noise of scale gamma/sqrt(D)), not L*D as
@@ -47,15 +50,24 @@ from cep import CEP
 # Class labels
 
 class ClassEmbedder(nn.Module):
-    """c_θ(y) for class labels: a learned table with one extra null row (index num_classes) for CFG, then CEP."""
+    """c_θ(y) for class labels: a learned table with one extra null row (index num_classes) for CFG, then CEP.
+
+    The paper's Table 6 alternatives to CEP, while training only and never on the null row:
+    label_smoothing eps: the embedding of the smoothed one-hot (1-eps) onehot(y) + eps/K, i.e.
+        (1-eps) E[y] + eps * mean(E[0..K-1]) over the K class rows (the null row is not a class, so it is left out);
+        the paper does not say how it smooths, this is our reading.
+    cond_dropout p: dropout with probability p on the embedding (inverted dropout: kept entries scaled by 1/(1-p)).
+    """
     kind = "class"                                                  # what the denoisers check to wire the condition
 
     def __init__(self, num_classes: int, dim: int, dropout_prob: float = 0.1, cep: str = "none",
-                 cep_gamma: float = 1.0, cep_null: bool = False):
+                 cep_gamma: float = 1.0, cep_null: bool = False, cond_dropout: float = 0.0,
+                 label_smoothing: float = 0.0):
         super().__init__()
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
         self.cep_null = cep_null
+        self.cond_dropout, self.label_smoothing = cond_dropout, label_smoothing
         # The attribute name matches DiT's LabelEmbedder so official checkpoints load: y_embedder.embedding_table.weight.
         # The null row exists only when CFG dropout is on (exactly as in DiT, which keeps the key shapes identical).
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
@@ -73,10 +85,31 @@ class ClassEmbedder(nn.Module):
         """Replace the labels where mask is True by the null label (CFG training dropout)."""
         return torch.where(mask, self.null_like(y), y)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    @property
+    def cep_shape(self) -> tuple:
+        """The shape of one sample's embedding, (D,): what a trainer pre-draws CEP noise for (cep.unit_noise)."""
+        return (self.embedding_table.embedding_dim,)
+
+    def forward(self, y: torch.Tensor, cep_mask=None, cep_unit=None) -> torch.Tensor:
+        """y (B,) -> (B, D). cep_mask (B,) bool: CEP only there (a fixed subset); cep_unit (B, D): pre-drawn CEP noise."""
         emb = self.embedding_table(y)                               # (B, D)
-        real = None if self.cep_null else (y != self.null_id)       # (B,) which samples carry a condition
-        return self.cep(emb, mask=real)                             # identity in eval mode
+        real = y != self.null_id                                    # (B,) which samples carry a condition
+        if self.training and self.label_smoothing > 0:
+            mean = self.embedding_table.weight[: self.num_classes].mean(0)          # (D,) over the K class rows
+            smoothed = (1 - self.label_smoothing) * emb + self.label_smoothing * mean
+            emb = torch.where(real[:, None], smoothed, emb)
+        if self.training and self.cond_dropout > 0:
+            emb = torch.where(real[:, None], F.dropout(emb, self.cond_dropout, training=True), emb)
+        rows = cep_rows(None if self.cep_null else real, cep_mask)
+        return self.cep(emb, mask=rows, unit=cep_unit)              # identity in eval mode
+
+
+def cep_rows(real, cep_mask):
+    """The samples CEP perturbs: those carrying a condition (real, or None = all) and, if given, in cep_mask (B,)."""
+    if cep_mask is None:
+        return real
+    cep_mask = cep_mask.reshape(cep_mask.shape + (1,) * (0 if real is None else real.dim() - 1))
+    return cep_mask if real is None else real & cep_mask
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -221,12 +254,13 @@ class TextEncoder(nn.Module):
 
     def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int, *, pad_id: int,
                  eot_id: int, tokenizer: str = "bytes", dropout_prob: float = 0.1, cep: str = "none",
-                 cep_gamma: float = 1.0, cep_null: bool = False):
+                 cep_gamma: float = 1.0, cep_null: bool = False, cond_dropout: float = 0.0):
         super().__init__()
         if width % heads:
             raise ValueError(f"text width {width} is not divisible by {heads} heads")
         self.context_length, self.width, self.pad_id = context_length, width, pad_id
         self.tokenizer, self.dropout_prob, self.cep_null = tokenizer, dropout_prob, cep_null
+        self.cond_dropout = cond_dropout             # dropout on the context of real captions while training (Table 6)
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Parameter(torch.zeros(1, context_length, width))
         self.ln_embed = nn.LayerNorm(width)
@@ -268,7 +302,13 @@ class TextEncoder(nn.Module):
         m = mask.unsqueeze(-1).to(context.dtype)
         return (context * m).sum(1) / m.sum(1)
 
-    def forward(self, y: torch.Tensor):
+    @property
+    def cep_shape(self) -> tuple:
+        """The shape of one sample's context, (L, D): what a trainer pre-draws CEP noise for (cep.unit_noise)."""
+        return (self.context_length, self.width)
+
+    def forward(self, y: torch.Tensor, cep_mask=None, cep_unit=None):
+        """y (B, L) ids -> (context, mask). cep_mask (B,) bool: CEP only there; cep_unit (B, >= L, D): CEP noise."""
         if y.dim() != 2 or y.shape[1] > self.context_length:
             raise ValueError(f"text condition must be token ids (B, L <= {self.context_length}), got {tuple(y.shape)}")
         L = y.shape[1]
@@ -279,8 +319,12 @@ class TextEncoder(nn.Module):
         for blk in self.blocks:
             x = blk(x, keep)
         context = self.ln_final(x) * mask.unsqueeze(-1)                        # (B, L, D), padding zeroed
-        real = mask if self.cep_null else mask & ~(y == self.null_like(y)).all(1, keepdim=True)
-        return self.cep(context, mask=real), mask                              # CEP: identity in eval mode
+        null = (y == self.null_like(y)).all(1, keepdim=True)                   # (B, 1) the empty caption
+        if self.training and self.cond_dropout > 0:                            # padding stays 0, null stays clean
+            context = torch.where(null[..., None], context, F.dropout(context, self.cond_dropout, training=True))
+        rows = cep_rows(mask if self.cep_null else mask & ~null, cep_mask)     # (B, L)
+        unit = None if cep_unit is None else cep_unit[:, :L]
+        return self.cep(context, mask=rows, unit=unit), mask                   # CEP: identity in eval mode
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -289,7 +333,7 @@ class TextEncoder(nn.Module):
 def build_condition_encoder(kind: str, dim: int, *, num_classes: int = 0, dropout_prob: float = 0.1,
                             cep: str = "none", cep_gamma: float = 1.0, cep_null: bool = False,
                             tokenizer: str = "bytes", context_length: int = 77, depth: int = 2,
-                            heads: int = 4) -> nn.Module:
+                            heads: int = 4, cond_dropout: float = 0.0, label_smoothing: float = 0.0) -> nn.Module:
     """The condition encoder for `kind`, as used by train_dit.py / train_ldm.py.
 
     "class": ClassEmbedder(num_classes, dim) -> (B, dim).
@@ -298,25 +342,28 @@ def build_condition_encoder(kind: str, dim: int, *, num_classes: int = 0, dropou
     if kind == "class":
         if num_classes < 1:
             raise ValueError(f"class conditioning needs num_classes >= 1, got {num_classes}")
-        return ClassEmbedder(num_classes, dim, dropout_prob, cep, cep_gamma, cep_null)
+        return ClassEmbedder(num_classes, dim, dropout_prob, cep, cep_gamma, cep_null, cond_dropout, label_smoothing)
     if kind == "text":
+        if label_smoothing:
+            raise ValueError("label smoothing smooths class labels: it needs class conditioning, not text")
         if context_length < 2 or depth < 0 or heads < 1 or dim < 1:
             raise ValueError(f"bad text encoder shape: context_length={context_length} (>= 2), depth={depth} (>= 0), "
                              f"heads={heads} (>= 1), width={dim}")
         tok = get_tokenizer(tokenizer)
         return TextEncoder(tok.vocab_size, context_length, dim, depth, heads, pad_id=tok.pad_id, eot_id=tok.eot_id,
                            tokenizer=tokenizer, dropout_prob=dropout_prob, cep=cep, cep_gamma=cep_gamma,
-                           cep_null=cep_null)
+                           cep_null=cep_null, cond_dropout=cond_dropout)
     raise ValueError(f"unknown condition kind {kind!r} (expected 'class' or 'text')")
 
 
 def encoder_from_config(cfg, dim: int) -> nn.Module:
     """The condition encoder a train config (config.TrainConfig) describes, of width dim: its condition kind, CFG
-    dropout, CEP and text-encoder fields."""
+    dropout, CEP, the Table 6 ablations and the text-encoder fields."""
     return build_condition_encoder(cfg.cond, dim, num_classes=cfg.num_classes, dropout_prob=cfg.class_dropout,
                                    cep=cfg.cep, cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null,
                                    tokenizer=cfg.tokenizer, context_length=cfg.context_length, depth=cfg.text_depth,
-                                   heads=cfg.text_heads)
+                                   heads=cfg.text_heads, cond_dropout=cfg.cond_dropout,
+                                   label_smoothing=cfg.label_smoothing)
 
 
 def grid_labels(num_classes: int, rows: int = 16) -> torch.Tensor:

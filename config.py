@@ -4,7 +4,8 @@ The training config both train scripts share, and how a config becomes a command
 TrainConfig holds every field that is not the model's: data, condition corruption, CEP and the ablations,
 optimisation, the run, sample grids. train_dit.py's DiTConfig and train_ldm.py's LDMConfig subclass it, add their model
 fields and override a few defaults. Every field is a --kebab-case flag with its help text (`opt(default, help)`);
-fields marked arch=True define the network, so resuming a run with another value is refused.
+fields marked arch=True define the network, fields marked experiment=True what it is trained on and how: resuming a
+run with another value of either is refused (experiment fields may be changed on purpose with --resume-override).
 
     cfg = parse_config(DiTConfig, argv, PRESETS)      # flags (+ --preset NAME) -> a config
     cfg = resolve_run_config(cfg)                     # checked, 'auto' decided: a *new* config, never mutated
@@ -13,6 +14,7 @@ Nothing to run here; `python train_dit.py --help` lists the flags.
 """
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -52,24 +54,37 @@ class TrainConfig:
     text_depth: int = opt(2, "text encoder transformer blocks (the paper's CC3M BERT: 12)", arch=True)
     text_heads: int = opt(4, "text encoder attention heads", arch=True)
     # condition corruption (paper §2) and CEP (paper §5)
-    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped / captions corrupted")
+    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped / captions corrupted",
+                         experiment=True)
     corrupt_type: str = opt("auto", "auto (symmetric for class, swap for text) | symmetric (to another class, by the "
                             "class prior) | asymmetric | swap (captions between random pairs) | rewrite (--corrupt-rewrites)",
-                            choices=["auto", "symmetric", "asymmetric", "swap", "rewrite"])
+                            choices=["auto", "symmetric", "asymmetric", "swap", "rewrite"], experiment=True)
     corrupt_rewrites: str = opt("", "rewrite only: JSON file {index: rewritten caption}; --corrupt picks that fraction "
-                                "of N among its entries (0 = all of them)")
-    corrupt_classes: str = opt("", "asymmetric only: comma-separated class ids that flip among themselves")
+                                "of N among its entries (0 = all of them)", experiment=True)
+    corrupt_classes: str = opt("", "asymmetric only: comma-separated class ids that flip among themselves",
+                               experiment=True)
     corrupt_mode: str = opt("static", "static: flip once when the data is built (paper) | random: re-flip every step",
-                            choices=["static", "random"])
+                            choices=["static", "random"], experiment=True)
     cep: str = opt("none", "condition embedding perturbation: none | uniform | gaussian",
-                   choices=["none", "uniform", "gaussian"])
-    cep_gamma: float = opt(1.0, "CEP magnitude gamma (noise scale gamma/sqrt(d)); the paper uses 1")
-    cep_null: bool = opt(False, "also perturb the CFG null embedding (the paper does not say; default: no)")
-    ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)")
-    class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)")
+                   choices=["none", "uniform", "gaussian"], experiment=True)
+    cep_gamma: float = opt(1.0, "CEP magnitude gamma (noise scale gamma/sqrt(d)); the paper uses 1", experiment=True)
+    cep_null: bool = opt(False, "also perturb the CFG null embedding (the paper does not say; default: no)",
+                         experiment=True)
+    ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)",
+                    experiment=True)
+    class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)",
+                               experiment=True)
+    # the paper's ablations (Tables 6 and 7)
+    cond_dropout: float = opt(0.0, "ablation (Table 6 'Dropout'): dropout with probability P on the condition embedding "
+                              "while training; identity in eval; never on the CFG null embedding", experiment=True)
+    label_smoothing: float = opt(0.0, "ablation (Table 6 'Label Smoothing'): train on the embedding of a smoothed "
+                                 "one-hot, (1-eps) E[y] + eps * mean of the K class rows (no null row); class only",
+                                 experiment=True)
+    cep_subset: float = opt(1.0, "ablation (Table 7 'Fixed CEP'): CEP only on a fixed fraction R of the training items, "
+                            "chosen once from --seed by item index; 1 = every item (the paper's CEP)", experiment=True)
     # optimisation
     steps: int = opt(1000, "training steps")
-    batch_size: int = opt(64, "global batch size (split over processes)")
+    batch_size: int = opt(64, "global batch size (split over processes)", experiment=True)
     micro_batch_size: int = opt(0, "per-process micro-batch for gradient accumulation; 0 = no accumulation")
     lr: float = opt(1e-3, "AdamW learning rate (constant, as DiT and LDM)")
     weight_decay: float = opt(0.0, "AdamW weight decay (CompVis LDM: torch's default 0.01)")
@@ -78,7 +93,11 @@ class TrainConfig:
     # run
     out: str = opt("runs/run", "run folder: checkpoints, log.jsonl, samples/")
     resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
-    seed: int = opt(0, "global seed (data order, noise, corruption)")
+    resume_override: str = opt("", "comma-separated experiment fields a resume may change (e.g. batch_size,seed); "
+                               "without it a resume refuses any change of corruption, CEP, ablation, seed or batch flags")
+    init_from: str = opt("", "fine-tune from SOURCE: a release pretrained.py loads or a nanoCEP checkpoint (its EMA "
+                         "weights, architecture and numerics; fresh optimizer and step); see README")
+    seed: int = opt(0, "global seed (data order, noise, corruption)", experiment=True)
     device: str = opt("auto", "auto | cpu | cuda")
     precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
                          choices=["auto", "fp32", "bf16"])
@@ -92,6 +111,8 @@ class TrainConfig:
     sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
                               choices=["dpm++", "ddim", "ddpm"])
     sample_steps: int = opt(25, "sampling steps of the sample grids")
+    sample_cads: str = opt("", "CADS on the sample grids (cep.py): 'noise,tau1,tau2,psi', e.g. 0.1,0.6,0.9,1; "
+                           "empty = off")
     sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
     sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one prompt per built-in "
                               "class, or the first dataset captions)")
@@ -106,6 +127,12 @@ class TrainConfig:
 def arch_fields(cfg) -> list[str]:
     """The fields that define the network (metadata arch=True): a resumed run must have the same values."""
     return [f.name for f in dataclasses.fields(cfg) if f.metadata.get("arch")]
+
+
+def experiment_fields(cfg) -> list[str]:
+    """The fields that define the experiment (metadata experiment=True): corruption, CEP, the ablations, CFG dropout,
+    seed and batch; a resumed run must keep them unless --resume-override names them."""
+    return [f.name for f in dataclasses.fields(cfg) if f.metadata.get("experiment")]
 
 
 def parse_config(cls, argv=None, presets: dict | None = None, description: str = ""):
@@ -130,11 +157,16 @@ def parse_config(cls, argv=None, presets: dict | None = None, description: str =
     args = p.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     if presets and args.preset:
-        explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
-                    if a.startswith("--")}
-        explicit |= {n[3:] for n in explicit if n.startswith("no_")}
+        explicit = explicit_fields(argv)
         values.update({k: v for k, v in presets[args.preset].items() if k not in explicit})
     return cls(**values)
+
+
+def explicit_fields(argv=None) -> set:
+    """The config fields given as flags on the command line (--no-x counts for x)."""
+    explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                if a.startswith("--")}
+    return explicit | {n[3:] for n in explicit if n.startswith("no_")}
 
 
 def resolve_run_config(cfg, text_width: int | None = None):
@@ -151,8 +183,10 @@ def resolve_run_config(cfg, text_width: int | None = None):
 
 
 def _check_ranges(cfg) -> None:
-    """Numbers in range, latent flags consistent (RunError otherwise)."""
+    """Numbers in range, latent flags consistent, the ablations and the grids' CADS well formed (RunError otherwise)."""
     down = LATENT_GEOMETRY[cfg.vae][1]
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise RunError(f"--out {cfg.out} is a file, not a run folder")
     if not 0.0 <= cfg.corrupt < 1.0:
         raise RunError(f"--corrupt must be in [0, 1), got {cfg.corrupt}")
     if cfg.cep_gamma < 0:
@@ -169,6 +203,35 @@ def _check_ranges(cfg) -> None:
         raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
     if cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise RunError("--log-every and --ckpt-every must be >= 1")
+    _check_ablations(cfg)
+    grid_cads(cfg)                                       # a bad --sample-cads fails before any work
+
+
+def _check_ablations(cfg) -> None:
+    """The ranges of the paper's ablation flags (--cond-dropout, --label-smoothing, --cep-subset)."""
+    if not 0.0 <= cfg.cond_dropout < 1.0:
+        raise RunError(f"--cond-dropout must be in [0, 1), got {cfg.cond_dropout}")
+    if not 0.0 <= cfg.label_smoothing <= 1.0:
+        raise RunError(f"--label-smoothing must be in [0, 1], got {cfg.label_smoothing}")
+    if not 0.0 < cfg.cep_subset <= 1.0:
+        raise RunError(f"--cep-subset must be in (0, 1], got {cfg.cep_subset}")
+    if cfg.cep_subset < 1 and cfg.cep == "none":
+        raise RunError("--cep-subset picks the items CEP perturbs: it needs --cep uniform | gaussian")
+    if cfg.label_smoothing > 0 and cfg.cond == "text":
+        raise RunError("--label-smoothing smooths class labels; it needs --cond class (captions have no one-hot)")
+
+
+def grid_cads(cfg):
+    """The cep.CADS of --sample-cads 'noise,tau1,tau2,psi' (evaluate.py's --cads-* in one flag), or None if off."""
+    from cep import CADS
+    if not cfg.sample_cads:
+        return None
+    try:
+        noise, tau1, tau2, psi = (float(v) for v in cfg.sample_cads.split(","))
+        return CADS(tau1, tau2, noise, psi) if noise > 0 else None
+    except ValueError as e:
+        raise RunError(f"--sample-cads {cfg.sample_cads!r}: expected 'noise,tau1,tau2,psi' such as 0.1,0.6,0.9,1 "
+                       f"({e})") from None
 
 
 def _check_condition(cfg) -> None:

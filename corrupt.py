@@ -135,15 +135,7 @@ def corrupt_labels(labels, ratio, num_classes=None, kind="symmetric", classes=No
         if k > 0 and np.count_nonzero(counts) < 2:
             raise ValueError(f"symmetric flips need at least 2 classes present in labels, found only class {int(y[0])}")
         idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)  # (K,)
-        old = y[idx]
-        # Draw a uniform random sample among the N - n_y samples of another class and take its label: that is
-        # exactly the prior restricted to classes != y, with no rejection loop. Samples are laid out sorted by
-        # class, so class c owns positions [ends[c] - n_c, ends[c]); we draw a position outside y's block.
-        ends = np.cumsum(counts)  # (C,)
-        starts = ends - counts
-        pos = rng.integers(0, n - counts[old])  # (K,) uniform in [0, N - n_y)
-        pos = pos + counts[old] * (pos >= starts[old])  # skip over y's own block
-        new[idx] = np.searchsorted(ends, pos, side="right")
+        new[idx] = _prior_other_class(y[idx], counts, rng)
         return new, idx
 
     # asymmetric
@@ -151,13 +143,30 @@ def corrupt_labels(labels, ratio, num_classes=None, kind="symmetric", classes=No
     if k > len(eligible):
         raise ValueError(f"ratio {ratio} asks for {k} flips but only {len(eligible)} samples have a label in classes")
     idx = np.sort(eligible[rng.choice(len(eligible), size=k, replace=False)]).astype(np.int64)  # (K,)
+    new[idx] = _other_in_set(y[idx], cls, num_classes, rng)
+    return new, idx
+
+
+def _prior_other_class(old, counts, rng):
+    """Targets (K,) for labels old (K,): class c != y with probability n_c / (N - n_y), the prior `counts` (C,)
+    restricted to the other classes."""
+    # Draw a uniform random sample among the N - n_y samples of another class and take its label: that is
+    # exactly the prior restricted to classes != y, with no rejection loop. Samples are laid out sorted by
+    # class, so class c owns positions [ends[c] - n_c, ends[c]); we draw a position outside y's block.
+    ends = np.cumsum(counts)  # (C,)
+    starts = ends - counts
+    pos = rng.integers(0, ends[-1] - counts[old])  # (K,) uniform in [0, N - n_y)
+    pos = pos + counts[old] * (pos >= starts[old])  # skip over y's own block
+    return np.searchsorted(ends, pos, side="right")
+
+
+def _other_in_set(old, cls, num_classes, rng):
+    """Targets (K,) for labels old (K,), all in cls: another class of cls, uniformly."""
     slot_of = np.full(num_classes, -1, dtype=np.int64)
     slot_of[cls] = np.arange(len(cls))
-    slot = slot_of[y[idx]]  # (K,) position of y inside cls
-    target = rng.integers(0, len(cls) - 1, size=k)  # (K,) uniform over the other len(cls) - 1 slots
-    target = target + (target >= slot)
-    new[idx] = cls[target]
-    return new, idx
+    slot = slot_of[old]  # (K,) position of y inside cls
+    target = rng.integers(0, len(cls) - 1, size=len(old))  # (K,) uniform over the other len(cls) - 1 slots
+    return cls[target + (target >= slot)]
 
 
 def _as_classes(classes):
@@ -177,24 +186,40 @@ def _as_classes(classes):
     return cls
 
 
-def random_flip(labels, ratio, num_classes, rng):
-    """Per-step ("random data corruption", paper Table 7) flips for one batch -> (new_labels (B,), sorted idx).
+def corrupt_batch(labels, ratio, class_counts, kind="symmetric", classes=None, rng=0):
+    """Per-step corruption of one global batch ("random data corruption", paper Table 7) -> (new (B,), sorted idx (K,)).
 
-    Unlike corrupt_labels, each sample flips independently with probability `ratio` (so small batches still see
-    flips on average), to a class drawn uniformly from the other num_classes - 1 (a batch carries no dataset
-    prior). `rng` is a numpy Generator (or an integer seed); call it with a fresh batch at every step.
+    The static rule of corrupt_labels, re-drawn for every batch: exactly round(ratio*B) samples flip; symmetric targets
+    follow the *dataset's* class prior `class_counts` (C,) restricted to classes != y (a batch is too small to be its
+    own prior); asymmetric flips are chosen among the batch's samples whose label is in `classes` (all of them if the
+    batch has fewer than round(ratio*B)) and go to another class of `classes`, uniformly. `rng` is a numpy Generator
+    or a seed: derive it from (seed, step) and pass the whole global batch, so 1 process and N processes agree.
     """
+    if kind not in LABEL_KINDS:
+        raise ValueError(f"kind must be one of {LABEL_KINDS}, got {kind!r}")
     ratio = _check_ratio(ratio)
     if not isinstance(rng, np.random.Generator):
         rng = _rng(rng)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
-        raise ValueError(f"num_classes must be an integer, got {num_classes!r}")
-    y, num_classes = _as_labels(labels, num_classes)
-    flip = rng.random(len(y)) < ratio  # (B,)
-    idx = np.flatnonzero(flip).astype(np.int64)
-    target = rng.integers(0, num_classes - 1, size=len(idx))  # uniform over the classes != y
+    counts = np.asarray(class_counts)
+    if counts.ndim != 1 or counts.dtype.kind not in "iu" or (counts.size and counts.min() < 0):
+        raise ValueError("class_counts must be a 1-D array of non-negative integer counts (the dataset's class sizes)")
+    cls = _as_classes(classes) if kind == "asymmetric" else None
+    y, num_classes = _as_labels(labels, len(counts))
+    k = _num_to_corrupt(ratio, len(y))
     new = y.copy()
-    new[idx] = target + (target >= y[idx])
+    if kind == "symmetric":
+        if classes is not None:
+            raise ValueError("classes is only used with kind='asymmetric'")
+        if k > 0 and np.count_nonzero(counts) < 2:
+            raise ValueError("symmetric flips need at least 2 classes with samples in class_counts")
+        idx = np.sort(rng.choice(len(y), size=k, replace=False)).astype(np.int64)  # (K,)
+        new[idx] = _prior_other_class(y[idx], counts.astype(np.int64), rng)
+        return new, idx
+    if int(cls.max()) >= num_classes:
+        raise ValueError(f"class {int(cls.max())} is out of range for {num_classes} classes")
+    eligible = np.flatnonzero(np.isin(y, cls))  # (E,)
+    idx = np.sort(eligible[rng.choice(len(eligible), size=min(k, len(eligible)), replace=False)]).astype(np.int64)
+    new[idx] = _other_in_set(y[idx], cls, num_classes, rng)
     return new, idx
 
 

@@ -438,6 +438,36 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Per-step views of the global batch's items (for draws that must not depend on the number of processes)
+
+def batch_items(length: int, global_batch: int, seed: int, start_step: int, total_steps: int):
+    """items(step) -> the dataset indices (B,) of the whole global batch at `step` (StepSampler's order, any rank)."""
+    order = StepSampler(length, global_batch, 0, 1, seed, start_step, total_steps, flip=False)
+    return lambda step: np.array([flip_key(k)[0] for k in order.keys(step)], dtype=np.int64)
+
+
+def random_corruption(dataset, ratio: float, kind: str, classes: str, items):
+    """labels(step, seed) -> the global batch's labels (B,) under --corrupt-mode random: its clean labels corrupted by
+    corrupt.corrupt_batch with the static rule (dataset prior / asymmetric `classes` "1,5,9"), from a step's seed."""
+    import corrupt
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)             # (K,) the dataset's prior
+    class_ids = [int(c) for c in classes.split(",")] if classes else None
+
+    def labels(step: int, seed: int) -> torch.Tensor:
+        new, _ = corrupt.corrupt_batch(dataset.labels[items(step)], ratio, counts, kind, class_ids, rng=seed)
+        return torch.as_tensor(new)
+    return labels
+
+
+def cep_subset_mask(num_items: int, fraction: float, seed: int) -> torch.Tensor:
+    """(N,) bool: the fixed round(fraction * N) items that get CEP (--cep-subset), chosen once from the seed."""
+    chosen = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + 0xCE9))
+    mask = torch.zeros(num_items, dtype=torch.bool)
+    mask[chosen[: int(round(fraction * num_items))]] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # CLI: look at a dataset
 
 def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:

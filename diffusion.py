@@ -13,6 +13,9 @@ Samplers (each one short function, k-diffusion style; `GaussianDiffusion.sample`
   ddpm  - ancestral sampling, respaced like DiT's `space_timesteps(T, str(steps))` (evenly strided, keeps 0 and T-1)
   ddim  - DDIM with eta, spaced like diffusers' DDIMScheduler default ("leading": t = i * (T // steps))
   dpm++ - DPM-Solver++(2M), equal to diffusers' DPMSolverMultistepScheduler defaults (the paper's 50-step sampler)
+ddpm and ddim (eta > 0) draw fresh noise every step from `generator`: one torch.Generator for the batch (diffusers'
+convention, so the oracle tests match), or a list of one generator per image (step_noise), which makes an image a
+function of its own seed, so sharded sampling reproduces a single process.
 """
 import math
 
@@ -118,6 +121,18 @@ def _chain(alphas_cumprod, timesteps, progress):
         yield i, timesteps[i], float(alphas_cumprod[timesteps[i]]), abar_next
 
 
+def step_noise(x, generator=None):
+    """Standard normal noise shaped like x for one sampling step. `generator`: None (the global RNG), one
+    torch.Generator for the batch (diffusers' convention), or a list of one CPU generator per image, so that an
+    image's noise depends on its own generator only and a sharded run reproduces a single-process one bit for bit."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} per-image generators for a batch of {x.shape[0]}")
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator])  # (B, ...) on the CPU, fp32
+        return noise.to(device=x.device, dtype=x.dtype)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 @torch.no_grad()
 def sample_ddpm(model_fn, x, alphas_cumprod, timesteps, *, learn_sigma=False, generator=None, progress=False,
                 clip_x0=False):
@@ -135,7 +150,7 @@ def sample_ddpm(model_fn, x, alphas_cumprod, timesteps, *, learn_sigma=False, ge
             std = torch.exp(0.5 * ((v + 1) / 2 * math.log(beta) + (1 - v) / 2 * log_var))
         else:
             std = math.exp(0.5 * log_var)
-        x = x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + std * step_noise(x, generator)
     return x
 
 
@@ -149,7 +164,7 @@ def sample_ddim(model_fn, x, alphas_cumprod, timesteps, *, eta=0.0, learn_sigma=
         sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
         x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - sigma ** 2) * eps
         if eta > 0:  # drawn on every step (even when sigma = 0) so a shared generator stays in step with diffusers
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * step_noise(x, generator)
     return x
 
 
@@ -287,7 +302,8 @@ class GaussianDiffusion:
     def sample(self, model_fn, noise, *, sampler="dpm++", steps=50, eta=0.0, generator=None, progress=False,
                clip_x0=False):
         """Denoise `noise` (B, C, ...) into samples with `steps` model calls of the chosen sampler; clip_x0 clips every
-        clean-image estimate to [-1, 1] (for pixel-space models; without it a few pixels can overshoot far)."""
+        clean-image estimate to [-1, 1] (for pixel-space models; without it a few pixels can overshoot far).
+        generator (ddpm, ddim with eta > 0): the per-step noise's source, see step_noise (a list = one per image)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
         if eta != 0 and sampler != "ddim":

@@ -2,11 +2,12 @@
 The DiT (Peebles & Xie, 2023): exactly the official architecture, initialisation and state-dict names, so
 DiT-XL-2-256x256.pt loads with strict=True; and the text-conditional variant nanoCEP adds.
 
-    from conditions import ClassEmbedder
+    from conditions import ClassEmbedder, encoder_from_config
     model = DiT_models["DiT-XL/2"](input_size=32, y_embedder=ClassEmbedder(1000, 1152))   # 256^2 KL-f8 latents
     eps_and_sigma = model(x, t, y)                     # x (B, 4, 32, 32), t (B,), y (B,) -> (B, 8, 32, 32)
 
-The DiT receives its condition encoder c_θ (conditions.py) as the LDM does; train_dit.py builds it from the config.
+The DiT receives its condition encoder c_θ (conditions.py) as the LDM does; from_config(cfg) builds both from a
+train config (train_dit.DiTConfig).
 A class table (the official DiT) is added to the timestep embedding. A text encoder (PixArt-α style) turns the caption
 tokens into a context (B, L, D_text); every block gets a cross-attention layer after its self-attention, and adaLN-Zero
 keeps the timestep (plus, with text_pooled, the masked mean of the context). The class path and its state-dict keys
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conditions import ClassEmbedder
+from conditions import ClassEmbedder, encoder_from_config
 from diffusion import timestep_embedding
 
 
@@ -236,17 +237,18 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, cep_mask=None, cep_unit=None):
         """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) class ids (null id = num_classes) or (B, L) caption
-        token ids (null = the empty caption) -> (B, C_out, H, W)."""
+        token ids (null = the empty caption) -> (B, C_out, H, W). cep_mask / cep_unit go to the condition encoder
+        (training only: CEP on a subset, pre-drawn CEP noise)."""
         if x.shape[-1] != self.grid * self.patch_size or x.shape[-2] != x.shape[-1]:
             raise ValueError(f"DiT expects square {self.grid * self.patch_size}px inputs, got {tuple(x.shape[-2:])}")
         x = self.x_embedder(x) + self.pos_embed                  # (B, T, D)
         context = mask = None
         if self.cond_kind == "class":
-            c = self.t_embedder(t) + self.y_embedder(y)          # (B, D): CEP already applied to the class embedding
+            c = self.t_embedder(t) + self.y_embedder(y, cep_mask, cep_unit)  # (B, D): CEP applied to the embedding
         else:
-            context, mask = self.y_embedder(y)                   # (B, L, D_text), (B, L): CEP already applied
+            context, mask = self.y_embedder(y, cep_mask, cep_unit)  # (B, L, D_text), (B, L): CEP already applied
             c = self.t_embedder(t)                               # (B, D)
             if self.pooled_embedder is not None:
                 c = c + self.pooled_embedder(self.y_embedder.pooled(context, mask))
@@ -280,3 +282,13 @@ def set_numerics(model: DiT, freq_shift: float = 0.0, mlp_norm_eps: float = 1e-6
     for blk in model.blocks:
         blk.norm2.eps = mlp_norm_eps
     return model
+
+
+def from_config(cfg) -> DiT:
+    """The DiT a train config (train_dit.DiTConfig) describes, with its condition encoder (conditions.py);
+    num_classes must be resolved (> 0 for class conditioning)."""
+    channels, side, _ = cfg.latent_shape
+    width = cfg.text_width if cfg.cond == "text" else SIZES[cfg.model[4:].split("/")[0]]["hidden_size"]
+    model = DiT_models[cfg.model](input_size=side, in_channels=channels, learn_sigma=cfg.learn_sigma,
+                                  y_embedder=encoder_from_config(cfg, width), text_pooled=cfg.text_pooled)
+    return set_numerics(model, cfg.t_freq_shift, cfg.mlp_norm_eps)

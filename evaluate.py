@@ -4,9 +4,14 @@ evaluate.py: FID, Inception Score and precision/recall of nanoCEP samples, the p
 Sample a checkpoint over a grid of guidance scales, then measure every scale (one row per scale):
     python evaluate.py CKPT --num-samples 50000 --cfg-scales 1.5,1.75,2.0 --sampler dpm++ --steps 50 --ref REF --npz
     torchrun --nproc_per_node=8 evaluate.py CKPT ...        # each rank samples (and featurizes) its own slice
+CADS (condition-annealed sampling, cep.py) on any sampler, class or text, checkpoint or release (off by default):
+    python evaluate.py CKPT --cads-noise 0.1 --cads-tau1 0.6 --cads-tau2 0.9 --cads-psi 1 ...
 Released weights (pretrained.py) instead of a checkpoint, and a quick preview grid (no metrics):
     python evaluate.py --pretrained DiffusionNoise/dit-xl-2_imagenet_clean --cfg-scales 1.75 --ref REF ...
     python evaluate.py --pretrained DiT-XL-2-256 --classes 88,207,360 --grid preview.png --cfg-scales 4
+Prepare an FID reference once (training's ADM centre crop to N, then the feature pipeline; labelled with it):
+    python evaluate.py ref --data /data/imagenet/val --image-size 256 --out in1k_val_256.npz [--pipeline ...]
+    python evaluate.py ref --data builtin --image-size 16 --seed 1 --builtin-length 10000 --out builtin_ref.npz
 Measure samples that already exist: a folder of images, an ADM .npz (uint8 NHWC arr_0) or a features .npz:
     python evaluate.py metrics --samples DIR_OR_NPZ [MORE ...] [--cfg-scales 1.5,...] --ref REF [--out DIR]
 Overlay runs, FID against IS (and precision against recall) across guidance scales, like the paper's Fig. 3:
@@ -18,6 +23,9 @@ Features come from one pass of clean-fid's Inception (mode "clean": clean-fid's 
 2048-d pool features (FID, precision/recall) and the 1008-way logits (IS) at once. clean-fid downloads that network
 to /tmp/inception-2015-12-05.pt on first use; offline, copy the file there or pass --inception PATH.
 --features FILE swaps in any TorchScript extractor f(x (B,3,H,W) floats in [0,255]) -> feats or (feats, logits).
+--pipeline legacy_tensorflow feeds the raw image to the same Inception file, which resizes inside as TF did (the ADM
+evaluator's pipeline, for numbers beside DiT's and the paper's). Reference images (a folder, an arr_0) are
+centre-cropped to the samples' resolution; features from different pipelines are never compared (metrics.py).
 Writes OUT/results.json and OUT/results.csv; features are cached as .npz in OUT/features for reuse.
 The metrics and the feature pass live in metrics.py; this file samples, shards over ranks, and runs the CLI.
 """
@@ -34,11 +42,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from metrics import (INCEPTION_PATH, METRIC_COLUMNS, Featurizer, compute_metrics, count_items,  # noqa: F401
-                     feature_statistics, frechet_distance, inception_score, load_reference, min_samples,
-                     plot_fid_is, precision_recall, read_results, reference_kind, save_npz, write_results)
 from common import ArgParser, RunError, setup_distributed
 from conditions import read_prompts
+from metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines,  # noqa: F401
+                     compute_metrics, count_items, feature_statistics, frechet_distance, image_size_of,
+                     inception_score, load_reference, min_samples, pipeline_label, plot_fid_is, precision_recall,
+                     read_results, reference_kind, reference_pipeline, save_npz, source_pipeline, write_reference,
+                     write_results)
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
@@ -61,7 +71,7 @@ def shard_indices(num_samples, rank, world_size):
 
 
 def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precision="auto", vae_path=None,
-                 prompts=None):
+                 prompts=None, cads=None):
     """Rebuild the model stored in CKPT: (sample_fn(labels (B,), seeds list, cfg_scale) -> uint8 (B, H, W, 3), info).
 
     The model is rebuilt through registry.FAMILIES (checkpoint kind -> its config class and build) from the config
@@ -93,10 +103,11 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
         decode = vae.load_vae(cfg.vae, vae_path or cfg.vae_path or None, device=device).decode
     use_bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
     sample_fn = make_sample_fn(model, diffusion, cfg.latent_shape, decode, device, sampler, steps, use_bf16,
-                               learn_sigma=getattr(cfg, "learn_sigma", False))
+                               learn_sigma=getattr(cfg, "learn_sigma", False), cads=cads)
     info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
-            "precision": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class")}
+            "dtype": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class"),
+            "class_dropout": cfg.class_dropout}
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
@@ -111,25 +122,33 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
 
 
 def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_bf16, *, learn_sigma=False,
-                   null_class=None, guide_channels=None, timesteps=None):
+                   null_class=None, guide_channels=None, timesteps=None, eta=0.0, cads=None):
     """sample_fn(labels (B,), seeds, cfg_scale) -> uint8 (B, H, W, 3): CFG sampling from per-image seeded noise.
 
+    Image i's generator torch.Generator().manual_seed(seeds[i]) draws its initial noise and then, for ddpm and ddim
+    with eta > 0, its per-step noise: an image depends on its seed only, so shards reproduce one process bit for bit.
     null_class: the CFG null label (default: the model's condition encoder's); guide_channels: guide only the first
-    N latent channels (official DiT: 3); timesteps: explicit dpm++ timesteps (a release's scheduler spacing)."""
+    N latent channels (official DiT: 3); timesteps: explicit dpm++ timesteps (a release's scheduler spacing);
+    cads: a cep.CADS that anneals the condition embedding along the chain (its noise seeded per image too)."""
+    from contextlib import nullcontext
     from diffusion import cfg_model_fn, sample_dpmpp_2m
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
 
     @torch.no_grad()
     def sample_fn(labels, seeds, cfg_scale):
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]     # one CPU generator per image
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
         y = torch.as_tensor(labels).to(device)
         y_null = model.cond.null_like(y) if null_class is None else torch.full_like(y, null_class)
         fn = cfg_model_fn(model, y, y_null, cfg_scale, learn_sigma=learn_sigma, guide_channels=guide_channels)
-        with autocast:
+        annealing = (nullcontext() if cads is None else      # CADS: the null branch stays clean
+                     cads.sampling(model, model.cond, seeds, diffusion.num_timesteps))
+        with autocast, annealing:
             if timesteps is not None and sampler == "dpm++":
                 x = sample_dpmpp_2m(fn, noise.to(device), diffusion.alphas_cumprod, timesteps, learn_sigma=learn_sigma)
             else:
-                x = diffusion.sample(fn, noise.to(device), sampler=sampler, steps=steps, clip_x0=decode is None)
+                x = diffusion.sample(fn, noise.to(device), sampler=sampler, steps=steps, clip_x0=decode is None,
+                                     eta=eta, generator=None if sampler == "dpm++" else gens)
             if decode is not None:
                 x = decode(x)
         # DiT's sample_ddp.py mapping of [-1, 1] to uint8
@@ -139,7 +158,7 @@ def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_
 
 
 def load_pretrained_sampler(source, device="cpu", sampler="dpm++", steps=50, precision="auto", vae_path=None,
-                            guide_channels="auto"):
+                            guide_channels="auto", cads=None):
     """(sample_fn, info) for a released model (pretrained.py): its schedule, null label, CFG channels and, for dpm++,
     the timesteps diffusers' DPMSolverMultistepScheduler.from_config(release scheduler) would visit."""
     import pretrained
@@ -154,9 +173,9 @@ def load_pretrained_sampler(source, device="cpu", sampler="dpm++", steps=50, pre
     use_bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
     sample_fn = make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_bf16,
                                learn_sigma=cfg["learn_sigma"], null_class=p["null_class"],
-                               guide_channels=cfg["guide_channels"], timesteps=timesteps)
+                               guide_channels=cfg["guide_channels"], timesteps=timesteps, cads=cads)
     info = {"num_classes": cfg["num_classes"], "kind": cfg["kind"], "model": cfg["name"], "format": cfg["format"],
-            "vae": cfg["vae"], "precision": "bf16" if use_bf16 else "fp32", "null_class": p["null_class"],
+            "vae": cfg["vae"], "dtype": "bf16" if use_bf16 else "fp32", "null_class": p["null_class"],
             "guide_channels": cfg["guide_channels"] or shape[0], "timestep_spacing":
                 cfg["scheduler"].get("timestep_spacing", "linspace") if sampler == "dpm++" else "nanoCEP"}
     return sample_fn, info
@@ -190,16 +209,20 @@ def sample_shard(sample_fn, labels, seeds, indices, cfg_scale, batch_size, png_d
     return np.concatenate(chunks)
 
 
-def merge_shards(scale_dir, world_size, keep_images):
-    """Rank 0: join the ranks' shard files in index order into features.npz (and samples.npz, ADM format)."""
+def merge_shards(scale_dir, world_size, keep_images, pipeline=None):
+    """Rank 0: join the ranks' shard files in index order into features.npz (and samples.npz, ADM format);
+    features.npz carries the feature pipeline's label and the image size, so it can be measured again safely."""
     scale_dir = Path(scale_dir)
     shards = [np.load(scale_dir / f"shard{r:03d}.npz") for r in range(world_size)]
     join = lambda key: np.concatenate([s[key] for s in shards]) if key in shards[0].files else None
     merged = {key: join(key) for key in ("feats", "probs", "labels", "seeds", "index")}
     if not np.array_equal(merged["index"], np.arange(len(merged["index"]))):
         raise ValueError(f"shards in {scale_dir} do not cover the samples in order")
+    merged["pipeline"] = pipeline
+    merged["image_size"] = int(shards[0]["image_size"]) if "image_size" in shards[0].files else None
     save_npz(scale_dir / "features.npz", feats=merged["feats"], probs=merged["probs"], labels=merged["labels"],
-             seeds=merged["seeds"])
+             seeds=merged["seeds"], pipeline=None if pipeline is None else np.array(pipeline),
+             image_size=None if merged["image_size"] is None else np.array(merged["image_size"]))
     if keep_images:  # arr_0 uint8 NHWC is what the ADM evaluator reads; labels and seeds ride along
         save_npz(scale_dir / "samples.npz", arr_0=join("arr_0"), labels=merged["labels"], seeds=merged["seeds"])
     for r, s in enumerate(shards):
@@ -224,7 +247,7 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
     out = Path(out_dir)
     labels, seeds = balanced_labels(num_samples, num_classes), sample_seeds(num_samples, seed)
     mine = shard_indices(num_samples, rank, world_size)
-    reference = load_reference(ref, featurizer) if (ref is not None and rank == 0) else None
+    reference = None  # loaded on rank 0 once the first images give the resolution its images are cropped to
     rows = []
     for scale in cfg_scales:
         scale_dir = out / f"cfg{scale:g}"
@@ -234,13 +257,15 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
         seconds = time.time() - t0
         feats = featurizer(images)
         save_npz(scale_dir / f"shard{rank:03d}.npz", feats=feats["feats"], probs=feats["probs"], labels=labels[mine],
-                 seeds=seeds[mine], index=mine, arr_0=images if write_npz else None)
+                 seeds=seeds[mine], index=mine, arr_0=images if write_npz else None, image_size=images.shape[1])
         _barrier()
         if rank == 0:
-            merged = merge_shards(scale_dir, world_size, keep_images=write_npz)
+            merged = merge_shards(scale_dir, world_size, keep_images=write_npz, pipeline=featurizer.pipeline)
+            if reference is None and ref is not None:
+                reference = load_reference(ref, featurizer, image_size=images.shape[1])
             row = {"cfg_scale": scale, **compute_metrics(merged, reference, k, is_splits, featurizer.device),
                    "samples": str(scale_dir), "ref": None if ref is None else str(ref), "extractor": featurizer.name,
-                   "resize": featurizer.resize, "k": k, "is_splits": is_splits, "seed": seed, "world_size": world_size,
+                   "resize": featurizer.resize, "pipeline": featurizer.pipeline, "k": k, "is_splits": is_splits, "seed": seed, "world_size": world_size,
                    "rank0_samples_per_s": round(len(mine) / max(seconds, 1e-9), 3), **(settings or {})}
             rows.append(row)
             write_results(rows, out)  # after every scale, so a long grid leaves partial results behind
@@ -266,6 +291,8 @@ def _add_feature_args(p):
     p.add_argument("--features", help="TorchScript feature extractor (default: clean-fid's Inception)")
     p.add_argument("--inception", default=INCEPTION_PATH, help="clean-fid's Inception file (downloaded there if absent)")
     p.add_argument("--resize", choices=("clean", "none"), default="clean", help="clean: clean-fid's resize to 299")
+    p.add_argument("--pipeline", choices=PIPELINES, default="clean", help="clean-fid Inception mode: clean (default) | "
+                   "legacy_tensorflow (TF-style resize inside the network, as the ADM evaluator; ImageNet papers' FID)")
     p.add_argument("--out", default="eval", help="output folder: results.json, results.csv, features/")
     p.add_argument("--k", type=int, default=3, help="neighbourhood size for precision/recall")
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
@@ -274,13 +301,20 @@ def _add_feature_args(p):
     p.add_argument("--device", default=None, help="default: cuda if available")
 
 
-def _check_common(args):
-    """Validate what can be checked before any work starts, so bad input fails fast and overwrites nothing."""
+def _check_common(args, samples=()):
+    """Validate what can be checked before any work starts, so bad input fails fast and overwrites nothing.
+    samples: existing samples (evaluate.py metrics); none means this run featurizes new ones."""
     if args.k < 1 or args.is_splits < 1:
         raise ValueError(f"--k and --is-splits must be >= 1, got {args.k} and {args.is_splits}")
     if args.features and not os.path.isfile(args.features):
         raise FileNotFoundError(f"feature extractor not found: {args.features}")
+    # the label this run's features will carry; a reference made by another pipeline is refused before any work
+    label = pipeline_label(args.features, "none" if args.pipeline == "legacy_tensorflow" else args.resize, args.pipeline)
     if args.ref is not None:
+        ref_label = reference_pipeline(args.ref)
+        for source in samples or [None]:
+            check_pipelines(label if source is None else source_pipeline(source, label),
+                            ref_label, f"samples {source or '(this run)'}", f"reference {args.ref}")
         if reference_kind(args.ref) != "stats":
             n = count_items(args.ref)
             if n < max(2, args.k + 1):
@@ -289,7 +323,7 @@ def _check_common(args):
 
 def _featurizer(args, device):
     return Featurizer(args.features, args.inception, device, args.resize, args.feature_batch_size, args.workers,
-                      cache_dir=Path(args.out) / "features", progress=True)
+                      cache_dir=Path(args.out) / "features", progress=True, pipeline=args.pipeline)
 
 
 def main_metrics(argv):
@@ -299,7 +333,7 @@ def main_metrics(argv):
     p.add_argument("--cfg-scales", type=_scales, help="the guidance scale of each --samples entry (for plots)")
     _add_feature_args(p)
     args = p.parse_args(argv)
-    _check_common(args)
+    _check_common(args, args.samples)
     if args.cfg_scales is not None and len(args.cfg_scales) != len(args.samples):
         raise ValueError(f"--cfg-scales has {len(args.cfg_scales)} values for {len(args.samples)} --samples")
     need = min_samples(args.k, args.is_splits)
@@ -312,17 +346,68 @@ def main_metrics(argv):
         print("note: no --ref, so only the Inception Score is computed", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     featurizer = _featurizer(args, device)
-    reference = load_reference(args.ref, featurizer) if args.ref is not None else None
+    reference = None
+    if args.ref is not None:  # reference images are centre-cropped to the samples' resolution
+        size = image_size_of(args.samples[0]) if reference_kind(args.ref) in ("folder", "images", "stats+images") else None
+        reference = load_reference(args.ref, featurizer, image_size=size)
     rows = []
     for i, s in enumerate(args.samples):
         row = {"cfg_scale": None if args.cfg_scales is None else args.cfg_scales[i],
                **compute_metrics(featurizer(s), reference, args.k, args.is_splits, device),
-               "samples": str(s), "ref": args.ref, "extractor": featurizer.name, "resize": args.resize,
+               "samples": str(s), "ref": args.ref, "extractor": featurizer.name, "resize": featurizer.resize,
+               "pipeline": featurizer.pipeline,
                "k": args.k, "is_splits": args.is_splits}
         rows.append(row)
         print(json.dumps({c: row[c] for c in METRIC_COLUMNS}))
     json_path, _ = write_results(rows, args.out)
     print(f"wrote {json_path} and results.csv", file=sys.stderr)
+    return 0
+
+
+def reference_images(data, image_size, seed=0, builtin_length=10_000, max_images=None):
+    """(images, crop) for `evaluate.py ref`, preprocessed exactly as training images (without the flip): "builtin"
+    gives uint8 (N, S, S, 3) renders of data.BuiltinShapes(S, N, seed) (crop None: already S); a folder gives its
+    image files (flat or in class folders, sorted) with crop S, the ADM centre crop data.py applies to training data."""
+    import data as datasets
+    from metrics import ImageSource
+    if data == "builtin":
+        ds = datasets.build_dataset("builtin", image_size, seed=seed, builtin_length=builtin_length)
+        n = len(ds) if max_images is None else min(len(ds), max_images)
+        return np.stack([ds.render(i) for i in range(n)]), None
+    if not Path(data).is_dir():
+        raise FileNotFoundError(f"--data folder not found: {data}")
+    return ImageSource(ImageSource(data).files[:max_images]), image_size
+
+
+def main_ref(argv):
+    """`evaluate.py ref`: prepare an FID reference once (training preprocessing, then the feature pipeline)."""
+    p = ArgParser(prog="evaluate.py ref", description="Features + statistics of reference images, labelled with "
+                  "their feature pipeline: python evaluate.py ref --data DIR --image-size 256 --out ref.npz")
+    p.add_argument("--data", required=True, help="an image folder (flat or class folders, e.g. ImageNet val) or builtin")
+    p.add_argument("--image-size", type=int, required=True, help="the model's resolution: ADM centre crop to this size")
+    p.add_argument("--seed", type=int, default=0, help="builtin: the dataset seed (another seed = held-out images)")
+    p.add_argument("--builtin-length", type=int, default=10_000, help="builtin: number of images")
+    p.add_argument("--max-images", type=int, help="use only the first N images (sorted file order)")
+    _add_feature_args(p)
+    p.set_defaults(out=None)
+    args = p.parse_args(argv)
+    if args.out is None or Path(args.out).suffix != ".npz":
+        raise ValueError(f"--out must name the reference .npz to write, got {args.out}")
+    if Path(args.out).exists():
+        raise FileExistsError(f"--out {args.out} exists; remove it or choose another name")
+    if args.image_size < 8 or min(args.builtin_length, args.max_images or 2) < 2:
+        raise ValueError("--image-size must be >= 8, --max-images and --builtin-length >= 2")
+    if args.ref is not None:
+        raise ValueError("evaluate.py ref takes --data (the images to prepare), not --ref")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    featurizer = Featurizer(args.features, args.inception, device, args.resize, args.feature_batch_size, args.workers,
+                            progress=True, pipeline=args.pipeline)
+    images, crop = reference_images(args.data, args.image_size, args.seed, args.builtin_length, args.max_images)
+    out = featurizer(images, crop=crop)
+    write_reference(args.out, out["feats"], out["probs"], featurizer.pipeline, image_size=args.image_size,
+                    data=str(args.data), seed=args.seed if args.data == "builtin" else None, num_images=len(out["feats"]))
+    print(f"wrote {args.out}: {len(out['feats'])} images, {out['feats'].shape[1]}-d features, pipeline "
+          f"{featurizer.pipeline}", file=sys.stderr)
     return 0
 
 
@@ -365,11 +450,13 @@ def main_sample(argv):
     p.add_argument("--prompts", help="text models: a file of captions, one per line (e.g. 5K MS-COCO captions); "
                                      "samples cycle through them")
     p.add_argument("--vae-path", help="autoencoder weights, if not where the training run found them")
+    _add_cads_args(p)
     p.add_argument("--png", action="store_true", help="save OUT/cfg{scale}/samples/{index:06d}.png")
     p.add_argument("--npz", action="store_true", help="save OUT/cfg{scale}/samples.npz (arr_0, ADM evaluator format)")
     _add_feature_args(p)
     args = p.parse_args(argv)
     _check_common(args)
+    cads_from_args(args)                                   # bad --cads-* values fail before any work
     if args.num_samples < min_samples(args.k, args.is_splits):
         raise ValueError(f"--num-samples {args.num_samples} is below the {min_samples(args.k, args.is_splits)} "
                          "the statistics need")
@@ -396,7 +483,7 @@ def main_sample(argv):
     rank, world_size, device = d.rank, d.world, (str(d.device) if d.world > 1 else args.device or str(d.device))
     sample_fn, info = _sampler_from_args(args, device)
     settings = {"checkpoint": str(args.ckpt or args.pretrained), "sampler": args.sampler, "steps": args.steps,
-                "ema": not args.no_ema and args.pretrained is None,
+                "ema": not args.no_ema and args.pretrained is None, **cads_settings(args),
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
     rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, _featurizer(args, device),
                                args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
@@ -421,24 +508,55 @@ def _classes(text):
 
 def _sampler_from_args(args, device):
     """(sample_fn, info) for the CLI: a nanoCEP checkpoint or a --pretrained release."""
+    cads = cads_from_args(args)
     if args.pretrained is not None:
         guide = "auto" if args.guide_channels is None else args.guide_channels
         return load_pretrained_sampler(args.pretrained, device, args.sampler, args.steps, args.precision,
-                                       args.vae_path, guide)
-    return load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
-                        precision=args.precision, vae_path=args.vae_path,
-                        prompts=read_prompts(args.prompts) if args.prompts else None)
+                                       args.vae_path, guide, cads=cads)
+    sample_fn, info = load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
+                                   precision=args.precision, vae_path=args.vae_path,
+                                   prompts=read_prompts(args.prompts) if args.prompts else None, cads=cads)
+    if info["class_dropout"] == 0 and info["cond"] == "class" and any(s != 1 for s in args.cfg_scales):
+        raise ValueError(f"{args.ckpt} was trained with --class-dropout 0 (no null class): only --cfg-scales 1 works")
+    return sample_fn, info
+
+
+def _add_cads_args(p):
+    p.add_argument("--cads-noise", type=float, default=0.0, help="CADS (cep.py): condition noise scale s at t = 1; "
+                   "0 = off (the paper's ablation: 0.1)")
+    p.add_argument("--cads-tau1", type=float, default=0.6, help="CADS: clean condition for t <= tau1 (t = 1: noise)")
+    p.add_argument("--cads-tau2", type=float, default=0.9, help="CADS: pure-noise condition for t >= tau2")
+    p.add_argument("--cads-psi", type=float, default=1.0, help="CADS: weight of the rescaled embedding, "
+                   "psi * rescaled + (1 - psi) * noised; 0 = no rescale")
+
+
+def cads_from_args(args):
+    """A cep.CADS from the --cads-* flags, or None when --cads-noise is 0 (off); bad values -> ValueError."""
+    from cep import CADS
+    if args.cads_noise < 0:
+        raise ValueError(f"--cads-noise must be >= 0, got {args.cads_noise}")
+    try:
+        cads = CADS(args.cads_tau1, args.cads_tau2, args.cads_noise, args.cads_psi)
+    except ValueError as e:
+        raise ValueError(f"--cads-*: {e}") from None
+    return cads if args.cads_noise > 0 else None
+
+
+def cads_settings(args):
+    """The CADS columns of a results row (cads_noise 0 = off)."""
+    return {"cads_noise": args.cads_noise, "cads_tau1": args.cads_tau1, "cads_tau2": args.cads_tau2,
+            "cads_psi": args.cads_psi}
 
 
 def main(argv=None):
     """Dispatch the subcommands; bad input becomes one line on stderr and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"metrics": main_metrics, "plot": main_plot}
+    commands = {"metrics": main_metrics, "plot": main_plot, "ref": main_ref}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])
         return main_sample(argv)
-    except (ValueError, FileNotFoundError, NotImplementedError, ConnectionError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ConnectionError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
 

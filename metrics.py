@@ -14,6 +14,15 @@ Features come from clean-fid's Inception (mode "clean": clean-fid's bicubic resi
 features (FID, precision/recall) and the 1008-way logits (IS) at once; clean-fid downloads the network to
 /tmp/inception-2015-12-05.pt on first use (offline: copy the file there). Any TorchScript extractor
 f(x (B,3,H,W) floats in [0,255]) -> feats or (feats, logits) can stand in for it.
+
+Feature pipelines and their labels (stored with every features/statistics .npz written here, key "pipeline"):
+    clean-fid/clean               clean-fid's PIL bicubic resize to 299 outside, then the Inception (the default)
+    clean-fid/legacy_tensorflow   the raw image into the same TorchScript file, which resizes inside the network the way
+                                  TF did (clean-fid: matches TTUR); the ADM evaluator's pipeline, so ADM reference
+                                  batches (VIRTUAL_imagenet256_labeled.npz) count as this one
+    torchscript:<sha256[:12]>/<resize>   a custom extractor file, with the resize applied outside it
+Statistics of one pipeline are never compared with features of another (check_pipelines). Reference images (a folder
+or an arr_0) get data.py's ADM centre crop to the samples' resolution first, as the training images did.
 """
 
 import csv
@@ -36,6 +45,8 @@ from common import atomic_open, download
 
 INCEPTION_PATH = "/tmp/inception-2015-12-05.pt"  # clean-fid's hard-coded download location ("./" on Windows)
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+PIPELINES = ("clean", "legacy_tensorflow")  # the clean-fid Inception modes offered (--pipeline)
+ADM_PIPELINE = "clean-fid/legacy_tensorflow"  # what an ADM reference batch was made with (TF Inception, resize inside)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 # ---- metrics ----
@@ -138,28 +149,37 @@ def _download_inception(path):
 
 
 class CleanInception(torch.nn.Module):
-    """clean-fid's TorchScript Inception-v3 (mode "clean"): 2048-d pool features and 1008 logits in one pass."""
+    """clean-fid's TorchScript Inception-v3: 2048-d pool features and 1008 logits in one pass.
 
-    def __init__(self, path=INCEPTION_PATH, download=True):
+    mode "clean": takes 299x299 images resized outside (clean-fid's PIL bicubic); mode "legacy_tensorflow": takes
+    images of any size and lets the TorchScript network resize them inside, as TF did (clean-fid's legacy mode)."""
+
+    def __init__(self, path=INCEPTION_PATH, download=True, mode="clean"):
         super().__init__()
+        if mode not in PIPELINES:
+            raise ValueError(f"unknown Inception mode: {mode} ({' or '.join(PIPELINES)})")
+        self.mode = mode
         if not os.path.exists(path) and download:
             _download_inception(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"clean-fid's Inception not found: {path}")
         self.net = _jit_load(path, "cpu")
 
-    def forward(self, x):  # (B, 3, 299, 299) floats in [0, 255], resized outside as clean-fid does
-        if x.shape[-2:] != (299, 299):
+    def forward(self, x):  # (B, 3, H, W) floats in [0, 255]; "clean": already resized to 299 outside
+        if self.mode == "legacy_tensorflow":  # the network's own forward: TF-style resize to 299, (x-128)/128, pool
+            feats = self.net(x, return_features=True).reshape(x.shape[0], -1)  # (B, 2048)
+        elif x.shape[-2:] != (299, 299):
             raise ValueError(f"clean-fid's Inception takes 299x299 images, got {tuple(x.shape[-2:])}; use --resize clean")
-        feats = self.net.layers((x - 128) / 128).reshape(x.shape[0], -1)  # (B, 2048): what clean-fid's FID uses
+        else:
+            feats = self.net.layers((x - 128) / 128).reshape(x.shape[0], -1)  # (B, 2048): what clean-fid's FID uses
         # bias-free logits, as the ADM evaluator's and StyleGAN's IS (the original TF Inception Score had no bias)
         logits = F.linear(feats, self.net.output.weight)  # (B, 1008)
         return feats, logits
 
 
-def _file_sha1(path):
-    """Hex sha1 of a file's bytes (identifies a feature extractor in cache keys)."""
-    h = hashlib.sha1()
+def _file_hash(path, algorithm="sha1"):
+    """Hex digest of a file's bytes (identifies a feature extractor in cache keys and pipeline labels)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -226,6 +246,11 @@ class ImageSource:
 
     def __init__(self, source):
         self.array, self.files, self.npz = None, None, None
+        if isinstance(source, list):  # image files, in this order
+            self.files, self.len = [Path(f) for f in source], len(source)
+            if not self.files:
+                raise ValueError("no images given")
+            return
         if isinstance(source, np.ndarray):
             self.array, shape, dtype = source, source.shape, source.dtype
         else:
@@ -270,8 +295,10 @@ class ImageSource:
                     yield list(np.frombuffer(f.read(n * row), np.uint8).reshape(n, *shape[1:]))
 
 
-def _image_preparer(resize):
-    """item (path or uint8 (H, W, 3)) -> float32 (S, S, 3) in [0, 255]; "clean" is clean-fid's resize to 299."""
+def _image_preparer(resize, crop=None):
+    """item (path or uint8 (H, W, 3)) -> float32 (S, S, 3) in [0, 255]; "clean" is clean-fid's resize to 299.
+
+    crop: first data.py's ADM centre crop to crop x crop (what training images get), before the feature resize."""
     if resize == "clean":
         from cleanfid.resize import build_resizer
         fn_resize = build_resizer("clean")  # per-channel float PIL bicubic, no re-quantisation
@@ -281,7 +308,12 @@ def _image_preparer(resize):
         raise ValueError(f"unknown resize mode: {resize} (clean or none)")
 
     def prepare(item):
-        img = np.array(Image.open(item).convert("RGB")) if isinstance(item, Path) else item  # (H, W, 3) uint8
+        if crop is not None:
+            from data import center_crop_arr
+            with (Image.open(item) if isinstance(item, Path) else Image.fromarray(item)) as im:
+                img = np.array(center_crop_arr(im.convert("RGB"), crop))  # (crop, crop, 3) uint8
+        else:
+            img = np.array(Image.open(item).convert("RGB")) if isinstance(item, Path) else item  # (H, W, 3) uint8
         return fn_resize(img) if fn_resize else img.astype(np.float32)
     return prepare
 
@@ -290,10 +322,11 @@ def _image_preparer(resize):
 
 
 @torch.no_grad()
-def extract_features(images, net, batch_size=100, device="cpu", resize="clean", workers=0, progress=False):
-    """One pass of `net` over images: {"feats": (N, D) float32, "probs": (N, C) float32 or None}."""
+def extract_features(images, net, batch_size=100, device="cpu", resize="clean", workers=0, progress=False, crop=None):
+    """One pass of `net` over images: {"feats": (N, D) float32, "probs": (N, C) float32 or None}; crop: see
+    _image_preparer."""
     source = images if isinstance(images, ImageSource) else ImageSource(images)
-    prepare = _image_preparer(resize)
+    prepare = _image_preparer(resize, crop)
     pool = ThreadPoolExecutor(workers) if workers > 0 else None  # PIL decode/resize release the GIL
     batches = source.batches(batch_size)
     if progress:
@@ -335,46 +368,90 @@ def save_npz(path, **arrays):
         np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
 
 
+def pipeline_label(features=None, resize="clean", pipeline="clean"):
+    """The label naming a feature pipeline: "clean-fid/<mode>" or "torchscript:<sha256[:12]>/<resize>"."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"unknown --pipeline {pipeline} ({' or '.join(PIPELINES)})")
+    if features:
+        if pipeline != "clean":
+            raise ValueError(f"--pipeline {pipeline} is a mode of clean-fid's Inception; a --features extractor "
+                             "takes --resize instead")
+        return f"torchscript:{_file_hash(features, 'sha256')[:12]}/{resize}"
+    if pipeline == "clean" and resize != "clean":
+        raise ValueError(f"clean-fid's Inception in mode clean needs --resize clean, got --resize {resize}")
+    return f"clean-fid/{pipeline}"
+
+
+def _read_features(path):
+    """{"feats", "probs", "pipeline" (None if unlabelled), "image_size"} of a features .npz."""
+    with np.load(path) as z:
+        return {"feats": z["feats"], "probs": z["probs"] if "probs" in z.files else None,
+                "pipeline": str(z["pipeline"]) if "pipeline" in z.files else None,
+                "image_size": int(z["image_size"]) if "image_size" in z.files else None}
+
+
 class Featurizer:
-    """The feature network (loaded on first use) with the settings that define its features, and a feature cache."""
+    """The feature network (loaded on first use) with the settings that define its features, and a feature cache.
+
+    pipeline: "clean" or "legacy_tensorflow" (clean-fid's Inception modes; legacy resizes inside the network, so no
+    resize is applied outside); self.pipeline is the label (pipeline_label) carried by every feature set made here."""
 
     def __init__(self, features=None, inception=INCEPTION_PATH, device="cpu", resize="clean", batch_size=100,
-                 workers=0, cache_dir=None, progress=False):
-        self.features, self.inception, self.device, self.resize = features, inception, device, resize
+                 workers=0, cache_dir=None, progress=False, pipeline="clean"):
+        if features and not os.path.isfile(features):
+            raise FileNotFoundError(f"feature extractor not found: {features}")
+        resize = "none" if pipeline == "legacy_tensorflow" else resize  # the network resizes inside
+        self.pipeline = pipeline_label(features, resize, pipeline)
+        self.features, self.inception, self.device, self.resize, self.mode = features, inception, device, resize, pipeline
         self.batch_size, self.workers, self.progress = batch_size, workers, progress
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._net = None
-        if features and not os.path.isfile(features):
-            raise FileNotFoundError(f"feature extractor not found: {features}")
         # what the features depend on; a custom extractor is named by its content, the published Inception by its name
-        extractor = f"torchscript:{_file_sha1(features)}" if features else "clean-inception-2015-12-05"
+        extractor = f"torchscript:{_file_hash(features)}" if features else f"clean-inception-2015-12-05/{pipeline}"
         self.id = f"{extractor}|resize={resize}"
-        self.name = str(features) if features else "clean-fid inception (clean)"
+        self.name = str(features) if features else f"clean-fid inception ({pipeline})"
 
     def net(self):
         """The extractor module, loaded once."""
         if self._net is None:
             self._net = (load_torchscript_extractor(self.features, self.device) if self.features
-                         else CleanInception(self.inception).to(self.device).eval())
+                         else CleanInception(self.inception, mode=self.mode).to(self.device).eval())
         return self._net
 
-    def __call__(self, source):
-        """{"feats", "probs"} of an image array, an image folder or .npz (cached), or a features .npz (read)."""
-        if not isinstance(source, np.ndarray) and Path(source).suffix == ".npz" and "feats" in npz_keys(source):
-            with np.load(source) as z:
-                return {"feats": z["feats"], "probs": z["probs"] if "probs" in z.files else None}
+    def __call__(self, source, crop=None):
+        """{"feats", "probs", "pipeline"} of an image array, folder or .npz (cached; crop: ADM centre crop to that size
+        first), or of a features .npz (read, with the pipeline label it carries, None if it has none)."""
+        in_memory = isinstance(source, (np.ndarray, ImageSource))
+        if not in_memory and Path(source).suffix == ".npz" and "feats" in npz_keys(source):
+            return _read_features(source)
         cache = None
-        if self.cache_dir is not None and not isinstance(source, np.ndarray):
-            key = f"{_source_fingerprint(source)}|{self.id}"
+        if self.cache_dir is not None and not in_memory:
+            key = f"{_source_fingerprint(source)}|{self.id}|crop={crop}"
             cache = self.cache_dir / f"{Path(source).resolve().name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
             if cache.exists():
                 with np.load(cache) as z:
                     if str(z["key"]) == key:
-                        return {"feats": z["feats"], "probs": z["probs"] if "probs" in z.files else None}
-        out = extract_features(source, self.net(), self.batch_size, self.device, self.resize, self.workers, self.progress)
+                        return {"feats": z["feats"], "probs": z["probs"] if "probs" in z.files else None,
+                                "pipeline": self.pipeline}
+        out = extract_features(source, self.net(), self.batch_size, self.device, self.resize, self.workers,
+                               self.progress, crop)
+        out["pipeline"] = self.pipeline
         if cache is not None:
-            save_npz(cache, feats=out["feats"], probs=out["probs"], key=np.array(key))
+            save_npz(cache, feats=out["feats"], probs=out["probs"], key=np.array(key), pipeline=np.array(self.pipeline))
         return out
+
+
+def image_size_of(source):
+    """The resolution (height) of a samples source: first image of a folder, arr_0 of an .npz, or a features .npz's
+    image_size (None if it has none)."""
+    path = Path(source)
+    if path.suffix == ".npz" and path.is_file() and "feats" in npz_keys(path):
+        return _read_features(path)["image_size"]
+    src = ImageSource(path)
+    if src.files is not None:
+        with Image.open(src.files[0]) as im:
+            return im.size[1]
+    return int(npz_array_info(path, "arr_0")[0][1])
 
 
 def count_items(source):
@@ -410,18 +487,81 @@ def reference_kind(ref):
     raise ValueError(f"unknown reference .npz: {ref} has {sorted(keys)}; expected feats, mu/sigma or arr_0")
 
 
-def load_reference(ref, featurizer):
-    """Reference {"mu", "sigma", "feats" (None for statistics only), "num"} from a --ref."""
+def stats_pipeline(path):
+    """The feature pipeline of a statistics .npz: its "pipeline" label; unlabelled, an ADM reference batch (arr_0 or
+    mu_s/sigma_s beside mu/sigma) is the ADM evaluator's TF Inception, anything else clean-fid's custom stats (mode
+    from clean-fid's file name {name}_{mode}_custom_na.npz, "clean" if it names none)."""
+    keys = npz_keys(path)
+    if "pipeline" in keys:
+        with np.load(path) as z:
+            return str(z["pipeline"])
+    if "arr_0" in keys or {"mu_s", "sigma_s"} <= keys:
+        return ADM_PIPELINE
+    return "clean-fid/legacy_tensorflow" if "legacy_tensorflow" in Path(path).name else "clean-fid/clean"
+
+
+def describe_pipeline(label, path=None):
+    """A label with its provenance for error messages, e.g. 'clean-fid/legacy_tensorflow (ADM reference batch)'."""
+    if path is not None and label == ADM_PIPELINE and "pipeline" not in npz_keys(path) and "arr_0" in npz_keys(path):
+        return f"{label} (ADM reference batch: TF Inception)"
+    return label
+
+
+def check_pipelines(samples, reference, where="samples", ref_name="reference"):
+    """Refuse (ValueError, one line naming both) to compare features of two different feature pipelines."""
+    if samples is not None and reference is not None and samples.split(" (")[0] != reference.split(" (")[0]:
+        raise ValueError(f"feature pipelines differ: {where} {samples}, {ref_name} {reference}; prepare both with one "
+                         "pipeline (--pipeline / --features / --resize, and evaluate.py ref for the reference)")
+
+
+def reference_pipeline(ref):
+    """The pipeline label a --ref file carries (None: a folder/images, featurized here, or unlabelled features)."""
     kind = reference_kind(ref)
+    if kind in ("stats", "stats+images"):
+        return describe_pipeline(stats_pipeline(ref), ref)
+    if kind == "features":
+        return _read_features(ref)["pipeline"]
+    return None
+
+
+def source_pipeline(source, run_pipeline):
+    """The pipeline label features of a samples source will carry: a features .npz's own, else this run's."""
+    path = Path(source)
+    if path.suffix == ".npz" and path.is_file() and "feats" in npz_keys(path):
+        return _read_features(path)["pipeline"]
+    return run_pipeline
+
+
+def load_reference(ref, featurizer, image_size=None):
+    """Reference {"mu", "sigma", "feats" (None for statistics only), "num", "pipeline"} from a --ref.
+
+    Reference images (a folder, an arr_0) get the ADM centre crop to image_size (the samples' resolution) before the
+    feature pipeline, as training images do; a folder without image_size is refused (see `evaluate.py ref`)."""
+    kind = reference_kind(ref)
+    if kind == "folder" and image_size is None:
+        raise ValueError(f"reference folder {ref}: its images must be centre-cropped to the samples' resolution; "
+                         "prepare it with `evaluate.py ref --data DIR --image-size N --out REF.npz`")
+    pipeline = reference_pipeline(ref)
+    if kind == "stats+images":  # its arr_0 is featurized here for precision/recall: one pipeline with its statistics
+        check_pipelines(featurizer.pipeline, pipeline, "this run's features", f"reference {ref}")
     if kind in ("stats", "stats+images"):
         with np.load(ref) as z:
             mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
         # the ADM reference batch: precomputed statistics for FID, its 10K arr_0 images only for precision/recall
-        feats = featurizer(ref)["feats"] if kind == "stats+images" else None
-        return {"mu": mu, "sigma": sigma, "feats": feats, "num": None if feats is None else len(feats)}
-    feats = featurizer(ref)["feats"]
+        feats = featurizer(ref, crop=image_size)["feats"] if kind == "stats+images" else None
+        return {"mu": mu, "sigma": sigma, "feats": feats, "num": None if feats is None else len(feats),
+                "pipeline": pipeline}
+    out = featurizer(ref, crop=None if kind == "features" else image_size)
+    mu, sigma = feature_statistics(out["feats"])
+    return {"mu": mu, "sigma": sigma, "feats": out["feats"], "num": len(out["feats"]), "pipeline": out["pipeline"]}
+
+
+def write_reference(path, feats, probs, pipeline, **meta):
+    """A reference .npz: features, their statistics, the pipeline label and how the images were made (meta)."""
     mu, sigma = feature_statistics(feats)
-    return {"mu": mu, "sigma": sigma, "feats": feats, "num": len(feats)}
+    save_npz(path, feats=feats, probs=probs, mu=mu, sigma=sigma, pipeline=np.array(pipeline),
+             **{k: np.array(v) for k, v in meta.items() if v is not None})
+    return path
 
 
 # ---- evaluation ----
@@ -440,6 +580,10 @@ def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu"):
     if sample.get("probs") is not None:
         row["is_mean"], row["is_std"] = inception_score(sample["probs"], is_splits)
     if ref is not None:
+        check_pipelines(sample.get("pipeline"), ref.get("pipeline"))
+        if sample.get("pipeline") is None or ref.get("pipeline") is None:
+            print("warning: unlabelled features (no 'pipeline' key): cannot check that samples and reference share "
+                  "one feature pipeline", file=sys.stderr)
         if ref["mu"].shape[0] != feats.shape[1]:
             raise ValueError(f"feature sizes differ: samples {feats.shape[1]}-d, reference {ref['mu'].shape[0]}-d "
                              "(use the same extractor for both)")

@@ -17,6 +17,9 @@ into the cache; HF_TOKEN is sent for gated repos; "repo@revision" picks a revisi
     images = p["vae"].decode(z)                     # [-1, 1]
     p["betas"], p["null_class"], p["config"]        # schedule, CFG null label, sampling conventions
 
+Fine-tuning (train_dit.py / train_ldm.py --init-from SOURCE) goes through init_weights (config + weights) and
+load_init (the class table re-initialised when the class count differs); SOURCE may also be a nanoCEP checkpoint.
+
 Run:
     python pretrained.py SOURCE                     # fetch if needed, load, print a summary
     python evaluate.py --pretrained SOURCE --cfg-scales 1.75 --ref REF   # the paper's 50K protocol
@@ -554,6 +557,127 @@ def load_pretrained(source, *, root=None, sha256=None, with_vae=True, vae_path=N
         guide = guide_channels or None
     cfg.update(kind=kind, vae=vae_kind, num_classes=int(null), guide_channels=guide, **info)
     return {"model": model.eval(), "vae": ae, "betas": betas, "null_class": int(null), "config": cfg}
+
+
+# ---- fine-tuning: train_dit.py / train_ldm.py --init-from SOURCE ----
+
+SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}                 # kind -> the script that fine-tunes it (messages)
+CLASS_TABLES = ("y_embedder.embedding_table.weight", "cond_stage_model.embedding_table.weight")   # DiT, LDM
+
+
+def init_weights(source, cfg, kind, explicit=()):
+    """(cfg, state_dict, note) to fine-tune from SOURCE: a release load_pretrained reads, or a nanoCEP checkpoint.
+
+    The returned config holds the architecture and numerics SOURCE needs (its architecture fields; for releases the
+    model size, image size, autoencoder, schedule, learned sigma and DiT numerics), and the path of its autoencoder if
+    --vae-path was not given. A field in `explicit` (flags given on the command line) that contradicts SOURCE is a
+    ValueError. num_classes stays the run's own: load_init re-initialises the class table when it differs. The weights
+    are SOURCE's EMA where it has them, in our key layout; optimizer and step are not taken (a fresh run)."""
+    import dataclasses
+    ckpt = _nanocep_checkpoint(source)
+    fields, soft, sd, what = (_checkpoint_fields(ckpt, source, kind, cfg) if ckpt is not None
+                              else _release_fields(source, kind, cfg))
+    for name, value in fields.items():
+        if name in explicit and getattr(cfg, name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"--init-from {source} needs {flag} {value} ({what}), but {flag} "
+                             f"{getattr(cfg, name)} was given; drop the flag")
+    soft = {k: v for k, v in soft.items() if k not in explicit and not getattr(cfg, k)}
+    cfg = dataclasses.replace(cfg, **fields, **soft)
+    settings = ", ".join(f"{k}={v}" for k, v in fields.items())
+    return cfg, sd, f"init from {source}: {what}; {settings}; optimizer and step start fresh"
+
+
+def load_init(model, sd) -> str:
+    """Load init_weights' state dict into the freshly built model; a class table of another size (--num-classes
+    differs from SOURCE's) keeps its fresh initialisation. Returns a note on the class table for the log."""
+    own = model.state_dict()
+    table = next((k for k in CLASS_TABLES if k in own and k in sd), None)
+    note = f"class table loaded ({sd[table].shape[0]} rows)" if table else "no class table"
+    if table and sd[table].shape != own[table].shape:
+        note = (f"class table re-initialised: SOURCE has {sd[table].shape[0]} rows, this run "
+                f"{own[table].shape[0]} (--num-classes and the CFG null row)")
+        sd = {**sd, table: own[table]}
+    load_strict(model, {k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()}, "--init-from")
+    return note
+
+
+def _nanocep_checkpoint(source):
+    """SOURCE's checkpoint dict if it is a nanoCEP checkpoint file, else None (mmap: a release is not read twice)."""
+    if not Path(str(source)).is_file():
+        return None
+    try:
+        obj = torch.load(str(source), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:                                   # not a zip-format torch file: a release, or unreadable
+        return None
+    return obj if isinstance(obj, dict) and "kind" in obj and "config" in obj and "ema" in obj else None
+
+
+def _checkpoint_fields(ckpt, source, kind, cfg):
+    """A nanoCEP checkpoint: its architecture fields (not num_classes) and its EMA weights."""
+    if ckpt["kind"] != kind:
+        raise ValueError(f"{source} is a {ckpt['kind']!r} checkpoint: fine-tune it with {SCRIPTS[ckpt['kind']]}.py")
+    theirs = ckpt["config"]
+    from config import arch_fields
+    fields = {f: theirs[f] for f in arch_fields(cfg) if f in theirs and f != "num_classes"}
+    soft = {"vae_path": theirs.get("vae_path", "")}
+    return fields, soft, ckpt["ema"], f"nanoCEP checkpoint at step {ckpt['step']}, EMA weights"
+
+
+def _release_fields(source, kind, cfg):
+    """A release: the config fields its architecture, schedule and numerics need, and its weights (EMA)."""
+    import dataclasses
+    p = load_pretrained(source, with_vae=False)
+    c, model = p["config"], p["model"]
+    if c["kind"] != kind:
+        raise ValueError(f"{source} is a {c['kind'].upper()} release: fine-tune it with {SCRIPTS[c['kind']]}.py")
+    import dit
+    import unet
+    from config import LATENT_GEOMETRY
+    fields = dict(cond="class", image_size=c["latent_size"] * LATENT_GEOMETRY[c["vae"]][1], vae=c["vae"],
+                  learn_sigma=c["learn_sigma"], schedule=_schedule_name(p["betas"], source))
+    if kind == "dit":
+        if c["name"] not in dit.DiT_models:
+            raise ValueError(f"{source}: a {c['name']} is no nanoCEP DiT size (DiT-{{T,S,B,L,XL}}/{{2,4,8}})")
+        fields.update(model=c["name"], t_freq_shift=float(model.t_embedder.freq_shift),
+                      mlp_norm_eps=float(model.blocks[0].norm2.eps))
+    else:
+        fields["model"] = _unet_name(model, source)
+    with torch.device("meta"):                          # the config must rebuild exactly these shapes
+        probe = (dit if kind == "dit" else unet).from_config(dataclasses.replace(type(cfg)(), **fields,
+                                                                                 num_classes=c["num_classes"]))
+    if {k: v.shape for k, v in probe.state_dict().items()} != {k: v.shape for k, v in model.state_dict().items()}:
+        raise ValueError(f"{source}: its weights do not fit the {fields['model']} the config describes")
+    vae_dir = {"diffusers-dit": "vae", "diffusers-ldm": "vqvae"}.get(c["format"])
+    soft = {"vae_path": str(Path(c["path"]) / vae_dir) if vae_dir else c["path"] if c["format"] == "compvis-ldm"
+            else ""}
+    return fields, soft, model.state_dict(), f"{c['format']} {fields['model']} release ({c['num_classes']} classes)"
+
+
+def _schedule_name(betas, source):
+    """The train scripts' schedule name whose 1000 betas are these, or a ValueError."""
+    from diffusion import make_beta_schedule
+    for name in ("linear", "scaled_linear"):
+        if len(betas) == 1000 and torch.allclose(betas.double(), make_beta_schedule(name), rtol=1e-6, atol=1e-10):
+            return name
+    raise ValueError(f"{source}: its {len(betas)}-step beta schedule is neither 'linear' nor 'scaled_linear' of 1000 "
+                     "steps, which the train scripts support")
+
+
+def _unet_name(model, source):
+    """The UNET_CONFIGS name of a release's U-Net: equal key shapes and attention heads."""
+    def signature(unet):
+        return ({k: v.shape for k, v in unet.state_dict().items()},
+                [m.heads for m in unet.modules() if hasattr(m, "heads")])
+    unet = model.diffusion_model
+    out = unet.out_channels
+    from unet import UNET_CONFIGS, build_unet
+    for name in UNET_CONFIGS:
+        with torch.device("meta"):
+            ours = build_unet(name, in_channels=unet.in_channels, learn_sigma=out == 2 * unet.in_channels)
+        if signature(ours) == signature(unet):
+            return name
+    raise ValueError(f"{source}: its U-Net is none of nanoCEP's sizes ({', '.join(UNET_CONFIGS)})")
 
 
 # ---- CLI ----

@@ -12,8 +12,10 @@ import dataclasses
 from typing import Callable, NamedTuple
 
 import diffusion
+import dit
 import train_dit
 import train_ldm
+import unet
 
 
 class Family(NamedTuple):
@@ -34,6 +36,6 @@ class Family(NamedTuple):
 
 
 FAMILIES = {
-    "dit": Family("train_dit.py", train_dit.DiTConfig, train_dit.PRESETS, train_dit.resolve, train_dit.build_model),
-    "ldm": Family("train_ldm.py", train_ldm.LDMConfig, train_ldm.PRESETS, train_ldm.resolve, train_ldm.build_model),
+    "dit": Family("train_dit.py", train_dit.DiTConfig, train_dit.PRESETS, train_dit.resolve, dit.from_config),
+    "ldm": Family("train_ldm.py", train_ldm.LDMConfig, train_ldm.PRESETS, train_ldm.resolve, unet.from_config),
 }

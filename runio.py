@@ -23,7 +23,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import Dist, RunError, all_mean, atomic_save
-from config import arch_fields
+from config import arch_fields, experiment_fields
 from data import save_grid
 
 CHECKPOINT_VERSION = 1
@@ -33,10 +33,35 @@ class Diverged(Exception):
     """The loss became non-finite: the run stops (exit 1) and leaves the last good checkpoint untouched."""
 
 
-def refuse_to_overwrite(cfg) -> None:
-    """An --out that holds a run needs --resume (checked before anything is written into it)."""
-    if find_resume(cfg.resume, cfg.out) is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
+def check_run_folder(cfg) -> None:
+    """Before anything is written into --out (the corruption manifest first): an --out that holds a run needs
+    --resume, and a run to resume must keep its experiment (check_experiment)."""
+    resume_path = find_resume(cfg.resume, cfg.out)
+    if resume_path is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
         raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
+    if resume_path is not None:
+        check_experiment(cfg, load_checkpoint(resume_path, mmap=True)["config"], resume_path)
+
+
+def check_experiment(cfg, saved: dict, path: str) -> list:
+    """Refuse to resume `path` (whose config is `saved`) with a changed experiment field not named by --resume-override;
+    return the overridden changes [{"field", "checkpoint", "now"}] so the run can log them."""
+    fields, defaults = experiment_fields(cfg), {f.name: f.default for f in dataclasses.fields(cfg)}
+    allowed = {n.strip().replace("-", "_") for n in cfg.resume_override.split(",") if n.strip()}
+    unknown = sorted(allowed - set(fields))
+    if unknown:
+        raise RunError(f"--resume-override: {', '.join(unknown)} is not an experiment field (one of {', '.join(fields)})")
+    changes = []
+    for name in fields:
+        theirs, ours = saved.get(name, defaults[name]), getattr(cfg, name)   # older checkpoints: the default
+        if theirs == ours:
+            continue
+        if name not in allowed:
+            flag = "--" + name.replace("_", "-")
+            raise RunError(f"cannot resume from {path}: it has {flag} {theirs!r} but this run has {ours!r} (resume "
+                           f"with the same value, or pass --resume-override {name} to change it on purpose)")
+        changes.append({"field": name, "checkpoint": theirs, "now": ours})
+    return changes
 
 
 def find_resume(resume: str, out: str) -> str | None:
@@ -49,12 +74,14 @@ def find_resume(resume: str, out: str) -> str | None:
     return resume
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a nanoCEP checkpoint (weights only: no arbitrary unpickling) or raise RunError with a one-line reason."""
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """Load a nanoCEP checkpoint (weights only: no arbitrary unpickling) or raise RunError with a one-line reason.
+
+    mmap=True maps the tensors instead of reading them (cheap when only the config is needed)."""
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise RunError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
@@ -78,12 +105,13 @@ class RunIO:
     """What a run writes (on rank 0) and reads back: the run folder of cfg.out."""
 
     def __init__(self, cfg, kind: str, d: Dist):
-        refuse_to_overwrite(cfg)
+        check_run_folder(cfg)
         os.makedirs(cfg.out, exist_ok=True)
         self.cfg, self.kind, self.d = cfg, kind, d
         self.resume_path = find_resume(cfg.resume, cfg.out)
         self.file = self.bar = None                                # opened by start()
         self.last_loss, self.t_log = float("nan"), time.time()
+        self.overridden = []                                       # --resume-override changes, logged by start()
 
     def checkpoint_to_resume(self) -> dict | None:
         """The checkpoint to continue from (None for a fresh run), refused when its kind or architecture differ."""
@@ -97,6 +125,7 @@ class RunIO:
             if theirs != ours:
                 raise RunError(f"cannot resume from {self.resume_path}: it has {f}={theirs!r} but this run has "
                                f"{f}={ours!r}")
+        self.overridden = check_experiment(self.cfg, ckpt["config"], self.resume_path)
         return ckpt
 
     def log(self, record: dict) -> None:
@@ -104,8 +133,8 @@ class RunIO:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
-    def start(self, model: nn.Module, num_items: int, start_step: int) -> None:
-        """config.json, the start line and event, and the progress bar."""
+    def start(self, model: nn.Module, num_items: int, start_step: int, init_note: str | None = None) -> None:
+        """config.json, the start line and event (and the --init-from / --resume-override notes), the progress bar."""
         cfg, d = self.cfg, self.d
         cuda = d.device.type == "cuda"
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
@@ -120,9 +149,16 @@ class RunIO:
             tqdm.write(f"{self.kind}: {n_params:,} parameters | {num_items:,} items | global batch "
                        f"{cfg.batch_size} = {d.world} x {local // micro} x {micro} | {d.device} {precision}"
                        f"{' compiled' if compiled else ''} | steps {start_step} -> {cfg.steps} | out {cfg.out}")
+            if init_note:
+                tqdm.write(f"{self.kind}: {init_note}")
+                self.log({"event": "init_from", "source": cfg.init_from, "note": init_note})
             self.log({"event": "start", "step": start_step, "world": d.world, "device": str(d.device),
                       "params": n_params, "precision": precision, "compile": compiled,
                       "resumed_from": self.resume_path})
+            if self.overridden:
+                self.log({"event": "resume_override", "step": start_step, "changes": self.overridden})
+                tqdm.write("note: resumed with --resume-override: " + ", ".join(
+                    f"{c['field']} {c['checkpoint']!r} -> {c['now']!r}" for c in self.overridden))
         self.bar = tqdm(total=cfg.steps, initial=start_step, disable=not d.main, dynamic_ncols=True, desc=self.kind)
 
     def mean_loss(self, loss_sum: torch.Tensor, n: int, done: int) -> float:

@@ -9,8 +9,8 @@ Train a class- or text-conditional DiT (Peebles & Xie, 2023) under condition cor
     python train_dit.py --out runs/dit --resume auto               # continue where the run in runs/dit stopped
 
 The file reads top to bottom: the config (the shared config.TrainConfig plus the DiT's own fields, every one a flag),
-the presets (the paper's recipes), how a config becomes a DiT (dit.py) with its condition encoder (conditions.py),
-then main(): flags -> data -> model -> trainer.train().
+the presets (the paper's recipes), how a config is checked, then main(): flags -> data -> model (dit.from_config: the
+DiT with its condition encoder) -> trainer.train().
 """
 import sys
 from dataclasses import dataclass, replace
@@ -18,11 +18,10 @@ from dataclasses import dataclass, replace
 import torch
 
 import diffusion as diff
+import dit
 from common import RunError, setup_distributed
-from conditions import encoder_from_config
 from config import TrainConfig, opt, parse_config, resolve_run_config
-from dit import SIZES, DiT, DiT_models, set_numerics
-from trainer import exit_codes, load_data, train
+from trainer import exit_codes, init_from, load_data, train
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -64,8 +63,8 @@ PRESETS = {
 
 def resolve(cfg: DiTConfig) -> DiTConfig:
     """The checked config with every 'auto' decided (a new config; bad values raise RunError)."""
-    if cfg.model not in DiT_models:
-        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DiT_models)}")
+    if cfg.model not in dit.DiT_models:
+        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(dit.DiT_models)}")
     cfg = resolve_run_config(cfg)
     side, patch = cfg.latent_shape[1], int(cfg.model.split("/")[1])
     if side % patch:
@@ -73,25 +72,18 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
     return cfg
 
 
-def build_model(cfg: DiTConfig) -> DiT:
-    """The DiT the config describes, with its condition encoder (num_classes must be resolved, i.e. > 0 for class)."""
-    channels, side, _ = cfg.latent_shape
-    width = cfg.text_width if cfg.cond == "text" else SIZES[cfg.model[4:].split("/")[0]]["hidden_size"]
-    model = DiT_models[cfg.model](input_size=side, in_channels=channels, learn_sigma=cfg.learn_sigma,
-                                  y_embedder=encoder_from_config(cfg, width), text_pooled=cfg.text_pooled)
-    return set_numerics(model, cfg.t_freq_shift, cfg.mlp_norm_eps)
-
-
 @exit_codes("train_dit.py")
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> DiT + diffusion -> train. Bad input: one line, exit 2."""
-    cfg = resolve(parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip()))
+    cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
+    cfg, init = init_from(cfg, "dit", argv)          # --init-from: SOURCE's architecture, numerics and weights
+    cfg = resolve(cfg)
     d = setup_distributed(cfg.device)
     data = load_data(cfg, d.device)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
-    model, diffusion = build_model(cfg), diff.from_config(cfg)
-    train(cfg, model, diffusion, data, kind="dit", d=d)
+    model, diffusion = dit.from_config(cfg), diff.from_config(cfg)
+    train(cfg, model, diffusion, data, kind="dit", d=d, init=init)
     return 0
 
 

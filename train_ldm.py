@@ -8,8 +8,8 @@ Train a class- or text-conditional latent diffusion U-Net (LDM-4, Rombach et al.
     python bench.py --script train_ldm --model ldm4-cin256 --image-size 256 --vae vq-f4 --batch-size 8
 
 The file reads top to bottom like train_dit.py: the config (config.TrainConfig plus the U-Net's fields, every one a
-flag), the presets (the paper's recipes), how a config becomes the LDM (unet.py: the CompVis U-Net and the wrapper that
-holds it with its condition encoder from conditions.py), then main(): flags -> data -> model -> trainer.train().
+flag), the presets (the paper's recipes), how a config is checked, then main(): flags -> data -> model
+(unet.from_config: the CompVis U-Net in the LDM wrapper with its condition encoder) -> trainer.train().
 A class label is one cross-attention token; --cond text hands the U-Net a caption encoder's tokens instead.
 """
 import math
@@ -19,11 +19,10 @@ from dataclasses import dataclass, replace
 import torch
 
 import diffusion as diff
+import unet
 from common import RunError, setup_distributed
-from conditions import encoder_from_config
 from config import LATENT_GEOMETRY, TrainConfig, opt, parse_config, resolve_run_config
-from trainer import exit_codes, load_data, train
-from unet import LDM, UNET_CONFIGS, build_unet
+from trainer import exit_codes, init_from, load_data, train
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -45,7 +44,10 @@ class LDMConfig(TrainConfig):
 PRESETS = {
     # LDM-4 on ImageNet-1K 256^2, the paper's recipe (Table 3, §4.1) on the CompVis cin256-v2 config: VQ-f4 latents
     # 64x64x3, lr 1e-4, 64/GPU x 8 GPUs, 178K steps. Not stated by the paper, taken from upstream CompVis: AdamW's
-    # default weight decay 0.01, EMA 0.9999 (LitEma); CFG dropout 0.1 follows DiT (CompVis has none).
+    # default weight decay 0.01. EMA: CompVis's DDPM default is LitEma 0.9999, but cin256-v2.yaml sets use_ema: False,
+    # so upstream trains and samples the raw weights. We keep an EMA 0.9999 (no LitEma warmup) beside them: it costs
+    # nothing, evaluate.py samples it by default and `evaluate.py --no-ema` samples the raw weights as upstream does.
+    # CFG dropout 0.1 follows DiT (CompVis has none).
     "ldm4-in1k": dict(model="ldm4-cin256", image_size=256, num_classes=1000, vae="vq-f4", steps=178_000,
                       batch_size=512, lr=1e-4, weight_decay=0.01, ema_decay=0.9999, class_dropout=0.1,
                       learn_sigma=False, schedule="scaled_linear", log_every=100, ckpt_every=10_000,
@@ -66,11 +68,11 @@ PRESETS = {
 
 def resolve(cfg: LDMConfig) -> LDMConfig:
     """The checked config with every 'auto' decided (a new config; bad values raise RunError)."""
-    if cfg.model not in UNET_CONFIGS:
-        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(UNET_CONFIGS)}")
+    if cfg.model not in unet.UNET_CONFIGS:
+        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(unet.UNET_CONFIGS)}")
     # the text encoder feeds the U-Net's context directly: its width defaults to the model's context width
-    cfg = resolve_run_config(cfg, text_width=cfg.text_width or UNET_CONFIGS[cfg.model]["context_dim"])
-    side, f = cfg.latent_shape[1], 2 ** (len(UNET_CONFIGS[cfg.model]["channel_mult"]) - 1)
+    cfg = resolve_run_config(cfg, text_width=cfg.text_width or unet.UNET_CONFIGS[cfg.model]["context_dim"])
+    side, f = cfg.latent_shape[1], 2 ** (len(unet.UNET_CONFIGS[cfg.model]["channel_mult"]) - 1)
     down = LATENT_GEOMETRY[cfg.vae][1]
     if side % f:
         raise RunError(f"{cfg.model} halves its input {int(math.log2(f))} times: the input side must be divisible "
@@ -78,23 +80,18 @@ def resolve(cfg: LDMConfig) -> LDMConfig:
     return cfg
 
 
-def build_model(cfg: LDMConfig) -> LDM:
-    """The LDM the config describes: its U-Net and condition encoder (num_classes must be resolved, > 0 for class)."""
-    width = {"context_dim": cfg.text_width} if cfg.cond == "text" and cfg.text_width else {}
-    unet = build_unet(cfg.model, in_channels=cfg.latent_shape[0], learn_sigma=cfg.learn_sigma, **width)
-    return LDM(unet, encoder_from_config(cfg, unet.context_dim))
-
-
 @exit_codes("train_ldm.py")
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> U-Net + diffusion -> train. Bad input: one line, exit 2."""
-    cfg = resolve(parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip()))
+    cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
+    cfg, init = init_from(cfg, "ldm", argv)          # --init-from: SOURCE's architecture, numerics and weights
+    cfg = resolve(cfg)
     d = setup_distributed(cfg.device)
     data = load_data(cfg, d.device)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
-    model, diffusion = build_model(cfg), diff.from_config(cfg)
-    train(cfg, model, diffusion, data, kind="ldm", d=d)
+    model, diffusion = unet.from_config(cfg), diff.from_config(cfg)
+    train(cfg, model, diffusion, data, kind="ldm", d=d, init=init)
     return 0
 
 

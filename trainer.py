@@ -15,8 +15,11 @@ What makes a run reproducible and exactly resumable, in one place:
   training step (timestep t, noise ε, CFG dropout mask): they are drawn for the whole *global* batch from a generator
   seeded by (seed, step) and each rank takes its slice. So 1 process and N processes see the same samples with the same
   noise, and a run resumed at step s continues exactly as if it had never stopped.
-- Randomness drawn inside modules (CEP's δ) comes from the per-rank torch RNG, seeded by (seed, rank), whose state is
-  saved for every rank in each checkpoint.
+  The same generator draws the per-step extras: CEP's δ (for the whole global batch, handed to the condition encoder
+  as cep_unit), the latent cache's posterior sample, and the seed of --corrupt-mode random's corruption of the global
+  batch; --cep-subset's fixed items are chosen once from the seed and looked up by the batch's dataset indices.
+- Randomness still drawn inside modules (--cond-dropout's mask) comes from the per-rank torch RNG, seeded by
+  (seed, rank), whose state is saved for every rank in each checkpoint: resume is exact, 1 = N processes is not.
 - A checkpoint holds plain data only (tensors, numbers, strings, dicts), the *uncompiled* module's state_dict, the EMA,
   the optimizer, the step, every rank's RNG state and the config, written atomically, and loads with
   torch.load(weights_only=True).
@@ -29,7 +32,7 @@ import functools
 import os
 import sys
 from contextlib import nullcontext
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -37,10 +40,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import conditions
-import corrupt
 import data as datalib
 from common import Dist, RunError, one_line
-from runio import Diverged, RunIO, StopFlag, refuse_to_overwrite
+from config import explicit_fields, grid_cads
+from runio import Diverged, RunIO, StopFlag, check_run_folder
 
 
 def exit_codes(script: str):
@@ -50,7 +53,7 @@ def exit_codes(script: str):
         def run(argv=None) -> int:
             try:
                 return main(argv)
-            except (RunError, ValueError, FileNotFoundError) as e:
+            except (RunError, ValueError, FileNotFoundError, ConnectionError) as e:
                 print(f"{script}: error: {one_line(e)}", file=sys.stderr)
                 return 2
             except Diverged as e:
@@ -58,6 +61,16 @@ def exit_codes(script: str):
                 return 1
         return run
     return wrap
+
+
+def init_from(cfg, kind: str, argv=None):
+    """--init-from SOURCE (fine-tuning): (the config with SOURCE's architecture and numerics, (weights, note)), or
+    (cfg, None) without it. Flags given on the command line that contradict SOURCE are an error (pretrained.py)."""
+    if not cfg.init_from:
+        return cfg, None
+    import pretrained
+    cfg, weights, note = pretrained.init_weights(cfg.init_from, cfg, kind, explicit_fields(argv))
+    return cfg, (weights, note)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -75,7 +88,7 @@ class TrainData:
 def load_data(cfg, device) -> TrainData:
     """The training data of cfg: static corruption applied (its manifest written to out/corruption.json), captions
     tokenised for text models, and the autoencoder's encode/decode when the model works on latents."""
-    refuse_to_overwrite(cfg)
+    check_run_folder(cfg)
     if cfg.latents:
         from latents import LatentDataset, posterior_sample
         dataset, encode = LatentDataset(cfg.latents), posterior_sample
@@ -125,8 +138,12 @@ class TrainState:
     autocast: object
     local_batch: int
     micro: int
-    encode: Callable | None = None
-    relabel: Callable | None = None      # --corrupt-mode random: (labels, step) -> labels
+    encode: Callable | None = None       # loaded batch -> latents (VAE, or a cached posterior: then `posterior`)
+    posterior: bool = False              # encode takes the step's posterior noise (latent cache, 1 = N processes)
+    items: Callable | None = None        # step -> the global batch's dataset indices (B,)
+    random_labels: Callable | None = None    # --corrupt-mode random: (step, seed) -> the global batch's labels (B,)
+    cep_subset: torch.Tensor | None = None   # --cep-subset: (N,) bool, the items CEP perturbs
+    cep_shape: tuple | None = None       # one sample's condition embedding shape, when the step pre-draws CEP noise
 
     @functools.cached_property
     def ema_pairs(self) -> tuple[list, list]:
@@ -135,8 +152,10 @@ class TrainState:
         return [pe for pe, _ in pairs], [pm for _, pm in pairs]
 
 
-def make_state(cfg, model: nn.Module, diffusion, d: Dist, encode=None, num_classes: int = 0) -> TrainState:
-    """Move the model to its device, copy the EMA, build fused AdamW, pick the precision, wrap for DDP and compile."""
+def make_state(cfg, model: nn.Module, diffusion, d: Dist, data: TrainData | None = None,
+               start_step: int = 0) -> TrainState:
+    """Move the model to its device, copy the EMA, build fused AdamW, pick the precision, wrap for DDP and compile, and
+    set up the per-step extras of the data (random corruption, CEP subset, cached posterior)."""
     if cfg.batch_size % d.world:
         raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
     local_batch = cfg.batch_size // d.world
@@ -152,14 +171,20 @@ def make_state(cfg, model: nn.Module, diffusion, d: Dist, encode=None, num_class
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=cuda or None)
-    relabel = None
-    if cfg.corrupt_mode == "random" and cfg.corrupt > 0:
-        def relabel(y, step):
-            rng = np.random.default_rng([cfg.seed, step, d.rank])
-            return torch.as_tensor(corrupt.random_flip(y.numpy(), cfg.corrupt, num_classes, rng)[0])
-    return TrainState(cfg, d, model, wrap_model(model, cfg, d), ema, opt, diffusion,
-                      torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else nullcontext(),
-                      local_batch, micro, encode, relabel)
+    s = TrainState(cfg, d, model, wrap_model(model, cfg, d), ema, opt, diffusion,
+                   torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else nullcontext(), local_batch, micro)
+    s.cep_shape = getattr(model.cond, "cep_shape", None) if cfg.cep != "none" and cfg.cep_gamma > 0 else None
+    if data is not None:
+        s.encode, s.posterior = data.encode, bool(cfg.latents) and data.encode is not None
+        random = cfg.corrupt_mode == "random" and cfg.corrupt > 0
+        n = len(data.dataset)
+        if random or cfg.cep_subset < 1:
+            s.items = datalib.batch_items(n, cfg.batch_size, cfg.seed, start_step, cfg.steps)
+        if random:
+            s.random_labels = datalib.random_corruption(data.dataset, cfg.corrupt, cfg.corrupt_type,
+                                                        cfg.corrupt_classes, s.items)
+        s.cep_subset = datalib.cep_subset_mask(n, cfg.cep_subset, cfg.seed) if cfg.cep_subset < 1 else None
+    return s
 
 
 def wrap_model(model: nn.Module, cfg, d: Dist) -> nn.Module:
@@ -175,39 +200,63 @@ def wrap_model(model: nn.Module, cfg, d: Dist) -> nn.Module:
     return wrapped
 
 
+class StepDraws(NamedTuple):
+    """Every per-sample random draw of one training step, for the whole global batch (ranks take their slice)."""
+    t: torch.Tensor                      # (B,) timesteps
+    noise: torch.Tensor                  # (B, C, H, W) diffusion noise ε
+    drop: torch.Tensor                   # (B,) CFG dropout mask
+    ip_noise: torch.Tensor | None        # (B, C, H, W) input perturbation noise (--ip)
+    posterior: torch.Tensor | None       # (B, C, H, W) the latent cache's posterior sample noise (--latents, KL)
+    corrupt_seed: int | None             # seeds corrupt.corrupt_batch (--corrupt-mode random)
+    cep_unit: torch.Tensor | None        # (B, *cep_shape) CEP's unit noise (cep.unit_noise)
+
+
 def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timesteps: int, drop_prob: float,
-               device: torch.device, ip: bool = False):
-    """(t, noise, drop, ip_noise or None) for the whole global batch of `step`, from a generator seeded by (seed, step)."""
+               device: torch.device, ip: bool = False, posterior: bool = False, corrupt: bool = False,
+               cep: str = "none", cep_shape=None) -> StepDraws:
+    """The StepDraws of `step` from one generator seeded by (seed, step); the optional draws come after t, ε and the
+    CFG mask (in field order), so turning one on never changes the others."""
     g = torch.Generator(device=device).manual_seed((seed * 7_919_993 + step) % (2 ** 63))
-    t = torch.randint(0, num_timesteps, (global_batch,), generator=g, device=device)
-    noise = torch.randn((global_batch, *latent_shape), generator=g, device=device)
-    drop = torch.rand((global_batch,), generator=g, device=device) < drop_prob
-    ip_noise = torch.randn((global_batch, *latent_shape), generator=g, device=device) if ip else None
-    return t, noise, drop, ip_noise
+    B = global_batch
+    t = torch.randint(0, num_timesteps, (B,), generator=g, device=device)
+    noise = torch.randn((B, *latent_shape), generator=g, device=device)
+    drop = torch.rand((B,), generator=g, device=device) < drop_prob
+    ip_noise = torch.randn((B, *latent_shape), generator=g, device=device) if ip else None
+    post = torch.randn((B, *latent_shape), generator=g, device=device) if posterior else None
+    # .item() waits for the device: only with --corrupt-mode random, whose labels are corrupted on the host anyway
+    corrupt_seed = int(torch.randint(0, 2 ** 62, (1,), generator=g, device=device).item()) if corrupt else None
+    unit = None
+    if cep != "none" and cep_shape is not None:
+        from cep import unit_noise
+        unit = unit_noise((B, *cep_shape), cep, generator=g, device=device)
+    return StepDraws(t, noise, drop, ip_noise, post, corrupt_seed, unit)
 
 
 def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
     """One optimisation step on this rank's share (x, y) of the global batch of `step`: draws -> CFG drop -> loss ->
     accumulated backward -> AdamW -> EMA. Returns the mean loss as a 0-d device tensor (no host synchronisation)."""
     cfg, d = s.cfg, s.d
-    y = s.relabel(y, step) if s.relabel is not None else y
+    mine = slice(d.rank * s.local_batch, (d.rank + 1) * s.local_batch)
+    draws = step_draws(cfg.seed, step, cfg.batch_size, cfg.latent_shape, s.diffusion.num_timesteps, cfg.class_dropout,
+                       d.device, ip=s.diffusion.ip_gamma > 0, posterior=s.posterior,
+                       corrupt=s.random_labels is not None, cep=cfg.cep, cep_shape=s.cep_shape)
+    t, noise, drop, ip_noise, posterior, _, cep_unit = (z[mine] if torch.is_tensor(z) else z for z in draws)
+    if s.random_labels is not None:
+        y = s.random_labels(step, draws.corrupt_seed)[mine]
     x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
     if s.encode is not None:
         with torch.no_grad(), s.autocast:
-            x = s.encode(x).float()
-    draws = step_draws(cfg.seed, step, cfg.batch_size, x.shape[1:], s.diffusion.num_timesteps, cfg.class_dropout,
-                       d.device, ip=s.diffusion.ip_gamma > 0)
-    mine = slice(d.rank * s.local_batch, (d.rank + 1) * s.local_batch)
-    t, noise, drop, ip_noise = (None if z is None else z[mine] for z in draws)
+            x = (s.encode(x, noise=posterior) if s.posterior else s.encode(x)).float()
+    cep_mask = s.cep_subset[torch.as_tensor(s.items(step)[mine])].to(d.device) if s.cep_subset is not None else None
     y = s.model.cond.drop(y, drop)                                     # CFG: the null condition where dropped
     total = torch.zeros((), device=d.device)
     for i in range(0, s.local_batch, s.micro):
         mb = slice(i, i + s.micro)
+        cond = {k: v[mb] for k, v in (("cep_mask", cep_mask), ("cep_unit", cep_unit)) if v is not None}
         last_micro = i + s.micro >= s.local_batch                     # DDP all-reduces only on the last micro-batch
-        sync = s.train_model.no_sync() if d.world > 1 and not last_micro else nullcontext()
-        with sync, s.autocast:
-            terms = s.diffusion.training_losses(lambda xt, tt: s.train_model(xt, tt, y[mb]), x[mb], t[mb], noise[mb],
-                                                ip_noise=None if ip_noise is None else ip_noise[mb])
+        with s.train_model.no_sync() if d.world > 1 and not last_micro else nullcontext(), s.autocast:
+            terms = s.diffusion.training_losses(lambda xt, tt: s.train_model(xt, tt, y[mb], **cond), x[mb], t[mb],
+                                                noise[mb], ip_noise=None if ip_noise is None else ip_noise[mb])
             loss = terms["loss"].mean()
         (loss * (s.micro / s.local_batch)).backward()
         total += loss.detach() * (s.micro / s.local_batch)
@@ -223,19 +272,23 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int) -> to
 # ----------------------------------------------------------------------------------------------------------------------
 # The loop
 
-def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Dist) -> dict:
-    """Train `model` (model(x, t, y), with `model.cond` its condition encoder) on `data` with `diffusion`, as cfg says.
+def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Dist, init=None) -> dict:
+    """Train `model` (model(x, t, y), with `model.cond` its condition encoder) on `data` with `diffusion`, as cfg says;
+    init = (weights, note) of --init-from, loaded on a fresh run only (see init_from).
 
     Returns {"status": "done" | "stopped", "step", "loss", "ema", "model"}."""
     io = RunIO(cfg, kind, d)                                       # the run folder: resume, logs, checkpoints, grids
     ckpt = io.checkpoint_to_resume()
-    torch.manual_seed(cfg.seed * 1000 + d.rank)                    # per-rank module randomness (CEP δ)
-    s = make_state(cfg, model, diffusion, d, data.encode, data.dataset.num_classes)
-    start = restore(s, ckpt) if ckpt is not None else 0
+    note = load_init(model, init) if init is not None and ckpt is None else None   # a resumed run has its own
+    torch.manual_seed(cfg.seed * 1000 + d.rank)                    # per-rank module randomness (--cond-dropout)
+    start = int(ckpt["step"]) if ckpt is not None else 0
+    s = make_state(cfg, model, diffusion, d, data, start)
+    if ckpt is not None:
+        restore(s, ckpt)
     del ckpt
     batches = iter(make_loader(cfg, data.dataset, d, start))
     grid_fn = grid_sampler(cfg, diffusion, data) if cfg.sample_every else None
-    io.start(model, len(data.dataset), start)
+    io.start(model, len(data.dataset), start, note)
     loss_sum, n, status, step = torch.zeros((), device=d.device), 0, "done", start
     model.train()
     with StopFlag() as stop, io:
@@ -268,6 +321,13 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
             "ema": s.ema, "model": model}
 
 
+def load_init(model: nn.Module, init) -> str:
+    """Load --init-from's weights into the fresh model (pretrained.load_init); returns the note the run logs."""
+    import pretrained
+    weights, note = init
+    return note + "; " + pretrained.load_init(model, weights)
+
+
 def restore(s: TrainState, ckpt: dict) -> int:
     """Load model, EMA, optimizer and this rank's RNG state from a checkpoint; returns its step."""
     s.model.load_state_dict(ckpt["model"])
@@ -281,7 +341,7 @@ def restore(s: TrainState, ckpt: dict) -> int:
     else:
         if d.main:
             tqdm.write(f"note: checkpoint was written by {len(states)} processes, this run has {d.world}; "
-                       f"CEP noise streams are re-seeded (the data order is unaffected)")
+                       f"--cond-dropout streams are re-seeded (the data order and all per-step draws are unaffected)")
         torch.manual_seed(s.cfg.seed * 1000 + d.rank + 7 * step)
     return step
 
@@ -300,23 +360,37 @@ def make_loader(cfg, dataset, d: Dist, start_step: int) -> torch.utils.data.Data
 
 
 def grid_sampler(cfg, diffusion, data: TrainData):
-    """ema_model -> an EMA sample grid (N, C, H, W) in [-1, 1] with fixed noise and conditions, CFG at cfg.sample_cfg:
-    one row per class (<= 16 classes), or for text one row per grid prompt (their captions go to samples/captions.txt)."""
+    """ema_model -> an EMA sample grid (N, C, H, W) in [-1, 1] with fixed noise and conditions, CFG at grid_cfg_scale:
+    one row per class (<= 16 classes), or for text one row per grid prompt (their captions go to samples/captions.txt);
+    --sample-cads samples it with CADS."""
     from diffusion import cfg_model_fn
     rows = (conditions.grid_labels(data.num_classes) if data.prompts is None
             else conditions.encode_prompts(cfg, data.prompts))        # (R,) class ids or (R, L) caption tokens
     conds = rows.repeat_interleave(cfg.sample_per_class, dim=0)
     noise = torch.randn((len(conds), *cfg.latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
+    scale, cads = grid_cfg_scale(cfg), grid_cads(cfg)
 
     @torch.no_grad()
     def sample(model):
         dev = next(model.parameters()).device
         y = conds.to(dev)
-        fn = cfg_model_fn(model, y, model.cond.null_like(y), cfg.sample_cfg, learn_sigma=cfg.learn_sigma)
-        x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
-                             clip_x0=data.decode is None)          # pixel space: keep x0 estimates in [-1, 1]
+        fn = cfg_model_fn(model, y, model.cond.null_like(y), scale, learn_sigma=cfg.learn_sigma)
+        seeds = range(cfg.seed, cfg.seed + len(y))                     # CADS noise: one stream per image
+        with nullcontext() if cads is None else cads.sampling(model, model.cond, seeds, diffusion.num_timesteps):
+            x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+                                 clip_x0=data.decode is None)      # pixel space: keep x0 estimates in [-1, 1]
         if data.prompts is not None:                               # the grid's rows, beside its PNGs
             with open(os.path.join(cfg.out, "samples", "captions.txt"), "w", encoding="utf-8") as f:
                 f.write("".join(p + "\n" for p in data.prompts))
         return data.decode(x) if data.decode is not None else x
     return sample
+
+
+def grid_cfg_scale(cfg) -> float:
+    """The grids' guidance scale: --sample-cfg, or 1 (unguided, with a note) when --class-dropout 0 left no null class."""
+    if cfg.cond == "class" and cfg.class_dropout == 0 and cfg.sample_cfg != 1:
+        if int(os.environ.get("RANK", 0)) == 0:
+            tqdm.write(f"note: --class-dropout 0 trains no null class, so the sample grids are unguided "
+                       f"(--sample-cfg {cfg.sample_cfg:g} ignored)")
+        return 1.0
+    return cfg.sample_cfg

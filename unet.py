@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conditions import encoder_from_config
 from diffusion import timestep_embedding
 
 
@@ -308,16 +309,17 @@ class LDM(nn.Module):
         """The condition encoder c_θ (the trainer uses it for CFG dropout, the samplers for the null condition)."""
         return self.cond_stage_model
 
-    def context(self, y):
+    def context(self, y, cep_mask=None, cep_unit=None):
         """y -> (context (B, L, D), key mask (B, L) or None); CEP is applied inside the encoder while training."""
-        c = self.cond_stage_model(y)
+        c = self.cond_stage_model(y, cep_mask, cep_unit)
         if isinstance(c, tuple):                                        # a text encoder: (tokens, padding mask)
             return c
         return c[:, None], None                                         # a class embedding (B, D) is one token
 
-    def forward(self, x, t, y):
-        """x (B, C, S, S) noisy input, t (B,) timesteps, y (B, ...) conditions -> (B, C_out, S, S)."""
-        context, mask = self.context(y)
+    def forward(self, x, t, y, cep_mask=None, cep_unit=None):
+        """x (B, C, S, S) noisy input, t (B,) timesteps, y (B, ...) conditions -> (B, C_out, S, S).
+        cep_mask / cep_unit go to the condition encoder (training only: CEP on a subset, pre-drawn CEP noise)."""
+        context, mask = self.context(y, cep_mask, cep_unit)
         return self.diffusion_model(x, t, context, mask)
 
 
@@ -327,3 +329,11 @@ def build_unet(name: str, in_channels: int = 3, learn_sigma: bool = False, **ove
         raise ValueError(f"unknown U-Net {name!r}; choose one of {', '.join(UNET_CONFIGS)}")
     args = {**UNET_CONFIGS[name], **overrides}
     return UNetModel(in_channels=in_channels, out_channels=in_channels * (2 if learn_sigma else 1), **args)
+
+
+def from_config(cfg) -> LDM:
+    """The LDM a train config (train_ldm.LDMConfig) describes: its U-Net and condition encoder (conditions.py);
+    num_classes must be resolved (> 0 for class conditioning)."""
+    width = {"context_dim": cfg.text_width} if cfg.cond == "text" and cfg.text_width else {}
+    unet = build_unet(cfg.model, in_channels=cfg.latent_shape[0], learn_sigma=cfg.learn_sigma, **width)
+    return LDM(unet, encoder_from_config(cfg, unet.context_dim))

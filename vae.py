@@ -11,6 +11,10 @@ One encoder/decoder implementation serves both. Parameter names follow the diffu
 attention names (query/key/value/proj_attn) are renamed on the way in. Nothing is unpickled beyond tensors and plain
 containers (see read_state_dict).
 
+Precision: whatever the caller's autocast, the nearest-code search, the quantiser, the KL posterior (head conv,
+log-variance, std) and the whole decode run in fp32 (the decoder in the weights' dtype); only the encoder body
+follows the caller's autocast, so on-the-fly encoding under bf16 training stays fast.
+
     import vae
     ae = vae.load_vae("kl-f8", "sd-vae-ft-ema.safetensors")   # or no path: download into ~/.cache/nanocep
     z = ae.encode(x)              # x (B,3,256,256) in [-1,1] -> (B,4,32,32) scaled latents (a posterior sample)
@@ -218,18 +222,25 @@ class Codebook(nn.Module):
         self.embedding = nn.Embedding(num_codes, dim)
 
     def indices(self, z):  # (B, C, H, W) -> (B, H, W) int64
+        """Nearest-code indices, searched in fp32 whatever the caller's autocast (bf16 flips many of 8192 argmins)."""
         B, C, H, W = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, C).float()   # (N, C)
-        codes = self.embedding.weight.float()                 # (K, C)
-        code_sq = (codes * codes).sum(1)                      # (K,)
-        out = []
-        # |z - e|² = |z|² - 2 z·e + |e|²; |z|² is the same for every code. Chunks keep the (N, K) table small.
-        for chunk in flat.split(4096):
-            out.append((code_sq - 2.0 * chunk @ codes.t()).argmin(1))
+        with fp32_only(z.device):
+            flat = z.permute(0, 2, 3, 1).reshape(-1, C).float()   # (N, C)
+            codes = self.embedding.weight.float()                 # (K, C)
+            code_sq = (codes * codes).sum(1)                      # (K,)
+            out = []
+            # |z - e|² = |z|² - 2 z·e + |e|²; |z|² is the same for every code. Chunks keep the (N, K) table small.
+            for chunk in flat.split(4096):
+                out.append((code_sq - 2.0 * chunk @ codes.t()).argmin(1))
         return torch.cat(out).view(B, H, W)
 
-    def forward(self, z):  # (B, C, H, W) -> nearest codebook vectors, same shape
+    def forward(self, z):  # (B, C, H, W) -> nearest codebook vectors (the codebook's own values), same shape
         return self.embedding(self.indices(z)).permute(0, 3, 1, 2).to(z.dtype)
+
+
+def fp32_only(device):
+    """A context that switches autocast off on `device`, so the ops inside run in their inputs' dtype (we pass fp32)."""
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 # ---- the autoencoder ----
@@ -270,19 +281,26 @@ class Autoencoder(nn.Module):
             raise ValueError(f"image size {tuple(x.shape[2:])} is not a multiple of {self.downsample}")
 
     def _features(self, x):  # images (B,3,H,W) -> raw head input (B, 2L or L, H/f, W/f), float32
+        """The encoder body in the weights' dtype (or the caller's autocast), then the 1x1 head conv in fp32."""
         self._check_images(x)
         w = self.quant_conv.weight
-        return self.quant_conv(self.encoder(x.to(device=w.device, dtype=w.dtype))).float()
+        h = self.encoder(x.to(device=w.device, dtype=w.dtype))
+        with fp32_only(w.device):  # the posterior's moments come from here: keep them out of bf16
+            return F.conv2d(h.float(), w.float(), self.quant_conv.bias.float())
 
     def encode_moments(self, x):
-        """Images in [-1,1] -> (mean, std) of the posterior in scaled latent units, float32 (VQ: std is 0)."""
+        """Images in [-1,1] -> (mean, std) of the posterior in scaled latent units, float32 (VQ: std is 0).
+
+        Precision: the posterior (head conv, exp of the clamped log-variance, scaling) runs in fp32 whatever the
+        caller's autocast; only the encoder body follows the weights' dtype / the caller's autocast."""
         h = self._features(x)
         if self.is_vq:
             z = h * self.scale_factor
             return z, torch.zeros_like(z)
-        mean, logvar = h.chunk(2, dim=1)                   # (B, L, h, w) each
-        std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
-        return mean * self.scale_factor, std * self.scale_factor
+        with fp32_only(h.device):
+            mean, logvar = h.chunk(2, dim=1)                   # (B, L, h, w) each
+            std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
+            return mean * self.scale_factor, std * self.scale_factor
 
     def encode(self, x, generator=None):
         """Images in [-1,1] -> scaled latents, float32: a posterior sample (KL) or the pre-quantisation latents (VQ)."""
@@ -293,14 +311,19 @@ class Autoencoder(nn.Module):
         return mean + std * noise
 
     def decode(self, z):
-        """Scaled latents (B, L, h, w) -> images (B, 3, h*f, w*f) in about [-1,1], float32. VQ quantises first."""
+        """Scaled latents (B, L, h, w) -> images (B, 3, h*f, w*f) in about [-1,1], float32. VQ quantises first.
+
+        Precision: decoding ignores the caller's autocast: the nearest-code search and the quantiser run in fp32 and
+        the decoder in the weights' dtype (fp32 unless loaded as bf16), so a sampler's bf16 autocast cannot change the
+        image (one decode per sample, so this costs little next to the diffusion steps)."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"expected latents (B, {self.latent_channels}, h, w), got {tuple(z.shape)}")
         w = self.post_quant_conv.weight
-        z = z.to(device=w.device, dtype=torch.float32) / self.scale_factor
-        if self.is_vq:
-            z = self.quantize(z)
-        return self.decoder(self.post_quant_conv(z.to(w.dtype))).float()
+        with fp32_only(w.device):
+            z = z.to(device=w.device, dtype=torch.float32) / self.scale_factor
+            if self.is_vq:
+                z = self.quantize(z)
+            return self.decoder(self.post_quant_conv(z.to(w.dtype))).float()
 
     def forward(self, x):
         return self.decode(self.encode(x))

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 import corrupt
-from corrupt import (apply_manifest, corrupt_labels, load_manifest, load_rewrites, make_manifest, random_flip,
+from corrupt import (apply_manifest, corrupt_batch, corrupt_labels, load_manifest, load_rewrites, make_manifest,
                      rewrite_captions, sample_rewrites, save_manifest, swap_captions)
 
 SKEWED_PRIOR = np.array([0.40, 0.25, 0.15, 0.10, 0.06, 0.04])
@@ -166,24 +166,26 @@ def test_asymmetric_errors(classes, ratio, message):
 
 # ---- per-step random flips ----
 
-def test_random_flip_rate_and_targets():
-    labels = np.random.default_rng(1).integers(0, 7, 20_000)
-    new, idx = random_flip(labels, 0.1, 7, np.random.default_rng(0))
-    sd = np.sqrt(20_000 * 0.1 * 0.9)
-    assert abs(len(idx) - 2000) < 5 * sd  # Bernoulli(0.1) per sample
-    assert np.all(new[idx] != labels[idx]) and np.sum(new != labels) == len(idx)
+def test_corrupt_batch_exact_count_prior_targets_and_asymmetric_set():
+    counts = np.array([5000, 3000, 1500, 500])                       # the dataset's (skewed) class prior
+    labels = np.random.default_rng(1).integers(0, 4, 20_000)
+    new, idx = corrupt_batch(labels, 0.1, counts, rng=np.random.default_rng(0))
+    assert len(idx) == 2000 and np.sum(new != labels) == 2000       # exactly round(ratio * B), never its own class
 
-    def uniform_others(y):
-        p = np.full(7, 1 / 6)
+    def prior_others(y):
+        p = counts.astype(float)
         p[y] = 0
-        return p
+        return p / p.sum()
 
-    assert _transition_chi2(labels[idx], new[idx], 7, uniform_others) > 1e-3
-    again, _ = random_flip(labels, 0.1, 7, np.random.default_rng(0))
-    assert np.array_equal(new, again)
-    assert len(random_flip(labels, 0.0, 7, 0)[1]) == 0
-    with pytest.raises(ValueError, match="label 6"):
-        random_flip(labels, 0.1, 6, 0)
+    assert _transition_chi2(labels[idx], new[idx], 4, prior_others) > 1e-3
+    assert np.array_equal(new, corrupt_batch(labels, 0.1, counts, rng=np.random.default_rng(0))[0])
+    asym, aidx = corrupt_batch(labels, 0.1, counts, "asymmetric", [1, 3], rng=5)
+    assert len(aidx) == 2000 and set(labels[aidx]) <= {1, 3} and np.all(asym[aidx] == 4 - labels[aidx])
+    few = np.array([0, 0, 1, 2, 2, 2, 2, 2])                         # 1 eligible item, round(0.5 * 8) = 4 asked
+    assert corrupt_batch(few, 0.5, counts, "asymmetric", [1, 3], rng=0)[0].tolist() == [0, 0, 3, 2, 2, 2, 2, 2]
+    assert len(corrupt_batch(labels, 0.0, counts, rng=0)[1]) == 0
+    with pytest.raises(ValueError, match="label"):
+        corrupt_batch(labels, 0.1, counts[:3], rng=0)
 
 
 # ---- captions ----

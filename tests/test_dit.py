@@ -14,7 +14,7 @@ KEYS = os.path.join(os.path.dirname(__file__), "data", "dit-xl-2_official_state_
 
 
 def tiny(cep="none", **kw):
-    """A tiny class DiT (5 classes), its class table handed in as train_dit.build_model does."""
+    """A tiny class DiT (5 classes), its class table handed in as dit.from_config does."""
     args = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=4)
     args.update(kw)
     return DiT(y_embedder=ClassEmbedder(5, args["hidden_size"], cep=cep), **args)

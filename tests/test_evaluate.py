@@ -294,11 +294,12 @@ def test_stats_reference_and_adm_reference_batch(data, tmp_path):
     ref_images = np.stack([np.array(Image.open(p)) for p in metrics.list_images(data["ref"])])
     ref_feats = metrics.extract_features(ref_images, net, resize="none")["feats"]
     mu, sigma = metrics.feature_statistics(ref_feats)
-    metrics.save_npz(tmp_path / "stats.npz", mu=mu, sigma=sigma)
-    metrics.save_npz(tmp_path / "adm_ref.npz", mu=mu, sigma=sigma, arr_0=ref_images)
     featurizer = metrics.Featurizer(data["extractor"], resize="none")
+    label = np.array(featurizer.pipeline)      # statistics made by this extractor say so
+    metrics.save_npz(tmp_path / "stats.npz", mu=mu, sigma=sigma, pipeline=label)
+    metrics.save_npz(tmp_path / "adm_ref.npz", mu=mu, sigma=sigma, arr_0=ref_images, pipeline=label)
     sample = featurizer(data["samples"])
-    by_folder = metrics.compute_metrics(sample, metrics.load_reference(data["ref"], featurizer), is_splits=2)
+    by_folder = metrics.compute_metrics(sample, metrics.load_reference(data["ref"], featurizer, 16), is_splits=2)
     by_stats = metrics.compute_metrics(sample, metrics.load_reference(tmp_path / "stats.npz", featurizer), is_splits=2)
     by_adm = metrics.compute_metrics(sample, metrics.load_reference(tmp_path / "adm_ref.npz", featurizer), is_splits=2)
     assert by_stats["fid"] == pytest.approx(by_folder["fid"], rel=1e-9) and by_stats["precision"] is None
@@ -398,6 +399,8 @@ def test_sharded_sampling_equals_single_process(data, tmp_path):
             np.testing.assert_array_equal(b["seeds"], 5 + np.arange(14))
             np.testing.assert_array_equal(a["arr_0"][9], fake_sampler([9 % 3], [14], float(scale[3:]))[0])
         assert not list((tmp_path / "two" / scale).glob("shard*"))
+        with np.load(tmp_path / "two" / scale / "features.npz") as f:   # labelled, so a later comparison is checked
+            assert str(f["pipeline"]) == featurizer.pipeline and int(f["image_size"]) == 16
     pngs = sorted(p.name for p in (tmp_path / "one" / "cfg2" / "samples").iterdir())
     assert pngs == [f"{i:06d}.png" for i in range(14)]
     assert [r["cfg_scale"] for r in sharded] == [1.0, 2.0] and sharded[0]["sampler"] == "fake"
@@ -457,3 +460,149 @@ def test_text_checkpoint_samples_from_prompts(tmp_path, capsys):
     np.testing.assert_array_equal(images[0], images[2])                      # same prompt, same seed
     with pytest.raises(ValueError, match="--prompts"):
         ev.load_sampler(run / "last.pt", steps=2)
+
+
+class ToyEpsModel(torch.nn.Module):
+    """A fixed nonlinear eps-model with a CFG null label, enough for make_sample_fn (no training needed)."""
+
+    class cond:
+        null_like = staticmethod(lambda y: torch.full_like(y, 3))
+
+    def forward(self, x, t, y):
+        return torch.sin(x + t.view(-1, 1, 1, 1) / 300.0 + y.view(-1, 1, 1, 1) / 2.0) * 0.8
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_stochastic_sampling_two_shards_equal_one_process(sampler, eta):
+    """Per-step noise comes from each image's seed: shards sampled by two fresh processes equal one process."""
+    from diffusion import GaussianDiffusion, make_beta_schedule
+    diffusion = GaussianDiffusion(make_beta_schedule("linear"))
+    sample_fn = ev.make_sample_fn(ToyEpsModel(), diffusion, (3, 8, 8), None, "cpu", sampler, 6, False,
+                                  **({"eta": eta} if eta else {}))
+    labels, seeds = ev.balanced_labels(8, 3), ev.sample_seeds(8, 40)
+
+    def run(rank, world):  # each rank is a fresh process: its global RNG starts from the same state
+        torch.manual_seed(0)
+        return ev.sample_shard(sample_fn, labels, seeds, ev.shard_indices(8, rank, world), 2.0, batch_size=2)
+
+    one = run(0, 1)
+    np.testing.assert_array_equal(np.concatenate([run(0, 2), run(1, 2)]), one)
+    deterministic = ev.make_sample_fn(ToyEpsModel(), diffusion, (3, 8, 8), None, "cpu", "ddim", 6, False)
+    assert not np.array_equal(deterministic(labels[:2], seeds[:2].tolist(), 2.0), one[:2])   # step noise is used
+
+
+# ---- FID references: evaluate.py ref, centre crops, pipeline labels ----
+
+
+def as_uint8(image):
+    """A data.py training tensor (3, H, W) in [-1, 1] back to the uint8 (H, W, 3) it was made from."""
+    return np.rint((image.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+
+
+def test_ref_command_gives_training_preprocessing_and_a_label(data, tmp_path):
+    import hashlib
+    import data as datasets
+    rng = np.random.default_rng(4)
+    for c, (h, w) in enumerate([(24, 40), (50, 30)]):                  # non-square: a squash would differ
+        write_pngs(tmp_path / "val" / f"c{c}", [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(6)])
+    out = tmp_path / "ref.npz"
+    args = ["--features", str(data["extractor"]), "--resize", "none", "--workers", "0"]
+    assert ev.main(["ref", "--data", str(tmp_path / "val"), "--image-size", "16", "--out", str(out), *args]) == 0
+    # independent reference: the training dataset's own items (ADM centre crop), no flip
+    ds = datasets.build_dataset(str(tmp_path / "val"), 16)
+    crops = np.stack([as_uint8(ds[2 * i][0]) for i in range(len(ds))])
+    net = metrics.load_torchscript_extractor(data["extractor"])
+    want = metrics.extract_features(crops, net, resize="none")["feats"]
+    sha = hashlib.sha256(Path(data["extractor"]).read_bytes()).hexdigest()[:12]
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["feats"], want)
+        np.testing.assert_allclose(z["mu"], want.mean(0), rtol=1e-6)
+        assert str(z["pipeline"]) == f"torchscript:{sha}/none" and int(z["image_size"]) == 16
+    squashed = np.stack([np.array(Image.open(p).resize((16, 16), Image.BICUBIC)) for p in metrics.list_images(tmp_path / "val")])
+    assert not np.allclose(metrics.extract_features(squashed, net, resize="none")["feats"], want, atol=1e-3)
+    # a folder given straight to --ref gets the same crop: same FID as the prepared reference
+    fids = []
+    for ref in (tmp_path / "val", out):
+        assert ev.main(["metrics", "--samples", str(data["samples"]), "--ref", str(ref), "--is-splits", "2",
+                        "--out", str(tmp_path / f"m{len(fids)}"), *args]) == 0
+        fids.append(json.loads((tmp_path / f"m{len(fids)}" / "results.json").read_text())["rows"][0]["fid"])
+    assert fids[0] == pytest.approx(fids[1], rel=1e-9)
+    before = out.read_bytes()                                          # an existing --out is never overwritten
+    assert ev.main(["ref", "--data", str(tmp_path / "val"), "--image-size", "16", "--out", str(out), *args]) == 2
+    assert out.read_bytes() == before
+
+
+def test_ref_builtin_with_a_seed_gives_held_out_images(data, tmp_path):
+    import data as datasets
+    args = ["--data", "builtin", "--image-size", "8", "--builtin-length", "12", "--features", str(data["extractor"]),
+            "--resize", "none"]
+    assert ev.main(["ref", *args, "--seed", "3", "--out", str(tmp_path / "s3.npz")]) == 0
+    assert ev.main(["ref", *args, "--out", str(tmp_path / "s0.npz")]) == 0
+    ds = datasets.BuiltinShapes(8, 12, seed=3)
+    want = metrics.extract_features(np.stack([as_uint8(ds[2 * i][0]) for i in range(12)]),
+                                    metrics.load_torchscript_extractor(data["extractor"]), resize="none")["feats"]
+    with np.load(tmp_path / "s3.npz") as a, np.load(tmp_path / "s0.npz") as b:
+        np.testing.assert_array_equal(a["feats"], want)
+        assert int(a["seed"]) == 3 and str(a["data"]) == "builtin" and not np.array_equal(a["feats"], b["feats"])
+
+
+def test_mixed_feature_pipelines_are_refused(data, tmp_path, capsys):
+    featurizer = metrics.Featurizer(data["extractor"], resize="none")
+    sample = featurizer(data["samples"])
+    mu, sigma = metrics.feature_statistics(sample["feats"])
+    metrics.save_npz(tmp_path / "adm.npz", mu=mu, sigma=sigma, arr_0=data["samples_array"])   # an ADM reference batch
+    metrics.save_npz(tmp_path / "custom_clean_custom_na.npz", mu=mu, sigma=sigma)             # clean-fid custom stats
+    assert metrics.reference_pipeline(tmp_path / "adm.npz").startswith("clean-fid/legacy_tensorflow (ADM")
+    assert metrics.reference_pipeline(tmp_path / "custom_clean_custom_na.npz") == "clean-fid/clean"
+    with pytest.raises(ValueError, match="feature pipelines differ.*torchscript:.*legacy_tensorflow"):
+        metrics.load_reference(tmp_path / "adm.npz", featurizer)
+    other = dict(sample, pipeline="clean-fid/clean")
+    ref = metrics.load_reference(data["ref"], featurizer, 16)
+    with pytest.raises(ValueError, match="samples clean-fid/clean, reference torchscript:"):
+        metrics.compute_metrics(other, ref, is_splits=2)
+    assert metrics.compute_metrics(sample, ref, is_splits=2)["fid"] > 0                      # one pipeline: fine
+    cases = [(["--features", str(data["extractor"]), "--resize", "none"], "adm.npz", "legacy_tensorflow (ADM"),
+             (["--pipeline", "legacy_tensorflow"], "custom_clean_custom_na.npz", "reference"),
+             (["--pipeline", "legacy_tensorflow"], "adm.npz", None)]                      # the matching pair passes
+    for flags, ref_name, message in cases:
+        capsys.readouterr()
+        code = ev.main(["metrics", "--samples", str(data["samples"]), "--ref", str(tmp_path / ref_name),
+                        "--out", str(tmp_path / "never"), "--inception", str(tmp_path / "absent.pt"), *flags])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        if message is None:       # got past the pipeline check, to the (absent) network
+            assert "Inception" in err and "pipelines differ" not in err
+        else:
+            assert "feature pipelines differ" in err and message in err
+            assert ("clean-fid/legacy_tensorflow" in err) and ("clean-fid/clean" in err or "torchscript:" in err)
+    assert not (tmp_path / "never" / "results.json").exists()
+
+
+class FakeInceptionTF(FakeInception):
+    """Like FakeInception, with the real file's forward(img, return_features): its own resize to 299 inside."""
+
+    def forward(self, x, return_features: bool = False):
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        feats = self.layers((x - 128) / 128).reshape(-1, 2048)
+        return feats if return_features else torch.softmax(self.output(feats), dim=1)
+
+
+def test_legacy_tensorflow_pipeline_matches_cleanfid(tmp_path):
+    """--pipeline legacy_tensorflow: no resize outside, the network's own forward, as clean-fid's legacy mode."""
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.resize import build_resizer
+    path = jit_save(FakeInceptionTF(), tmp_path / "inception-2015-12-05.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        theirs = InceptionV3W(str(tmp_path), download=False, resize_inside=True)
+    images = make_images(np.random.default_rng(3), 2, size=32)
+    assert np.array_equal(build_resizer("legacy_tensorflow")(images[0]), images[0])   # clean-fid resizes nothing outside
+    featurizer = metrics.Featurizer(inception=str(path), pipeline="legacy_tensorflow")
+    assert featurizer.pipeline == "clean-fid/legacy_tensorflow" and featurizer.resize == "none"
+    ours = featurizer(images)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(torch.from_numpy(ours["feats"]), theirs(x))
+    clean = metrics.Featurizer(inception=str(path))(images)["feats"]                  # the default resizes outside
+    assert clean.shape == ours["feats"].shape and not np.allclose(clean, ours["feats"], atol=1e-4)
+    with pytest.raises(ValueError, match="mode of clean-fid's Inception"):
+        metrics.Featurizer(str(path), pipeline="legacy_tensorflow")                   # not for a custom --features

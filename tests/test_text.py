@@ -14,6 +14,7 @@ import torch
 import conditions
 import data
 import diffusion as diff
+import dit
 import train_dit
 from conditions import build_condition_encoder, encode_prompts, get_tokenizer
 from conftest import expect_one_line_error, load_ckpt as ckpt
@@ -306,7 +307,7 @@ def test_cli_text_run_writes_grid_with_captions_and_resumes_bit_identically(tmp_
     cfg = train_dit.DiTConfig(**{k: v for k, v in a["config"].items()})
     y = encode_prompts(cfg, prompts[:2])
     assert y.shape == (2, 64) and get_tokenizer("bytes").decode(y[1]) == prompts[1]
-    model = train_dit.build_model(cfg)
+    model = dit.from_config(cfg)
     model.load_state_dict(a["ema"])                                      # the checkpoint rebuilds from its config
     assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), y).shape == (2, 6, 8, 8)
 

@@ -15,6 +15,7 @@ from conditions import encoder_from_config
 from config import parse_config
 from conftest import ROOT, TINY, check_resume_is_bit_identical, expect_one_line_error, train_and_check_learning
 from conftest import load_ckpt as ckpt
+import unet as unet_lib
 from unet import LDM, UNetModel, build_unet
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "ldm4-cin256-v2_unet_compvis_state_dict.txt")
@@ -38,7 +39,7 @@ def tiny_ldm(**cfg_overrides):
     for k, v in cfg_overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
-    return train_ldm.build_model(cfg)
+    return unet_lib.from_config(cfg)
 
 
 # ---- architecture ----
@@ -159,7 +160,7 @@ def test_default_trains_loss_falls_writes_grid_and_checkpoint_rebuilds(tmp_path)
     assert c["step"] == 30 and c["kind"] == "ldm" and c["config"]["cep"] == "gaussian"
     # what evaluate.py does: rebuild the model from the checkpoint's config alone and load the EMA strictly
     cfg = train_ldm.LDMConfig(**c["config"])
-    model = train_ldm.build_model(cfg)
+    model = unet_lib.from_config(cfg)
     model.load_state_dict(c["ema"], strict=True)
     assert isinstance(diffusion.from_config(cfg), diffusion.GaussianDiffusion)
 

@@ -361,3 +361,42 @@ def test_diffusers_folder_with_config_sets_the_architecture(tmp_path):
     assert torch.equal(ae.encode_moments(x)[0], small.eval().encode_moments(x)[0])
     with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model"):
         vae.load_vae("kl-f8", str(tmp_path.parent))
+
+
+# ---- precision regime: delicate steps in fp32 whatever the caller's autocast ----
+
+
+def test_nearest_code_search_and_decode_ignore_bf16_autocast():
+    # 8192 codes in 3-d (vq-f4's shape): neighbours lie so close that a bf16 matmul flips many of the argmins
+    torch.manual_seed(0)
+    book = vae.Codebook(8192, 3)
+    z = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        exact = book.indices(z)
+        brute = torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 3).double(), book.embedding.weight.double()).argmin(1)
+        assert torch.equal(exact.flatten(), brute)                     # the fp32 search is the true nearest code
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(book.indices(z), exact)
+        ae = randomise(vae.build_vae("vq-f4", block_out_channels=(32, 64), num_codes=8192), 5)
+        lat = torch.randn(1, 3, 8, 8)
+        ref = ae.decode(lat)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(ae.quantize.indices(lat), ae.quantize.indices(lat.float()))
+            out = ae.decode(lat)
+        assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+
+def test_kl_posterior_ignores_bf16_autocast(kl_ref):
+    _, path = kl_ref
+    ae = vae.load_vae("kl-f8", path, **TINY)
+    x = images()
+    with torch.no_grad():
+        mean, std = ae.encode_moments(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = ae.encoder(x)                                           # the encoder body follows the caller's autocast
+            m2, s2 = ae.encode_moments(x)
+        want_mean, want_logvar = ae.quant_conv(h.float()).chunk(2, dim=1)  # ... but the posterior head is fp32
+        assert m2.dtype == s2.dtype == torch.float32
+        assert torch.equal(m2, want_mean * ae.scale_factor)
+        assert torch.equal(s2, torch.exp(0.5 * want_logvar.clamp(*vae.LOGVAR_RANGE)) * ae.scale_factor)
+        assert rel_err(m2, mean) < 3e-2
