@@ -80,15 +80,17 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def download(url: str, dest, sha256: str | None = None, headers: dict | None = None) -> Path:
-    """Fetch url to dest atomically; a failed or mismatching download leaves nothing behind.
+def download(url: str, dest, sha256: str | None = None, headers: dict | None = None, quiet: bool = False) -> Path:
+    """Fetch url to dest atomically (a line on stderr says so unless quiet); a failed or mismatching download leaves
+    nothing behind.
 
     HTTP 404 or a missing file:// -> FileNotFoundError; 401/403 -> ValueError naming HF_TOKEN; a sha256 mismatch ->
     ValueError; other network failures -> ConnectionError."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(url, headers={"User-Agent": "nanoCEP", **(headers or {})})
-    print(f"downloading {url} -> {dest}", file=sys.stderr)
+    if not quiet:
+        print(f"downloading {url} -> {dest}", file=sys.stderr)
     with atomic_open(dest, "wb") as f:
         digest = hashlib.sha256()
         try:

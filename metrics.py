@@ -142,7 +142,7 @@ def precision_recall(real_feats, fake_feats, k=3, device=None, max_elems=2 ** 25
 def _download_inception(path):
     """Fetch clean-fid's Inception to `path` (atomically, so a failed download leaves nothing behind)."""
     try:
-        download(INCEPTION_URL, path)
+        download(INCEPTION_URL, path, quiet=True)            # a failure says it all in one line
     except (OSError, ValueError) as e:       # ConnectionError and FileNotFoundError are OSErrors
         raise FileNotFoundError(f"clean-fid's Inception is not at {path} and the download from {INCEPTION_URL} failed "
                                 f"({e}); copy the file there, or pass --inception PATH or --features FILE") from None
