@@ -14,7 +14,6 @@ through registry.FAMILIES, as evaluate.py does.
 FLOPs are counted by torch's FlopCounterMode on one forward+backward (so they include attention), and MFU divides
 the achieved FLOP/s by the accelerator's dense bf16 peak (--peak-tflops to override).
 """
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -69,12 +68,13 @@ def synthetic_batch(cfg, device) -> tuple:
     from conditions import encode_prompts
     x = torch.randn(cfg.batch_size, *cfg.latent_shape, device=device)
     if cfg.cond == "text":                                            # caption token ids, as the text loader gives
-        return x, encode_prompts(cfg, ["a large red disc at the middle of a dark background"] * cfg.batch_size).to(device)
+        captions = ["a large red disc at the middle of a dark background"] * cfg.batch_size
+        return x, encode_prompts(cfg, captions).to(device)
     return x, torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
 
 
 def build_step(family, cfg, dev: torch.device):
-    """(step(i), fwd_bwd_eager(), model, compiled): trainer.train_step on random latents, and an eager one-image pass."""
+    """(step(i), fwd_bwd_eager(), model, compiled): trainer.train_step on random latents; an eager one-image pass."""
     from trainer import make_state, train_step
     torch.manual_seed(0)
     model, diffusion = family.build(cfg)
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     if suite.suite == "gpu":                                  # the suite has its own flags (--json, --rows, ...)
         import gpu_suite
         return gpu_suite.main(rest, prog="bench.py --suite gpu")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), add_help=False)
+    p = ArgParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(), add_help=False)
     p.add_argument("--suite", choices=["gpu"], default=None, help="run a whole suite instead (gpu: see gpu_suite.py)")
     p.add_argument("--script", default="train_dit", choices=list(SCRIPTS), help="which model family")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")

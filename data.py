@@ -1,7 +1,8 @@
 """
 Datasets for nanoCEP: the built-in procedural dataset, ImageNet-style image folders, captioned images, static
-condition corruption (labels and captions), and the step-indexed sampler that makes training resumable and identical
-on 1 or N processes.
+condition corruption (labels and captions, through corrupt.py), the step-indexed sampler that makes training
+resumable and identical on 1 or N processes, and the per-step views of a global batch's items that keep random
+corruption and --cep-subset identical on 1 or N processes too.
 
     python data.py preview --out builtin.png          # a grid of the built-in dataset, one row per class
     python data.py preview --data /path/to/imagenet/train --out folder.png
@@ -17,7 +18,6 @@ For text conditioning, TokenizedCaptions(ds, tokenizer, L) is a view whose items
 The horizontal flip is part of the key (chosen by StepSampler from the run's seed and the sample position), so the
 flip a sample gets is a function of (seed, step), never of a worker's random state: resume and DDP stay exact.
 """
-import argparse
 import math
 import os
 import re
@@ -26,6 +26,8 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
+
+from common import ArgParser
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
@@ -496,7 +498,7 @@ def _preview(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Look at a nanoCEP dataset.")
+    p = ArgParser(prog="data.py", description="Look at a nanoCEP dataset.")
     sub = p.add_subparsers(dest="cmd", required=True)
     pv = sub.add_parser("preview", help="save a grid of samples, one row per class")
     pv.add_argument("--data", default="builtin", help="'builtin', an ImageNet-layout folder, or captioned data")

@@ -668,7 +668,8 @@ def _check_output_path(path, flag):
 
 def main(argv=None):
     """Command-line entry point; returns the exit code."""
-    p = ArgParser(prog="gmm_theory.py", description="Numerical check of the paper's Gaussian-mixture theory (paper form, exact "
+    p = ArgParser(prog="gmm_theory.py",
+                  description="Numerical check of the paper's Gaussian-mixture theory (paper form, exact "
                                     "optimum, trained linear denoiser).")
     p.add_argument("--json", help="write {'rows': [...], 'settings': [...], 'config': {...}} here")
     p.add_argument("--plot", help="save entropy gain and dW2^2 against gamma here (png/pdf)")

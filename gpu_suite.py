@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 import bench
+from common import ArgParser, atomic_open, one_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIT_XL = ["--model", "DiT-XL/2", "--vae", "kl-f8", "--image-size", "256", "--num-classes", "1000",
@@ -281,12 +282,8 @@ def run_child(name: str, result_path: str, opts) -> int:
         result, rc = ROWS[name].run(opts), 0
     except Exception as e:  # noqa: BLE001  (the parent shows the one line; the traceback goes to the log)
         traceback.print_exc()
-        from common import one_line
         result, rc = {"error": f"{type(e).__name__}: {one_line(e)}"}, 1
-    tmp = result_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, result_path)
+    write_json(result_path, result)
     return rc
 
 
@@ -433,7 +430,6 @@ class SuiteError(Exception):
 
 def parse_args(argv, prog: str = "gpu_suite.py"):
     """The suite's flags (validated), or SuiteError naming the bad one."""
-    from common import ArgParser
     p = ArgParser(prog=prog, description="The GPU check of nanoCEP: CUDA tests, training / sampling / encode / "
                   "loader throughput and MFU, one table. Needs a CUDA GPU.")
     p.add_argument("--json", default="", help="also write the table and every row's raw figures to this JSON file")
@@ -463,10 +459,9 @@ def parse_args(argv, prog: str = "gpu_suite.py"):
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    """JSON, written atomically (a crashed child or suite never leaves half a file)."""
+    with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None, prog: str = "gpu_suite.py") -> int:

@@ -24,7 +24,6 @@ Run:
     python pretrained.py SOURCE                     # fetch if needed, load, print a summary
     python evaluate.py --pretrained SOURCE --cfg-scales 1.75 --ref REF   # the paper's 50K protocol
 """
-import argparse
 import json
 import math
 import os
@@ -684,7 +683,8 @@ def _unet_name(model, source):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Load released weights into nanoCEP modules and print a summary.")
+    p = common.ArgParser(prog="pretrained.py",
+                         description="Load released weights into nanoCEP modules and print a summary.")
     p.add_argument("source", help="file, folder, URL, Hugging Face repo id or one of " + ", ".join(RELEASES))
     p.add_argument("--no-vae", action="store_true", help="skip the autoencoder")
     args = p.parse_args(argv)

@@ -50,7 +50,8 @@ def check_experiment(cfg, saved: dict, path: str) -> list:
     allowed = {n.strip().replace("-", "_") for n in cfg.resume_override.split(",") if n.strip()}
     unknown = sorted(allowed - set(fields))
     if unknown:
-        raise RunError(f"--resume-override: {', '.join(unknown)} is not an experiment field (one of {', '.join(fields)})")
+        raise RunError(f"--resume-override: {', '.join(unknown)} is not an experiment field "
+                       f"(one of {', '.join(fields)})")
     changes = []
     for name in fields:
         theirs, ours = saved.get(name, defaults[name]), getattr(cfg, name)   # older checkpoints: the default

@@ -80,7 +80,7 @@ def init_from(cfg, kind: str, argv=None):
 class TrainData:
     dataset: torch.utils.data.Dataset    # items (x, y): images or cached latents, class ids or caption token ids (L,)
     num_classes: int                     # of the class table: --num-classes, or the dataset's
-    encode: Callable | None = None       # loaded batch -> what the model trains on (VAE sample, or a cached posterior's)
+    encode: Callable | None = None       # loaded batch -> what the model trains on (VAE sample / cached posterior's)
     decode: Callable | None = None       # latents -> images, for the sample grids
     prompts: list | None = None          # the text grids' fixed prompts
 
@@ -194,7 +194,8 @@ def wrap_model(model: nn.Module, cfg, d: Dist) -> nn.Module:
     Neither wrapper touches `model` itself, so model.state_dict() keeps its plain keys."""
     wrapped = model
     if d.world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        ids = [d.local_rank] if d.device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile if cfg.compile is not None else d.device.type == "cuda":
         wrapped = torch.compile(wrapped)
     return wrapped
@@ -387,7 +388,7 @@ def grid_sampler(cfg, diffusion, data: TrainData):
 
 
 def grid_cfg_scale(cfg) -> float:
-    """The grids' guidance scale: --sample-cfg, or 1 (unguided, with a note) when --class-dropout 0 left no null class."""
+    """The grids' guidance scale: --sample-cfg, or 1 (unguided, with a note) when --class-dropout 0 left no null row."""
     if cfg.cond == "class" and cfg.class_dropout == 0 and cfg.sample_cfg != 1:
         if int(os.environ.get("RANK", 0)) == 0:
             tqdm.write(f"note: --class-dropout 0 trains no null class, so the sample grids are unguided "

@@ -26,7 +26,6 @@ Run:
     python vae.py roundtrip photo.jpg --kind kl-f8 --vae-path FILE -o recon.png
 """
 
-import argparse
 import os
 import pickle
 import re
@@ -706,7 +705,7 @@ def _load_image(path, size):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="nanoCEP autoencoders: benchmark or round-trip an image.")
+    p = common.ArgParser(prog="vae.py", description="nanoCEP autoencoders: benchmark or round-trip an image.")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="encode (or decode) img/s with random weights")
     b.add_argument("--kind", default="kl-f8", choices=list(PRESETS))

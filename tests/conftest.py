@@ -29,7 +29,7 @@ def logged_losses(out) -> list:
 
 def train_and_check_learning(main, out, steps: int, *flags) -> dict:
     """main() on 256 built-in items with 5 % corrupted labels, a log every 10 steps and a grid and checkpoint at the
-    end: it exits 0, its loss falls below 0.6 x the first logged one, the grid exists; returns the corruption manifest."""
+    end: it exits 0, its loss falls below 0.6 x the first logged one and the grid exists. Returns the manifest."""
     rc = main(["--image-size", "8", "--steps", str(steps), "--log-every", "10", "--ckpt-every", str(steps),
                "--sample-every", str(steps), "--builtin-length", "256", "--corrupt", "0.05", *flags, "--out", str(out)])
     assert rc == 0

@@ -137,7 +137,7 @@ def test_cep_perturbs_real_tokens_of_real_captions_only():
 # ---- text-conditional DiT ----
 
 def tiny_text_dit(**kw):
-    """A tiny DiT with a text encoder (context 64, width 32, 1 block, 2 heads); kw: encoder's cep/cep_gamma, DiT's rest."""
+    """A tiny DiT with a text encoder (context 64, width 32, 1 block, 2 heads); kw: the encoder's cep*, the DiT's rest."""
     enc = {k: kw.pop(k) for k in ("cep", "cep_gamma", "cep_null") if k in kw}
     args = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4, learn_sigma=False)
     args.update(kw)
