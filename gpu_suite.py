@@ -14,7 +14,7 @@ is downloaded.
   matmul    bf16 8192^3 matmul through torch, median of 20 on random data: the "measured" peak for MFU
   tests     `pytest -m gpu tests/test_gpu.py`, summarised (passed / failed / skipped and the failing names)
   dit-bN    DiT-XL/2 at 256^2 (32x32x4 KL-f8 latents) training step, bf16 + torch.compile, per-GPU batch N
-            (bench.measure: the trainer's step with fused AdamW and the EMA update; FLOPs from FlopCounterMode)
+            (measure.measure: the trainer's step with fused AdamW and the EMA update; FLOPs from FlopCounterMode)
   ldm-b64   LDM-4 cin256-v2 U-Net (64x64x3 VQ-f4 latents) training step, bf16 + compile, batch 64
   sample    DiT-XL/2 DPM-Solver++ 50 steps with CFG (100 network evaluations per sample) and the KL-f8 decode, bf16,
             batch 256, through evaluate.make_sample_fn as `evaluate.py` runs it; and what 50K samples take on 8 GPUs
@@ -22,7 +22,7 @@ is downloaded.
   loader    latents.bench_loader on a synthetic 8192-item KL-f8 cache with the trainer's worker count; it must
             deliver >= 2x the fastest measured DiT-XL/2 training rate (the cache is in the page cache: CPU path only)
 
-MFU = FLOPs per image x img/s over a peak: the card's datasheet dense bf16 peak (bench.PEAKS; unknown cards show only
+MFU = FLOPs per image x img/s over a peak: the card's datasheet dense bf16 peak (measure.PEAKS; unknown cards show only
 the measured one) and the matmul row's measured peak. On a machine without CUDA the command exits 2.
 """
 import argparse
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-import bench
+import measure
 from common import ArgParser, atomic_open, one_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -103,9 +103,9 @@ def row_tests(opts) -> dict:
 
 
 def row_train(script: str, argv: list):
-    """A training-step row: bench.measure of `script` with `argv` (its own train flags)."""
+    """A training-step row: measure.measure of `script` with `argv` (its own train flags)."""
     def run(opts) -> dict:
-        return bench.measure(script, argv, warmup=opts.warmup, iters=opts.iters)
+        return measure.measure(script, argv, warmup=opts.warmup, iters=opts.iters)
     return run
 
 
@@ -154,8 +154,8 @@ def sample_flops(model, ae, shape, dev: torch.device, steps: int) -> float:
     x = torch.randn(1, *shape, device=dev)
     t, y = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-        forward = bench.count_flops(lambda: model(x, t, y))
-        decode = bench.count_flops(lambda: ae.decode(x))
+        forward = measure.count_flops(lambda: model(x, t, y))
+        decode = measure.count_flops(lambda: ae.decode(x))
     return 2 * steps * forward + decode
 
 
@@ -325,8 +325,8 @@ def pct(value) -> str:
 
 def mfu_cells(flops: float, rate: float, sheet, measured) -> dict:
     """TFLOP/s and MFU against the datasheet and the measured matmul peak (either may be None)."""
-    achieved, mfu_sheet = bench.mfu_pct(flops, rate, sheet)
-    _, mfu_meas = bench.mfu_pct(flops, rate, measured)
+    achieved, mfu_sheet = measure.mfu_pct(flops, rate, sheet)
+    _, mfu_meas = measure.mfu_pct(flops, rate, measured)
     return {"TFLOP/s": f"{achieved:.0f}", "MFU sheet": pct(mfu_sheet), "MFU meas": pct(mfu_meas)}
 
 
@@ -410,7 +410,7 @@ def card_info() -> dict:
 
 def report(info: dict, records: dict, budget: float, wall: float) -> dict:
     """The whole result as plain data: what --json writes, and what the table is printed from."""
-    sheet = bench.datasheet_peak(info["gpu"], "bf16")
+    sheet = measure.datasheet_peak(info["gpu"], "bf16")
     measured = records.get("matmul", {}).get("result", {}).get("tflops")
     header = [f"nanoCEP GPU suite | {info['gpu']} ({info['capability']}, {info['memory_gib']:.0f} GiB) | "
               f"torch {info['torch']}, CUDA {info['cuda']} | {wall:.0f} s of a {budget:.0f} s budget",

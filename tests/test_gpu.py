@@ -50,7 +50,7 @@ def perturb(model, std=0.05, seed=0):
 
 def build(script_name, argv):
     """(family, cfg, perturbed model on CUDA in eval mode (no dropout / CEP draws), diffusion) of a train script."""
-    from bench import SCRIPTS
+    from measure import SCRIPTS
     from config import parse_config
     from registry import FAMILIES
     family = FAMILIES[SCRIPTS[script_name]]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+import measure
 import gpu_suite
 from config import parse_config
 
@@ -53,7 +54,7 @@ def test_parse_args_defaults_and_row_selection(tmp_path):
 def test_training_rows_flags_are_accepted_by_their_scripts(name):
     from registry import FAMILIES
     script_name, argv = gpu_suite.TRAIN[name]
-    family = FAMILIES[bench.SCRIPTS[script_name]]
+    family = FAMILIES[measure.SCRIPTS[script_name]]
     cfg = family.resolve(parse_config(family.config, argv))
     side = {"dit": 32, "ldm": 64}[name.split("-")[0]]
     assert cfg.precision == "bf16" and cfg.compile and cfg.device == "cuda" and cfg.num_classes == 1000
@@ -65,9 +66,9 @@ def test_training_rows_flags_are_accepted_by_their_scripts(name):
 
 def test_mfu_against_hand_computed_numbers():
     # 711 GFLOP per training image (3 x 237) at 760 img/s = 540.36 TFLOP/s: 54.64 % of 989, 68.57 % of 788
-    achieved, mfu = bench.mfu_pct(711e9, 760.0, 989.0)
+    achieved, mfu = measure.mfu_pct(711e9, 760.0, 989.0)
     assert achieved == pytest.approx(540.36) and mfu == pytest.approx(54.637, abs=1e-3)
-    assert bench.mfu_pct(711e9, 760.0, None) == (pytest.approx(540.36), None)
+    assert measure.mfu_pct(711e9, 760.0, None) == (pytest.approx(540.36), None)
     assert gpu_suite.mfu_cells(711e9, 760.0, 989.0, 788.0) == {"TFLOP/s": "540", "MFU sheet": "54.6%",
                                                                 "MFU meas": "68.6%"}
     assert gpu_suite.mfu_cells(711e9, 760.0, None, 788.0)["MFU sheet"] == "-"
@@ -77,7 +78,7 @@ def test_mfu_against_hand_computed_numbers():
                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 PCIe", 756.0),
                                        ("NVIDIA H200 NVL", 835.0), ("Some Future GPU", None)])
 def test_datasheet_peak_by_card_name(name, peak):
-    assert bench.datasheet_peak(name, "bf16") == peak
+    assert measure.datasheet_peak(name, "bf16") == peak
 
 
 # ---- the table ----
