@@ -23,6 +23,8 @@ Features come from one pass of clean-fid's Inception (mode "clean": clean-fid's 
 2048-d pool features (FID, precision/recall) and the 1008-way logits (IS) at once. clean-fid downloads that network
 to /tmp/inception-2015-12-05.pt on first use; offline, copy the file there or pass --inception PATH.
 --features FILE swaps in any TorchScript extractor f(x (B,3,H,W) floats in [0,255]) -> feats or (feats, logits).
+Built-in data: --features $(python judge.py path) --resize none --ref ref.npz --train-ref auto (judge.py) adds the
+class_acc, memorized and diversity columns.
 --pipeline legacy_tensorflow feeds the raw image to the same Inception file, which resizes inside as TF did (the ADM
 evaluator's pipeline, for numbers beside DiT's and the paper's). Reference images (a folder, an arr_0) are
 centre-cropped to the samples' resolution; features from different pipelines are never compared (metrics.py).
@@ -48,7 +50,7 @@ from metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, chec
                      compute_metrics, count_items, feature_statistics, frechet_distance, image_size_of,
                      inception_score, load_reference, min_samples, pipeline_label, plot_fid_is, precision_recall,
                      read_results, reference_kind, reference_pipeline, save_npz, source_pipeline, write_reference,
-                     write_results)
+                     write_results, _file_hash, load_train_reference)
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
@@ -238,7 +240,7 @@ def _barrier():
 
 def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer, ref=None, num_samples=50_000,
                         seed=0, batch_size=64, write_png=False, write_npz=False, rank=0, world_size=1, settings=None,
-                        k=3, is_splits=10):
+                        k=3, is_splits=10, train_ref=None):
     """Sample every guidance scale (this rank's slice), featurize, and on rank 0 merge, measure and write results.
 
     Returns the rows on rank 0 (None on other ranks). Each scale goes to OUT/cfg{scale}/: features.npz (feats, probs,
@@ -263,7 +265,8 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
             merged = merge_shards(scale_dir, world_size, keep_images=write_npz, pipeline=featurizer.pipeline)
             if reference is None and ref is not None:
                 reference = load_reference(ref, featurizer, image_size=images.shape[1])
-            row = {"cfg_scale": scale, **compute_metrics(merged, reference, k, is_splits, featurizer.device),
+            row = {"cfg_scale": scale, **compute_metrics(merged, reference, k, is_splits, featurizer.device,
+                                                         train_ref, num_classes),
                    "samples": str(scale_dir), "ref": None if ref is None else str(ref), "extractor": featurizer.name,
                    "resize": featurizer.resize, "pipeline": featurizer.pipeline, "k": k, "is_splits": is_splits, "seed": seed, "world_size": world_size,
                    "rank0_samples_per_s": round(len(mine) / max(seconds, 1e-9), 3), **(settings or {})}
@@ -288,7 +291,10 @@ def _scales(text):
 
 def _add_feature_args(p):
     p.add_argument("--ref", help="reference: image folder, mu/sigma .npz (ADM reference batch too) or features .npz")
-    p.add_argument("--features", help="TorchScript feature extractor (default: clean-fid's Inception)")
+    p.add_argument("--features", help="TorchScript feature extractor (default: clean-fid's Inception; built-in data: "
+                   "the judge, $(python judge.py path))")
+    p.add_argument("--train-ref", help="training-set features .npz (python judge.py train-ref) for the memorization "
+                   "ratio; auto: the checkpoint's built-in training set through --features")
     p.add_argument("--inception", default=INCEPTION_PATH, help="clean-fid's Inception file (downloaded there if absent)")
     p.add_argument("--resize", choices=("clean", "none"), default="clean", help="clean: clean-fid's resize to 299")
     p.add_argument("--pipeline", choices=PIPELINES, default="clean", help="clean-fid Inception mode: clean (default) | "
@@ -308,6 +314,8 @@ def _check_common(args, samples=()):
         raise ValueError(f"--k and --is-splits must be >= 1, got {args.k} and {args.is_splits}")
     if args.features and not os.path.isfile(args.features):
         raise FileNotFoundError(f"feature extractor not found: {args.features}")
+    if args.train_ref and args.train_ref != "auto":
+        load_train_reference(args.train_ref)  # raises on a missing or wrong file
     # the label this run's features will carry; a reference made by another pipeline is refused before any work
     label = pipeline_label(args.features, "none" if args.pipeline == "legacy_tensorflow" else args.resize, args.pipeline)
     if args.ref is not None:
@@ -350,10 +358,13 @@ def main_metrics(argv):
     if args.ref is not None:  # reference images are centre-cropped to the samples' resolution
         size = image_size_of(args.samples[0]) if reference_kind(args.ref) in ("folder", "images", "stats+images") else None
         reference = load_reference(args.ref, featurizer, image_size=size)
+    if args.train_ref == "auto":
+        raise ValueError("--train-ref auto needs a checkpoint; here pass a .npz from `python judge.py train-ref`")
+    train_ref = load_train_reference(args.train_ref) if args.train_ref else None
     rows = []
     for i, s in enumerate(args.samples):
         row = {"cfg_scale": None if args.cfg_scales is None else args.cfg_scales[i],
-               **compute_metrics(featurizer(s), reference, args.k, args.is_splits, device),
+               **compute_metrics(featurizer(s), reference, args.k, args.is_splits, device, train_ref),
                "samples": str(s), "ref": args.ref, "extractor": featurizer.name, "resize": featurizer.resize,
                "pipeline": featurizer.pipeline,
                "k": args.k, "is_splits": args.is_splits}
@@ -485,15 +496,32 @@ def main_sample(argv):
     settings = {"checkpoint": str(args.ckpt or args.pretrained), "sampler": args.sampler, "steps": args.steps,
                 "ema": not args.no_ema and args.pretrained is None, **cads_settings(args),
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
+    train_ref = _train_reference(args) if rank == 0 else None
     rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, _featurizer(args, device),
                                args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
-                               world_size, settings, args.k, args.is_splits)
+                               world_size, settings, args.k, args.is_splits, train_ref)
     if rank == 0:
         for row in rows:
             print(json.dumps({c: row[c] for c in METRIC_COLUMNS}))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _train_reference(args):
+    """The --train-ref features and threshold; auto: judge.py's for the checkpoint's built-in training set (cached)."""
+    if args.train_ref != "auto":
+        return load_train_reference(args.train_ref) if args.train_ref else None
+    import judge
+    from runio import load_checkpoint
+    if args.ckpt is None or not args.features:
+        raise ValueError("--train-ref auto needs a nanoCEP checkpoint and --features (the judge: python judge.py path)")
+    spec = judge.run_training_set(load_checkpoint(args.ckpt)["config"])
+    tag = judge.hashlib.sha1(f"{spec}|{_file_hash(args.features)}".encode()).hexdigest()[:12]
+    path = Path(args.out) / "features" / f"train-ref-{tag}.npz"
+    if not path.is_file():
+        save_npz(path, **judge.train_reference(**spec, path=args.features))
+    return load_train_reference(path)
 
 
 def _classes(text):

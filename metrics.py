@@ -136,6 +136,36 @@ def precision_recall(real_feats, fake_feats, k=3, device=None, max_elems=2 ** 25
     return float(precision), float(recall)
 
 
+def nearest_distances(queries, items, chunk=1024):
+    """(Q,) L2 distance of each unit-normalised query row to its nearest unit-normalised item row."""
+    q = F.normalize(torch.as_tensor(np.asarray(queries), dtype=torch.float64), dim=1)
+    t = F.normalize(torch.as_tensor(np.asarray(items), dtype=torch.float64), dim=1)
+    best = [(2 - 2 * (q[i:i + chunk] @ t.T)).min(1).values for i in range(0, len(q), chunk)]  # |a-b|^2 = 2 - 2 a.b
+    return torch.cat(best).clamp_min(0).sqrt().numpy()
+
+
+def memorization_ratio(feats, train_feats, threshold):
+    """Share of samples whose nearest training item (unit-normalised features) is closer than threshold (App. D)."""
+    return float((nearest_distances(feats, train_feats) < threshold).mean())
+
+
+def within_class_spread(feats, labels, max_per_class=500):
+    """Mean pairwise L2 feature distance within each class (its first max_per_class items), averaged over classes."""
+    feats, labels, spreads = torch.as_tensor(np.asarray(feats), dtype=torch.float64), np.asarray(labels), {}
+    for c in np.unique(labels):
+        x = feats[np.flatnonzero(labels == c)[:max_per_class]]  # (n, D)
+        if len(x) >= 2:
+            spreads[int(c)] = float(torch.pdist(x).mean())
+    return spreads
+
+
+def class_diversity(feats, labels, ref_feats, ref_labels):
+    """Within-class spread of samples over that of the reference, over the classes both hold (1 = as diverse)."""
+    mine, ref = within_class_spread(feats, labels), within_class_spread(ref_feats, ref_labels)
+    common = sorted(set(mine) & set(ref))
+    return float(np.mean([mine[c] for c in common]) / np.mean([ref[c] for c in common])) if common else None
+
+
 # ---- feature extractors ----
 
 
@@ -387,7 +417,8 @@ def _read_features(path):
     with np.load(path) as z:
         return {"feats": z["feats"], "probs": z["probs"] if "probs" in z.files else None,
                 "pipeline": str(z["pipeline"]) if "pipeline" in z.files else None,
-                "image_size": int(z["image_size"]) if "image_size" in z.files else None}
+                "image_size": int(z["image_size"]) if "image_size" in z.files else None,
+                "labels": z["labels"] if "labels" in z.files else None}  # samples: conditioned classes; real: true ones
 
 
 class Featurizer:
@@ -553,7 +584,8 @@ def load_reference(ref, featurizer, image_size=None):
                 "pipeline": pipeline}
     out = featurizer(ref, crop=None if kind == "features" else image_size)
     mu, sigma = feature_statistics(out["feats"])
-    return {"mu": mu, "sigma": sigma, "feats": out["feats"], "num": len(out["feats"]), "pipeline": out["pipeline"]}
+    return {"mu": mu, "sigma": sigma, "feats": out["feats"], "num": len(out["feats"]), "pipeline": out["pipeline"],
+            "probs": out["probs"], "labels": out.get("labels")}
 
 
 def write_reference(path, feats, probs, pipeline, **meta):
@@ -564,6 +596,18 @@ def write_reference(path, feats, probs, pipeline, **meta):
     return path
 
 
+def load_train_reference(path):
+    """A run's training-set features and memorization threshold {"feats", "threshold"} (judge.py train-ref)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"training-set features not found: {path}")
+    keys = npz_keys(path)
+    if not {"feats", "mem_threshold"} <= keys:
+        raise ValueError(f"{path} is not a training-set features .npz (needs feats and mem_threshold; "
+                         "write one with `python judge.py train-ref`)")
+    with np.load(path) as z:
+        return {"feats": z["feats"], "threshold": float(z["mem_threshold"])}
+
+
 # ---- evaluation ----
 
 
@@ -572,13 +616,24 @@ def min_samples(k=3, is_splits=10):
     return max(2, k + 1, is_splits)
 
 
-def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu"):
-    """Metrics of sample features {"feats", "probs"} against a reference from load_reference (or IS only)."""
-    feats = sample["feats"]
-    row = {"fid": None, "is_mean": None, "is_std": None, "precision": None, "recall": None,
+def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu", train_ref=None, num_classes=None):
+    """Metrics of sample features {"feats", "probs", "labels"} against a reference from load_reference (or IS only).
+
+    With labels (the conditioned classes) and an extractor whose logits are the model's classes (the built-in judge:
+    probs (N, num_classes)): class_acc, and diversity against the reference's labelled features. With train_ref
+    (load_train_reference): memorized."""
+    feats, labels, probs = sample["feats"], sample.get("labels"), sample.get("probs")
+    row = {"fid": None, "is_mean": None, "is_std": None, "precision": None, "recall": None, "class_acc": None,
+           "memorized": None, "diversity": None,
            "num_samples": int(len(feats)), "num_ref": None if ref is None else ref["num"], "feature_dim": int(feats.shape[1])}
-    if sample.get("probs") is not None:
-        row["is_mean"], row["is_std"] = inception_score(sample["probs"], is_splits)
+    if probs is not None:
+        row["is_mean"], row["is_std"] = inception_score(probs, is_splits)
+    judged = (labels is not None and probs is not None and (num_classes or probs.shape[1]) == probs.shape[1]
+              and int(np.max(labels)) < probs.shape[1])
+    if judged:  # the extractor classifies into the classes the samples were conditioned on
+        row["class_acc"] = float((probs.argmax(1) == labels).mean())
+    if train_ref is not None:
+        row["memorized"] = memorization_ratio(feats, train_ref["feats"], train_ref["threshold"])
     if ref is not None:
         check_pipelines(sample.get("pipeline"), ref.get("pipeline"))
         if sample.get("pipeline") is None or ref.get("pipeline") is None:
@@ -594,12 +649,18 @@ def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu"):
         row["fid"] = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
         if ref["feats"] is not None:
             row["precision"], row["recall"] = precision_recall(ref["feats"], feats, k=k, device=device)
+        ref_labels = ref.get("labels")
+        if ref_labels is None and judged and ref.get("probs") is not None:
+            ref_labels = ref["probs"].argmax(1)  # real images: the judge's classes are ~100 % right
+        if labels is not None and ref_labels is not None and ref["feats"] is not None:
+            row["diversity"] = class_diversity(feats, labels, ref["feats"], ref_labels)
     return row
 
 
 # ---- results ----
 
-METRIC_COLUMNS = ["cfg_scale", "fid", "is_mean", "is_std", "precision", "recall", "num_samples", "num_ref", "feature_dim"]
+METRIC_COLUMNS = ["cfg_scale", "fid", "is_mean", "is_std", "precision", "recall", "class_acc", "memorized", "diversity",
+                  "num_samples", "num_ref", "feature_dim"]
 
 
 def write_results(rows, out_dir):

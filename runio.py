@@ -187,8 +187,12 @@ class RunIO:
         if self.d.main:
             os.makedirs(os.path.join(self.cfg.out, "samples"), exist_ok=True)
             path = os.path.join(self.cfg.out, "samples", f"step_{step:07d}.png")
-            save_grid(sample(ema).float().cpu(), path, nrow=self.cfg.sample_per_class)
+            images = sample(ema)
+            save_grid(images.float().cpu(), path, nrow=self.cfg.sample_per_class)
             self.log({"event": "samples", "step": step, "path": path})
+            if step == self.cfg.steps and getattr(sample, "labels", None) is not None:
+                import judge  # built-in data: does the final grid show its classes? (judge.py)
+                judge.judge_final_grid(self.cfg, images, sample.labels, self.log, tqdm.write)
         if self.d.world > 1:
             dist.barrier()
 

@@ -384,6 +384,7 @@ def grid_sampler(cfg, diffusion, data: TrainData):
             with open(os.path.join(cfg.out, "samples", "captions.txt"), "w", encoding="utf-8") as f:
                 f.write("".join(p + "\n" for p in data.prompts))
         return data.decode(x) if data.decode is not None else x
+    sample.labels = conds if data.prompts is None else None             # (N,) the grid's classes, for the judge
     return sample
 
 

@@ -423,6 +423,7 @@ def test_checkpoint_end_to_end_offline(data, tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["cfg_scale"] for r in rows] == [1.0, 3.0] and rows[0]["model"] == "DiT-T/2"
     assert all(np.isfinite(r["fid"]) and r["train_step"] == 20 for r in rows)
+    assert all(0 <= r["precision"] <= 1 and r["dtype"] == "fp32" for r in rows)   # the metric, not the dtype
     with np.load(out / "cfg3" / "samples.npz") as z:
         images = z["arr_0"]
     assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8

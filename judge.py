@@ -1,0 +1,386 @@
+"""
+judge.py: an offline judge for the built-in data, the FID-Inception of 16x16 coloured shapes.
+
+Inception features mean nothing on 16^2 discs and crosses (and cannot be downloaded offline), so this file trains its
+own small CNN on real built-in images (data.BuiltinShapes with seed 1_000_003, disjoint from every training set,
+which use seed = --seed), deterministically, and caches it as a TorchScript extractor:
+
+    python judge.py build [--image-size 16] [--out PATH]        # train it (~1 min on 1 CPU core) and cache it
+    python judge.py path [--image-size 16]                      # print the cached file's path (builds on first use)
+    python judge.py ref --image-size 16 --num 5000 --out ref.npz             # features of fresh real images
+    python judge.py train-ref --run runs/dit --out train.npz                 # a run's training set + mem. threshold
+    python judge.py check [--image-size 16] [--num 2000]                     # held-out accuracy and FD, real vs real
+    python evaluate.py runs/dit/last.pt --features $(python judge.py path) --resize none \\
+        --ref ref.npz --train-ref train.npz --num-samples 2000 --cfg-scales 1,2,4 --steps 25
+
+The extractor follows evaluate.py's protocol: f(x (B, 3, H, W) floats in [0, 255]) -> (feats (B, 128), logits
+(B, 10)), class order as data.BuiltinShapes.class_names. It is trained on two tasks at once: the class (cross-entropy)
+and the nuisance attributes the renderer drew (size, position, rotation, brightness, background; mean squared error),
+so its features encode *where and how* a shape is drawn, not only its class. That is what makes the Fréchet distance
+sensitive to the whole distribution and lets a nearest-neighbour search tell a copy of a training item from a fresh
+image of the same class. From the features, evaluate.py reports per guidance scale:
+    fid         Fréchet distance to the reference (fresh real images, seed 1_000_033, through the same judge)
+    class_acc   share of samples whose judge argmax is the class they were conditioned on (conditional fidelity)
+    memorized   share of samples whose nearest training item (either flip) is closer than the run's threshold
+    diversity   mean pairwise feature distance within each class, averaged over classes, over the same for the reference
+The memorization threshold (paper App. D uses a fixed CLIP distance, 0.12) is calibrated on real data for each
+training set: fresh real images (seed 1_000_037) are matched to the training set, and the threshold is the 1 % quantile
+of their nearest-item distances (L2 between unit-normalised features). So a model that generalises perfectly, i.e.
+draws fresh images from the data distribution, scores memorized ~ 0.01, and a model that copies scores ~ 1.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import metrics
+
+JUDGE_VERSION = 1                     # bump when the recipe changes: the cache key changes with it
+JUDGE_SEED = 1_000_003                # the judge's own training images
+REF_SEED = 1_000_033                  # held-out reference images (evaluate.py --ref)
+CALIB_SEED = 1_000_037                # fresh images that calibrate the memorization threshold
+CHECK_SEED = 1_000_039                # held-out images of `judge.py check`
+MEM_QUANTILE = 0.01                   # threshold = this quantile of fresh images' nearest-training-item distances
+CACHE_DIR = Path(os.environ.get("NANOCEP_CACHE", Path.home() / ".cache" / "nanocep"))
+
+
+@dataclass
+class JudgeConfig:
+    image_size: int = 16      # image side (the extractor only accepts this size)
+    num_images: int = 8_000   # training images, drawn once (seed JUDGE_SEED)
+    steps: int = 400          # Adam steps
+    batch_size: int = 128
+    lr: float = 2e-3          # Adam, cosine-decayed to 0
+    width: int = 16           # channels of the first stage (doubled at every stride-2 stage)
+    feature_dim: int = 128    # the feature vector (evaluate.py's "feats")
+    attr_weight: float = 1.0  # weight of the attribute regression next to the class cross-entropy
+    seed: int = JUDGE_SEED
+
+    def key(self) -> str:
+        """A short hash of everything the weights depend on (the cache file name)."""
+        text = json.dumps({"version": JUDGE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The network: a few 3x3 conv stages down to 4x4, one dense layer of features, two heads
+
+def conv_bn(cin: int, cout: int, stride: int = 1) -> list:
+    """3x3 conv, batch norm (fixed statistics once trained), SiLU."""
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.SiLU()]
+
+
+class JudgeNet(nn.Module):
+    """f(x (B, 3, S, S) in [0, 255]) -> (feats (B, D), class logits (B, 10)); attr_head is used in training only."""
+
+    def __init__(self, image_size: int, width: int = 16, feature_dim: int = 128, num_classes: int = 10,
+                 num_attrs: int = 10):
+        super().__init__()
+        layers, ch, side = conv_bn(3, width), width, image_size
+        while side > 4:  # stride-2 stages: 16 -> 8 -> 4 (32 adds one)
+            layers += conv_bn(ch, 2 * ch, stride=2) + conv_bn(2 * ch, 2 * ch)
+            ch, side = 2 * ch, side // 2
+        self.image_size = image_size
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(ch * side * side, feature_dim)  # keeps the 4x4 layout: position survives into the features
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.attr_head = nn.Linear(feature_dim, num_attrs)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x / 127.5 - 1.0)                       # (B, C, 4, 4)
+        return F.silu(self.fc(h.flatten(1)))                 # (B, D)
+
+    def forward(self, x: torch.Tensor):
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ValueError(f"this judge takes {self.image_size}px images")
+        feats = self.features(x)
+        return feats, self.head(feats)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real images and the attributes the renderer drew
+
+def render_images(image_size: int, num: int, seed: int, flips=None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, S, S, 3), labels (N,)) of built-in items 0..num-1 with this seed; flips: (N,) bool or None."""
+    ds = data.BuiltinShapes(image_size, num, seed)
+    imgs = np.stack([ds.render(i) for i in range(num)])
+    if flips is not None:
+        imgs[flips] = imgs[flips][:, :, ::-1]
+    return imgs, ds.labels.copy()
+
+
+def attribute_targets(image_size: int, num: int, seed: int, flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised renderer attributes (N, 10) of items 0..num-1 and a mask (N, 10) of the ones that are defined.
+
+    Columns: radius, cx, cy, cos 4a, sin 4a (crosses only: a disc has no angle), gain, background RGB, slope.
+    A horizontal flip mirrors x, so cx and the angle change sign."""
+    ds = data.BuiltinShapes(image_size, num, seed)
+    rows, mask = np.zeros((num, 10), np.float32), np.ones((num, 10), np.float32)
+    for i in range(num):
+        a, _ = ds._attributes(i)
+        sign = -1.0 if flips[i] else 1.0
+        rows[i] = [(a["radius"] - 0.525) / 0.1, sign * a["cx"] / 0.3, a["cy"] / 0.3,
+                   np.cos(4 * a["angle"]), sign * np.sin(4 * a["angle"]), (a["gain"] - 0.875) / 0.07,
+                   *((a["bg"] - 35) / 20), a["bg_slope"] / 14]
+        if a["shape"] == "disc":
+            mask[i, 3:5] = 0
+    return rows, mask
+
+
+@contextmanager
+def one_thread():
+    """One intra-op thread for the duration: CPU kernels then reduce in a fixed order, so a rebuild is bit-identical.
+
+    (torch.use_deterministic_algorithms would add nothing on the CPU here and costs ~6 s of imports.)"""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training and the cache
+
+def train_judge(cfg: JudgeConfig, progress: bool = True) -> JudgeNet:
+    """Train the judge on cfg.num_images real images (seed cfg.seed), deterministically (same config -> same weights)."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    flips = rng.random(cfg.num_images) < 0.5
+    imgs, labels = render_images(cfg.image_size, cfg.num_images, cfg.seed, flips)
+    attrs, mask = attribute_targets(cfg.image_size, cfg.num_images, cfg.seed, flips)
+    x_all = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()             # (N, 3, S, S) in [0, 255]
+    y_all, a_all, m_all = torch.from_numpy(labels), torch.from_numpy(attrs), torch.from_numpy(mask)
+    with one_thread():
+        torch.manual_seed(cfg.seed)
+        net = JudgeNet(cfg.image_size, cfg.width, cfg.feature_dim)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / cfg.steps)))
+        order = np.concatenate([rng.permutation(cfg.num_images) for _ in range(-(-cfg.steps * cfg.batch_size
+                                                                                   // cfg.num_images))])
+        from tqdm import tqdm
+        for step in tqdm(range(cfg.steps), desc=f"judge {cfg.image_size}px", disable=not progress, file=sys.stderr):
+            idx = torch.from_numpy(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+            feats = net.features(x_all[idx])
+            ce = F.cross_entropy(net.head(feats), y_all[idx])
+            mse = ((net.attr_head(feats) - a_all[idx]) ** 2 * m_all[idx]).sum() / m_all[idx].sum()
+            loss = ce + cfg.attr_weight * mse
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval().requires_grad_(False)
+
+
+def cache_path(cfg: JudgeConfig) -> Path:
+    """Where a judge with these settings is cached: ~/.cache/nanocep/judge-16px-<settings hash>.pt."""
+    return CACHE_DIR / f"judge-{cfg.image_size}px-{cfg.key()}.pt"
+
+
+def default_path(image_size: int = 16) -> Path:
+    """Where the default judge for this image size is cached."""
+    return cache_path(JudgeConfig(image_size=image_size))
+
+
+def build(cfg: JudgeConfig, out=None, progress: bool = True) -> Path:
+    """Train the judge, measure it on held-out images, save it as TorchScript (atomically); returns the path."""
+    out = Path(out) if out else cache_path(cfg)
+    t0 = time.time()
+    net = train_judge(cfg, progress)
+    info = {"config": dataclasses.asdict(cfg), "version": JUDGE_VERSION, "key": cfg.key(),
+            "build_seconds": round(time.time() - t0, 1),
+            "class_names": data.BuiltinShapes(cfg.image_size, 10).class_names}
+    with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript, which evaluate.py's --features reads
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(net)
+    info.update(self_check(scripted, cfg.image_size, 1000))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(scripted, str(tmp), _extra_files={"judge.json": json.dumps(info)})
+    os.replace(tmp, out)
+    print(f"judge: built {out} in {info['build_seconds']} s; held-out accuracy {info['accuracy']:.4f}", file=sys.stderr)
+    if info["accuracy"] < 0.99:
+        print(f"warning: the judge classifies only {info['accuracy']:.1%} of held-out real images right", file=sys.stderr)
+    return out
+
+
+def judge_path(image_size: int = 16, progress: bool = True) -> Path:
+    """The default judge for this image size, built and cached on first use."""
+    path = default_path(image_size)
+    return path if path.is_file() else build(JudgeConfig(image_size=image_size), path, progress)
+
+
+def load(path=None, image_size: int = 16):
+    """The judge as a TorchScript module (the default for image_size if no path)."""
+    return metrics.load_torchscript_extractor(str(path or judge_path(image_size)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Using the judge: features, class accuracy, references
+
+@torch.no_grad()
+def judge_images(net, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, S, S, 3) images -> (feats (N, D) float32, predicted classes (N,))."""
+    feats, preds = [], []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float()
+        f, logits = net(x)
+        feats.append(f.numpy())
+        preds.append(logits.argmax(1).numpy())
+    return np.concatenate(feats), np.concatenate(preds)
+
+
+def self_check(net, image_size: int, num: int = 2000) -> dict:
+    """Held-out accuracy of the judge and the Fréchet distance between two fresh real sets (both ~ ideal)."""
+    a, la = render_images(image_size, num, CHECK_SEED)
+    b, _ = render_images(image_size, num, CHECK_SEED + 1)
+    fa, pa = judge_images(net, a)
+    fb, _ = judge_images(net, b)
+    return {"accuracy": float((pa == la).mean()), "num_check": num,
+            "fd_real_real": metrics.frechet_distance(*metrics.feature_statistics(fa), *metrics.feature_statistics(fb))}
+
+
+def class_accuracy(images, labels, image_size: int = None, path=None) -> float:
+    """Share of images (uint8 (N, S, S, 3), or (N, 3, S, S) floats in [-1, 1]) the judge puts in their label's class."""
+    if isinstance(images, torch.Tensor):
+        images = (images.float().clamp(-1, 1) * 127.5 + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    net = load(path, image_size or images.shape[1])
+    return float((judge_images(net, images)[1] == np.asarray(labels)).mean())
+
+
+def grid_verdict(images, labels, cfg_scale: float, step: int, print_fn=print) -> dict:
+    """Judge a built-in run's sample grid (N, 3, S, S) in [-1, 1]: print and return its class accuracy (a log record)."""
+    acc = class_accuracy(images.cpu(), np.asarray(labels), images.shape[-1])
+    n = len(labels)
+    print_fn(f"judge: {round(acc * n)}/{n} grid samples show their class (colour and shape): class accuracy "
+             f"{acc:.3f} at guidance {cfg_scale:g}, step {step}")
+    return {"event": "judge", "step": step, "class_acc": acc, "num": n, "cfg_scale": cfg_scale}
+
+
+def judge_final_grid(cfg, images, labels, log, print_fn=print) -> None:
+    """The trainer's hook after a run's last grid: print and log the judge's class accuracy of a built-in run.
+
+    Skipped for other data, and for short runs (< 500 steps: tests, smoke runs) when no judge is cached yet, so they
+    never pay the judge's one-minute build."""
+    if cfg.data != "builtin" or getattr(cfg, "cond", "class") != "class":
+        return
+    if cfg.steps < 500 and not default_path(cfg.image_size).is_file():
+        return
+    log(grid_verdict(images, labels, cfg.sample_cfg, cfg.steps, print_fn))
+
+
+def reference(image_size: int, num: int, seed: int = REF_SEED, path=None) -> dict:
+    """Features of `num` fresh real images (half of them flipped): {"feats", "probs", "labels"}, evaluate.py's --ref."""
+    flips = np.arange(num) // 10 % 2 == 1           # balanced over classes
+    imgs, labels = render_images(image_size, num, seed, flips)
+    net = load(path, image_size)
+    feats, probs = [], []
+    with torch.no_grad():
+        for i in range(0, num, 500):
+            f, logits = net(torch.from_numpy(np.ascontiguousarray(imgs[i:i + 500])).permute(0, 3, 1, 2).float())
+            feats.append(f.numpy())
+            probs.append(torch.softmax(logits.double(), 1).float().numpy())
+    return {"feats": np.concatenate(feats), "probs": np.concatenate(probs), "labels": labels}
+
+
+def train_reference(image_size: int, length: int, seed: int, flip: bool = True, path=None,
+                    num_calib: int = 2000) -> dict:
+    """Features of a run's training set (items 0..length-1 of seed, both flips if it trained with flips) and its
+    memorization threshold: the MEM_QUANTILE quantile of fresh real images' nearest-training-item distances."""
+    net = load(path, image_size)
+    imgs, labels = render_images(image_size, length, seed)
+    feats = [judge_images(net, imgs)[0]]
+    if flip:
+        feats.append(judge_images(net, imgs[:, :, ::-1])[0])
+    feats = np.concatenate(feats)
+    fresh, _ = render_images(image_size, num_calib, CALIB_SEED, flips=np.arange(num_calib) % 2 == 1)
+    fresh_nn = metrics.nearest_distances(judge_images(net, fresh)[0], feats)
+    return {"feats": feats, "labels": np.concatenate([labels] * (2 if flip else 1)),
+            "mem_threshold": np.float64(np.quantile(fresh_nn, MEM_QUANTILE)), "mem_quantile": np.float64(MEM_QUANTILE),
+            "fresh_nn_median": np.float64(np.median(fresh_nn))}
+
+
+def run_training_set(run_dir_or_config) -> dict:
+    """(image_size, length, seed, flip) of a run's built-in training set, from its config.json (or a config dict)."""
+    cfg = run_dir_or_config
+    if not isinstance(cfg, dict):
+        path = Path(cfg) / "config.json" if Path(cfg).is_dir() else Path(cfg)
+        if not path.is_file():
+            raise FileNotFoundError(f"run config not found: {path}")
+        cfg = json.loads(path.read_text())
+        cfg = cfg.get("config", cfg)
+    if cfg.get("data") != "builtin":
+        raise ValueError(f"the judge knows only the built-in data; this run trained on {cfg.get('data')!r}")
+    return {"image_size": int(cfg["image_size"]), "length": int(cfg["builtin_length"]), "seed": int(cfg["seed"]),
+            "flip": bool(cfg.get("flip", True))}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+def main(argv=None) -> int:
+    from common import ArgParser
+    p = ArgParser(prog="judge.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("build", "path", "ref", "train-ref", "check"):
+        s = sub.add_parser(name)
+        s.error = p.error
+        if name != "train-ref":
+            s.add_argument("--image-size", type=int, default=16, help="image side (16 or 32 for the built-in runs)")
+        s.add_argument("--judge", help="a judge file (default: the cached default for the image size)")
+        if name == "build":
+            s.add_argument("--out", help="where to write it (default: the cache path `judge.py path` prints)")
+        if name == "ref":
+            s.add_argument("--num", type=int, default=5000, help="fresh real images")
+            s.add_argument("--seed", type=int, default=REF_SEED, help="their seed (never a training run's seed)")
+            s.add_argument("--out", default="ref.npz", help="features .npz (feats, probs, labels) for evaluate.py --ref")
+        if name == "train-ref":
+            s.add_argument("--run", required=True, help="a run folder (its config.json) or a config.json file")
+            s.add_argument("--out", default="train.npz", help="features .npz for evaluate.py --train-ref")
+        if name == "check":
+            s.add_argument("--num", type=int, default=2000, help="held-out images")
+    args = p.parse_args(argv)
+    try:
+        if args.command != "train-ref" and args.image_size < 8:
+            raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
+        if args.judge and not os.path.isfile(args.judge):
+            raise FileNotFoundError(f"judge not found: {args.judge}")
+        if args.command == "build":
+            build(JudgeConfig(image_size=args.image_size), args.out)
+        elif args.command == "path":
+            print(args.judge or judge_path(args.image_size))
+        elif args.command == "check":
+            print(json.dumps(self_check(load(args.judge, args.image_size), args.image_size, args.num)))
+        elif args.command == "ref":
+            if args.num < 10:
+                raise ValueError(f"--num must be >= 10, got {args.num}")
+            metrics.save_npz(args.out, **reference(args.image_size, args.num, args.seed, args.judge))
+            print(f"wrote {args.out}", file=sys.stderr)
+        else:
+            tr = train_reference(**run_training_set(args.run), path=args.judge)
+            metrics.save_npz(args.out, **tr)
+            print(f"wrote {args.out}: {len(tr['feats'])} training features, memorization threshold "
+                  f"{float(tr['mem_threshold']):.4f}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"judge.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Tests for judge.py and the judge metrics in metrics.py/evaluate.py: class accuracy, Fréchet distance, memorization
+and diversity on real built-in images (a small judge built once, ~10 s); determinism; the CLIs end to end; bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate as ev
+import judge
+import metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(num_images=3000, steps=250, width=8)  # the default recipe, smaller: still ~100 % on held-out images
+
+
+@pytest.fixture(scope="module")
+def small_judge(tmp_path_factory):
+    return judge.build(judge.JudgeConfig(**SMALL), tmp_path_factory.mktemp("judge") / "judge.pt", progress=False)
+
+
+@pytest.fixture(scope="module")
+def net(small_judge):
+    return judge.load(small_judge)
+
+
+def features(net, num, seed, flips=None):
+    """{"feats", "probs", "labels"} of fresh real images, as evaluate.py's feature pass would give them."""
+    imgs, labels = judge.render_images(16, num, seed, flips)
+    out = metrics.extract_features(imgs, net, batch_size=250, resize="none")
+    return {**out, "labels": labels, "images": imgs}
+
+
+def test_real_images_score_full_accuracy_and_near_zero_frechet_distance(net):
+    a, b = features(net, 1000, 77), features(net, 1000, 78)
+    row = metrics.compute_metrics(a, None, num_classes=10)
+    assert row["class_acc"] >= 0.98
+    fd_real = metrics.frechet_distance(*metrics.feature_statistics(a["feats"]), *metrics.feature_statistics(b["feats"]))
+    # the same images with their shapes' colours dimmed by a third: a visible change must move the distance a lot
+    dim = (b["images"].astype(np.float32) * 0.67).astype(np.uint8)
+    f_dim = metrics.extract_features(dim, net, resize="none")["feats"]
+    fd_dim = metrics.frechet_distance(*metrics.feature_statistics(a["feats"]), *metrics.feature_statistics(f_dim))
+    spread = np.trace(np.cov(a["feats"], rowvar=False))
+    assert fd_real < 0.05 * spread and fd_real < 0.2 * fd_dim
+
+
+def test_shuffled_labels_score_chance_accuracy(net):
+    s = features(net, 1000, 79)
+    s["labels"] = np.random.default_rng(0).permutation(s["labels"])
+    acc = metrics.compute_metrics(s, None, num_classes=10)["class_acc"]
+    assert abs(acc - 0.1) < 0.05  # 1000 draws: std 0.0095
+
+
+def test_class_accuracy_is_only_reported_for_a_judge_of_the_models_classes(net):
+    s = features(net, 20, 80)
+    assert metrics.compute_metrics(s, None, num_classes=1000)["class_acc"] is None  # e.g. Inception on ImageNet
+    assert metrics.compute_metrics({**s, "labels": None}, None)["class_acc"] is None
+
+
+def test_copies_of_training_items_are_memorized_and_fresh_images_are_not(small_judge, net):
+    tr = judge.train_reference(16, 200, seed=5, flip=True, path=small_judge, num_calib=500)
+    assert tr["feats"].shape[0] == 400 and 0 < tr["mem_threshold"] < tr["fresh_nn_median"]
+    train = {"feats": tr["feats"], "threshold": float(tr["mem_threshold"])}
+    imgs, _ = judge.render_images(16, 200, seed=5, flips=np.arange(200) % 2 == 1)  # copies, half of them mirrored
+    noisy = np.clip(imgs + np.random.default_rng(1).integers(-2, 3, imgs.shape), 0, 255).astype(np.uint8)
+    copies = metrics.extract_features(noisy, net, resize="none")["feats"]
+    fresh = features(net, 500, 81)["feats"]
+    assert metrics.memorization_ratio(copies, train["feats"], train["threshold"]) >= 0.95
+    assert metrics.memorization_ratio(fresh, train["feats"], train["threshold"]) <= 0.05
+
+
+def test_diversity_is_one_for_real_images_and_small_for_collapsed_samples(net):
+    ref, s = features(net, 1000, 82), features(net, 500, 83)
+    assert 0.9 < metrics.class_diversity(s["feats"], s["labels"], ref["feats"], ref["labels"]) < 1.1
+    collapsed = s["feats"][np.arange(500) % 10 + 10 * (np.arange(500) % 2)]  # two images per class, repeated
+    assert metrics.class_diversity(collapsed, s["labels"], ref["feats"], ref["labels"]) < 0.5
+
+
+def test_build_is_deterministic_and_keyed_by_its_settings(tmp_path):
+    cfg = judge.JudgeConfig(num_images=200, steps=3, width=4)
+    a, b = (judge.train_judge(cfg, progress=False).state_dict() for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert cfg.key() != judge.JudgeConfig(num_images=200, steps=4, width=4).key()
+    assert judge.default_path(16) != judge.default_path(32)
+
+
+def test_evaluate_metrics_cli_writes_the_judge_columns(small_judge, net, tmp_path):
+    sample = features(net, 300, 84)
+    metrics.save_npz(tmp_path / "samples.npz", feats=sample["feats"], probs=sample["probs"], labels=sample["labels"])
+    assert judge.main(["ref", "--num", "500", "--judge", str(small_judge), "--out", str(tmp_path / "ref.npz")]) == 0
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"data": "builtin", "image_size": 16,
+                                                              "builtin_length": 100, "seed": 3, "flip": True}))
+    assert judge.main(["train-ref", "--run", str(tmp_path / "run"), "--judge", str(small_judge),
+                       "--out", str(tmp_path / "train.npz")]) == 0
+    assert ev.main(["metrics", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"),
+                    "--train-ref", str(tmp_path / "train.npz"), "--features", str(small_judge), "--resize", "none",
+                    "--out", str(tmp_path / "eval")]) == 0
+    row = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"][0]
+    assert row["class_acc"] >= 0.98 and row["memorized"] <= 0.05 and 0.8 < row["diversity"] < 1.2
+    assert row["fid"] >= 0 and row["precision"] > 0.5
+    header = (tmp_path / "eval" / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"fid", "precision", "recall", "class_acc", "memorized", "diversity"} <= set(header)
+
+
+def test_bad_input_is_one_line_and_exit_2(small_judge, tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"data": "/data/imagenet", "image_size": 16, "seed": 0}))
+    assert judge.main(["train-ref", "--run", str(tmp_path), "--judge", str(small_judge)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("judge.py: error:") and "built-in" in err and len(err.splitlines()) == 1
+    np.savez(tmp_path / "wrong.npz", feats=np.zeros((5, 3)))
+    assert ev.main(["metrics", "--samples", str(tmp_path / "wrong.npz"), "--train-ref", str(tmp_path / "wrong.npz")]) == 2
+    assert "mem_threshold" in capsys.readouterr().err
+    assert not (tmp_path / "train.npz").exists()
+
+
+def test_final_grid_hook_prints_and_logs_the_class_accuracy(small_judge, monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setattr(judge, "default_path", lambda image_size=16: small_judge)
+    monkeypatch.setattr(judge, "judge_path", lambda image_size=16, progress=True: small_judge)
+    imgs, labels = judge.render_images(16, 40, 85)
+    grid = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1            # (N, 3, 16, 16) in [-1, 1]
+    records, lines = [], []
+    cfg = SimpleNamespace(data="builtin", cond="class", steps=10, image_size=16, sample_cfg=4.0)
+    judge.judge_final_grid(cfg, grid, labels, records.append, lines.append)
+    judge.judge_final_grid(cfg, grid, (labels + 5) % 10, records.append, lines.append)  # every shape called wrong
+    acc = [r["class_acc"] for r in records]
+    assert acc[0] >= 0.95 and acc[1] <= 0.05 and f"class accuracy {acc[0]:.3f}" in lines[0]
+    judge.judge_final_grid(SimpleNamespace(**{**vars(cfg), "data": "/data/imagenet"}), grid, labels, records.append)
+    assert len(records) == 2  # other data: no verdict
