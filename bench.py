@@ -8,147 +8,26 @@ compile setting. Every flag the train script takes works here too (they build th
     python bench.py --script train_ldm --model ldm4-cin256 --vae vq-f4 --image-size 256 --batch-size 8   # the U-Net
     python bench.py --suite gpu --json gpu.json                         # the whole GPU check (gpu_suite.py)
 
-A step here is what the trainer does: forward + loss (the script's diffusion loss) + backward + AdamW + EMA update, on
-latents of the model's input shape (the VAE encode is not included: with a latent cache it is not in the loop).
-FLOPs are counted by torch's FlopCounterMode on one forward+backward (so they include attention), and MFU divides
-the achieved FLOP/s by the accelerator's dense bf16 peak (--peak-tflops to override).
+A step here is the trainer's own `trainer.train_step` (draws, CFG drop, loss, backward, AdamW, EMA), timed by
+measure.py on latents of the model's input shape; FLOPs come from torch's FlopCounterMode on one forward+backward, and
+MFU divides the achieved FLOP/s by the accelerator's dense bf16 peak (--peak-tflops to override).
 """
-import argparse
-import importlib
-import statistics
 import sys
-import time
-from contextlib import nullcontext
 
-import torch
-
-# Dense bf16 tensor-core peaks (TFLOP/s) for MFU; the fp32 peak is used with --precision fp32 (TF32 on).
-# Ordered: the PCIe / NVL parts (lower clocks) must match before the SXM names "H100" / "H200".
-PEAKS = {"H100 PCIe": (756.0, 378.0), "H100 NVL": (835.0, 418.0), "H200 NVL": (835.0, 418.0),
-         "H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
-         "4090": (165.0, 82.6), "3090": (71.0, 35.6)}
-
-
-def peak_tflops(device: torch.device, precision: str):
-    """The card's dense peak for `precision`, or None when unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    return datasheet_peak(torch.cuda.get_device_name(device), precision)
-
-
-def datasheet_peak(name: str, precision: str = "bf16"):
-    """The dense peak (TFLOP/s) of the card called `name` (first matching PEAKS key), or None when unknown."""
-    for key, (bf16, tf32) in PEAKS.items():
-        if key in name:
-            return bf16 if precision == "bf16" else tf32
-    return None
-
-
-def count_flops(fn) -> int:
-    """FLOPs (2 per multiply-add) of running fn() once, as torch's dispatcher sees them."""
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def mfu_pct(flops_per_img: float, img_per_s: float, peak: float | None):
-    """(achieved TFLOP/s, MFU in % of `peak` TFLOP/s or None when the peak is unknown)."""
-    achieved = flops_per_img * img_per_s / 1e12
-    return achieved, (100.0 * achieved / peak if peak else None)
-
-
-def build_step(script, cfg, dev: torch.device, precision: str):
-    """(step(), fwd_bwd_eager(), model, compiled): one trainer step on random latents, and an eager one-image pass."""
-    from trainer import ema_pairs, ema_update, encode_prompts
-    use_cuda = dev.type == "cuda"
-    torch.manual_seed(0)
-    model = script.build_model(cfg).to(dev)
-    diffusion = script.build_diffusion(cfg)
-    ema = script.build_model(cfg).to(dev).requires_grad_(False)
-    averaged = ema_pairs(ema, model)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, fused=use_cuda or None)
-    fwd = torch.compile(model) if (cfg.compile if cfg.compile is not None else use_cuda) else model
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    shape = script.latent_shape(cfg)
-    B = cfg.batch_size
-    x = torch.randn(B, *shape, device=dev)
-    if getattr(cfg, "cond", "class") == "text":                       # caption token ids, as the text loader gives
-        y = encode_prompts(cfg, ["a large red disc at the middle of a dark background"] * B).to(dev)
-    else:
-        y = torch.randint(0, cfg.num_classes, (B,), device=dev)
-
-    def step():
-        with autocast:
-            loss = diffusion.training_losses(lambda xt, t: fwd(xt, t, y), x)["loss"].mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(*averaged, 0.9999)
-
-    def fwd_bwd_eager():
-        with autocast:
-            out = model(x[:1], torch.zeros(1, dtype=torch.long, device=dev), y[:1])
-        out.float().pow(2).mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    return step, fwd_bwd_eager, model, fwd is not model
-
-
-def measure(script_name: str, train_argv: list, warmup: int = 3, iters: int = 10, peak_override: float = 0.0) -> dict:
-    """Time the training step of `script_name` configured by `train_argv` (its flags); raises RunError on bad flags."""
-    script = importlib.import_module(script_name)
-    from trainer import parse_config
-    cfg = parse_config(script.CONFIG_CLASS, train_argv, getattr(script, "PRESETS", None))
-    script.check_config(cfg)
-    if not cfg.num_classes:
-        cfg.num_classes = 1000 if cfg.data != "builtin" else 10
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda" if use_cuda else "cpu")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "fp32")
-    if use_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    step, fwd_bwd_eager, model, compiled = build_step(script, cfg, dev, precision)
-    flops_per_img = count_flops(fwd_bwd_eager)  # one image, forward + backward (= 3x forward)
-    for _ in range(warmup):
-        step()
-    if use_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        if use_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
-    peak = peak_override or peak_tflops(dev, precision)
-    B = cfg.batch_size
-    achieved, mfu = mfu_pct(flops_per_img, B / dt, peak)
-    return {"model": cfg.model, "params": sum(q.numel() for q in model.parameters()),
-            "input": list(script.latent_shape(cfg)),
-            "batch": B, "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if use_cuda else "",
-            "precision": precision, "compiled": compiled, "step_s": dt, "step_min_s": min(times),
-            "iters": iters, "img_per_s": B / dt, "flops_per_img": flops_per_img, "tflops": achieved,
-            "peak_tflops": peak, "mfu_pct": mfu,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if use_cuda else None}
+from common import ArgParser, RunError
+from measure import SCRIPTS, measure
 
 
 def main(argv=None) -> int:
-    from trainer import ArgParser
     pre = ArgParser(prog="bench.py", add_help=False)
     pre.add_argument("--suite", choices=["gpu"], default=None)
     suite, rest = pre.parse_known_args(argv)
     if suite.suite == "gpu":                                  # the suite has its own flags (--json, --rows, ...)
         import gpu_suite
         return gpu_suite.main(rest, prog="bench.py --suite gpu")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), add_help=False)
+    p = ArgParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(), add_help=False)
     p.add_argument("--suite", choices=["gpu"], default=None, help="run a whole suite instead (gpu: see gpu_suite.py)")
-    p.add_argument("--script", default="train_dit", choices=["train_dit", "train_ldm"], help="which model family")
+    p.add_argument("--script", default="train_dit", choices=list(SCRIPTS), help="which model family")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
     p.add_argument("--iters", type=int, default=10, help="timed steps")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="override the accelerator peak for MFU")
@@ -158,7 +37,6 @@ def main(argv=None) -> int:
         p.print_help()
         print("\nAll flags of the train script are accepted; see python", args.script + ".py --help")
         return 0
-    from trainer import RunError
     try:
         r = measure(args.script, rest, args.warmup, args.iters, args.peak_tflops)
     except RunError as e:

@@ -28,6 +28,9 @@ Design choices the paper leaves open (paper.md §3.2), made explicit here:
 - For text, CEP's d is the per-token width D (every real token vector gets noise of scale gamma/sqrt(D)), not L*D as
   NEFTune would use; padding is never perturbed.
 
+The sample grids' conditions live here too: `grid_labels` (one row per class) and `grid_prompts` / `encode_prompts`
+(fixed captions for text models).
+
 Run `python -c "import conditions; help(conditions)"` to read this; there is no CLI.
 """
 import base64
@@ -35,6 +38,7 @@ import functools
 import hashlib
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,6 +58,7 @@ class ClassEmbedder(nn.Module):
         the paper does not say how it smooths, this is our reading.
     cond_dropout p: dropout with probability p on the embedding (inverted dropout: kept entries scaled by 1/(1-p)).
     """
+    kind = "class"                                                  # what the denoisers check to wire the condition
 
     def __init__(self, num_classes: int, dim: int, dropout_prob: float = 0.1, cep: str = "none",
                  cep_gamma: float = 1.0, cep_null: bool = False, cond_dropout: float = 0.0,
@@ -245,6 +250,7 @@ class TextEncoder(nn.Module):
     null caption stays clean unless cep_null. pooled(context, mask) gives the masked mean (B, D) of the (perturbed)
     context, for models that also condition globally (e.g. adaLN); it does not depend on the amount of padding.
     """
+    kind = "text"
 
     def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int, *, pad_id: int,
                  eot_id: int, tokenizer: str = "bytes", dropout_prob: float = 0.1, cep: str = "none",
@@ -322,7 +328,7 @@ class TextEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Factory
+# Factory, and the conditions of the sample grids
 
 def build_condition_encoder(kind: str, dim: int, *, num_classes: int = 0, dropout_prob: float = 0.1,
                             cep: str = "none", cep_gamma: float = 1.0, cep_null: bool = False,
@@ -348,3 +354,48 @@ def build_condition_encoder(kind: str, dim: int, *, num_classes: int = 0, dropou
                            tokenizer=tokenizer, dropout_prob=dropout_prob, cep=cep, cep_gamma=cep_gamma,
                            cep_null=cep_null, cond_dropout=cond_dropout)
     raise ValueError(f"unknown condition kind {kind!r} (expected 'class' or 'text')")
+
+
+def encoder_from_config(cfg, dim: int) -> nn.Module:
+    """The condition encoder a train config (config.TrainConfig) describes, of width dim: its condition kind, CFG
+    dropout, CEP, the Table 6 ablations and the text-encoder fields."""
+    return build_condition_encoder(cfg.cond, dim, num_classes=cfg.num_classes, dropout_prob=cfg.class_dropout,
+                                   cep=cfg.cep, cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null,
+                                   tokenizer=cfg.tokenizer, context_length=cfg.context_length, depth=cfg.text_depth,
+                                   heads=cfg.text_heads, cond_dropout=cfg.cond_dropout,
+                                   label_smoothing=cfg.label_smoothing)
+
+
+def grid_labels(num_classes: int, rows: int = 16) -> torch.Tensor:
+    """The class ids of a sample grid's rows: every class, or `rows` of them evenly spread (R,)."""
+    return torch.as_tensor(np.unique(np.linspace(0, num_classes - 1, min(num_classes, rows)).round().astype(int)))
+
+
+BUILTIN_PROMPT = "a large {} at the middle of a dark background"   # one grid row per built-in class, e.g. "red disc"
+
+
+def read_prompts(path: str, what: str = "prompts file") -> list[str]:
+    """A prompts file (one caption per line, blank lines skipped) -> its captions; errors name `what` and the path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        prompts = [ln.strip() for ln in f if ln.strip()]
+    if not prompts:
+        raise ValueError(f"{what} {path} holds no prompts")
+    return prompts
+
+
+def grid_prompts(path: str, dataset, builtin: bool, rows: int = 16) -> list[str]:
+    """The fixed prompts of a text model's grids: the file `path` (one per line), else one per built-in class, else
+    up to 8 distinct captions evenly spread over the dataset."""
+    if path:
+        return read_prompts(path, "--sample-prompts file")[:rows]
+    if builtin:
+        return [BUILTIN_PROMPT.format(name) for name in dataset.class_names]
+    picks = np.linspace(0, len(dataset) - 1, min(len(dataset), 8)).round().astype(int)
+    return list(dict.fromkeys(dataset.captions[int(i)] for i in picks))       # distinct, in order
+
+
+def encode_prompts(cfg, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> the caption token ids (B, L) a text model of this config takes (what its y is)."""
+    return get_tokenizer(cfg.tokenizer)(list(prompts), cfg.context_length)

@@ -8,7 +8,8 @@ pairs once, before training (eta in {2.5, 5, 7.5, 10, 15, 20}%; "slight" means e
   symmetric   flip y to another class drawn from the dataset's class prior (ImageNet-1K labels)
   asymmetric  flip only samples of a chosen class set, into another class of that set
   swap        swap captions between random pairs (CC3M captions)
-  rewrite     captions rewritten outside nanoCEP (the paper used GPT-4); applied and recorded here
+  rewrite     captions rewritten outside nanoCEP (the paper used GPT-4); a fraction eta of N drawn from them
+              (sample_rewrites), applied and recorded here
 
 Every corruption can be recorded in a JSON manifest (kind, ratio, seed, N, corrupted indices, old and new
 values) so that a training run is reproducible and inspectable. The random stream is numpy's PCG64, so the same
@@ -27,6 +28,10 @@ Command line (one label or caption per line; the manifest is written to OUT.mani
     python corrupt.py labels.txt --ratio 0.05 --kind asymmetric --classes 3,8,42 -o labels_asym.txt
     python corrupt.py captions.txt --captions --ratio 0.05 --kind swap --seed 0 -o captions_noisy.txt
     python corrupt.py captions.txt --captions --kind rewrite --rewrites rewrites.json -o captions_rw.txt
+    python corrupt.py captions.txt --captions --kind rewrite --rewrites rewrites.json --ratio 0.05 -o captions_rw.txt
+
+(nanoCEP's own scripts share one copy of their file and CLI plumbing in common.py; this file keeps its own small
+atomic write and one-line argparse error on purpose, so that it stays a single copyable file.)
 """
 
 import argparse
@@ -298,6 +303,31 @@ def rewrite_captions(captions, rewrites):
     return new, np.array(sorted(seen), dtype=np.int64)
 
 
+def load_rewrites(path):
+    """Read a rewrites file, a JSON object {index: new caption} -> dict (ValueError / FileNotFoundError naming it)."""
+    table = _read_json(path, "rewrites file")
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"rewrites file {path} must hold a non-empty JSON object {{index: caption}}")
+    return table
+
+
+def sample_rewrites(rewrites, ratio, n, seed=0):
+    """round(ratio*n) of the rewrites {index: caption}, drawn without replacement by `seed`; all of them if ratio is 0.
+
+    This is how a run corrupts exactly the fraction eta of N captions from a larger pool of rewrites. Entries are
+    taken in numeric order of their index before drawing, so the result does not depend on the file's key order.
+    """
+    ratio = _check_ratio(ratio)
+    items = sorted(rewrites.items(), key=lambda kv: (len(str(kv[0])), str(kv[0])))   # numeric order of the keys
+    if ratio == 0:
+        return dict(items)
+    k = _num_to_corrupt(ratio, n)
+    if k > len(items):
+        raise ValueError(f"ratio {ratio} of {n} captions asks for {k} rewrites but the table has {len(items)}")
+    pick = _rng(seed).choice(len(items), size=k, replace=False)
+    return dict(items[i] for i in sorted(pick))
+
+
 # ---- manifest ----
 
 def make_manifest(kind, ratio, seed, old_values, new_values, idx, **params):
@@ -407,14 +437,18 @@ def save_manifest(path, manifest):
 
 def load_manifest(path):
     """Read and validate a manifest written by save_manifest."""
+    return validate_manifest(_read_json(path, "manifest"))
+
+
+def _read_json(path, what):
+    """A JSON file's content; a missing or malformed file is an error naming `what` and the path."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"manifest not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"manifest {path} is not valid JSON: {e}") from None
-    return validate_manifest(manifest)
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
 
 
 def apply_manifest(values, manifest):
@@ -488,11 +522,35 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _corrupt_lines(lines, kind, args):
+    """The CLI's corruption of the input lines -> (old, new, idx, output text, ratio, seed, manifest params)."""
+    if args.captions:
+        if kind == "swap":
+            new, idx = swap_captions(lines, args.ratio, seed=args.seed)
+            ratio, seed = args.ratio, args.seed
+        else:
+            rewrites = sample_rewrites(load_rewrites(args.rewrites), args.ratio or 0.0, len(lines), args.seed)
+            new, idx = rewrite_captions(lines, rewrites)
+            ratio, seed = len(idx) / len(lines), (args.seed if args.ratio else None)
+        if any("\n" in c or "\r" in c for c in new):
+            raise ValueError("a rewritten caption contains a line break; captions are one per line")
+        return lines, new, idx, "".join(c + "\n" for c in new), ratio, seed, {}
+    old = _parse_labels(lines, args.input)
+    classes = _parse_classes(args.classes) if args.classes is not None else None
+    new, idx = corrupt_labels(old, args.ratio, num_classes=args.num_classes, kind=kind, classes=classes,
+                              seed=args.seed)
+    params = {"num_classes": args.num_classes}  # exactly the arguments that reproduce it
+    if classes is not None:
+        params["classes"] = classes
+    return old, new, idx, "".join(f"{v}\n" for v in new.tolist()), args.ratio, args.seed, params
+
+
 def main(argv=None):
     p = _Parser(description="Corrupt a fixed fraction of labels or captions (one per line) and write a manifest.")
     p.add_argument("input", help="labels.txt (one integer label per line) or captions.txt with --captions")
     p.add_argument("-o", "--output", required=True, help="output file; the manifest goes to OUTPUT.manifest.json")
-    p.add_argument("--ratio", type=float, help="fraction of samples to corrupt, in [0, 1)")
+    p.add_argument("--ratio", type=float, help="fraction of samples to corrupt, in [0, 1) (rewrite: draws that "
+                   "fraction of N among the rewrites; default all of them)")
     p.add_argument("--kind", choices=LABEL_KINDS + CAPTION_KINDS,
                    help="default: symmetric for labels, swap for captions")
     p.add_argument("--seed", type=int, default=0)
@@ -517,37 +575,7 @@ def main(argv=None):
             raise ValueError("--kind rewrite needs --rewrites FILE.json")
         if args.classes is not None and kind != "asymmetric":
             raise ValueError("--classes is only used with --kind asymmetric")
-        lines = _read_lines(args.input)
-        params = {}
-        if args.captions:
-            if kind == "swap":
-                new, idx = swap_captions(lines, args.ratio, seed=args.seed)
-                ratio, seed = args.ratio, args.seed
-            else:
-                if not os.path.isfile(args.rewrites):
-                    raise FileNotFoundError(f"rewrites file not found: {args.rewrites}")
-                try:
-                    with open(args.rewrites, encoding="utf-8") as f:
-                        rewrites = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{args.rewrites} is not valid JSON: {e}") from None
-                if not isinstance(rewrites, dict):
-                    raise ValueError(f"{args.rewrites} must hold a JSON object {{index: caption}}")
-                new, idx = rewrite_captions(lines, rewrites)
-                ratio, seed = len(idx) / len(lines), None
-            if any("\n" in c or "\r" in c for c in new):
-                raise ValueError("a rewritten caption contains a line break; captions are one per line")
-            old, text = lines, "".join(c + "\n" for c in new)
-        else:
-            old = _parse_labels(lines, args.input)
-            classes = _parse_classes(args.classes) if args.classes is not None else None
-            new, idx = corrupt_labels(old, args.ratio, num_classes=args.num_classes, kind=kind, classes=classes,
-                                      seed=args.seed)
-            ratio, seed = args.ratio, args.seed
-            params = {"num_classes": args.num_classes}  # exactly the arguments that reproduce it
-            if classes is not None:
-                params["classes"] = classes
-            text = "".join(f"{v}\n" for v in new.tolist())
+        old, new, idx, text, ratio, seed, params = _corrupt_lines(_read_lines(args.input), kind, args)
         manifest = make_manifest(kind, ratio, seed, old, new, idx, **params)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         sys.stderr.write(f"corrupt.py: error: {e}\n")

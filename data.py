@@ -1,7 +1,8 @@
 """
 Datasets for nanoCEP: the built-in procedural dataset, ImageNet-style image folders, captioned images, static
-condition corruption (labels and captions), and the step-indexed sampler that makes training resumable and identical
-on 1 or N processes.
+condition corruption (labels and captions, through corrupt.py), the step-indexed sampler that makes training
+resumable and identical on 1 or N processes, and the per-step views of a global batch's items that keep random
+corruption and --cep-subset identical on 1 or N processes too.
 
     python data.py preview --out builtin.png          # a grid of the built-in dataset, one row per class
     python data.py preview --data /path/to/imagenet/train --out folder.png
@@ -17,7 +18,6 @@ For text conditioning, TokenizedCaptions(ds, tokenizer, L) is a view whose items
 The horizontal flip is part of the key (chosen by StepSampler from the run's seed and the sample position), so the
 flip a sample gets is a function of (seed, step), never of a worker's random state: resume and DDP stay exact.
 """
-import argparse
 import math
 import os
 import re
@@ -26,6 +26,8 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
+
+from common import ArgParser
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
@@ -309,14 +311,14 @@ def apply_corruption(dataset, ratio: float, kind: str = "symmetric", seed: int =
 
 def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: int = 0, rewrites: str | None = None,
                              manifest_path: str | None = None) -> np.ndarray:
-    """Corrupt round(ratio * N) captions of `dataset` in place, write the manifest, return the corrupted indices.
+    """Corrupt round(ratio * N) captions of `dataset` in place (corrupt.py), write the manifest, return the indices.
 
     swap:    swap captions between random pairs (the paper's CC3M default, corrupt.swap_captions).
     rewrite: replace captions by the user's rewrites, a JSON file {index: caption} (e.g. made with an LLM, as the
-             paper's GPT-4 rewrites); round(ratio * N) of its entries are drawn with `seed`, or all when ratio is 0.
+             paper's GPT-4 rewrites); round(ratio * N) of its entries are drawn with `seed` (corrupt.sample_rewrites),
+             or all of them when ratio is 0.
     Lazy captions (the built-in dataset's) are materialised once, here.
     """
-    import json
     import corrupt
     captions = list(dataset.captions)                          # (N,) strings; 100K built-in captions take ~5 s
     if kind == "swap":
@@ -325,23 +327,8 @@ def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: in
     elif kind == "rewrite":
         if not rewrites:
             raise ValueError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: caption})")
-        if not os.path.isfile(rewrites):
-            raise FileNotFoundError(f"rewrites file not found: {rewrites}")
-        try:
-            with open(rewrites, encoding="utf-8") as f:
-                table = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"rewrites file {rewrites} is not valid JSON: {e}") from None
-        if not isinstance(table, dict) or not table:
-            raise ValueError(f"rewrites file {rewrites} must hold a non-empty JSON object {{index: caption}}")
-        items = sorted(table.items(), key=lambda kv: (len(str(kv[0])), str(kv[0])))   # numeric order of the keys
-        if ratio > 0:
-            k = int(round(ratio * len(captions)))
-            if k > len(items):
-                raise ValueError(f"--corrupt {ratio} asks for {k} rewritten captions but {rewrites} has {len(items)}")
-            pick = np.random.Generator(np.random.PCG64(seed)).choice(len(items), size=k, replace=False)
-            items = [items[i] for i in sorted(pick)]
-        new, idx = corrupt.rewrite_captions(captions, dict(items))
+        table = corrupt.sample_rewrites(corrupt.load_rewrites(rewrites), ratio, len(captions), seed)
+        new, idx = corrupt.rewrite_captions(captions, table)
         if any(not _clean_caption(c) for c in new):
             raise ValueError(f"rewrites file {rewrites} holds an empty caption")
         recorded_ratio, recorded_seed = len(idx) / len(captions), (seed if ratio > 0 else None)
@@ -352,6 +339,17 @@ def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: in
                                                                    idx, **({"rewrites": rewrites} if rewrites else {})))
     dataset.captions = new
     return idx
+
+
+def corrupt_dataset(dataset, ratio: float, kind: str, seed: int = 0, classes: str = "", rewrites: str = "",
+                    manifest_path: str | None = None) -> np.ndarray:
+    """The static corruption a run asks for (flags --corrupt, --corrupt-type, --corrupt-classes, --corrupt-rewrites):
+    label kinds flip labels, caption kinds corrupt captions; returns the corrupted indices."""
+    if kind in ("swap", "rewrite"):
+        return apply_caption_corruption(dataset, ratio, kind, seed=seed, rewrites=rewrites or None,
+                                        manifest_path=manifest_path)
+    class_ids = [int(c) for c in classes.split(",")] if classes else None
+    return apply_corruption(dataset, ratio, kind, seed=seed, classes=class_ids, manifest_path=manifest_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -442,6 +440,36 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Per-step views of the global batch's items (for draws that must not depend on the number of processes)
+
+def batch_items(length: int, global_batch: int, seed: int, start_step: int, total_steps: int):
+    """items(step) -> the dataset indices (B,) of the whole global batch at `step` (StepSampler's order, any rank)."""
+    order = StepSampler(length, global_batch, 0, 1, seed, start_step, total_steps, flip=False)
+    return lambda step: np.array([flip_key(k)[0] for k in order.keys(step)], dtype=np.int64)
+
+
+def random_corruption(dataset, ratio: float, kind: str, classes: str, items):
+    """labels(step, seed) -> the global batch's labels (B,) under --corrupt-mode random: its clean labels corrupted by
+    corrupt.corrupt_batch with the static rule (dataset prior / asymmetric `classes` "1,5,9"), from a step's seed."""
+    import corrupt
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)             # (K,) the dataset's prior
+    class_ids = [int(c) for c in classes.split(",")] if classes else None
+
+    def labels(step: int, seed: int) -> torch.Tensor:
+        new, _ = corrupt.corrupt_batch(dataset.labels[items(step)], ratio, counts, kind, class_ids, rng=seed)
+        return torch.as_tensor(new)
+    return labels
+
+
+def cep_subset_mask(num_items: int, fraction: float, seed: int) -> torch.Tensor:
+    """(N,) bool: the fixed round(fraction * N) items that get CEP (--cep-subset), chosen once from the seed."""
+    chosen = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + 0xCE9))
+    mask = torch.zeros(num_items, dtype=torch.bool)
+    mask[chosen[: int(round(fraction * num_items))]] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # CLI: look at a dataset
 
 def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
@@ -470,7 +498,7 @@ def _preview(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Look at a nanoCEP dataset.")
+    p = ArgParser(prog="data.py", description="Look at a nanoCEP dataset.")
     sub = p.add_subparsers(dest="cmd", required=True)
     pv = sub.add_parser("preview", help="save a grid of samples, one row per class")
     pv.add_argument("--data", default="builtin", help="'builtin', an ImageNet-layout folder, or captioned data")

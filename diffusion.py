@@ -36,6 +36,19 @@ def make_beta_schedule(name: str, num_steps: int = 1000) -> torch.Tensor:
     raise ValueError(f"unknown beta schedule {name!r} (expected 'linear' or 'scaled_linear')")
 
 
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim); cos half first, as GLIDE/DiT/LDM.
+
+    The denoisers' first timestep layer. Frequencies are max_period^(-k / (half - freq_shift)): DiT and LDM use
+    shift 0, diffusers' DiT port uses 1."""
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * k / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None]                         # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
 # ---- sampling timesteps (descending lists of original timesteps) ----
 
 
@@ -308,6 +321,13 @@ class GaussianDiffusion:
 
 
 # ---- classifier-free guidance ----
+
+
+def from_config(cfg) -> GaussianDiffusion:
+    """The 1000-step diffusion of a train config (DiT and LDM alike): its beta schedule (cfg.schedule), the hybrid
+    (MSE + VB) loss when the variance is learned (cfg.learn_sigma) else the eps-MSE, input perturbation cfg.ip."""
+    return GaussianDiffusion(make_beta_schedule(cfg.schedule, 1000), learn_sigma=cfg.learn_sigma,
+                             loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip)
 
 
 def cfg_model_fn(model, y, y_null, scale: float, *, learn_sigma: bool = False, guide_channels=None):

@@ -44,12 +44,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from common import ArgParser, RunError, setup_distributed
+from conditions import read_prompts
 from metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines,  # noqa: F401
                      compute_metrics, count_items, feature_statistics, frechet_distance, image_size_of,
                      inception_score, load_reference, min_samples, pipeline_label, plot_fid_is, precision_recall,
                      read_results, reference_kind, reference_pipeline, save_npz, source_pipeline, write_reference,
                      write_results, _file_hash, load_train_reference)
-from trainer import ArgParser, setup_distributed
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
@@ -71,46 +72,39 @@ def shard_indices(num_samples, rank, world_size):
     return np.array_split(np.arange(num_samples), world_size)[rank]
 
 
-SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}  # checkpoint "kind" -> the train script that defines its model
-
-
 def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precision="auto", vae_path=None,
                  prompts=None, cads=None):
     """Rebuild the model stored in CKPT: (sample_fn(labels (B,), seeds list, cfg_scale) -> uint8 (B, H, W, 3), info).
 
-    The model is rebuilt by its train script (CONFIG_CLASS, build_model, build_diffusion, latent_shape) from the config
+    The model is rebuilt through registry.FAMILIES (checkpoint kind -> its config class and build) from the config
     stored in the checkpoint, so any nanoCEP checkpoint samples without flags. Image i starts from the noise of
     torch.Generator().manual_seed(seeds[i]) (on the CPU), so a sharded run reproduces a single-process one.
     info holds num_classes and the settings that belong in results rows. A text-conditional checkpoint needs `prompts`
     (a list of captions): "labels" then index the prompts, so balanced labels cycle through them.
     """
-    import dataclasses
-    import importlib
-    from trainer import RunError, load_checkpoint
+    from registry import FAMILIES
+    from runio import load_checkpoint
     try:
         state = load_checkpoint(str(ckpt))
     except RunError as e:
         raise ValueError(str(e)) from None
     kind = state.get("kind")
-    if kind not in SCRIPTS:
-        raise ValueError(f"{ckpt}: unknown checkpoint kind {kind!r} (expected one of {', '.join(SCRIPTS)})")
-    script = importlib.import_module(SCRIPTS[kind])
-    names = {f.name for f in dataclasses.fields(script.CONFIG_CLASS)}
-    cfg = script.CONFIG_CLASS(**{k: v for k, v in state["config"].items() if k in names})
-    model = script.build_model(cfg)
+    if kind not in FAMILIES:
+        raise ValueError(f"{ckpt}: unknown checkpoint kind {kind!r} (expected one of {', '.join(FAMILIES)})")
+    cfg = FAMILIES[kind].config_from(state["config"])
+    model, diffusion = FAMILIES[kind].build(cfg)
     weights = state["ema" if ema else "model"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise ValueError(f"{ckpt}: weights do not fit the stored config ({str(e).splitlines()[0]})") from None
     model.to(device).eval().requires_grad_(False)
-    diffusion = script.build_diffusion(cfg)
     decode = None
     if getattr(cfg, "vae", "none") != "none":
         import vae
         decode = vae.load_vae(cfg.vae, vae_path or cfg.vae_path or None, device=device).decode
     use_bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
-    sample_fn = make_sample_fn(model, diffusion, script.latent_shape(cfg), decode, device, sampler, steps, use_bf16,
+    sample_fn = make_sample_fn(model, diffusion, cfg.latent_shape, decode, device, sampler, steps, use_bf16,
                                learn_sigma=getattr(cfg, "learn_sigma", False), cads=cads)
     info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
@@ -119,7 +113,7 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
-        from trainer import encode_prompts
+        from conditions import encode_prompts
         class_fn = sample_fn
 
         def sample_fn(labels, seeds, cfg_scale):        # noqa: F811  (labels index the prompts)
@@ -519,7 +513,7 @@ def _train_reference(args):
     if args.train_ref != "auto":
         return load_train_reference(args.train_ref) if args.train_ref else None
     import judge
-    from trainer import load_checkpoint
+    from runio import load_checkpoint
     if args.ckpt is None or not args.features:
         raise ValueError("--train-ref auto needs a nanoCEP checkpoint and --features (the judge: python judge.py path)")
     spec = judge.run_training_set(load_checkpoint(args.ckpt)["config"])
@@ -548,8 +542,8 @@ def _sampler_from_args(args, device):
         return load_pretrained_sampler(args.pretrained, device, args.sampler, args.steps, args.precision,
                                        args.vae_path, guide, cads=cads)
     sample_fn, info = load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
-                                   precision=args.precision, vae_path=args.vae_path, prompts=read_prompts(args.prompts),
-                                   cads=cads)
+                                   precision=args.precision, vae_path=args.vae_path,
+                                   prompts=read_prompts(args.prompts) if args.prompts else None, cads=cads)
     if info["class_dropout"] == 0 and info["cond"] == "class" and any(s != 1 for s in args.cfg_scales):
         raise ValueError(f"{args.ckpt} was trained with --class-dropout 0 (no null class): only --cfg-scales 1 works")
     return sample_fn, info
@@ -580,19 +574,6 @@ def cads_settings(args):
     """The CADS columns of a results row (cads_noise 0 = off)."""
     return {"cads_noise": args.cads_noise, "cads_tau1": args.cads_tau1, "cads_tau2": args.cads_tau2,
             "cads_psi": args.cads_psi}
-
-
-def read_prompts(path):
-    """A prompts file (one caption per line, blank lines skipped) -> list of captions; None -> None."""
-    if path is None:
-        return None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompts file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {path} holds no caption")
-    return prompts
 
 
 def main(argv=None):

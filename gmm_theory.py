@@ -47,6 +47,8 @@ if __name__ == "__main__":
 
 import numpy as np
 
+from common import ArgParser
+
 # ---- setting ----
 
 DEFAULT_GAMMAS = (0.0, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -649,14 +651,6 @@ def save_plot(result, path):
 
 # ---- CLI ----
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line on stderr and exits 2 (no usage dump)."""
-
-    def error(self, message):
-        print(f"gmm_theory.py: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _gamma_list(text):
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -674,7 +668,8 @@ def _check_output_path(path, flag):
 
 def main(argv=None):
     """Command-line entry point; returns the exit code."""
-    p = _ArgumentParser(description="Numerical check of the paper's Gaussian-mixture theory (paper form, exact "
+    p = ArgParser(prog="gmm_theory.py",
+                  description="Numerical check of the paper's Gaussian-mixture theory (paper form, exact "
                                     "optimum, trained linear denoiser).")
     p.add_argument("--json", help="write {'rows': [...], 'settings': [...], 'config': {...}} here")
     p.add_argument("--plot", help="save entropy gain and dW2^2 against gamma here (png/pdf)")

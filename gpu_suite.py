@@ -14,7 +14,7 @@ is downloaded.
   matmul    bf16 8192^3 matmul through torch, median of 20 on random data: the "measured" peak for MFU
   tests     `pytest -m gpu tests/test_gpu.py`, summarised (passed / failed / skipped and the failing names)
   dit-bN    DiT-XL/2 at 256^2 (32x32x4 KL-f8 latents) training step, bf16 + torch.compile, per-GPU batch N
-            (bench.measure: the trainer's step with fused AdamW and the EMA update; FLOPs from FlopCounterMode)
+            (measure.measure: the trainer's step with fused AdamW and the EMA update; FLOPs from FlopCounterMode)
   ldm-b64   LDM-4 cin256-v2 U-Net (64x64x3 VQ-f4 latents) training step, bf16 + compile, batch 64
   sample    DiT-XL/2 DPM-Solver++ 50 steps with CFG (100 network evaluations per sample) and the KL-f8 decode, bf16,
             batch 256, through evaluate.make_sample_fn as `evaluate.py` runs it; and what 50K samples take on 8 GPUs
@@ -22,7 +22,7 @@ is downloaded.
   loader    latents.bench_loader on a synthetic 8192-item KL-f8 cache with the trainer's worker count; it must
             deliver >= 2x the fastest measured DiT-XL/2 training rate (the cache is in the page cache: CPU path only)
 
-MFU = FLOPs per image x img/s over a peak: the card's datasheet dense bf16 peak (bench.PEAKS; unknown cards show only
+MFU = FLOPs per image x img/s over a peak: the card's datasheet dense bf16 peak (measure.PEAKS; unknown cards show only
 the measured one) and the matmul row's measured peak. On a machine without CUDA the command exits 2.
 """
 import argparse
@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-import bench
+import measure
+from common import ArgParser, atomic_open, one_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIT_XL = ["--model", "DiT-XL/2", "--vae", "kl-f8", "--image-size", "256", "--num-classes", "1000",
@@ -102,9 +103,9 @@ def row_tests(opts) -> dict:
 
 
 def row_train(script: str, argv: list):
-    """A training-step row: bench.measure of `script` with `argv` (its own train flags)."""
+    """A training-step row: measure.measure of `script` with `argv` (its own train flags)."""
     def run(opts) -> dict:
-        return bench.measure(script, argv, warmup=opts.warmup, iters=opts.iters)
+        return measure.measure(script, argv, warmup=opts.warmup, iters=opts.iters)
     return run
 
 
@@ -120,12 +121,13 @@ def sample_throughput(train_argv: list, ae, dev: torch.device, batch: int, steps
     import numpy as np
 
     import evaluate
-    import train_dit
-    from trainer import parse_config
-    cfg = parse_config(train_dit.CONFIG_CLASS, train_argv)
+    from config import parse_config
+    from registry import FAMILIES
+    cfg = parse_config(FAMILIES["dit"].config, train_argv)
     torch.manual_seed(0)
-    model = train_dit.build_model(cfg).to(dev).eval().requires_grad_(False)
-    diffusion, shape = train_dit.build_diffusion(cfg), train_dit.latent_shape(cfg)
+    model, diffusion = FAMILIES["dit"].build(cfg)
+    model.to(dev).eval().requires_grad_(False)
+    shape = cfg.latent_shape
     labels, seeds = np.arange(batch) % cfg.num_classes, list(range(batch))
     cuda = dev.type == "cuda"
 
@@ -152,8 +154,8 @@ def sample_flops(model, ae, shape, dev: torch.device, steps: int) -> float:
     x = torch.randn(1, *shape, device=dev)
     t, y = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-        forward = bench.count_flops(lambda: model(x, t, y))
-        decode = bench.count_flops(lambda: ae.decode(x))
+        forward = measure.count_flops(lambda: model(x, t, y))
+        decode = measure.count_flops(lambda: ae.decode(x))
     return 2 * steps * forward + decode
 
 
@@ -280,12 +282,8 @@ def run_child(name: str, result_path: str, opts) -> int:
         result, rc = ROWS[name].run(opts), 0
     except Exception as e:  # noqa: BLE001  (the parent shows the one line; the traceback goes to the log)
         traceback.print_exc()
-        from trainer import one_line
         result, rc = {"error": f"{type(e).__name__}: {one_line(e)}"}, 1
-    tmp = result_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, result_path)
+    write_json(result_path, result)
     return rc
 
 
@@ -327,8 +325,8 @@ def pct(value) -> str:
 
 def mfu_cells(flops: float, rate: float, sheet, measured) -> dict:
     """TFLOP/s and MFU against the datasheet and the measured matmul peak (either may be None)."""
-    achieved, mfu_sheet = bench.mfu_pct(flops, rate, sheet)
-    _, mfu_meas = bench.mfu_pct(flops, rate, measured)
+    achieved, mfu_sheet = measure.mfu_pct(flops, rate, sheet)
+    _, mfu_meas = measure.mfu_pct(flops, rate, measured)
     return {"TFLOP/s": f"{achieved:.0f}", "MFU sheet": pct(mfu_sheet), "MFU meas": pct(mfu_meas)}
 
 
@@ -412,7 +410,7 @@ def card_info() -> dict:
 
 def report(info: dict, records: dict, budget: float, wall: float) -> dict:
     """The whole result as plain data: what --json writes, and what the table is printed from."""
-    sheet = bench.datasheet_peak(info["gpu"], "bf16")
+    sheet = measure.datasheet_peak(info["gpu"], "bf16")
     measured = records.get("matmul", {}).get("result", {}).get("tflops")
     header = [f"nanoCEP GPU suite | {info['gpu']} ({info['capability']}, {info['memory_gib']:.0f} GiB) | "
               f"torch {info['torch']}, CUDA {info['cuda']} | {wall:.0f} s of a {budget:.0f} s budget",
@@ -432,7 +430,6 @@ class SuiteError(Exception):
 
 def parse_args(argv, prog: str = "gpu_suite.py"):
     """The suite's flags (validated), or SuiteError naming the bad one."""
-    from trainer import ArgParser
     p = ArgParser(prog=prog, description="The GPU check of nanoCEP: CUDA tests, training / sampling / encode / "
                   "loader throughput and MFU, one table. Needs a CUDA GPU.")
     p.add_argument("--json", default="", help="also write the table and every row's raw figures to this JSON file")
@@ -462,10 +459,9 @@ def parse_args(argv, prog: str = "gpu_suite.py"):
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    """JSON, written atomically (a crashed child or suite never leaves half a file)."""
+    with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None, prog: str = "gpu_suite.py") -> int:

@@ -334,7 +334,7 @@ def run_training_set(run_dir_or_config) -> dict:
 # Command line
 
 def main(argv=None) -> int:
-    from trainer import ArgParser
+    from common import ArgParser
     p = ArgParser(prog="judge.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("build", "path", "ref", "train-ref", "check"):

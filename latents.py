@@ -29,7 +29,6 @@ crash or Ctrl-C skips the finished batches. A rerun with different arguments (ot
 size, dtype) is refused rather than mixed into the old cache. Under torchrun all ranks write the same memory maps, so
 the output folder must be on one machine's disk (or a file system with coherent shared mmap).
 """
-import argparse
 import hashlib
 import json
 import os
@@ -39,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-import trainer
+from common import ArgParser, atomic_open, file_sha256, one_line, setup_distributed
 
 FORMAT = "nanocep-latents"
 VERSION = 1
@@ -58,14 +57,6 @@ def params_sha256(module) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -122,10 +113,8 @@ def _identity_diff(want: dict, have: dict) -> list[str]:
 
 def _write_json(path, obj) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def read_meta(out_dir) -> dict:
@@ -408,12 +397,6 @@ def bench_loader(path, batch_size=256, steps=50, num_workers=0, seed=0, warmup=3
 # ---- CLI ----
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would also print the usage)
-        print(f"latents.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _build_main(args) -> int:
     import data
     import vae
@@ -422,7 +405,7 @@ def _build_main(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.num_workers is not None and args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
-    d = trainer.setup_distributed(args.device)
+    d = setup_distributed(args.device)
     dataset = data.build_dataset(args.data, args.image_size, seed=args.seed, builtin_length=args.builtin_length,
                                  captions=args.captions)
     overrides = vae.infer_architecture(args.vae, args.vae_path) if args.vae_path else {}
@@ -442,7 +425,7 @@ def _build_main(args) -> int:
 
         def sync(err):  # all ranks meet here; the first rank's error (as text) wins
             errors = [None] * d.world
-            dist.all_gather_object(errors, None if err is None else trainer.one_line(err))
+            dist.all_gather_object(errors, None if err is None else one_line(err))
             first = next((e for e in errors if e is not None), None)
             return None if first is None else ValueError(first)
 
@@ -473,7 +456,7 @@ def _build_main(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
-        p = _Parser(prog="latents.py bench", description="Loader img/s of a latent cache through data.StepSampler.")
+        p = ArgParser(prog="latents.py bench", description="Loader img/s of a latent cache through data.StepSampler.")
         p.add_argument("path", help="a finished cache folder")
         p.add_argument("--batch-size", type=int, default=256)
         p.add_argument("--steps", type=int, default=50)
@@ -485,11 +468,11 @@ def main(argv=None) -> int:
                 raise ValueError("--batch-size and --steps must be positive, --num-workers >= 0")
             rate = bench_loader(args.path, args.batch_size, args.steps, args.num_workers, args.seed)
         except (ValueError, OSError) as e:
-            print(f"latents.py: error: {trainer.one_line(e)}", file=sys.stderr)
+            print(f"latents.py: error: {one_line(e)}", file=sys.stderr)
             return 2
         print(f"{args.path}: {rate:,.0f} img/s (batch {args.batch_size}, {args.num_workers} workers)")
         return 0
-    p = _Parser(prog="latents.py", description=__doc__.strip().split("\n\n")[0].split(": ", 1)[1])
+    p = ArgParser(prog="latents.py", description=__doc__.strip().split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--data", required=True, help="'builtin', an ImageNet-layout folder, or (--captions) captioned data")
     p.add_argument("--captions", action="store_true",
                    help="read --data as images with same-stem .txt captions (img2dataset layout); tables always are")
@@ -509,7 +492,7 @@ def main(argv=None) -> int:
         return _build_main(args)
     except (ValueError, OSError, ConnectionError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"latents.py: error: {trainer.one_line(e)}", file=sys.stderr)
+            print(f"latents.py: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -29,9 +29,7 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import sys
-import urllib.request
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg, special
+
+from common import atomic_open, download
 
 INCEPTION_PATH = "/tmp/inception-2015-12-05.pt"  # clean-fid's hard-coded download location ("./" on Windows)
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -171,14 +171,9 @@ def class_diversity(feats, labels, ref_feats, ref_labels):
 
 def _download_inception(path):
     """Fetch clean-fid's Inception to `path` (atomically, so a failed download leaves nothing behind)."""
-    tmp = f"{path}.part"
     try:
-        with urllib.request.urlopen(INCEPTION_URL) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        download(INCEPTION_URL, path, quiet=True)            # a failure says it all in one line
+    except (OSError, ValueError) as e:       # ConnectionError and FileNotFoundError are OSErrors
         raise FileNotFoundError(f"clean-fid's Inception is not at {path} and the download from {INCEPTION_URL} failed "
                                 f"({e}); copy the file there, or pass --inception PATH or --features FILE") from None
 
@@ -399,10 +394,8 @@ def save_npz(path, **arrays):
     """np.savez written atomically (temp file, then rename), skipping None values."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
-    os.replace(tmp, path)
 
 
 def pipeline_label(features=None, resize="clean", pipeline="clean"):

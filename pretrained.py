@@ -1,6 +1,6 @@
 """
-pretrained.py: released diffusion weights -> nanoCEP's own modules (the DiT of train_dit.py, the LDM U-Net of
-train_ldm.py, the autoencoders of vae.py). No diffusers, timm or Lightning at run time: each foreign layout is a key map.
+pretrained.py: released diffusion weights -> nanoCEP's own modules (the DiT of dit.py, the LDM U-Net of unet.py,
+the autoencoders of vae.py). No diffusers, timm or Lightning at run time: each foreign layout is a key map.
 
 Sources (facts, URLs and open questions: shared/notes/checkpoints.md):
   official DiT    DiT-XL-2-256x256.pt / -512x512.pt: a raw EMA state dict, or a DiT train.py dict with "ema"
@@ -24,22 +24,18 @@ Run:
     python pretrained.py SOURCE                     # fetch if needed, load, print a summary
     python evaluate.py --pretrained SOURCE --cfg-scales 1.75 --ref REF   # the paper's 50K protocol
 """
-import argparse
-import hashlib
 import json
 import math
 import os
 import re
 import sys
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import common
 import vae as vae_lib
 
 # ---- known releases ----
@@ -79,41 +75,8 @@ def cache_dir(root=None) -> Path:
 
 
 def download(url, dest, sha256=None, token=None) -> Path:
-    """Fetch url to dest atomically (a failed or mismatching download leaves nothing). HTTP 404 or a missing file://
-    -> FileNotFoundError; 401/403 -> ValueError naming HF_TOKEN; other network failures -> ConnectionError."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    headers = {"User-Agent": "nanoCEP"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    tmp, digest = Path(tmp), hashlib.sha256()
-    try:
-        print(f"downloading {url}", file=sys.stderr)
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers)) as r, open(tmp, "wb") as f:
-                while chunk := r.read(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                raise FileNotFoundError(f"not found: {url}") from None
-            if e.code in (401, 403):
-                raise ValueError(f"{url}: access denied (HTTP {e.code}); for a gated repo accept its terms on the "
-                                 "Hub and set HF_TOKEN") from None
-            raise ConnectionError(f"could not download {url} (HTTP {e.code})") from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            if isinstance(reason, FileNotFoundError):       # file:// to a missing file
-                raise FileNotFoundError(f"not found: {url}") from None
-            raise ConnectionError(f"could not download {url} ({reason}); pass a local path instead") from None
-        if sha256 and digest.hexdigest() != sha256.lower():
-            raise ValueError(f"sha256 mismatch for {url}: got {digest.hexdigest()}, expected {sha256}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+    """common.download with the Hugging Face token, when given (gated repos)."""
+    return common.download(url, dest, sha256, headers={"Authorization": f"Bearer {token}"} if token else None)
 
 
 def fetch_url(url, root=None, sha256=None) -> Path:
@@ -240,13 +203,13 @@ def load_strict(model, sd, what):
     return model
 
 
-# ---- DiT: the official layout (facebookresearch/DiT models.py names = train_dit.py names) ----
+# ---- DiT: the official layout (facebookresearch/DiT models.py names = dit.py names) ----
 
 
 def dit_architecture(sd, num_heads=None) -> tuple:
     """(DiT constructor kwargs, registry name or None) read off an official-layout state dict. The head count is not
-    in the shapes: it comes from train_dit.SIZES (depth, width) or from num_heads."""
-    from train_dit import SIZES
+    in the shapes: it comes from dit.SIZES (depth, width) or from num_heads."""
+    from dit import SIZES
     need = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight",
             "blocks.0.mlp.fc1.weight")
     if any(k not in sd for k in need):
@@ -271,7 +234,7 @@ def dit_architecture(sd, num_heads=None) -> tuple:
 
 def build_dit(sd, num_heads=None, what="DiT"):
     """Our DiT with these official-layout weights, loaded strictly (built on the meta device: no init cost)."""
-    from train_dit import DiT, DiT_models
+    from dit import DiT, DiT_models
     kwargs, name = dit_architecture(sd, num_heads)
     with torch.device("meta"):
         model = DiT_models[name](**{k: kwargs[k] for k in ("input_size", "in_channels", "num_classes", "learn_sigma")}) \
@@ -291,7 +254,7 @@ def dit_from_diffusers(sd, config) -> dict:
     """diffusers DiT weights -> official names: q/k/v concatenated into qkv, the per-block copies of the t/y embedders
     collapsed into one (they must be identical), the final layer from proj_out_1/2, and the fixed sin-cos pos_embed
     (a non-persistent buffer in diffusers) recomputed."""
-    from train_dit import sincos_pos_embed_2d
+    from dit import sincos_pos_embed_2d
     cls = config.get("_class_name", "DiTTransformer2DModel")
     if cls not in ("Transformer2DModel", "DiTTransformer2DModel") or config.get("norm_type") not in (None, "ada_norm_zero"):
         raise ValueError(f"not a diffusers DiT transformer: {cls} with norm_type {config.get('norm_type')}")
@@ -333,7 +296,7 @@ def dit_from_diffusers(sd, config) -> dict:
     return out
 
 
-# ---- LDM: diffusers UNet2DConditionModel -> CompVis names (train_ldm.py's UNetModel) ----
+# ---- LDM: diffusers UNet2DConditionModel -> CompVis names (unet.py's UNetModel) ----
 
 RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -377,7 +340,7 @@ def unet_to_compvis(sd) -> dict:
 
 
 def unet_architecture(sd, num_heads=1) -> dict:
-    """train_ldm.UNetModel kwargs read off CompVis-layout U-Net weights (heads are not in the shapes: num_heads)."""
+    """unet.UNetModel kwargs read off CompVis-layout U-Net weights (heads are not in the shapes: num_heads)."""
     if "input_blocks.0.0.weight" not in sd or "out.2.weight" not in sd:
         raise ValueError("not a CompVis-layout U-Net (no input_blocks.0.0 / out.2)")
     mc, in_ch = sd["input_blocks.0.0.weight"].shape[:2]
@@ -402,9 +365,9 @@ def unet_architecture(sd, num_heads=1) -> dict:
 
 
 def build_ldm(unet_sd, class_table, num_heads=1, what="LDM"):
-    """train_ldm.LDM with these CompVis-layout U-Net weights and class table (last row = the null class)."""
+    """unet.LDM with these CompVis-layout U-Net weights and class table (last row = the null class)."""
     from conditions import build_condition_encoder
-    from train_ldm import LDM, UNetModel
+    from unet import LDM, UNetModel
     kwargs = unet_architecture(unet_sd, num_heads)
     if class_table.ndim != 2 or class_table.shape[1] != kwargs["context_dim"]:
         raise ValueError(f"{what}: class table {tuple(class_table.shape)} does not fit context dim {kwargs['context_dim']}")
@@ -417,7 +380,7 @@ def build_ldm(unet_sd, class_table, num_heads=1, what="LDM"):
 
 
 def check_unet_config(config):
-    """Refuse diffusers U-Net options that train_ldm.UNetModel does not reproduce."""
+    """Refuse diffusers U-Net options that unet.UNetModel does not reproduce."""
     expected = {"flip_sin_to_cos": True, "freq_shift": 0, "norm_num_groups": 32, "class_embed_type": None,
                 "addition_embed_type": None, "time_embedding_type": "positional", "resnet_time_scale_shift": "default",
                 "center_input_sample": False, "only_cross_attention": False, "dual_cross_attention": False}
@@ -493,7 +456,7 @@ def _dit_folder(path, name, numerics, num_heads):
     sd = dit_from_diffusers(read_weights(component_weights(path / "transformer")), conf)
     model, model_name, arch = build_dit(sd, num_heads or conf.get("num_attention_heads"), f"{name} transformer")
     if numerics != "dit":
-        from train_dit import set_numerics
+        from dit import set_numerics
         set_numerics(model, 1.0, conf.get("norm_eps", 1e-5))
     info = dict(format="diffusers-dit", name=model_name, numerics="dit" if numerics == "dit" else "diffusers",
                 latent_size=arch["input_size"], learn_sigma=arch["learn_sigma"], in_channels=arch["in_channels"])
@@ -504,7 +467,7 @@ def _dit_folder(path, name, numerics, num_heads):
 
 
 def _ldm_folder(path, name, num_heads):
-    """The paper's LDM-4 IN-1K releases (LDMClassToImagePipeline): unet/ + class_embedder/ -> train_ldm.LDM."""
+    """The paper's LDM-4 IN-1K releases (LDMClassToImagePipeline): unet/ + class_embedder/ -> unet.LDM."""
     uconf = read_json(path / "unet" / "config.json")
     heads = num_heads or check_unet_config(uconf)
     table = read_weights(component_weights(path / "class_embedder"))
@@ -597,7 +560,7 @@ def load_pretrained(source, *, root=None, sha256=None, with_vae=True, vae_path=N
 
 # ---- fine-tuning: train_dit.py / train_ldm.py --init-from SOURCE ----
 
-SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}
+SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}                 # kind -> the script that fine-tunes it (messages)
 CLASS_TABLES = ("y_embedder.embedding_table.weight", "cond_stage_model.embedding_table.weight")   # DiT, LDM
 
 
@@ -610,11 +573,9 @@ def init_weights(source, cfg, kind, explicit=()):
     ValueError. num_classes stays the run's own: load_init re-initialises the class table when it differs. The weights
     are SOURCE's EMA where it has them, in our key layout; optimizer and step are not taken (a fresh run)."""
     import dataclasses
-    import importlib
-    script = importlib.import_module(SCRIPTS[kind])
     ckpt = _nanocep_checkpoint(source)
-    fields, soft, sd, what = (_checkpoint_fields(ckpt, source, kind, script) if ckpt is not None
-                              else _release_fields(source, kind, script))
+    fields, soft, sd, what = (_checkpoint_fields(ckpt, source, kind, cfg) if ckpt is not None
+                              else _release_fields(source, kind, cfg))
     for name, value in fields.items():
         if name in explicit and getattr(cfg, name) != value:
             flag = "--" + name.replace("_", "-")
@@ -651,34 +612,39 @@ def _nanocep_checkpoint(source):
     return obj if isinstance(obj, dict) and "kind" in obj and "config" in obj and "ema" in obj else None
 
 
-def _checkpoint_fields(ckpt, source, kind, script):
+def _checkpoint_fields(ckpt, source, kind, cfg):
     """A nanoCEP checkpoint: its architecture fields (not num_classes) and its EMA weights."""
     if ckpt["kind"] != kind:
         raise ValueError(f"{source} is a {ckpt['kind']!r} checkpoint: fine-tune it with {SCRIPTS[ckpt['kind']]}.py")
     theirs = ckpt["config"]
-    fields = {f: theirs[f] for f in script.ARCH_FIELDS if f in theirs and f != "num_classes"}
+    from config import arch_fields
+    fields = {f: theirs[f] for f in arch_fields(cfg) if f in theirs and f != "num_classes"}
     soft = {"vae_path": theirs.get("vae_path", "")}
     return fields, soft, ckpt["ema"], f"nanoCEP checkpoint at step {ckpt['step']}, EMA weights"
 
 
-def _release_fields(source, kind, script):
+def _release_fields(source, kind, cfg):
     """A release: the config fields its architecture, schedule and numerics need, and its weights (EMA)."""
     import dataclasses
     p = load_pretrained(source, with_vae=False)
     c, model = p["config"], p["model"]
     if c["kind"] != kind:
         raise ValueError(f"{source} is a {c['kind'].upper()} release: fine-tune it with {SCRIPTS[c['kind']]}.py")
-    fields = dict(cond="class", image_size=c["latent_size"] * script.LATENT_GEOMETRY[c["vae"]][1], vae=c["vae"],
+    import dit
+    import unet
+    from config import LATENT_GEOMETRY
+    fields = dict(cond="class", image_size=c["latent_size"] * LATENT_GEOMETRY[c["vae"]][1], vae=c["vae"],
                   learn_sigma=c["learn_sigma"], schedule=_schedule_name(p["betas"], source))
     if kind == "dit":
-        if c["name"] not in script.DiT_models:
+        if c["name"] not in dit.DiT_models:
             raise ValueError(f"{source}: a {c['name']} is no nanoCEP DiT size (DiT-{{T,S,B,L,XL}}/{{2,4,8}})")
         fields.update(model=c["name"], t_freq_shift=float(model.t_embedder.freq_shift),
                       mlp_norm_eps=float(model.blocks[0].norm2.eps))
     else:
-        fields["model"] = _unet_name(model, script, source)
+        fields["model"] = _unet_name(model, source)
     with torch.device("meta"):                          # the config must rebuild exactly these shapes
-        probe = script.build_model(dataclasses.replace(script.CONFIG_CLASS(), **fields, num_classes=c["num_classes"]))
+        probe = (dit if kind == "dit" else unet).from_config(dataclasses.replace(type(cfg)(), **fields,
+                                                                                 num_classes=c["num_classes"]))
     if {k: v.shape for k, v in probe.state_dict().items()} != {k: v.shape for k, v in model.state_dict().items()}:
         raise ValueError(f"{source}: its weights do not fit the {fields['model']} the config describes")
     vae_dir = {"diffusers-dit": "vae", "diffusers-ldm": "vqvae"}.get(c["format"])
@@ -697,26 +663,28 @@ def _schedule_name(betas, source):
                      "steps, which the train scripts support")
 
 
-def _unet_name(model, script, source):
+def _unet_name(model, source):
     """The UNET_CONFIGS name of a release's U-Net: equal key shapes and attention heads."""
     def signature(unet):
         return ({k: v.shape for k, v in unet.state_dict().items()},
                 [m.heads for m in unet.modules() if hasattr(m, "heads")])
     unet = model.diffusion_model
     out = unet.out_channels
-    for name in script.UNET_CONFIGS:
+    from unet import UNET_CONFIGS, build_unet
+    for name in UNET_CONFIGS:
         with torch.device("meta"):
-            ours = script.build_unet(name, in_channels=unet.in_channels, learn_sigma=out == 2 * unet.in_channels)
+            ours = build_unet(name, in_channels=unet.in_channels, learn_sigma=out == 2 * unet.in_channels)
         if signature(ours) == signature(unet):
             return name
-    raise ValueError(f"{source}: its U-Net is none of nanoCEP's sizes ({', '.join(script.UNET_CONFIGS)})")
+    raise ValueError(f"{source}: its U-Net is none of nanoCEP's sizes ({', '.join(UNET_CONFIGS)})")
 
 
 # ---- CLI ----
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Load released weights into nanoCEP modules and print a summary.")
+    p = common.ArgParser(prog="pretrained.py",
+                         description="Load released weights into nanoCEP modules and print a summary.")
     p.add_argument("source", help="file, folder, URL, Hugging Face repo id or one of " + ", ".join(RELEASES))
     p.add_argument("--no-vae", action="store_true", help="skip the autoencoder")
     args = p.parse_args(argv)

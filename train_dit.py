@@ -8,130 +8,41 @@ Train a class- or text-conditional DiT (Peebles & Xie, 2023) under condition cor
     torchrun --nproc_per_node 8 train_dit.py --preset dit-xl2-in1k --data /data/imagenet/train --corrupt 0.05
     python train_dit.py --out runs/dit --resume auto               # continue where the run in runs/dit stopped
 
-The file reads top to bottom: the config (every field is a flag), the presets (the paper's recipes), the DiT model
-(exactly the official architecture, initialisation and state-dict names, so DiT-XL-2-256x256.pt loads with
-strict=True), then the glue that hands everything to trainer.train().
-
---cond text (PixArt-α style): a jointly trained text encoder (conditions.TextEncoder) turns the caption tokens into a
-context (B, L, D_text); every block gets a cross-attention layer after its self-attention, and adaLN-Zero keeps the
-timestep (plus, with --text-pooled, the masked mean of the context). The class path and its state-dict keys are
-untouched: the text modules exist only when --cond text.
+The file reads top to bottom: the config (the shared config.TrainConfig plus the DiT's own fields, every one a flag),
+the presets (the paper's recipes), how a config is checked, then main(): flags -> data -> model (dit.from_config: the
+DiT with its condition encoder) -> trainer.train().
 """
-import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import diffusion as diff
-from conditions import build_condition_encoder
-from trainer import RunError, check_condition_config, check_run_config, encode_prompts, run  # noqa: F401 (API)
-
-
-def opt(default, help: str, **kw):
-    """A config field with its help text (shown by --help)."""
-    return field(default=default, metadata={"help": help, **kw})
+import dit
+from common import RunError, setup_distributed
+from config import TrainConfig, opt, parse_config, resolve_run_config
+from trainer import exit_codes, init_from, load_data, train
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Config: every field is a command-line flag (--kebab-case)
+# Config: the shared training fields (config.TrainConfig) + the DiT's; every field is a command-line flag
 
 @dataclass
-class DiTConfig:
-    # data
-    data: str = opt("builtin", "'builtin' (procedural shapes, no download), an ImageNet-layout folder root/<class>/*.jpg, "
-                    "or with --cond text: a folder of images with same-stem .txt captions or a path<TAB>caption .tsv/.csv")
-    cond: str = opt("class", "condition: class labels | text captions (tokenised, encoded by a jointly trained encoder)",
-                    choices=["class", "text"])
-    image_size: int = opt(16, "image side in pixels (latent side = image_size / 8 with --vae kl-f8)")
-    num_classes: int = opt(0, "classes of the class embedder; 0 = the dataset's count (set 1000 to match ImageNet ckpts)")
-    flip: bool = opt(True, "random horizontal flips (decided by seed and step, so resume is exact)")
-    builtin_length: int = opt(100_000, "items in the built-in dataset (each is drawn from (index, seed))")
-    # model & diffusion
-    model: str = opt("DiT-T/2", "DiT size/patch: DiT-{T,S,B,L,XL}/{2,4,8}")
-    learn_sigma: bool = opt(True, "predict the variance too (official DiT); trains with the hybrid MSE + VB loss")
-    schedule: str = opt("linear", "beta schedule: linear (DiT, 1e-4..0.02) or scaled_linear (LDM)")
-    vae: str = opt("none", "autoencoder: none (pixels) | kl-f8 (SD-VAE, 32x32x4 latents at 256^2) | vq-f4 (64x64x3)",
-                   choices=["none", "kl-f8", "vq-f4"])
-    vae_path: str = opt("", "local autoencoder weights (safetensors/.bin/.ckpt); empty = download")
-    latents: str = opt("", "train from a latent cache DIR made by `python latents.py` (no VAE encode in the loop)")
-    # text encoder (--cond text)
-    tokenizer: str = opt("bytes", "bytes (offline, byte-level) | gpt2 / r50k_base (tiktoken downloads it once) | "
-                         "PATH.tiktoken (local ranks file, e.g. gpt2.tiktoken from the openai-whisper package)")
-    context_length: int = opt(77, "caption tokens (with the end token), truncated / padded to this length")
-    text_width: int = opt(128, "text encoder width D_text (the cross-attention context width)")
-    text_depth: int = opt(2, "text encoder transformer blocks")
-    text_heads: int = opt(4, "text encoder attention heads")
-    text_pooled: bool = opt(True, "also add the masked mean of the text context to adaLN's timestep embedding")
-    t_freq_shift: float = opt(0.0, "timestep frequency shift: 0 = DiT, 1 = diffusers' DiT port (fine-tune its releases)")
-    mlp_norm_eps: float = opt(1e-6, "eps of the LayerNorm before each MLP: 1e-6 = DiT, 1e-5 = diffusers' DiT port")
-    # condition corruption (paper §2) and CEP (paper §5)
-    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped / captions corrupted")
-    corrupt_type: str = opt("auto", "auto (symmetric for class, swap for text) | symmetric (to another class, by the "
-                            "class prior) | asymmetric | swap (captions between random pairs) | rewrite (--corrupt-rewrites)",
-                            choices=["auto", "symmetric", "asymmetric", "swap", "rewrite"])
-    corrupt_rewrites: str = opt("", "rewrite only: JSON file {index: rewritten caption}; --corrupt picks that fraction "
-                                "of N among its entries (0 = all of them)")
-    corrupt_classes: str = opt("", "asymmetric only: comma-separated class ids that flip among themselves")
-    corrupt_mode: str = opt("static", "static: flip once when the data is built (paper) | random: re-flip every step",
-                            choices=["static", "random"])
-    cep: str = opt("none", "condition embedding perturbation: none | uniform | gaussian",
-                   choices=["none", "uniform", "gaussian"])
-    cep_gamma: float = opt(1.0, "CEP magnitude gamma (noise scale gamma/sqrt(d)); the paper uses 1")
-    cep_null: bool = opt(False, "also perturb the CFG null embedding (the paper does not say; default: no)")
-    ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)")
-    class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)")
-    # the paper's ablations (Tables 6 and 7)
-    cond_dropout: float = opt(0.0, "ablation (Table 6 'Dropout'): dropout with probability P on the condition embedding "
-                              "while training; identity in eval; never on the CFG null embedding")
-    label_smoothing: float = opt(0.0, "ablation (Table 6 'Label Smoothing'): train on the embedding of a smoothed "
-                                 "one-hot, (1-eps) E[y] + eps * mean of the K class rows (no null row); class only")
-    cep_subset: float = opt(1.0, "ablation (Table 7 'Fixed CEP'): CEP only on a fixed fraction R of the training items, "
-                            "chosen once from --seed by item index; 1 = every item (the paper's CEP)")
-    # optimisation
+class DiTConfig(TrainConfig):
+    model: str = opt("DiT-T/2", "DiT size/patch: DiT-{T,S,B,L,XL}/{2,4,8}", arch=True)
+    learn_sigma: bool = opt(True, "predict the variance too (official DiT); trains with the hybrid MSE + VB loss",
+                            arch=True)
+    schedule: str = opt("linear", "beta schedule: linear (DiT, 1e-4..0.02) or scaled_linear (LDM)", arch=True)
+    text_width: int = opt(128, "text encoder width D_text (the cross-attention context width)", arch=True)
+    text_pooled: bool = opt(True, "also add the masked mean of the text context to adaLN's timestep embedding",
+                            arch=True)
+    t_freq_shift: float = opt(0.0, "timestep frequency shift: 0 = DiT, 1 = diffusers' DiT port (fine-tune its releases)",
+                              arch=True)
+    mlp_norm_eps: float = opt(1e-6, "eps of the LayerNorm before each MLP: 1e-6 = DiT, 1e-5 = diffusers' DiT port",
+                              arch=True)
     steps: int = opt(1500, "training steps (the CPU default: ~9 min on 2 cores)")
-    batch_size: int = opt(64, "global batch size (split over processes)")
-    micro_batch_size: int = opt(0, "per-process micro-batch for gradient accumulation; 0 = no accumulation")
-    lr: float = opt(1e-3, "AdamW learning rate (constant, as DiT)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    grad_clip: float = opt(0.0, "clip the gradient norm to this value; 0 = off (DiT uses none)")
-    ema_decay: float = opt(0.995, "EMA decay of the weights used for sampling (DiT: 0.9999 over 400K steps)")
-    # run
     out: str = opt("runs/dit", "run folder: checkpoints, log.jsonl, samples/")
-    resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
-    resume_override: str = opt("", "comma-separated experiment fields a resume may change (e.g. batch_size,seed); "
-                               "without it a resume refuses any change of corruption, CEP, ablation, seed or batch flags")
-    init_from: str = opt("", "fine-tune from SOURCE: a release pretrained.py loads or a nanoCEP checkpoint (its EMA "
-                         "weights, architecture and numerics; fresh optimizer and step); see README")
-    seed: int = opt(0, "global seed (data order, noise, corruption)")
-    device: str = opt("auto", "auto | cpu | cuda")
-    precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
-                         choices=["auto", "fp32", "bf16"])
-    compile: bool | None = opt(None, "torch.compile the model (default: on for GPU, off for CPU)")
-    num_workers: int = opt(-1, "data loader workers; -1 = auto (0 on CPU)")
-    log_every: int = opt(50, "log the all-reduced loss every N steps")
-    ckpt_every: int = opt(500, "write out/last.pt every N steps (and at the end)")
-    keep_every: int = opt(0, "also keep out/step_XXXXXXX.pt every N steps; 0 = only last.pt")
-    sample_every: int = opt(500, "write an EMA sample grid every N steps; 0 = never")
-    sample_cfg: float = opt(4.0, "guidance scale of the sample grids")
-    sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
-                              choices=["dpm++", "ddim", "ddpm"])
-    sample_steps: int = opt(25, "sampling steps of the sample grids")
-    sample_cads: str = opt("", "CADS on the sample grids (cep.py): 'noise,tau1,tau2,psi', e.g. 0.1,0.6,0.9,1; "
-                           "empty = off")
-    sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
-    sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one prompt per built-in "
-                              "class, or the first dataset captions)")
 
-
-CONFIG_CLASS = DiTConfig  # what bench.py and evaluate.py build from
-
-# The config fields that define the network: resuming with a different value is refused.
-ARCH_FIELDS = ("model", "image_size", "num_classes", "learn_sigma", "vae", "schedule", "cond", "tokenizer",
-               "context_length", "text_width", "text_depth", "text_heads", "text_pooled", "t_freq_shift",
-               "mlp_norm_eps")
 
 PRESETS = {
     # DiT-XL/2 on ImageNet-1K 256^2, the paper's recipe (Table 4 + official DiT train.py): 400K steps, 32/GPU x 8.
@@ -148,326 +59,32 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# DiT building blocks
-
-def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, with (B, D) shift/scale broadcast over the tokens of x (B, T, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim); cos half first, as GLIDE/DiT.
-
-    Frequencies are max_period^(-k / (half - freq_shift)): DiT uses shift 0, diffusers' DiT port uses 1."""
-    half = dim // 2
-    k = torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(-math.log(max_period) * k / (half - freq_shift))
-    args = t.float()[:, None] * freqs[None]                         # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
-
-
-class TimestepEmbedder(nn.Module):
-    """t -> sinusoidal features (256) -> MLP -> (B, D)."""
-
-    def __init__(self, dim: int, freq_dim: int = 256, freq_shift: float = 0.0):
-        super().__init__()
-        self.freq_dim, self.freq_shift = freq_dim, freq_shift   # freq_shift=1 reproduces diffusers' DiT (pretrained.py)
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift))
-
-
-class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, T, D) with a p x p stride-p convolution; T = (H/p) * (W/p), row-major."""
-
-    def __init__(self, patch: int, in_ch: int, dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_ch, dim, kernel_size=patch, stride=patch)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm's key names) and SDPA (flash on GPU)."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # each (B, h, T, hd)
-        out = F.scaled_dot_product_attention(q, k, v)                                             # (B, h, T, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, T, D))
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2, 4x wide."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class CrossAttention(nn.Module):
-    """Image tokens (queries) attend to the text context (keys/values); padding keys are masked out."""
-
-    def __init__(self, dim: int, heads: int, context_dim: int):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, context, mask):                     # x (B, T, D), context (B, L, Dc), mask (B, L) bool
-        B, T, D = x.shape
-        L, hd = context.shape[1], D // self.heads
-        q = self.q(x).view(B, T, self.heads, hd).transpose(1, 2)                             # (B, h, T, hd)
-        k, v = self.kv(context).view(B, L, 2, self.heads, hd).permute(2, 0, 3, 1, 4)        # each (B, h, L, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])   # (B, h, T, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, T, D))
-
-
-class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero: the condition c sets shift/scale/gate of both branches; gates start at 0.
-
-    With context_dim (text), a cross-attention branch sits between self-attention and the MLP, as in PixArt-α: a plain
-    residual on a LayerNorm'd input, not modulated by adaLN (the caption, not the timestep, decides what to read), with
-    its output projection zero-initialised so the block still starts as the identity.
-    """
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int = 0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads)
-        if context_dim:  # registered here, so the class model's keys (and their order) stay the official ones
-            self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-            self.cross_attn = CrossAttention(dim, heads, context_dim)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-
-    def forward(self, x, c, context=None, mask=None):             # x (B, T, D), c (B, D), context (B, L, Dc)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        if context is not None:
-            x = x + self.cross_attn(self.norm_cross(x), context, mask)
-        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x
-
-
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map from each token to its p x p x C_out patch."""
-
-    def __init__(self, dim: int, patch: int, out_ch: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch * patch * out_ch)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position table (T, dim), MAE/DiT layout: first dim/2 channels encode the column, the rest the row."""
-    def one_axis(pos, d):                                           # pos (T,) -> (T, d): [sin | cos]
-        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
-        ang = pos[:, None] * omega[None]
-        return torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
-    return torch.cat([one_axis(cols.flatten(), dim // 2), one_axis(rows.flatten(), dim // 2)], dim=1).float()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The DiT
-
-class DiT(nn.Module):
-    """Diffusion transformer: patchify -> + pos -> N adaLN-Zero blocks conditioned on t and c(y) -> unpatchify.
-
-    cond="class": y (B,) class ids, c(y) added to the timestep embedding (the official DiT).
-    cond="text":  y (B, L) caption token ids; c(y) = (context, mask) from the text encoder, read by cross-attention in
-                  every block, and (text_pooled) its masked mean through an MLP added to the timestep embedding.
-    """
-
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, cep="none",
-                 cep_gamma=1.0, cep_null=False, cond="class", tokenizer="bytes", context_length=77, text_width=128,
-                 text_depth=2, text_heads=4, text_pooled=True, cond_dropout=0.0, label_smoothing=0.0):
-        super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
-        self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.cond_kind = cond
-        if cond == "class":
-            self.y_embedder = build_condition_encoder("class", hidden_size, num_classes=num_classes,
-                                                      dropout_prob=class_dropout_prob, cep=cep, cep_gamma=cep_gamma,
-                                                      cep_null=cep_null, cond_dropout=cond_dropout,
-                                                      label_smoothing=label_smoothing)
-        elif cond == "text":  # the text encoder lives under the model: trained jointly, saved in the checkpoint
-            self.y_embedder = build_condition_encoder("text", text_width, dropout_prob=class_dropout_prob, cep=cep,
-                                                      cep_gamma=cep_gamma, cep_null=cep_null, tokenizer=tokenizer,
-                                                      context_length=context_length, depth=text_depth,
-                                                      heads=text_heads, cond_dropout=cond_dropout)
-            self.pooled_embedder = (nn.Sequential(nn.Linear(text_width, hidden_size), nn.SiLU(),
-                                                  nn.Linear(hidden_size, hidden_size)) if text_pooled else None)
-        else:
-            raise ValueError(f"unknown condition {cond!r} (expected 'class' or 'text')")
-        self.grid = input_size // patch_size
-        # A frozen Parameter (not a buffer) only so that the key exists as in the official checkpoints.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size), requires_grad=False)
-        context_dim = text_width if cond == "text" else 0
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
-
-    @property
-    def cond(self):
-        """The condition encoder c_θ (the trainer uses it for CFG dropout, the samplers for the null condition)."""
-        return self.y_embedder
-
-    def initialize_weights(self):
-        """The official DiT initialisation: xavier everywhere, N(0, 0.02) embeddings, and every adaLN output zeroed."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid)[None])
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))          # the patch conv is a linear map of flattened patches
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        if self.cond_kind == "class":
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        else:
-            self.y_embedder.init_weights()                       # the text encoder's own init (the loop above xavier'd it)
-            if self.pooled_embedder is not None:
-                nn.init.normal_(self.pooled_embedder[0].weight, std=0.02)
-                nn.init.normal_(self.pooled_embedder[2].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for blk in self.blocks:                                  # adaLN-Zero: every residual branch starts closed
-            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-            if hasattr(blk, "cross_attn"):                       # and so does cross-attention
-                nn.init.zeros_(blk.cross_attn.proj.weight)
-                nn.init.zeros_(blk.cross_attn.proj.bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)           # so the initial output is exactly zero
-        nn.init.zeros_(self.final_layer.linear.bias)
-
-    def unpatchify(self, x):
-        """(B, T, p*p*C) -> (B, C, H, W)."""
-        p, c, g = self.patch_size, self.out_channels, self.grid
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
-
-    def forward(self, x, t, y, cep_mask=None, cep_unit=None):
-        """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) class ids (null id = num_classes) or (B, L) caption
-        token ids (null = the empty caption) -> (B, C_out, H, W). cep_mask / cep_unit go to the condition encoder
-        (training only: CEP on a subset, pre-drawn CEP noise)."""
-        if x.shape[-1] != self.grid * self.patch_size or x.shape[-2] != x.shape[-1]:
-            raise ValueError(f"DiT expects square {self.grid * self.patch_size}px inputs, got {tuple(x.shape[-2:])}")
-        x = self.x_embedder(x) + self.pos_embed                  # (B, T, D)
-        context = mask = None
-        if self.cond_kind == "class":
-            c = self.t_embedder(t) + self.y_embedder(y, cep_mask, cep_unit)  # (B, D): CEP applied to the embedding
-        else:
-            context, mask = self.y_embedder(y, cep_mask, cep_unit)  # (B, L, D_text), (B, L): CEP already applied
-            c = self.t_embedder(t)                               # (B, D)
-            if self.pooled_embedder is not None:
-                c = c + self.pooled_embedder(self.y_embedder.pooled(context, mask))
-        for blk in self.blocks:
-            x = blk(x, c, context, mask)
-        return self.unpatchify(self.final_layer(x, c))           # (B, C_out, H, W)
-
-
-SIZES = {"T": dict(depth=4, hidden_size=128, num_heads=4),       # tiny: the CPU default (not an official size)
-         "S": dict(depth=12, hidden_size=384, num_heads=6),
-         "B": dict(depth=12, hidden_size=768, num_heads=12),
-         "L": dict(depth=24, hidden_size=1024, num_heads=16),
-         "XL": dict(depth=28, hidden_size=1152, num_heads=16)}
-
-
-def _factory(size, patch):
-    def make(**kw):
-        return DiT(patch_size=patch, **SIZES[size], **kw)
-    make.__name__ = f"DiT_{size}_{patch}"
-    return make
-
-
-DiT_models = {f"DiT-{s}/{p}": _factory(s, p) for s in SIZES for p in (2, 4, 8)}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Glue: config -> model, diffusion, data, sample grids -> trainer
-
-LATENT_GEOMETRY = {"none": (3, 1), "kl-f8": (4, 8), "vq-f4": (3, 4)}   # autoencoder -> (channels, downsampling)
-
-
-def latent_shape(cfg) -> tuple[int, int, int]:
-    """(C, H, W) of what the DiT sees: pixels, or the autoencoder's latents."""
-    channels, down = LATENT_GEOMETRY[cfg.vae]
-    return channels, cfg.image_size // down, cfg.image_size // down
-
-
-def build_model(cfg) -> DiT:
-    """The DiT the config describes (num_classes must be resolved, i.e. > 0)."""
-    channels, side, _ = latent_shape(cfg)
-    model = DiT_models[cfg.model](input_size=side, in_channels=channels, num_classes=cfg.num_classes,
-                                  learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout, cep=cfg.cep,
-                                  cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null, cond=cfg.cond,
-                                  tokenizer=cfg.tokenizer, context_length=cfg.context_length,
-                                  text_width=cfg.text_width, text_depth=cfg.text_depth, text_heads=cfg.text_heads,
-                                  text_pooled=cfg.text_pooled, cond_dropout=cfg.cond_dropout,
-                                  label_smoothing=cfg.label_smoothing)
-    return set_numerics(model, cfg.t_freq_shift, cfg.mlp_norm_eps)
-
-
-def set_numerics(model: DiT, freq_shift: float = 0.0, mlp_norm_eps: float = 1e-6) -> DiT:
-    """DiT's numerics (0, 1e-6) or diffusers' DiT port's (1, 1e-5): timestep frequency shift and MLP pre-norm eps.
-
-    Neither changes a parameter, so both checkpoints load into the same module; they change its outputs slightly."""
-    model.t_embedder.freq_shift = freq_shift
-    for blk in model.blocks:
-        blk.norm2.eps = mlp_norm_eps
-    return model
-
-
-def build_diffusion(cfg) -> "diff.GaussianDiffusion":
-    """1000-step diffusion with the DiT loss: hybrid (MSE + VB) when sigma is learned, else MSE."""
-    return diff.GaussianDiffusion(diff.make_beta_schedule(cfg.schedule, 1000), learn_sigma=cfg.learn_sigma,
-                                  loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip)
-
-
-def check_config(cfg) -> None:
-    """Reject bad values with one clear message (RunError) before any work is done."""
-    if cfg.model not in DiT_models:
-        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DiT_models)}")
-    check_run_config(cfg, LATENT_GEOMETRY[cfg.vae][1])
-    side, patch = latent_shape(cfg)[1], int(cfg.model.split("/")[1])
+# Config -> model and diffusion; main
+
+def resolve(cfg: DiTConfig) -> DiTConfig:
+    """The checked config with every 'auto' decided (a new config; bad values raise RunError)."""
+    if cfg.model not in dit.DiT_models:
+        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(dit.DiT_models)}")
+    cfg = resolve_run_config(cfg)
+    side, patch = cfg.latent_shape[1], int(cfg.model.split("/")[1])
     if side % patch:
         raise RunError(f"{cfg.model} needs an input side divisible by {patch}, got {side}")
-    check_condition_config(cfg)
+    return cfg
 
 
+@exit_codes("train_dit.py")
 def main(argv=None) -> int:
-    return run(sys.modules[__name__], argv, kind="dit")
+    """Flags -> data (corrupted as asked) -> DiT + diffusion -> train. Bad input: one line, exit 2."""
+    cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
+    cfg, init = init_from(cfg, "dit", argv)          # --init-from: SOURCE's architecture, numerics and weights
+    cfg = resolve(cfg)
+    d = setup_distributed(cfg.device)
+    data = load_data(cfg, d.device)
+    cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
+    torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
+    model, diffusion = dit.from_config(cfg), diff.from_config(cfg)
+    train(cfg, model, diffusion, data, kind="dit", d=d, init=init)
+    return 0
 
 
 if __name__ == "__main__":

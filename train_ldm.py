@@ -7,119 +7,39 @@ Train a class- or text-conditional latent diffusion U-Net (LDM-4, Rombach et al.
     python train_ldm.py --out runs/ldm --resume auto               # continue where the run in runs/ldm stopped
     python bench.py --script train_ldm --model ldm4-cin256 --image-size 256 --vae vq-f4 --batch-size 8
 
-The file reads top to bottom like train_dit.py: the config (every field is a flag), the presets (the paper's recipes),
-the U-Net (CompVis `openaimodel.UNetModel` with spatial transformers: same modules, initialisation and state-dict
-names, so the `cin256-v2` U-Net weights load with strict=True), the LDM wrapper that holds the U-Net and the condition
-encoder, then the glue that hands everything to trainer.train().
-
-Conditioning goes through cross-attention only: the condition encoder (`model.cond`, conditions.py) maps y to a
-context (B, L, D) that every SpatialTransformer attends to. A class label is one token (L = 1); a caption encoder
-returns (tokens (B, L, D), padding mask (B, L)) and drops in unchanged (--cond text).
+The file reads top to bottom like train_dit.py: the config (config.TrainConfig plus the U-Net's fields, every one a
+flag), the presets (the paper's recipes), how a config is checked, then main(): flags -> data -> model
+(unet.from_config: the CompVis U-Net in the LDM wrapper with its condition encoder) -> trainer.train().
+A class label is one cross-attention token; --cond text hands the U-Net a caption encoder's tokens instead.
 """
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import diffusion as diff
-from conditions import build_condition_encoder
-from train_dit import LATENT_GEOMETRY, opt, timestep_embedding
-from trainer import RunError, check_condition_config, check_run_config, run
+import unet
+from common import RunError, setup_distributed
+from config import LATENT_GEOMETRY, TrainConfig, opt, parse_config, resolve_run_config
+from trainer import exit_codes, init_from, load_data, train
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Config: every field is a command-line flag (--kebab-case)
+# Config: the shared training fields (config.TrainConfig) + the U-Net's; every field is a command-line flag
 
 @dataclass
-class LDMConfig:
-    # data
-    data: str = opt("builtin", "'builtin' (procedural shapes, no download) or an ImageNet-layout folder root/<class>/*.jpg")
-    image_size: int = opt(16, "image side in pixels (latent side = image_size / 4 with --vae vq-f4)")
-    num_classes: int = opt(0, "classes of the class embedder; 0 = the dataset's count (set 1000 to match ImageNet ckpts)")
-    flip: bool = opt(True, "random horizontal flips (decided by seed and step, so resume is exact)")
-    builtin_length: int = opt(100_000, "items in the built-in dataset (each is drawn from (index, seed))")
-    # model & diffusion
-    model: str = opt("unet-tiny", "U-Net size: unet-tiny | unet-small | ldm4-cin256 (the CompVis cin256-v2 U-Net)")
-    cond: str = opt("class", "condition: class (labels -> one cross-attention token) | text (captions -> a jointly "
-                    "trained text encoder's tokens)", choices=["class", "text"])
-    learn_sigma: bool = opt(False, "predict the variance too (DiT-style hybrid loss); LDM uses a fixed variance")
-    schedule: str = opt("scaled_linear", "beta schedule: scaled_linear (LDM, sqrt-linear 0.0015..0.0195) or linear (DiT)")
-    vae: str = opt("none", "autoencoder: none (pixels) | vq-f4 (LDM-4, 64x64x3 latents at 256^2) | kl-f8 (SD-VAE)",
-                   choices=["none", "vq-f4", "kl-f8"])
-    vae_path: str = opt("", "local autoencoder weights (safetensors/.bin/.ckpt); empty = download")
-    latents: str = opt("", "train from a latent cache DIR made by `python latents.py` (no VAE encode in the loop)")
-    # text encoder (--cond text); its width is the U-Net's cross-attention context width
-    tokenizer: str = opt("bytes", "bytes (offline, byte-level) | gpt2 / r50k_base (tiktoken downloads it once) | "
-                         "PATH.tiktoken (local ranks file)")
-    context_length: int = opt(77, "caption tokens (with the end token), truncated / padded to this length")
-    text_width: int = opt(0, "text encoder width = the U-Net's context width; 0 = the --model's context_dim")
-    text_depth: int = opt(2, "text encoder transformer blocks (the paper's CC3M BERT: 12)")
-    text_heads: int = opt(4, "text encoder attention heads")
-    # condition corruption (paper §2) and CEP (paper §5)
-    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped / captions corrupted")
-    corrupt_type: str = opt("auto", "auto (symmetric for class, swap for text) | symmetric (to another class, by the "
-                            "class prior) | asymmetric | swap (captions between random pairs) | rewrite (--corrupt-rewrites)",
-                            choices=["auto", "symmetric", "asymmetric", "swap", "rewrite"])
-    corrupt_rewrites: str = opt("", "rewrite only: JSON file {index: rewritten caption}")
-    corrupt_classes: str = opt("", "asymmetric only: comma-separated class ids that flip among themselves")
-    corrupt_mode: str = opt("static", "static: flip once when the data is built (paper) | random: re-flip every step",
-                            choices=["static", "random"])
-    cep: str = opt("none", "condition embedding perturbation: none | uniform | gaussian",
-                   choices=["none", "uniform", "gaussian"])
-    cep_gamma: float = opt(1.0, "CEP magnitude gamma (noise scale gamma/sqrt(d)); the paper uses 1")
-    cep_null: bool = opt(False, "also perturb the CFG null embedding (the paper does not say; default: no)")
-    ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)")
-    class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)")
-    # the paper's ablations (Tables 6 and 7)
-    cond_dropout: float = opt(0.0, "ablation (Table 6 'Dropout'): dropout with probability P on the condition embedding "
-                              "while training; identity in eval; never on the CFG null embedding")
-    label_smoothing: float = opt(0.0, "ablation (Table 6 'Label Smoothing'): train on the embedding of a smoothed "
-                                 "one-hot, (1-eps) E[y] + eps * mean of the K class rows (no null row); class only")
-    cep_subset: float = opt(1.0, "ablation (Table 7 'Fixed CEP'): CEP only on a fixed fraction R of the training items, "
-                            "chosen once from --seed by item index; 1 = every item (the paper's CEP)")
-    # optimisation
-    steps: int = opt(1000, "training steps")
-    batch_size: int = opt(64, "global batch size (split over processes)")
-    micro_batch_size: int = opt(0, "per-process micro-batch for gradient accumulation; 0 = no accumulation")
-    lr: float = opt(1e-3, "AdamW learning rate (constant, as LDM)")
-    weight_decay: float = opt(0.0, "AdamW weight decay (CompVis LDM: torch's default 0.01)")
-    grad_clip: float = opt(0.0, "clip the gradient norm to this value; 0 = off (LDM uses none)")
-    ema_decay: float = opt(0.995, "EMA decay of the weights used for sampling (LDM's LitEma: 0.9999)")
-    # run
+class LDMConfig(TrainConfig):
+    model: str = opt("unet-tiny", "U-Net size: unet-tiny | unet-small | ldm4-cin256 (the CompVis cin256-v2 U-Net)",
+                     arch=True)
+    learn_sigma: bool = opt(False, "predict the variance too (DiT-style hybrid loss); LDM uses a fixed variance",
+                            arch=True)
+    schedule: str = opt("scaled_linear", "beta schedule: scaled_linear (LDM, sqrt-linear 0.0015..0.0195) or linear "
+                        "(DiT)", arch=True)
+    text_width: int = opt(0, "text encoder width = the U-Net's context width; 0 = the --model's context_dim", arch=True)
     out: str = opt("runs/ldm", "run folder: checkpoints, log.jsonl, samples/")
-    resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
-    resume_override: str = opt("", "comma-separated experiment fields a resume may change (e.g. batch_size,seed); "
-                               "without it a resume refuses any change of corruption, CEP, ablation, seed or batch flags")
-    init_from: str = opt("", "fine-tune from SOURCE: a release pretrained.py loads or a nanoCEP checkpoint (its EMA "
-                         "weights, architecture and numerics; fresh optimizer and step); see README")
-    seed: int = opt(0, "global seed (data order, noise, corruption)")
-    device: str = opt("auto", "auto | cpu | cuda")
-    precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
-                         choices=["auto", "fp32", "bf16"])
-    compile: bool | None = opt(None, "torch.compile the model (default: on for GPU, off for CPU)")
-    num_workers: int = opt(-1, "data loader workers; -1 = auto (0 on CPU)")
-    log_every: int = opt(50, "log the all-reduced loss every N steps")
-    ckpt_every: int = opt(500, "write out/last.pt every N steps (and at the end)")
-    keep_every: int = opt(0, "also keep out/step_XXXXXXX.pt every N steps; 0 = only last.pt")
-    sample_every: int = opt(500, "write an EMA sample grid every N steps; 0 = never")
     sample_cfg: float = opt(2.0, "guidance scale of the sample grids (paper Table 1: 2.0 for LDM-4 IN-1K)")
-    sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
-                              choices=["dpm++", "ddim", "ddpm"])
-    sample_steps: int = opt(25, "sampling steps of the sample grids")
-    sample_cads: str = opt("", "CADS on the sample grids (cep.py): 'noise,tau1,tau2,psi', e.g. 0.1,0.6,0.9,1; "
-                           "empty = off")
-    sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
-    sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one per built-in class)")
 
-
-CONFIG_CLASS = LDMConfig  # what bench.py and evaluate.py build from
-
-# The config fields that define the network: resuming with a different value is refused.
-ARCH_FIELDS = ("model", "cond", "image_size", "num_classes", "learn_sigma", "vae", "schedule", "tokenizer",
-               "context_length", "text_width", "text_depth", "text_heads")
 
 PRESETS = {
     # LDM-4 on ImageNet-1K 256^2, the paper's recipe (Table 3, §4.1) on the CompVis cin256-v2 config: VQ-f4 latents
@@ -144,364 +64,35 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# U-Net building blocks (CompVis openaimodel.py / attention.py; module names are the state-dict names)
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that computes in float32 whatever the input dtype (bf16 statistics are too coarse)."""
-
-    def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
-
-
-def norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
-    """The U-Net's normalisation: 32 groups."""
-    return GroupNorm32(32, channels, eps=eps)
-
-
-def zero_init(module: nn.Module) -> nn.Module:
-    """Zero every parameter of `module`: a residual branch that ends in it starts as the identity."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
-class ResBlock(nn.Module):
-    """GN-SiLU-conv, + time embedding (per channel), GN-SiLU-dropout-zero conv, + skip (1x1 conv on width change)."""
-
-    def __init__(self, channels: int, emb_dim: int, out_channels: int, dropout: float = 0.0):
-        super().__init__()
-        self.in_layers = nn.Sequential(norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
-        self.out_layers = nn.Sequential(norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-
-    def forward(self, x, emb):                                          # x (B, C, H, W), emb (B, E)
-        h = self.in_layers(x)                                           # (B, C', H, W)
-        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
-        return self.skip_connection(x) + self.out_layers(h)
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv (padding 1): H, W -> H/2, W/2."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention of x over a context (itself when context is None); q/k/v without bias, as CompVis."""
-
-    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None):
-        super().__init__()
-        inner = heads * dim_head
-        context_dim = context_dim or query_dim
-        self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))     # a Sequential only for the key name to_out.0
-
-    def forward(self, x, context=None, mask=None):                      # x (B, T, D), context (B, L, Dc), mask (B, L)
-        context = x if context is None else context
-        B, T, _ = x.shape
-        def split(z):                                                   # (B, N, h*dh) -> (B, h, N, dh)
-            return z.view(B, z.shape[1], self.heads, -1).transpose(1, 2)
-        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
-        attn_mask = None if mask is None else mask[:, None, None, :]    # True = attend; padding keys are skipped
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)   # (B, h, T, dh); scale 1/sqrt(dh)
-        return self.to_out(out.transpose(1, 2).reshape(B, T, -1))
-
-
-class GEGLU(nn.Module):
-    """Linear to 2x width, then value * GELU(gate) (Shazeer 2020); the value half comes first."""
-
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, 2 * dim_out)
-
-    def forward(self, x):
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    """GEGLU (4x) -> dropout -> linear: `net.0.proj`, `net.2` in the state dict."""
-
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
-        super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class BasicTransformerBlock(nn.Module):
-    """Pre-LN: self-attention, cross-attention on the context, GEGLU feed-forward, each residual."""
-
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
-        super().__init__()
-        # registration order = the CompVis state-dict order: attn1, ff, attn2, norm1..3
-        self.attn1 = CrossAttention(dim, heads, dim_head)
-        self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-
-    def forward(self, x, context, mask=None):                           # x (B, T, D), context (B, L, Dc)
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context, mask)
-        return x + self.ff(self.norm3(x))
-
-
-class SpatialTransformer(nn.Module):
-    """GN -> 1x1 conv in -> pixels as tokens -> transformer blocks -> zero-init 1x1 conv out -> + input."""
-
-    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int):
-        super().__init__()
-        inner = heads * dim_head
-        self.norm = norm(channels, eps=1e-6)                           # CompVis uses eps 1e-6 here, 1e-5 elsewhere
-        self.proj_in = nn.Conv2d(channels, inner, 1)
-        self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
-        self.proj_out = zero_init(nn.Conv2d(inner, channels, 1))
-
-    def forward(self, x, context, mask=None):                           # x (B, C, H, W)
-        B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))
-        h = h.flatten(2).transpose(1, 2)                                # (B, H*W, inner), row-major pixels
-        for blk in self.transformer_blocks:
-            h = blk(h, context, mask)
-        h = h.transpose(1, 2).reshape(B, -1, H, W)
-        return x + self.proj_out(h)
-
-
-class TimestepEmbedSequential(nn.Sequential):
-    """A Sequential that hands the time embedding to ResBlocks and the context to SpatialTransformers."""
-
-    def forward(self, x, emb, context, mask=None):
-        for layer in self:
-            if isinstance(layer, ResBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, mask)
-            else:
-                x = layer(x)
-        return x
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The U-Net
-
-class UNetModel(nn.Module):
-    """CompVis UNetModel with spatial transformers: input_blocks -> middle_block -> output_blocks (+ skips) -> out.
-
-    attention_resolutions are *downsample factors* (1 = full resolution), as in the CompVis configs. Heads: num_heads
-    fixed (num_head_channels = -1), or heads = width / num_head_channels; each head is width / heads wide (legacy).
-    """
-
-    def __init__(self, in_channels=3, model_channels=192, out_channels=3, num_res_blocks=2,
-                 attention_resolutions=(8, 4, 2), channel_mult=(1, 2, 3, 5), num_heads=1, num_head_channels=-1,
-                 transformer_depth=1, context_dim=512, dropout=0.0):
-        super().__init__()
-        widths = [model_channels * m for m in channel_mult]
-        if any(w % 32 for w in widths):
-            raise ValueError(f"every level width model_channels x channel_mult = {widths} must be a multiple of 32 "
-                             f"(GroupNorm with 32 groups)")
-        self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
-        self.context_dim = context_dim
-        self.levels = len(channel_mult)
-        emb_dim = 4 * model_channels
-
-        def attention(ch):
-            heads = num_heads if num_head_channels == -1 else ch // num_head_channels
-            if heads < 1 or ch % heads:
-                raise ValueError(f"attention width {ch} is not divisible into {heads} heads")
-            return SpatialTransformer(ch, heads, ch // heads, transformer_depth, context_dim)
-
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-
-        # -- down: a stem conv, then per level num_res_blocks x [ResBlock (+ attention)] and a Downsample (not last)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
-        skip_widths, ch, ds = [model_channels], model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * model_channels, dropout)]
-                ch = mult * model_channels
-                if ds in attention_resolutions:
-                    layers.append(attention(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_widths.append(ch)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_widths.append(ch)
-                ds *= 2
-
-        # -- middle: ResBlock, attention (always), ResBlock
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, dropout), attention(ch),
-                                                    ResBlock(ch, emb_dim, ch, dropout))
-
-        # -- up: per level (deepest first) num_res_blocks + 1 x [ResBlock on concat(h, skip) (+ attention)],
-        #    with an Upsample after the level's last block (not on the full-resolution level)
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_widths.pop(), emb_dim, mult * model_channels, dropout)]
-                ch = mult * model_channels
-                if ds in attention_resolutions:
-                    layers.append(attention(ch))
-                if level and i == num_res_blocks:
-                    layers.append(Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """Square (B, in_channels, S, S) inputs with S divisible by 2^(levels - 1), or a clear ValueError."""
-        f = 2 ** (self.levels - 1)
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"U-Net expects (B, {self.in_channels}, S, S) inputs, got {tuple(x.shape)}")
-        if x.shape[-1] != x.shape[-2]:
-            raise ValueError(f"U-Net expects square inputs, got {x.shape[-2]}x{x.shape[-1]}")
-        if x.shape[-1] % f:
-            raise ValueError(f"U-Net input side {x.shape[-1]} is not divisible by 2^(levels-1) = {f} "
-                             f"({self.levels} levels halve it {self.levels - 1} times)")
-
-    def forward(self, x, timesteps, context, context_mask=None):
-        """x (B, C, S, S) noisy input, timesteps (B,), context (B, L, context_dim), context_mask (B, L) bool or None
-        (False = a padding token no query may attend to) -> (B, C_out, S, S)."""
-        self.check_input(x)
-        if context.ndim != 3 or context.shape[-1] != self.context_dim:
-            raise ValueError(f"context must be (B, L, {self.context_dim}), got {tuple(context.shape)}")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))   # (B, 4*mc)
-        h, skips = x, []
-        for blk in self.input_blocks:
-            h = blk(h, emb, context, context_mask)
-            skips.append(h)
-        h = self.middle_block(h, emb, context, context_mask)
-        for blk in self.output_blocks:
-            h = blk(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
-        return self.out(h)
-
-
-# U-Net sizes (the UNetModel arguments that differ from its defaults, which are the cin256-v2 ones).
-UNET_CONFIGS = {
-    "unet-tiny": dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
-                      num_heads=4, context_dim=64),                         # 1.0M, the CPU default (not CompVis)
-    "unet-small": dict(model_channels=64, channel_mult=(1, 2, 3), num_res_blocks=2, attention_resolutions=(4, 2),
-                       num_heads=4, context_dim=256),                       # 16.5M, for ablations (not CompVis)
-    "ldm4-cin256": dict(model_channels=192, channel_mult=(1, 2, 3, 5), num_res_blocks=2,
-                        attention_resolutions=(8, 4, 2), num_heads=1, context_dim=512),   # CompVis cin256-v2, 400.9M
-}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The LDM: condition encoder + U-Net
-
-class LDM(nn.Module):
-    """model(x, t, y): the condition encoder maps y to a context (B, L, D) and the U-Net denoises x attending to it.
-
-    State-dict names: `diffusion_model.*` are the CompVis U-Net's own keys (CompVis stores them under
-    `model.diffusion_model.*`); the class table is `cond_stage_model.embedding_table.weight` (CompVis:
-    `cond_stage_model.embedding.weight`, 1001 x 512 for cin256-v2, whose row 1000 is our null class).
-    CompVis initialises that table N(0, 1) (nn.Embedding's default), and so do we.
-    """
-
-    def __init__(self, unet: UNetModel, cond_encoder: nn.Module):
-        super().__init__()
-        self.diffusion_model = unet
-        self.cond_stage_model = cond_encoder
-
-    @property
-    def cond(self):
-        """The condition encoder c_θ (the trainer uses it for CFG dropout, the samplers for the null condition)."""
-        return self.cond_stage_model
-
-    def context(self, y, cep_mask=None, cep_unit=None):
-        """y -> (context (B, L, D), key mask (B, L) or None); CEP is applied inside the encoder while training."""
-        c = self.cond_stage_model(y, cep_mask, cep_unit)
-        if isinstance(c, tuple):                                        # a text encoder: (tokens, padding mask)
-            return c
-        return c[:, None], None                                         # a class embedding (B, D) is one token
-
-    def forward(self, x, t, y, cep_mask=None, cep_unit=None):
-        """x (B, C, S, S) noisy input, t (B,) timesteps, y (B, ...) conditions -> (B, C_out, S, S).
-        cep_mask / cep_unit go to the condition encoder (training only: CEP on a subset, pre-drawn CEP noise)."""
-        context, mask = self.context(y, cep_mask, cep_unit)
-        return self.diffusion_model(x, t, context, mask)
-
-
-def build_unet(name: str, in_channels: int = 3, learn_sigma: bool = False, **overrides) -> UNetModel:
-    """The named U-Net of UNET_CONFIGS; learn_sigma doubles the output channels."""
-    if name not in UNET_CONFIGS:
-        raise ValueError(f"unknown U-Net {name!r}; choose one of {', '.join(UNET_CONFIGS)}")
-    args = {**UNET_CONFIGS[name], **overrides}
-    return UNetModel(in_channels=in_channels, out_channels=in_channels * (2 if learn_sigma else 1), **args)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Glue: config -> model, diffusion, data, sample grids -> trainer
-
-def latent_shape(cfg) -> tuple[int, int, int]:
-    """(C, H, W) of what the U-Net sees: pixels, or the autoencoder's latents."""
-    channels, down = LATENT_GEOMETRY[cfg.vae]
-    return channels, cfg.image_size // down, cfg.image_size // down
-
-
-def build_cond_encoder(cfg, context_dim: int) -> nn.Module:
-    """The condition encoder c_θ(y) of width context_dim, with CFG dropout's null condition and CEP."""
-    return build_condition_encoder(cfg.cond, context_dim, num_classes=cfg.num_classes, dropout_prob=cfg.class_dropout,
-                                   cep=cfg.cep, cep_gamma=cfg.cep_gamma, cep_null=cfg.cep_null,
-                                   tokenizer=cfg.tokenizer, context_length=cfg.context_length, depth=cfg.text_depth,
-                                   heads=cfg.text_heads, cond_dropout=cfg.cond_dropout,
-                                   label_smoothing=cfg.label_smoothing)
-
-
-def build_model(cfg) -> LDM:
-    """The LDM the config describes (num_classes must be resolved, i.e. > 0)."""
-    width = {"context_dim": cfg.text_width} if cfg.cond == "text" and cfg.text_width else {}
-    unet = build_unet(cfg.model, in_channels=latent_shape(cfg)[0], learn_sigma=cfg.learn_sigma, **width)
-    return LDM(unet, build_cond_encoder(cfg, unet.context_dim))
-
-
-def build_diffusion(cfg) -> "diff.GaussianDiffusion":
-    """1000-step diffusion, eps-prediction; fixed variance + MSE (LDM), or hybrid when sigma is learned."""
-    return diff.GaussianDiffusion(diff.make_beta_schedule(cfg.schedule, 1000), learn_sigma=cfg.learn_sigma,
-                                  loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip)
-
-
-def check_config(cfg) -> None:
-    """Reject bad values with one clear message (RunError) before any work is done."""
-    if cfg.model not in UNET_CONFIGS:
-        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(UNET_CONFIGS)}")
+# Config -> model and diffusion; main
+
+def resolve(cfg: LDMConfig) -> LDMConfig:
+    """The checked config with every 'auto' decided (a new config; bad values raise RunError)."""
+    if cfg.model not in unet.UNET_CONFIGS:
+        raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(unet.UNET_CONFIGS)}")
+    # the text encoder feeds the U-Net's context directly: its width defaults to the model's context width
+    cfg = resolve_run_config(cfg, text_width=cfg.text_width or unet.UNET_CONFIGS[cfg.model]["context_dim"])
+    side, f = cfg.latent_shape[1], 2 ** (len(unet.UNET_CONFIGS[cfg.model]["channel_mult"]) - 1)
     down = LATENT_GEOMETRY[cfg.vae][1]
-    check_run_config(cfg, down)
-    if cfg.cond == "text" and cfg.text_width == 0:       # the text encoder feeds the U-Net's context directly
-        cfg.text_width = UNET_CONFIGS[cfg.model]["context_dim"]
-    check_condition_config(cfg)
-    side, f = latent_shape(cfg)[1], 2 ** (len(UNET_CONFIGS[cfg.model]["channel_mult"]) - 1)
     if side % f:
         raise RunError(f"{cfg.model} halves its input {int(math.log2(f))} times: the input side must be divisible "
                        f"by {f}, got {side}" + (f" (--image-size {cfg.image_size} / {down})" if down > 1 else ""))
+    return cfg
 
 
+@exit_codes("train_ldm.py")
 def main(argv=None) -> int:
-    return run(sys.modules[__name__], argv, kind="ldm")
+    """Flags -> data (corrupted as asked) -> U-Net + diffusion -> train. Bad input: one line, exit 2."""
+    cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
+    cfg, init = init_from(cfg, "ldm", argv)          # --init-from: SOURCE's architecture, numerics and weights
+    cfg = resolve(cfg)
+    d = setup_distributed(cfg.device)
+    data = load_data(cfg, d.device)
+    cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
+    torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
+    model, diffusion = unet.from_config(cfg), diff.from_config(cfg)
+    train(cfg, model, diffusion, data, kind="ldm", d=d, init=init)
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,18 +26,12 @@ Run:
     python vae.py roundtrip photo.jpg --kind kl-f8 --vae-path FILE -o recon.png
 """
 
-import argparse
-import hashlib
 import os
 import pickle
 import re
 import sys
-import tempfile
 import time
 import types
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import common
 
 # ---- configs ----
 
@@ -554,38 +550,24 @@ def cache_root(cache_dir=None):
 
 
 def download(url, dest, sha256=None, member=None):
-    """Fetch `url` to `dest` atomically (temp file + rename). A sha256 mismatch raises ValueError and leaves
-    nothing behind; `member` extracts one file (matched by base name) from a downloaded zip."""
+    """Fetch `url` to `dest` atomically (common.download: a sha256 mismatch raises ValueError and leaves nothing
+    behind); `member` extracts one file (matched by base name) from a downloaded zip."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")[1])
     try:
-        digest = hashlib.sha256()
-        print(f"downloading {url} -> {dest}", file=sys.stderr)
+        got = common.download(url, dest.with_name(dest.name + ".zip") if member else dest, sha256)
+    except FileNotFoundError:
+        raise ConnectionError(f"could not download {url} (not found); pass a local weights file instead") from None
+    if member:
         try:
-            with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
-        except (urllib.error.URLError, OSError) as e:
-            raise ConnectionError(f"could not download {url} ({getattr(e, 'reason', e)}); "
-                                  "pass a local weights file instead") from None
-        if sha256 and digest.hexdigest() != sha256.lower():
-            raise ValueError(f"sha256 mismatch for {url}: got {digest.hexdigest()}, expected {sha256}")
-        if member:
-            with zipfile.ZipFile(tmp) as zf:
+            with zipfile.ZipFile(got) as zf:
                 names = [n for n in zf.namelist() if Path(n).name == member]
                 if len(names) != 1:
                     raise ValueError(f"{url}: expected one {member!r} in the zip, found {len(names)}")
-                extracted = tmp.with_suffix(".member")
-                with zf.open(names[0]) as src, open(extracted, "wb") as out:
+                with zf.open(names[0]) as src, common.atomic_open(dest, "wb") as out:
                     while chunk := src.read(1 << 20):
                         out.write(chunk)
-            os.replace(extracted, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_suffix(".member").unlink(missing_ok=True)
+        finally:
+            got.unlink(missing_ok=True)
     return dest
 
 
@@ -723,7 +705,7 @@ def _load_image(path, size):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="nanoCEP autoencoders: benchmark or round-trip an image.")
+    p = common.ArgParser(prog="vae.py", description="nanoCEP autoencoders: benchmark or round-trip an image.")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="encode (or decode) img/s with random weights")
     b.add_argument("--kind", default="kl-f8", choices=list(PRESETS))

@@ -79,28 +79,28 @@ def test_bad_settings_raise():
 
 # ---- the hook, in every sampler, for DiT and U-Net, class and text ----
 
-def tiny_model(script_name, overrides):
+def tiny_model(kind, overrides):
     """A random-weight model (adaLN-Zero / zero convs re-drawn so the condition matters) and its diffusion."""
-    import importlib
-    script = importlib.import_module(script_name)
-    cfg = script.CONFIG_CLASS(num_classes=3, image_size=8, **overrides)
-    script.check_config(cfg)
+    from registry import FAMILIES
+    family = FAMILIES[kind]
+    cfg = family.resolve(family.config(num_classes=3, image_size=8, **overrides))
     torch.manual_seed(0)
-    model = script.build_model(cfg).eval().requires_grad_(False)
+    model, diffusion = family.build(cfg)
+    model.eval().requires_grad_(False)
     for p in model.parameters():
         p.normal_(0, 0.2 / math.sqrt(max(1, p[0].numel())))
-    return model, script.build_diffusion(cfg), script.latent_shape(cfg), cfg
+    return model, diffusion, cfg.latent_shape, cfg
 
 
-MODELS = {"dit-class": ("train_dit", {}), "ldm-class": ("train_ldm", {}),
-          "dit-text": ("train_dit", dict(cond="text", text_width=32, text_depth=1, context_length=8)),
-          "ldm-text": ("train_ldm", dict(cond="text", text_width=32, text_depth=1, context_length=8))}
+MODELS = {"dit-class": ("dit", {}), "ldm-class": ("ldm", {}),
+          "dit-text": ("dit", dict(cond="text", text_width=32, text_depth=1, context_length=8)),
+          "ldm-text": ("ldm", dict(cond="text", text_width=32, text_depth=1, context_length=8))}
 
 
 def conditions(cfg, n):
     if cfg.cond == "class":
         return torch.arange(n) % 3
-    from trainer import encode_prompts
+    from conditions import encode_prompts
     return encode_prompts(cfg, [["red disc", "a blue cross at the top", "x"][i % 3] for i in range(n)])
 
 

@@ -12,8 +12,8 @@ import pytest
 from scipy import stats
 
 import corrupt
-from corrupt import (apply_manifest, corrupt_labels, load_manifest, make_manifest, corrupt_batch, rewrite_captions,
-                     save_manifest, swap_captions)
+from corrupt import (apply_manifest, corrupt_batch, corrupt_labels, load_manifest, load_rewrites, make_manifest,
+                     rewrite_captions, sample_rewrites, save_manifest, swap_captions)
 
 SKEWED_PRIOR = np.array([0.40, 0.25, 0.15, 0.10, 0.06, 0.04])
 
@@ -259,6 +259,28 @@ def test_rewrite_applies_and_validates():
             rewrite_captions(captions, rewrites)
 
 
+def test_sample_rewrites_draws_exactly_round_ratio_n_reproducibly():
+    pool = {str(i): f"rewrite {i}" for i in range(0, 1000, 4)}                  # 250 rewrites for N = 1000 captions
+    picked = sample_rewrites(pool, 0.05, 1000, seed=3)
+    assert len(picked) == 50 and all(pool[k] == v for k, v in picked.items())
+    assert picked == sample_rewrites(dict(reversed(list(pool.items()))), 0.05, 1000, seed=3)   # key order is irrelevant
+    assert picked != sample_rewrites(pool, 0.05, 1000, seed=4)
+    assert sample_rewrites(pool, 0.0, 1000) == dict(sorted(pool.items(), key=lambda kv: int(kv[0])))   # 0 = all
+    with pytest.raises(ValueError, match="asks for 500 rewrites but the table has 250"):
+        sample_rewrites(pool, 0.5, 1000)
+
+
+def test_load_rewrites_errors(tmp_path):
+    (tmp_path / "ok.json").write_text(json.dumps({"1": "x"}))
+    assert load_rewrites(tmp_path / "ok.json") == {"1": "x"}
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_rewrites(tmp_path / "nope.json")
+    for text, message in [("{", "not valid JSON"), ("[1]", "non-empty JSON object"), ("{}", "non-empty")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_rewrites(tmp_path / "bad.json")
+
+
 # ---- manifest ----
 
 def test_manifest_round_trip_and_reapply(tmp_path):
@@ -363,6 +385,14 @@ def test_cli_asymmetric_swap_and_rewrite(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "rw.txt").read_text().splitlines()[3] == "a painting of a boat"
     assert load_manifest(tmp_path / "rw.txt.manifest.json")["indices"] == [3]
+
+    pool = {str(i): f"a painting of photo {i}" for i in range(0, 100, 2)}      # --ratio draws 5 of these 50
+    (tmp_path / "pool.json").write_text(json.dumps(pool))
+    r = _run("caps.txt", "--captions", "--kind", "rewrite", "--rewrites", "pool.json", "--ratio", "0.05", "--seed", "1",
+             "-o", "rw5.txt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = load_manifest(tmp_path / "rw5.txt.manifest.json")
+    assert m["indices"] == sorted(int(k) for k in sample_rewrites(pool, 0.05, 100, seed=1)) and m["seed"] == 1
 
 
 def _run_in_process(args, cwd, capsys, monkeypatch):

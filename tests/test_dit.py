@@ -6,15 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from train_dit import DiT, DiT_models, sincos_pos_embed_2d, timestep_embedding
+from conditions import ClassEmbedder
+from diffusion import timestep_embedding
+from dit import DiT, DiT_models, sincos_pos_embed_2d
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "dit-xl-2_official_state_dict.txt")
 
 
-def tiny(**kw):
-    args = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=4, num_classes=5)
+def tiny(cep="none", **kw):
+    """A tiny class DiT (5 classes), its class table handed in as dit.from_config does."""
+    args = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=4)
     args.update(kw)
-    return DiT(**args)
+    return DiT(y_embedder=ClassEmbedder(5, args["hidden_size"], cep=cep), **args)
 
 
 def test_xl2_matches_official_layout_and_count():

@@ -10,7 +10,6 @@ Precision regimes and tolerances (rel = ||a - b|| / ||b||; fp32 references run w
   VQ nearest codes under bf16 autocast: every index is the float64 nearest code up to a 1e-5 distance tie
 bf16 has an 8-bit mantissa (4e-3 per rounding); the tolerances leave room for a few layers of it, not for a wrong op.
 """
-import importlib
 import socket
 from contextlib import contextmanager, nullcontext
 
@@ -50,19 +49,20 @@ def perturb(model, std=0.05, seed=0):
 
 
 def build(script_name, argv):
-    """(script, cfg, perturbed model on CUDA in eval mode (no dropout / CEP draws), diffusion) of a train script."""
-    from trainer import parse_config
-    script = importlib.import_module(script_name)
-    cfg = parse_config(script.CONFIG_CLASS, argv)
-    script.check_config(cfg)
+    """(family, cfg, perturbed model on CUDA in eval mode (no dropout / CEP draws), diffusion) of a train script."""
+    from measure import SCRIPTS
+    from config import parse_config
+    from registry import FAMILIES
+    family = FAMILIES[SCRIPTS[script_name]]
+    cfg = family.resolve(parse_config(family.config, argv))
     torch.manual_seed(0)
-    model = perturb(script.build_model(cfg)).cuda().eval()
-    return script, cfg, model, script.build_diffusion(cfg)
+    model, diffusion = family.build(cfg)
+    return family, cfg, perturb(model).cuda().eval(), diffusion
 
 
-def batch(script, cfg, B=16, seed=1):
+def batch(family, cfg, B=16, seed=1):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    shape = script.latent_shape(cfg)
+    shape = cfg.latent_shape
     x0 = torch.randn(B, *shape, device="cuda", generator=g)
     t = torch.randint(0, 1000, (B,), device="cuda", generator=g)
     noise = torch.randn(B, *shape, device="cuda", generator=g)
@@ -207,7 +207,7 @@ def test_bf16_sampling_matches_fp32():
     from diffusion import cfg_model_fn
     script, cfg, model, diffusion = build(*DIT_T)
     y = torch.arange(8, device="cuda") % 10
-    noise = torch.randn(8, *script.latent_shape(cfg), generator=torch.Generator().manual_seed(3)).cuda()
+    noise = torch.randn(8, *cfg.latent_shape, generator=torch.Generator().manual_seed(3)).cuda()
     fn = cfg_model_fn(model, y, model.cond.null_like(y), 4.0, learn_sigma=True)
     with fp32_exact():
         ref = diffusion.sample(fn, noise, sampler="dpm++", steps=20)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import bench
+import measure
 import gpu_suite
-from trainer import parse_config
+from config import parse_config
 
 INFO = {"gpu": "NVIDIA H200", "capability": "sm_90", "memory_gib": 139.8, "torch": "2.11.0+cu130", "cuda": "13.0"}
 
@@ -51,14 +52,13 @@ def test_parse_args_defaults_and_row_selection(tmp_path):
 
 @pytest.mark.parametrize("name", list(gpu_suite.TRAIN))
 def test_training_rows_flags_are_accepted_by_their_scripts(name):
-    import importlib
+    from registry import FAMILIES
     script_name, argv = gpu_suite.TRAIN[name]
-    script = importlib.import_module(script_name)
-    cfg = parse_config(script.CONFIG_CLASS, argv)
-    script.check_config(cfg)
+    family = FAMILIES[measure.SCRIPTS[script_name]]
+    cfg = family.resolve(parse_config(family.config, argv))
     side = {"dit": 32, "ldm": 64}[name.split("-")[0]]
     assert cfg.precision == "bf16" and cfg.compile and cfg.device == "cuda" and cfg.num_classes == 1000
-    assert script.latent_shape(cfg)[1:] == (side, side) and cfg.batch_size == int(name.split("-b")[1])
+    assert cfg.latent_shape[1:] == (side, side) and cfg.batch_size == int(name.split("-b")[1])
 
 
 # ---- MFU arithmetic and peaks ----
@@ -66,9 +66,9 @@ def test_training_rows_flags_are_accepted_by_their_scripts(name):
 
 def test_mfu_against_hand_computed_numbers():
     # 711 GFLOP per training image (3 x 237) at 760 img/s = 540.36 TFLOP/s: 54.64 % of 989, 68.57 % of 788
-    achieved, mfu = bench.mfu_pct(711e9, 760.0, 989.0)
+    achieved, mfu = measure.mfu_pct(711e9, 760.0, 989.0)
     assert achieved == pytest.approx(540.36) and mfu == pytest.approx(54.637, abs=1e-3)
-    assert bench.mfu_pct(711e9, 760.0, None) == (pytest.approx(540.36), None)
+    assert measure.mfu_pct(711e9, 760.0, None) == (pytest.approx(540.36), None)
     assert gpu_suite.mfu_cells(711e9, 760.0, 989.0, 788.0) == {"TFLOP/s": "540", "MFU sheet": "54.6%",
                                                                 "MFU meas": "68.6%"}
     assert gpu_suite.mfu_cells(711e9, 760.0, None, 788.0)["MFU sheet"] == "-"
@@ -78,7 +78,7 @@ def test_mfu_against_hand_computed_numbers():
                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 PCIe", 756.0),
                                        ("NVIDIA H200 NVL", 835.0), ("Some Future GPU", None)])
 def test_datasheet_peak_by_card_name(name, peak):
-    assert bench.datasheet_peak(name, "bf16") == peak
+    assert measure.datasheet_peak(name, "bf16") == peak
 
 
 # ---- the table ----

@@ -6,9 +6,12 @@ import json
 import pytest
 import torch
 
+import diffusion as diff
+import dit
 import pretrained
 import train_dit
-from trainer import load_checkpoint
+import unet
+from runio import load_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -40,14 +43,14 @@ def test_release_config_and_weights_equal_the_loaded_release(dit_t2_release):
     assert (cfg.model, cfg.image_size, cfg.vae, cfg.schedule) == ("DiT-T/2", 32, "kl-f8", "linear") and cfg.learn_sigma
     assert (cfg.t_freq_shift, cfg.mlp_norm_eps, cfg.cond) == (1.0, 1e-5, "class")   # diffusers' numerics
     assert cfg.vae_path == str(dit_t2_release / "vae") and "diffusers-dit DiT-T/2" in note
-    model = train_dit.build_model(dataclasses.replace(cfg, num_classes=1000)).eval()
+    model = dit.from_config(dataclasses.replace(cfg, num_classes=1000)).eval()
     assert pretrained.load_init(model, sd) == "class table loaded (1001 rows)"
     ref = pretrained.load_pretrained(dit_t2_release, with_vae=False)["model"]
     g = torch.Generator().manual_seed(1)
     x, t, y = torch.randn(3, 4, 4, 4, generator=g), torch.tensor([3, 500, 999]), torch.tensor([7, 1000, 42])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), ref(x, t, y), rtol=0, atol=0)
-    fresh = train_dit.build_model(dataclasses.replace(cfg, num_classes=10))
+    fresh = dit.from_config(dataclasses.replace(cfg, num_classes=10))
     assert pretrained.load_init(fresh, sd).startswith("class table re-initialised: SOURCE has 1001 rows, this run 11")
     torch.testing.assert_close(fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 
@@ -64,7 +67,7 @@ def test_release_fine_tunes_two_steps_and_resumes(dit_t2_release, tmp_path, caps
     assert ckpt["config"]["init_from"] == str(dit_t2_release)
     assert all(s["step"] == 2 for s in ckpt["opt"]["state"].values())                # a fresh optimizer
     cfg = train_dit.DiTConfig(**{k: v for k, v in ckpt["config"].items()})
-    assert ckpt["model"].keys() == train_dit.build_model(cfg).state_dict().keys() == ckpt["ema"].keys()
+    assert ckpt["model"].keys() == dit.from_config(cfg).state_dict().keys() == ckpt["ema"].keys()
     assert train_dit.main(args + ["--steps", "3", "--resume", "auto"]) == 0
     assert load_checkpoint(str(run / "last.pt"))["step"] == 3
     events = [json.loads(line).get("event") for line in (run / "log.jsonl").read_text().splitlines()]
@@ -87,11 +90,12 @@ def test_nanocep_checkpoint_first_loss_is_its_ema_models_loss(tmp_path):
     ds = data.build_dataset("builtin", 8, seed=7, builtin_length=16)
     keys = data.StepSampler(len(ds), 4, 0, 1, 7, 0, 1).keys(0)
     x, y = torch.utils.data.default_collate([ds[k] for k in keys])
-    t, noise, drop = step_draws(7, 0, 4, (3, 8, 8), 1000, cfg.class_dropout, torch.device("cpu"))[:3]
-    diffusion = train_dit.build_diffusion(cfg)
+    draws = step_draws(7, 0, 4, (3, 8, 8), 1000, cfg.class_dropout, torch.device("cpu"))
+    t, noise, drop = draws.t, draws.noise, draws.drop
+    diffusion = diff.from_config(cfg)
 
     def loss_of(weights):
-        model = train_dit.build_model(cfg)
+        model = dit.from_config(cfg)
         if weights is not None:
             model.load_state_dict(weights)
         yd = model.cond.drop(y, drop)
@@ -145,7 +149,7 @@ def test_ldm_release_maps_to_unet_tiny_and_trains(ldm_tiny_release, tmp_path):
     cfg, sd, note = pretrained.init_weights(str(ldm_tiny_release), train_ldm.LDMConfig(), "ldm")
     assert (cfg.model, cfg.image_size, cfg.vae, cfg.schedule, cfg.learn_sigma) == ("unet-tiny", 16, "vq-f4",
                                                                                      "scaled_linear", False)
-    model = train_ldm.build_model(dataclasses.replace(cfg, num_classes=10)).eval()
+    model = unet.from_config(dataclasses.replace(cfg, num_classes=10)).eval()
     assert pretrained.load_init(model, sd) == "class table loaded (11 rows)"
     ref = pretrained.load_pretrained(ldm_tiny_release, with_vae=False)["model"]
     x, t, y = torch.randn(2, 3, 4, 4), torch.tensor([5, 900]), torch.tensor([3, 10])

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import common
 import evaluate as ev
 import pretrained
-from train_dit import DiT
+from dit import DiT
 
 diffusers = pytest.importorskip("diffusers")
 DATA = Path(__file__).resolve().parent / "data"
@@ -251,7 +252,7 @@ def test_hf_repo_download_with_token_bin_fallback_and_cache(dit_release, tmp_pat
             raise urllib.error.HTTPError(request.full_url, 404, "Not Found", {}, None)
         return io.BytesIO(files[name])
 
-    monkeypatch.setattr(pretrained.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(common.urllib.request, "urlopen", fake_urlopen)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     p = pretrained.load_pretrained("org/dit-tiny@v1", root=tmp_path)
@@ -268,7 +269,7 @@ def test_hf_repo_download_with_token_bin_fallback_and_cache(dit_release, tmp_pat
 
     def denied(request):
         raise urllib.error.HTTPError(request.full_url, 401, "Unauthorized", {}, None)
-    monkeypatch.setattr(pretrained.urllib.request, "urlopen", denied)
+    monkeypatch.setattr(common.urllib.request, "urlopen", denied)
     with pytest.raises(ValueError, match="HF_TOKEN"):
         pretrained.load_pretrained("DiffusionNoise/dit-xl-2_imagenet_clean", root=tmp_path)
 
@@ -389,7 +390,7 @@ def test_ldm_sampling_equals_reference_class_pipeline(ldm_release):
 def test_full_size_unet_mapping_gives_the_compvis_cin256_layout():
     """diffusers' cin256-v2 U-Net config (meta tensors) maps onto exactly the CompVis key listing, names and shapes,
     and its architecture read back is train_ldm's ldm4-cin256."""
-    from train_ldm import UNET_CONFIGS
+    from unet import UNET_CONFIGS
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(
             sample_size=64, in_channels=3, out_channels=3, block_out_channels=(192, 384, 576, 960), layers_per_block=2,

@@ -14,9 +14,11 @@ import torch
 import conditions
 import data
 import diffusion as diff
+import dit
 import train_dit
-from conditions import get_tokenizer
-from train_dit import DiT
+from conditions import build_condition_encoder, encode_prompts, get_tokenizer
+from conftest import expect_one_line_error, load_ckpt as ckpt
+from dit import DiT
 
 CAPS = ["a large red disc at the middle of a dark background", "", "héllo wörld, 123 <|endoftext|> !", "x" * 100]
 
@@ -135,11 +137,12 @@ def test_cep_perturbs_real_tokens_of_real_captions_only():
 # ---- text-conditional DiT ----
 
 def tiny_text_dit(**kw):
-    args = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4, learn_sigma=False,
-                cond="text", context_length=64, text_width=32, text_depth=1, text_heads=2)
+    """A tiny DiT with a text encoder (context 64, width 32, 1 block, 2 heads); kw: the encoder's cep*, the DiT's rest."""
+    enc = {k: kw.pop(k) for k in ("cep", "cep_gamma", "cep_null") if k in kw}
+    args = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4, learn_sigma=False)
     args.update(kw)
     torch.manual_seed(0)
-    return DiT(**args)
+    return DiT(y_embedder=build_condition_encoder("text", 32, context_length=64, depth=1, heads=2, **enc), **args)
 
 
 def test_text_dit_starts_as_identity_and_keeps_class_keys_separate():
@@ -283,10 +286,6 @@ TINY = ["--cond", "text", "--image-size", "8", "--batch-size", "8", "--builtin-l
         "--context-length", "64"]
 
 
-def ckpt(out):
-    return torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)
-
-
 def test_cli_text_run_writes_grid_with_captions_and_resumes_bit_identically(tmp_path):
     extra = ["--corrupt", "0.05", "--cep", "uniform", "--sample-every", "4", "--sample-steps", "2",
              "--sample-per-class", "1"]
@@ -305,20 +304,16 @@ def test_cli_text_run_writes_grid_with_captions_and_resumes_bit_identically(tmp_
     assert prompts[0] == "a large red disc at the middle of a dark background" and len(prompts) == 10
     man = json.loads((tmp_path / "straight" / "corruption.json").read_text())
     assert man["kind"] == "swap" and man["num_corrupted"] == round(0.05 * 64)
-    cfg = train_dit.CONFIG_CLASS(**{k: v for k, v in a["config"].items()})
-    y = train_dit.encode_prompts(cfg, prompts[:2])
+    cfg = train_dit.DiTConfig(**{k: v for k, v in a["config"].items()})
+    y = encode_prompts(cfg, prompts[:2])
     assert y.shape == (2, 64) and get_tokenizer("bytes").decode(y[1]) == prompts[1]
-    model = train_dit.build_model(cfg)
+    model = dit.from_config(cfg)
     model.load_state_dict(a["ema"])                                      # the checkpoint rebuilds from its config
     assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), y).shape == (2, 6, 8, 8)
 
 
 def _expect_error(capsys, argv, needle):
-    assert train_dit.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    errors = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(errors) == 1 and err.splitlines()[-1].startswith("train_dit.py: error:") and needle in errors[0], err
-    assert "Traceback" not in err
+    expect_one_line_error(capsys, train_dit.main, "train_dit.py", argv, needle)
 
 
 def test_cli_bad_inputs_one_line_exit_2(tmp_path, capsys):

@@ -12,52 +12,25 @@ import torch
 
 import diffusion
 import train_dit
+from conftest import ROOT, TINY, check_resume_is_bit_identical, expect_one_line_error, train_and_check_learning
+from conftest import load_ckpt as ckpt, read_log as records, subprocess_env as env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
-        "--builtin-length", "64", "--num-workers", "0", "--lr", "1e-3"]
 
 
 def run(out, *extra):
     return train_dit.main(TINY + ["--out", str(out), *map(str, extra)])
 
 
-def ckpt(out, name="last.pt"):
-    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=True)
-
-
-def records(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(ln) for ln in f]
-
-
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
 def test_default_trains_loss_falls_and_writes_grid(tmp_path):
-    rc = train_dit.main(["--image-size", "8", "--batch-size", "16", "--steps", "40", "--log-every", "10",
-                         "--ckpt-every", "40", "--sample-every", "40", "--sample-steps", "4", "--sample-per-class", "2",
-                         "--builtin-length", "256", "--corrupt", "0.05", "--cep", "uniform", "--out", str(tmp_path)])
-    assert rc == 0
-    losses = [r["loss"] for r in records(tmp_path) if "loss" in r and "event" not in r]
-    assert losses[-1] < 0.6 * losses[0], losses
-    assert os.path.isfile(tmp_path / "samples" / "step_0000040.png")
-    man = json.load(open(tmp_path / "corruption.json"))
+    man = train_and_check_learning(train_dit.main, tmp_path, 40, "--batch-size", "16", "--sample-steps", "4",
+                                   "--sample-per-class", "2", "--cep", "uniform")
     assert man["num_corrupted"] == round(0.05 * 256) and man["kind"] == "symmetric"
     c = ckpt(tmp_path)
     assert c["step"] == 40 and c["kind"] == "dit" and c["config"]["cep"] == "uniform"
 
 
 def test_resume_is_bit_identical(tmp_path):
-    extra = ["--cep", "uniform", "--corrupt", "0.1"]
-    assert run(tmp_path / "straight", "--steps", 4, *extra) == 0
-    assert run(tmp_path / "split", "--steps", 2, *extra) == 0
-    assert run(tmp_path / "split", "--steps", 4, "--resume", "auto", *extra) == 0
-    a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "split")
-    for part in ("model", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    b = check_resume_is_bit_identical(run, tmp_path, "--cep", "uniform", "--corrupt", "0.1")
     assert b["step"] == 4
 
 
@@ -114,11 +87,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
 
 
 def _expect_error(capsys, argv, needle):
-    assert train_dit.main(argv) == 2
-    err = capsys.readouterr().err.strip()   # a progress bar may precede the error; the error is one last line
-    errors = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(errors) == 1 and err.splitlines()[-1].startswith("train_dit.py: error:") and needle in errors[0], err
-    assert "Traceback" not in err
+    expect_one_line_error(capsys, train_dit.main, "train_dit.py", argv, needle)
 
 
 def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
@@ -150,7 +119,7 @@ def test_cli_exit_code_is_2_for_real(tmp_path):
 
 @pytest.mark.parametrize("preset", list(train_dit.PRESETS))
 def test_presets_parse(preset):
-    from trainer import parse_config
+    from config import parse_config
     cfg = parse_config(train_dit.DiTConfig, ["--preset", preset, "--steps", "7"], train_dit.PRESETS)
     assert cfg.steps == 7 and cfg.model == train_dit.PRESETS[preset]["model"] and cfg.vae == "kl-f8"
 

@@ -11,25 +11,18 @@ import torch
 import bench
 import diffusion
 import train_ldm
-from trainer import parse_config
+from conditions import encoder_from_config
+from config import parse_config
+from conftest import ROOT, TINY, check_resume_is_bit_identical, expect_one_line_error, train_and_check_learning
+from conftest import load_ckpt as ckpt
+import unet as unet_lib
+from unet import LDM, UNetModel, build_unet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = os.path.join(os.path.dirname(__file__), "data", "ldm4-cin256-v2_unet_compvis_state_dict.txt")
-TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
-        "--builtin-length", "64", "--num-workers", "0", "--lr", "1e-3"]
 
 
 def run(out, *extra):
     return train_ldm.main(TINY + ["--out", str(out), *map(str, extra)])
-
-
-def ckpt(out, name="last.pt"):
-    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=True)
-
-
-def records(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(ln) for ln in f]
 
 
 def randomize(module, scale=0.1):
@@ -46,7 +39,7 @@ def tiny_ldm(**cfg_overrides):
     for k, v in cfg_overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
-    return train_ldm.build_model(cfg)
+    return unet_lib.from_config(cfg)
 
 
 # ---- architecture ----
@@ -54,8 +47,8 @@ def tiny_ldm(**cfg_overrides):
 def test_cin256_v2_unet_matches_compvis_keys_shapes_order_and_count():
     cfg = parse_config(train_ldm.LDMConfig, ["--preset", "ldm4-in1k", "--num-classes", "1000"], train_ldm.PRESETS)
     with torch.device("meta"):                  # no memory, no init work (build_model = LDM(these two))
-        unet = train_ldm.build_unet(cfg.model, in_channels=train_ldm.latent_shape(cfg)[0], learn_sigma=cfg.learn_sigma)
-    model = train_ldm.LDM(unet, train_ldm.build_cond_encoder(cfg, unet.context_dim))   # (a meta normal_ costs ~4 s)
+        unet = build_unet(cfg.model, in_channels=cfg.latent_shape[0], learn_sigma=cfg.learn_sigma)
+    model = LDM(unet, encoder_from_config(cfg, unet.context_dim))   # (a meta normal_ costs ~4 s)
     ours = [(k, tuple(v.shape)) for k, v in model.diffusion_model.state_dict().items()]
     with open(KEYS) as f:
         theirs = [(ln.split(" (")[0], tuple(int(s) for s in ln.split(" (")[1].rstrip(")\n").split(",") if s.strip()))
@@ -79,7 +72,7 @@ def test_unet_equals_diffusers_on_converted_compvis_weights(side):
                                                      create_unet_diffusers_config_from_ldm)
     arch = dict(model_channels=32, channel_mult=[1, 2, 3, 5], num_res_blocks=2, attention_resolutions=[8, 4, 2],
                 num_heads=2, context_dim=24, transformer_depth=1)
-    ours = randomize(train_ldm.UNetModel(in_channels=3, out_channels=3, **arch)).eval()
+    ours = randomize(UNetModel(in_channels=3, out_channels=3, **arch)).eval()
     compvis = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
     yaml = {"model": {"params": {"unet_config": {"params": dict(in_channels=3, out_channels=3, **arch)},
                                  "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4]}}}}}}
@@ -132,7 +125,7 @@ def test_class_embedding_is_one_context_token_and_cep_perturbs_it_only_in_traini
 
 def test_context_mask_hides_padding_tokens():
     """The text interface: masked context tokens have no effect, i.e. the same output as leaving them out."""
-    unet = randomize(train_ldm.build_unet("unet-tiny", context_dim=8)).eval()
+    unet = randomize(build_unet("unet-tiny", context_dim=8)).eval()
     torch.manual_seed(4)
     x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([10, 600]), torch.randn(2, 3, 8)
     keep = torch.tensor([[True, True, False], [True, False, False]])
@@ -145,7 +138,7 @@ def test_context_mask_hides_padding_tokens():
 
 
 def test_non_square_and_indivisible_inputs_are_rejected_clearly():
-    unet = train_ldm.build_unet("ldm4-cin256", model_channels=32, context_dim=8)    # 4 levels: side % 8 == 0
+    unet = build_unet("ldm4-cin256", model_channels=32, context_dim=8)    # 4 levels: side % 8 == 0
     t, ctx = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 8)
     with pytest.raises(ValueError, match="square"):
         unet(torch.zeros(1, 3, 16, 24), t, ctx)
@@ -154,48 +147,31 @@ def test_non_square_and_indivisible_inputs_are_rejected_clearly():
     with pytest.raises(ValueError, match="context must be"):
         unet(torch.zeros(1, 3, 16, 16), t, torch.zeros(1, 1, 9))
     with pytest.raises(ValueError, match="multiple of 32"):
-        train_ldm.UNetModel(model_channels=48, channel_mult=(1, 3))
+        UNetModel(model_channels=48, channel_mult=(1, 3))
 
 
 # ---- training through main(argv) ----
 
 def test_default_trains_loss_falls_writes_grid_and_checkpoint_rebuilds(tmp_path):
-    rc = train_ldm.main(["--image-size", "8", "--batch-size", "8", "--steps", "30", "--log-every", "10",
-                         "--ckpt-every", "30", "--sample-every", "30", "--sample-steps", "3", "--sample-per-class", "1",
-                         "--builtin-length", "256", "--corrupt", "0.05", "--cep", "gaussian", "--out", str(tmp_path)])
-    assert rc == 0
-    losses = [r["loss"] for r in records(tmp_path) if "loss" in r and "event" not in r]
-    assert losses[-1] < 0.6 * losses[0], losses
-    assert os.path.isfile(tmp_path / "samples" / "step_0000030.png")
-    assert json.load(open(tmp_path / "corruption.json"))["num_corrupted"] == round(0.05 * 256)
+    man = train_and_check_learning(train_ldm.main, tmp_path, 30, "--batch-size", "8", "--sample-steps", "3",
+                                   "--sample-per-class", "1", "--cep", "gaussian")
+    assert man["num_corrupted"] == round(0.05 * 256)
     c = ckpt(tmp_path)
     assert c["step"] == 30 and c["kind"] == "ldm" and c["config"]["cep"] == "gaussian"
     # what evaluate.py does: rebuild the model from the checkpoint's config alone and load the EMA strictly
-    cfg = train_ldm.CONFIG_CLASS(**c["config"])
-    model = train_ldm.build_model(cfg)
+    cfg = train_ldm.LDMConfig(**c["config"])
+    model = unet_lib.from_config(cfg)
     model.load_state_dict(c["ema"], strict=True)
-    assert isinstance(train_ldm.build_diffusion(cfg), diffusion.GaussianDiffusion)
+    assert isinstance(diffusion.from_config(cfg), diffusion.GaussianDiffusion)
 
 
 def test_resume_is_bit_identical(tmp_path):
-    extra = ["--cep", "uniform", "--corrupt", "0.1"]
-    assert run(tmp_path / "straight", "--steps", 4, *extra) == 0
-    assert run(tmp_path / "split", "--steps", 2, *extra) == 0
-    assert run(tmp_path / "split", "--steps", 4, "--resume", "auto", *extra) == 0
-    a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "split")
-    for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    b = check_resume_is_bit_identical(run, tmp_path, "--cep", "uniform", "--corrupt", "0.1")
     assert b["step"] == 4
 
 
 def _expect_error(capsys, argv, needle):
-    assert train_ldm.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    errors = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(errors) == 1 and err.splitlines()[-1].startswith("train_ldm.py: error:") and needle in errors[0], err
-    assert "Traceback" not in err
+    expect_one_line_error(capsys, train_ldm.main, "train_ldm.py", argv, needle)
 
 
 def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
@@ -228,8 +204,8 @@ def test_cli_exit_code_is_2_for_real(tmp_path):
 def test_presets_parse():
     cfg = parse_config(train_ldm.LDMConfig, ["--preset", "ldm4-in1k", "--steps", "7"], train_ldm.PRESETS)
     assert (cfg.steps, cfg.model, cfg.vae, cfg.batch_size, cfg.lr) == (7, "ldm4-cin256", "vq-f4", 512, 1e-4)
-    assert train_ldm.latent_shape(cfg) == (3, 64, 64) and not cfg.learn_sigma and cfg.schedule == "scaled_linear"
-    train_ldm.check_config(cfg)
+    assert cfg.latent_shape == (3, 64, 64) and not cfg.learn_sigma and cfg.schedule == "scaled_linear"
+    cfg = train_ldm.resolve(cfg)
 
 
 def test_bench_runs_the_unet(capsys):
@@ -280,8 +256,8 @@ def test_text_conditional_unet_trains_writes_captions_and_resumes(tmp_path):
 
 def test_cc3m_preset_is_the_paper_shape():
     cfg = parse_config(train_ldm.LDMConfig, ["--preset", "ldm4-cc3m", "--tokenizer", "bytes"], train_ldm.PRESETS)
-    train_ldm.check_config(cfg)
+    cfg = train_ldm.resolve(cfg)
     assert (cfg.cond, cfg.text_width, cfg.text_depth, cfg.steps, cfg.corrupt_type) == ("text", 768, 12, 396_000, "swap")
     with torch.device("meta"):
-        unet = train_ldm.build_unet(cfg.model, context_dim=cfg.text_width)
+        unet = build_unet(cfg.model, context_dim=cfg.text_width)
     assert unet.context_dim == 768

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import conditions
+import config
+import data
 import train_dit
 import train_ldm
 import trainer
@@ -66,9 +68,9 @@ def test_out_naming_a_file_is_one_line_exit_2(tmp_path, capsys):
 
 def test_abbreviated_flags_are_refused_and_explicit_flags_beat_the_preset(capsys):
     with pytest.raises(SystemExit) as e:
-        trainer.parse_config(train_dit.DiTConfig, ["--preset", "dit-xl2-in1k", "--ema", "0.999"], train_dit.PRESETS)
+        config.parse_config(train_dit.DiTConfig, ["--preset", "dit-xl2-in1k", "--ema", "0.999"], train_dit.PRESETS)
     assert e.value.code == 2 and "--ema" in capsys.readouterr().err
-    cfg = trainer.parse_config(train_dit.DiTConfig, ["--preset", "dit-xl2-in1k", "--ema-decay", "0.999"],
+    cfg = config.parse_config(train_dit.DiTConfig, ["--preset", "dit-xl2-in1k", "--ema-decay", "0.999"],
                                train_dit.PRESETS)
     assert cfg.ema_decay == 0.999 and cfg.model == "DiT-XL/2"
 
@@ -81,8 +83,8 @@ def test_random_corruption_is_exact_per_global_batch_and_follows_the_static_rule
     for kind, classes in (("symmetric", ""), ("asymmetric", "1,3")):
         cfg = types.SimpleNamespace(batch_size=40, seed=1, steps=10, corrupt=0.1, corrupt_type=kind,
                                     corrupt_classes=classes)
-        items = trainer.batch_items(len(ds.labels), cfg, 0)
-        labels = trainer.random_corruption(cfg, ds, items)
+        items = data.batch_items(len(ds.labels), cfg.batch_size, cfg.seed, 0, cfg.steps)
+        labels = data.random_corruption(ds, cfg.corrupt, cfg.corrupt_type, cfg.corrupt_classes, items)
         flipped = 0
         for step in range(10):
             clean, new = ds.labels[items(step)], labels(step, 1000 + step).numpy()
@@ -204,9 +206,9 @@ def test_cond_dropout_drops_real_embeddings_only_while_training():
 
 
 def test_cep_subset_is_a_fixed_seeded_fraction_and_masks_cep():
-    m = trainer.cep_subset_mask(1000, 0.3, seed=2)
-    assert m.sum() == 300 and torch.equal(m, trainer.cep_subset_mask(1000, 0.3, seed=2))
-    assert not torch.equal(m, trainer.cep_subset_mask(1000, 0.3, seed=3))
+    m = data.cep_subset_mask(1000, 0.3, seed=2)
+    assert m.sum() == 300 and torch.equal(m, data.cep_subset_mask(1000, 0.3, seed=2))
+    assert not torch.equal(m, data.cep_subset_mask(1000, 0.3, seed=3))
     enc = conditions.ClassEmbedder(3, 16, cep="uniform").train()
     y = torch.tensor([0, 1, 2, 0])
     keep = torch.tensor([True, False, True, False])

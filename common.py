@@ -1,0 +1,166 @@
+"""
+The plumbing every nanoCEP script shares, written once: one-line CLI errors, atomic file writes, downloads checked by
+sha256, and joining torchrun's process group. (cep.py and corrupt.py keep tiny copies of the first two on purpose: they
+are standalone files meant to be copied into other projects.)
+
+Nothing to run here; the scripts import it. torch is imported only by the functions that need it, so numpy-only
+scripts (gmm_theory.py) use this file too.
+"""
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+class RunError(Exception):
+    """A problem the user must fix (bad flag, bad file): the scripts print its message on one line and exit 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command lines: a bad flag is one line and exit 2
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 2, instead of printing the usage block too.
+
+    Abbreviated flags are off: `--ema 0.999` must not silently become `--ema-decay` behind a preset's back."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line; errors re-raised from DataLoader workers keep only the original message."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    return lines[-1] if lines[0].startswith("Caught ") else lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files: written atomically, downloaded with a checksum
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb"):
+    """Open a temporary file beside `path`; on success it is renamed over `path`, on failure removed.
+
+    A crash or an exception never leaves a half-written file where a reader (or a resumed run) would find it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save, atomically."""
+    import torch
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest, sha256: str | None = None, headers: dict | None = None, quiet: bool = False) -> Path:
+    """Fetch url to dest atomically (a line on stderr says so unless quiet); a failed or mismatching download leaves
+    nothing behind.
+
+    HTTP 404 or a missing file:// -> FileNotFoundError; 401/403 -> ValueError naming HF_TOKEN; a sha256 mismatch ->
+    ValueError; other network failures -> ConnectionError."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    request = urllib.request.Request(url, headers={"User-Agent": "nanoCEP", **(headers or {})})
+    if not quiet:
+        print(f"downloading {url} -> {dest}", file=sys.stderr)
+    with atomic_open(dest, "wb") as f:
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(request) as r:
+                while chunk := r.read(1 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise FileNotFoundError(f"not found: {url}") from None
+            if e.code in (401, 403):
+                raise ValueError(f"{url}: access denied (HTTP {e.code}); for a gated repo accept its terms on the "
+                                 "Hub and set HF_TOKEN") from None
+            raise ConnectionError(f"could not download {url} (HTTP {e.code})") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, FileNotFoundError):       # file:// to a missing file
+                raise FileNotFoundError(f"not found: {url}") from None
+            raise ConnectionError(f"could not download {url} ({reason}); pass a local path instead") from None
+        if sha256 and digest.hexdigest() != sha256.lower():
+            raise ValueError(f"sha256 mismatch for {url}: got {digest.hexdigest()}, expected {sha256}")
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processes: torchrun's environment variables; plain `python` = 1 process
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: "torch.device" = None                  # None = the CPU
+
+    def __post_init__(self):
+        import torch
+        self.device = torch.device("cpu") if self.device is None else torch.device(self.device)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto", timeout: float | None = None) -> Dist:
+    """Join the process group torchrun created (gloo on CPU, nccl on GPU); the device comes from LOCAL_RANK.
+
+    timeout (seconds) bounds how long a rank waits at a collective (torch's default: 10 minutes)."""
+    import torch
+    import torch.distributed as dist
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if use_cuda:
+        # LOCAL_RANK, not RANK: on node 2 of 2, global rank 9 is local GPU 1 (the multi-node bug of the official DiT).
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
+    return Dist(rank, local_rank, world, dev)
+
+
+def all_mean(x: "torch.Tensor", d: Dist) -> "torch.Tensor":
+    """Average a tensor over all ranks (identity with one process)."""
+    if d.world > 1:
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= d.world
+    return x

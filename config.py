@@ -1,0 +1,260 @@
+"""
+The training config both train scripts share, and how a config becomes a command line.
+
+TrainConfig holds every field that is not the model's: data, condition corruption, CEP and the ablations,
+optimisation, the run, sample grids. train_dit.py's DiTConfig and train_ldm.py's LDMConfig subclass it, add their model
+fields and override a few defaults. Every field is a --kebab-case flag with its help text (`opt(default, help)`);
+fields marked arch=True define the network, fields marked experiment=True what it is trained on and how: resuming a
+run with another value of either is refused (experiment fields may be changed on purpose with --resume-override).
+
+    cfg = parse_config(DiTConfig, argv, PRESETS)      # flags (+ --preset NAME) -> a config
+    cfg = resolve_run_config(cfg)                     # checked, 'auto' decided: a *new* config, never mutated
+
+Nothing to run here; `python train_dit.py --help` lists the flags.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+
+from common import ArgParser, RunError
+
+LATENT_GEOMETRY = {"none": (3, 1), "kl-f8": (4, 8), "vq-f4": (3, 4)}   # autoencoder -> (channels, downsampling)
+CAPTION_CORRUPTIONS = ("swap", "rewrite")
+
+
+def opt(default, help: str, **kw):
+    """A config field with its help text (shown by --help); kw go to its metadata (choices, arch)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = opt("builtin", "'builtin' (procedural shapes, no download), an ImageNet-layout folder root/<class>/*.jpg, "
+                    "or with --cond text: a folder of images with same-stem .txt captions or a path<TAB>caption .tsv/.csv")
+    cond: str = opt("class", "condition: class labels | text captions (tokenised, encoded by a jointly trained encoder)",
+                    choices=["class", "text"], arch=True)
+    image_size: int = opt(16, "image side in pixels (latent side = image_size / 8 with --vae kl-f8, / 4 with vq-f4)",
+                          arch=True)
+    num_classes: int = opt(0, "classes of the class embedder; 0 = the dataset's count (set 1000 to match ImageNet ckpts)",
+                           arch=True)
+    flip: bool = opt(True, "random horizontal flips (decided by seed and step, so resume is exact)")
+    builtin_length: int = opt(100_000, "items in the built-in dataset (each is drawn from (index, seed))")
+    vae: str = opt("none", "autoencoder: none (pixels) | kl-f8 (SD-VAE, 32x32x4 latents at 256^2) | vq-f4 (LDM-4, "
+                   "64x64x3)", choices=["none", "kl-f8", "vq-f4"], arch=True)
+    vae_path: str = opt("", "local autoencoder weights (safetensors/.bin/.ckpt); empty = download")
+    latents: str = opt("", "train from a latent cache DIR made by `python latents.py` (no VAE encode in the loop)")
+    # text encoder (--cond text)
+    tokenizer: str = opt("bytes", "bytes (offline, byte-level) | gpt2 / r50k_base (tiktoken downloads it once) | "
+                         "PATH.tiktoken (local ranks file, e.g. gpt2.tiktoken from the openai-whisper package)",
+                         arch=True)
+    context_length: int = opt(77, "caption tokens (with the end token), truncated / padded to this length", arch=True)
+    text_depth: int = opt(2, "text encoder transformer blocks (the paper's CC3M BERT: 12)", arch=True)
+    text_heads: int = opt(4, "text encoder attention heads", arch=True)
+    # condition corruption (paper §2) and CEP (paper §5)
+    corrupt: float = opt(0.0, "corruption ratio eta in [0, 1): fraction of training labels flipped / captions corrupted",
+                         experiment=True)
+    corrupt_type: str = opt("auto", "auto (symmetric for class, swap for text) | symmetric (to another class, by the "
+                            "class prior) | asymmetric | swap (captions between random pairs) | rewrite (--corrupt-rewrites)",
+                            choices=["auto", "symmetric", "asymmetric", "swap", "rewrite"], experiment=True)
+    corrupt_rewrites: str = opt("", "rewrite only: JSON file {index: rewritten caption}; --corrupt picks that fraction "
+                                "of N among its entries (0 = all of them)", experiment=True)
+    corrupt_classes: str = opt("", "asymmetric only: comma-separated class ids that flip among themselves",
+                               experiment=True)
+    corrupt_mode: str = opt("static", "static: flip once when the data is built (paper) | random: re-flip every step",
+                            choices=["static", "random"], experiment=True)
+    cep: str = opt("none", "condition embedding perturbation: none | uniform | gaussian",
+                   choices=["none", "uniform", "gaussian"], experiment=True)
+    cep_gamma: float = opt(1.0, "CEP magnitude gamma (noise scale gamma/sqrt(d)); the paper uses 1", experiment=True)
+    cep_null: bool = opt(False, "also perturb the CFG null embedding (the paper does not say; default: no)",
+                         experiment=True)
+    ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)",
+                    experiment=True)
+    class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)",
+                               experiment=True)
+    # the paper's ablations (Tables 6 and 7)
+    cond_dropout: float = opt(0.0, "ablation (Table 6 'Dropout'): dropout with probability P on the condition embedding "
+                              "while training; identity in eval; never on the CFG null embedding", experiment=True)
+    label_smoothing: float = opt(0.0, "ablation (Table 6 'Label Smoothing'): train on the embedding of a smoothed "
+                                 "one-hot, (1-eps) E[y] + eps * mean of the K class rows (no null row); class only",
+                                 experiment=True)
+    cep_subset: float = opt(1.0, "ablation (Table 7 'Fixed CEP'): CEP only on a fixed fraction R of the training items, "
+                            "chosen once from --seed by item index; 1 = every item (the paper's CEP)", experiment=True)
+    # optimisation
+    steps: int = opt(1000, "training steps")
+    batch_size: int = opt(64, "global batch size (split over processes)", experiment=True)
+    micro_batch_size: int = opt(0, "per-process micro-batch for gradient accumulation; 0 = no accumulation")
+    lr: float = opt(1e-3, "AdamW learning rate (constant, as DiT and LDM)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (CompVis LDM: torch's default 0.01)")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this value; 0 = off (DiT and LDM use none)")
+    ema_decay: float = opt(0.995, "EMA decay of the weights used for sampling (DiT and LDM's LitEma: 0.9999)")
+    # run
+    out: str = opt("runs/run", "run folder: checkpoints, log.jsonl, samples/")
+    resume: str = opt("", "'auto' = continue the run in --out if it has a checkpoint; or a checkpoint path")
+    resume_override: str = opt("", "comma-separated experiment fields a resume may change (e.g. batch_size,seed); "
+                               "without it a resume refuses any change of corruption, CEP, ablation, seed or batch flags")
+    init_from: str = opt("", "fine-tune from SOURCE: a release pretrained.py loads or a nanoCEP checkpoint (its EMA "
+                         "weights, architecture and numerics; fresh optimizer and step); see README")
+    seed: int = opt(0, "global seed (data order, noise, corruption)", experiment=True)
+    device: str = opt("auto", "auto | cpu | cuda")
+    precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
+                         choices=["auto", "fp32", "bf16"])
+    compile: bool | None = opt(None, "torch.compile the model (default: on for GPU, off for CPU)")
+    num_workers: int = opt(-1, "data loader workers; -1 = auto (0 on CPU)")
+    log_every: int = opt(50, "log the all-reduced loss every N steps")
+    ckpt_every: int = opt(500, "write out/last.pt every N steps (and at the end)")
+    keep_every: int = opt(0, "also keep out/step_XXXXXXX.pt every N steps; 0 = only last.pt")
+    sample_every: int = opt(500, "write an EMA sample grid every N steps; 0 = never")
+    sample_cfg: float = opt(4.0, "guidance scale of the sample grids")
+    sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
+                              choices=["dpm++", "ddim", "ddpm"])
+    sample_steps: int = opt(25, "sampling steps of the sample grids")
+    sample_cads: str = opt("", "CADS on the sample grids (cep.py): 'noise,tau1,tau2,psi', e.g. 0.1,0.6,0.9,1; "
+                           "empty = off")
+    sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
+    sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one prompt per built-in "
+                              "class, or the first dataset captions)")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the denoiser sees: pixels, or the autoencoder's latents."""
+        channels, down = LATENT_GEOMETRY[self.vae]
+        return channels, self.image_size // down, self.image_size // down
+
+
+def arch_fields(cfg) -> list[str]:
+    """The fields that define the network (metadata arch=True): a resumed run must have the same values."""
+    return [f.name for f in dataclasses.fields(cfg) if f.metadata.get("arch")]
+
+
+def experiment_fields(cfg) -> list[str]:
+    """The fields that define the experiment (metadata experiment=True): corruption, CEP, the ablations, CFG dropout,
+    seed and batch; a resumed run must keep them unless --resume-override names them."""
+    return [f.name for f in dataclasses.fields(cfg) if f.metadata.get("experiment")]
+
+
+def parse_config(cls, argv=None, presets: dict | None = None, description: str = ""):
+    """Build an argparse CLI from a config dataclass (every field a --kebab-case flag) and return the config.
+
+    A field's help text is its `metadata["help"]`. `--preset NAME` first applies presets[NAME]; flags given explicitly
+    win over the preset.
+    """
+    presets = presets or {}
+    p = ArgParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if presets:
+        p.add_argument("--preset", choices=sorted(presets), default=None, help="a named recipe (see README)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        if f.type in (bool, "bool") or (hasattr(f.type, "__args__") and bool in f.type.__args__):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            typ = typ if typ in (int, float, str) else str
+            p.add_argument(flag, type=typ, default=f.default, choices=f.metadata.get("choices"), help=help_)
+    args = p.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    if presets and args.preset:
+        explicit = explicit_fields(argv)
+        values.update({k: v for k, v in presets[args.preset].items() if k not in explicit})
+    return cls(**values)
+
+
+def explicit_fields(argv=None) -> set:
+    """The config fields given as flags on the command line (--no-x counts for x)."""
+    explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                if a.startswith("--")}
+    return explicit | {n[3:] for n in explicit if n.startswith("no_")}
+
+
+def resolve_run_config(cfg, text_width: int | None = None):
+    """The checks every train script shares, and the 'auto' values decided: returns a new config (cfg is untouched).
+
+    text_width: the text encoder's width when the model decides it (the LDM's context width); None keeps cfg's."""
+    text = cfg.cond == "text"
+    corrupt_type = cfg.corrupt_type if cfg.corrupt_type != "auto" else ("swap" if text else "symmetric")
+    cfg = dataclasses.replace(cfg, corrupt_type=corrupt_type,
+                              **({"text_width": text_width} if text and text_width is not None else {}))
+    _check_ranges(cfg)
+    _check_condition(cfg)
+    return cfg
+
+
+def _check_ranges(cfg) -> None:
+    """Numbers in range, latent flags consistent, the ablations and the grids' CADS well formed (RunError otherwise)."""
+    down = LATENT_GEOMETRY[cfg.vae][1]
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise RunError(f"--out {cfg.out} is a file, not a run folder")
+    if not 0.0 <= cfg.corrupt < 1.0:
+        raise RunError(f"--corrupt must be in [0, 1), got {cfg.corrupt}")
+    if cfg.cep_gamma < 0:
+        raise RunError(f"--cep-gamma must be >= 0, got {cfg.cep_gamma}")
+    if not 0.0 <= cfg.class_dropout < 1.0:
+        raise RunError(f"--class-dropout must be in [0, 1), got {cfg.class_dropout}")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise RunError("--steps, --batch-size and --lr must be positive")
+    if cfg.image_size < 1 or cfg.image_size % down:
+        raise RunError(f"--image-size {cfg.image_size} must be a positive multiple of {down} with --vae {cfg.vae}")
+    if cfg.corrupt_type == "asymmetric" and cfg.corrupt > 0 and not cfg.corrupt_classes:
+        raise RunError("--corrupt-type asymmetric needs --corrupt-classes (e.g. 1,5,9)")
+    if cfg.latents and cfg.vae == "none":
+        raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
+    if cfg.log_every < 1 or cfg.ckpt_every < 1:
+        raise RunError("--log-every and --ckpt-every must be >= 1")
+    _check_ablations(cfg)
+    grid_cads(cfg)                                       # a bad --sample-cads fails before any work
+
+
+def _check_ablations(cfg) -> None:
+    """The ranges of the paper's ablation flags (--cond-dropout, --label-smoothing, --cep-subset)."""
+    if not 0.0 <= cfg.cond_dropout < 1.0:
+        raise RunError(f"--cond-dropout must be in [0, 1), got {cfg.cond_dropout}")
+    if not 0.0 <= cfg.label_smoothing <= 1.0:
+        raise RunError(f"--label-smoothing must be in [0, 1], got {cfg.label_smoothing}")
+    if not 0.0 < cfg.cep_subset <= 1.0:
+        raise RunError(f"--cep-subset must be in (0, 1], got {cfg.cep_subset}")
+    if cfg.cep_subset < 1 and cfg.cep == "none":
+        raise RunError("--cep-subset picks the items CEP perturbs: it needs --cep uniform | gaussian")
+    if cfg.label_smoothing > 0 and cfg.cond == "text":
+        raise RunError("--label-smoothing smooths class labels; it needs --cond class (captions have no one-hot)")
+
+
+def grid_cads(cfg):
+    """The cep.CADS of --sample-cads 'noise,tau1,tau2,psi' (evaluate.py's --cads-* in one flag), or None if off."""
+    from cep import CADS
+    if not cfg.sample_cads:
+        return None
+    try:
+        noise, tau1, tau2, psi = (float(v) for v in cfg.sample_cads.split(","))
+        return CADS(tau1, tau2, noise, psi) if noise > 0 else None
+    except ValueError as e:
+        raise RunError(f"--sample-cads {cfg.sample_cads!r}: expected 'noise,tau1,tau2,psi' such as 0.1,0.6,0.9,1 "
+                       f"({e})") from None
+
+
+def _check_condition(cfg) -> None:
+    """The condition flags: label corruption of labels, caption corruption of captions, a usable text encoder."""
+    text = cfg.cond == "text"
+    if not text and cfg.corrupt_type in CAPTION_CORRUPTIONS:
+        raise RunError(f"--corrupt-type {cfg.corrupt_type} corrupts captions: it needs --cond text "
+                       f"(class labels use symmetric | asymmetric)")
+    if text and cfg.corrupt_type not in CAPTION_CORRUPTIONS:
+        raise RunError(f"--corrupt-type {cfg.corrupt_type} flips class labels; with --cond text use swap | rewrite")
+    if text and cfg.corrupt_mode == "random" and cfg.corrupt > 0:
+        raise RunError("--corrupt-mode random re-flips class labels every step; captions are corrupted statically only")
+    if cfg.corrupt_type == "rewrite" and not cfg.corrupt_rewrites:
+        raise RunError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: rewritten caption})")
+    if cfg.corrupt_rewrites and cfg.corrupt_type != "rewrite":
+        raise RunError("--corrupt-rewrites is only used with --corrupt-type rewrite")
+    if cfg.sample_prompts and not text:
+        raise RunError("--sample-prompts is for --cond text (class grids show one row per class)")
+    if text:
+        if cfg.context_length < 2:
+            raise RunError(f"--context-length must be >= 2 (text + end token), got {cfg.context_length}")
+        if cfg.text_width < 1 or cfg.text_heads < 1 or cfg.text_depth < 0 or cfg.text_width % cfg.text_heads:
+            raise RunError(f"--text-width {cfg.text_width} must be a positive multiple of --text-heads {cfg.text_heads}"
+                           f" and --text-depth ({cfg.text_depth}) >= 0")
+        from conditions import get_tokenizer
+        get_tokenizer(cfg.tokenizer)                     # a missing / bad tokenizer fails now, not after data loading

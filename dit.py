@@ -1,0 +1,294 @@
+"""
+The DiT (Peebles & Xie, 2023): exactly the official architecture, initialisation and state-dict names, so
+DiT-XL-2-256x256.pt loads with strict=True; and the text-conditional variant nanoCEP adds.
+
+    from conditions import ClassEmbedder, encoder_from_config
+    model = DiT_models["DiT-XL/2"](input_size=32, y_embedder=ClassEmbedder(1000, 1152))   # 256^2 KL-f8 latents
+    eps_and_sigma = model(x, t, y)                     # x (B, 4, 32, 32), t (B,), y (B,) -> (B, 8, 32, 32)
+
+The DiT receives its condition encoder c_θ (conditions.py) as the LDM does; from_config(cfg) builds both from a
+train config (train_dit.DiTConfig).
+A class table (the official DiT) is added to the timestep embedding. A text encoder (PixArt-α style) turns the caption
+tokens into a context (B, L, D_text); every block gets a cross-attention layer after its self-attention, and adaLN-Zero
+keeps the timestep (plus, with text_pooled, the masked mean of the context). The class path and its state-dict keys
+are untouched: the text modules exist only with a text encoder.
+
+No CLI: train it with train_dit.py, load released weights with pretrained.py.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conditions import ClassEmbedder, encoder_from_config
+from diffusion import timestep_embedding
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DiT building blocks
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, with (B, D) shift/scale broadcast over the tokens of x (B, T, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t -> sinusoidal features (256) -> MLP -> (B, D)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, freq_shift: float = 0.0):
+        super().__init__()
+        self.freq_dim, self.freq_shift = freq_dim, freq_shift   # freq_shift=1 reproduces diffusers' DiT (pretrained.py)
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift))
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, T, D) with a p x p stride-p convolution; T = (H/p) * (W/p), row-major."""
+
+    def __init__(self, patch: int, in_ch: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_ch, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm's key names) and SDPA (flash on GPU)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # each (B, h, T, hd)
+        out = F.scaled_dot_product_attention(q, k, v)                                             # (B, h, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2, 4x wide."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to the text context (keys/values); padding keys are masked out."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context, mask):                     # x (B, T, D), context (B, L, Dc), mask (B, L) bool
+        B, T, D = x.shape
+        L, hd = context.shape[1], D // self.heads
+        q = self.q(x).view(B, T, self.heads, hd).transpose(1, 2)                             # (B, h, T, hd)
+        k, v = self.kv(context).view(B, L, 2, self.heads, hd).permute(2, 0, 3, 1, 4)        # each (B, h, L, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])   # (B, h, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: the condition c sets shift/scale/gate of both branches; gates start at 0.
+
+    With context_dim (text), a cross-attention branch sits between self-attention and the MLP, as in PixArt-α: a plain
+    residual on a LayerNorm'd input, not modulated by adaLN (the caption, not the timestep, decides what to read), with
+    its output projection zero-initialised so the block still starts as the identity.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int = 0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        if context_dim:  # registered here, so the class model's keys (and their order) stay the official ones
+            self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = CrossAttention(dim, heads, context_dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, context=None, mask=None):             # x (B, T, D), c (B, D), context (B, L, Dc)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        if context is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, mask)
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map from each token to its p x p x C_out patch."""
+
+    def __init__(self, dim: int, patch: int, out_ch: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch * patch * out_ch)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table (T, dim), MAE/DiT layout: first dim/2 channels encode the column, the rest the row."""
+    def one_axis(pos, d):                                           # pos (T,) -> (T, d): [sin | cos]
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        ang = pos[:, None] * omega[None]
+        return torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    return torch.cat([one_axis(cols.flatten(), dim // 2), one_axis(rows.flatten(), dim // 2)], dim=1).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The DiT
+
+class DiT(nn.Module):
+    """Diffusion transformer: patchify -> + pos -> N adaLN-Zero blocks conditioned on t and c(y) -> unpatchify.
+
+    y_embedder is the condition encoder c_θ (conditions.py), built outside as for the LDM:
+    a class table (kind "class"): y (B,) class ids, c(y) added to the timestep embedding (the official DiT); None
+                  builds the official one, num_classes rows + a CFG null row (when class_dropout_prob > 0);
+    a text encoder (kind "text"): y (B, L) caption token ids; c(y) = (context, mask), read by cross-attention in
+                  every block, and (text_pooled) its masked mean through an MLP added to the timestep embedding.
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, learn_sigma=True, y_embedder: nn.Module | None = None, num_classes=1000,
+                 class_dropout_prob=0.1, text_pooled=True):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
+        self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        # the encoder lives under the model (key prefix y_embedder.): trained jointly, saved in the checkpoint
+        self.y_embedder = y_embedder if y_embedder is not None else ClassEmbedder(num_classes, hidden_size,
+                                                                                 class_dropout_prob)
+        self.cond_kind = self.y_embedder.kind
+        context_dim = 0
+        if self.cond_kind == "text":
+            context_dim = self.y_embedder.width
+            self.pooled_embedder = (nn.Sequential(nn.Linear(context_dim, hidden_size), nn.SiLU(),
+                                                  nn.Linear(hidden_size, hidden_size)) if text_pooled else None)
+        elif self.cond_kind != "class":
+            raise ValueError(f"unknown condition encoder kind {self.cond_kind!r} (expected 'class' or 'text')")
+        self.grid = input_size // patch_size
+        # A frozen Parameter (not a buffer) only so that the key exists as in the official checkpoints.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @property
+    def cond(self):
+        """The condition encoder c_θ (the trainer uses it for CFG dropout, the samplers for the null condition)."""
+        return self.y_embedder
+
+    def initialize_weights(self):
+        """The official DiT initialisation: xavier everywhere, N(0, 0.02) embeddings, and every adaLN output zeroed."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid)[None])
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))          # the patch conv is a linear map of flattened patches
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.cond_kind == "class":
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        else:
+            self.y_embedder.init_weights()                       # the text encoder's own init (the loop above xavier'd it)
+            if self.pooled_embedder is not None:
+                nn.init.normal_(self.pooled_embedder[0].weight, std=0.02)
+                nn.init.normal_(self.pooled_embedder[2].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for blk in self.blocks:                                  # adaLN-Zero: every residual branch starts closed
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+            if hasattr(blk, "cross_attn"):                       # and so does cross-attention
+                nn.init.zeros_(blk.cross_attn.proj.weight)
+                nn.init.zeros_(blk.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)           # so the initial output is exactly zero
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        """(B, T, p*p*C) -> (B, C, H, W)."""
+        p, c, g = self.patch_size, self.out_channels, self.grid
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x, t, y, cep_mask=None, cep_unit=None):
+        """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) class ids (null id = num_classes) or (B, L) caption
+        token ids (null = the empty caption) -> (B, C_out, H, W). cep_mask / cep_unit go to the condition encoder
+        (training only: CEP on a subset, pre-drawn CEP noise)."""
+        if x.shape[-1] != self.grid * self.patch_size or x.shape[-2] != x.shape[-1]:
+            raise ValueError(f"DiT expects square {self.grid * self.patch_size}px inputs, got {tuple(x.shape[-2:])}")
+        x = self.x_embedder(x) + self.pos_embed                  # (B, T, D)
+        context = mask = None
+        if self.cond_kind == "class":
+            c = self.t_embedder(t) + self.y_embedder(y, cep_mask, cep_unit)  # (B, D): CEP applied to the embedding
+        else:
+            context, mask = self.y_embedder(y, cep_mask, cep_unit)  # (B, L, D_text), (B, L): CEP already applied
+            c = self.t_embedder(t)                               # (B, D)
+            if self.pooled_embedder is not None:
+                c = c + self.pooled_embedder(self.y_embedder.pooled(context, mask))
+        for blk in self.blocks:
+            x = blk(x, c, context, mask)
+        return self.unpatchify(self.final_layer(x, c))           # (B, C_out, H, W)
+
+
+SIZES = {"T": dict(depth=4, hidden_size=128, num_heads=4),       # tiny: the CPU default (not an official size)
+         "S": dict(depth=12, hidden_size=384, num_heads=6),
+         "B": dict(depth=12, hidden_size=768, num_heads=12),
+         "L": dict(depth=24, hidden_size=1024, num_heads=16),
+         "XL": dict(depth=28, hidden_size=1152, num_heads=16)}
+
+
+def _factory(size, patch):
+    def make(**kw):
+        return DiT(patch_size=patch, **SIZES[size], **kw)
+    make.__name__ = f"DiT_{size}_{patch}"
+    return make
+
+
+DiT_models = {f"DiT-{s}/{p}": _factory(s, p) for s in SIZES for p in (2, 4, 8)}
+
+
+def set_numerics(model: DiT, freq_shift: float = 0.0, mlp_norm_eps: float = 1e-6) -> DiT:
+    """DiT's numerics (0, 1e-6) or diffusers' DiT port's (1, 1e-5): timestep frequency shift and MLP pre-norm eps.
+
+    Neither changes a parameter, so both checkpoints load into the same module; they change its outputs slightly."""
+    model.t_embedder.freq_shift = freq_shift
+    for blk in model.blocks:
+        blk.norm2.eps = mlp_norm_eps
+    return model
+
+
+def from_config(cfg) -> DiT:
+    """The DiT a train config (train_dit.DiTConfig) describes, with its condition encoder (conditions.py);
+    num_classes must be resolved (> 0 for class conditioning)."""
+    channels, side, _ = cfg.latent_shape
+    width = cfg.text_width if cfg.cond == "text" else SIZES[cfg.model[4:].split("/")[0]]["hidden_size"]
+    model = DiT_models[cfg.model](input_size=side, in_channels=channels, learn_sigma=cfg.learn_sigma,
+                                  y_embedder=encoder_from_config(cfg, width), text_pooled=cfg.text_pooled)
+    return set_numerics(model, cfg.t_freq_shift, cfg.mlp_norm_eps)

@@ -1,0 +1,255 @@
+"""
+The run folder of a training run (--out): what trainer.train writes there and reads back. config.json, log.jsonl
+(one JSON record per line: start, every --log-every steps, sample grids, stop/done), samples/step_XXXXXXX.png,
+last.pt (+ step_XXXXXXX.pt every --keep-every steps) and, for a resumed run, the checkpoint it continues from.
+
+You do not run this file; trainer.py uses it.
+
+Checkpoints are plain data (tensors, numbers, strings, dicts): {"version", "kind" ("dit" | "ldm"), "step", "config"
+(the run's flags), "model" (the uncompiled module's state_dict), "ema", "opt", "rng" (every rank's torch RNG states),
+"data"}. They are written atomically and load with torch.load(weights_only=True).
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from common import Dist, RunError, all_mean, atomic_save
+from config import arch_fields, experiment_fields
+from data import save_grid
+
+CHECKPOINT_VERSION = 1
+
+
+class Diverged(Exception):
+    """The loss became non-finite: the run stops (exit 1) and leaves the last good checkpoint untouched."""
+
+
+def check_run_folder(cfg) -> None:
+    """Before anything is written into --out (the corruption manifest first): an --out that holds a run needs
+    --resume, and a run to resume must keep its experiment (check_experiment)."""
+    resume_path = find_resume(cfg.resume, cfg.out)
+    if resume_path is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
+        raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
+    if resume_path is not None:
+        check_experiment(cfg, load_checkpoint(resume_path, mmap=True)["config"], resume_path)
+
+
+def check_experiment(cfg, saved: dict, path: str) -> list:
+    """Refuse to resume `path` (whose config is `saved`) with a changed experiment field not named by --resume-override;
+    return the overridden changes [{"field", "checkpoint", "now"}] so the run can log them."""
+    fields, defaults = experiment_fields(cfg), {f.name: f.default for f in dataclasses.fields(cfg)}
+    allowed = {n.strip().replace("-", "_") for n in cfg.resume_override.split(",") if n.strip()}
+    unknown = sorted(allowed - set(fields))
+    if unknown:
+        raise RunError(f"--resume-override: {', '.join(unknown)} is not an experiment field "
+                       f"(one of {', '.join(fields)})")
+    changes = []
+    for name in fields:
+        theirs, ours = saved.get(name, defaults[name]), getattr(cfg, name)   # older checkpoints: the default
+        if theirs == ours:
+            continue
+        if name not in allowed:
+            flag = "--" + name.replace("_", "-")
+            raise RunError(f"cannot resume from {path}: it has {flag} {theirs!r} but this run has {ours!r} (resume "
+                           f"with the same value, or pass --resume-override {name} to change it on purpose)")
+        changes.append({"field": name, "checkpoint": theirs, "now": ours})
+    return changes
+
+
+def find_resume(resume: str, out: str) -> str | None:
+    """--resume auto -> out/last.pt if it exists; a path -> that path; '' -> None."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = os.path.join(out, "last.pt")
+        return path if os.path.isfile(path) else None
+    return resume
+
+
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """Load a nanoCEP checkpoint (weights only: no arbitrary unpickling) or raise RunError with a one-line reason.
+
+    mmap=True maps the tensors instead of reading them (cheap when only the config is needed)."""
+    if not os.path.isfile(path):
+        raise RunError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise RunError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise RunError(f"{path} is not a nanoCEP checkpoint (no 'model'/'config' entries)")
+    return ckpt
+
+
+def rng_states(d: Dist) -> list | None:
+    """Every rank's torch RNG states (CPU and, when used, CUDA), on rank 0 (None elsewhere)."""
+    mine = {"cpu": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(d.device)
+    if d.world == 1:
+        return [mine]
+    objs = [None] * d.world
+    dist.all_gather_object(objs, mine)
+    return objs if d.main else None
+
+
+class RunIO:
+    """What a run writes (on rank 0) and reads back: the run folder of cfg.out."""
+
+    def __init__(self, cfg, kind: str, d: Dist):
+        check_run_folder(cfg)
+        os.makedirs(cfg.out, exist_ok=True)
+        self.cfg, self.kind, self.d = cfg, kind, d
+        self.resume_path = find_resume(cfg.resume, cfg.out)
+        self.file = self.bar = None                                # opened by start()
+        self.last_loss, self.t_log = float("nan"), time.time()
+        self.overridden = []                                       # --resume-override changes, logged by start()
+
+    def checkpoint_to_resume(self) -> dict | None:
+        """The checkpoint to continue from (None for a fresh run), refused when its kind or architecture differ."""
+        if self.resume_path is None:
+            return None
+        ckpt = load_checkpoint(self.resume_path)
+        if ckpt.get("kind") != self.kind:
+            raise RunError(f"{self.resume_path} is a {ckpt.get('kind')!r} checkpoint, not {self.kind!r}")
+        for f in arch_fields(self.cfg):
+            theirs, ours = ckpt["config"].get(f), getattr(self.cfg, f)
+            if theirs != ours:
+                raise RunError(f"cannot resume from {self.resume_path}: it has {f}={theirs!r} but this run has "
+                               f"{f}={ours!r}")
+        self.overridden = check_experiment(self.cfg, ckpt["config"], self.resume_path)
+        return ckpt
+
+    def log(self, record: dict) -> None:
+        if self.d.main:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def start(self, model: nn.Module, num_items: int, start_step: int, init_note: str | None = None) -> None:
+        """config.json, the start line and event (and the --init-from / --resume-override notes), the progress bar."""
+        cfg, d = self.cfg, self.d
+        cuda = d.device.type == "cuda"
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+        compiled = cfg.compile if cfg.compile is not None else cuda
+        if d.main:
+            self.file = open(os.path.join(cfg.out, "log.jsonl"), "a")
+            with open(os.path.join(cfg.out, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+            n_params = sum(p.numel() for p in model.parameters())
+            local = cfg.batch_size // d.world
+            micro = cfg.micro_batch_size or local
+            tqdm.write(f"{self.kind}: {n_params:,} parameters | {num_items:,} items | global batch "
+                       f"{cfg.batch_size} = {d.world} x {local // micro} x {micro} | {d.device} {precision}"
+                       f"{' compiled' if compiled else ''} | steps {start_step} -> {cfg.steps} | out {cfg.out}")
+            if init_note:
+                tqdm.write(f"{self.kind}: {init_note}")
+                self.log({"event": "init_from", "source": cfg.init_from, "note": init_note})
+            self.log({"event": "start", "step": start_step, "world": d.world, "device": str(d.device),
+                      "params": n_params, "precision": precision, "compile": compiled,
+                      "resumed_from": self.resume_path})
+            if self.overridden:
+                self.log({"event": "resume_override", "step": start_step, "changes": self.overridden})
+                tqdm.write("note: resumed with --resume-override: " + ", ".join(
+                    f"{c['field']} {c['checkpoint']!r} -> {c['now']!r}" for c in self.overridden))
+        self.bar = tqdm(total=cfg.steps, initial=start_step, disable=not d.main, dynamic_ncols=True, desc=self.kind)
+
+    def mean_loss(self, loss_sum: torch.Tensor, n: int, done: int) -> float:
+        """The loss averaged over the steps since the last log and over ranks (a host sync); Diverged if not finite."""
+        mean = all_mean(loss_sum / max(n, 1), self.d).item()
+        if not math.isfinite(mean):
+            raise Diverged(f"loss became non-finite ({mean}) before step {done}; stopping. The last good checkpoint "
+                           f"({os.path.join(self.cfg.out, 'last.pt')}) is left untouched")
+        return mean
+
+    def log_step(self, done: int, mean: float, n: int) -> None:
+        cuda = self.d.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.time() - self.t_log
+        rec = {"step": done, "loss": mean, "lr": self.cfg.lr, "step_time": dt / n,
+               "img_per_s": n * self.cfg.batch_size / dt}
+        if cuda:
+            rec["max_mem_gb"] = torch.cuda.max_memory_allocated(self.d.device) / 2 ** 30
+        self.log(rec)
+        self.bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+        self.last_loss, self.t_log = mean, time.time()
+
+    def grid(self, step: int, sample: Callable, ema: nn.Module) -> None:
+        if self.d.main:
+            os.makedirs(os.path.join(self.cfg.out, "samples"), exist_ok=True)
+            path = os.path.join(self.cfg.out, "samples", f"step_{step:07d}.png")
+            images = sample(ema)
+            save_grid(images.float().cpu(), path, nrow=self.cfg.sample_per_class)
+            self.log({"event": "samples", "step": step, "path": path})
+            if step == self.cfg.steps and getattr(sample, "labels", None) is not None:
+                import judge  # built-in data: does the final grid show its classes? (judge.py)
+                judge.judge_final_grid(self.cfg, images, sample.labels, self.log, tqdm.write)
+        if self.d.world > 1:
+            dist.barrier()
+
+    def save(self, s, step: int, keep: bool | None = None) -> None:
+        """out/last.pt (and out/step_XXXXXXX.pt every --keep-every steps), atomically; s is the trainer's TrainState."""
+        cfg, d = self.cfg, self.d
+        keep = cfg.keep_every > 0 and step % cfg.keep_every == 0 if keep is None else keep
+        rng = rng_states(d)
+        if d.main:
+            state = {"version": CHECKPOINT_VERSION, "kind": self.kind, "step": step, "config": dataclasses.asdict(cfg),
+                     "model": s.model.state_dict(), "ema": s.ema.state_dict(), "opt": s.opt.state_dict(), "rng": rng,
+                     "data": {"samples_seen": step * cfg.batch_size, "world": d.world}}
+            atomic_save(state, os.path.join(cfg.out, "last.pt"))
+            if keep:
+                atomic_save(state, os.path.join(cfg.out, f"step_{step:07d}.pt"))
+        if d.world > 1:
+            dist.barrier()
+
+    def agree_to_stop(self, raised: bool, collective_step: bool) -> bool:
+        """All ranks must stop at the same step: with DDP the signal flag is reduced at log/checkpoint steps only."""
+        if self.d.world == 1:
+            return raised
+        if not collective_step:
+            return False
+        flag = torch.tensor(float(raised), device=self.d.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def stopped(self, step: int) -> None:
+        if self.d.main:
+            tqdm.write(f"stopped by signal at step {step}; checkpoint saved to {self.cfg.out}/last.pt "
+                       f"(continue with --resume auto)")
+        self.log({"event": "stopped", "step": step})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # close the bar (so an error message starts on a fresh line) and the log, however it ends
+        for thing in (self.bar, self.file):
+            if thing is not None:
+                thing.close()
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps and saves before leaving."""
+
+    def __init__(self):
+        self.raised, self._old = False, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
