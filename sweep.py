@@ -690,7 +690,7 @@ def report(runs: list, cfg: SweepConfig, header: str = ""):
 
 def parse_args(argv=None) -> SweepConfig:
     """Flags over the preset over the defaults; --grid replaces the preset's cells."""
-    from trainer import ArgParser
+    from common import ArgParser
     p = ArgParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a protocol: smoke | builtin | builtin-eta | in1k-dit (see the docstring)")
     for f in dataclasses.fields(SweepConfig):
