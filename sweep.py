@@ -1,0 +1,803 @@
+"""
+sweep.py: the paper's experiment end to end. Train clean, corrupted and CEP models side by side, evaluate each over
+a grid of guidance scales, and say with confidence intervals over seeds whether slight corruption or CEP helps.
+
+    python sweep.py --preset builtin --out sweeps/builtin          # the CPU experiment of README "Results on the built-in benchmark"
+    python sweep.py --preset builtin-eta --out sweeps/builtin-eta  # its label-corruption companion (η = 0, 5, 20 %)
+    python sweep.py --preset smoke --out /tmp/smoke                # 2 cells x 2 seeds, a few steps each (~1-2 min; CI)
+    python sweep.py --preset in1k-dit --out sweeps/dit --train "--latents /data/in1k-kl-f8" \
+        --eval "--ref /data/imagenet/val" --dry-run                # the paper's DiT-XL/2 grid as torchrun commands
+    python sweep.py --script train_dit --grid "corrupt=0,0.025,0.05,0.1,0.2" --grid "cep=none,uniform" --seeds 0,1,2 \
+        --train "--steps 1500 --builtin-length 2000" --eval "--num-samples 2000 --cfg-scales 1,1.5,2,4" --out sweeps/mine
+
+How the experiment is built (read the code in this order):
+ 1. Cells. Every --grid KEY=V1,V2,... is an axis; the cells are their product (a preset may list cells instead, e.g.
+    Table 1's CEP-U / CEP-G / IP rows beside the η axis). A key is a train flag (--KEY V) unless EVAL_KEYS maps it to
+    evaluate.py flags; a key in CLEAN is a *treatment* (corrupt, cep, ip, cads) with a clean value, any other key
+    (builtin_length, model, ...) is *context*. A cell's clean counterpart has the same context and clean treatments.
+ 2. Runs. A cell x seed is one run: OUT/runs/<cell>/seed<S>/ is a normal nanoCEP run folder (config.json, log.jsonl,
+    last.pt), trained by `train_dit.py ... --seed S --out RUN --resume auto`, then evaluated by
+    `evaluate.py RUN/last.pt ... --out RUN/eval` (results.json: one row per guidance scale). The sampling seed is the
+    same for every run (common random numbers), so paired differences see less sampling noise.
+ 3. Resume. A killed sweep, rerun with the same flags, skips runs whose log.jsonl holds a "done" event at the
+    requested step count, resumes the interrupted one (--resume auto), and re-evaluates only where results.json lacks
+    a requested scale. OUT/sweep.json pins the protocol: rerunning with other flags into the same OUT is refused.
+ 4. Summary. results.csv: one row per run x guidance scale, every metric, every setting. summary.md: per cell the
+    mean ± 95 % Student-t interval over seeds at the cell's best scale (best mean of --metric) and at --fixed-scale,
+    and the paired difference (same seed) to the clean cell with its interval. Plots: metric vs η with error bars
+    (paper Fig. 2), FID vs IS and precision vs recall across guidance scales per cell (Fig. 3); table.md is Table 1.
+--dry-run prints every command (torchrun over --nproc local GPUs where the preset says so) for a cluster scheduler.
+"""
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent
+
+# ---- where each grid key goes ----
+
+# Grid keys that are evaluate.py settings, not training flags: key -> (value -> evaluate.py arguments).
+# Every other key K becomes the training flag --K (underscores as dashes). Adding an eval-side axis is one line here.
+EVAL_KEYS = {
+    "cads": lambda v: [] if v == "off" else ["--cads-noise", "0.1"],   # CADS at sampling time, the paper's s = 0.1
+    "cads_noise": lambda v: ["--cads-noise", str(v)],                     # or its noise scale as the axis
+}
+# The clean value of each treatment key: the cell with these values (and the same context) is the paired baseline.
+CLEAN = {"corrupt": "0", "cep": "none", "ip": "0", "cads": "off", "cads_noise": "0", "corrupt_mode": "static"}
+# Metrics the summary reports (those present in the results), and which direction is better.
+HIGHER_IS_BETTER = {"fid": False, "is_mean": True, "precision": True, "recall": True, "class_acc": True,
+                    "memorized": False, "diversity": True}
+METRIC_NAMES = {"fid": "FID", "is_mean": "IS", "precision": "Precision", "recall": "Recall",
+                "class_acc": "class acc.", "memorized": "memorized", "diversity": "diversity"}
+
+
+def same_value(a, b) -> bool:
+    """Grid values compare as numbers when both parse as numbers ("0" == "0.0"), else as strings."""
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return str(a) == str(b)
+
+
+def cell_name(cell: dict) -> str:
+    """A folder-safe name: context values, then the non-clean treatments ('clean' if none), e.g. builtin_length100_corrupt0.05."""
+    context = [f"{k}{v}" for k, v in cell.items() if k not in CLEAN]
+    treated = [f"{k}{v}" for k, v in cell.items() if k in CLEAN and not same_value(v, CLEAN[k])]
+    name = "_".join(context + (treated or ["clean"]))
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+
+
+def clean_counterpart(cell: dict) -> dict:
+    """The cell with the same context and every treatment at its clean value."""
+    return {k: (CLEAN[k] if k in CLEAN else v) for k, v in cell.items()}
+
+
+def cell_args(cell: dict) -> tuple[list, list]:
+    """(training arguments, evaluate.py arguments) that put this cell's settings where they belong."""
+    train, evaluate = [], []
+    for key, value in cell.items():
+        if key in EVAL_KEYS:
+            evaluate += EVAL_KEYS[key](value)
+        else:
+            train += ["--" + key.replace("_", "-"), str(value)]
+    return train, evaluate
+
+
+def parse_grid(axes: list) -> list:
+    """['corrupt=0,0.05', 'cep=none,uniform'] -> the product of the axes as a list of cells (dicts, in axis order)."""
+    keys, values = [], []
+    for axis in axes:
+        key, sep, rest = axis.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        vals = [v.strip() for v in rest.split(",") if v.strip()]
+        if not sep or not key or not vals:
+            raise ValueError(f"--grid {axis!r}: expected KEY=V1,V2,... (e.g. corrupt=0,0.05)")
+        if key in keys:
+            raise ValueError(f"--grid: key {key!r} given twice")
+        keys.append(key)
+        values.append(vals)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+# ---- presets: the protocols ----
+
+# The paper's guidance grid for DiT-XL/2 (paper App. B.7) and Table 1's rows beside the η axis.
+DIT_SCALES = "1.5,1.75,2.0,2.25,2.5,3.0,3.5,4.0,4.5,5.0,5.5"
+IN1K_CELLS = ([{"corrupt": e, "cep": "none", "ip": "0"} for e in ("0", "0.025", "0.05", "0.075", "0.1", "0.15", "0.2")]
+              + [{"corrupt": "0", "cep": c, "ip": "0"} for c in ("uniform", "gaussian")]   # CEP-U, CEP-G
+              + [{"corrupt": "0", "cep": "none", "ip": "0.1"}])                            # IP (Ning et al.)
+
+# Small runs for tests and CI: 2 cells x 2 seeds, a few steps, a few samples; measures nothing.
+SMOKE = dict(script="train_dit", cells=[{"corrupt": "0"}, {"corrupt": "0.2"}], seeds="0,1", jobs=2,
+             train="--steps 4 --batch-size 8 --builtin-length 40 --sample-every 0 --ckpt-every 2 --keep-every 2 "
+                   "--log-every 1",
+             eval="--num-samples 20 --cfg-scales 1,2 --steps 2 --batch-size 20 --is-splits 2", judge=200,
+             fixed_scale=2.0)
+
+# The CPU experiment (README "Results on the built-in benchmark"), fixed before any of its results was looked at:
+# does CEP-U (the paper's Table 1 method, the theory's perturbed condition c(y) + γξ) help, and more so with few
+# training items per class (5 vs 50; gmm_theory.py: gain ∝ γ²d/n)? 2 sizes x {clean, CEP-U} x 3 seeds = 12 runs of
+# DiT-T/4 (16 tokens of 4x4 pixels: the cheapest model that learns the shapes), 1200 steps of batch 32 each.
+# Measured by judge.py on 300 samples per scale (balanced classes, DPM-Solver++ 10 steps) against 2000 fresh real
+# images. Primary: FID (judge features) at the fixed scale s = 2 as a paired difference to the clean cell;
+# the best scale per cell is the one with the lowest mean FID over s ∈ {1, 2, 4}; class accuracy, memorized share,
+# precision/recall and diversity are secondary.
+BUILTIN = dict(script="train_dit", cells=parse_grid(["builtin_length=50,500", "cep=none,uniform"]),
+               seeds="0,1,2", jobs=2, judge=2000, metric="fid", fixed_scale=2.0,
+               train="--model DiT-T/4 --image-size 16 --steps 1200 --batch-size 32 --lr 1e-3 --ema-decay 0.995 "
+                     "--class-dropout 0.1 --sample-every 0 --ckpt-every 300 --log-every 50",
+               eval="--num-samples 300 --cfg-scales 1,2,4 --sampler dpm++ --steps 10 --batch-size 300")
+
+# Added after `builtin` had run (it found no CEP effect), fixed before this one ran: label corruption at 5 items per
+# class with the same budget and measurement, η ∈ {0, 5, 20} % (2 and 10 of the 50 labels flipped). It asks the paper's
+# headline question, and it is a positive control: flipped labels should visibly cost class accuracy.
+BUILTIN_ETA = dict(BUILTIN, cells=parse_grid(["builtin_length=50", "corrupt=0,0.05,0.2"]))
+
+# The paper's DiT-XL/2 protocol (Table 1, Fig. 14): 400K steps, 50K samples over its guidance grid, s = 1.75 in Table 1.
+IN1K_DIT = dict(script="train_dit", cells=IN1K_CELLS, seeds="0", launcher="torchrun",
+                train="--preset dit-xl2-in1k --vae kl-f8 --image-size 256",
+                eval=f"--num-samples 50000 --cfg-scales {DIT_SCALES} --sampler dpm++ --steps 50", fixed_scale=1.75)
+
+PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "in1k-dit": IN1K_DIT}
+
+
+@dataclass
+class SweepConfig:
+    """Everything a sweep depends on; every field is a flag (lists as comma-separated or repeated strings)."""
+    out: str = field(default="sweeps/run", metadata={"help": "sweep folder: runs/, results.csv, summary.md, plots"})
+    script: str = field(default="train_dit", metadata={"help": "train_dit | train_ldm: the training script of every cell"})
+    grid: list = field(default_factory=list, metadata={"help": "an axis KEY=V1,V2,... (repeatable; cells = product)"})
+    cells: list = field(default_factory=list, metadata={"help": "(presets only) explicit cells instead of --grid"})
+    seeds: str = field(default="0,1,2", metadata={"help": "comma-separated training seeds (each seeds data, init, noise)"})
+    train: str = field(default="", metadata={"help": "extra train flags for every run, after the preset's"})
+    eval: str = field(default="", metadata={"help": "extra evaluate.py flags for every run, after the preset's"})
+    judge: int = field(default=0, metadata={"help": "measure with judge.py (built-in data): its extractor, N fresh real "
+                                              "images as --ref, each run's training set for memorization; 0 = off"})
+    reference: str = field(default="", metadata={"help": "builtin:N = write N held-out built-in images once as --ref"})
+    metric: str = field(default="fid", metadata={"help": "the metric that picks each cell's best guidance scale"})
+    fixed_scale: float = field(default=2.0, metadata={"help": "the fixed guidance scale reported beside the best"})
+    launcher: str = field(default="python", metadata={"help": "python | torchrun (over --nproc local GPUs)"})
+    nproc: int = field(default=0, metadata={"help": "torchrun processes per run; 0 = the local GPU count"})
+    jobs: int = field(default=1, metadata={"help": "runs at a time (CPU: threads split between them)"})
+    dry_run: bool = field(default=False, metadata={"help": "print the commands instead of running them"})
+
+
+# ---- planning: cells x seeds -> commands ----
+
+
+@dataclass
+class Run:
+    cell: dict
+    seed: int
+    folder: Path
+    train_cmd: list
+    eval_cmd: list
+    scales: list
+
+    @property
+    def name(self):
+        return f"{cell_name(self.cell)}/seed{self.seed}"
+
+
+def launcher_prefix(cfg: SweepConfig) -> list:
+    """The command that starts a script: the current python, or torchrun over the local GPUs."""
+    if cfg.launcher == "python":
+        return [sys.executable]
+    nproc = cfg.nproc or _gpu_count() or 1
+    return ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def _gpu_count():
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def eval_scales(eval_args: list) -> list:
+    """The guidance scales an evaluate.py command line asks for (its last --cfg-scales; evaluate's default 1.5)."""
+    scales = "1.5"
+    for i, a in enumerate(eval_args):
+        if a == "--cfg-scales" and i + 1 < len(eval_args):
+            scales = eval_args[i + 1]
+        elif a.startswith("--cfg-scales="):
+            scales = a.split("=", 1)[1]
+    return [float(s) for s in scales.split(",") if s.strip()]
+
+
+def plan(cfg: SweepConfig, features: str = "") -> list:
+    """Every run of the sweep, with its two commands (features: the judge's file, resolved by prepare_judge)."""
+    cells = parse_grid(cfg.grid) if cfg.grid else [dict(c) for c in cfg.cells]
+    if not cells:
+        raise ValueError("no cells: pass --grid KEY=V1,V2,... or a --preset")
+    seeds = parse_seeds(cfg.seeds)
+    out = Path(cfg.out).resolve()
+    prefix = launcher_prefix(cfg)
+    extra_eval = []
+    if cfg.reference:
+        extra_eval = ["--ref", str(out / "reference")]
+    if cfg.judge:   # the judge's extractor (built and cached on first use), its reference, the run's training set
+        extra_eval = ["--features", features or "$(python judge.py path)", "--resize", "none",
+                      "--ref", str(out / "judge_ref.npz"), "--train-ref", "auto"]
+    runs = []
+    for seed, cell in itertools.product(seeds, cells):   # seed-major: a sweep cut short still has complete seeds
+        train_args, eval_args = cell_args(cell)
+        folder = out / "runs" / cell_name(cell) / f"seed{seed}"
+        train_cmd = prefix + [f"{cfg.script}.py", *shlex.split(cfg.train), *train_args, "--seed", str(seed),
+                              "--out", str(folder), "--resume", "auto"]
+        ev = [*extra_eval, *shlex.split(cfg.eval), *eval_args]
+        eval_cmd = prefix + ["evaluate.py", str(folder / "last.pt"), *ev, "--out", str(folder / "eval")]
+        runs.append(Run(cell, seed, folder, train_cmd, eval_cmd, eval_scales(ev)))
+    names = [cell_name(c) for c in cells]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two cells share a name: {names}")
+    return runs
+
+
+def parse_seeds(text: str) -> list:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: not a comma-separated list of integers: {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: need distinct seeds, got {text!r}")
+    return seeds
+
+
+# ---- running: skip what is done, resume what was interrupted ----
+
+
+def requested_steps(train_cmd: list):
+    """The --steps of a train command line (None: the script's default)."""
+    steps = None
+    for i, a in enumerate(train_cmd):
+        if a == "--steps" and i + 1 < len(train_cmd):
+            steps = int(train_cmd[i + 1])
+    return steps
+
+
+def is_trained(run: Run) -> bool:
+    """The run's log.jsonl holds a "done" event at the requested step count."""
+    log = run.folder / "log.jsonl"
+    if not log.is_file():
+        return False
+    steps = requested_steps(run.train_cmd)
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue        # a line cut by a kill
+        if rec.get("event") == "done" and (steps is None or rec.get("step") == steps):
+            return True
+    return False
+
+
+def is_evaluated(run: Run) -> bool:
+    """results.json holds a row for every requested guidance scale."""
+    path = run.folder / "eval" / "results.json"
+    if not path.is_file():
+        return False
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return False
+    have = {round(float(r["cfg_scale"]), 6) for r in rows if r.get("cfg_scale") is not None}
+    return all(round(s, 6) in have for s in run.scales)
+
+
+class Runner:
+    """Runs commands as child processes, logs their output to files, and stops them cleanly on SIGTERM/SIGINT."""
+
+    def __init__(self, threads):
+        self.children, self.stopping, self.lock, self.threads = set(), False, threading.Lock(), threads
+        self.cpu_seconds = {}   # thread id -> CPU seconds of the last command that thread ran
+
+    def stop(self, signum=None, frame=None):
+        self.stopping = True
+        with self.lock:
+            for p in self.children:
+                p.send_signal(signal.SIGTERM)   # the trainer saves a checkpoint and exits
+
+    def __call__(self, cmd, log_path):
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(self.threads))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log:
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            with self.lock:
+                if self.stopping:
+                    return None
+                p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+                self.children.add(p)
+            _, status, usage = os.wait4(p.pid, 0)    # this child's own CPU time, even with other jobs running
+            p.returncode = rc = os.waitstatus_to_exitcode(status)
+            with self.lock:
+                self.children.discard(p)
+        self.cpu_seconds[threading.get_ident()] = usage.ru_utime + usage.ru_stime
+        return rc
+
+
+def execute(run: Run, runner: Runner, timings: Path):
+    """Train (unless done) then evaluate (unless done) one run; returns (name, what happened)."""
+    did = []
+    for what, done, cmd in (("train", is_trained, run.train_cmd), ("eval", is_evaluated, run.eval_cmd)):
+        if done(run):
+            continue
+        t0 = time.time()
+        rc = runner(cmd, run.folder.parent / f"seed{run.seed}.{what}.log")
+        if rc is None or runner.stopping:
+            return run.name, "stopped"
+        if rc != 0 or not done(run):
+            raise RuntimeError(f"{what} of {run.name} failed (exit {rc}); see {run.folder.parent}/seed{run.seed}.{what}.log")
+        seconds = time.time() - t0
+        with runner.lock, open(timings, "a") as f:
+            f.write(json.dumps({"run": run.name, "what": what, "seconds": round(seconds, 1),
+                                "cpu_seconds": round(runner.cpu_seconds[threading.get_ident()], 1)}) + "\n")
+        did.append(f"{what} {seconds:.0f}s")
+    return run.name, ", ".join(did) or "already done"
+
+
+def run_all(runs: list, cfg: SweepConfig) -> bool:
+    """Run every run (cfg.jobs at a time); True if all finished."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, cfg.jobs))
+    runner = Runner(threads)
+    signal.signal(signal.SIGTERM, runner.stop)
+    signal.signal(signal.SIGINT, runner.stop)
+    timings, stopped = Path(cfg.out) / "timings.jsonl", False
+    with concurrent.futures.ThreadPoolExecutor(max(1, cfg.jobs)) as pool:
+        futures = [pool.submit(execute, run, runner, timings) for run in runs]
+        for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+            try:
+                name, what = fut.result()
+            except RuntimeError as e:
+                runner.stop()
+                raise RuntimeError(str(e)) from None
+            stopped |= what == "stopped"
+            print(f"sweep: [{i}/{len(runs)}] {name}: {what}", flush=True)
+    return not stopped
+
+
+# ---- the reference images ----
+
+
+def image_size(cfg: SweepConfig) -> int:
+    """The --image-size the runs train at (train_dit/train_ldm default 16)."""
+    args = shlex.split(cfg.train)
+    sizes = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--image-size"]
+    return int(sizes[-1]) if sizes else 16
+
+
+def judge_commands(cfg: SweepConfig) -> list:
+    """The two judge.py calls made once per sweep: the extractor's path (built on first use), the reference features."""
+    size = str(image_size(cfg))
+    return [[sys.executable, "judge.py", "path", "--image-size", size],
+            [sys.executable, "judge.py", "ref", "--image-size", size, "--num", str(cfg.judge),
+             "--out", str(Path(cfg.out).resolve() / "judge_ref.npz")]]
+
+
+def prepare_judge(cfg: SweepConfig) -> str:
+    """Run judge_commands (the reference only once); returns the extractor's path."""
+    path_cmd, ref_cmd = judge_commands(cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+    for cmd in ([path_cmd] if (Path(cfg.out) / "judge_ref.npz").is_file() else [path_cmd, ref_cmd]):
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd[1:])} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        if cmd is path_cmd:
+            features = r.stdout.strip().splitlines()[-1]
+    return features
+
+
+def write_builtin_reference(folder: Path, spec: str, image_size: int = 16):
+    """builtin:N -> N held-out built-in images (dataset seed 10**6, disjoint from every training seed) as PNGs."""
+    from PIL import Image
+    import data
+    n = int(spec.split(":", 1)[1])
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == n:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = data.BuiltinShapes(size=image_size, length=n, seed=10**6)
+    for i in range(n):
+        Image.fromarray(ds.render(i)).save(folder / f"{i:06d}.png")
+
+
+# ---- collecting: one row per run x guidance scale ----
+
+
+def collect(runs: list) -> list:
+    """Rows of every evaluated run: its results.json rows plus the cell's settings, the seed and the training config."""
+    rows = []
+    for run in runs:
+        path = run.folder / "eval" / "results.json"
+        if not path.is_file():
+            continue
+        config_path = run.folder / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        train_cfg = {f"train.{k}": v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+        for r in json.loads(path.read_text())["rows"]:
+            r = {("sample_seed" if k == "seed" else k): v for k, v in r.items()}   # "seed" is the training seed
+            rows.append({"cell": cell_name(run.cell), **run.cell, "seed": run.seed, **r, **train_cfg})
+    return rows
+
+
+def write_csv(rows: list, path: Path):
+    first = ["cell", "seed", "cfg_scale", *HIGHER_IS_BETTER]
+    columns = [c for c in first if any(c in r for r in rows)]
+    columns += sorted({k for r in rows for k in r} - set(columns))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows([{c: "" if r.get(c) is None else r.get(c) for c in columns} for r in rows])
+
+
+# ---- statistics: t-intervals over seeds, paired differences to the clean cell ----
+
+
+def t_interval(values, level=0.95):
+    """(mean, half-width) of the Student-t confidence interval of the mean; half-width nan below 2 values."""
+    from scipy.stats import t
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return math.nan, math.nan
+    if len(x) < 2:
+        return float(x.mean()), math.nan
+    return float(x.mean()), float(t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def table_of(rows: list, metric: str) -> dict:
+    """{cell: {seed: {scale: value}}} for one metric (rows without it are left out)."""
+    out = {}
+    for r in rows:
+        v = r.get(metric)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        out.setdefault(r["cell"], {}).setdefault(r["seed"], {})[round(float(r["cfg_scale"]), 6)] = float(v)
+    return out
+
+
+def best_scale(per_seed: dict, metric: str):
+    """The scale whose mean over seeds is best for `metric` (only scales every seed has)."""
+    scales = set.intersection(*(set(s) for s in per_seed.values()))
+    if not scales:
+        return None
+    means = {s: np.mean([per_seed[seed][s] for seed in per_seed]) for s in scales}
+    pick = max if HIGHER_IS_BETTER.get(metric, False) else min
+    return pick(sorted(means), key=means.get)
+
+
+def summarize(rows: list, runs: list, metric: str, fixed_scale: float) -> dict:
+    """Per cell and metric: mean ± CI at the best and the fixed scale, and the paired difference to the clean cell."""
+    cells = {cell_name(r.cell): r.cell for r in runs}
+    chooser = table_of(rows, metric)
+    best = {c: best_scale(per_seed, metric) for c, per_seed in chooser.items()}
+    fixed = round(float(fixed_scale), 6)
+    summary = {"best_scale": best, "fixed_scale": fixed, "metric": metric, "cells": {}}
+    metrics = [m for m in HIGHER_IS_BETTER if any(r.get(m) is not None for r in rows)]
+    for name, cell in cells.items():
+        clean = cell_name(clean_counterpart(cell))
+        entry = {"clean": clean, "n_seeds": len(chooser.get(name, {})), "metrics": {}}
+        for m in metrics:
+            tab = table_of(rows, m)
+            entry["metrics"][m] = {rule: _cell_stats(tab, name, clean, scale_of)
+                                   for rule, scale_of in (("best", best.get), ("fixed", lambda c: fixed))}
+        summary["cells"][name] = entry
+    return summary
+
+
+def _cell_stats(tab: dict, name: str, clean: str, scale_of) -> dict:
+    """mean ± CI of a cell at scale_of(cell), and of (cell - clean) over the seeds both have, each at its own scale."""
+    s, s0 = scale_of(name), scale_of(clean)
+    mine = {seed: v[s] for seed, v in tab.get(name, {}).items() if s in v}
+    base = {seed: v[s0] for seed, v in tab.get(clean, {}).items() if s0 in v}
+    mean, half = t_interval(list(mine.values()))
+    stats = {"scale": s, "mean": mean, "ci": half, "n": len(mine)}
+    if name != clean:
+        both = sorted(set(mine) & set(base))
+        stats["diff"], stats["diff_ci"] = t_interval([mine[k] - base[k] for k in both])
+        stats["diff_n"] = len(both)
+    return stats
+
+
+# ---- writing: summary.md, table.md, plots ----
+
+
+def _pm(mean, half):
+    """'mean ± half' with 3 significant digits; a lone value when there is no interval."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    return f"{mean:.3g}" if half is None or math.isnan(half) else f"{mean:.3g} ± {half:.2g}"
+
+
+def write_summary(summary: dict, path: Path, header: str):
+    """summary.md: one table per scale rule, one row per cell, each metric as mean ± CI and the paired difference."""
+    lines = [f"# Sweep summary\n\n{header}\n",
+             f"Mean ± 95 % Student-t interval over seeds. *best*: each cell's guidance scale with the best mean "
+             f"{summary['metric']} (over the scales every seed has); *fixed*: s = {summary['fixed_scale']:g}. "
+             "Δ: the paired difference (same seed) to the cell's clean counterpart, each at its own scale.\n"]
+    first = next(iter(summary["cells"].values()), None)
+    metrics = list(first["metrics"]) if first else []
+    for rule in ("best", "fixed"):
+        lines += [f"\n## At the {rule} scale\n", "| cell | seeds | s | " + " | ".join(
+            f"{METRIC_NAMES.get(m, m)} | Δ {METRIC_NAMES.get(m, m)}" for m in metrics) + " |",
+            "|---" * (3 + 2 * len(metrics)) + "|"]
+        for name, entry in summary["cells"].items():
+            cols = []
+            for m in metrics:
+                st = entry["metrics"][m][rule]
+                cols += [_pm(st["mean"], st["ci"]), "(clean)" if name == entry["clean"] else _pm(st.get("diff"),
+                                                                                                 st.get("diff_ci"))]
+            scale = entry["metrics"][metrics[0]][rule]["scale"] if metrics else None
+            lines.append(f"| {name} | {entry['n_seeds']} | {'–' if scale is None else f'{scale:g}'} | "
+                         + " | ".join(cols) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_table(summary: dict, path: Path):
+    """table.md in the style of the paper's Table 1: FID / IS / precision / recall (+ judge metrics) at the fixed scale,
+    the best mean of each column in bold."""
+    cells = summary["cells"]
+    metrics = list(next(iter(cells.values()))["metrics"]) if cells else []
+    lines = [f"| cell (s = {summary['fixed_scale']:g}) | " + " | ".join(
+        f"{METRIC_NAMES.get(m, m)} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})" for m in metrics) + " |",
+        "|---" * (1 + len(metrics)) + "|"]
+    best = {}
+    for m in metrics:
+        means = [e["metrics"][m]["fixed"]["mean"] for e in cells.values()]
+        means = [v for v in means if not math.isnan(v)]
+        best[m] = (max if HIGHER_IS_BETTER[m] else min)(means) if means else None
+    for name, e in cells.items():
+        cols = []
+        for m in metrics:
+            st = e["metrics"][m]["fixed"]
+            text = _pm(st["mean"], st["ci"])
+            cols.append(f"**{text}**" if best[m] is not None and st["mean"] == best[m] else text)
+        lines.append(f"| {name} | " + " | ".join(cols) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def x_axis(cells: dict) -> str:
+    """The key plotted along x: the corruption ratio if it varies, else the first numeric axis that varies."""
+    keys = list(dict.fromkeys(k for c in cells.values() for k in c))
+    varying = [k for k in keys if len({c.get(k) for c in cells.values()}) > 1]
+    numeric = [k for k in varying if all(_is_number(c.get(k, "x")) for c in cells.values())]
+    return "corrupt" if "corrupt" in numeric else (numeric[0] if numeric else "")
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def plot_vs_eta(summary: dict, runs: list, path: Path, rule="best"):
+    """Fig. 2 style: each metric against the corruption ratio η (or the numeric axis that varies, e.g. the
+    training-set size), one line per group of cells whose other settings are equal; error bars are the 95 % CIs."""
+    plt = _plt()
+    cells = {cell_name(r.cell): r.cell for r in runs}
+    xkey = x_axis(cells)
+    metrics = [m for m in HIGHER_IS_BETTER if any(m in e["metrics"] for e in summary["cells"].values())]
+    ncols = min(4, max(1, len(metrics)))
+    nrows = math.ceil(max(1, len(metrics)) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    groups = {}
+    for i, (name, cell) in enumerate(cells.items()):
+        rest = ", ".join(f"{k}={v}" for k, v in cell.items() if k != xkey) or "all"
+        groups.setdefault(rest, []).append((float(cell[xkey]) if xkey else i, name))
+    scale, logx = (100, False) if xkey == "corrupt" else (1, bool(xkey))
+    xs = sorted({scale * x for members in groups.values() for x, _ in members})
+    for ax, m in zip(axes.flat, metrics):
+        for g, (label, members) in enumerate(groups.items()):
+            pts = [(x, summary["cells"][n]["metrics"][m][rule]) for x, n in sorted(members) if n in summary["cells"]]
+            err = [0 if math.isnan(st["ci"]) else st["ci"] for _, st in pts]
+            shift = 0.04 * (g - (len(groups) - 1) / 2)      # side by side, so the error bars do not hide each other
+            x = [scale * x * (1 + shift) if logx else scale * x + shift * (xs[-1] - xs[0] or 1) for x, _ in pts]
+            ax.errorbar(x, [st["mean"] for _, st in pts], yerr=err, marker="o", capsize=3, label=label)
+        ax.set_xlabel({"corrupt": "corruption η (%)", "": "cell"}.get(xkey, xkey))
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
+        ax.set_title(METRIC_NAMES.get(m, m) + (" ↑" if HIGHER_IS_BETTER[m] else " ↓"))
+    axes[0][0].legend(fontsize=7)
+    where = f"s = {summary['fixed_scale']:g}" if rule == "fixed" else f"each cell's best scale (by {summary['metric']})"
+    fig.suptitle(f"mean ± 95 % CI over seeds, at {where}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(rows: list, path: Path):
+    """Fig. 3 style: FID against IS (or class accuracy) and precision against recall, one point per guidance scale."""
+    plt = _plt()
+    x_metric = "is_mean" if any(r.get("is_mean") is not None for r in rows) else "class_acc"
+    pairs = [(x_metric, "fid"), ("recall", "precision")]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    for ax, (xm, ym) in zip(axes, pairs):
+        for cell in dict.fromkeys(r["cell"] for r in rows):
+            xs, ys = table_of(rows, xm).get(cell, {}), table_of(rows, ym).get(cell, {})
+            scales = sorted(set.intersection(*(set(v) for v in list(xs.values()) + list(ys.values()))) if xs else ())
+            mean = lambda tab, s: np.mean([v[s] for v in tab.values() if s in v])
+            px, py = [mean(xs, s) for s in scales], [mean(ys, s) for s in scales]
+            ax.plot(px, py, marker="o", label=cell)
+            for s, x, y in zip(scales, px, py):
+                ax.annotate(f"{s:g}", (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel(METRIC_NAMES.get(xm, xm))
+        ax.set_ylabel(METRIC_NAMES.get(ym, ym))
+    axes[0].legend(fontsize=7)
+    fig.suptitle("across guidance scales (mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(runs: list, cfg: SweepConfig, header: str = ""):
+    """Write results.csv, summary.md, table.md and the plots from whatever runs are evaluated; returns the summary."""
+    out = Path(cfg.out)
+    rows = collect(runs)
+    if not rows:
+        return None
+    write_csv(rows, out / "results.csv")
+    summary = summarize(rows, runs, cfg.metric, cfg.fixed_scale)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    spent = {}
+    if (out / "timings.jsonl").is_file():
+        for line in (out / "timings.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            for key in ("seconds", "cpu_seconds"):
+                spent[rec["what"], key] = spent.get((rec["what"], key), 0.0) + rec.get(key, math.nan)
+    header += "; time inside the runs (timings.jsonl): " + (", ".join(
+        f"{what} {sec / 60:.1f} min{' (CPU)' if key == 'cpu_seconds' else ''}"
+        for (what, key), sec in spent.items() if not math.isnan(sec)) or "none")
+    write_summary(summary, out / "summary.md", header)
+    write_table(summary, out / "table.md")
+    plot_vs_eta(summary, runs, out / "metric_vs_eta.png", "best")
+    plot_vs_eta(summary, runs, out / "metric_vs_eta_fixed.png", "fixed")
+    plot_curves(rows, out / "curves.png")
+    return summary
+
+
+# ---- command line ----
+
+
+def parse_args(argv=None) -> SweepConfig:
+    """Flags over the preset over the defaults; --grid replaces the preset's cells."""
+    from common import ArgParser
+    p = ArgParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a protocol: smoke | builtin | builtin-eta | in1k-dit (see the docstring)")
+    for f in dataclasses.fields(SweepConfig):
+        if f.name == "cells":
+            continue
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=f.metadata["help"])
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "grid":
+            p.add_argument(flag, action="append", **kw)
+        else:
+            p.add_argument(flag, type=f.type if f.type in (int, float) else str, **kw)
+    given = vars(p.parse_args(argv))
+    preset = dict(PRESETS[given.pop("preset")]) if given.get("preset") else (given.pop("preset", None) or {})
+    for key in ("train", "eval"):  # extra flags come after the preset's (argparse: the last one wins)
+        if key in given and preset.get(key):
+            given[key] = f"{preset[key]} {given[key]}"
+    cfg = SweepConfig(**{**preset, **given})
+    if given.get("grid"):
+        cfg.cells = []
+    return cfg
+
+
+def check(cfg: SweepConfig):
+    """Refuse bad settings before any work starts."""
+    if not (REPO / f"{cfg.script}.py").is_file() or not cfg.script.startswith("train_"):
+        raise ValueError(f"--script {cfg.script!r}: expected train_dit or train_ldm")
+    if cfg.launcher not in ("python", "torchrun"):
+        raise ValueError(f"--launcher {cfg.launcher!r}: expected python or torchrun")
+    if cfg.jobs < 1 or cfg.nproc < 0:
+        raise ValueError(f"--jobs must be >= 1 and --nproc >= 0, got {cfg.jobs} and {cfg.nproc}")
+    if cfg.metric not in HIGHER_IS_BETTER:
+        raise ValueError(f"--metric {cfg.metric!r}: expected one of {', '.join(HIGHER_IS_BETTER)}")
+    if cfg.reference and not (cfg.reference.startswith("builtin:") and cfg.reference[8:].isdigit()):
+        raise ValueError(f"--reference {cfg.reference!r}: expected builtin:N")
+    if cfg.judge and cfg.reference:
+        raise ValueError("--judge N brings its own reference: drop --reference (or pass --judge 0)")
+    if cfg.judge < 0 or 0 < cfg.judge < 10:
+        raise ValueError(f"--judge {cfg.judge}: need at least 10 reference images (0 = off)")
+    for text, what in ((cfg.train, "--train"), (cfg.eval, "--eval")):
+        try:
+            shlex.split(text)
+        except ValueError as e:
+            raise ValueError(f"{what} {text!r}: {e}") from None
+
+
+def pin_protocol(cfg: SweepConfig, runs: list):
+    """OUT/sweep.json holds what the runs depend on; a rerun into the same OUT must match it (else nothing is touched)."""
+    protocol = {"script": cfg.script, "cells": list({cell_name(r.cell): r.cell for r in runs}.values()),
+                "seeds": parse_seeds(cfg.seeds), "train": cfg.train, "eval": cfg.eval, "reference": cfg.reference,
+                "judge": cfg.judge}
+    path = Path(cfg.out) / "sweep.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != protocol:
+            diff = sorted(k for k in protocol if old.get(k) != protocol[k])
+            raise ValueError(f"{cfg.out} holds a sweep with other settings ({', '.join(diff)} differ; see {path}): "
+                             "rerun with the same flags to resume, or pick another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(protocol, indent=1) + "\n")
+
+
+def print_commands(cfg: SweepConfig, runs: list):
+    """--dry-run: the commands, one per line, in the order they would run (train, then eval, per run)."""
+    show = lambda cmd: shlex.join(["python" if c == sys.executable else c for c in cmd]).replace(
+        "'$(python judge.py path)'", '"$(python judge.py path)"')       # let the shell expand it
+    if cfg.judge:
+        for cmd in judge_commands(cfg):
+            print(f"# once: {show(cmd)}")
+    if cfg.reference:
+        print(f"# once: {cfg.reference} held-out images -> {Path(cfg.out).resolve() / 'reference'} "
+              f"(python -c 'import sweep; sweep.write_builtin_reference(...)')")
+    for run in runs:
+        print(f"# {run.name}")
+        print(show(run.train_cmd))
+        print(show(run.eval_cmd))
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        check(cfg)
+        runs = plan(cfg)
+        if cfg.dry_run:
+            print_commands(cfg, runs)
+            return 0
+        pin_protocol(cfg, runs)
+        t0 = time.time()
+        if cfg.judge:
+            runs = plan(cfg, features=prepare_judge(cfg))
+        if cfg.reference:
+            write_builtin_reference(Path(cfg.out) / "reference", cfg.reference)
+        print(f"sweep: {len(runs)} runs ({len(runs) // len(parse_seeds(cfg.seeds))} cells x "
+              f"{len(parse_seeds(cfg.seeds))} seeds) -> {cfg.out}", flush=True)
+        finished = run_all(runs, cfg)
+        wall = time.time() - t0
+        header = f"`{shlex.join(['python', 'sweep.py', *(sys.argv[1:] if argv is None else argv)])}`; " \
+                 f"this invocation's wall time {wall / 60:.1f} min"
+        summary = report(runs, cfg, header)
+        print(f"sweep: {'done' if finished else 'stopped (rerun the same command to resume)'} in {wall:.0f} s; "
+              + (f"wrote {cfg.out}/results.csv, summary.md, table.md, metric_vs_eta*.png, curves.png"
+                 if summary else "nothing evaluated yet"), flush=True)
+        return 0 if finished else 1
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"sweep.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

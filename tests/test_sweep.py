@@ -1,0 +1,177 @@
+"""Tests for sweep.py: grid and cell logic, the interval math against scipy, dry-run commands, the smoke preset end to
+end, resume after a simulated kill, and bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+import sweep
+from test_evaluate import TinyExtractor, jit_save   # the stand-in judge: 8-d features, 5 logits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_sweep(*args):
+    return subprocess.run([sys.executable, "sweep.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+# ---- cells ----
+
+
+def test_grid_product_names_and_where_keys_go():
+    cells = sweep.parse_grid(["corrupt=0,0.05", "cep=none,uniform", "cads=off,on", "builtin-length=100"])
+    assert len(cells) == 8 and cells[0] == {"corrupt": "0", "cep": "none", "cads": "off", "builtin_length": "100"}
+    names = [sweep.cell_name(c) for c in cells]
+    assert names[0] == "builtin_length100_clean" and "builtin_length100_corrupt0.05_cepuniform_cadson" in names
+    assert len(set(names)) == 8
+    train, evaluate = sweep.cell_args({"corrupt": "0.05", "cads": "on", "builtin_length": "100"})
+    assert train == ["--corrupt", "0.05", "--builtin-length", "100"] and evaluate == ["--cads-noise", "0.1"]
+    assert sweep.cell_args({"cads": "off"}) == ([], [])
+    # the clean counterpart keeps the context and resets every treatment, "0.0" == "0"
+    assert sweep.clean_counterpart({"corrupt": "0.05", "cep": "uniform", "builtin_length": "100"}) == \
+        {"corrupt": "0", "cep": "none", "builtin_length": "100"}
+    assert sweep.cell_name({"corrupt": "0.0", "cep": "none"}) == "clean"
+    # the Fig. 2 plot's x axis: η if it varies, else a varying numeric axis such as the training-set size
+    named = {sweep.cell_name(c): c for c in cells}
+    assert sweep.x_axis(named) == "corrupt"
+    assert sweep.x_axis({"a": {"builtin_length": "50", "cep": "none"}, "b": {"builtin_length": "500", "cep": "none"}}) \
+        == "builtin_length"
+
+
+# ---- interval math ----
+
+
+def test_t_interval_matches_scipy():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 7):
+        x = rng.normal(3.0, 2.0, size=n)
+        mean, half = sweep.t_interval(x)
+        lo, hi = scipy.stats.ttest_1samp(x, 0.0).confidence_interval(0.95)
+        assert mean == pytest.approx(np.mean(x)) and (mean - half, mean + half) == pytest.approx((lo, hi), rel=1e-10)
+    assert np.isnan(sweep.t_interval([1.0])[1]) and np.isnan(sweep.t_interval([])[0])
+
+
+def _rows(cell, values_by_seed):
+    return [{"cell": cell, "seed": seed, "cfg_scale": s, "fid": v, "precision": -v}
+            for seed, per_scale in values_by_seed.items() for s, v in per_scale.items()]
+
+
+def test_summary_best_scale_and_paired_difference_match_scipy():
+    rng = np.random.default_rng(1)
+    clean = {seed: {1.0: 10 + rng.normal(), 2.0: 8 + rng.normal()} for seed in range(4)}
+    treated = {seed: {1.0: 9 + rng.normal(), 2.0: 12 + rng.normal()} for seed in range(4)}
+    rows = _rows("clean", clean) + _rows("corrupt0.1", treated)
+    runs = [sweep.Run({"corrupt": c}, 0, Path("."), [], [], [1.0, 2.0]) for c in ("0", "0.1")]
+    summary = sweep.summarize(rows, runs, "fid", fixed_scale=2.0)
+    assert summary["best_scale"] == {"clean": 2.0, "corrupt0.1": 1.0}          # the lowest mean FID of each cell
+    best = summary["cells"]["corrupt0.1"]["metrics"]["fid"]["best"]
+    a, b = [treated[s][1.0] for s in range(4)], [clean[s][2.0] for s in range(4)]
+    lo, hi = scipy.stats.ttest_rel(a, b).confidence_interval(0.95)            # paired, each at its best scale
+    assert (best["diff"] - best["diff_ci"], best["diff"] + best["diff_ci"]) == pytest.approx((lo, hi), rel=1e-10)
+    fixed = summary["cells"]["corrupt0.1"]["metrics"]["precision"]["fixed"]    # higher is better, at s = 2
+    assert fixed["scale"] == 2.0 and fixed["mean"] == pytest.approx(-np.mean([treated[s][2.0] for s in range(4)]))
+    assert "diff" not in summary["cells"]["clean"]["metrics"]["fid"]["best"]
+
+
+# ---- dry run ----
+
+
+def test_dry_run_prints_the_in1k_protocol_with_torchrun(tmp_path, capsys):
+    assert sweep.main(["--preset", "in1k-dit", "--out", str(tmp_path / "dit"), "--nproc", "8",
+                       "--train", "--latents /d/lat", "--dry-run"]) == 0
+    cmds = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert len(cmds) == 2 * 10                                   # 7 η + CEP-U + CEP-G + IP, one seed, train + eval
+    assert all(c.startswith("torchrun --standalone --nproc_per_node=8 ") for c in cmds)
+    train = [c for c in cmds if " train_dit.py " in c]
+    assert sum("--corrupt 0.075 --cep none" in c for c in train) == 1 and sum("--ip 0.1" in c for c in train) == 1
+    assert all("--preset dit-xl2-in1k" in c and c.endswith("--resume auto") and "--latents /d/lat" in c
+               for c in train)
+    evals = [c for c in cmds if " evaluate.py " in c]
+    assert all("--num-samples 50000" in c and "1.5,1.75,2.0" in c for c in evals)
+    assert not (tmp_path / "dit").exists()                        # a dry run writes nothing
+
+
+# ---- end to end: smoke, resume after a kill, refusal of other settings ----
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    extractor = jit_save(TinyExtractor(), root / "tiny.pt")
+    args = ["--preset", "smoke", "--out", root / "out", "--judge", "0", "--reference", "builtin:60",
+            "--eval", f"--features {extractor} --resize none"]              # the judge swapped for a tiny extractor
+    r = run_sweep(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return {"root": root, "out": root / "out", "args": args, "stdout": r.stdout}
+
+
+def test_smoke_writes_results_summary_and_plots(smoke):
+    out = smoke["out"]
+    for name in ("results.csv", "summary.md", "table.md", "metric_vs_eta.png", "curves.png", "sweep.json"):
+        assert (out / name).stat().st_size > 0, name
+    import csv
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2                                 # cells x seeds x guidance scales
+    assert {r["cell"] for r in rows} == {"clean", "corrupt0.2"} and {r["seed"] for r in rows} == {"0", "1"}
+    assert all(float(r["precision"]) >= 0 and r["train.corrupt"] in ("0.0", "0.2") for r in rows)
+    text = (out / "summary.md").read_text()
+    assert "| corrupt0.2 | 2 |" in text and "±" in text
+    for run in ("clean/seed0", "corrupt0.2/seed1"):                # every run folder is a normal nanoCEP run
+        assert (out / "runs" / run / "config.json").is_file() and (out / "runs" / run / "last.pt").is_file()
+
+
+def _train_starts(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
+            if json.loads(line).get("event") == "start"]
+
+
+def test_rerun_after_a_kill_resumes_only_what_is_missing(smoke):
+    out = smoke["out"]
+    killed_in_train, killed_in_eval = out / "runs" / "corrupt0.2" / "seed0", out / "runs" / "clean" / "seed1"
+    untouched = out / "runs" / "clean" / "seed0"
+    # a kill during training: the last checkpoint is the step-2 one and the log has no "done" yet
+    shutil.copy(killed_in_train / "step_0000002.pt", killed_in_train / "last.pt")
+    lines = (killed_in_train / "log.jsonl").read_text().splitlines()
+    (killed_in_train / "log.jsonl").write_text("\n".join(l for l in lines if '"done"' not in l) + "\n")
+    shutil.rmtree(killed_in_train / "eval")
+    # a kill during evaluation: its results are missing
+    (killed_in_eval / "eval" / "results.json").unlink()
+    before = (untouched / "eval" / "results.json").stat().st_mtime_ns
+    r = run_sweep(*smoke["args"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "clean/seed0: already done" in r.stdout and "corrupt0.2/seed1: already done" in r.stdout
+    assert "corrupt0.2/seed0: train" in r.stdout and "clean/seed1: eval" in r.stdout
+    starts = _train_starts(killed_in_train)
+    assert len(starts) == 2 and starts[1]["resumed_from"].endswith("last.pt") and starts[1]["step"] == 2
+    assert len(_train_starts(killed_in_eval)) == 1                 # evaluation only, no retraining
+    assert (untouched / "eval" / "results.json").stat().st_mtime_ns == before
+    assert (killed_in_train / "eval" / "results.json").is_file()
+
+
+def test_rerun_with_other_settings_is_refused(smoke):
+    before = (smoke["out"] / "sweep.json").read_text()
+    r = run_sweep(*smoke["args"], "--train", "--steps 6")
+    assert r.returncode == 2 and r.stderr.startswith("sweep.py: error: ") and "train" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (smoke["out"] / "sweep.json").read_text() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "corrupt"], "expected KEY=V1,V2"),
+    (["--grid", "corrupt=0", "--seeds", "0,0"], "distinct seeds"),
+    (["--grid", "corrupt=0", "--script", "nope"], "--script"),
+    (["--grid", "corrupt=0", "--metric", "loss"], "--metric"),
+    (["--out", "x"], "no cells"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    assert sweep.main(args if "--out" in args else [*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep.py: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
