@@ -16,8 +16,9 @@ What makes a run reproducible and exactly resumable, in one place:
   seeded by (seed, step) and each rank takes its slice. So 1 process and N processes see the same samples with the same
   noise, and a run resumed at step s continues exactly as if it had never stopped.
   The same generator draws the per-step extras: CEP's δ (for the whole global batch, handed to the condition encoder
-  as cep_unit), the latent cache's posterior sample, and the seed of --corrupt-mode random's corruption of the global
-  batch; --cep-subset's fixed items are chosen once from the seed and looked up by the batch's dataset indices.
+  as cep_unit) and the latent cache's posterior sample. The seed of --corrupt-mode random's corruption of the global
+  batch is a host-side function of (seed, step), so it needs no device sync; --cep-subset's fixed items are chosen
+  once from the seed and looked up by the batch's dataset indices.
 - Randomness still drawn inside modules (--cond-dropout's mask) comes from the per-rank torch RNG, seeded by
   (seed, rank), whose state is saved for every rank in each checkpoint: resume is exact, 1 = N processes is not.
 - A checkpoint holds plain data only (tensors, numbers, strings, dicts), the *uncompiled* module's state_dict, the EMA,
@@ -224,8 +225,9 @@ def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timest
     drop = torch.rand((B,), generator=g, device=device) < drop_prob
     ip_noise = torch.randn((B, *latent_shape), generator=g, device=device) if ip else None
     post = torch.randn((B, *latent_shape), generator=g, device=device) if posterior else None
-    # .item() waits for the device: only with --corrupt-mode random, whose labels are corrupted on the host anyway
-    corrupt_seed = int(torch.randint(0, 2 ** 62, (1,), generator=g, device=device).item()) if corrupt else None
+    # --corrupt-mode random corrupts labels on the host: its seed is a host-side function of (seed, step), so the step
+    # never waits for the device (reading a device generator's draw with .item() would)
+    corrupt_seed = int(np.random.SeedSequence([seed, step, 0xC0]).generate_state(1, np.uint64)[0]) if corrupt else None
     unit = None
     if cep != "none" and cep_shape is not None:
         from cep import unit_noise
