@@ -43,7 +43,7 @@ import measure
 from common import ArgParser, atomic_open, one_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DIT_XL = ["--model", "DiT-XL/2", "--vae", "kl-f8", "--image-size", "256", "--num-classes", "1000",
+DIT_XL = ["--model", "DiT-XL/2", "--learn-sigma", "--grad-clip", "0", "--vae", "kl-f8", "--image-size", "256", "--num-classes", "1000",
           "--precision", "bf16", "--compile", "--device", "cuda"]
 LDM4 = ["--model", "ldm4-cin256", "--vae", "vq-f4", "--image-size", "256", "--num-classes", "1000",
         "--precision", "bf16", "--compile", "--device", "cuda"]

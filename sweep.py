@@ -141,6 +141,7 @@ SMOKE = dict(script="train_dit", cells=[{"corrupt": "0"}, {"corrupt": "0.2"}], s
 BUILTIN = dict(script="train_dit", cells=parse_grid(["builtin_length=50,500", "cep=none,uniform"]),
                seeds="0,1,2", jobs=2, judge=2000, metric="fid", fixed_scale=2.0,
                train="--model DiT-T/4 --image-size 16 --steps 1200 --batch-size 32 --lr 1e-3 --ema-decay 0.995 "
+                     "--learn-sigma --grad-clip 0 "    # the DiT defaults when this protocol was fixed and run
                      "--class-dropout 0.1 --sample-every 0 --ckpt-every 300 --log-every 50",
                eval="--num-samples 300 --cfg-scales 1,2,4 --sampler dpm++ --steps 10 --batch-size 300")
 
