@@ -309,7 +309,8 @@ def test_cli_text_run_writes_grid_with_captions_and_resumes_bit_identically(tmp_
     assert y.shape == (2, 64) and get_tokenizer("bytes").decode(y[1]) == prompts[1]
     model = dit.from_config(cfg)
     model.load_state_dict(a["ema"])                                      # the checkpoint rebuilds from its config
-    assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), y).shape == (2, 6, 8, 8)
+    out_channels = 6 if cfg.learn_sigma else 3                         # eps (+ the variance, with --learn-sigma)
+    assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), y).shape == (2, out_channels, 8, 8)
 
 
 def _expect_error(capsys, argv, needle):
