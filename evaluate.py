@@ -439,8 +439,8 @@ def main_plot(argv):
     return 0
 
 
-def main_sample(argv):
-    """`evaluate.py CKPT`: sample a checkpoint over guidance scales, then measure each scale."""
+def _sample_parser() -> ArgParser:
+    """The flags of `evaluate.py CKPT` (sampling, CADS, features)."""
     p = ArgParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", nargs="?", help="nanoCEP checkpoint (or --pretrained SOURCE)")
     p.add_argument("--pretrained", metavar="SOURCE", help="a released model instead (pretrained.py): file, folder, URL, "
@@ -465,7 +465,11 @@ def main_sample(argv):
     p.add_argument("--png", action="store_true", help="save OUT/cfg{scale}/samples/{index:06d}.png")
     p.add_argument("--npz", action="store_true", help="save OUT/cfg{scale}/samples.npz (arr_0, ADM evaluator format)")
     _add_feature_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def _check_sample_args(args) -> None:
+    """Refuse bad `evaluate.py CKPT` flags before any work (ValueError / FileNotFoundError, one line)."""
     _check_common(args)
     cads_from_args(args)                                   # bad --cads-* values fail before any work
     if args.num_samples < min_samples(args.k, args.is_splits):
@@ -481,6 +485,12 @@ def main_sample(argv):
         raise ValueError("--grid needs --classes (e.g. --classes 88,207,360)")
     if args.per_class < 1 or (args.guide_channels is not None and args.guide_channels < 0):
         raise ValueError("--per-class must be >= 1 and --guide-channels >= 0")
+
+
+def main_sample(argv):
+    """`evaluate.py CKPT`: sample a checkpoint over guidance scales, then measure each scale."""
+    args = _sample_parser().parse_args(argv)
+    _check_sample_args(args)
     if args.grid:                                          # preview: one process, no metrics
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         sample_fn, info = _sampler_from_args(args, device)
