@@ -71,9 +71,9 @@ def atomic_save(obj, path) -> None:
         torch.save(obj, f)
 
 
-def file_sha256(path) -> str:
-    """sha256 of a file's bytes, read in 4 MiB chunks."""
-    h = hashlib.sha256()
+def file_sha256(path, algorithm: str = "sha256") -> str:
+    """Hex digest (sha256 unless told otherwise) of a file's bytes, read in 4 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)

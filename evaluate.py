@@ -33,6 +33,7 @@ The metrics and the feature pass live in metrics.py; this file samples, shards o
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -527,7 +528,7 @@ def _train_reference(args):
     if args.ckpt is None or not args.features:
         raise ValueError("--train-ref auto needs a nanoCEP checkpoint and --features (the judge: python judge.py path)")
     spec = judge.run_training_set(load_checkpoint(args.ckpt)["config"])
-    tag = judge.hashlib.sha1(f"{spec}|{_file_hash(args.features)}".encode()).hexdigest()[:12]
+    tag = hashlib.sha1(f"{spec}|{_file_hash(args.features)}".encode()).hexdigest()[:12]
     path = Path(args.out) / "features" / f"train-ref-{tag}.npz"
     if not path.is_file():
         save_npz(path, **judge.train_reference(**spec, path=args.features))

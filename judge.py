@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import atomic_open
 import data
 import metrics
 
@@ -208,11 +209,9 @@ def build(cfg: JudgeConfig, out=None, progress: bool = True) -> Path:
         scripted = torch.jit.script(net)
     info.update(self_check(scripted, cfg.image_size, 1000))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_open(out) as f:
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(scripted, str(tmp), _extra_files={"judge.json": json.dumps(info)})
-    os.replace(tmp, out)
+        torch.jit.save(scripted, f, _extra_files={"judge.json": json.dumps(info)})
     print(f"judge: built {out} in {info['build_seconds']} s; held-out accuracy {info['accuracy']:.4f}", file=sys.stderr)
     if info["accuracy"] < 0.99:
         print(f"warning: the judge classifies only {info['accuracy']:.1%} of held-out real images right", file=sys.stderr)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg, special
 
-from common import atomic_open, download
+from common import atomic_open, download, file_sha256
 
 INCEPTION_PATH = "/tmp/inception-2015-12-05.pt"  # clean-fid's hard-coded download location ("./" on Windows)
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -209,11 +209,7 @@ class CleanInception(torch.nn.Module):
 
 def _file_hash(path, algorithm="sha1"):
     """Hex digest of a file's bytes (identifies a feature extractor in cache keys and pipeline labels)."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path, algorithm)
 
 
 def _jit_load(path, device):
