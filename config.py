@@ -17,7 +17,9 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
+import diffusion
 from common import ArgParser, RunError
 
 LATENT_GEOMETRY = {"none": (3, 1), "kl-f8": (4, 8), "vq-f4": (3, 4)}   # autoencoder -> (channels, downsampling)
@@ -111,7 +113,7 @@ class TrainConfig:
     sample_sampler: str = opt("dpm++", "sampler of the sample grids: dpm++ | ddim | ddpm",
                               choices=["dpm++", "ddim", "ddpm"])
     sample_steps: int = opt(25, "sampling steps of the sample grids")
-    sample_cads: str = opt("", "CADS on the sample grids (cep.py): 'noise,tau1,tau2,psi', e.g. 0.1,0.6,0.9,1; "
+    sample_cads: str = opt("", "CADS on the sample grids (cads.py): 'noise,tau1,tau2,psi', e.g. 0.1,0.6,0.9,1; "
                            "empty = off")
     sample_per_class: int = opt(8, "images per class (one row per class, at most 16 classes) in the grids")
     sample_prompts: str = opt("", "text only: a file with one grid prompt per line (default: one prompt per built-in "
@@ -222,8 +224,8 @@ def _check_ablations(cfg) -> None:
 
 
 def grid_cads(cfg):
-    """The cep.CADS of --sample-cads 'noise,tau1,tau2,psi' (evaluate.py's --cads-* in one flag), or None if off."""
-    from cep import CADS
+    """The cads.CADS of --sample-cads 'noise,tau1,tau2,psi' (evaluate.py's --cads-* in one flag), or None if off."""
+    from cads import CADS
     if not cfg.sample_cads:
         return None
     try:
@@ -256,5 +258,23 @@ def _check_condition(cfg) -> None:
         if cfg.text_width < 1 or cfg.text_heads < 1 or cfg.text_depth < 0 or cfg.text_width % cfg.text_heads:
             raise RunError(f"--text-width {cfg.text_width} must be a positive multiple of --text-heads {cfg.text_heads}"
                            f" and --text-depth ({cfg.text_depth}) >= 0")
-        from conditions import get_tokenizer
-        get_tokenizer(cfg.tokenizer)                     # a missing / bad tokenizer fails now, not after data loading
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A model family: how evaluate.py and tools/ rebuild any checkpoint's model from its "kind" and "config" entries
+
+class Family(NamedTuple):
+    """What a train script trains, as data (train_dit.FAMILY, train_ldm.FAMILY; evaluate.FAMILIES maps kinds to them)."""
+    config: type           # its config dataclass (TrainConfig + the model's fields)
+    presets: dict          # the paper's recipes, by name
+    resolve: Callable      # cfg -> the checked config, 'auto' decided
+    build_model: Callable  # cfg -> the denoiser nn.Module (model(x, t, y), model.cond its condition encoder)
+
+    def build(self, cfg) -> tuple:
+        """(model, diffusion) of a resolved config; the diffusion is built alike for every family."""
+        return self.build_model(cfg), diffusion.from_config(cfg)
+
+    def config_from(self, stored: dict):
+        """The config stored in a checkpoint as this family's dataclass (keys it does not know are ignored)."""
+        names = {f.name for f in dataclasses.fields(self.config)}
+        return self.config(**{k: v for k, v in stored.items() if k in names})

@@ -4,7 +4,7 @@ evaluate.py: FID, Inception Score and precision/recall of nanoCEP samples, the p
 Sample a checkpoint over a grid of guidance scales, then measure every scale (one row per scale):
     python evaluate.py CKPT --num-samples 50000 --cfg-scales 1.5,1.75,2.0 --sampler dpm++ --steps 50 --ref REF --npz
     torchrun --nproc_per_node=8 evaluate.py CKPT ...        # each rank samples (and featurizes) its own slice
-CADS (condition-annealed sampling, cep.py) on any sampler, class or text, checkpoint or release (off by default):
+CADS (condition-annealed sampling, cads.py) on any sampler, class or text, checkpoint or release (off by default):
     python evaluate.py CKPT --cads-noise 0.1 --cads-tau1 0.6 --cads-tau2 0.9 --cads-psi 1 ...
 Released weights (pretrained.py) instead of a checkpoint, and a quick preview grid (no metrics):
     python evaluate.py --pretrained DiffusionNoise/dit-xl-2_imagenet_clean --cfg-scales 1.75 --ref REF ...
@@ -47,7 +47,7 @@ from PIL import Image
 
 from common import ArgParser, RunError, setup_distributed
 from conditions import read_prompts
-from metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines,  # noqa: F401
+from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines,  # noqa: F401
                      compute_metrics, count_items, feature_statistics, frechet_distance, image_size_of,
                      inception_score, load_reference, min_samples, pipeline_label, plot_fid_is, precision_recall,
                      read_results, reference_kind, reference_pipeline, save_npz, source_pipeline, write_reference,
@@ -73,23 +73,29 @@ def shard_indices(num_samples, rank, world_size):
     return np.array_split(np.arange(num_samples), world_size)[rank]
 
 
+def families() -> dict:
+    """Checkpoint kind -> config.Family (its config class, presets, resolve and build): how any checkpoint is rebuilt."""
+    import train_dit
+    import train_ldm
+    return {"dit": train_dit.FAMILY, "ldm": train_ldm.FAMILY}
+
+
 def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precision="auto", vae_path=None,
                  prompts=None, cads=None):
     """Rebuild the model stored in CKPT: (sample_fn(labels (B,), seeds list, cfg_scale) -> uint8 (B, H, W, 3), info).
 
-    The model is rebuilt through registry.FAMILIES (checkpoint kind -> its config class and build) from the config
+    The model is rebuilt through families() (checkpoint kind -> its config class and build) from the config
     stored in the checkpoint, so any nanoCEP checkpoint samples without flags. Image i starts from the noise of
     torch.Generator().manual_seed(seeds[i]) (on the CPU), so a sharded run reproduces a single-process one.
     info holds num_classes and the settings that belong in results rows. A text-conditional checkpoint needs `prompts`
     (a list of captions): "labels" then index the prompts, so balanced labels cycle through them.
     """
-    from registry import FAMILIES
     from runio import load_checkpoint
     try:
         state = load_checkpoint(str(ckpt))
     except RunError as e:
         raise ValueError(str(e)) from None
-    kind = state.get("kind")
+    kind, FAMILIES = state.get("kind"), families()
     if kind not in FAMILIES:
         raise ValueError(f"{ckpt}: unknown checkpoint kind {kind!r} (expected one of {', '.join(FAMILIES)})")
     cfg = FAMILIES[kind].config_from(state["config"])
@@ -102,7 +108,7 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     model.to(device).eval().requires_grad_(False)
     decode = None
     if getattr(cfg, "vae", "none") != "none":
-        import vae
+        from weights import vae
         decode = vae.load_vae(cfg.vae, vae_path or cfg.vae_path or None, device=device).decode
     use_bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
     sample_fn = make_sample_fn(model, diffusion, cfg.latent_shape, decode, device, sampler, steps, use_bf16,
@@ -132,7 +138,7 @@ def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_
     with eta > 0, its per-step noise: an image depends on its seed only, so shards reproduce one process bit for bit.
     null_class: the CFG null label (default: the model's condition encoder's); guide_channels: guide only the first
     N latent channels (official DiT: 3); timesteps: explicit dpm++ timesteps (a release's scheduler spacing);
-    cads: a cep.CADS that anneals the condition embedding along the chain (its noise seeded per image too)."""
+    cads: a cads.CADS that anneals the condition embedding along the chain (its noise seeded per image too)."""
     from contextlib import nullcontext
     from diffusion import cfg_model_fn, sample_dpmpp_2m
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
@@ -164,7 +170,7 @@ def load_pretrained_sampler(source, device="cpu", sampler="dpm++", steps=50, pre
                             guide_channels="auto", cads=None):
     """(sample_fn, info) for a released model (pretrained.py): its schedule, null label, CFG channels and, for dpm++,
     the timesteps diffusers' DPMSolverMultistepScheduler.from_config(release scheduler) would visit."""
-    import pretrained
+    from weights import pretrained
     from diffusion import GaussianDiffusion
     p = pretrained.load_pretrained(source, vae_path=vae_path, guide_channels=guide_channels)
     cfg = p["config"]
@@ -381,7 +387,7 @@ def reference_images(data, image_size, seed=0, builtin_length=10_000, max_images
     gives uint8 (N, S, S, 3) renders of data.BuiltinShapes(S, N, seed) (crop None: already S); a folder gives its
     image files (flat or in class folders, sorted) with crop S, the ADM centre crop data.py applies to training data."""
     import data as datasets
-    from metrics import ImageSource
+    from scoring.metrics import ImageSource
     if data == "builtin":
         ds = datasets.build_dataset("builtin", image_size, seed=seed, builtin_length=builtin_length)
         n = len(ds) if max_images is None else min(len(ds), max_images)
@@ -523,7 +529,7 @@ def _train_reference(args):
     """The --train-ref features and threshold; auto: judge.py's for the checkpoint's built-in training set (cached)."""
     if args.train_ref != "auto":
         return load_train_reference(args.train_ref) if args.train_ref else None
-    import judge
+    from scoring import judge
     from runio import load_checkpoint
     if args.ckpt is None or not args.features:
         raise ValueError("--train-ref auto needs a nanoCEP checkpoint and --features (the judge: python judge.py path)")
@@ -561,7 +567,7 @@ def _sampler_from_args(args, device):
 
 
 def _add_cads_args(p):
-    p.add_argument("--cads-noise", type=float, default=0.0, help="CADS (cep.py): condition noise scale s at t = 1; "
+    p.add_argument("--cads-noise", type=float, default=0.0, help="CADS (cads.py): condition noise scale s at t = 1; "
                    "0 = off (the paper's ablation: 0.1)")
     p.add_argument("--cads-tau1", type=float, default=0.6, help="CADS: clean condition for t <= tau1 (t = 1: noise)")
     p.add_argument("--cads-tau2", type=float, default=0.9, help="CADS: pure-noise condition for t >= tau2")
@@ -570,8 +576,8 @@ def _add_cads_args(p):
 
 
 def cads_from_args(args):
-    """A cep.CADS from the --cads-* flags, or None when --cads-noise is 0 (off); bad values -> ValueError."""
-    from cep import CADS
+    """A cads.CADS from the --cads-* flags, or None when --cads-noise is 0 (off); bad values -> ValueError."""
+    from cads import CADS
     if args.cads_noise < 0:
         raise ValueError(f"--cads-noise must be >= 0, got {args.cads_noise}")
     try:

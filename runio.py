@@ -105,8 +105,9 @@ def rng_states(d: Dist) -> list | None:
 class RunIO:
     """What a run writes (on rank 0) and reads back: the run folder of cfg.out."""
 
-    def __init__(self, cfg, kind: str, d: Dist):
+    def __init__(self, cfg, kind: str, d: Dist, judge_grid: Callable | None = None):
         check_run_folder(cfg)
+        self.judge_grid = judge_grid                               # scores the final class grid (trainer.train)
         os.makedirs(cfg.out, exist_ok=True)
         self.cfg, self.kind, self.d = cfg, kind, d
         self.resume_path = find_resume(cfg.resume, cfg.out)
@@ -190,9 +191,8 @@ class RunIO:
             images = sample(ema)
             save_grid(images.float().cpu(), path, nrow=self.cfg.sample_per_class)
             self.log({"event": "samples", "step": step, "path": path})
-            if step == self.cfg.steps and getattr(sample, "labels", None) is not None:
-                import judge  # built-in data: does the final grid show its classes? (judge.py)
-                judge.judge_final_grid(self.cfg, images, sample.labels, self.log, tqdm.write)
+            if step == self.cfg.steps and self.judge_grid is not None and getattr(sample, "labels", None) is not None:
+                self.judge_grid(self.cfg, images, sample.labels, self.log, tqdm.write)   # does it show its classes?
         if self.d.world > 1:
             dist.barrier()
 

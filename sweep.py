@@ -389,8 +389,8 @@ def image_size(cfg: SweepConfig) -> int:
 def judge_commands(cfg: SweepConfig) -> list:
     """The two judge.py calls made once per sweep: the extractor's path (built on first use), the reference features."""
     size = str(image_size(cfg))
-    return [[sys.executable, "judge.py", "path", "--image-size", size],
-            [sys.executable, "judge.py", "ref", "--image-size", size, "--num", str(cfg.judge),
+    return [[sys.executable, "-m", "scoring.judge", "path", "--image-size", size],
+            [sys.executable, "-m", "scoring.judge", "ref", "--image-size", size, "--num", str(cfg.judge),
              "--out", str(Path(cfg.out).resolve() / "judge_ref.npz")]]
 
 

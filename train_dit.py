@@ -18,10 +18,13 @@ from dataclasses import dataclass, replace
 import torch
 
 import diffusion as diff
-import dit
+from conditions import get_tokenizer
 from common import RunError, setup_distributed
-from config import TrainConfig, opt, parse_config, resolve_run_config
-from trainer import exit_codes, init_from, load_data, train
+from config import Family, TrainConfig, opt, parse_config, resolve_run_config
+from models import dit
+from scoring import judge
+from trainer import exit_codes, load_data, train
+from weights import latents, pretrained, vae
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -72,21 +75,26 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
     side, patch = cfg.latent_shape[1], int(cfg.model.split("/")[1])
     if side % patch:
         raise RunError(f"{cfg.model} needs an input side divisible by {patch}, got {side}")
+    if cfg.cond == "text":
+        get_tokenizer(cfg.tokenizer)                   # a missing / bad tokenizer fails now, not after data loading
     return cfg
+
+
+FAMILY = Family(DiTConfig, PRESETS, resolve, dit.from_config)   # how evaluate.py rebuilds its checkpoints
 
 
 @exit_codes("train_dit.py")
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> DiT + diffusion -> train. Bad input: one line, exit 2."""
     cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
-    cfg, init = init_from(cfg, "dit", argv)          # --init-from: SOURCE's architecture, numerics and weights
+    cfg, init = pretrained.init_from(cfg, "dit", argv)   # --init-from: SOURCE's architecture, numerics, weights
     cfg = resolve(cfg)
     d = setup_distributed(cfg.device)
-    data = load_data(cfg, d.device)
+    data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
     model, diffusion = dit.from_config(cfg), diff.from_config(cfg)
-    train(cfg, model, diffusion, data, kind="dit", d=d, init=init)
+    train(cfg, model, diffusion, data, kind="dit", d=d, init=init, judge_grid=judge.judge_final_grid)
     return 0
 
 

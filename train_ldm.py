@@ -5,7 +5,7 @@ Train a class- or text-conditional latent diffusion U-Net (LDM-4, Rombach et al.
     python train_ldm.py --corrupt 0.05 --cep gaussian              # 5% flipped labels + CEP-G (paper §5)
     torchrun --nproc_per_node 8 train_ldm.py --preset ldm4-in1k --data /data/imagenet/train --corrupt 0.05
     python train_ldm.py --out runs/ldm --resume auto               # continue where the run in runs/ldm stopped
-    python bench.py --script train_ldm --model ldm4-cin256 --image-size 256 --vae vq-f4 --batch-size 8
+    python -m tools.bench --script train_ldm --model ldm4-cin256 --image-size 256 --vae vq-f4 --batch-size 8
 
 The file reads top to bottom like train_dit.py: the config (config.TrainConfig plus the U-Net's fields, every one a
 flag), the presets (the paper's recipes), how a config is checked, then main(): flags -> data -> model
@@ -19,10 +19,13 @@ from dataclasses import dataclass, replace
 import torch
 
 import diffusion as diff
-import unet
+from conditions import get_tokenizer
 from common import RunError, setup_distributed
-from config import LATENT_GEOMETRY, TrainConfig, opt, parse_config, resolve_run_config
-from trainer import exit_codes, init_from, load_data, train
+from config import LATENT_GEOMETRY, Family, TrainConfig, opt, parse_config, resolve_run_config
+from models import unet
+from scoring import judge
+from trainer import exit_codes, load_data, train
+from weights import latents, pretrained, vae
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -77,21 +80,26 @@ def resolve(cfg: LDMConfig) -> LDMConfig:
     if side % f:
         raise RunError(f"{cfg.model} halves its input {int(math.log2(f))} times: the input side must be divisible "
                        f"by {f}, got {side}" + (f" (--image-size {cfg.image_size} / {down})" if down > 1 else ""))
+    if cfg.cond == "text":
+        get_tokenizer(cfg.tokenizer)                   # a missing / bad tokenizer fails now, not after data loading
     return cfg
+
+
+FAMILY = Family(LDMConfig, PRESETS, resolve, unet.from_config)   # how evaluate.py rebuilds its checkpoints
 
 
 @exit_codes("train_ldm.py")
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> U-Net + diffusion -> train. Bad input: one line, exit 2."""
     cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
-    cfg, init = init_from(cfg, "ldm", argv)          # --init-from: SOURCE's architecture, numerics and weights
+    cfg, init = pretrained.init_from(cfg, "ldm", argv)   # --init-from: SOURCE's architecture, numerics, weights
     cfg = resolve(cfg)
     d = setup_distributed(cfg.device)
-    data = load_data(cfg, d.device)
+    data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
     model, diffusion = unet.from_config(cfg), diff.from_config(cfg)
-    train(cfg, model, diffusion, data, kind="ldm", d=d, init=init)
+    train(cfg, model, diffusion, data, kind="ldm", d=d, init=init, judge_grid=judge.judge_final_grid)
     return 0
 
 

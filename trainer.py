@@ -1,6 +1,6 @@
 """
 The training loop train_dit.py and train_ldm.py call: `train(cfg, model, diffusion, data, kind=..., d=...)`, and the
-step it repeats, `train_step` (bench.py times that same function): DDP, bf16 autocast, torch.compile, EMA, exact resume
+step it repeats, `train_step` (tools/bench.py times that same function): DDP, bf16 autocast, torch.compile, EMA, exact resume
 and a clean stop on SIGTERM/SIGINT. What the run writes (logs, grids, checkpoints) is runio.py's; the data it trains
 on comes from `load_data` (data.py, corrupt.py through data.py, latents.py, vae.py).
 
@@ -43,7 +43,7 @@ from tqdm import tqdm
 import conditions
 import data as datalib
 from common import Dist, RunError, one_line
-from config import explicit_fields, grid_cads
+from config import grid_cads
 from runio import Diverged, RunIO, StopFlag, check_run_folder
 
 
@@ -64,16 +64,6 @@ def exit_codes(script: str):
     return wrap
 
 
-def init_from(cfg, kind: str, argv=None):
-    """--init-from SOURCE (fine-tuning): (the config with SOURCE's architecture and numerics, (weights, note)), or
-    (cfg, None) without it. Flags given on the command line that contradict SOURCE are an error (pretrained.py)."""
-    if not cfg.init_from:
-        return cfg, None
-    import pretrained
-    cfg, weights, note = pretrained.init_weights(cfg.init_from, cfg, kind, explicit_fields(argv))
-    return cfg, (weights, note)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: the dataset (or latent cache), corrupted as the config says, with the autoencoder around it
 
@@ -86,13 +76,17 @@ class TrainData:
     prompts: list | None = None          # the text grids' fixed prompts
 
 
-def load_data(cfg, device) -> TrainData:
+def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callable | None = None) -> TrainData:
     """The training data of cfg: static corruption applied (its manifest written to out/corruption.json), captions
-    tokenised for text models, and the autoencoder's encode/decode when the model works on latents."""
+    tokenised for text models, and the autoencoder's encode/decode when the model works on latents.
+
+    The autoencoder side is handed in by the train script (weights/ is an instrument the core never imports):
+    open_cache(path) -> a latent cache dataset (with .vae, .image_size and .encode, its posterior sampler) for --latents;
+    load_vae(kind, path, device=) -> the autoencoder (.encode, .decode) for --vae."""
     check_run_folder(cfg)
     if cfg.latents:
-        from latents import LatentDataset, posterior_sample
-        dataset, encode = LatentDataset(cfg.latents), posterior_sample
+        dataset = open_cache(cfg.latents)
+        encode = dataset.encode
         if dataset.vae != cfg.vae or dataset.image_size != cfg.image_size:
             raise RunError(f"latent cache {cfg.latents} holds {dataset.vae} latents of {dataset.image_size}px images; "
                            f"pass --vae {dataset.vae} --image-size {dataset.image_size}")
@@ -115,10 +109,7 @@ def load_data(cfg, device) -> TrainData:
     if text:  # items become (x, token ids (L,)); a flipped item gets its caption's left/right mirrored
         dataset = datalib.TokenizedCaptions(dataset, conditions.get_tokenizer(cfg.tokenizer), cfg.context_length,
                                             mirror=True)
-    ae = None
-    if cfg.vae != "none":
-        import vae
-        ae = vae.load_vae(cfg.vae, cfg.vae_path or None, device=device)
+    ae = load_vae(cfg.vae, cfg.vae_path or None, device=device) if cfg.vae != "none" else None
     return TrainData(dataset, cfg.num_classes or dataset.num_classes, encode or (ae and ae.encode),
                      ae and ae.decode, prompts)
 
@@ -275,14 +266,18 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int) -> to
 # ----------------------------------------------------------------------------------------------------------------------
 # The loop
 
-def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Dist, init=None) -> dict:
-    """Train `model` (model(x, t, y), with `model.cond` its condition encoder) on `data` with `diffusion`, as cfg says;
-    init = (weights, note) of --init-from, loaded on a fresh run only (see init_from).
+def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Dist, init: Callable | None = None,
+          judge_grid: Callable | None = None) -> dict:
+    """Train `model` (model(x, t, y), with `model.cond` its condition encoder) on `data` with `diffusion`, as cfg says.
+
+    init(model) -> note: --init-from's weights loaded into the fresh model, on a fresh run only (weights/pretrained.py).
+    judge_grid(cfg, images, labels, log, write): scores the final sample grid of a class-conditional run
+    (scoring/judge.py's judge_final_grid, handed in by the train script).
 
     Returns {"status": "done" | "stopped", "step", "loss", "ema", "model"}."""
-    io = RunIO(cfg, kind, d)                                       # the run folder: resume, logs, checkpoints, grids
+    io = RunIO(cfg, kind, d, judge_grid)                           # the run folder: resume, logs, checkpoints, grids
     ckpt = io.checkpoint_to_resume()
-    note = load_init(model, init) if init is not None and ckpt is None else None   # a resumed run has its own
+    note = init(model) if init is not None and ckpt is None else None   # a resumed run has its own weights
     torch.manual_seed(cfg.seed * 1000 + d.rank)                    # per-rank module randomness (--cond-dropout)
     start = int(ckpt["step"]) if ckpt is not None else 0
     s = make_state(cfg, model, diffusion, d, data, start)
@@ -322,13 +317,6 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
             io.log({"event": "done", "step": cfg.steps, "loss": io.last_loss})
     return {"status": status, "step": step + 1 if cfg.steps > start else start, "loss": io.last_loss,
             "ema": s.ema, "model": model}
-
-
-def load_init(model: nn.Module, init) -> str:
-    """Load --init-from's weights into the fresh model (pretrained.load_init); returns the note the run logs."""
-    import pretrained
-    weights, note = init
-    return note + "; " + pretrained.load_init(model, weights)
 
 
 def restore(s: TrainState, ckpt: dict) -> int:

@@ -1,4 +1,4 @@
-"""Tests for CADS (cep.py): the schedule, the noise and rescale definitions, and the hook in every sampler."""
+"""Tests for CADS (cads.py): the schedule, the noise and rescale definitions, and the hook in every sampler."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import evaluate as ev
-from cep import CADS, anneal, cads_gamma
+from cads import CADS, anneal, cads_gamma
 from diffusion import cfg_model_fn
 
 
@@ -81,8 +81,8 @@ def test_bad_settings_raise():
 
 def tiny_model(kind, overrides):
     """A random-weight model (adaLN-Zero / zero convs re-drawn so the condition matters) and its diffusion."""
-    from registry import FAMILIES
-    family = FAMILIES[kind]
+    from evaluate import families
+    family = families()[kind]
     cfg = family.resolve(family.config(num_classes=3, image_size=8, **overrides))
     torch.manual_seed(0)
     model, diffusion = family.build(cfg)

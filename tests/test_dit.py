@@ -8,7 +8,7 @@ import torch
 
 from conditions import ClassEmbedder
 from diffusion import timestep_embedding
-from dit import DiT, DiT_models, sincos_pos_embed_2d
+from models.dit import DiT, DiT_models, sincos_pos_embed_2d
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "dit-xl-2_official_state_dict.txt")
 

@@ -14,7 +14,7 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 
 import evaluate as ev
-import metrics
+from scoring import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import scipy.linalg
 import scipy.stats
 from scipy.integrate import solve_ivp
 
-import gmm_theory as gt
+from tools import gmm_theory as gt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -265,12 +265,12 @@ def test_cli_bad_flags_exit_2_one_line(argv, tmp_path, capsys):
         raise SystemExit(rc)
     assert exc_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("gmm_theory.py: error:")
+    assert len(err.splitlines()) == 1 and err.startswith("python -m tools.gmm_theory: error:")
     assert keep.read_text() == "untouched"
 
 
 def test_cli_subprocess_no_traceback():
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "gmm_theory.py"), "--gammas", "nope"],
+    proc = subprocess.run([sys.executable, "-m", "tools.gmm_theory", "--gammas", "nope"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "--gammas" in proc.stderr

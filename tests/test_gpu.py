@@ -1,6 +1,6 @@
 """CUDA checks of nanoCEP's GPU path (marker `gpu`). Every test skips without CUDA, so CPU CI lists them as skipped.
 
-Run on a GPU machine: python -m pytest -q -m gpu tests/test_gpu.py      (bench.py --suite gpu runs and summarises it)
+Run on a GPU machine: python -m pytest -q -m gpu tests/test_gpu.py      (python -m tools.gpu_suite runs and summarises it)
 
 Precision regimes and tolerances (rel = ||a - b|| / ||b||; fp32 references run with TF32 off):
   compiled bf16-autocast training step vs fp32 eager: output rel < 3e-2, loss rel < 1e-2, gradient cosine > 0.99
@@ -50,10 +50,9 @@ def perturb(model, std=0.05, seed=0):
 
 def build(script_name, argv):
     """(family, cfg, perturbed model on CUDA in eval mode (no dropout / CEP draws), diffusion) of a train script."""
-    from measure import SCRIPTS
     from config import parse_config
-    from registry import FAMILIES
-    family = FAMILIES[SCRIPTS[script_name]]
+    from tools.measure import family
+    family = family(script_name)
     cfg = family.resolve(parse_config(family.config, argv))
     torch.manual_seed(0)
     model, diffusion = family.build(cfg)
@@ -218,7 +217,7 @@ def test_bf16_sampling_matches_fp32():
 
 
 def tiny_autoencoder(kind):
-    import vae
+    from weights import vae
     torch.manual_seed(0)
     extra = {"num_codes": 64} if kind == "vq-f4" else {}
     return perturb(vae.build_vae(kind, block_out_channels=(32, 64), **extra), std=0.1).cuda().eval()
@@ -246,7 +245,7 @@ def test_bf16_decode_and_encode_match_fp32(kind):
 def test_vq_codes_under_bf16_autocast_are_the_nearest():
     """Issue 12 item 1, on CUDA: autocast must not turn the nearest-code distances into bf16 (8192 codes of width 3
     lie so densely that bf16's 3 significant digits pick a wrong code for many vectors)."""
-    import vae
+    from weights import vae
     torch.manual_seed(0)
     q = vae.build_vae("vq-f4", block_out_channels=(32, 64)).quantize.cuda()   # the released codebook shape
     z = torch.randn(4, 3, 32, 32, device="cuda")

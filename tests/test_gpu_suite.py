@@ -11,9 +11,8 @@ import time
 import pytest
 import torch
 
-import bench
-import measure
-import gpu_suite
+from tools import measure
+from tools import gpu_suite
 from config import parse_config
 
 INFO = {"gpu": "NVIDIA H200", "capability": "sm_90", "memory_gib": 139.8, "torch": "2.11.0+cu130", "cuda": "13.0"}
@@ -24,11 +23,11 @@ INFO = {"gpu": "NVIDIA H200", "capability": "sm_90", "memory_gib": 139.8, "torch
 
 def test_needs_cuda_exit_2_one_line(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bench.main(["--suite", "gpu"]) == 2
+    assert gpu_suite.main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("bench.py --suite gpu: error:") and "needs CUDA" in err[0]
+    assert len(err) == 1 and err[0].startswith("python -m tools.gpu_suite: error:") and "needs CUDA" in err[0]
     assert gpu_suite.main(["--rows", "matmul"]) == 2
-    assert capsys.readouterr().err.startswith("gpu_suite.py: error:")
+    assert capsys.readouterr().err.startswith("python -m tools.gpu_suite: error:")
 
 
 @pytest.mark.parametrize("argv,names", [
@@ -36,9 +35,9 @@ def test_needs_cuda_exit_2_one_line(monkeypatch, capsys):
     (["--iters", "0"], "--iters"), (["--json", "/no/such/dir/x.json"], "--json"), (["--log", "."], "--log"),
     (["--frobnicate"], "unrecognized arguments")])
 def test_bad_flags_exit_2_one_line_before_any_work(argv, names, capsys, tmp_path):
-    assert bench.main(["--suite", "gpu", *argv]) == 2
+    assert gpu_suite.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and names in err[0] and err[0].startswith("bench.py --suite gpu: error:")
+    assert len(err) == 1 and names in err[0] and err[0].startswith("python -m tools.gpu_suite: error:")
 
 
 def test_parse_args_defaults_and_row_selection(tmp_path):
@@ -52,9 +51,8 @@ def test_parse_args_defaults_and_row_selection(tmp_path):
 
 @pytest.mark.parametrize("name", list(gpu_suite.TRAIN))
 def test_training_rows_flags_are_accepted_by_their_scripts(name):
-    from registry import FAMILIES
     script_name, argv = gpu_suite.TRAIN[name]
-    family = FAMILIES[measure.SCRIPTS[script_name]]
+    family = measure.family(script_name)
     cfg = family.resolve(parse_config(family.config, argv))
     side = {"dit": 32, "ldm": 64}[name.split("-")[0]]
     assert cfg.precision == "bf16" and cfg.compile and cfg.device == "cuda" and cfg.num_classes == 1000
@@ -180,7 +178,7 @@ def test_main_end_to_end_with_failing_rows_prints_the_table_and_writes_json(monk
 
 
 def test_sampling_and_loader_rows_run_on_tiny_cpu_models():
-    import vae
+    from weights import vae
     ae = vae.build_vae("kl-f8", block_out_channels=(32, 64)).eval().requires_grad_(False)
     argv = ["--model", "DiT-T/2", "--vae", "kl-f8", "--image-size", "32", "--num-classes", "10"]
     res = gpu_suite.sample_throughput(argv, ae, torch.device("cpu"), batch=2, steps=2)
@@ -190,7 +188,7 @@ def test_sampling_and_loader_rows_run_on_tiny_cpu_models():
 
 
 def test_synthetic_cache_is_a_complete_latent_cache(tmp_path):
-    import latents
+    from weights import latents
     gpu_suite.synthetic_cache(str(tmp_path / "c"), 16)
     ds = latents.LatentDataset(str(tmp_path / "c"))
     x, y = ds[3]

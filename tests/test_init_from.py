@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import diffusion as diff
-import dit
-import pretrained
+from models import dit
+from weights import pretrained
 import train_dit
-import unet
+from models import unet
 from runio import load_checkpoint
 
 diffusers = pytest.importorskip("diffusers")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import evaluate as ev
-import judge
-import metrics
+from scoring import judge
+from scoring import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(num_images=3000, steps=250, width=8)  # the default recipe, smaller: still ~100 % on held-out images
@@ -109,7 +109,7 @@ def test_bad_input_is_one_line_and_exit_2(small_judge, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"data": "/data/imagenet", "image_size": 16, "seed": 0}))
     assert judge.main(["train-ref", "--run", str(tmp_path), "--judge", str(small_judge)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("judge.py: error:") and "built-in" in err and len(err.splitlines()) == 1
+    assert err.startswith("python -m scoring.judge: error:") and "built-in" in err and len(err.splitlines()) == 1
     np.savez(tmp_path / "wrong.npz", feats=np.zeros((5, 3)))
     assert ev.main(["metrics", "--samples", str(tmp_path / "wrong.npz"), "--train-ref", str(tmp_path / "wrong.npz")]) == 2
     assert "mem_threshold" in capsys.readouterr().err

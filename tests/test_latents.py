@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 import data
-import latents
-import vae
+from weights import latents
+from weights import vae
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1)      # f=2: 16 px images -> 8x8 latents
@@ -221,7 +221,7 @@ def test_cli_reads_tiny_config_and_two_process_build_equals_one(tmp_path, kl, kl
     assert vae.infer_architecture("kl-f8", kl_file) == {"block_out_channels": (32, 64), "layers_per_block": 1}
     ref, _ = build(tmp_path, "ref", kl, builtin(12), batch_size=3, dtype="float32")
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "latents.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "weights.latents",
            "--data", "builtin", "--image-size", str(SIZE), "--vae", "kl-f8", "--vae-path", str(kl_file),
            "--out", str(out), "--builtin-length", "12", "--batch-size", "3", "--dtype", "float32", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))   # same kernels as the reference

@@ -17,8 +17,8 @@ from PIL import Image
 
 import common
 import evaluate as ev
-import pretrained
-from dit import DiT
+from weights import pretrained
+from models.dit import DiT
 
 diffusers = pytest.importorskip("diffusers")
 DATA = Path(__file__).resolve().parent / "data"
@@ -390,7 +390,7 @@ def test_ldm_sampling_equals_reference_class_pipeline(ldm_release):
 def test_full_size_unet_mapping_gives_the_compvis_cin256_layout():
     """diffusers' cin256-v2 U-Net config (meta tensors) maps onto exactly the CompVis key listing, names and shapes,
     and its architecture read back is train_ldm's ldm4-cin256."""
-    from unet import UNET_CONFIGS
+    from models.unet import UNET_CONFIGS
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(
             sample_size=64, in_channels=3, out_channels=3, block_out_channels=(192, 384, 576, 960), layers_per_block=2,

@@ -14,11 +14,11 @@ import torch
 import conditions
 import data
 import diffusion as diff
-import dit
+from models import dit
 import train_dit
 from conditions import build_condition_encoder, encode_prompts, get_tokenizer
 from conftest import expect_one_line_error, load_ckpt as ckpt
-from dit import DiT
+from models.dit import DiT
 
 CAPS = ["a large red disc at the middle of a dark background", "", "héllo wörld, 123 <|endoftext|> !", "x" * 100]
 

@@ -126,7 +126,7 @@ def test_presets_parse(preset):
 
 def tiny_vae_folder(path):
     """A small random KL-f8 autoencoder saved as a diffusers component folder (config.json + safetensors)."""
-    import vae
+    from weights import vae
     from safetensors.torch import save_file
     torch.manual_seed(0)
     ae = vae.build_vae("kl-f8", block_out_channels=(32, 32, 32, 32), layers_per_block=1)

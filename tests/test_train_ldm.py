@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 
-import bench
+from tools import bench
 import diffusion
 import train_ldm
 from conditions import encoder_from_config
 from config import parse_config
 from conftest import ROOT, TINY, check_resume_is_bit_identical, expect_one_line_error, train_and_check_learning
 from conftest import load_ckpt as ckpt
-import unet as unet_lib
-from unet import LDM, UNetModel, build_unet
+from models import unet as unet_lib
+from models.unet import LDM, UNetModel, build_unet
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "ldm4-cin256-v2_unet_compvis_state_dict.txt")
 
@@ -217,7 +217,7 @@ def test_bench_runs_the_unet(capsys):
 
 def test_on_the_fly_vq_f4_latents_train_and_grid_decodes(tmp_path):
     """LDM-4's latent path: a small random VQ-f4 autoencoder (diffusers folder) turns 16px images into 4x4x3 latents."""
-    import vae
+    from weights import vae
     from safetensors.torch import save_file
     torch.manual_seed(0)
     ae = vae.build_vae("vq-f4", block_out_channels=(32, 32, 32), layers_per_block=1, num_codes=64)

@@ -103,8 +103,8 @@ def test_random_corruption_is_exact_per_global_batch_and_follows_the_static_rule
 
 def small_kl_cache(tmp_path):
     import data
-    import latents
-    import vae
+    from weights import latents
+    from weights import vae
     from safetensors.torch import save_file
     torch.manual_seed(0)
     f8 = vae.build_vae("kl-f8", block_out_channels=(32, 32, 32, 32), layers_per_block=1)
@@ -130,7 +130,9 @@ def test_ddp_two_processes_equal_one_with_latent_cache_random_corruption_and_cep
     assert train_dit.main(args + ["--out", str(tmp_path / "one")]) == 0
     one, ddp = ckpt(tmp_path / "one"), ckpt(tmp_path / "ddp")
     for k, v in one["model"].items():
-        assert torch.allclose(v, ddp["model"][k], atol=1e-6, rtol=1e-5), k
+        # Adam divides by sqrt(v): where a gradient is ~0, a last-bit difference of the all-reduced sum moves a weight
+        # by ~1e-6 (seen: 1.5e-6 on one of 768 biases); a real divergence moves it by a step, lr = 4e-3
+        assert torch.allclose(v, ddp["model"][k], atol=1e-5, rtol=1e-5), k
 
 
 def test_posterior_and_cep_draws_come_from_the_step_generator():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import vae
+from weights import vae
 
 KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "notes" / "keys"
 TINY = dict(block_out_channels=(32, 64))          # two levels: f=2, widths divisible by 32 groups
@@ -342,7 +342,7 @@ def test_cli_roundtrip_and_bad_input(kl_ref, tmp_path, monkeypatch, capsys):
                 ["bench", "--size", "0"]):
         assert vae.main(bad) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("vae.py: error:") and "\n" not in err and "Traceback" not in err
+        assert err.startswith("python -m weights.vae: error:") and "\n" not in err and "Traceback" not in err
     assert not out.exists()
 
 

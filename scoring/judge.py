@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from common import atomic_open
 import data
-import metrics
+from scoring import metrics
 
 JUDGE_VERSION = 1                     # bump when the recipe changes: the cache key changes with it
 JUDGE_SEED = 1_000_003                # the judge's own training images
@@ -334,7 +334,7 @@ def run_training_set(run_dir_or_config) -> dict:
 
 def main(argv=None) -> int:
     from common import ArgParser
-    p = ArgParser(prog="judge.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="python -m scoring.judge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("build", "path", "ref", "train-ref", "check"):
         s = sub.add_parser(name)
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
             print(f"wrote {args.out}: {len(tr['feats'])} training features, memorization threshold "
                   f"{float(tr['mem_threshold']):.4f}", file=sys.stderr)
     except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"judge.py: error: {e}", file=sys.stderr)
+        print(f"python -m scoring.judge: error: {e}", file=sys.stderr)
         return 2
     return 0
 

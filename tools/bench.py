@@ -2,11 +2,10 @@
 Benchmark one training step: img/s, step time, peak memory, FLOPs per image and MFU, for any model/batch/precision/
 compile setting. Every flag the train script takes works here too (they build the same model).
 
-    python bench.py                                                     # the tiny CPU default of train_dit.py
-    python bench.py --model DiT-S/2 --image-size 32 --batch-size 32
-    python bench.py --device cuda --model DiT-XL/2 --vae kl-f8 --image-size 256 --batch-size 32 --precision bf16 --compile
-    python bench.py --script train_ldm --model ldm4-cin256 --vae vq-f4 --image-size 256 --batch-size 8   # the U-Net
-    python bench.py --suite gpu --json gpu.json                         # the whole GPU check (gpu_suite.py)
+    python -m tools.bench                                                     # the tiny CPU default of train_dit.py
+    python -m tools.bench --model DiT-S/2 --image-size 32 --batch-size 32
+    python -m tools.bench --device cuda --model DiT-XL/2 --vae kl-f8 --image-size 256 --batch-size 32 --precision bf16 --compile
+    python -m tools.bench --script train_ldm --model ldm4-cin256 --vae vq-f4 --image-size 256 --batch-size 8   # the U-Net
 
 A step here is the trainer's own `trainer.train_step` (draws, CFG drop, loss, backward, AdamW, EMA), timed by
 measure.py on latents of the model's input shape; FLOPs come from torch's FlopCounterMode on one forward+backward, and
@@ -15,18 +14,11 @@ MFU divides the achieved FLOP/s by the accelerator's dense bf16 peak (--peak-tfl
 import sys
 
 from common import ArgParser, RunError
-from measure import SCRIPTS, measure
+from tools.measure import SCRIPTS, measure
 
 
 def main(argv=None) -> int:
-    pre = ArgParser(prog="bench.py", add_help=False)
-    pre.add_argument("--suite", choices=["gpu"], default=None)
-    suite, rest = pre.parse_known_args(argv)
-    if suite.suite == "gpu":                                  # the suite has its own flags (--json, --rows, ...)
-        import gpu_suite
-        return gpu_suite.main(rest, prog="bench.py --suite gpu")
-    p = ArgParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(), add_help=False)
-    p.add_argument("--suite", choices=["gpu"], default=None, help="run a whole suite instead (gpu: see gpu_suite.py)")
+    p = ArgParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0].strip(), add_help=False)
     p.add_argument("--script", default="train_dit", choices=list(SCRIPTS), help="which model family")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
     p.add_argument("--iters", type=int, default=10, help="timed steps")
@@ -40,7 +32,7 @@ def main(argv=None) -> int:
     try:
         r = measure(args.script, rest, args.warmup, args.iters, args.peak_tflops)
     except RunError as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
+        print(f"python -m tools.bench: error: {e}", file=sys.stderr)
         return 2
     print(f"{r['model']} | {r['params'] / 1e6:.1f}M params | input {tuple(r['input'])} | batch {r['batch']} | "
           f"{r['device']}{' ' + r['gpu'] if r['gpu'] else ''} | {r['precision']}{' compiled' if r['compiled'] else ''}")

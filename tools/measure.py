@@ -1,12 +1,12 @@
 """
-One training step, measured: img/s, step time, peak memory, FLOPs per image and MFU. What `python bench.py` prints
+One training step, measured: img/s, step time, peak memory, FLOPs per image and MFU. What `python -m tools.bench` prints
 and the training rows of the GPU check (gpu_suite.py) tabulate; nothing to run here.
 
     r = measure("train_dit", ["--model", "DiT-XL/2", "--vae", "kl-f8", "--image-size", "256", "--batch-size", "32"])
 
 A step is the trainer's own `trainer.train_step` (draws, CFG drop, loss, backward, AdamW, EMA) on random latents of the
 model's input shape (the VAE encode is not included: with a latent cache it is not in the loop); the model is rebuilt
-through registry.FAMILIES, as evaluate.py does. FLOPs are counted by torch's FlopCounterMode on one forward+backward
+through the train script's FAMILY, as evaluate.py does. FLOPs are counted by torch's FlopCounterMode on one forward+backward
 (so they include attention), and MFU divides the achieved FLOP/s by the accelerator's dense bf16 peak.
 """
 import dataclasses
@@ -54,7 +54,14 @@ def mfu_pct(flops_per_img: float, img_per_s: float, peak: float | None):
     return achieved, (100.0 * achieved / peak if peak else None)
 
 
-SCRIPTS = {"train_dit": "dit", "train_ldm": "ldm"}   # --script -> registry kind
+SCRIPTS = ("train_dit", "train_ldm")                 # --script: the train script whose model and step are measured
+
+
+def family(script_name: str):
+    """The config.Family a train script trains (its FAMILY)."""
+    import train_dit
+    import train_ldm
+    return {"train_dit": train_dit.FAMILY, "train_ldm": train_ldm.FAMILY}[script_name]
 
 
 def synthetic_batch(cfg, device) -> tuple:
@@ -107,15 +114,14 @@ def time_steps(step, cuda: bool, warmup: int, iters: int) -> list:
 def measure(script_name: str, train_argv: list, warmup: int = 3, iters: int = 10, peak_override: float = 0.0) -> dict:
     """Time the training step of `script_name` configured by `train_argv` (its flags); raises RunError on bad flags."""
     from config import parse_config
-    from registry import FAMILIES
-    family = FAMILIES[SCRIPTS[script_name]]
-    cfg = family.resolve(parse_config(family.config, train_argv, family.presets))
+    fam = family(script_name)
+    cfg = fam.resolve(parse_config(fam.config, train_argv, fam.presets))
     if not cfg.num_classes:
         cfg = dataclasses.replace(cfg, num_classes=1000 if cfg.data != "builtin" else 10)
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda" if use_cuda else "cpu")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if use_cuda else "fp32")
-    step, fwd_bwd_eager, model, compiled = build_step(family, cfg, dev)
+    step, fwd_bwd_eager, model, compiled = build_step(fam, cfg, dev)
     flops_per_img = count_flops(fwd_bwd_eager)  # one image, forward + backward (= 3x forward)
     times = time_steps(step, use_cuda, warmup, iters)
     dt = statistics.median(times)

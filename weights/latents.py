@@ -301,6 +301,10 @@ class LatentDataset(torch.utils.data.Dataset):
     `labels` is a writable copy (data.apply_corruption corrupts it in place of the clean labels on disk).
     """
 
+    def encode(self, x, noise=None):
+        """A loaded batch of items -> the latents the model trains on (a KL posterior sample; VQ latents as they are)."""
+        return posterior_sample(x, noise=noise)
+
     def __init__(self, path):
         meta = read_meta(path)
         if not meta.get("complete"):
@@ -399,7 +403,7 @@ def bench_loader(path, batch_size=256, steps=50, num_workers=0, seed=0, warmup=3
 
 def _build_main(args) -> int:
     import data
-    import vae
+    from weights import vae
     for name in ("image_size", "batch_size", "builtin_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -468,11 +472,11 @@ def main(argv=None) -> int:
                 raise ValueError("--batch-size and --steps must be positive, --num-workers >= 0")
             rate = bench_loader(args.path, args.batch_size, args.steps, args.num_workers, args.seed)
         except (ValueError, OSError) as e:
-            print(f"latents.py: error: {one_line(e)}", file=sys.stderr)
+            print(f"python -m weights.latents: error: {one_line(e)}", file=sys.stderr)
             return 2
         print(f"{args.path}: {rate:,.0f} img/s (batch {args.batch_size}, {args.num_workers} workers)")
         return 0
-    p = ArgParser(prog="latents.py", description=__doc__.strip().split("\n\n")[0].split(": ", 1)[1])
+    p = ArgParser(prog="python -m weights.latents", description=__doc__.strip().split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--data", required=True, help="'builtin', an ImageNet-layout folder, or (--captions) captioned data")
     p.add_argument("--captions", action="store_true",
                    help="read --data as images with same-stem .txt captions (img2dataset layout); tables always are")
@@ -492,7 +496,7 @@ def main(argv=None) -> int:
         return _build_main(args)
     except (ValueError, OSError, ConnectionError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"latents.py: error: {one_line(e)}", file=sys.stderr)
+            print(f"python -m weights.latents: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

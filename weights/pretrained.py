@@ -11,7 +11,7 @@ Sources (facts, URLs and open questions: shared/notes/checkpoints.md):
 A source is a local file or folder, an http(s):// or file:// URL, a Hugging Face repo id (fetched with plain urllib
 into the cache; HF_TOKEN is sent for gated repos; "repo@revision" picks a revision) or a short name of RELEASES.
 
-    import pretrained
+    from weights import pretrained
     p = pretrained.load_pretrained("DiffusionNoise/dit-xl-2_imagenet_clean")
     eps = p["model"](x, t, y)                       # our DiT / LDM, eval mode
     images = p["vae"].decode(z)                     # [-1, 1]
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import common
-import vae as vae_lib
+from weights import vae as vae_lib
 
 # ---- known releases ----
 
@@ -209,7 +209,7 @@ def load_strict(model, sd, what):
 def dit_architecture(sd, num_heads=None) -> tuple:
     """(DiT constructor kwargs, registry name or None) read off an official-layout state dict. The head count is not
     in the shapes: it comes from dit.SIZES (depth, width) or from num_heads."""
-    from dit import SIZES
+    from models.dit import SIZES
     need = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight",
             "blocks.0.mlp.fc1.weight")
     if any(k not in sd for k in need):
@@ -234,7 +234,7 @@ def dit_architecture(sd, num_heads=None) -> tuple:
 
 def build_dit(sd, num_heads=None, what="DiT"):
     """Our DiT with these official-layout weights, loaded strictly (built on the meta device: no init cost)."""
-    from dit import DiT, DiT_models
+    from models.dit import DiT, DiT_models
     kwargs, name = dit_architecture(sd, num_heads)
     with torch.device("meta"):
         model = DiT_models[name](**{k: kwargs[k] for k in ("input_size", "in_channels", "num_classes", "learn_sigma")}) \
@@ -254,7 +254,7 @@ def dit_from_diffusers(sd, config) -> dict:
     """diffusers DiT weights -> official names: q/k/v concatenated into qkv, the per-block copies of the t/y embedders
     collapsed into one (they must be identical), the final layer from proj_out_1/2, and the fixed sin-cos pos_embed
     (a non-persistent buffer in diffusers) recomputed."""
-    from dit import sincos_pos_embed_2d
+    from models.dit import sincos_pos_embed_2d
     cls = config.get("_class_name", "DiTTransformer2DModel")
     if cls not in ("Transformer2DModel", "DiTTransformer2DModel") or config.get("norm_type") not in (None, "ada_norm_zero"):
         raise ValueError(f"not a diffusers DiT transformer: {cls} with norm_type {config.get('norm_type')}")
@@ -367,7 +367,7 @@ def unet_architecture(sd, num_heads=1) -> dict:
 def build_ldm(unet_sd, class_table, num_heads=1, what="LDM"):
     """unet.LDM with these CompVis-layout U-Net weights and class table (last row = the null class)."""
     from conditions import build_condition_encoder
-    from unet import LDM, UNetModel
+    from models.unet import LDM, UNetModel
     kwargs = unet_architecture(unet_sd, num_heads)
     if class_table.ndim != 2 or class_table.shape[1] != kwargs["context_dim"]:
         raise ValueError(f"{what}: class table {tuple(class_table.shape)} does not fit context dim {kwargs['context_dim']}")
@@ -456,7 +456,7 @@ def _dit_folder(path, name, numerics, num_heads):
     sd = dit_from_diffusers(read_weights(component_weights(path / "transformer")), conf)
     model, model_name, arch = build_dit(sd, num_heads or conf.get("num_attention_heads"), f"{name} transformer")
     if numerics != "dit":
-        from dit import set_numerics
+        from models.dit import set_numerics
         set_numerics(model, 1.0, conf.get("norm_eps", 1e-5))
     info = dict(format="diffusers-dit", name=model_name, numerics="dit" if numerics == "dit" else "diffusers",
                 latent_size=arch["input_size"], learn_sigma=arch["learn_sigma"], in_channels=arch["in_channels"])
@@ -587,6 +587,17 @@ def init_weights(source, cfg, kind, explicit=()):
     return cfg, sd, f"init from {source}: {what}; {settings}; optimizer and step start fresh"
 
 
+def init_from(cfg, kind, argv=None):
+    """--init-from SOURCE for a train script: (the config with SOURCE's architecture and numerics, init), where
+    init(model) -> note loads SOURCE's weights into the fresh model; (cfg, None) without the flag. Flags given on the
+    command line that contradict SOURCE are an error (init_weights)."""
+    if not cfg.init_from:
+        return cfg, None
+    from config import explicit_fields
+    cfg, sd, note = init_weights(cfg.init_from, cfg, kind, explicit_fields(argv))
+    return cfg, lambda model: note + "; " + load_init(model, sd)
+
+
 def load_init(model, sd) -> str:
     """Load init_weights' state dict into the freshly built model; a class table of another size (--num-classes
     differs from SOURCE's) keeps its fresh initialisation. Returns a note on the class table for the log."""
@@ -630,8 +641,8 @@ def _release_fields(source, kind, cfg):
     c, model = p["config"], p["model"]
     if c["kind"] != kind:
         raise ValueError(f"{source} is a {c['kind'].upper()} release: fine-tune it with {SCRIPTS[c['kind']]}.py")
-    import dit
-    import unet
+    from models import dit
+    from models import unet
     from config import LATENT_GEOMETRY
     fields = dict(cond="class", image_size=c["latent_size"] * LATENT_GEOMETRY[c["vae"]][1], vae=c["vae"],
                   learn_sigma=c["learn_sigma"], schedule=_schedule_name(p["betas"], source))
@@ -670,7 +681,7 @@ def _unet_name(model, source):
                 [m.heads for m in unet.modules() if hasattr(m, "heads")])
     unet = model.diffusion_model
     out = unet.out_channels
-    from unet import UNET_CONFIGS, build_unet
+    from models.unet import UNET_CONFIGS, build_unet
     for name in UNET_CONFIGS:
         with torch.device("meta"):
             ours = build_unet(name, in_channels=unet.in_channels, learn_sigma=out == 2 * unet.in_channels)
@@ -683,7 +694,7 @@ def _unet_name(model, source):
 
 
 def main(argv=None) -> int:
-    p = common.ArgParser(prog="pretrained.py",
+    p = common.ArgParser(prog="python -m weights.pretrained",
                          description="Load released weights into nanoCEP modules and print a summary.")
     p.add_argument("source", help="file, folder, URL, Hugging Face repo id or one of " + ", ".join(RELEASES))
     p.add_argument("--no-vae", action="store_true", help="skip the autoencoder")
@@ -691,7 +702,7 @@ def main(argv=None) -> int:
     try:
         out = load_pretrained(args.source, with_vae=not args.no_vae)
     except (ValueError, FileNotFoundError, ConnectionError) as e:
-        print(f"pretrained.py: error: {e}", file=sys.stderr)
+        print(f"python -m weights.pretrained: error: {e}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in out["model"].parameters())
     print(json.dumps({**{k: v for k, v in out["config"].items() if k != "scheduler"}, "parameters": n,

@@ -668,7 +668,7 @@ def _check_output_path(path, flag):
 
 def main(argv=None):
     """Command-line entry point; returns the exit code."""
-    p = ArgParser(prog="gmm_theory.py",
+    p = ArgParser(prog="python -m tools.gmm_theory",
                   description="Numerical check of the paper's Gaussian-mixture theory (paper form, exact "
                                     "optimum, trained linear denoiser).")
     p.add_argument("--json", help="write {'rows': [...], 'settings': [...], 'config': {...}} here")
@@ -699,7 +699,7 @@ def main(argv=None):
         result = sweep(DEFAULT_SETTINGS, trials, args.gammas, args.seed, args.mu_norm, draws, args.classes, args.T,
                        args.steps, args.gen_samples, trained=not args.no_trained)
     except ValueError as exc:
-        print(f"gmm_theory.py: error: {exc}", file=sys.stderr)
+        print(f"python -m tools.gmm_theory: error: {exc}", file=sys.stderr)
         return 2
     result["seconds"] = time.perf_counter() - start
     print(format_table(result))
@@ -711,7 +711,7 @@ def main(argv=None):
         if args.plot:
             save_plot(result, args.plot)
     except (OSError, ValueError) as exc:
-        print(f"gmm_theory.py: error: cannot write output: {exc}", file=sys.stderr)
+        print(f"python -m tools.gmm_theory: error: cannot write output: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -2,10 +2,10 @@
 gpu_suite.py: nanoCEP's one prepared GPU check. It runs the CUDA tests, times the training, sampling, encoding and
 loading paths at paper scale on one GPU, and prints one table (card, torch version, measured bf16 matmul peak, MFU).
 
-    python bench.py --suite gpu                                   # everything, < 8 min on one H100/H200
-    python bench.py --suite gpu --json gpu.json --log gpu.log     # also save the table (JSON) and every row's output
-    python bench.py --suite gpu --rows dit-b128,ldm-b64           # some rows only (e.g. those a first run ran out of)
-    python gpu_suite.py --help                                    # the same entry, without bench.py
+    python -m tools.gpu_suite                                   # everything, < 8 min on one H100/H200
+    python -m tools.gpu_suite --json gpu.json --log gpu.log     # also save the table (JSON) and every row's output
+    python -m tools.gpu_suite --rows dit-b128,ldm-b64           # some rows only (e.g. those a first run ran out of)
+    python -m tools.gpu_suite --help
 
 Rows (run in RUN_ORDER, shown in ROWS order). Each runs in its own subprocess under its own time budget, so a crash,
 an out-of-memory or a hang costs that row only: its cell shows the one-line error and the suite goes on; the whole
@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import torch
 
-import measure
+from tools import measure
 from common import ArgParser, atomic_open, one_line
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 DIT_XL = ["--model", "DiT-XL/2", "--learn-sigma", "--grad-clip", "0", "--vae", "kl-f8", "--image-size", "256", "--num-classes", "1000",
           "--precision", "bf16", "--compile", "--device", "cuda"]
 LDM4 = ["--model", "ldm4-cin256", "--vae", "vq-f4", "--image-size", "256", "--num-classes", "1000",
@@ -111,7 +111,7 @@ def row_train(script: str, argv: list):
 
 def row_sample(opts) -> dict:
     """DiT-XL/2 CFG sampling of one batch with a random-weight KL-f8 decoder (fp32 weights, as evaluate.py has them)."""
-    import vae
+    from weights import vae
     ae = vae.build_vae("kl-f8").to("cuda").eval().requires_grad_(False)
     return sample_throughput(DIT_XL, ae, torch.device("cuda"), SAMPLE_BATCH, SAMPLE_STEPS)
 
@@ -122,10 +122,10 @@ def sample_throughput(train_argv: list, ae, dev: torch.device, batch: int, steps
 
     import evaluate
     from config import parse_config
-    from registry import FAMILIES
-    cfg = parse_config(FAMILIES["dit"].config, train_argv)
+    dit = evaluate.families()["dit"]
+    cfg = parse_config(dit.config, train_argv)
     torch.manual_seed(0)
-    model, diffusion = FAMILIES["dit"].build(cfg)
+    model, diffusion = dit.build(cfg)
     model.to(dev).eval().requires_grad_(False)
     shape = cfg.latent_shape
     labels, seeds = np.arange(batch) % cfg.num_classes, list(range(batch))
@@ -161,7 +161,7 @@ def sample_flops(model, ae, shape, dev: torch.device, steps: int) -> float:
 
 def row_encode(opts) -> dict:
     """KL-f8 encode img/s at 256^2, bf16 weights (latents.py --precision bf16), batch = 32 images + mirrors."""
-    import vae
+    from weights import vae
     rate = vae.bench("kl-f8", 256, batch=ENCODE_BATCH, steps=10, device="cuda", dtype=torch.bfloat16, what="encode")
     return {"img_per_s": rate, "batch": ENCODE_BATCH,
             "minutes_imagenet_on_8": 2 * IMAGENET_TRAIN / (8 * rate) / 60}   # both flips of every image
@@ -172,8 +172,8 @@ def synthetic_cache(path: str, n: int) -> None:
     import numpy as np
 
     import data
-    import latents
-    import vae
+    from weights import latents
+    from weights import vae
     ds = data.build_dataset("builtin", 256, builtin_length=n)
     meta = latents.cache_meta(ds, vae.build_vae("kl-f8"), "float16")
     latents.prepare_cache(path, meta, ds)
@@ -195,7 +195,7 @@ def row_loader(opts) -> dict:
 
 def loader_throughput(items: int, batch: int, steps: int, workers: int) -> dict:
     """latents.bench_loader (StepSampler -> DataLoader -> posterior_sample) on a fresh synthetic cache of `items`."""
-    import latents
+    from weights import latents
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "cache")
         synthetic_cache(path, items)
@@ -300,7 +300,7 @@ def run_rows(names: list, opts, log=None, on_row=None) -> dict:
             why = f"{slow[0]} of the same model timed out" if slow else "the suite's --budget is spent"
             records[name] = {"error": f"skipped: {why}", "skipped": True, "seconds": 0.0}
         else:
-            cmd = [sys.executable, os.path.join(HERE, "gpu_suite.py"), "--row", name,
+            cmd = [sys.executable, "-m", "tools.gpu_suite", "--row", name,
                    "--iters", str(opts.iters), "--warmup", str(opts.warmup)]
             records[name] = spawn(cmd, min(ROWS[name].budget_s, left), log)
             records[name]["full_budget"] = ROWS[name].budget_s <= left
@@ -428,7 +428,7 @@ class SuiteError(Exception):
     """A bad flag: one line, exit 2."""
 
 
-def parse_args(argv, prog: str = "gpu_suite.py"):
+def parse_args(argv, prog: str = "python -m tools.gpu_suite"):
     """The suite's flags (validated), or SuiteError naming the bad one."""
     p = ArgParser(prog=prog, description="The GPU check of nanoCEP: CUDA tests, training / sampling / encode / "
                   "loader throughput and MFU, one table. Needs a CUDA GPU.")
@@ -464,7 +464,7 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=1)
 
 
-def main(argv=None, prog: str = "gpu_suite.py") -> int:
+def main(argv=None, prog: str = "python -m tools.gpu_suite") -> int:
     try:
         args = parse_args(argv, prog)
     except SuiteError as e:

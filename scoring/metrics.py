@@ -3,7 +3,7 @@ metrics.py: FID, Inception Score and precision/recall, and the one pass of image
 
 evaluate.py uses this file to measure samples; you can use it on its own:
 
-    import metrics
+    from scoring import metrics
     feats = metrics.Featurizer()(images_uint8_nhwc_or_folder_or_npz)     # {"feats": (N, 2048), "probs": (N, 1008)}
     mu, sigma = metrics.feature_statistics(feats["feats"])
     fid = metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)

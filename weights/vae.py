@@ -15,7 +15,7 @@ Precision: whatever the caller's autocast, the nearest-code search, the quantise
 log-variance, std) and the whole decode run in fp32 (the decoder in the weights' dtype); only the encoder body
 follows the caller's autocast, so on-the-fly encoding under bf16 training stays fast.
 
-    import vae
+    from weights import vae
     ae = vae.load_vae("kl-f8", "sd-vae-ft-ema.safetensors")   # or no path: download into ~/.cache/nanocep
     z = ae.encode(x)              # x (B,3,256,256) in [-1,1] -> (B,4,32,32) scaled latents (a posterior sample)
     mean, std = ae.encode_moments(x)
@@ -705,7 +705,7 @@ def _load_image(path, size):
 
 
 def main(argv=None):
-    p = common.ArgParser(prog="vae.py", description="nanoCEP autoencoders: benchmark or round-trip an image.")
+    p = common.ArgParser(prog="python -m weights.vae", description="nanoCEP autoencoders: benchmark or round-trip an image.")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="encode (or decode) img/s with random weights")
     b.add_argument("--kind", default="kl-f8", choices=list(PRESETS))
@@ -744,7 +744,7 @@ def main(argv=None):
             Image.fromarray(img).save(args.out)
             print(f"{args.kind}: PSNR {psnr:.2f} dB, saved {args.out}")
     except (ValueError, OSError) as e:
-        print(f"vae.py: error: {e}", file=sys.stderr)
+        print(f"python -m weights.vae: error: {e}", file=sys.stderr)
         return 2
     return 0
 

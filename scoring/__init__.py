@@ -1,0 +1,8 @@
+"""
+scoring/: how samples are scored. evaluate.py and sweep.py use it; the core never imports it (train_dit.py's main
+hands the trainer the judge's verdict on the final grid).
+
+    metrics.py   FID / IS / precision / recall from one feature pass (clean-fid's Inception or any torchscript extractor)
+    judge.py     the offline judge of the built-in data: a small CNN whose features and logits give FID, class accuracy,
+                 memorization and diversity                       python -m scoring.judge --help
+"""
