@@ -1,12 +1,11 @@
 """
-Datasets for nanoCEP: the built-in procedural dataset, ImageNet-style image folders, captioned images, static
+Datasets for nanoCEP: the built-in procedural dataset, the readers of sources/ (ImageNet-style image folders,
+captioned images) behind one build_dataset, static
 condition corruption (labels and captions, through corrupt.py), the step-indexed sampler that makes training
 resumable and identical on 1 or N processes, and the per-step views of a global batch's items that keep random
 corruption and --cep-subset identical on 1 or N processes too.
 
-    python data.py preview --out builtin.png          # a grid of the built-in dataset, one row per class
-    python data.py preview --data /path/to/imagenet/train --out folder.png
-    python data.py preview --data /path/to/cc3m --captions --out cc3m.png      # img2dataset folder (or a .tsv table)
+    python -m tools.preview preview --out builtin.png           # look at it: a grid, one row per class
 
 Every dataset here speaks one protocol, which is all the trainer relies on:
     len(ds)                  number of items
@@ -18,29 +17,11 @@ For text conditioning, TokenizedCaptions(ds, tokenizer, L) is a view whose items
 The horizontal flip is part of the key (chosen by StepSampler from the run's seed and the sample position), so the
 flip a sample gets is a function of (seed, step), never of a worker's random state: resume and DDP stay exact.
 """
-import math
-import os
-import re
-import sys
-
 import numpy as np
 import torch
-from PIL import Image
 
-from common import ArgParser
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
-
-
-def flip_key(key: int) -> tuple[int, bool]:
-    """Split a dataset key into (index, horizontal flip)."""
-    return key >> 1, bool(key & 1)
-
-
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, C) -> float32 (C, H, W) in [-1, 1] (a PIL-backed array may be read-only, so the first op copies)."""
-    return torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1).div_(127.5).sub_(1.0)
-
+from sources.captions import TABLE_EXTENSIONS, CaptionedImages
+from sources.folders import ImageFolderDataset, flip_key, to_tensor
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The built-in dataset: coloured shapes drawn procedurally, no files, no download
@@ -136,150 +117,6 @@ class _LazyCaptions:
         return self.ds._attributes(i % len(self))[1]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# ImageNet-layout folders: root/<class folder>/<image>, class index = sorted folder order
-
-def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
-    """ADM's center crop: halve with BOX while the short side >= 2*size, BICUBIC to short side = size, crop the centre."""
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
-
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images in class sub-folders (ImageNet layout), ADM center crop to `size`, flip chosen by the key."""
-
-    def __init__(self, root: str, size: int = 256):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"data folder not found: {root}")
-        classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-        files, labels = [], []
-        for label, name in enumerate(classes):
-            for dirpath, _, names in sorted(os.walk(os.path.join(root, name))):
-                for f in sorted(names):
-                    if f.lower().endswith(IMAGE_EXTENSIONS):
-                        files.append(os.path.join(dirpath, f))
-                        labels.append(label)
-        if not files:
-            raise ValueError(f"no images found in {root} (expected {root}/<class>/<image>.jpg|png|...)")
-        self.root, self.files, self.image_size, self.channels = root, files, size, 3
-        self.class_names, self.num_classes = classes, len(classes)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.captions = None
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, key: int):
-        index, flip = flip_key(int(key))
-        path = self.files[index]
-        try:
-            with Image.open(path) as im:
-                arr = center_crop_arr(im.convert("RGB"), self.image_size)
-        except Exception as e:  # PIL raises many types; the user needs the file name, not the type
-            raise ValueError(f"cannot read image {path}: {e}") from None
-        if flip:
-            arr = arr[:, ::-1]
-        return to_tensor(np.ascontiguousarray(arr)), int(self.labels[index])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Captioned images: img2dataset folders (<shard>/<key>.jpg + <key>.txt) and path<TAB>caption tables
-
-TABLE_EXTENSIONS = (".tsv", ".csv")
-
-
-def _clean_caption(text: str) -> str:
-    """One line of text: line breaks and runs of whitespace become single spaces."""
-    return " ".join(text.split())
-
-
-def read_caption_folder(root: str) -> tuple[list[str], list[str]]:
-    """Every image under root (any depth, sorted) and the caption in the .txt file of the same stem beside it."""
-    files, captions = [], []
-    for dirpath, dirnames, names in os.walk(root):
-        dirnames.sort()
-        for f in sorted(names):
-            if not f.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            image = os.path.join(dirpath, f)
-            txt = os.path.splitext(image)[0] + ".txt"
-            if not os.path.isfile(txt):
-                raise ValueError(f"no caption for {image} (expected {os.path.basename(txt)} beside it)")
-            try:
-                with open(txt, encoding="utf-8") as fh:
-                    caption = _clean_caption(fh.read())
-            except (OSError, UnicodeDecodeError) as e:
-                raise ValueError(f"cannot read caption {txt}: {e}") from None
-            if not caption:
-                raise ValueError(f"empty caption in {txt}")
-            files.append(image)
-            captions.append(caption)
-    return files, captions
-
-
-def read_caption_table(path: str) -> tuple[list[str], list[str]]:
-    """A .tsv (tab) or .csv (comma) table of `path, caption` rows; relative paths are relative to the table's folder.
-
-    A first row whose path does not end in an image extension is taken as a header and skipped; extra columns are
-    ignored. Every image must exist and every caption be non-empty.
-    """
-    import csv
-    delimiter = "\t" if path.lower().endswith(".tsv") else ","
-    base = os.path.dirname(os.path.abspath(path))
-    files, captions = [], []
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            for lineno, row in enumerate(csv.reader(fh, delimiter=delimiter), 1):
-                if not row or not any(c.strip() for c in row):
-                    continue
-                if lineno == 1 and not row[0].strip().lower().endswith(IMAGE_EXTENSIONS):
-                    continue                                            # header
-                if len(row) < 2:
-                    raise ValueError(f"{path} line {lineno}: expected 'path{'<TAB>' if delimiter == chr(9) else ','}"
-                                     f"caption', got {delimiter.join(row)[:80]!r}")
-                image = os.path.join(base, row[0].strip())
-                caption = _clean_caption(row[1])
-                if not os.path.isfile(image):
-                    raise ValueError(f"{path} line {lineno}: image not found: {image}")
-                if not caption:
-                    raise ValueError(f"{path} line {lineno}: empty caption for {row[0].strip()}")
-                files.append(image)
-                captions.append(caption)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"cannot read caption table {path}: {e}") from None
-    return files, captions
-
-
-class CaptionedImages(ImageFolderDataset):
-    """Images with one caption each, from a caption folder or a table; ADM center crop, flip chosen by the key.
-
-    There are no classes: labels are all 0 and num_classes is 0, so only --cond text can train on it. All captions are
-    read when the dataset is built (caption corruption and the error checks need them; ~1 min for 3M files).
-    """
-
-    def __init__(self, source: str, size: int = 256):
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"data not found: {source}")
-        if os.path.isdir(source):
-            files, captions = read_caption_folder(source)
-        elif source.lower().endswith(TABLE_EXTENSIONS):
-            files, captions = read_caption_table(source)
-        else:
-            raise ValueError(f"captioned data must be a folder or a .tsv/.csv table, got {source}")
-        if not files:
-            raise ValueError(f"no captioned images found in {source} (expected <image>.jpg|png + <image>.txt, "
-                             f"or 'path<TAB>caption' rows)")
-        self.root, self.files, self.captions = source, files, captions
-        self.image_size, self.channels = size, 3
-        self.class_names, self.num_classes = [], 0
-        self.labels = np.zeros(len(files), dtype=np.int64)
-
-
 def build_dataset(data: str, image_size: int, seed: int = 0, builtin_length: int = 100_000, captions: bool = False):
     """'builtin', a folder or a caption table -> a dataset following the protocol in this file's docstring.
 
@@ -329,7 +166,7 @@ def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: in
             raise ValueError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: caption})")
         table = corrupt.sample_rewrites(corrupt.load_rewrites(rewrites), ratio, len(captions), seed)
         new, idx = corrupt.rewrite_captions(captions, table)
-        if any(not _clean_caption(c) for c in new):
+        if any(not c.split() for c in new):           # blank after whitespace is collapsed
             raise ValueError(f"rewrites file {rewrites} holds an empty caption")
         recorded_ratio, recorded_seed = len(idx) / len(captions), (seed if ratio > 0 else None)
     else:
@@ -350,47 +187,6 @@ def corrupt_dataset(dataset, ratio: float, kind: str, seed: int = 0, classes: st
                                         manifest_path=manifest_path)
     class_ids = [int(c) for c in classes.split(",")] if classes else None
     return apply_corruption(dataset, ratio, kind, seed=seed, classes=class_ids, manifest_path=manifest_path)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Text conditions: a view of a captioned dataset whose items carry token ids instead of the label
-
-_MIRROR = re.compile(r"\b(left|right)\b")
-
-
-def mirror_caption(caption: str) -> str:
-    """Swap the words 'left' and 'right', so a caption still describes its horizontally flipped image."""
-    return _MIRROR.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
-
-
-class TokenizedCaptions(torch.utils.data.Dataset):
-    """ds[key] -> (image, token ids (L,) int64) of the caption of item key >> 1, tokenised on the fly (in the loader
-    workers; microseconds). Every other attribute (len, captions, image_size, channels, ...) is the wrapped dataset's.
-
-    With mirror=True a flipped item gets the mirrored caption (mirror_caption): the built-in captions say where the
-    shape is, and a flip would otherwise move it to the other side of its caption.
-    """
-
-    def __init__(self, dataset, tokenize, context_length: int, mirror: bool = False):
-        if getattr(dataset, "captions", None) is None:
-            raise ValueError("this dataset has no captions; text conditioning needs captioned data")
-        self.dataset, self.tokenize, self.context_length, self.mirror = dataset, tokenize, context_length, mirror
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getattr__(self, name):  # only called for attributes this view does not have
-        if name == "dataset":     # not set yet (e.g. while unpickling): avoid infinite recursion
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, key: int):
-        index, flip = flip_key(int(key))
-        x, _ = self.dataset[key]
-        caption = self.dataset.captions[index]
-        if flip and self.mirror:
-            caption = mirror_caption(caption)
-        return x, self.tokenize([caption], self.context_length)[0]     # (C, H, W), (L,)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -469,53 +265,3 @@ def cep_subset_mask(num_items: int, fraction: float, seed: int) -> torch.Tensor:
     return mask
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI: look at a dataset
-
-def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
-    """Images (N, C, H, W) in [-1, 1] -> one PNG grid (pixels upscaled to at least 64 px per image for viewing)."""
-    import torchvision.utils as vutils
-    scale = max(1, math.ceil(64 / images.shape[-1]))
-    images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    vutils.save_image(images.clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=2)
-
-
-def _preview(args) -> None:
-    ds = build_dataset(args.data, args.image_size, seed=args.seed, captions=args.captions)
-    per_class = args.per_class
-    rows = []
-    if ds.num_classes == 0:  # captioned images without classes: the first items, in rows of per_class
-        rows = [ds[2 * i][0] for i in range(min(len(ds), per_class * args.max_classes))]
-    for c in range(min(ds.num_classes, args.max_classes)):
-        idx = np.flatnonzero(ds.labels == c)[:per_class]
-        rows += [ds[2 * int(i)][0] for i in idx] + [torch.zeros(ds.channels, ds.image_size, ds.image_size)] * (per_class - len(idx))
-    save_grid(torch.stack(rows), args.out, nrow=per_class)
-    print(f"wrote {args.out}: {len(ds)} items, {ds.num_classes} classes ({', '.join(ds.class_names[:10])}"
-          f"{', ...' if ds.num_classes > 10 else ''})")
-    if ds.captions:
-        print("captions, e.g.:", *ds.captions[:3], sep="\n  ")
-
-
-def main(argv=None) -> int:
-    p = ArgParser(prog="data.py", description="Look at a nanoCEP dataset.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pv = sub.add_parser("preview", help="save a grid of samples, one row per class")
-    pv.add_argument("--data", default="builtin", help="'builtin', an ImageNet-layout folder, or captioned data")
-    pv.add_argument("--captions", action="store_true", help="read a folder as images with same-stem .txt captions")
-    pv.add_argument("--image-size", type=int, default=16)
-    pv.add_argument("--per-class", type=int, default=8)
-    pv.add_argument("--max-classes", type=int, default=16)
-    pv.add_argument("--seed", type=int, default=0)
-    pv.add_argument("--out", default="preview.png")
-    args = p.parse_args(argv)
-    try:
-        _preview(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"data.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from common import Dist, RunError, all_mean, atomic_save
 from config import arch_fields, experiment_fields
-from data import save_grid
 
 CHECKPOINT_VERSION = 1
 
@@ -234,6 +233,15 @@ class RunIO:
         for thing in (self.bar, self.file):
             if thing is not None:
                 thing.close()
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
+    """Images (N, C, H, W) in [-1, 1] -> one PNG grid (pixels upscaled to at least 64 px per image for viewing)."""
+    import torchvision.utils as vutils
+    scale = max(1, math.ceil(64 / images.shape[-1]))
+    images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    vutils.save_image(images.clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=2)
 
 
 class StopFlag:

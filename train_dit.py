@@ -18,11 +18,11 @@ from dataclasses import dataclass, replace
 import torch
 
 import diffusion as diff
-from conditions import get_tokenizer
 from common import RunError, setup_distributed
 from config import Family, TrainConfig, opt, parse_config, resolve_run_config
 from models import dit
 from scoring import judge
+from sources.tokenizer import get_tokenizer
 from trainer import exit_codes, load_data, train
 from weights import latents, pretrained, vae
 

@@ -45,6 +45,8 @@ import data as datalib
 from common import Dist, RunError, one_line
 from config import grid_cads
 from runio import Diverged, RunIO, StopFlag, check_run_folder
+from sources.captions import TokenizedCaptions
+from sources.tokenizer import get_tokenizer
 
 
 def exit_codes(script: str):
@@ -107,7 +109,7 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
         datalib.corrupt_dataset(dataset, cfg.corrupt, cfg.corrupt_type, seed=cfg.seed, classes=cfg.corrupt_classes,
                                 rewrites=cfg.corrupt_rewrites, manifest_path=os.path.join(cfg.out, "corruption.json"))
     if text:  # items become (x, token ids (L,)); a flipped item gets its caption's left/right mirrored
-        dataset = datalib.TokenizedCaptions(dataset, conditions.get_tokenizer(cfg.tokenizer), cfg.context_length,
+        dataset = TokenizedCaptions(dataset, get_tokenizer(cfg.tokenizer), cfg.context_length,
                                             mirror=True)
     ae = load_vae(cfg.vae, cfg.vae_path or None, device=device) if cfg.vae != "none" else None
     return TrainData(dataset, cfg.num_classes or dataset.num_classes, encode or (ae and ae.encode),

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg, special
 
-from common import atomic_open, download, file_sha256
+from common import atomic_open
+from weights.hub import download, file_sha256
 
 INCEPTION_PATH = "/tmp/inception-2015-12-05.pt"  # clean-fid's hard-coded download location ("./" on Windows)
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -335,7 +336,7 @@ def _image_preparer(resize, crop=None):
 
     def prepare(item):
         if crop is not None:
-            from data import center_crop_arr
+            from sources.folders import center_crop_arr
             with (Image.open(item) if isinstance(item, Path) else Image.fromarray(item)) as im:
                 img = np.array(center_crop_arr(im.convert("RGB"), crop))  # (crop, crop, 3) uint8
         else:

@@ -5,6 +5,8 @@ import torch
 from PIL import Image
 
 import data
+from sources.folders import ImageFolderDataset, center_crop_arr
+from tools import preview
 
 
 def test_builtin_is_deterministic_balanced_and_diverse():
@@ -39,7 +41,7 @@ def test_image_folder_classes_crop_and_flip(tmp_path):
         img[:] = colour
         img[:, :30] = 255                                                  # left half white
         Image.fromarray(img).save(tmp_path / name / "x.png")
-    ds = data.ImageFolderDataset(str(tmp_path), size=20)
+    ds = ImageFolderDataset(str(tmp_path), size=20)
     assert ds.class_names == ["a_cat", "b_dog"] and ds.labels.tolist() == [0, 1]
     x, y = ds[0]
     assert x.shape == (3, 20, 20) and y == 0
@@ -50,7 +52,7 @@ def test_image_folder_classes_crop_and_flip(tmp_path):
 
 def test_center_crop_arr_matches_adm_recipe():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8))
-    out = data.center_crop_arr(img, 64)
+    out = center_crop_arr(img, 64)
     # by hand: 300x500 -> BOX halve to 150x250 (short side 150 >= 128) -> 75x125 stops; BICUBIC to 64 x 107; crop
     ref = img.resize((250, 150), Image.BOX).resize((125, 75), Image.BOX).resize((107, 64), Image.BICUBIC)
     ref = np.asarray(ref)[:, (107 - 64) // 2:(107 - 64) // 2 + 64]
@@ -86,7 +88,7 @@ def test_apply_corruption_flips_and_writes_manifest(tmp_path):
 
 
 def test_preview_cli(tmp_path, capsys):
-    assert data.main(["preview", "--out", str(tmp_path / "p.png"), "--per-class", "2"]) == 0
+    assert preview.main(["preview", "--out", str(tmp_path / "p.png"), "--per-class", "2"]) == 0
     assert Image.open(tmp_path / "p.png").size[0] > 64
-    assert data.main(["preview", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "q.png")]) == 2
+    assert preview.main(["preview", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "q.png")]) == 2
     assert "not found" in capsys.readouterr().err

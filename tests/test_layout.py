@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 
-CORE_FOLDERS = ("models",)                            # the networks: part of the core
+CORE_FOLDERS = ("models", "sources")                 # the networks and the data readers: part of the core
 INSTRUMENTS = ("weights", "scoring", "tools")         # import the core; the core never imports them
 CORE = {"cep", "cads", "corrupt", "conditions", "diffusion", "config", "common", "data", "runio", "trainer"}
 ENTRY_POINTS = {"train_dit", "train_ldm", "evaluate", "sweep"}

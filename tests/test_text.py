@@ -16,7 +16,10 @@ import data
 import diffusion as diff
 from models import dit
 import train_dit
-from conditions import build_condition_encoder, encode_prompts, get_tokenizer
+from conditions import build_condition_encoder, encode_prompts
+from sources.captions import TokenizedCaptions, mirror_caption
+from sources import tokenizer
+from sources.tokenizer import get_tokenizer
 from conftest import expect_one_line_error, load_ckpt as ckpt
 from models.dit import DiT
 
@@ -73,7 +76,7 @@ def test_local_tiktoken_file_and_errors(tmp_path, monkeypatch):
     ranks.update({b"re": 256, b"red": 257})                # "red" = "re" + "d": two merges
     path = tmp_path / "tiny.tiktoken"
     path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks.items()))
-    assert hashlib.sha256(path.read_bytes()).hexdigest() != conditions.R50K_SHA256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() != tokenizer.R50K_SHA256
     tok = get_tokenizer(str(path))
     assert (tok.eot_id, tok.pad_id, tok.vocab_size) == (258, 259, 260)
     y = tok(["red disc"], 10)[0].tolist()
@@ -164,7 +167,7 @@ def test_text_dit_learns_to_use_its_captions():
     """After a short training, the loss with the true captions is clearly lower than with other items' captions."""
     torch.manual_seed(0)
     tok = get_tokenizer("bytes")
-    ds = data.TokenizedCaptions(data.BuiltinShapes(size=8, length=2000, seed=0), tok, 64, mirror=True)
+    ds = TokenizedCaptions(data.BuiltinShapes(size=8, length=2000, seed=0), tok, 64, mirror=True)
     model = tiny_text_dit()
     dif = diff.GaussianDiffusion(diff.make_beta_schedule("linear", 1000), learn_sigma=False, loss="mse")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -202,7 +205,7 @@ def test_caption_swap_counts_manifest_and_tokenised_items(tmp_path):
     assert m["kind"] == "swap" and m["num_corrupted"] == 10 and m["indices"] == changed
     assert corrupt.apply_manifest(clean, m) == ds.captions
     tok = get_tokenizer("bytes")
-    view = data.TokenizedCaptions(ds, tok, 77)
+    view = TokenizedCaptions(ds, tok, 77)
     x, ids = view[2 * changed[0]]
     assert x.shape == (3, 8, 8) and tok.decode(ids) == ds.captions[changed[0]] != clean[changed[0]]
     assert len(view) == 200 and view.image_size == 8                     # the rest of the protocol passes through
@@ -231,10 +234,10 @@ def test_flipped_item_gets_the_mirrored_caption():
     ds = data.BuiltinShapes(size=8, length=200, seed=0)
     i = next(i for i in range(200) if "left" in ds.captions[i])
     tok = get_tokenizer("bytes")
-    view = data.TokenizedCaptions(ds, tok, 77, mirror=True)
+    view = TokenizedCaptions(ds, tok, 77, mirror=True)
     assert tok.decode(view[2 * i][1]) == ds.captions[i]
     assert tok.decode(view[2 * i + 1][1]) == ds.captions[i].replace("left", "right")
-    assert data.mirror_caption("left of the right copyright") == "right of the left copyright"
+    assert mirror_caption("left of the right copyright") == "right of the left copyright"
 
 
 def _image(path, colour):

@@ -38,7 +38,8 @@ import time
 import numpy as np
 import torch
 
-from common import ArgParser, atomic_open, file_sha256, one_line, setup_distributed
+from common import ArgParser, atomic_open, one_line, setup_distributed
+from weights.hub import file_sha256
 
 FORMAT = "nanocep-latents"
 VERSION = 1

@@ -1,0 +1,142 @@
+"""
+Captioned images, for --cond text: img2dataset folders (<shard>/<key>.jpg + <key>.txt) and path<TAB>caption tables,
+and TokenizedCaptions, the view whose items carry a caption's token ids instead of the label.
+
+Nothing to run here; data.build_dataset picks the reader. `python -m tools.preview --data DIR --captions` shows one.
+"""
+import os
+import re
+
+import numpy as np
+import torch
+
+from sources.folders import IMAGE_EXTENSIONS, ImageFolderDataset, flip_key
+
+TABLE_EXTENSIONS = (".tsv", ".csv")
+
+
+def _clean_caption(text: str) -> str:
+    """One line of text: line breaks and runs of whitespace become single spaces."""
+    return " ".join(text.split())
+
+
+def read_caption_folder(root: str) -> tuple[list[str], list[str]]:
+    """Every image under root (any depth, sorted) and the caption in the .txt file of the same stem beside it."""
+    files, captions = [], []
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames.sort()
+        for f in sorted(names):
+            if not f.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            image = os.path.join(dirpath, f)
+            txt = os.path.splitext(image)[0] + ".txt"
+            if not os.path.isfile(txt):
+                raise ValueError(f"no caption for {image} (expected {os.path.basename(txt)} beside it)")
+            try:
+                with open(txt, encoding="utf-8") as fh:
+                    caption = _clean_caption(fh.read())
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read caption {txt}: {e}") from None
+            if not caption:
+                raise ValueError(f"empty caption in {txt}")
+            files.append(image)
+            captions.append(caption)
+    return files, captions
+
+
+def read_caption_table(path: str) -> tuple[list[str], list[str]]:
+    """A .tsv (tab) or .csv (comma) table of `path, caption` rows; relative paths are relative to the table's folder.
+
+    A first row whose path does not end in an image extension is taken as a header and skipped; extra columns are
+    ignored. Every image must exist and every caption be non-empty.
+    """
+    import csv
+    delimiter = "\t" if path.lower().endswith(".tsv") else ","
+    base = os.path.dirname(os.path.abspath(path))
+    files, captions = [], []
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            for lineno, row in enumerate(csv.reader(fh, delimiter=delimiter), 1):
+                if not row or not any(c.strip() for c in row):
+                    continue
+                if lineno == 1 and not row[0].strip().lower().endswith(IMAGE_EXTENSIONS):
+                    continue                                            # header
+                if len(row) < 2:
+                    raise ValueError(f"{path} line {lineno}: expected 'path{'<TAB>' if delimiter == chr(9) else ','}"
+                                     f"caption', got {delimiter.join(row)[:80]!r}")
+                image = os.path.join(base, row[0].strip())
+                caption = _clean_caption(row[1])
+                if not os.path.isfile(image):
+                    raise ValueError(f"{path} line {lineno}: image not found: {image}")
+                if not caption:
+                    raise ValueError(f"{path} line {lineno}: empty caption for {row[0].strip()}")
+                files.append(image)
+                captions.append(caption)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"cannot read caption table {path}: {e}") from None
+    return files, captions
+
+
+class CaptionedImages(ImageFolderDataset):
+    """Images with one caption each, from a caption folder or a table; ADM center crop, flip chosen by the key.
+
+    There are no classes: labels are all 0 and num_classes is 0, so only --cond text can train on it. All captions are
+    read when the dataset is built (caption corruption and the error checks need them; ~1 min for 3M files).
+    """
+
+    def __init__(self, source: str, size: int = 256):
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"data not found: {source}")
+        if os.path.isdir(source):
+            files, captions = read_caption_folder(source)
+        elif source.lower().endswith(TABLE_EXTENSIONS):
+            files, captions = read_caption_table(source)
+        else:
+            raise ValueError(f"captioned data must be a folder or a .tsv/.csv table, got {source}")
+        if not files:
+            raise ValueError(f"no captioned images found in {source} (expected <image>.jpg|png + <image>.txt, "
+                             f"or 'path<TAB>caption' rows)")
+        self.root, self.files, self.captions = source, files, captions
+        self.image_size, self.channels = size, 3
+        self.class_names, self.num_classes = [], 0
+        self.labels = np.zeros(len(files), dtype=np.int64)
+
+
+# ---- the token view ----
+
+_MIRROR = re.compile(r"\b(left|right)\b")
+
+
+def mirror_caption(caption: str) -> str:
+    """Swap the words 'left' and 'right', so a caption still describes its horizontally flipped image."""
+    return _MIRROR.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
+
+
+class TokenizedCaptions(torch.utils.data.Dataset):
+    """ds[key] -> (image, token ids (L,) int64) of the caption of item key >> 1, tokenised on the fly (in the loader
+    workers; microseconds). Every other attribute (len, captions, image_size, channels, ...) is the wrapped dataset's.
+
+    With mirror=True a flipped item gets the mirrored caption (mirror_caption): the built-in captions say where the
+    shape is, and a flip would otherwise move it to the other side of its caption.
+    """
+
+    def __init__(self, dataset, tokenize, context_length: int, mirror: bool = False):
+        if getattr(dataset, "captions", None) is None:
+            raise ValueError("this dataset has no captions; text conditioning needs captioned data")
+        self.dataset, self.tokenize, self.context_length, self.mirror = dataset, tokenize, context_length, mirror
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # only called for attributes this view does not have
+        if name == "dataset":     # not set yet (e.g. while unpickling): avoid infinite recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key: int):
+        index, flip = flip_key(int(key))
+        x, _ = self.dataset[key]
+        caption = self.dataset.captions[index]
+        if flip and self.mirror:
+            caption = mirror_caption(caption)
+        return x, self.tokenize([caption], self.context_length)[0]     # (C, H, W), (L,)

@@ -1,0 +1,71 @@
+"""
+Image folders, the ImageNet layout (root/<class folder>/<image>, class index = sorted folder order), and the item
+protocol every nanoCEP dataset speaks (data.py's docstring lists it): ds[key] with key = 2 * index + flip.
+
+Nothing to run here; data.build_dataset picks the reader. `python -m tools.preview --data DIR` shows a folder.
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+
+
+def flip_key(key: int) -> tuple[int, bool]:
+    """Split a dataset key into (index, horizontal flip)."""
+    return key >> 1, bool(key & 1)
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, C) -> float32 (C, H, W) in [-1, 1] (a PIL-backed array may be read-only, so the first op copies)."""
+    return torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1).div_(127.5).sub_(1.0)
+
+
+def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
+    """ADM's center crop: halve with BOX while the short side >= 2*size, BICUBIC to short side = size, crop the centre."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images in class sub-folders (ImageNet layout), ADM center crop to `size`, flip chosen by the key."""
+
+    def __init__(self, root: str, size: int = 256):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data folder not found: {root}")
+        classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            for dirpath, _, names in sorted(os.walk(os.path.join(root, name))):
+                for f in sorted(names):
+                    if f.lower().endswith(IMAGE_EXTENSIONS):
+                        files.append(os.path.join(dirpath, f))
+                        labels.append(label)
+        if not files:
+            raise ValueError(f"no images found in {root} (expected {root}/<class>/<image>.jpg|png|...)")
+        self.root, self.files, self.image_size, self.channels = root, files, size, 3
+        self.class_names, self.num_classes = classes, len(classes)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.captions = None
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, key: int):
+        index, flip = flip_key(int(key))
+        path = self.files[index]
+        try:
+            with Image.open(path) as im:
+                arr = center_crop_arr(im.convert("RGB"), self.image_size)
+        except Exception as e:  # PIL raises many types; the user needs the file name, not the type
+            raise ValueError(f"cannot read image {path}: {e}") from None
+        if flip:
+            arr = arr[:, ::-1]
+        return to_tensor(np.ascontiguousarray(arr)), int(self.labels[index])
