@@ -543,6 +543,28 @@ def test_ref_command_gives_training_preprocessing_and_a_label(data, tmp_path):
     assert out.read_bytes() == before
 
 
+def test_ref_reads_imagenet_val_flat_or_in_class_folders_alike(data, tmp_path):
+    """README's val command: ImageNet val as distributed (one flat folder of .JPEG files) and val sorted into class
+    folders give the same reference statistics (labels play no part in FID)."""
+    import shutil
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(
+            tmp_path / f"ILSVRC2012_val_{i:08d}.JPEG", format="JPEG")
+    (tmp_path / "flat").mkdir()
+    for i, f in enumerate(sorted(tmp_path.glob("*.JPEG"))):
+        shutil.copy(f, tmp_path / "flat" / f.name)
+        (tmp_path / "classes" / f"n{i % 2:08d}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, tmp_path / "classes" / f"n{i % 2:08d}" / f.name)
+    args = ["--image-size", "16", "--features", str(data["extractor"]), "--resize", "none", "--workers", "0"]
+    for layout in ("flat", "classes"):
+        assert ev.main(["ref", "--data", str(tmp_path / layout), *args, "--out", str(tmp_path / f"{layout}.npz")]) == 0
+    with np.load(tmp_path / "flat.npz") as a, np.load(tmp_path / "classes.npz") as b:
+        assert int(a["num_images"]) == 6
+        np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-6)
+        np.testing.assert_allclose(a["sigma"], b["sigma"], rtol=1e-5, atol=1e-9)
+
+
 def test_ref_builtin_with_a_seed_gives_held_out_images(data, tmp_path):
     import data as datasets
     args = ["--data", "builtin", "--image-size", "8", "--builtin-length", "12", "--features", str(data["extractor"]),
