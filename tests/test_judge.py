@@ -87,15 +87,21 @@ def test_build_is_deterministic_and_keyed_by_its_settings(tmp_path):
     assert judge.default_path(16) != judge.default_path(32)
 
 
+def write_judge_refs(small_judge, folder, num, length, flip):
+    """folder/ref.npz (`judge.py ref`, num fresh images) and folder/train.npz (`judge.py train-ref` of a built-in run
+    of `length` items, seed 3, written as folder/run/config.json)."""
+    assert judge.main(["ref", "--num", str(num), "--judge", str(small_judge), "--out", str(folder / "ref.npz")]) == 0
+    (folder / "run").mkdir()
+    (folder / "run" / "config.json").write_text(json.dumps({"data": "builtin", "image_size": 16,
+                                                            "builtin_length": length, "seed": 3, "flip": flip}))
+    assert judge.main(["train-ref", "--run", str(folder / "run"), "--judge", str(small_judge),
+                       "--out", str(folder / "train.npz")]) == 0
+
+
 def test_evaluate_metrics_cli_writes_the_judge_columns(small_judge, net, tmp_path):
     sample = features(net, 300, 84)
     metrics.save_npz(tmp_path / "samples.npz", feats=sample["feats"], probs=sample["probs"], labels=sample["labels"])
-    assert judge.main(["ref", "--num", "500", "--judge", str(small_judge), "--out", str(tmp_path / "ref.npz")]) == 0
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"data": "builtin", "image_size": 16,
-                                                              "builtin_length": 100, "seed": 3, "flip": True}))
-    assert judge.main(["train-ref", "--run", str(tmp_path / "run"), "--judge", str(small_judge),
-                       "--out", str(tmp_path / "train.npz")]) == 0
+    write_judge_refs(small_judge, tmp_path, num=500, length=100, flip=True)
     assert ev.main(["metrics", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"),
                     "--train-ref", str(tmp_path / "train.npz"), "--features", str(small_judge), "--resize", "none",
                     "--out", str(tmp_path / "eval")]) == 0
@@ -109,12 +115,7 @@ def test_evaluate_metrics_cli_writes_the_judge_columns(small_judge, net, tmp_pat
 def test_judge_references_are_labelled_and_another_extractor_is_refused(small_judge, net, tmp_path, capsys):
     """judge.py ref / train-ref label their files with the judge's pipeline (its file's hash) and the image size, so
     features of another extractor (a rebuilt judge, any --features) are refused in one line, not just warned about."""
-    assert judge.main(["ref", "--num", "20", "--judge", str(small_judge), "--out", str(tmp_path / "ref.npz")]) == 0
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"data": "builtin", "image_size": 16,
-                                                              "builtin_length": 20, "seed": 3, "flip": False}))
-    assert judge.main(["train-ref", "--run", str(tmp_path / "run"), "--judge", str(small_judge),
-                       "--out", str(tmp_path / "train.npz")]) == 0
+    write_judge_refs(small_judge, tmp_path, num=20, length=20, flip=False)
     label = metrics.pipeline_label(str(small_judge), "none")
     for name in ("ref.npz", "train.npz"):
         with np.load(tmp_path / name) as z:
