@@ -98,7 +98,8 @@ class TrainConfig:
     resume_override: str = opt("", "comma-separated experiment fields a resume may change (e.g. batch_size,seed); "
                                "without it a resume refuses any change of corruption, CEP, ablation, seed or batch flags")
     init_from: str = opt("", "fine-tune from SOURCE: a release pretrained.py loads or a nanoCEP checkpoint (its EMA "
-                         "weights, architecture and numerics; fresh optimizer and step); see README")
+                         "weights, architecture and numerics; the optimiser flags not given from its recipe: the "
+                         "matching preset's or the checkpoint's own; fresh optimizer state and step); see README")
     seed: int = opt(0, "global seed (data order, noise, corruption)", experiment=True)
     device: str = opt("auto", "auto | cpu | cuda")
     precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",

@@ -47,11 +47,12 @@ from PIL import Image
 
 from common import ArgParser, RunError, setup_distributed
 from conditions import read_prompts
+from config import LATENT_GEOMETRY
 from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines,  # noqa: F401
                      compute_metrics, count_items, feature_statistics, frechet_distance, image_size_of,
                      inception_score, load_reference, min_samples, pipeline_label, plot_fid_is, precision_recall,
                      read_results, reference_kind, reference_pipeline, save_npz, source_pipeline, write_reference,
-                     write_results, _file_hash, load_train_reference)
+                     write_results, _file_hash, load_train_reference, check_reference_size)
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
@@ -116,7 +117,7 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
             "dtype": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class"),
-            "class_dropout": cfg.class_dropout}
+            "class_dropout": cfg.class_dropout, "image_size": cfg.image_size}
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
@@ -185,6 +186,7 @@ def load_pretrained_sampler(source, device="cpu", sampler="dpm++", steps=50, pre
                                guide_channels=cfg["guide_channels"], timesteps=timesteps, cads=cads)
     info = {"num_classes": cfg["num_classes"], "kind": cfg["kind"], "model": cfg["name"], "format": cfg["format"],
             "vae": cfg["vae"], "dtype": "bf16" if use_bf16 else "fp32", "null_class": p["null_class"],
+            "image_size": cfg["latent_size"] * LATENT_GEOMETRY[cfg["vae"]][1],
             "guide_channels": cfg["guide_channels"] or shape[0], "timestep_spacing":
                 cfg["scheduler"].get("timestep_spacing", "linspace") if sampler == "dpm++" else "nanoCEP"}
     return sample_fn, info
@@ -321,15 +323,21 @@ def _check_common(args, samples=()):
         raise ValueError(f"--k and --is-splits must be >= 1, got {args.k} and {args.is_splits}")
     if args.features and not os.path.isfile(args.features):
         raise FileNotFoundError(f"feature extractor not found: {args.features}")
-    if args.train_ref and args.train_ref != "auto":
-        load_train_reference(args.train_ref)  # raises on a missing or wrong file
     # the label this run's features will carry; a reference made by another pipeline is refused before any work
     label = pipeline_label(args.features, "none" if args.pipeline == "legacy_tensorflow" else args.resize, args.pipeline)
+    if args.train_ref and args.train_ref != "auto":
+        train_label = load_train_reference(args.train_ref)["pipeline"]  # raises on a missing or wrong file
+        check_pipelines(label, train_label, "this run's features", f"training-set features {args.train_ref}")
+        if train_label is None:
+            print(f"warning: {args.train_ref} carries no pipeline label: cannot check it was made with this run's "
+                  "extractor (re-make it with `python -m scoring.judge train-ref`)", file=sys.stderr)
     if args.ref is not None:
         ref_label = reference_pipeline(args.ref)
         for source in samples or [None]:
             check_pipelines(label if source is None else source_pipeline(source, label),
                             ref_label, f"samples {source or '(this run)'}", f"reference {args.ref}")
+            if source is not None:                         # and one made at another image size
+                check_reference_size(args.ref, image_size_of(source), f"samples {source}")
         if reference_kind(args.ref) != "stats":
             n = count_items(args.ref)
             if n < max(2, args.k + 1):
@@ -510,6 +518,8 @@ def main_sample(argv):
     d = setup_distributed(args.device or "auto", timeout=4 * 3600)
     rank, world_size, device = d.rank, d.world, (str(d.device) if d.world > 1 else args.device or str(d.device))
     sample_fn, info = _sampler_from_args(args, device)
+    if args.ref is not None:                               # a reference made at another size, refused before sampling
+        check_reference_size(args.ref, info["image_size"], "samples")
     settings = {"checkpoint": str(args.ckpt or args.pretrained), "sampler": args.sampler, "steps": args.steps,
                 "ema": not args.no_ema and args.pretrained is None, **cads_settings(args),
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}

@@ -149,7 +149,8 @@ class RunIO:
             micro = cfg.micro_batch_size or local
             tqdm.write(f"{self.kind}: {n_params:,} parameters | {num_items:,} items | global batch "
                        f"{cfg.batch_size} = {d.world} x {local // micro} x {micro} | {d.device} {precision}"
-                       f"{' compiled' if compiled else ''} | steps {start_step} -> {cfg.steps} | out {cfg.out}")
+                       f"{' compiled' if compiled else ''} | lr {cfg.lr:g} wd {cfg.weight_decay:g} clip "
+                       f"{cfg.grad_clip:g} EMA {cfg.ema_decay:g} | steps {start_step} -> {cfg.steps} | out {cfg.out}")
             if init_note:
                 tqdm.write(f"{self.kind}: {init_note}")
                 self.log({"event": "init_from", "source": cfg.init_from, "note": init_note})

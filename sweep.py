@@ -13,8 +13,9 @@ a grid of guidance scales, and say with confidence intervals over seeds whether 
 How the experiment is built (read the code in this order):
  1. Cells. Every --grid KEY=V1,V2,... is an axis; the cells are their product (a preset may list cells instead, e.g.
     Table 1's CEP-U / CEP-G / IP rows beside the η axis). A key is a train flag (--KEY V) unless EVAL_KEYS maps it to
-    evaluate.py flags; a key in CLEAN is a *treatment* (corrupt, cep, ip, cads) with a clean value, any other key
-    (builtin_length, model, ...) is *context*. A cell's clean counterpart has the same context and clean treatments.
+    evaluate.py flags; a key in CLEAN is a *treatment* (corrupt, cep, ip, cads, and the ablations cep_gamma,
+    cep_subset, label_smoothing, cond_dropout) with a clean value, any other key (builtin_length, model, ...) is
+    *context*. A cell's clean counterpart has the same context and clean treatments.
  2. Runs. A cell x seed is one run: OUT/runs/<cell>/seed<S>/ is a normal nanoCEP run folder (config.json, log.jsonl,
     last.pt), trained by `train_dit.py ... --seed S --out RUN --resume auto`, then evaluated by
     `evaluate.py RUN/last.pt ... --out RUN/eval` (results.json: one row per guidance scale). The sampling seed is the
@@ -24,7 +25,8 @@ How the experiment is built (read the code in this order):
     a requested scale. OUT/sweep.json pins the protocol: rerunning with other flags into the same OUT is refused.
  4. Summary. results.csv: one row per run x guidance scale, every metric, every setting. summary.md: per cell the
     mean ± 95 % Student-t interval over seeds at the cell's best scale (best mean of --metric) and at --fixed-scale,
-    and the paired difference (same seed) to the clean cell with its interval. Plots: metric vs η with error bars
+    and the paired difference (same seed) to the clean cell with its interval; a best scale at the edge of the
+    guidance grid is marked, as the optimum may lie outside it. Plots: metric vs η with error bars
     (paper Fig. 2), FID vs IS and precision vs recall across guidance scales per cell (Fig. 3); table.md is Table 1.
 --dry-run prints every command (torchrun over --nproc local GPUs where the preset says so) for a cluster scheduler.
 """
@@ -59,7 +61,13 @@ EVAL_KEYS = {
     "cads_noise": lambda v: ["--cads-noise", str(v)],                     # or its noise scale as the axis
 }
 # The clean value of each treatment key: the cell with these values (and the same context) is the paired baseline.
-CLEAN = {"corrupt": "0", "cep": "none", "ip": "0", "cads": "off", "cads_noise": "0", "corrupt_mode": "static"}
+# The paper's ablations are treatments too (Tables 6 and 7), so `--grid cond_dropout=0,0.1` pairs 0.1 with 0: their
+# clean value is "the ablation off". cep_subset's is 1 (CEP on every item): beside cep=none in the cell that is the
+# clean run, and with --cep fixed in --train it is the paper's CEP, the baseline of the "Fixed CEP" ablation.
+CLEAN = {"corrupt": "0", "cep": "none", "ip": "0", "cads": "off", "cads_noise": "0", "corrupt_mode": "static",
+         "cep_gamma": "0", "cep_subset": "1", "label_smoothing": "0", "cond_dropout": "0"}
+# Hook: when the "fixed CEP" reading flag (--cep-fixed-delta, issue 20) lands in config.py, add its off value here,
+# e.g. CLEAN["cep_fixed_delta"] = <the flag's default>, so a grid over it pairs each cell with the per-step CEP.
 # Metrics the summary reports (those present in the results), and which direction is better.
 HIGHER_IS_BETTER = {"fid": False, "is_mean": True, "precision": True, "recall": True, "class_acc": True,
                     "memorized": False, "diversity": True}
@@ -484,13 +492,24 @@ def best_scale(per_seed: dict, metric: str):
     return pick(sorted(means), key=means.get)
 
 
+def scale_edge(per_seed: dict, scale):
+    """'lowest' / 'highest' when `scale` is at that end of the guidance scales every seed has (of two or more): the
+    best scale may then lie outside the grid; None inside it."""
+    scales = set.intersection(*(set(s) for s in per_seed.values())) if per_seed else set()
+    if scale is None or len(scales) < 2:
+        return None
+    return "lowest" if scale == min(scales) else "highest" if scale == max(scales) else None
+
+
 def summarize(rows: list, runs: list, metric: str, fixed_scale: float) -> dict:
-    """Per cell and metric: mean ± CI at the best and the fixed scale, and the paired difference to the clean cell."""
+    """Per cell and metric: mean ± CI at the best and the fixed scale, and the paired difference to the clean cell;
+    best_at_edge names the cells whose best scale is the grid's lowest or highest."""
     cells = {cell_name(r.cell): r.cell for r in runs}
     chooser = table_of(rows, metric)
     best = {c: best_scale(per_seed, metric) for c, per_seed in chooser.items()}
+    edge = {c: side for c, s in best.items() if (side := scale_edge(chooser[c], s))}
     fixed = round(float(fixed_scale), 6)
-    summary = {"best_scale": best, "fixed_scale": fixed, "metric": metric, "cells": {}}
+    summary = {"best_scale": best, "best_at_edge": edge, "fixed_scale": fixed, "metric": metric, "cells": {}}
     metrics = [m for m in HIGHER_IS_BETTER if any(r.get(m) is not None for r in rows)]
     for name, cell in cells.items():
         clean = cell_name(clean_counterpart(cell))
@@ -546,8 +565,15 @@ def write_summary(summary: dict, path: Path, header: str):
                 cols += [_pm(st["mean"], st["ci"]), "(clean)" if name == entry["clean"] else _pm(st.get("diff"),
                                                                                                  st.get("diff_ci"))]
             scale = entry["metrics"][metrics[0]][rule]["scale"] if metrics else None
-            lines.append(f"| {name} | {entry['n_seeds']} | {'–' if scale is None else f'{scale:g}'} | "
+            mark = " (edge)" if rule == "best" and name in summary.get("best_at_edge", {}) else ""
+            lines.append(f"| {name} | {entry['n_seeds']} | {'–' if scale is None else f'{scale:g}'}{mark} | "
                          + " | ".join(cols) + " |")
+    edge = summary.get("best_at_edge", {})
+    if edge:
+        lines.append("\n**Best scale at the edge of the grid:** " + "; ".join(
+            f"{name}: s = {summary['best_scale'][name]:g} is the {side} scale evaluated" for name, side in edge.items())
+            + ". The best scale may lie outside the grid: widen `--cfg-scales` before reading these rows as the "
+            "cell's best.")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -723,6 +749,8 @@ def check(cfg: SweepConfig):
         raise ValueError(f"--launcher {cfg.launcher!r}: expected python or torchrun")
     if cfg.jobs < 1 or cfg.nproc < 0:
         raise ValueError(f"--jobs must be >= 1 and --nproc >= 0, got {cfg.jobs} and {cfg.nproc}")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out} is a file, not a sweep folder; pick another --out")
     if cfg.metric not in HIGHER_IS_BETTER:
         raise ValueError(f"--metric {cfg.metric!r}: expected one of {', '.join(HIGHER_IS_BETTER)}")
     if cfg.reference and not (cfg.reference.startswith("builtin:") and cfg.reference[8:].isdigit()):

@@ -63,6 +63,10 @@ PRESETS = {
                         sample_steps=50, sample_per_class=4),
 }
 
+# --init-from a release takes this preset's optimiser (lr, weight decay, clip, EMA, batch), not the CPU default's;
+# a nanoCEP checkpoint keeps its own (weights/pretrained.py init_weights). Explicit flags win.
+FINE_TUNE = "dit-xl2-in1k"
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config -> model and diffusion; main
@@ -87,7 +91,7 @@ FAMILY = Family(DiTConfig, PRESETS, resolve, dit.from_config)   # how evaluate.p
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> DiT + diffusion -> train. Bad input: one line, exit 2."""
     cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
-    cfg, init = pretrained.init_from(cfg, "dit", argv)   # --init-from: SOURCE's architecture, numerics, weights
+    cfg, init = pretrained.init_from(cfg, "dit", argv, (FINE_TUNE, PRESETS[FINE_TUNE]))   # --init-from SOURCE
     cfg = resolve(cfg)
     d = setup_distributed(cfg.device)
     data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)

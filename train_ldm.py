@@ -52,7 +52,7 @@ PRESETS = {
     # nothing, evaluate.py samples it by default and `evaluate.py --no-ema` samples the raw weights as upstream does.
     # CFG dropout 0.1 follows DiT (CompVis has none).
     "ldm4-in1k": dict(model="ldm4-cin256", image_size=256, num_classes=1000, vae="vq-f4", steps=178_000,
-                      batch_size=512, lr=1e-4, weight_decay=0.01, ema_decay=0.9999, class_dropout=0.1,
+                      batch_size=512, lr=1e-4, weight_decay=0.01, grad_clip=0.0, ema_decay=0.9999, class_dropout=0.1,
                       learn_sigma=False, schedule="scaled_linear", log_every=100, ckpt_every=10_000,
                       keep_every=50_000, sample_every=10_000, sample_cfg=2.0, sample_steps=50, sample_per_class=4),
     # LDM-4 on CC3M 256^2 (Table 3): the same U-Net with a 768-wide context, 396K steps. The paper fine-tunes a
@@ -64,6 +64,10 @@ PRESETS = {
                       schedule="scaled_linear", log_every=100, ckpt_every=10_000, keep_every=50_000,
                       sample_every=10_000, sample_cfg=3.0, sample_steps=50, sample_per_class=4),
 }
+
+# --init-from a release takes this preset's optimiser (lr, weight decay, clip, EMA, batch), not the CPU default's;
+# a nanoCEP checkpoint keeps its own (weights/pretrained.py init_weights). Explicit flags win.
+FINE_TUNE = "ldm4-in1k"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -92,7 +96,7 @@ FAMILY = Family(LDMConfig, PRESETS, resolve, unet.from_config)   # how evaluate.
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> U-Net + diffusion -> train. Bad input: one line, exit 2."""
     cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
-    cfg, init = pretrained.init_from(cfg, "ldm", argv)   # --init-from: SOURCE's architecture, numerics, weights
+    cfg, init = pretrained.init_from(cfg, "ldm", argv, (FINE_TUNE, PRESETS[FINE_TUNE]))   # --init-from SOURCE
     cfg = resolve(cfg)
     d = setup_distributed(cfg.device)
     data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)

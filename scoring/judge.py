@@ -283,8 +283,15 @@ def judge_final_grid(cfg, images, labels, log, print_fn=print) -> None:
     log(grid_verdict(images, labels, cfg.sample_cfg, cfg.steps, print_fn))
 
 
+def feature_pipeline(image_size: int, path=None) -> str:
+    """The feature-pipeline label of this judge file, as evaluate.py --features FILE --resize none gives its features:
+    it names the file by content, so a rebuilt or another judge is a different pipeline."""
+    return metrics.pipeline_label(str(path or judge_path(image_size)), resize="none")
+
+
 def reference(image_size: int, num: int, seed: int = REF_SEED, path=None) -> dict:
-    """Features of `num` fresh real images (half of them flipped): {"feats", "probs", "labels"}, evaluate.py's --ref."""
+    """Features of `num` fresh real images (half of them flipped): {"feats", "probs", "labels"}, evaluate.py's --ref,
+    with the judge's "pipeline" label and the "image_size"."""
     flips = np.arange(num) // 10 % 2 == 1           # balanced over classes
     imgs, labels = render_images(image_size, num, seed, flips)
     net = load(path, image_size)
@@ -294,13 +301,15 @@ def reference(image_size: int, num: int, seed: int = REF_SEED, path=None) -> dic
             f, logits = net(torch.from_numpy(np.ascontiguousarray(imgs[i:i + 500])).permute(0, 3, 1, 2).float())
             feats.append(f.numpy())
             probs.append(torch.softmax(logits.double(), 1).float().numpy())
-    return {"feats": np.concatenate(feats), "probs": np.concatenate(probs), "labels": labels}
+    return {"feats": np.concatenate(feats), "probs": np.concatenate(probs), "labels": labels,
+            "pipeline": feature_pipeline(image_size, path), "image_size": image_size}
 
 
 def train_reference(image_size: int, length: int, seed: int, flip: bool = True, path=None,
                     num_calib: int = 2000) -> dict:
     """Features of a run's training set (items 0..length-1 of seed, both flips if it trained with flips) and its
-    memorization threshold: the MEM_QUANTILE quantile of fresh real images' nearest-training-item distances."""
+    memorization threshold: the MEM_QUANTILE quantile of fresh real images' nearest-training-item distances; labelled
+    with the judge's pipeline and the image size, as a reference."""
     net = load(path, image_size)
     imgs, labels = render_images(image_size, length, seed)
     feats = [judge_images(net, imgs)[0]]
@@ -311,7 +320,8 @@ def train_reference(image_size: int, length: int, seed: int, flip: bool = True, 
     fresh_nn = metrics.nearest_distances(judge_images(net, fresh)[0], feats)
     return {"feats": feats, "labels": np.concatenate([labels] * (2 if flip else 1)),
             "mem_threshold": np.float64(np.quantile(fresh_nn, MEM_QUANTILE)), "mem_quantile": np.float64(MEM_QUANTILE),
-            "fresh_nn_median": np.float64(np.median(fresh_nn))}
+            "fresh_nn_median": np.float64(np.median(fresh_nn)), "pipeline": np.array(feature_pipeline(image_size, path)),
+            "image_size": np.array(image_size)}
 
 
 def run_training_set(run_dir_or_config) -> dict:
@@ -347,7 +357,8 @@ def main(argv=None) -> int:
         if name == "ref":
             s.add_argument("--num", type=int, default=5000, help="fresh real images")
             s.add_argument("--seed", type=int, default=REF_SEED, help="their seed (never a training run's seed)")
-            s.add_argument("--out", default="ref.npz", help="features .npz (feats, probs, labels) for evaluate.py --ref")
+            s.add_argument("--out", default="ref.npz", help="features .npz (feats, probs, labels, labelled with the "
+                           "judge's pipeline and the image size) for evaluate.py --ref")
         if name == "train-ref":
             s.add_argument("--run", required=True, help="a run folder (its config.json) or a config.json file")
             s.add_argument("--out", default="train.npz", help="features .npz for evaluate.py --train-ref")
@@ -368,7 +379,9 @@ def main(argv=None) -> int:
         elif args.command == "ref":
             if args.num < 10:
                 raise ValueError(f"--num must be >= 10, got {args.num}")
-            metrics.save_npz(args.out, **reference(args.image_size, args.num, args.seed, args.judge))
+            ref = reference(args.image_size, args.num, args.seed, args.judge)
+            metrics.write_reference(args.out, ref["feats"], ref["probs"], ref["pipeline"], ref["image_size"],
+                                    labels=ref["labels"], data="builtin", seed=args.seed, num_images=args.num)
             print(f"wrote {args.out}", file=sys.stderr)
         else:
             tr = train_reference(**run_training_set(args.run), path=args.judge)

@@ -21,7 +21,8 @@ Feature pipelines and their labels (stored with every features/statistics .npz w
                                   TF did (clean-fid: matches TTUR); the ADM evaluator's pipeline, so ADM reference
                                   batches (VIRTUAL_imagenet256_labeled.npz) count as this one
     torchscript:<sha256[:12]>/<resize>   a custom extractor file, with the resize applied outside it
-Statistics of one pipeline are never compared with features of another (check_pipelines). Reference images (a folder
+Statistics of one pipeline are never compared with features of another (check_pipelines), nor a reference labelled
+with another image size than the samples' (check_reference_size; unlabelled: a warning). Reference images (a folder
 or an arr_0) get data.py's ADM centre crop to the samples' resolution first, as the training images did.
 """
 
@@ -552,6 +553,33 @@ def reference_pipeline(ref):
     return None
 
 
+def reference_image_size(ref):
+    """The resolution a --ref was made at: its image_size label, else an ADM reference batch's arr_0 side; None when
+    it does not matter (a folder or bare arr_0 is centre-cropped to the samples' resolution) or cannot be known
+    (unlabelled statistics or features)."""
+    kind = reference_kind(ref)
+    if kind in ("folder", "images"):
+        return None
+    if "image_size" in npz_keys(ref):
+        with np.load(ref) as z:
+            return int(z["image_size"])
+    return int(npz_array_info(ref, "arr_0")[0][1]) if kind == "stats+images" else None
+
+
+def check_reference_size(ref, image_size, where="samples"):
+    """Refuse (ValueError, one line naming both) a --ref made at another image size than the samples; an unlabelled
+    reference (made before references were labelled) is used with a warning, as its size cannot be known."""
+    if image_size is None or reference_kind(ref) in ("folder", "images"):
+        return
+    theirs = reference_image_size(ref)
+    if theirs is None:
+        print(f"warning: reference {ref} carries no image_size label: cannot check it was made at the {where}' "
+              f"{image_size}px (re-make it with `evaluate.py ref` to have it checked)", file=sys.stderr)
+    elif theirs != image_size:
+        raise ValueError(f"image sizes differ: {where} {image_size}px, reference {ref} {theirs}px; make the reference "
+                         f"at the samples' resolution (evaluate.py ref --image-size {image_size})")
+
+
 def source_pipeline(source, run_pipeline):
     """The pipeline label features of a samples source will carry: a features .npz's own, else this run's."""
     path = Path(source)
@@ -566,6 +594,7 @@ def load_reference(ref, featurizer, image_size=None):
     Reference images (a folder, an arr_0) get the ADM centre crop to image_size (the samples' resolution) before the
     feature pipeline, as training images do; a folder without image_size is refused (see `evaluate.py ref`)."""
     kind = reference_kind(ref)
+    check_reference_size(ref, image_size)
     if kind == "folder" and image_size is None:
         raise ValueError(f"reference folder {ref}: its images must be centre-cropped to the samples' resolution; "
                          "prepare it with `evaluate.py ref --data DIR --image-size N --out REF.npz`")
@@ -585,16 +614,18 @@ def load_reference(ref, featurizer, image_size=None):
             "probs": out["probs"], "labels": out.get("labels")}
 
 
-def write_reference(path, feats, probs, pipeline, **meta):
-    """A reference .npz: features, their statistics, the pipeline label and how the images were made (meta)."""
+def write_reference(path, feats, probs, pipeline, image_size, **meta):
+    """A reference .npz: features, their statistics, the labels every reference carries (the feature pipeline, which
+    names the extractor, and the image size the images were made at) and how they were made (meta)."""
     mu, sigma = feature_statistics(feats)
     save_npz(path, feats=feats, probs=probs, mu=mu, sigma=sigma, pipeline=np.array(pipeline),
-             **{k: np.array(v) for k, v in meta.items() if v is not None})
+             image_size=np.array(int(image_size)), **{k: np.array(v) for k, v in meta.items() if v is not None})
     return path
 
 
 def load_train_reference(path):
-    """A run's training-set features and memorization threshold {"feats", "threshold"} (judge.py train-ref)."""
+    """A run's training-set features and memorization threshold {"feats", "threshold", "pipeline"} (judge.py
+    train-ref; pipeline None in files written before they were labelled)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"training-set features not found: {path}")
     keys = npz_keys(path)
@@ -602,7 +633,8 @@ def load_train_reference(path):
         raise ValueError(f"{path} is not a training-set features .npz (needs feats and mem_threshold; "
                          "write one with `python judge.py train-ref`)")
     with np.load(path) as z:
-        return {"feats": z["feats"], "threshold": float(z["mem_threshold"])}
+        return {"feats": z["feats"], "threshold": float(z["mem_threshold"]),
+                "pipeline": str(z["pipeline"]) if "pipeline" in z.files else None}
 
 
 # ---- evaluation ----
@@ -630,6 +662,7 @@ def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu", train_ref
     if judged:  # the extractor classifies into the classes the samples were conditioned on
         row["class_acc"] = float((probs.argmax(1) == labels).mean())
     if train_ref is not None:
+        check_pipelines(sample.get("pipeline"), train_ref.get("pipeline"), ref_name="training-set features")
         row["memorized"] = memorization_ratio(feats, train_ref["feats"], train_ref["threshold"])
     if ref is not None:
         check_pipelines(sample.get("pipeline"), ref.get("pipeline"))

@@ -409,7 +409,7 @@ def test_sharded_sampling_equals_single_process(data, tmp_path):
     assert json.loads((tmp_path / "two" / "results.json").read_text())["rows"][1]["world_size"] == 2
 
 
-def test_checkpoint_end_to_end_offline(data, tmp_path):
+def test_checkpoint_end_to_end_offline(data, tmp_path, capsys):
     """A tiny DiT trained by train_dit.py evaluates into results.json and a plot, with the tiny extractor, offline."""
     import train_dit
     run = tmp_path / "run"
@@ -433,6 +433,16 @@ def test_checkpoint_end_to_end_offline(data, tmp_path):
     np.testing.assert_array_equal(again, images[5:7])
     assert ev.main(["plot", str(out / "results.json"), "-o", str(tmp_path / "fig.png")]) == 0
     assert (tmp_path / "fig.png").stat().st_size > 0
+    # a reference made at 8px is refused for these 16px samples before any sampling, in one line naming both
+    flags = ["--features", str(data["extractor"]), "--resize", "none"]
+    assert ev.main(["ref", "--data", "builtin", "--image-size", "8", "--builtin-length", "12", *flags,
+                    "--out", str(tmp_path / "ref8.npz")]) == 0
+    capsys.readouterr()
+    assert ev.main([str(run / "last.pt"), "--num-samples", "12", "--steps", "1", *flags, "--ref",
+                    str(tmp_path / "ref8.npz"), "--out", str(tmp_path / "eval8"), "--is-splits", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "image sizes differ: samples 16px, reference" in err and "8px" in err
+    assert not (tmp_path / "eval8").exists()
 
 
 def test_ldm_checkpoint_samples_like_a_dit_one(tmp_path):
@@ -533,6 +543,28 @@ def test_ref_command_gives_training_preprocessing_and_a_label(data, tmp_path):
     assert out.read_bytes() == before
 
 
+def test_ref_reads_imagenet_val_flat_or_in_class_folders_alike(data, tmp_path):
+    """README's val command: ImageNet val as distributed (one flat folder of .JPEG files) and val sorted into class
+    folders give the same reference statistics (labels play no part in FID)."""
+    import shutil
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(
+            tmp_path / f"ILSVRC2012_val_{i:08d}.JPEG", format="JPEG")
+    (tmp_path / "flat").mkdir()
+    for i, f in enumerate(sorted(tmp_path.glob("*.JPEG"))):
+        shutil.copy(f, tmp_path / "flat" / f.name)
+        (tmp_path / "classes" / f"n{i % 2:08d}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, tmp_path / "classes" / f"n{i % 2:08d}" / f.name)
+    args = ["--image-size", "16", "--features", str(data["extractor"]), "--resize", "none", "--workers", "0"]
+    for layout in ("flat", "classes"):
+        assert ev.main(["ref", "--data", str(tmp_path / layout), *args, "--out", str(tmp_path / f"{layout}.npz")]) == 0
+    with np.load(tmp_path / "flat.npz") as a, np.load(tmp_path / "classes.npz") as b:
+        assert int(a["num_images"]) == 6
+        np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-6)
+        np.testing.assert_allclose(a["sigma"], b["sigma"], rtol=1e-5, atol=1e-9)
+
+
 def test_ref_builtin_with_a_seed_gives_held_out_images(data, tmp_path):
     import data as datasets
     args = ["--data", "builtin", "--image-size", "8", "--builtin-length", "12", "--features", str(data["extractor"]),
@@ -577,6 +609,37 @@ def test_mixed_feature_pipelines_are_refused(data, tmp_path, capsys):
             assert "feature pipelines differ" in err and message in err
             assert ("clean-fid/legacy_tensorflow" in err) and ("clean-fid/clean" in err or "torchscript:" in err)
     assert not (tmp_path / "never" / "results.json").exists()
+
+
+def test_references_made_at_another_image_size_are_refused(data, tmp_path, capsys):
+    """Every reference written is labelled with its image size; a labelled one (or an ADM batch, by its arr_0) made at
+    another size than the samples is refused in one line (exit 2); an unlabelled one is used with a warning."""
+    flags = ["--features", str(data["extractor"]), "--resize", "none", "--is-splits", "2"]
+    for size in (16, 8):
+        assert ev.main(["ref", "--data", str(data["ref"]), "--image-size", str(size), *flags[:4],
+                        "--out", str(tmp_path / f"ref{size}.npz")]) == 0
+        with np.load(tmp_path / f"ref{size}.npz") as z:
+            assert int(z["image_size"]) == size and str(z["pipeline"]).startswith("torchscript:")
+    featurizer = metrics.Featurizer(data["extractor"], resize="none")
+    ref_images = np.stack([np.array(Image.open(p)) for p in metrics.list_images(data["ref"])])   # 16px
+    mu, sigma = metrics.feature_statistics(featurizer(ref_images)["feats"])
+    label = np.array(featurizer.pipeline)
+    metrics.save_npz(tmp_path / "adm8.npz", mu=mu, sigma=sigma, arr_0=ref_images[:, :8, :8], pipeline=label)
+    metrics.save_npz(tmp_path / "unlabelled.npz", mu=mu, sigma=sigma, pipeline=label)
+    for ref, code in (("ref16.npz", 0), ("ref8.npz", 2), ("adm8.npz", 2), ("unlabelled.npz", 0)):
+        capsys.readouterr()
+        out = tmp_path / f"m-{ref}"
+        got = ev.main(["metrics", "--samples", str(data["samples"]), "--ref", str(tmp_path / ref), *flags,
+                       "--out", str(out)])
+        err = capsys.readouterr().err
+        assert got == code, err
+        if code == 2:
+            line = err.strip()
+            assert len(line.splitlines()) == 1 and "image sizes differ: samples" in line
+            assert "16px" in line and f"{tmp_path / ref} 8px" in line and not out.exists()
+        assert ("no image_size label" in err) == (ref == "unlabelled.npz")
+    with pytest.raises(ValueError, match="image sizes differ: samples 16px"):
+        metrics.load_reference(tmp_path / "ref8.npz", featurizer, image_size=16)
 
 
 class FakeInceptionTF(FakeInception):

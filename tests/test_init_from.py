@@ -62,7 +62,12 @@ def test_release_fine_tunes_two_steps_and_resumes(dit_t2_release, tmp_path, caps
     assert train_dit.main(args + ["--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "init from" in out and "class table re-initialised: SOURCE has 1001 rows, this run 11" in out
+    # the release's recipe (dit-xl2-in1k's optimiser), not the CPU default's lr 4e-3 / clip 1 / EMA 0.995, on the
+    # start line; the batch size given explicitly wins
+    assert "global batch 4 " in out and "| lr 0.0001 wd 0 clip 0 EMA 0.9999 |" in out
     ckpt = load_checkpoint(str(run / "last.pt"))
+    assert {k: ckpt["config"][k] for k in pretrained.OPTIMISER_FIELDS} == dict(
+        lr=1e-4, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, batch_size=4)
     assert ckpt["step"] == 2 and ckpt["config"]["model"] == "DiT-T/2" and ckpt["config"]["image_size"] == 32
     assert ckpt["config"]["init_from"] == str(dit_t2_release)
     assert all(s["step"] == 2 for s in ckpt["opt"]["state"].values())                # a fresh optimizer
@@ -74,14 +79,25 @@ def test_release_fine_tunes_two_steps_and_resumes(dit_t2_release, tmp_path, caps
     assert events.count("init_from") == 1 and events[0] == "init_from"            # logged once, not on resume
 
 
+def test_release_recipe_fills_what_the_flags_leave(dit_t2_release):
+    recipe = (train_dit.FINE_TUNE, train_dit.PRESETS[train_dit.FINE_TUNE])
+    cfg, _, note = pretrained.init_weights(str(dit_t2_release), train_dit.DiTConfig(lr=3e-4), "dit", {"lr"}, recipe)
+    assert (cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.ema_decay, cfg.batch_size) == (3e-4, 0.0, 0.0, 0.9999, 256)
+    assert "optimiser the dit-xl2-in1k preset's (flags given: lr): lr=0.0003, weight_decay=0, grad_clip=0" in note
+
+
 def test_nanocep_checkpoint_first_loss_is_its_ema_models_loss(tmp_path):
     import data
     from trainer import step_draws
     base = ["--image-size", "8", "--batch-size", "4", "--sample-every", "0", "--builtin-length", "16", "--log-every",
             "1", "--ema-decay", "0.5"]
-    assert train_dit.main(base + ["--steps", "3", "--out", str(tmp_path / "a")]) == 0
+    assert train_dit.main(base + ["--steps", "3", "--out", str(tmp_path / "a"), "--lr", "2e-3", "--grad-clip", "0.5",
+                                  "--weight-decay", "0.01"]) == 0
     assert train_dit.main(base + ["--steps", "1", "--seed", "7", "--init-from", str(tmp_path / "a" / "last.pt"),
                                   "--out", str(tmp_path / "b")]) == 0
+    # a checkpoint source keeps its own optimiser fields (not the CPU default's lr 4e-3, clip 1, wd 0)
+    b = load_checkpoint(str(tmp_path / "b" / "last.pt"))["config"]
+    assert (b["lr"], b["grad_clip"], b["weight_decay"], b["ema_decay"]) == (2e-3, 0.5, 0.01, 0.5)
     logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     first = next(r["loss"] for r in logged if "loss" in r)
 

@@ -2,6 +2,7 @@
 and diversity on real built-in images (a small judge built once, ~10 s); determinism; the CLIs end to end; bad input."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -86,15 +87,21 @@ def test_build_is_deterministic_and_keyed_by_its_settings(tmp_path):
     assert judge.default_path(16) != judge.default_path(32)
 
 
+def write_judge_refs(small_judge, folder, num, length, flip):
+    """folder/ref.npz (`judge.py ref`, num fresh images) and folder/train.npz (`judge.py train-ref` of a built-in run
+    of `length` items, seed 3, written as folder/run/config.json)."""
+    assert judge.main(["ref", "--num", str(num), "--judge", str(small_judge), "--out", str(folder / "ref.npz")]) == 0
+    (folder / "run").mkdir()
+    (folder / "run" / "config.json").write_text(json.dumps({"data": "builtin", "image_size": 16,
+                                                            "builtin_length": length, "seed": 3, "flip": flip}))
+    assert judge.main(["train-ref", "--run", str(folder / "run"), "--judge", str(small_judge),
+                       "--out", str(folder / "train.npz")]) == 0
+
+
 def test_evaluate_metrics_cli_writes_the_judge_columns(small_judge, net, tmp_path):
     sample = features(net, 300, 84)
     metrics.save_npz(tmp_path / "samples.npz", feats=sample["feats"], probs=sample["probs"], labels=sample["labels"])
-    assert judge.main(["ref", "--num", "500", "--judge", str(small_judge), "--out", str(tmp_path / "ref.npz")]) == 0
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"data": "builtin", "image_size": 16,
-                                                              "builtin_length": 100, "seed": 3, "flip": True}))
-    assert judge.main(["train-ref", "--run", str(tmp_path / "run"), "--judge", str(small_judge),
-                       "--out", str(tmp_path / "train.npz")]) == 0
+    write_judge_refs(small_judge, tmp_path, num=500, length=100, flip=True)
     assert ev.main(["metrics", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"),
                     "--train-ref", str(tmp_path / "train.npz"), "--features", str(small_judge), "--resize", "none",
                     "--out", str(tmp_path / "eval")]) == 0
@@ -103,6 +110,30 @@ def test_evaluate_metrics_cli_writes_the_judge_columns(small_judge, net, tmp_pat
     assert row["fid"] >= 0 and row["precision"] > 0.5
     header = (tmp_path / "eval" / "results.csv").read_text().splitlines()[0].split(",")
     assert {"fid", "precision", "recall", "class_acc", "memorized", "diversity"} <= set(header)
+
+
+def test_judge_references_are_labelled_and_another_extractor_is_refused(small_judge, net, tmp_path, capsys):
+    """judge.py ref / train-ref label their files with the judge's pipeline (its file's hash) and the image size, so
+    features of another extractor (a rebuilt judge, any --features) are refused in one line, not just warned about."""
+    write_judge_refs(small_judge, tmp_path, num=20, length=20, flip=False)
+    label = metrics.pipeline_label(str(small_judge), "none")
+    for name in ("ref.npz", "train.npz"):
+        with np.load(tmp_path / name) as z:
+            assert str(z["pipeline"]) == label and int(z["image_size"]) == 16
+    other = tmp_path / "other.pt"                                   # another extractor of the same shape
+    with warnings.catch_warnings():                                 # torch 2.14 deprecates TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(judge.JudgeNet(16, width=4)), str(other))
+    metrics.save_npz(tmp_path / "samples.npz", arr_0=features(net, 20, 84)["images"])     # images: featurized here
+    for refs, names in ((["--ref", "ref.npz"], "reference"), (["--train-ref", "train.npz"], "training-set features")):
+        capsys.readouterr()
+        args = ["metrics", "--samples", str(tmp_path / "samples.npz"), "--features", str(other), "--resize", "none",
+                "--is-splits", "2", "--out", str(tmp_path / "eval")] + [refs[0], str(tmp_path / refs[1])]
+        assert ev.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "feature pipelines differ" in err and names in err
+        assert label in err and metrics.pipeline_label(str(other), "none") in err
+    assert not (tmp_path / "eval").exists()
 
 
 def test_bad_input_is_one_line_and_exit_2(small_judge, tmp_path, capsys):

@@ -80,6 +80,38 @@ def test_summary_best_scale_and_paired_difference_match_scipy():
     assert "diff" not in summary["cells"]["clean"]["metrics"]["fid"]["best"]
 
 
+def test_ablations_are_treatments_paired_with_their_clean_value_and_edge_scales_are_flagged(tmp_path):
+    """`--grid cond_dropout=0,0.1` pairs 0.1 with 0 (not each cell with itself), likewise the other ablation flags;
+    a cell whose best guidance scale is the grid's lowest or highest is named in summary.json and summary.md."""
+    for key, clean, treated in (("cond_dropout", "0", "0.1"), ("label_smoothing", "0", "0.1"),
+                                ("cep_gamma", "0", "0.5"), ("cep_subset", "1", "0.5")):
+        assert sweep.clean_counterpart({key: treated, "builtin_length": "50"}) == {key: clean, "builtin_length": "50"}
+        assert sweep.cell_name({key: clean}) == "clean" and sweep.cell_name({key: treated}) == f"{key}{treated}"
+    assert sweep.clean_counterpart({"cep": "uniform", "cep_subset": "0.5"}) == {"cep": "none", "cep_subset": "1"}
+    rng = np.random.default_rng(2)
+    clean = {seed: {1.0: 10 + rng.normal(), 2.0: 8 + rng.normal(), 4.0: 9 + rng.normal()} for seed in range(3)}
+    treated = {seed: {1.0: 7 + rng.normal(), 2.0: 9 + rng.normal(), 4.0: 12 + rng.normal()} for seed in range(3)}
+    rows = _rows("clean", clean) + _rows("cond_dropout0.1", treated)
+    runs = [sweep.Run(c, 0, Path("."), [], [], [1.0, 2.0, 4.0]) for c in sweep.parse_grid(["cond_dropout=0,0.1"])]
+    summary = sweep.summarize(rows, runs, "fid", fixed_scale=2.0)
+    best = summary["cells"]["cond_dropout0.1"]["metrics"]["fid"]["best"]
+    assert summary["cells"]["cond_dropout0.1"]["clean"] == "clean" and best["diff_n"] == 3
+    assert best["diff"] == pytest.approx(np.mean([treated[s][1.0] - clean[s][2.0] for s in range(3)]))
+    assert summary["best_at_edge"] == {"cond_dropout0.1": "lowest"}        # clean's best, s = 2, is inside the grid
+    sweep.write_summary(summary, tmp_path / "summary.md", "")
+    text = (tmp_path / "summary.md").read_text()
+    assert "| cond_dropout0.1 | 3 | 1 (edge) |" in text and "| clean | 3 | 2 |" in text
+    assert "cond_dropout0.1: s = 1 is the lowest scale evaluated" in text
+
+
+def test_out_naming_an_existing_file_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "x").write_text("not a folder")
+    assert sweep.main(["--preset", "smoke", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep.py: error: --out") and "is a file" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "x").read_text() == "not a folder"
+
+
 # ---- dry run ----
 
 

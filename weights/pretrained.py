@@ -563,16 +563,21 @@ def load_pretrained(source, *, root=None, sha256=None, with_vae=True, vae_path=N
 
 SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}                 # kind -> the script that fine-tunes it (messages)
 CLASS_TABLES = ("y_embedder.embedding_table.weight", "cond_stage_model.embedding_table.weight")   # DiT, LDM
+OPTIMISER_FIELDS = ("lr", "weight_decay", "grad_clip", "ema_decay", "batch_size")   # a fine-tuning run's recipe
 
 
-def init_weights(source, cfg, kind, explicit=()):
+def init_weights(source, cfg, kind, explicit=(), recipe=None):
     """(cfg, state_dict, note) to fine-tune from SOURCE: a release load_pretrained reads, or a nanoCEP checkpoint.
 
     The returned config holds the architecture and numerics SOURCE needs (its architecture fields; for releases the
     model size, image size, autoencoder, schedule, learned sigma and DiT numerics), and the path of its autoencoder if
     --vae-path was not given. A field in `explicit` (flags given on the command line) that contradicts SOURCE is a
     ValueError. num_classes stays the run's own: load_init re-initialises the class table when it differs. The weights
-    are SOURCE's EMA where it has them, in our key layout; optimizer and step are not taken (a fresh run)."""
+    are SOURCE's EMA where it has them, in our key layout; optimizer and step are not taken (a fresh run).
+
+    The optimiser recipe (OPTIMISER_FIELDS) fits SOURCE too, not the tiny CPU default: a checkpoint's own stored
+    values, or for a release recipe = (name, preset), the train script's preset for that release (e.g. dit-xl2-in1k:
+    lr 1e-4, no clipping, EMA 0.9999, batch 256). Flags given explicitly win over it."""
     import dataclasses
     ckpt = _nanocep_checkpoint(source)
     fields, soft, sd, what = (_checkpoint_fields(ckpt, source, kind, cfg) if ckpt is not None
@@ -583,20 +588,37 @@ def init_weights(source, cfg, kind, explicit=()):
             raise ValueError(f"--init-from {source} needs {flag} {value} ({what}), but {flag} "
                              f"{getattr(cfg, name)} was given; drop the flag")
     soft = {k: v for k, v in soft.items() if k not in explicit and not getattr(cfg, k)}
-    cfg = dataclasses.replace(cfg, **fields, **soft)
+    origin, optim = _optimiser_recipe(ckpt, recipe)
+    optim = {k: v for k, v in optim.items() if k not in explicit}
+    cfg = dataclasses.replace(cfg, **fields, **soft, **optim)
     settings = ", ".join(f"{k}={v}" for k, v in fields.items())
-    return cfg, sd, f"init from {source}: {what}; {settings}; optimizer and step start fresh"
+    given = [k for k in OPTIMISER_FIELDS if k in explicit]
+    optimiser = (f"optimiser {origin}" + (f" (flags given: {', '.join(given)})" if given else "") + ": "
+                 + ", ".join(f"{k}={getattr(cfg, k):g}" for k in OPTIMISER_FIELDS))
+    return cfg, sd, f"init from {source}: {what}; {settings}; {optimiser}; optimizer state and step start fresh"
 
 
-def init_from(cfg, kind, argv=None):
-    """--init-from SOURCE for a train script: (the config with SOURCE's architecture and numerics, init), where
-    init(model) -> note loads SOURCE's weights into the fresh model; (cfg, None) without the flag. Flags given on the
-    command line that contradict SOURCE are an error (init_weights)."""
+def init_from(cfg, kind, argv=None, recipe=None):
+    """--init-from SOURCE for a train script: (the config with SOURCE's architecture, numerics and optimiser recipe,
+    init), where init(model) -> note loads SOURCE's weights into the fresh model; (cfg, None) without the flag. Flags
+    given on the command line that contradict SOURCE are an error; recipe = (preset name, preset) for releases
+    (init_weights)."""
     if not cfg.init_from:
         return cfg, None
     from config import explicit_fields
-    cfg, sd, note = init_weights(cfg.init_from, cfg, kind, explicit_fields(argv))
+    cfg, sd, note = init_weights(cfg.init_from, cfg, kind, explicit_fields(argv), recipe)
     return cfg, lambda model: note + "; " + load_init(model, sd)
+
+
+def _optimiser_recipe(ckpt, recipe) -> tuple[str, dict]:
+    """(where it comes from, {field: value}) of the optimiser a fine-tuning run takes: a nanoCEP checkpoint's own
+    stored fields (it was trained with them), else the release's preset (recipe = (name, preset)), else nothing."""
+    if ckpt is not None:
+        return "the checkpoint's own", {k: ckpt["config"][k] for k in OPTIMISER_FIELDS if k in ckpt["config"]}
+    if recipe is not None:
+        name, preset = recipe
+        return f"the {name} preset's", {k: preset[k] for k in OPTIMISER_FIELDS}
+    return "the run's", {}
 
 
 def load_init(model, sd) -> str:
