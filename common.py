@@ -1,10 +1,11 @@
 """
-The plumbing every nanoCEP script shares, written once: one-line CLI errors, atomic file writes, and joining
-torchrun's process group (downloads checked by sha256 are weights/hub.py's). (cep.py and corrupt.py keep tiny copies of the first two on purpose: they
-are standalone files meant to be copied into other projects.)
+The plumbing every nanoCEP script shares, written once: one-line CLI errors, atomic file writes, the seed of every
+random stream of a run (derive_seed), and joining torchrun's process group. (corrupt.py keeps tiny copies of the
+first two on purpose, and cads.py its own seed mix: they are standalone files meant to be copied into other projects.
+Downloads are weights/hub.py's: only instruments download.)
 
 Nothing to run here; the scripts import it. torch is imported only by the functions that need it, so numpy-only
-scripts (gmm_theory.py) use this file too.
+scripts (tools/gmm_theory.py) use this file too.
 """
 import argparse
 import contextlib
@@ -65,6 +66,31 @@ def atomic_save(obj, path) -> None:
     import torch
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Seeds: every random stream of a run is derived here from (--seed, purpose, index)
+
+# purpose -> (seed multiplier, offset, index multiplier): derive_seed = seed * M + O + index * K (mod 2**63).
+# The constants are those the project's published runs were drawn with, so checkpoints resume and results reproduce
+# bit for bit; a new purpose takes a large offset of its own so it never meets another stream's generator.
+SEED_STREAMS = {
+    "step": (7_919_993, 0, 1),          # trainer.step_draws: t, ε, CFG mask, CEP's unit noise, ... of step `index`
+    "epoch": (1_000_003, 0, 1),         # data.StepSampler: the permutation and flips of epoch `index`
+    "cep_subset": (1_000_003, 0xCE9, 0),    # data.cep_subset_mask: which items --cep-subset perturbs (index unused)
+    "module": (1000, 0, 1),             # the per-rank torch RNG that modules draw from (--cond-dropout): index = rank
+    "loader": (1, 0, 1_000_003),        # the DataLoader's own generator (worker seeds): index = the start step
+    "grid": (1, 0, 0),                  # the sample grids' fixed noise
+    "corrupt": (1, 0xC0 << 56, 7_919_993),      # --corrupt-mode random: the host-side seed of step `index`
+    "cep_item": (1, 0xCE9 << 52, 1_000_003),    # --cep-fixed-delta: the fixed CEP noise of item `index`
+}
+
+
+def derive_seed(seed: int, purpose: str, index: int = 0) -> int:
+    """The generator seed of one random stream of a run: a function of (seed, purpose, index) only, never of the
+    process count or of where a run was resumed, so 1 process = N processes and a resumed run = a straight one."""
+    m, o, k = SEED_STREAMS[purpose]
+    return (int(seed) * m + o + int(index) * k) % (2 ** 63)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

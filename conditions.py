@@ -53,7 +53,9 @@ class ClassEmbedder(nn.Module):
     The paper's Table 6 alternatives to CEP, while training only and never on the null row:
     label_smoothing eps: the embedding of the smoothed one-hot (1-eps) onehot(y) + eps/K, i.e.
         (1-eps) E[y] + eps * mean(E[0..K-1]) over the K class rows (the null row is not a class, so it is left out);
-        the paper does not say how it smooths, this is our reading.
+        the paper does not say how it smooths, this is our reading. Sampling feeds the same smoothed embedding the
+        model was trained on (raw_at_sampling=False, the default); raw_at_sampling=True feeds E[y] itself, which is a
+        1/(1-eps) extrapolation of every class away from the mean (evaluate.py --raw-class-embedding).
     cond_dropout p: dropout with probability p on the embedding (inverted dropout: kept entries scaled by 1/(1-p)).
     """
     kind = "class"                                                  # what the denoisers check to wire the condition
@@ -66,6 +68,7 @@ class ClassEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.cep_null = cep_null
         self.cond_dropout, self.label_smoothing = cond_dropout, label_smoothing
+        self.raw_at_sampling = False                                 # eval with label smoothing: E[y], not smoothed
         # The attribute name matches DiT's LabelEmbedder so official checkpoints load: y_embedder.embedding_table.weight.
         # The null row exists only when CFG dropout is on (exactly as in DiT, which keeps the key shapes identical).
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
@@ -92,7 +95,7 @@ class ClassEmbedder(nn.Module):
         """y (B,) -> (B, D). cep_mask (B,) bool: CEP only there (a fixed subset); cep_unit (B, D): pre-drawn CEP noise."""
         emb = self.embedding_table(y)                               # (B, D)
         real = y != self.null_id                                    # (B,) which samples carry a condition
-        if self.training and self.label_smoothing > 0:
+        if self.label_smoothing > 0 and (self.training or not self.raw_at_sampling):
             mean = self.embedding_table.weight[: self.num_classes].mean(0)          # (D,) over the K class rows
             smoothed = (1 - self.label_smoothing) * emb + self.label_smoothing * mean
             emb = torch.where(real[:, None], smoothed, emb)

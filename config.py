@@ -48,7 +48,13 @@ class TrainConfig:
                    "64x64x3)", choices=["none", "kl-f8", "vq-f4"], arch=True)
     vae_path: str = opt("", "local autoencoder weights (safetensors/.bin/.ckpt); empty = download")
     latents: str = opt("", "train from a latent cache DIR made by `python latents.py` (no VAE encode in the loop)")
+    # what the denoiser predicts and its noise schedule (read by diffusion.from_config; each family sets its defaults)
+    learn_sigma: bool = opt(False, "predict the variance too (official DiT: on) and train with the hybrid MSE + VB loss; "
+                            "off: ε-MSE with a fixed variance (LDM)", arch=True)
+    schedule: str = opt("linear", "beta schedule: linear (DiT, 1e-4..0.02) or scaled_linear (LDM, sqrt-linear "
+                        "0.0015..0.0195)", arch=True)
     # text encoder (--cond text)
+    text_width: int = opt(128, "text encoder width D_text (the cross-attention context width)", arch=True)
     tokenizer: str = opt("bytes", "bytes (offline, byte-level) | gpt2 / r50k_base (tiktoken downloads it once) | "
                          "PATH.tiktoken (local ranks file, e.g. gpt2.tiktoken from the openai-whisper package)",
                          arch=True)
@@ -82,8 +88,12 @@ class TrainConfig:
     label_smoothing: float = opt(0.0, "ablation (Table 6 'Label Smoothing'): train on the embedding of a smoothed "
                                  "one-hot, (1-eps) E[y] + eps * mean of the K class rows (no null row); class only",
                                  experiment=True)
-    cep_subset: float = opt(1.0, "ablation (Table 7 'Fixed CEP'): CEP only on a fixed fraction R of the training items, "
-                            "chosen once from --seed by item index; 1 = every item (the paper's CEP)", experiment=True)
+    cep_subset: float = opt(1.0, "ablation (Table 7 'Fixed CEP', reading 1: fixed *items*): CEP only on a fixed fraction "
+                            "R of the training items, chosen once from --seed by item index, with fresh δ at every "
+                            "step; 1 = every item (the paper's CEP)", experiment=True)
+    cep_fixed_delta: bool = opt(False, "ablation (Table 7 'Fixed CEP', reading 2: fixed *noise*): each item's δ is drawn "
+                                "once from --seed and its index and kept for the whole run, as static corruption is; "
+                                "combines with --cep-subset", experiment=True)
     # optimisation
     steps: int = opt(1000, "training steps")
     batch_size: int = opt(64, "global batch size (split over processes)", experiment=True)
@@ -220,6 +230,8 @@ def _check_ablations(cfg) -> None:
         raise RunError(f"--cep-subset must be in (0, 1], got {cfg.cep_subset}")
     if cfg.cep_subset < 1 and cfg.cep == "none":
         raise RunError("--cep-subset picks the items CEP perturbs: it needs --cep uniform | gaussian")
+    if cfg.cep_fixed_delta and cfg.cep == "none":
+        raise RunError("--cep-fixed-delta fixes CEP's noise per item: it needs --cep uniform | gaussian")
     if cfg.label_smoothing > 0 and cfg.cond == "text":
         raise RunError("--label-smoothing smooths class labels; it needs --cond class (captions have no one-hot)")
 

@@ -69,6 +69,16 @@ def _num_to_corrupt(ratio, n):
     return int(round(ratio * n))
 
 
+def _num_in_expectation(ratio, n, rng):
+    """floor(ratio * n), plus one with probability frac(ratio * n): a count whose mean is exactly ratio * n.
+
+    A fixed round(ratio * n) per batch would train at another rate (B = 32: 0.01 flips nothing, 0.05 and 0.075 both
+    flip 2 = 6.25 %). The coin is always drawn, so the stream of later draws does not depend on the ratio."""
+    exact = ratio * n
+    k = math.floor(exact)
+    return int(k) + int(rng.random() < exact - k)
+
+
 def _as_labels(labels, num_classes=None, min_classes=0):
     """Validate labels -> (int64 array (N,), num_classes); num_classes defaults to max(max label + 1, min_classes)."""
     arr = np.asarray(labels)
@@ -189,10 +199,11 @@ def _as_classes(classes):
 def corrupt_batch(labels, ratio, class_counts, kind="symmetric", classes=None, rng=0):
     """Per-step corruption of one global batch ("random data corruption", paper Table 7) -> (new (B,), sorted idx (K,)).
 
-    The static rule of corrupt_labels, re-drawn for every batch: exactly round(ratio*B) samples flip; symmetric targets
+    The static rule of corrupt_labels, re-drawn for every batch: ratio*B samples flip *in expectation* (floor(ratio*B),
+    plus one with probability frac(ratio*B), so every ratio trains at its own rate whatever B is); symmetric targets
     follow the *dataset's* class prior `class_counts` (C,) restricted to classes != y (a batch is too small to be its
     own prior); asymmetric flips are chosen among the batch's samples whose label is in `classes` (all of them if the
-    batch has fewer than round(ratio*B)) and go to another class of `classes`, uniformly. `rng` is a numpy Generator
+    batch has fewer) and go to another class of `classes`, uniformly. `rng` is a numpy Generator
     or a seed: derive it from (seed, step) and pass the whole global batch, so 1 process and N processes agree.
     """
     if kind not in LABEL_KINDS:
@@ -205,7 +216,7 @@ def corrupt_batch(labels, ratio, class_counts, kind="symmetric", classes=None, r
         raise ValueError("class_counts must be a 1-D array of non-negative integer counts (the dataset's class sizes)")
     cls = _as_classes(classes) if kind == "asymmetric" else None
     y, num_classes = _as_labels(labels, len(counts))
-    k = _num_to_corrupt(ratio, len(y))
+    k = _num_in_expectation(ratio, len(y), rng)
     new = y.copy()
     if kind == "symmetric":
         if classes is not None:

@@ -20,6 +20,7 @@ flip a sample gets is a function of (seed, step), never of a worker's random sta
 import numpy as np
 import torch
 
+from common import derive_seed
 from sources.captions import TABLE_EXTENSIONS, CaptionedImages
 from sources.folders import ImageFolderDataset, flip_key, to_tensor
 
@@ -210,7 +211,7 @@ class StepSampler(torch.utils.data.Sampler):
 
     def _epoch_tables(self, epoch: int):
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
             self._perm = torch.randperm(self.n, generator=g)
             self._flips = torch.randint(0, 2, (self.n,), generator=g) if self.flip else torch.zeros(self.n, dtype=torch.long)
             self._epoch = epoch
@@ -259,7 +260,7 @@ def random_corruption(dataset, ratio: float, kind: str, classes: str, items):
 
 def cep_subset_mask(num_items: int, fraction: float, seed: int) -> torch.Tensor:
     """(N,) bool: the fixed round(fraction * N) items that get CEP (--cep-subset), chosen once from the seed."""
-    chosen = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + 0xCE9))
+    chosen = torch.randperm(num_items, generator=torch.Generator().manual_seed(derive_seed(seed, "cep_subset")))
     mask = torch.zeros(num_items, dtype=torch.bool)
     mask[chosen[: int(round(fraction * num_items))]] = True
     return mask

@@ -320,8 +320,7 @@ class GaussianDiffusion:
         return sample_fn(model_fn, noise, self.alphas_cumprod, timesteps, **kwargs)
 
 
-# ---- classifier-free guidance ----
-
+# ---- from a train config ----
 
 def from_config(cfg) -> GaussianDiffusion:
     """The 1000-step diffusion of a train config (DiT and LDM alike): its beta schedule (cfg.schedule), the hybrid
@@ -329,6 +328,8 @@ def from_config(cfg) -> GaussianDiffusion:
     return GaussianDiffusion(make_beta_schedule(cfg.schedule, 1000), learn_sigma=cfg.learn_sigma,
                              loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip)
 
+
+# ---- classifier-free guidance ----
 
 def cfg_model_fn(model, y, y_null, scale: float, *, learn_sigma: bool = False, guide_channels=None):
     """Wrap model(x, t, y) into fn(x, t) for the samplers, guided as eps_u + scale * (eps_c - eps_u)."""

@@ -48,11 +48,11 @@ from PIL import Image
 from common import ArgParser, RunError, setup_distributed
 from conditions import read_prompts
 from config import LATENT_GEOMETRY
-from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines,  # noqa: F401
-                     compute_metrics, count_items, feature_statistics, frechet_distance, image_size_of,
-                     inception_score, load_reference, min_samples, pipeline_label, plot_fid_is, precision_recall,
-                     read_results, reference_kind, reference_pipeline, save_npz, source_pipeline, write_reference,
-                     write_results, _file_hash, load_train_reference, check_reference_size)
+from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines, check_reference_size,
+                             compute_metrics, count_items, image_size_of, load_reference, load_train_reference,
+                             min_samples, pipeline_label, plot_fid_is, read_results, reference_kind, reference_pipeline,
+                             save_npz, source_pipeline, write_reference, write_results)
+from weights.hub import file_hash
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
@@ -82,7 +82,7 @@ def families() -> dict:
 
 
 def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precision="auto", vae_path=None,
-                 prompts=None, cads=None):
+                 prompts=None, cads=None, raw_class_embedding=False):
     """Rebuild the model stored in CKPT: (sample_fn(labels (B,), seeds list, cfg_scale) -> uint8 (B, H, W, 3), info).
 
     The model is rebuilt through families() (checkpoint kind -> its config class and build) from the config
@@ -90,6 +90,8 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     torch.Generator().manual_seed(seeds[i]) (on the CPU), so a sharded run reproduces a single-process one.
     info holds num_classes and the settings that belong in results rows. A text-conditional checkpoint needs `prompts`
     (a list of captions): "labels" then index the prompts, so balanced labels cycle through them.
+    raw_class_embedding: a --label-smoothing model samples with its raw class rows E[y] instead of the smoothed
+    embedding it was trained on (conditions.ClassEmbedder).
     """
     from runio import load_checkpoint
     try:
@@ -107,6 +109,8 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     except RuntimeError as e:
         raise ValueError(f"{ckpt}: weights do not fit the stored config ({str(e).splitlines()[0]})") from None
     model.to(device).eval().requires_grad_(False)
+    if raw_class_embedding:
+        model.cond.raw_at_sampling = True
     decode = None
     if getattr(cfg, "vae", "none") != "none":
         from weights import vae
@@ -117,7 +121,8 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
             "dtype": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class"),
-            "class_dropout": cfg.class_dropout, "image_size": cfg.image_size}
+            "class_dropout": cfg.class_dropout, "image_size": cfg.image_size,
+            "class_embedding": "raw" if raw_class_embedding and cfg.label_smoothing > 0 else "as trained"}
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
@@ -472,6 +477,9 @@ def _sample_parser() -> ArgParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch, per GPU")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
+    p.add_argument("--raw-class-embedding", action="store_true",
+                   help="a --label-smoothing model: sample with its raw class rows E[y] instead of the smoothed "
+                        "embedding (1-eps) E[y] + eps * mean(E) it was trained on")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU")
     p.add_argument("--prompts", help="text models: a file of captions, one per line (e.g. 5K MS-COCO captions); "
                                      "samples cycle through them")
@@ -544,7 +552,7 @@ def _train_reference(args):
     if args.ckpt is None or not args.features:
         raise ValueError("--train-ref auto needs a nanoCEP checkpoint and --features (the judge: python judge.py path)")
     spec = judge.run_training_set(load_checkpoint(args.ckpt)["config"])
-    tag = hashlib.sha1(f"{spec}|{_file_hash(args.features)}".encode()).hexdigest()[:12]
+    tag = hashlib.sha1(f"{spec}|{file_hash(args.features, 'sha1')}".encode()).hexdigest()[:12]
     path = Path(args.out) / "features" / f"train-ref-{tag}.npz"
     if not path.is_file():
         save_npz(path, **judge.train_reference(**spec, path=args.features))
@@ -570,7 +578,8 @@ def _sampler_from_args(args, device):
                                        args.vae_path, guide, cads=cads)
     sample_fn, info = load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
                                    precision=args.precision, vae_path=args.vae_path,
-                                   prompts=read_prompts(args.prompts) if args.prompts else None, cads=cads)
+                                   prompts=read_prompts(args.prompts) if args.prompts else None, cads=cads,
+                                   raw_class_embedding=args.raw_class_embedding)
     if info["class_dropout"] == 0 and info["cond"] == "class" and any(s != 1 for s in args.cfg_scales):
         raise ValueError(f"{args.ckpt} was trained with --class-dropout 0 (no null class): only --cfg-scales 1 works")
     return sample_fn, info

@@ -32,14 +32,30 @@ class Diverged(Exception):
     """The loss became non-finite: the run stops (exit 1) and leaves the last good checkpoint untouched."""
 
 
-def check_run_folder(cfg) -> None:
-    """Before anything is written into --out (the corruption manifest first): an --out that holds a run needs
-    --resume, and a run to resume must keep its experiment (check_experiment)."""
-    resume_path = find_resume(cfg.resume, cfg.out)
-    if resume_path is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
+@dataclasses.dataclass
+class Resume:
+    """A checked resume: the checkpoint a run continues from, and the changes --resume-override allowed."""
+    path: str
+    overridden: list                     # [{"field", "checkpoint", "now"}], logged by RunIO.start
+
+
+def check_run_folder(cfg, num_classes: int | None = None) -> Resume | None:
+    """The one check of --out and --resume, made before anything is written into --out (the corruption manifest
+    first): an --out that holds a run needs --resume, and the run it continues must have this run's architecture and
+    experiment (check_experiment). num_classes: the class count the run will train (cfg's 0 means the dataset's).
+    Reads only the checkpoint's config; returns None for a fresh run."""
+    path = find_resume(cfg.resume, cfg.out)
+    if path is None and os.path.isfile(os.path.join(cfg.out, "last.pt")):
         raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
-    if resume_path is not None:
-        check_experiment(cfg, load_checkpoint(resume_path, mmap=True)["config"], resume_path)
+    if path is None:
+        return None
+    saved, ours = load_checkpoint(path, mmap=True)["config"], dataclasses.replace(cfg, num_classes=num_classes or
+                                                                                     cfg.num_classes)
+    for f in arch_fields(ours):
+        if saved.get(f) != getattr(ours, f):
+            raise RunError(f"cannot resume from {path}: it has {f}={saved.get(f)!r} but this run has "
+                           f"{f}={getattr(ours, f)!r}")
+    return Resume(path, check_experiment(cfg, saved, path))
 
 
 def check_experiment(cfg, saved: dict, path: str) -> list:
@@ -104,29 +120,23 @@ def rng_states(d: Dist) -> list | None:
 class RunIO:
     """What a run writes (on rank 0) and reads back: the run folder of cfg.out."""
 
-    def __init__(self, cfg, kind: str, d: Dist, judge_grid: Callable | None = None):
-        check_run_folder(cfg)
-        self.judge_grid = judge_grid                               # scores the final class grid (trainer.train)
+    def __init__(self, cfg, kind: str, d: Dist, resume: Resume | None = None, judge_grid: Callable | None = None):
+        """resume: check_run_folder's verdict on this run folder (trainer.load_data checked it)."""
         os.makedirs(cfg.out, exist_ok=True)
         self.cfg, self.kind, self.d = cfg, kind, d
-        self.resume_path = find_resume(cfg.resume, cfg.out)
+        self.resume_path = resume.path if resume is not None else None
+        self.overridden = resume.overridden if resume is not None else []   # logged by start()
+        self.judge_grid = judge_grid                               # scores the final class grid (trainer.train)
         self.file = self.bar = None                                # opened by start()
         self.last_loss, self.t_log = float("nan"), time.time()
-        self.overridden = []                                       # --resume-override changes, logged by start()
 
     def checkpoint_to_resume(self) -> dict | None:
-        """The checkpoint to continue from (None for a fresh run), refused when its kind or architecture differ."""
+        """The checkpoint to continue from (None for a fresh run); one of another model family is refused."""
         if self.resume_path is None:
             return None
         ckpt = load_checkpoint(self.resume_path)
         if ckpt.get("kind") != self.kind:
             raise RunError(f"{self.resume_path} is a {ckpt.get('kind')!r} checkpoint, not {self.kind!r}")
-        for f in arch_fields(self.cfg):
-            theirs, ours = ckpt["config"].get(f), getattr(self.cfg, f)
-            if theirs != ours:
-                raise RunError(f"cannot resume from {self.resume_path}: it has {f}={theirs!r} but this run has "
-                               f"{f}={ours!r}")
-        self.overridden = check_experiment(self.cfg, ckpt["config"], self.resume_path)
         return ckpt
 
     def log(self, record: dict) -> None:

@@ -65,9 +65,7 @@ EVAL_KEYS = {
 # clean value is "the ablation off". cep_subset's is 1 (CEP on every item): beside cep=none in the cell that is the
 # clean run, and with --cep fixed in --train it is the paper's CEP, the baseline of the "Fixed CEP" ablation.
 CLEAN = {"corrupt": "0", "cep": "none", "ip": "0", "cads": "off", "cads_noise": "0", "corrupt_mode": "static",
-         "cep_gamma": "0", "cep_subset": "1", "label_smoothing": "0", "cond_dropout": "0"}
-# Hook: when the "fixed CEP" reading flag (--cep-fixed-delta, issue 20) lands in config.py, add its off value here,
-# e.g. CLEAN["cep_fixed_delta"] = <the flag's default>, so a grid over it pairs each cell with the per-step CEP.
+         "cep_gamma": "0", "cep_subset": "1", "label_smoothing": "0", "cond_dropout": "0", "cep_fixed_delta": "off"}
 # Metrics the summary reports (those present in the results), and which direction is better.
 HIGHER_IS_BETTER = {"fid": False, "is_mean": True, "precision": True, "recall": True, "class_acc": True,
                     "memorized": False, "diversity": True}
@@ -100,10 +98,13 @@ def cell_args(cell: dict) -> tuple[list, list]:
     """(training arguments, evaluate.py arguments) that put this cell's settings where they belong."""
     train, evaluate = [], []
     for key, value in cell.items():
+        flag = "--" + key.replace("_", "-")
         if key in EVAL_KEYS:
             evaluate += EVAL_KEYS[key](value)
+        elif str(value).lower() in ("on", "off"):                       # a switch, e.g. cep_fixed_delta=off,on
+            train += [flag if str(value).lower() == "on" else "--no-" + flag[2:]]
         else:
-            train += ["--" + key.replace("_", "-"), str(value)]
+            train += [flag, str(value)]
     return train, evaluate
 
 

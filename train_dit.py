@@ -33,10 +33,6 @@ from weights import latents, pretrained, vae
 @dataclass
 class DiTConfig(TrainConfig):
     model: str = opt("DiT-T/2", "DiT size/patch: DiT-{T,S,B,L,XL}/{2,4,8}", arch=True)
-    learn_sigma: bool = opt(False, "predict the variance too (official DiT: on); trains with the hybrid MSE + VB loss",
-                            arch=True)
-    schedule: str = opt("linear", "beta schedule: linear (DiT, 1e-4..0.02) or scaled_linear (LDM)", arch=True)
-    text_width: int = opt(128, "text encoder width D_text (the cross-attention context width)", arch=True)
     text_pooled: bool = opt(True, "also add the masked mean of the text context to adaLN's timestep embedding",
                             arch=True)
     t_freq_shift: float = opt(0.0, "timestep frequency shift: 0 = DiT, 1 = diffusers' DiT port (fine-tune its releases)",

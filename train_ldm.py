@@ -35,8 +35,6 @@ from weights import latents, pretrained, vae
 class LDMConfig(TrainConfig):
     model: str = opt("unet-tiny", "U-Net size: unet-tiny | unet-small | ldm4-cin256 (the CompVis cin256-v2 U-Net)",
                      arch=True)
-    learn_sigma: bool = opt(False, "predict the variance too (DiT-style hybrid loss); LDM uses a fixed variance",
-                            arch=True)
     schedule: str = opt("scaled_linear", "beta schedule: scaled_linear (LDM, sqrt-linear 0.0015..0.0195) or linear "
                         "(DiT)", arch=True)
     text_width: int = opt(0, "text encoder width = the U-Net's context width; 0 = the --model's context_dim", arch=True)

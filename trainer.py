@@ -33,18 +33,18 @@ import functools
 import os
 import sys
 from contextlib import nullcontext
-from typing import Callable, NamedTuple
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 import conditions
 import data as datalib
-from common import Dist, RunError, one_line
+from cep import unit_noise
+from common import Dist, RunError, derive_seed, one_line
 from config import grid_cads
-from runio import Diverged, RunIO, StopFlag, check_run_folder
+from runio import Diverged, Resume, RunIO, StopFlag, check_run_folder
 from sources.captions import TokenizedCaptions
 from sources.tokenizer import get_tokenizer
 
@@ -76,6 +76,7 @@ class TrainData:
     encode: Callable | None = None       # loaded batch -> what the model trains on (VAE sample / cached posterior's)
     decode: Callable | None = None       # latents -> images, for the sample grids
     prompts: list | None = None          # the text grids' fixed prompts
+    resume: Resume | None = None         # the checked checkpoint this run continues (runio.check_run_folder)
 
 
 def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callable | None = None) -> TrainData:
@@ -84,8 +85,8 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
 
     The autoencoder side is handed in by the train script (weights/ is an instrument the core never imports):
     open_cache(path) -> a latent cache dataset (with .vae, .image_size and .encode, its posterior sampler) for --latents;
-    load_vae(kind, path, device=) -> the autoencoder (.encode, .decode) for --vae."""
-    check_run_folder(cfg)
+    load_vae(kind, path, device=) -> the autoencoder (.encode, .decode) for --vae.
+    The run folder and --resume are checked once the class count is known, before anything is written."""
     if cfg.latents:
         dataset = open_cache(cfg.latents)
         encode = dataset.encode
@@ -102,6 +103,7 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
         raise RunError(f"{source} has no captions: --cond text needs captioned data")
     if 0 < cfg.num_classes < dataset.num_classes:
         raise RunError(f"--num-classes {cfg.num_classes} < the {dataset.num_classes} classes in {cfg.data}")
+    resume = check_run_folder(cfg, cfg.num_classes or dataset.num_classes)
     prompts = conditions.grid_prompts(cfg.sample_prompts, dataset, builtin=cfg.data == "builtin" and not cfg.latents) \
         if text else None                                           # from the clean captions
     if (cfg.corrupt > 0 and cfg.corrupt_mode == "static") or cfg.corrupt_type == "rewrite":
@@ -109,11 +111,10 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
         datalib.corrupt_dataset(dataset, cfg.corrupt, cfg.corrupt_type, seed=cfg.seed, classes=cfg.corrupt_classes,
                                 rewrites=cfg.corrupt_rewrites, manifest_path=os.path.join(cfg.out, "corruption.json"))
     if text:  # items become (x, token ids (L,)); a flipped item gets its caption's left/right mirrored
-        dataset = TokenizedCaptions(dataset, get_tokenizer(cfg.tokenizer), cfg.context_length,
-                                            mirror=True)
+        dataset = TokenizedCaptions(dataset, get_tokenizer(cfg.tokenizer), cfg.context_length, mirror=True)
     ae = load_vae(cfg.vae, cfg.vae_path or None, device=device) if cfg.vae != "none" else None
     return TrainData(dataset, cfg.num_classes or dataset.num_classes, encode or (ae and ae.encode),
-                     ae and ae.decode, prompts)
+                     ae and ae.decode, prompts, resume)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -138,6 +139,11 @@ class TrainState:
     random_labels: Callable | None = None    # --corrupt-mode random: (step, seed) -> the global batch's labels (B,)
     cep_subset: torch.Tensor | None = None   # --cep-subset: (N,) bool, the items CEP perturbs
     cep_shape: tuple | None = None       # one sample's condition embedding shape, when the step pre-draws CEP noise
+
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of the global batch."""
+        return slice(self.d.rank * self.local_batch, (self.d.rank + 1) * self.local_batch)
 
     @functools.cached_property
     def ema_pairs(self) -> tuple[list, list]:
@@ -172,7 +178,7 @@ def make_state(cfg, model: nn.Module, diffusion, d: Dist, data: TrainData | None
         s.encode, s.posterior = data.encode, bool(cfg.latents) and data.encode is not None
         random = cfg.corrupt_mode == "random" and cfg.corrupt > 0
         n = len(data.dataset)
-        if random or cfg.cep_subset < 1:
+        if random or cfg.cep_subset < 1 or cfg.cep_fixed_delta:
             s.items = datalib.batch_items(n, cfg.batch_size, cfg.seed, start_step, cfg.steps)
         if random:
             s.random_labels = datalib.random_corruption(data.dataset, cfg.corrupt, cfg.corrupt_type,
@@ -195,15 +201,21 @@ def wrap_model(model: nn.Module, cfg, d: Dist) -> nn.Module:
     return wrapped
 
 
-class StepDraws(NamedTuple):
-    """Every per-sample random draw of one training step, for the whole global batch (ranks take their slice)."""
+@dataclasses.dataclass
+class StepDraws:
+    """Every per-sample random draw of one training step, for the whole global batch (share() takes a rank's rows)."""
     t: torch.Tensor                      # (B,) timesteps
     noise: torch.Tensor                  # (B, C, H, W) diffusion noise ε
     drop: torch.Tensor                   # (B,) CFG dropout mask
     ip_noise: torch.Tensor | None        # (B, C, H, W) input perturbation noise (--ip)
     posterior: torch.Tensor | None       # (B, C, H, W) the latent cache's posterior sample noise (--latents, KL)
-    corrupt_seed: int | None             # seeds corrupt.corrupt_batch (--corrupt-mode random)
+    corrupt_seed: int | None             # seeds corrupt.corrupt_batch (--corrupt-mode random), host-side
     cep_unit: torch.Tensor | None        # (B, *cep_shape) CEP's unit noise (cep.unit_noise)
+
+    def share(self, rows: slice) -> "StepDraws":
+        """The draws of the samples in `rows` (a rank's slice of the global batch); host-side seeds unchanged."""
+        return StepDraws(**{f.name: v[rows] if torch.is_tensor(v := getattr(self, f.name)) else v
+                            for f in dataclasses.fields(self)})
 
 
 def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timesteps: int, drop_prob: float,
@@ -211,7 +223,7 @@ def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timest
                cep: str = "none", cep_shape=None) -> StepDraws:
     """The StepDraws of `step` from one generator seeded by (seed, step); the optional draws come after t, ε and the
     CFG mask (in field order), so turning one on never changes the others."""
-    g = torch.Generator(device=device).manual_seed((seed * 7_919_993 + step) % (2 ** 63))
+    g = torch.Generator(device=device).manual_seed(derive_seed(seed, "step", step))
     B = global_batch
     t = torch.randint(0, num_timesteps, (B,), generator=g, device=device)
     noise = torch.randn((B, *latent_shape), generator=g, device=device)
@@ -220,49 +232,87 @@ def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timest
     post = torch.randn((B, *latent_shape), generator=g, device=device) if posterior else None
     # --corrupt-mode random corrupts labels on the host: its seed is a host-side function of (seed, step), so the step
     # never waits for the device (reading a device generator's draw with .item() would)
-    corrupt_seed = int(np.random.SeedSequence([seed, step, 0xC0]).generate_state(1, np.uint64)[0]) if corrupt else None
-    unit = None
-    if cep != "none" and cep_shape is not None:
-        from cep import unit_noise
-        unit = unit_noise((B, *cep_shape), cep, generator=g, device=device)
+    corrupt_seed = derive_seed(seed, "corrupt", step) if corrupt else None
+    unit = unit_noise((B, *cep_shape), cep, generator=g, device=device) if cep != "none" and cep_shape else None
     return StepDraws(t, noise, drop, ip_noise, post, corrupt_seed, unit)
 
 
+def item_cep_noise(items, seed: int, mode: str, shape: tuple, device) -> torch.Tensor:
+    """--cep-fixed-delta: CEP's unit noise (B, *shape) of each item, drawn once from (seed, item index) and so the same
+    at every step that item is seen, on any number of processes and after a resume."""
+    gens = [torch.Generator().manual_seed(derive_seed(seed, "cep_item", int(i))) for i in items]
+    return torch.stack([unit_noise(shape, mode, generator=g) for g in gens]).to(device)
+
+
 def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-    """One optimisation step on this rank's share (x, y) of the global batch of `step`: draws -> CFG drop -> loss ->
-    accumulated backward -> AdamW -> EMA. Returns the mean loss as a 0-d device tensor (no host synchronisation)."""
-    cfg, d = s.cfg, s.d
-    mine = slice(d.rank * s.local_batch, (d.rank + 1) * s.local_batch)
+    """One optimisation step on this rank's share (x, y) of the global batch of `step`, as the paper trains:
+    draws -> the condition (label corruption, CFG dropout, CEP) -> diffusion loss -> backward -> AdamW -> EMA.
+    Returns the mean loss as a 0-d device tensor (no host synchronisation)."""
+    cfg = s.cfg
     draws = step_draws(cfg.seed, step, cfg.batch_size, cfg.latent_shape, s.diffusion.num_timesteps, cfg.class_dropout,
-                       d.device, ip=s.diffusion.ip_gamma > 0, posterior=s.posterior,
+                       s.d.device, ip=s.diffusion.ip_gamma > 0, posterior=s.posterior,
                        corrupt=s.random_labels is not None, cep=cfg.cep, cep_shape=s.cep_shape)
-    t, noise, drop, ip_noise, posterior, _, cep_unit = (z[mine] if torch.is_tensor(z) else z for z in draws)
+    x = model_input(s, x, draws.share(s.rows))          # (b, C, H, W) pixels or latents, on the device
+    y, cep = condition(s, y, step, draws)               # (b,) labels as trained on; CEP's noise and subset for them
+    loss = backward(s, x, y, cep, draws.share(s.rows))  # the diffusion loss, accumulated over micro-batches
+    update(s)                                           # gradient clip -> AdamW -> EMA
+    return loss
+
+
+def model_input(s: TrainState, x: torch.Tensor, draws: StepDraws) -> torch.Tensor:
+    """The batch the denoiser learns to reconstruct: the loaded images, or their latents (VAE, or a cached posterior
+    sampled with the step's noise)."""
+    x = x.to(s.d.device, non_blocking=True)
+    if s.encode is None:
+        return x
+    with torch.no_grad(), s.autocast:
+        return (s.encode(x, noise=draws.posterior) if s.posterior else s.encode(x)).float()
+
+
+def condition(s: TrainState, y: torch.Tensor, step: int, draws: StepDraws) -> tuple[torch.Tensor, dict]:
+    """What this rank's samples are conditioned on: their labels (re-corrupted for the step under --corrupt-mode
+    random, from the whole global batch), the null label where CFG dropped them, and CEP's inputs for the condition
+    encoder: the unit noise of its δ (cep_unit) and the samples it perturbs (cep_mask, --cep-subset)."""
     if s.random_labels is not None:
-        y = s.random_labels(step, draws.corrupt_seed)[mine]
-    x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-    if s.encode is not None:
-        with torch.no_grad(), s.autocast:
-            x = (s.encode(x, noise=posterior) if s.posterior else s.encode(x)).float()
-    cep_mask = s.cep_subset[torch.as_tensor(s.items(step)[mine])].to(d.device) if s.cep_subset is not None else None
-    y = s.model.cond.drop(y, drop)                                     # CFG: the null condition where dropped
-    total = torch.zeros((), device=d.device)
+        y = s.random_labels(step, draws.corrupt_seed)[s.rows]
+    mine = draws.share(s.rows)
+    y = s.model.cond.drop(y.to(s.d.device, non_blocking=True), mine.drop)   # CFG: the null condition where dropped
+    items = s.items(step)[s.rows] if s.items is not None else None           # (b,) dataset indices
+    cep = {}
+    if mine.cep_unit is not None:
+        cep["cep_unit"] = (item_cep_noise(items, s.cfg.seed, s.cfg.cep, s.cep_shape, s.d.device)
+                           if s.cfg.cep_fixed_delta else mine.cep_unit)
+    if s.cep_subset is not None:
+        cep["cep_mask"] = s.cep_subset[torch.as_tensor(items)].to(s.d.device)
+    return y, cep
+
+
+def backward(s: TrainState, x: torch.Tensor, y: torch.Tensor, cep: dict, draws: StepDraws) -> torch.Tensor:
+    """Backpropagate the diffusion loss of this rank's share micro-batch by micro-batch (DDP all-reduces the gradients
+    on the last one only); returns the share's mean loss, a 0-d device tensor."""
+    total, d = torch.zeros((), device=s.d.device), s.d
     for i in range(0, s.local_batch, s.micro):
         mb = slice(i, i + s.micro)
-        cond = {k: v[mb] for k, v in (("cep_mask", cep_mask), ("cep_unit", cep_unit)) if v is not None}
-        last_micro = i + s.micro >= s.local_batch                     # DDP all-reduces only on the last micro-batch
+        cond = {k: v[mb] for k, v in cep.items()}
+        last_micro = i + s.micro >= s.local_batch
         with s.train_model.no_sync() if d.world > 1 and not last_micro else nullcontext(), s.autocast:
-            terms = s.diffusion.training_losses(lambda xt, tt: s.train_model(xt, tt, y[mb], **cond), x[mb], t[mb],
-                                                noise[mb], ip_noise=None if ip_noise is None else ip_noise[mb])
+            terms = s.diffusion.training_losses(lambda xt, tt: s.train_model(xt, tt, y[mb], **cond), x[mb],
+                                                draws.t[mb], draws.noise[mb],
+                                                ip_noise=None if draws.ip_noise is None else draws.ip_noise[mb])
             loss = terms["loss"].mean()
         (loss * (s.micro / s.local_batch)).backward()
         total += loss.detach() * (s.micro / s.local_batch)
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(s.ema_pairs[1], cfg.grad_clip)
+    return total
+
+
+def update(s: TrainState) -> None:
+    """Clip the gradient norm (--grad-clip), take the AdamW step, and move the EMA towards the new weights."""
+    if s.cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(s.ema_pairs[1], s.cfg.grad_clip)
     s.opt.step()
     s.opt.zero_grad(set_to_none=True)
     with torch.no_grad():
-        torch._foreach_lerp_(*s.ema_pairs, 1.0 - cfg.ema_decay)       # ema <- decay * ema + (1 - decay) * model
-    return total
+        torch._foreach_lerp_(*s.ema_pairs, 1.0 - s.cfg.ema_decay)    # ema <- decay * ema + (1 - decay) * model
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -277,10 +327,10 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
     (scoring/judge.py's judge_final_grid, handed in by the train script).
 
     Returns {"status": "done" | "stopped", "step", "loss", "ema", "model"}."""
-    io = RunIO(cfg, kind, d, judge_grid)                           # the run folder: resume, logs, checkpoints, grids
+    io = RunIO(cfg, kind, d, data.resume, judge_grid)              # the run folder: resume, logs, checkpoints, grids
     ckpt = io.checkpoint_to_resume()
     note = init(model) if init is not None and ckpt is None else None   # a resumed run has its own weights
-    torch.manual_seed(cfg.seed * 1000 + d.rank)                    # per-rank module randomness (--cond-dropout)
+    torch.manual_seed(derive_seed(cfg.seed, "module", d.rank))     # per-rank module randomness (--cond-dropout)
     start = int(ckpt["step"]) if ckpt is not None else 0
     s = make_state(cfg, model, diffusion, d, data, start)
     if ckpt is not None:
@@ -335,7 +385,7 @@ def restore(s: TrainState, ckpt: dict) -> int:
         if d.main:
             tqdm.write(f"note: checkpoint was written by {len(states)} processes, this run has {d.world}; "
                        f"--cond-dropout streams are re-seeded (the data order and all per-step draws are unaffected)")
-        torch.manual_seed(s.cfg.seed * 1000 + d.rank + 7 * step)
+        torch.manual_seed(derive_seed(s.cfg.seed, "module", d.rank + 7 * step))
     return step
 
 
@@ -349,7 +399,8 @@ def make_loader(cfg, dataset, d: Dist, start_step: int) -> torch.utils.data.Data
     # or a resumed run would drift from the straight one.
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=cuda,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                                       generator=torch.Generator().manual_seed(cfg.seed + 1_000_003 * start_step))
+                                       generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "loader",
+                                                                                           start_step)))
 
 
 def grid_sampler(cfg, diffusion, data: TrainData):
@@ -360,7 +411,8 @@ def grid_sampler(cfg, diffusion, data: TrainData):
     rows = (conditions.grid_labels(data.num_classes) if data.prompts is None
             else conditions.encode_prompts(cfg, data.prompts))        # (R,) class ids or (R, L) caption tokens
     conds = rows.repeat_interleave(cfg.sample_per_class, dim=0)
-    noise = torch.randn((len(conds), *cfg.latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "grid"))
+    noise = torch.randn((len(conds), *cfg.latent_shape), generator=g)
     scale, cads = grid_cfg_scale(cfg), grid_cads(cfg)
 
     @torch.no_grad()

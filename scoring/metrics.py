@@ -43,7 +43,7 @@ from PIL import Image
 from scipy import linalg, special
 
 from common import atomic_open
-from weights.hub import download, file_sha256
+from weights.hub import download, file_hash
 
 INCEPTION_PATH = "/tmp/inception-2015-12-05.pt"  # clean-fid's hard-coded download location ("./" on Windows)
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -211,7 +211,7 @@ class CleanInception(torch.nn.Module):
 
 def _file_hash(path, algorithm="sha1"):
     """Hex digest of a file's bytes (identifies a feature extractor in cache keys and pipeline labels)."""
-    return file_sha256(path, algorithm)
+    return file_hash(path, algorithm)
 
 
 def _jit_load(path, device):

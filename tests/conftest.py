@@ -11,6 +11,11 @@ TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-ev
         "--builtin-length", "64", "--num-workers", "0", "--lr", "1e-3"]
 
 
+def run_tiny(main, out, *extra) -> int:
+    """A train script's main on TINY's flags into the run folder `out` (extra flags after them)."""
+    return main(TINY + ["--out", str(out), *map(str, extra)])
+
+
 def load_ckpt(out, name="last.pt") -> dict:
     """A run folder's checkpoint, loaded as evaluate.py loads it (tensors only)."""
     return torch.load(os.path.join(out, name), map_location="cpu", weights_only=True)
@@ -40,12 +45,12 @@ def train_and_check_learning(main, out, steps: int, *flags) -> dict:
         return json.load(f)
 
 
-def check_resume_is_bit_identical(run, root, *extra) -> dict:
-    """run(out, *flags) for 4 steps straight, and for 2 + resume + 2: the weights and EMA are bit-identical. Returns
-    the resumed run's checkpoint."""
-    assert run(root / "straight", "--steps", 4, *extra) == 0
-    assert run(root / "split", "--steps", 2, *extra) == 0
-    assert run(root / "split", "--steps", 4, "--resume", "auto", *extra) == 0
+def check_resume_is_bit_identical(main, root, *extra) -> dict:
+    """A train script's main on TINY for 4 steps straight, and for 2 + resume + 2: the weights and EMA are
+    bit-identical. Returns the resumed run's checkpoint."""
+    assert run_tiny(main, root / "straight", "--steps", 4, *extra) == 0
+    assert run_tiny(main, root / "split", "--steps", 2, *extra) == 0
+    assert run_tiny(main, root / "split", "--steps", 4, "--resume", "auto", *extra) == 0
     a, b = load_ckpt(root / "straight"), load_ckpt(root / "split")
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()
@@ -59,10 +64,30 @@ def subprocess_env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+def one_error_line(capsys, script="train_dit.py") -> str:
+    """The one `script: error: ...` line the last call printed (asserted: exactly one, last, no traceback)."""
+    err = capsys.readouterr().err.strip()   # a progress bar may precede the error; the error is one last line
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and err.splitlines()[-1].startswith(f"{script}: error:") and "Traceback" not in err, err
+    return errors[0]
+
+
 def expect_one_line_error(capsys, main, script, argv, needle) -> None:
     """main(argv) exits 2 with exactly one `script: error: ...` line naming `needle`, last, and no traceback."""
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()   # a progress bar may precede the error; the error is one last line
-    errors = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(errors) == 1 and err.splitlines()[-1].startswith(f"{script}: error:") and needle in errors[0], err
-    assert "Traceback" not in err
+    assert needle in one_error_line(capsys, script)
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b||, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def randomize(module, std=0.3, seed=0):
+    """Overwrite every parameter (zero-initialised ones included) with N(0, std^2) from `seed`, so every path of a
+    random-weight model carries signal (adaLN-Zero and zero convolutions start at 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module

@@ -16,6 +16,7 @@ from contextlib import contextmanager, nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -23,9 +24,6 @@ DIT_T = ("train_dit", ["--model", "DiT-T/2", "--num-classes", "10", "--image-siz
 UNET_T = ("train_ldm", ["--model", "unet-tiny", "--num-classes", "10", "--image-size", "16"])
 BF16 = dict(device_type="cuda", dtype=torch.bfloat16)
 
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 import data
 from weights import latents
 from weights import vae
+from conftest import rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1)      # f=2: 16 px images -> 8x8 latents
@@ -32,9 +33,6 @@ def tiny_vae(kind="kl-f8", seed=0):
             p.add_(0.1 * torch.randn(p.shape, generator=g))
     return ae.eval().requires_grad_(False)
 
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def builtin(n=N, seed=0):
@@ -231,7 +229,7 @@ def test_cli_reads_tiny_config_and_two_process_build_equals_one(tmp_path, kl, kl
     assert np.array_equal(load_array(str(out)), load_array(ref))
     meta = latents.read_meta(str(out))
     assert meta["complete"] and meta["vae_params_sha256"] == latents.params_sha256(kl)
-    assert meta["vae_file_sha256"] == latents.file_sha256(kl_file)
+    assert meta["vae_file_sha256"] == latents.file_hash(kl_file)
     # in-process CLI: rerun with the same arguments is a no-op, with other arguments exit 2
     args = ["--data", "builtin", "--image-size", str(SIZE), "--vae", "kl-f8", "--vae-path", str(kl_file),
             "--out", str(out), "--builtin-length", "12", "--dtype", "float32", "--device", "cpu"]

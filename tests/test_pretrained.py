@@ -19,18 +19,10 @@ from weights import hub
 import evaluate as ev
 from weights import pretrained
 from models.dit import DiT
+from conftest import randomize
 
 diffusers = pytest.importorskip("diffusers")
 DATA = Path(__file__).resolve().parent / "data"
-
-
-def randomize(module, std=0.3, seed=0):
-    """Overwrite every parameter with N(0, std^2) so no weight is trivially zero (adaLN-Zero starts at 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 def read_key_listing(path):

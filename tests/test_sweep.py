@@ -38,6 +38,11 @@ def test_grid_product_names_and_where_keys_go():
     assert sweep.clean_counterpart({"corrupt": "0.05", "cep": "uniform", "builtin_length": "100"}) == \
         {"corrupt": "0", "cep": "none", "builtin_length": "100"}
     assert sweep.cell_name({"corrupt": "0.0", "cep": "none"}) == "clean"
+    # a switch axis: the "Fixed CEP" readings pair with the per-step CEP of the same cell
+    assert sweep.cell_args({"cep_fixed_delta": "on"})[0] == ["--cep-fixed-delta"]
+    assert sweep.cell_args({"cep_fixed_delta": "off"})[0] == ["--no-cep-fixed-delta"]
+    assert sweep.clean_counterpart({"cep_fixed_delta": "on", "cep_subset": "0.5"}) == \
+        {"cep_fixed_delta": "off", "cep_subset": "1"}
     # the Fig. 2 plot's x axis: η if it varies, else a varying numeric axis such as the training-set size
     named = {sweep.cell_name(c): c for c in cells}
     assert sweep.x_axis(named) == "corrupt"

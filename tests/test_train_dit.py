@@ -12,13 +12,9 @@ import torch
 
 import diffusion
 import train_dit
-from conftest import ROOT, TINY, check_resume_is_bit_identical, expect_one_line_error, train_and_check_learning
+from conftest import ROOT, TINY, run_tiny, check_resume_is_bit_identical, expect_one_line_error, train_and_check_learning
 from conftest import load_ckpt as ckpt, read_log as records, subprocess_env as env
 
-
-
-def run(out, *extra):
-    return train_dit.main(TINY + ["--out", str(out), *map(str, extra)])
 
 
 def test_default_trains_loss_falls_and_writes_grid(tmp_path):
@@ -30,7 +26,7 @@ def test_default_trains_loss_falls_and_writes_grid(tmp_path):
 
 
 def test_resume_is_bit_identical(tmp_path):
-    b = check_resume_is_bit_identical(run, tmp_path, "--cep", "uniform", "--corrupt", "0.1")
+    b = check_resume_is_bit_identical(train_dit.main, tmp_path, "--cep", "uniform", "--corrupt", "0.1")
     assert b["step"] == 4
 
 
@@ -65,7 +61,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     stopped = [r for r in records(out) if r.get("event") == "stopped"]
     assert stopped and ckpt(out)["step"] == stopped[0]["step"] > 0
     step = stopped[0]["step"]
-    assert run(out, "--steps", step + 2, "--resume", "auto") == 0
+    assert run_tiny(train_dit.main, out, "--steps", step + 2, "--resume", "auto") == 0
     assert ckpt(out)["step"] == step + 2
 
 
@@ -81,7 +77,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
         return out
 
     monkeypatch.setattr(diffusion.GaussianDiffusion, "training_losses", poisoned)
-    assert run(tmp_path, "--steps", 6) == 1
+    assert run_tiny(train_dit.main, tmp_path, "--steps", 6) == 1
     assert "non-finite" in capsys.readouterr().err
     assert ckpt(tmp_path)["step"] == 2
 
@@ -101,7 +97,7 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     _expect_error(capsys, base + ["--data", str(tmp_path / "bad"), "--out", str(tmp_path / "o3")], "broken.png")
     _expect_error(capsys, base + ["--corrupt", "1.5", "--out", str(tmp_path / "o4")], "--corrupt")
     _expect_error(capsys, base + ["--model", "DiT-Q/3", "--out", str(tmp_path / "o5")], "unknown --model")
-    assert run(tmp_path / "t2", "--steps", 1) == 0
+    assert run_tiny(train_dit.main, tmp_path / "t2", "--steps", 1) == 0
     _expect_error(capsys, base + ["--model", "DiT-T/4", "--resume", str(tmp_path / "t2" / "last.pt"),
                                   "--out", str(tmp_path / "o6")], "model")
     before = hashlib.sha256(open(tmp_path / "t2" / "last.pt", "rb").read()).hexdigest()

@@ -13,25 +13,12 @@ import diffusion
 import train_ldm
 from conditions import encoder_from_config
 from config import parse_config
-from conftest import ROOT, TINY, check_resume_is_bit_identical, expect_one_line_error, train_and_check_learning
+from conftest import ROOT, TINY, run_tiny, check_resume_is_bit_identical, expect_one_line_error, randomize, train_and_check_learning
 from conftest import load_ckpt as ckpt
 from models import unet as unet_lib
 from models.unet import LDM, UNetModel, build_unet
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "ldm4-cin256-v2_unet_compvis_state_dict.txt")
-
-
-def run(out, *extra):
-    return train_ldm.main(TINY + ["--out", str(out), *map(str, extra)])
-
-
-def randomize(module, scale=0.1):
-    """Overwrite every parameter (zero-initialised ones included) with N(0, scale^2), so every path carries signal."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn_like(p) * scale)
-    return module
 
 
 def tiny_ldm(**cfg_overrides):
@@ -72,7 +59,7 @@ def test_unet_equals_diffusers_on_converted_compvis_weights(side):
                                                      create_unet_diffusers_config_from_ldm)
     arch = dict(model_channels=32, channel_mult=[1, 2, 3, 5], num_res_blocks=2, attention_resolutions=[8, 4, 2],
                 num_heads=2, context_dim=24, transformer_depth=1)
-    ours = randomize(UNetModel(in_channels=3, out_channels=3, **arch)).eval()
+    ours = randomize(UNetModel(in_channels=3, out_channels=3, **arch), std=0.1, seed=1).eval()
     compvis = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
     yaml = {"model": {"params": {"unet_config": {"params": dict(in_channels=3, out_channels=3, **arch)},
                                  "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4]}}}}}}
@@ -101,7 +88,7 @@ def test_zero_init_output_means_zero_initial_prediction():
 
 
 def test_cfg_scale_one_is_the_conditional_prediction_and_guidance_is_the_cfg_formula():
-    model = randomize(tiny_ldm()).eval()
+    model = randomize(tiny_ldm(), std=0.1, seed=1).eval()
     torch.manual_seed(3)
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 400, 900]), torch.tensor([0, 2, 4])
     null = model.cond.null_like(y)
@@ -125,7 +112,7 @@ def test_class_embedding_is_one_context_token_and_cep_perturbs_it_only_in_traini
 
 def test_context_mask_hides_padding_tokens():
     """The text interface: masked context tokens have no effect, i.e. the same output as leaving them out."""
-    unet = randomize(build_unet("unet-tiny", context_dim=8)).eval()
+    unet = randomize(build_unet("unet-tiny", context_dim=8), std=0.1, seed=1).eval()
     torch.manual_seed(4)
     x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([10, 600]), torch.randn(2, 3, 8)
     keep = torch.tensor([[True, True, False], [True, False, False]])
@@ -166,7 +153,7 @@ def test_default_trains_loss_falls_writes_grid_and_checkpoint_rebuilds(tmp_path)
 
 
 def test_resume_is_bit_identical(tmp_path):
-    b = check_resume_is_bit_identical(run, tmp_path, "--cep", "uniform", "--corrupt", "0.1")
+    b = check_resume_is_bit_identical(train_ldm.main, tmp_path, "--cep", "uniform", "--corrupt", "0.1")
     assert b["step"] == 4
 
 
@@ -183,7 +170,7 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     _expect_error(capsys, base + ["--vae", "vq-f4", "--image-size", "30", "--out", str(tmp_path / "o4")],
                   "multiple of 4")
     _expect_error(capsys, base + ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o5")], "not found")
-    assert run(tmp_path / "t2", "--steps", 1) == 0
+    assert run_tiny(train_ldm.main, tmp_path / "t2", "--steps", 1) == 0
     _expect_error(capsys, base + ["--model", "unet-small", "--resume", str(tmp_path / "t2" / "last.pt"),
                                   "--out", str(tmp_path / "o6")], "model")
     _expect_error(capsys, base + ["--out", str(tmp_path / "t2")], "already holds a run")
@@ -239,9 +226,9 @@ def test_on_the_fly_vq_f4_latents_train_and_grid_decodes(tmp_path):
 def test_text_conditional_unet_trains_writes_captions_and_resumes(tmp_path):
     """--cond text: the text encoder's tokens are the U-Net's context; swap corruption, CEP, grid + captions, resume."""
     text = ["--cond", "text", "--text-depth", "1", "--context-length", "24", "--corrupt", "0.1", "--cep", "gaussian"]
-    assert run(tmp_path / "straight", "--steps", 4, *text) == 0
-    assert run(tmp_path / "split", "--steps", 2, *text) == 0
-    assert run(tmp_path / "split", "--steps", 4, "--resume", "auto", "--sample-every", 4, "--sample-steps", 2,
+    assert run_tiny(train_ldm.main, tmp_path / "straight", "--steps", 4, *text) == 0
+    assert run_tiny(train_ldm.main, tmp_path / "split", "--steps", 2, *text) == 0
+    assert run_tiny(train_ldm.main, tmp_path / "split", "--steps", 4, "--resume", "auto", "--sample-every", 4, "--sample-steps", 2,
                "--sample-per-class", 1, *text) == 0
     a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "split")
     for k in a["model"]:

@@ -17,21 +17,10 @@ import data
 import train_dit
 import train_ldm
 import trainer
+from conftest import ROOT, load_ckpt as ckpt, one_error_line
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
         "--builtin-length", "64", "--num-workers", "0"]
-
-
-def ckpt(out):
-    return torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)
-
-
-def one_error_line(capsys, script="train_dit.py"):
-    err = capsys.readouterr().err.strip()
-    errors = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(errors) == 1 and errors[0].startswith(f"{script}: error:") and "Traceback" not in err, err
-    return errors[0]
 
 
 def sha(path):
@@ -184,7 +173,9 @@ def test_label_smoothing_embeds_the_smoothed_one_hot_in_training_only():
     got = enc(y).detach()
     torch.testing.assert_close(got[:3], want)
     assert torch.equal(got[3], W[5])                                     # the null row is not smoothed
-    assert torch.equal(enc.eval()(y).detach(), W[y])                     # identity in eval
+    torch.testing.assert_close(enc.eval()(y).detach()[:3], want)         # sampling: the embedding it trained on
+    enc.raw_at_sampling = True                                           # evaluate.py --raw-class-embedding
+    assert torch.equal(enc.eval()(y).detach(), W[y])
     with pytest.raises(ValueError, match="class"):
         conditions.build_condition_encoder("text", 16, label_smoothing=0.1)
 
@@ -239,3 +230,63 @@ def test_ablations_resume_bit_identical_and_are_recorded(tmp_path, script, capsy
     assert any(not torch.equal(a["model"][k], full["model"][k]) for k in a["model"])
     assert script.main(TINY + ["--out", str(tmp_path / "bad"), "--cep-subset", "0.5", "--steps", "1"]) == 2
     assert "--cep" in one_error_line(capsys, os.path.basename(script.__file__))
+
+
+# ---- issue 20: random corruption at its true rate; the trainer applies it; "Fixed CEP" as fixed noise ----
+
+@pytest.mark.parametrize("eta", [0.01, 0.05, 0.075, 0.2])
+def test_random_corruption_flips_eta_in_expectation_at_batch_32(eta):
+    """Over many global batches of 32, the share of flipped labels converges to eta itself (not round(eta*32)/32)."""
+    from corrupt import corrupt_batch
+    counts, labels, n = np.array([30, 25, 25, 20]), np.arange(32) % 4, 20_000
+    flips = sum(int((corrupt_batch(labels, eta, counts, rng=seed)[0] != labels).sum()) for seed in range(n))
+    k = eta * 32
+    sd = np.sqrt((k % 1) * (1 - k % 1) / n)                             # the count is floor(k) + Bernoulli(frac(k))
+    assert abs(flips / n - k) <= 5 * sd + 1e-12, (flips / n, k)
+
+
+def record_condition_inputs(monkeypatch) -> list:
+    """Patch the class embedder to record (y, cep_unit) of every training forward."""
+    seen, forward = [], conditions.ClassEmbedder.forward
+
+    def spy(self, y, cep_mask=None, cep_unit=None):
+        if self.training:
+            seen.append((y.clone(), None if cep_unit is None else cep_unit.clone()))
+        return forward(self, y, cep_mask, cep_unit)
+    monkeypatch.setattr(conditions.ClassEmbedder, "forward", spy)
+    return seen
+
+
+def test_the_trainer_trains_on_the_randomly_corrupted_labels(tmp_path, monkeypatch):
+    """With --corrupt-mode random at 0.5, about half of the labels the model sees differ from the items' clean labels
+    (and none do without it): fails if the trainer skips the per-step corruption."""
+    seen = record_condition_inputs(monkeypatch)
+    args = TINY + ["--steps", "6", "--class-dropout", "0", "--seed", "4", "--out", str(tmp_path / "r")]
+    assert train_dit.main(args + ["--corrupt-mode", "random", "--corrupt", "0.5"]) == 0
+    clean = data.BuiltinShapes(size=8, length=64, seed=4).labels
+    items = data.batch_items(64, 8, 4, 0, 6)
+    changed = np.mean([(y.numpy() != clean[items(step)]).mean() for step, (y, _) in enumerate(seen)])
+    assert len(seen) == 6 and 0.3 < changed < 0.7, changed
+    seen.clear()
+    assert train_dit.main(TINY + ["--steps", "2", "--class-dropout", "0", "--seed", "4", "--out", str(tmp_path / "c")]) == 0
+    assert all(np.array_equal(y.numpy(), clean[items(step)]) for step, (y, _) in enumerate(seen))
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_cep_fixed_delta_keeps_each_items_noise_for_the_whole_run(tmp_path, monkeypatch, fixed):
+    """--cep-fixed-delta: an item meets the same CEP unit noise at every step; without it, fresh noise each time."""
+    seen = record_condition_inputs(monkeypatch)
+    args = TINY + ["--steps", "4", "--class-dropout", "0", "--builtin-length", "8", "--cep", "gaussian",
+                   "--out", str(tmp_path / "f")] + (["--cep-fixed-delta"] if fixed else [])
+    assert train_dit.main(args) == 0
+    items = data.batch_items(8, 8, 0, 0, 4)
+    by_item = {}
+    for step, (_, unit) in enumerate(seen):
+        for i, row in zip(items(step), unit):
+            by_item.setdefault(int(i), []).append(row)
+    same = [all(torch.equal(r, rows[0]) for r in rows) for rows in by_item.values()]
+    assert len(by_item) == 8 and all(len(rows) == 4 for rows in by_item.values())
+    assert all(same) if fixed else not any(same)
+    if fixed:                                                            # a function of (seed, item) alone
+        want = trainer.item_cep_noise([3], 0, "gaussian", tuple(seen[0][1].shape[1:]), torch.device("cpu"))[0]
+        assert torch.equal(by_item[3][0], want)

@@ -14,14 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 from weights import vae
+from conftest import rel_err
 
 KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "notes" / "keys"
 TINY = dict(block_out_channels=(32, 64))          # two levels: f=2, widths divisible by 32 groups
 TINY_VQ = dict(block_out_channels=(32, 64), num_codes=64)
 
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def randomise(model, seed):

@@ -11,7 +11,7 @@ from pathlib import Path
 from common import atomic_open
 
 
-def file_sha256(path, algorithm: str = "sha256") -> str:
+def file_hash(path, algorithm: str = "sha256") -> str:
     """Hex digest (sha256 unless told otherwise) of a file's bytes, read in 4 MiB chunks."""
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:

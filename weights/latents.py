@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from common import ArgParser, atomic_open, one_line, setup_distributed
-from weights.hub import file_sha256
+from weights.hub import file_hash
 
 FORMAT = "nanocep-latents"
 VERSION = 1
@@ -422,7 +422,7 @@ def _build_main(args) -> int:
     if args.data == "builtin":
         extra.update(seed=args.seed, builtin_length=args.builtin_length)
     if args.vae_path:
-        extra.update(vae_path=os.path.abspath(args.vae_path), vae_file_sha256=file_sha256(args.vae_path),
+        extra.update(vae_path=os.path.abspath(args.vae_path), vae_file_sha256=file_hash(args.vae_path),
                      vae_config=dict(overrides, block_out_channels=list(ae.cfg.block_out_channels)))
     sync = None
     if d.world > 1:
