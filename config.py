@@ -35,7 +35,8 @@ def opt(default, help: str, **kw):
 class TrainConfig:
     # data
     data: str = opt("builtin", "'builtin' (procedural shapes, no download), an ImageNet-layout folder root/<class>/*.jpg, "
-                    "or with --cond text: a folder of images with same-stem .txt captions or a path<TAB>caption .tsv/.csv")
+                    "or with --cond text: a folder of images with same-stem .txt captions or a path<TAB>caption .tsv/.csv; "
+                    "or WebDataset shards (.tar, a folder of them, dir/{00000..00099}.tar) with .txt/.json/.cls")
     cond: str = opt("class", "condition: class labels | text captions (tokenised, encoded by a jointly trained encoder)",
                     choices=["class", "text"], arch=True)
     image_size: int = opt(16, "image side in pixels (latent side = image_size / 8 with --vae kl-f8, / 4 with vq-f4)",
