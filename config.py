@@ -108,6 +108,10 @@ class TrainConfig:
     compile: bool | None = opt(None, "torch.compile the model (default: on for GPU, off for CPU)")
     num_workers: int = opt(-1, "data loader workers; -1 = auto (0 on CPU)")
     log_every: int = opt(50, "log the all-reduced loss every N steps")
+    log: str = opt("", "also send every log record (loss, lr, img/s, grids, judge) to: wandb | tensorboard | "
+                   "wandb,tensorboard (rank 0; W&B offline unless WANDB_MODE/WANDB_API_KEY; tools/tracking.py)")
+    log_group: str = opt("", "tracker group of this run (sweep.py: the sweep's name)")
+    log_name: str = opt("", "tracker run name (sweep.py: cell/seedS); default: the --out folder's name")
     ckpt_every: int = opt(500, "write out/last.pt every N steps (and at the end)")
     keep_every: int = opt(0, "also keep out/step_XXXXXXX.pt every N steps; 0 = only last.pt")
     sample_every: int = opt(500, "write an EMA sample grid every N steps; 0 = never")
