@@ -110,7 +110,7 @@ def _member_caption(ext: str, raw: bytes, where: str) -> str | None:
 
 
 def index_shard(path: str, shard_id: int) -> list[dict]:
-    """The items of one shard in member order: {shard, offset, size, key, caption, label} (caption/label may be None)."""
+    """The items of one shard in member order: {shard, offset, size, key, caption, label} (the last two may be None)."""
     items, texts = {}, {}
     try:
         with tarfile.open(path, mode="r:") as tar:
