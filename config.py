@@ -35,7 +35,8 @@ def opt(default, help: str, **kw):
 class TrainConfig:
     # data
     data: str = opt("builtin", "'builtin' (procedural shapes, no download), an ImageNet-layout folder root/<class>/*.jpg, "
-                    "or with --cond text: a folder of images with same-stem .txt captions or a path<TAB>caption .tsv/.csv")
+                    "or with --cond text: a folder of images with same-stem .txt captions or a path<TAB>caption .tsv/.csv; "
+                    "or WebDataset shards (.tar, a folder of them, dir/{00000..00099}.tar) with .txt/.json/.cls")
     cond: str = opt("class", "condition: class labels | text captions (tokenised, encoded by a jointly trained encoder)",
                     choices=["class", "text"], arch=True)
     image_size: int = opt(16, "image side in pixels (latent side = image_size / 8 with --vae kl-f8, / 4 with vq-f4)",
@@ -117,6 +118,10 @@ class TrainConfig:
     compile: bool | None = opt(None, "torch.compile the model (default: on for GPU, off for CPU)")
     num_workers: int = opt(-1, "data loader workers; -1 = auto (0 on CPU)")
     log_every: int = opt(50, "log the all-reduced loss every N steps")
+    log: str = opt("", "also send every log record (loss, lr, img/s, grids, judge) to: wandb | tensorboard | "
+                   "wandb,tensorboard (rank 0; W&B offline unless WANDB_MODE/WANDB_API_KEY; tools/tracking.py)")
+    log_group: str = opt("", "tracker group of this run (sweep.py: the sweep's name)")
+    log_name: str = opt("", "tracker run name (sweep.py: cell/seedS); default: the --out folder's name")
     ckpt_every: int = opt(500, "write out/last.pt every N steps (and at the end)")
     keep_every: int = opt(0, "also keep out/step_XXXXXXX.pt every N steps; 0 = only last.pt")
     sample_every: int = opt(500, "write an EMA sample grid every N steps; 0 = never")

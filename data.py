@@ -1,6 +1,6 @@
 """
 Datasets for nanoCEP: the built-in procedural dataset, the readers of sources/ (ImageNet-style image folders,
-captioned images) behind one build_dataset, static
+captioned images, WebDataset .tar shards) behind one build_dataset, static
 condition corruption (labels and captions, through corrupt.py), the step-indexed sampler that makes training
 resumable and identical on 1 or N processes, and the per-step views of a global batch's items that keep random
 corruption and --cep-subset identical on 1 or N processes too.
@@ -23,6 +23,7 @@ import torch
 from common import derive_seed
 from sources.captions import TABLE_EXTENSIONS, CaptionedImages
 from sources.folders import ImageFolderDataset, flip_key, to_tensor
+from sources.shards import ShardDataset, is_shard_source
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The built-in dataset: coloured shapes drawn procedurally, no files, no download
@@ -119,12 +120,15 @@ class _LazyCaptions:
 
 
 def build_dataset(data: str, image_size: int, seed: int = 0, builtin_length: int = 100_000, captions: bool = False):
-    """'builtin', a folder or a caption table -> a dataset following the protocol in this file's docstring.
+    """'builtin', a folder, a caption table or WebDataset shards (a .tar, a folder of them, a brace pattern
+    dir/{00000..00099}.tar) -> a dataset following the protocol in this file's docstring.
 
     captions=False reads a folder as ImageNet class folders; captions=True as images with same-stem .txt captions.
     """
     if data == "builtin":
         return BuiltinShapes(size=image_size, length=builtin_length, seed=seed)
+    if is_shard_source(data):       # WebDataset .tar shards: classes (.cls) and/or captions (.txt / .json) inside
+        return ShardDataset(data, size=image_size)
     if captions or data.lower().endswith(TABLE_EXTENSIONS):
         return CaptionedImages(data, size=image_size)
     return ImageFolderDataset(data, size=image_size)

@@ -53,6 +53,7 @@ from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featuriz
                              min_samples, pipeline_label, plot_fid_is, read_results, reference_kind, reference_pipeline,
                              save_npz, source_pipeline, write_reference, write_results)
 from weights.hub import file_hash
+from tools import tracking
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
@@ -488,12 +489,16 @@ def _sample_parser() -> ArgParser:
     p.add_argument("--png", action="store_true", help="save OUT/cfg{scale}/samples/{index:06d}.png")
     p.add_argument("--npz", action="store_true", help="save OUT/cfg{scale}/samples.npz (arr_0, ADM evaluator format)")
     _add_feature_args(p)
+    p.add_argument("--log", default="", help="also send each result row to wandb | tensorboard (tools/tracking.py)")
+    p.add_argument("--log-group", default="", help="tracker group (sweep.py: the sweep's name)")
+    p.add_argument("--log-name", default="", help="tracker run name (sweep.py: cell/seedS)")
     return p
 
 
 def _check_sample_args(args) -> None:
     """Refuse bad `evaluate.py CKPT` flags before any work (ValueError / FileNotFoundError, one line)."""
     _check_common(args)
+    tracking.parse_trackers(args.log)                      # an unknown tracker or a missing package: one line now
     cads_from_args(args)                                   # bad --cads-* values fail before any work
     if args.num_samples < min_samples(args.k, args.is_splits):
         raise ValueError(f"--num-samples {args.num_samples} is below the {min_samples(args.k, args.is_splits)} "
@@ -538,9 +543,23 @@ def main_sample(argv):
     if rank == 0:
         for row in rows:
             print(json.dumps({c: row[c] for c in METRIC_COLUMNS}))
+        log_rows(args, rows, settings)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def log_rows(args, rows, settings) -> None:
+    """--log: each guidance scale's row as an "eval/cfg{scale}" record at the checkpoint's training step."""
+    if not args.log:
+        return
+    from runio import load_checkpoint
+    step = int(load_checkpoint(args.ckpt, mmap=True)["step"]) if args.ckpt else 0
+    sinks = tracking.open_sinks(args.log, args.out, settings, args.log_group, args.log_name, job_type="eval")
+    for sink in sinks:
+        for row in rows:
+            sink({"event": f"eval/cfg{row['cfg_scale']:g}", "step": step, **row})
+        sink.close()
 
 
 def _train_reference(args):

@@ -1,6 +1,7 @@
 """
 The run folder of a training run (--out): what trainer.train writes there and reads back. config.json, log.jsonl
-(one JSON record per line: start, every --log-every steps, sample grids, stop/done), samples/step_XXXXXXX.png,
+(one JSON record per line: start, every --log-every steps, sample grids, stop/done; each record also goes to the
+`sinks` the train script hands in, e.g. tools/tracking.py's W&B / TensorBoard for --log), samples/step_XXXXXXX.png,
 last.pt (+ step_XXXXXXX.pt every --keep-every steps) and, for a resumed run, the checkpoint it continues from.
 
 You do not run this file; trainer.py uses it.
@@ -120,8 +121,10 @@ def rng_states(d: Dist) -> list | None:
 class RunIO:
     """What a run writes (on rank 0) and reads back: the run folder of cfg.out."""
 
-    def __init__(self, cfg, kind: str, d: Dist, resume: Resume | None = None, judge_grid: Callable | None = None):
+    def __init__(self, cfg, kind: str, d: Dist, resume: Resume | None = None, judge_grid: Callable | None = None,
+                 sinks=()):
         """resume: check_run_folder's verdict on this run folder (trainer.load_data checked it)."""
+        self.sinks = list(sinks)                                   # sink(record, images=None): trackers (--log)
         os.makedirs(cfg.out, exist_ok=True)
         self.cfg, self.kind, self.d = cfg, kind, d
         self.resume_path = resume.path if resume is not None else None
@@ -139,10 +142,13 @@ class RunIO:
             raise RunError(f"{self.resume_path} is a {ckpt.get('kind')!r} checkpoint, not {self.kind!r}")
         return ckpt
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, images: torch.Tensor | None = None) -> None:
+        """One log.jsonl line (rank 0), also handed to every sink, with the grid (N, C, H, W) of a samples record."""
         if self.d.main:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            for sink in self.sinks:
+                sink(record, images)
 
     def start(self, model: nn.Module, num_items: int, start_step: int, init_note: str | None = None) -> None:
         """config.json, the start line and event (and the --init-from / --resume-override notes), the progress bar."""
@@ -200,7 +206,7 @@ class RunIO:
             path = os.path.join(self.cfg.out, "samples", f"step_{step:07d}.png")
             images = sample(ema)
             save_grid(images.float().cpu(), path, nrow=self.cfg.sample_per_class)
-            self.log({"event": "samples", "step": step, "path": path})
+            self.log({"event": "samples", "step": step, "path": path}, images=images)
             if step == self.cfg.steps and self.judge_grid is not None and getattr(sample, "labels", None) is not None:
                 self.judge_grid(self.cfg, images, sample.labels, self.log, tqdm.write)   # does it show its classes?
         if self.d.world > 1:
@@ -240,8 +246,8 @@ class RunIO:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):  # close the bar (so an error message starts on a fresh line) and the log, however it ends
-        for thing in (self.bar, self.file):
+    def __exit__(self, *exc):  # close the bar (an error message then starts on a fresh line) and the logs, however it ends
+        for thing in (self.bar, self.file, *self.sinks):
             if thing is not None:
                 thing.close()
 

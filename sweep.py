@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tools import tracking
+
 REPO = Path(__file__).resolve().parent
 
 # ---- where each grid key goes ----
@@ -186,6 +188,8 @@ class SweepConfig:
     nproc: int = field(default=0, metadata={"help": "torchrun processes per run; 0 = the local GPU count"})
     jobs: int = field(default=1, metadata={"help": "runs at a time (CPU: threads split between them)"})
     dry_run: bool = field(default=False, metadata={"help": "print the commands instead of running them"})
+    log: str = field(default="", metadata={"help": "wandb | tensorboard: every run's training and evaluation records "
+                                             "go there too, grouped by the sweep's name, named cell/seedS"})
 
 
 # ---- planning: cells x seeds -> commands ----
@@ -254,6 +258,9 @@ def plan(cfg: SweepConfig, features: str = "") -> list:
                               "--out", str(folder), "--resume", "auto"]
         ev = [*extra_eval, *shlex.split(cfg.eval), *eval_args]
         eval_cmd = prefix + ["evaluate.py", str(folder / "last.pt"), *ev, "--out", str(folder / "eval")]
+        if cfg.log:   # trackers group a sweep's runs by its name; each run is its cell and seed
+            tags = ["--log", cfg.log, "--log-group", out.name, "--log-name", f"{cell_name(cell)}/seed{seed}"]
+            train_cmd, eval_cmd = train_cmd + tags, eval_cmd + tags
         runs.append(Run(cell, seed, folder, train_cmd, eval_cmd, eval_scales(ev)))
     names = [cell_name(c) for c in cells]
     if len(set(names)) != len(names):
@@ -760,6 +767,7 @@ def check(cfg: SweepConfig):
         raise ValueError("--judge N brings its own reference: drop --reference (or pass --judge 0)")
     if cfg.judge < 0 or 0 < cfg.judge < 10:
         raise ValueError(f"--judge {cfg.judge}: need at least 10 reference images (0 = off)")
+    tracking.parse_trackers(cfg.log)                    # an unknown tracker or a missing package: one line, now
     for text, what in ((cfg.train, "--train"), (cfg.eval, "--eval")):
         try:
             shlex.split(text)

@@ -22,6 +22,7 @@ from common import RunError, setup_distributed
 from config import Family, TrainConfig, opt, parse_config, resolve_run_config
 from models import dit
 from scoring import judge
+from tools import tracking
 from sources.tokenizer import get_tokenizer
 from trainer import exit_codes, load_data, train
 from weights import latents, pretrained, vae
@@ -90,11 +91,12 @@ def main(argv=None) -> int:
     cfg, init = pretrained.init_from(cfg, "dit", argv, (FINE_TUNE, PRESETS[FINE_TUNE]))   # --init-from SOURCE
     cfg = resolve(cfg)
     d = setup_distributed(cfg.device)
+    sinks = tracking.sinks_for_run(cfg, d.main)          # --log: W&B / TensorBoard get every log record (rank 0)
     data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
     model, diffusion = dit.from_config(cfg), diff.from_config(cfg)
-    train(cfg, model, diffusion, data, kind="dit", d=d, init=init, judge_grid=judge.judge_final_grid)
+    train(cfg, model, diffusion, data, kind="dit", d=d, init=init, judge_grid=judge.judge_final_grid, sinks=sinks)
     return 0
 
 

@@ -319,15 +319,16 @@ def update(s: TrainState) -> None:
 # The loop
 
 def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Dist, init: Callable | None = None,
-          judge_grid: Callable | None = None) -> dict:
+          judge_grid: Callable | None = None, sinks=()) -> dict:
     """Train `model` (model(x, t, y), with `model.cond` its condition encoder) on `data` with `diffusion`, as cfg says.
 
     init(model) -> note: --init-from's weights loaded into the fresh model, on a fresh run only (weights/pretrained.py).
     judge_grid(cfg, images, labels, log, write): scores the final sample grid of a class-conditional run
     (scoring/judge.py's judge_final_grid, handed in by the train script).
+    sinks: callables sink(record, images=None) that get every log record too (tools/tracking.py's --log trackers).
 
     Returns {"status": "done" | "stopped", "step", "loss", "ema", "model"}."""
-    io = RunIO(cfg, kind, d, data.resume, judge_grid)              # the run folder: resume, logs, checkpoints, grids
+    io = RunIO(cfg, kind, d, data.resume, judge_grid, sinks)       # the run folder: resume, logs, checkpoints, grids
     ckpt = io.checkpoint_to_resume()
     note = init(model) if init is not None and ckpt is None else None   # a resumed run has its own weights
     torch.manual_seed(derive_seed(cfg.seed, "module", d.rank))     # per-rank module randomness (--cond-dropout)

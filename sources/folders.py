@@ -58,14 +58,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
+    def image_file(self, index: int):
+        """(what PIL opens for item `index`, its name for messages): the file's path here (shards: the member's bytes)."""
+        return self.files[index], self.files[index]
+
     def __getitem__(self, key: int):
         index, flip = flip_key(int(key))
-        path = self.files[index]
+        name = index
         try:
-            with Image.open(path) as im:
+            source, name = self.image_file(index)
+            with Image.open(source) as im:
                 arr = center_crop_arr(im.convert("RGB"), self.image_size)
         except Exception as e:  # PIL raises many types; the user needs the file name, not the type
-            raise ValueError(f"cannot read image {path}: {e}") from None
+            raise ValueError(f"cannot read image {name}: {e}") from None
         if flip:
             arr = arr[:, ::-1]
         return to_tensor(np.ascontiguousarray(arr)), int(self.labels[index])

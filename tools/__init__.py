@@ -5,4 +5,5 @@ tools/: instruments for measuring and checking nanoCEP, run as modules from the 
     measure.py      the measurement bench.py prints and the GPU check tabulates
     gpu_suite.py    the one prepared GPU check                      python -m tools.gpu_suite --help
     gmm_theory.py   the paper's Gaussian-mixture theory, numerically  python -m tools.gmm_theory --help
+    tracking.py     --log wandb|tensorboard: the sinks the train scripts hand runio.RunIO
 """

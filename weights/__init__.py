@@ -6,4 +6,5 @@ They import the core; the core never imports them (the train scripts' mains hand
     latents.py      the latent cache: a dataset encoded once     python -m weights.latents --help
     pretrained.py   released DiT / LDM checkpoints (official DiT, the paper's, CompVis cin256-v2) -> our modules, and
                     --init-from                                   python -m weights.pretrained --help
+    export_diffusers.py  a trained DiT -> a diffusers DiTPipeline folder   python -m weights.export_diffusers --help
 """

@@ -455,6 +455,9 @@ def _dit_folder(path, name, numerics, num_heads):
     """The paper's DiT-XL/2 releases (DiTPipeline): transformer/ -> our DiT, with diffusers' numerics by default."""
     conf = read_json(path / "transformer" / "config.json")
     sd = dit_from_diffusers(read_weights(component_weights(path / "transformer")), conf)
+    names = read_json(path / "model_index.json").get("id2label") if (path / "model_index.json").is_file() else None
+    if names:
+        sd = trim_padded_classes(sd, len(names))
     model, model_name, arch = build_dit(sd, num_heads or conf.get("num_attention_heads"), f"{name} transformer")
     if numerics != "dit":
         from models.dit import set_numerics
@@ -465,6 +468,15 @@ def _dit_folder(path, name, numerics, num_heads):
     vae_conf = path / "vae" / "config.json"
     scale = float(read_json(vae_conf).get("scaling_factor", 0.18215)) if vae_conf.is_file() else 0.18215
     return model, arch["num_classes"], None, info, ("kl-f8", path / "vae", scale), "linear"
+
+
+def trim_padded_classes(sd, num_classes):
+    """A DiTPipeline table padded to 1001 rows (weights/export_diffusers.py: K classes, then the null row repeated so
+    DiTPipeline's null label 1000 works) back to K + 1 rows, when id2label names K classes and rows K.. are all equal."""
+    table = sd["y_embedder.embedding_table.weight"]                    # (1001, D)
+    if num_classes < table.shape[0] - 1 and bool((table[num_classes:] == table[-1]).all()):
+        sd = {**sd, "y_embedder.embedding_table.weight": table[: num_classes + 1].clone()}
+    return sd
 
 
 def _ldm_folder(path, name, num_heads):

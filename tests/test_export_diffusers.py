@@ -1,0 +1,109 @@
+"""weights/export_diffusers.py: a tiny nanoCEP DiT checkpoint (random weights, written offline) exported to a
+DiTPipeline folder: diffusers' transformer equals our forward (both MLP eps), --init-from the folder is exact,
+DiTPipeline loads and samples it (equal to evaluate.py's sampler of the same folder), refusals in one line."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate as ev
+from models import dit
+from train_dit import DiTConfig
+from weights import export_diffusers as export
+from weights import pretrained
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def randomize(module, std, seed):
+    """Every trained parameter N(0, std^2) (adaLN-Zero starts at 0, which would make any comparison trivial); the
+    fixed sin-cos pos_embed stays."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def write_checkpoint(path, vae_dir, **fields):
+    """A nanoCEP DiT checkpoint as runio.RunIO.save writes it: 10 built-in classes on 32px kl-f8 latents (4x4x4)."""
+    cfg = DiTConfig(vae="kl-f8", image_size=32, num_classes=10, learn_sigma=True, t_freq_shift=1.0,
+                    vae_path=str(vae_dir), **fields)
+    model = dit.from_config(cfg)
+    randomize(model, 0.2, 0)
+    ema = randomize(dit.from_config(cfg), 0.2, 1)
+    torch.save({"version": 1, "kind": "dit", "step": 7, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
+                "ema": ema.state_dict(), "opt": {}, "rng": None, "data": {}}, path)
+    return cfg, ema.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae")
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                                  layers_per_block=1, sample_size=8)
+    randomize(vae, 0.1, 2).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])           # diffusers' port's MLP LayerNorm eps, and DiT's
+def test_exported_transformer_equals_our_forward_and_round_trips(tmp_path, tiny_vae, eps):
+    cfg, ours = write_checkpoint(tmp_path / "last.pt", tiny_vae, mlp_norm_eps=eps)
+    index = export.export(str(tmp_path / "last.pt"), str(tmp_path / "out"))
+    assert index["id2label"]["0"] == "red disc" and len(index["id2label"]) == 10
+    theirs = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "out" / "transformer").eval()
+    assert theirs.config.norm_eps == eps
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(12, 4, 4, 4, generator=g), torch.randint(0, 1000, (12,), generator=g)
+    y = torch.tensor([0, 3, 9, 10, 10, 5, 1, 2, 4, 6, 7, 8])            # 10 = our null row
+    with torch.no_grad():
+        a = ours(x, t, y)
+        torch.testing.assert_close(theirs(x, timestep=t, class_labels=y).sample, a, rtol=1e-5, atol=1e-5)
+        # DiTPipeline's null label 1000 is our null row
+        torch.testing.assert_close(theirs(x, timestep=t, class_labels=torch.full_like(y, 1000)).sample,
+                                   ours(x, t, torch.full_like(y, 10)), rtol=1e-5, atol=1e-5)
+    # the round trip: --init-from the folder gives back the EMA weights and the architecture fields exactly
+    back, sd, note = pretrained.init_weights(str(tmp_path / "out"), DiTConfig(), "dit")
+    assert {k: getattr(back, k) for k in ("model", "image_size", "vae", "learn_sigma", "t_freq_shift", "mlp_norm_eps",
+                                          "schedule")} == {k: getattr(cfg, k) for k in (
+                                              "model", "image_size", "vae", "learn_sigma", "t_freq_shift",
+                                              "mlp_norm_eps", "schedule")}
+    assert sd.keys() == ours.state_dict().keys() and all(torch.equal(sd[k], v) for k, v in ours.state_dict().items())
+    assert "10 classes" in note and back.vae_path == str(tmp_path / "out" / "vae")
+
+
+def test_dit_pipeline_samples_the_export_as_our_sampler_does(tmp_path, tiny_vae):
+    write_checkpoint(tmp_path / "last.pt", tiny_vae)
+    assert export.main([str(tmp_path / "last.pt"), "--out", str(tmp_path / "out")]) == 0
+    pipe = diffusers.DiTPipeline.from_pretrained(tmp_path / "out")
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, diffusers.DPMSolverMultistepScheduler)
+    label = pipe.get_label_ids(["magenta cross"])[0]
+    assert label == 9
+    theirs = pipe([label], guidance_scale=3.0, num_inference_steps=4, output_type="np",
+                  generator=torch.Generator().manual_seed(5)).images[0] * 255        # (8, 8, 3), CFG with null 1000
+    sample_fn, _ = ev.load_pretrained_sampler(tmp_path / "out", steps=4)
+    ours = sample_fn(torch.tensor([label]), [5], 3.0)[0].astype(np.float64)
+    assert np.isfinite(theirs).all() and theirs.std() > 1
+    assert np.abs(ours - theirs).max() <= 0.5 + 1e-3        # ours rounds 127.5 x + 128 down: half a level apart
+
+
+def test_refusals_are_one_line(tmp_path, tiny_vae, capsys):
+    cases = [(dict(t_freq_shift=0.0), "--t-freq-shift 0"), (dict(cond="text"), "text-conditional")]
+    for i, (fields, needle) in enumerate(cases):
+        write_checkpoint(tmp_path / f"{i}.pt", tiny_vae)
+        ckpt = torch.load(tmp_path / f"{i}.pt", weights_only=True)
+        ckpt["config"].update(fields)
+        torch.save(ckpt, tmp_path / f"{i}.pt")
+        assert export.main([str(tmp_path / f"{i}.pt"), "--out", str(tmp_path / f"out{i}")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and not (tmp_path / f"out{i}").exists(), err
+    ckpt["config"].update(cond="class", t_freq_shift=1.0, vae="none")
+    torch.save(ckpt, tmp_path / "pixels.pt")
+    assert export.main([str(tmp_path / "pixels.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert "pixel space" in capsys.readouterr().err
+    assert export.main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""--log wandb|tensorboard (tools/tracking.py through runio.RunIO's sinks): a training run's event files parsed by
+TensorBoard's own reader hold the logged losses, the grid and the judge's verdict; W&B through a fake of its API
+surface (init / log / Image / summary / finish) and once for real in offline mode; evaluate.py's rows; sweep.py's
+grouping; a missing package or an unknown tracker in one line."""
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate as ev
+import sweep
+import train_dit
+from conftest import TINY, expect_one_line_error, logged_losses, read_log
+from scoring import judge
+from tools import tracking
+
+FLAGS = TINY + ["--steps", "4", "--sample-every", "4", "--sample-steps", "2", "--sample-per-class", "1"]
+
+
+def fake_judge(cfg, images, labels, log, print_fn):
+    """The judge's hook without its one-minute extractor build: logs a verdict record as the real one does."""
+    log({"event": "judge", "step": cfg.steps, "class_acc": 0.25, "num": len(labels), "cfg_scale": cfg.sample_cfg})
+
+
+def test_tensorboard_event_files_hold_every_record(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.setattr(judge, "judge_final_grid", fake_judge)
+    assert train_dit.main(FLAGS + ["--log", "tensorboard", "--out", str(tmp_path)]) == 0
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    losses = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert [s for s, _ in losses] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in losses], logged_losses(tmp_path), rtol=1e-6)   # float32 in the file
+    assert [e.value for e in acc.Scalars("img_per_s")] and acc.Scalars("lr")[0].value == pytest.approx(1e-3)
+    assert [(e.step, e.value) for e in acc.Scalars("judge/class_acc")] == [(4, 0.25)]
+    grid = acc.Images("samples")
+    assert len(grid) == 1 and grid[0].step == 4 and grid[0].width > 8       # 10 classes x 1, 8px each, padded
+    assert {"start", "samples", "judge", "done"} <= {t.split("/")[1] for t in acc.Tags()["tensors"]}
+    assert {r.get("event") for r in read_log(tmp_path)} >= {"start", "samples", "judge", "done"}   # JSONL unchanged
+
+
+class FakeWandb(types.ModuleType):
+    """The part of wandb's API the sink uses, recording every call."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.logged, self.finished = [], [], 0
+        self.summary = {}
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self
+
+    def log(self, payload, step):
+        self.logged.append((step, payload))
+
+    def Image(self, array, caption=""):
+        return ("image", array.shape, caption)
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_sink_sees_every_record_grouped_and_offline(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(judge, "judge_final_grid", fake_judge)
+    out = tmp_path / "runs" / "cep" / "seed0"
+    assert train_dit.main(FLAGS + ["--log", "wandb", "--log-group", "mysweep", "--log-name", "cep/seed0",
+                                   "--out", str(out)]) == 0
+    (init,) = fake.inits
+    assert init["mode"] == "offline" and init["group"] == "mysweep" and init["name"] == "cep/seed0"
+    assert init["dir"] == str(out) and init["config"]["num_classes"] == 10 and init["config"]["log"] == "wandb"
+    losses = [(s, p["loss"]) for s, p in fake.logged if "loss" in p]
+    assert losses == list(zip([1, 2, 3, 4], logged_losses(out)))
+    images = [p["samples"] for s, p in fake.logged if "samples" in p]
+    assert len(images) == 1 and images[0][0] == "image" and images[0][1][2] == 3
+    assert (4, {"judge/class_acc": 0.25, "judge/num": 10, "judge/cfg_scale": 4.0}) in fake.logged
+    assert fake.summary["start/device"] == "cpu" and fake.finished == 1
+
+
+def test_wandb_offline_for_real_writes_its_run_files(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sink = tracking.WandbSink(str(tmp_path), {"lr": 1e-3}, group="g", name="cell/seed0")
+    sink({"step": 1, "loss": 0.5, "lr": 1e-3})
+    sink({"event": "samples", "step": 2, "path": "x.png"}, images=torch.zeros(2, 3, 8, 8))
+    sink.close()
+    (run,) = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    files = [f for _, _, fs in os.walk(tmp_path / "wandb" / run) for f in fs]
+    assert any(f.endswith(".wandb") for f in files) and any(f.startswith("samples_") and f.endswith(".png")
+                                                           for f in files)
+
+
+def test_evaluate_rows_and_sweep_grouping(tmp_path, monkeypatch):
+    seen = []
+
+    class Sink:
+        def __call__(self, record, images=None):
+            seen.append(record)
+
+        def close(self):
+            seen.append("closed")
+    monkeypatch.setattr(tracking, "open_sinks", lambda *a, **kw: [Sink()])
+    args = types.SimpleNamespace(log="tensorboard", ckpt=None, out=str(tmp_path), log_group="", log_name="")
+    ev.log_rows(args, [{"cfg_scale": 1.5, "fid": 12.0}, {"cfg_scale": 4, "fid": 9.0}], {})
+    assert seen == [{"event": "eval/cfg1.5", "step": 0, "cfg_scale": 1.5, "fid": 12.0},
+                    {"event": "eval/cfg4", "step": 0, "cfg_scale": 4, "fid": 9.0}, "closed"]
+    cfg = sweep.parse_args(["--preset", "smoke", "--out", str(tmp_path / "smk"), "--log", "tensorboard"])
+    for run in sweep.plan(cfg):
+        name = f"{sweep.cell_name(run.cell)}/seed{run.seed}"
+        for cmd in (run.train_cmd, run.eval_cmd):
+            i = cmd.index("--log")
+            assert cmd[i:i + 6] == ["--log", "tensorboard", "--log-group", "smk", "--log-name", name]
+    assert "--log" not in sweep.plan(sweep.parse_args(["--preset", "smoke", "--out", str(tmp_path)]))[0].train_cmd
+
+
+def test_missing_package_and_unknown_tracker_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)                     # import wandb -> ImportError
+    expect_one_line_error(capsys, train_dit.main, "train_dit.py", FLAGS + ["--log", "wandb", "--out",
+                                                                          str(tmp_path / "a")], "pip install wandb")
+    assert not (tmp_path / "a").exists()
+    expect_one_line_error(capsys, train_dit.main, "train_dit.py", FLAGS + ["--log", "mlflow", "--out",
+                                                                          str(tmp_path / "b")], "'mlflow'")
+    assert sweep.main(["--preset", "smoke", "--out", str(tmp_path / "s"), "--log", "wandb", "--dry-run"]) == 2
+    assert "pip install wandb" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        tracking.parse_trackers("tensorboard")
