@@ -117,14 +117,9 @@ def test_bad_shards_are_one_line_errors(tmp_path, capsys):
 
 def test_train_text_on_two_shards_resumes_bit_identically(tmp_path):
     write_shards(tmp_path / "wds", n=32, per_shard=16)
-    flags = ["--cond", "text", "--data", str(tmp_path / "wds"), "--image-size", "8", "--batch-size", "8",
-             "--num-workers", "0", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0", "--text-width",
-             "32", "--text-depth", "1", "--text-heads", "2", "--context-length", "64", "--corrupt", "0.25",
-             "--cep", "uniform"]
-
-    def run(out, *extra):
-        return train_dit.main(flags + ["--out", str(out), *map(str, extra)])
-    b = check_resume_is_bit_identical(run, tmp_path)
+    flags = ["--cond", "text", "--data", str(tmp_path / "wds"), "--text-width", "32", "--text-depth", "1",
+             "--text-heads", "2", "--context-length", "64", "--corrupt", "0.25", "--cep", "uniform"]
+    b = check_resume_is_bit_identical(train_dit.main, tmp_path, *flags)      # on conftest.TINY's flags
     assert b["config"]["corrupt_type"] == "swap"
     with open(tmp_path / "straight" / "corruption.json") as f:
         assert json.load(f)["num_corrupted"] == 8                         # 25 % of 32 captions swapped
