@@ -19,8 +19,9 @@ def flip_key(key: int) -> tuple[int, bool]:
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, C) -> float32 (C, H, W) in [-1, 1] (a PIL-backed array may be read-only, so the first op copies)."""
-    return torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1).div_(127.5).sub_(1.0)
+    """uint8 (..., H, W, C) -> float32 (..., C, H, W) in [-1, 1] (a PIL-backed array may be read-only, so the first op
+    copies)."""
+    return torch.from_numpy(img.astype(np.float32)).movedim(-1, -3).div_(127.5).sub_(1.0)
 
 
 def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
