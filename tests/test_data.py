@@ -6,7 +6,7 @@ from PIL import Image
 
 import data
 from conftest import builtin_item_one_by_one
-from sources.folders import ImageFolderDataset, center_crop_arr
+from sources.folders import ImageFolderDataset, center_crop_arr, to_tensor
 from tools import preview
 
 
@@ -68,6 +68,16 @@ def test_loader_fetches_builtin_batches_through_getitems(workers, monkeypatch):
         assert torch.equal(x, torch.stack([r[0] for r in ref])) and y.tolist() == [r[1] for r in ref]
     if workers == 0:                                        # (a worker's calls happen in its own process)
         assert calls == [12, 12, 12]
+
+
+def test_to_tensor_is_torchs_arithmetic_for_every_pixel_value():
+    """to_tensor's numpy arithmetic gives, for each of the 256 uint8 values (it is elementwise, so that is every input),
+    torch's float32 x / 127.5 - 1, one image (H, W, C) or a batch (B, H, W, C) alike."""
+    every = np.arange(256, dtype=np.uint8).reshape(2, 8, 16).transpose(1, 2, 0)            # (8, 16, 2): each value once
+    batch = np.stack([every, every[::-1], every[:, ::-1]])                                   # (3, 8, 16, 2)
+    torch_way = torch.from_numpy(batch.astype(np.float32)).permute(0, 3, 1, 2).div_(127.5).sub_(1.0)
+    assert torch.equal(to_tensor(batch), torch_way) and torch.equal(to_tensor(every), torch_way[0])
+    assert to_tensor(every).shape == (2, 8, 16) and to_tensor(every).min() == -1 and to_tensor(every).max() == 1
 
 
 def test_image_folder_classes_crop_and_flip(tmp_path):
