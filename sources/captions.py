@@ -133,10 +133,20 @@ class TokenizedCaptions(torch.utils.data.Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def __getitem__(self, key: int):
+    def caption(self, key: int) -> str:
+        """The caption item `key` is trained on: its index's, mirrored when the key flips it (and mirror is on)."""
         index, flip = flip_key(int(key))
-        x, _ = self.dataset[key]
         caption = self.dataset.captions[index]
-        if flip and self.mirror:
-            caption = mirror_caption(caption)
-        return x, self.tokenize([caption], self.context_length)[0]     # (C, H, W), (L,)
+        return mirror_caption(caption) if flip and self.mirror else caption
+
+    def __getitem__(self, key: int):
+        x, _ = self.dataset[key]
+        return x, self.tokenize([self.caption(key)], self.context_length)[0]     # (C, H, W), (L,)
+
+    def __getitems__(self, keys) -> list:
+        """[ds[key] for key in keys] at once: the wrapped dataset's batch path when it has one (the DataLoader's batched
+        fetch; without this method __getattr__ would hand it the wrapped dataset's, whose items carry labels)."""
+        batched = getattr(self.dataset, "__getitems__", None)            # None: it fetches one item at a time
+        images = batched(keys) if batched else [self.dataset[k] for k in keys]
+        tokens = self.tokenize([self.caption(k) for k in keys], self.context_length)     # (B, L)
+        return [(x, t) for (x, _), t in zip(images, tokens)]

@@ -19,8 +19,13 @@ def flip_key(key: int) -> tuple[int, bool]:
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, C) -> float32 (C, H, W) in [-1, 1] (a PIL-backed array may be read-only, so the first op copies)."""
-    return torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1).div_(127.5).sub_(1.0)
+    """uint8 (..., H, W, C) -> float32 (..., C, H, W) in [-1, 1] (a PIL-backed array may be read-only, so the first op
+    copies). The arithmetic is numpy's, which stays on the calling thread: torch would split a batch's worth of pixels
+    over its OpenMP threads, whose start and spin-wait cost more than the work in the main process."""
+    x = img.astype(np.float32)
+    x /= np.float32(127.5)
+    x -= np.float32(1.0)
+    return torch.from_numpy(x).movedim(-1, -3)
 
 
 def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:

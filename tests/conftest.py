@@ -1,8 +1,12 @@
-"""Helpers the test files share: tiny training flags, reading a run folder back, the one-line-error check."""
+"""Helpers the test files share: tiny training flags, reading a run folder back, the one-line-error check, the built-in
+dataset's one-item-at-a-time oracle."""
 import json
 import os
 
+import numpy as np
 import torch
+
+import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,3 +95,31 @@ def randomize(module, std=0.3, seed=0):
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return module
+
+
+def builtin_item_one_by_one(ds, key: int):
+    """The oracle of the built-in dataset's batch renderer: ds[key] = (image (C, H, W), label) drawn one item at a time,
+    as data.BuiltinShapes did before it rendered batches (4x4 supersampled coverage of the rotated disc or cross, colour
+    over a vertical gradient), from the same drawn attributes (ds._attributes)."""
+    index, flip = int(key) >> 1, int(key) & 1
+    a, _ = ds._attributes(index)
+    ss, n = 4 * ds.image_size, ds.image_size
+    g = (np.arange(ss) + 0.5) / ss * 2 - 1
+    gy, gx = np.meshgrid(g, g, indexing="ij")                                     # (ss, ss)
+    c, s = np.cos(a["angle"]), np.sin(a["angle"])
+    u = (gx - a["cx"]) * c + (gy - a["cy"]) * s
+    v = -(gx - a["cx"]) * s + (gy - a["cy"]) * c
+    r = a["radius"]
+    if a["shape"] == "disc":
+        inside = u ** 2 + v ** 2 <= r ** 2
+    else:
+        arm = 0.36 * r
+        inside = ((np.abs(u) <= r) & (np.abs(v) <= arm)) | ((np.abs(v) <= r) & (np.abs(u) <= arm))
+    cover = inside.reshape(n, 4, n, 4).mean(axis=(1, 3))[..., None]               # (H, W, 1)
+    bg = a["bg"] + a["bg_slope"] * np.linspace(-1, 1, n)[:, None, None]            # (H, 1, 3)
+    fg = np.array(data.BUILTIN_COLOURS[a["colour"]], dtype=np.float64) * a["gain"]
+    img = np.clip(np.rint(cover * fg + (1 - cover) * bg), 0, 255).astype(np.uint8)
+    if flip:
+        img = img[:, ::-1]
+    x = torch.from_numpy(np.ascontiguousarray(img).astype(np.float32)).permute(2, 0, 1).div_(127.5).sub_(1.0)
+    return x, int(ds.labels[index])

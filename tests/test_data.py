@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 import data
-from sources.folders import ImageFolderDataset, center_crop_arr
+from conftest import builtin_item_one_by_one
+from sources.folders import ImageFolderDataset, center_crop_arr, to_tensor
 from tools import preview
 
 
@@ -32,6 +33,51 @@ def test_builtin_colour_identifies_class():
         bright = img[img.max(1) > 120]
         colour = list(data.BUILTIN_COLOURS.values())[ds.labels[i] % 5]
         assert np.abs(np.median(bright, 0) - colour).max() < 70
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_builtin_batch_render_is_bit_identical_to_one_item_at_a_time(size):
+    """The batch path (render_batch / __getitems__, what the DataLoader calls) changes no pixel of any item: both
+    shapes, flipped and not, in chunks of every fill (batch sizes that are not a multiple of the chunk)."""
+    ds = data.BuiltinShapes(size=size, length=10_000, seed=7)
+    keys = np.random.default_rng(size).integers(0, 2 * len(ds), 37).tolist() + [0, 1, 2 * 9999 + 1]
+    ref = [builtin_item_one_by_one(ds, k) for k in keys]
+    items = ds.__getitems__(keys)
+    assert [y for _, y in items] == [y for _, y in ref] and {k & 1 for k in keys} == {0, 1}
+    assert {ds._attributes(k >> 1)[0]["shape"] for k in keys} == {"disc", "cross"}
+    x = torch.utils.data.default_collate(items)[0]                                # (B, C, H, W), as the loader stacks
+    assert x.shape == (len(keys), 3, size, size) and torch.equal(x, torch.stack([r[0] for r in ref]))
+    assert torch.equal(ds[keys[3]][0], ref[3][0]) and ds.__getitems__([]) == []
+    img = ds.render_batch([k >> 1 for k in keys])                                  # (B, H, W, 3) uint8, unflipped
+    assert img.dtype == np.uint8 and np.array_equal(img[0], ds.render(keys[0] >> 1))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_fetches_builtin_batches_through_getitems(workers, monkeypatch):
+    """torch's DataLoader, given StepSampler as batch_sampler, renders each batch with one __getitems__ call (in the
+    main process or in its workers) and its default collate stacks it into the per-item batch, bit for bit."""
+    ds = data.BuiltinShapes(size=8, length=500, seed=1)
+    calls = []
+    batch_path = data.BuiltinShapes.__getitems__
+    monkeypatch.setattr(data.BuiltinShapes, "__getitems__", lambda self, keys: calls.append(len(keys)) or
+                        batch_path(self, keys))
+    sampler = data.StepSampler(len(ds), 12, 0, 1, seed=5, start_step=0, total_steps=3)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers)
+    for keys, (x, y) in zip(sampler, loader):
+        ref = [builtin_item_one_by_one(ds, k) for k in keys]
+        assert torch.equal(x, torch.stack([r[0] for r in ref])) and y.tolist() == [r[1] for r in ref]
+    if workers == 0:                                        # (a worker's calls happen in its own process)
+        assert calls == [12, 12, 12]
+
+
+def test_to_tensor_is_torchs_arithmetic_for_every_pixel_value():
+    """to_tensor's numpy arithmetic gives, for each of the 256 uint8 values (it is elementwise, so that is every input),
+    torch's float32 x / 127.5 - 1, one image (H, W, C) or a batch (B, H, W, C) alike."""
+    every = np.arange(256, dtype=np.uint8).reshape(2, 8, 16).transpose(1, 2, 0)            # (8, 16, 2): each value once
+    batch = np.stack([every, every[::-1], every[:, ::-1]])                                   # (3, 8, 16, 2)
+    torch_way = torch.from_numpy(batch.astype(np.float32)).permute(0, 3, 1, 2).div_(127.5).sub_(1.0)
+    assert torch.equal(to_tensor(batch), torch_way) and torch.equal(to_tensor(every), torch_way[0])
+    assert to_tensor(every).shape == (2, 8, 16) and to_tensor(every).min() == -1 and to_tensor(every).max() == 1
 
 
 def test_image_folder_classes_crop_and_flip(tmp_path):

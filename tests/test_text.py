@@ -240,6 +240,19 @@ def test_flipped_item_gets_the_mirrored_caption():
     assert mirror_caption("left of the right copyright") == "right of the left copyright"
 
 
+def test_loader_batches_of_the_token_view_carry_tokens():
+    """The DataLoader's batched fetch of the token view gives (images, token ids (B, L)) equal to its items one by one,
+    mirrored captions included; the view must not hand on the wrapped dataset's batch path, whose items carry labels."""
+    tok = get_tokenizer("bytes")
+    view = TokenizedCaptions(data.BuiltinShapes(size=8, length=200, seed=0), tok, 77, mirror=True)
+    keys = [2 * i + (i % 3 == 0) for i in range(40)]
+    loader = torch.utils.data.DataLoader(view, batch_sampler=[keys])
+    x, ids = next(iter(loader))
+    x1, ids1 = torch.utils.data.default_collate([view[k] for k in keys])
+    assert ids.shape == (40, 77) and torch.equal(ids, ids1) and torch.equal(x, x1)
+    assert any("right" in view.caption(k) and "left" in view.dataset.captions[k >> 1] for k in keys if k & 1)
+
+
 def _image(path, colour):
     from PIL import Image
     os.makedirs(os.path.dirname(path), exist_ok=True)
