@@ -17,11 +17,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import diffusion as diff
 from conditions import get_tokenizer
 from common import RunError, setup_distributed
 from config import Family, TrainConfig, opt, parse_config, resolve_run_config
-from models import dit
+from models import controlnet, dit
 from scoring import judge
 from trainer import exit_codes, load_data, train
 from weights import latents, pretrained, vae
@@ -43,6 +42,8 @@ class DiTConfig(TrainConfig):
                               arch=True)
     mlp_norm_eps: float = opt(1e-6, "eps of the LayerNorm before each MLP: 1e-6 = DiT, 1e-5 = diffusers' DiT port",
                               arch=True)
+    control_blocks: int = opt(0, "--control: the DiT ControlNet's trainable copies of the first N blocks (PixArt-δ: "
+                              "13 of 28); 0 = half the depth", arch=True, control=True)
     lr: float = opt(4e-3, "AdamW learning rate (constant; DiT uses 1e-4, the tiny CPU default learns fastest at 4e-3)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this value; 0 = off (DiT uses none; the CPU "
                            "default was tuned with 1 at lr 4e-3)")
@@ -80,7 +81,12 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
     return cfg
 
 
-FAMILY = Family(DiTConfig, PRESETS, resolve, dit.from_config)   # how evaluate.py rebuilds its checkpoints
+def build_model(cfg):
+    """The DiT of a resolved config, inside a ControlNet (models/controlnet.py) when --control asks for one."""
+    return controlnet.from_config(cfg, dit.from_config(cfg))
+
+
+FAMILY = Family(DiTConfig, PRESETS, resolve, build_model)   # how evaluate.py rebuilds its checkpoints
 
 
 @exit_codes("train_dit.py")
@@ -93,7 +99,7 @@ def main(argv=None) -> int:
     data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
-    model, diffusion = dit.from_config(cfg), diff.from_config(cfg)
+    model, diffusion = FAMILY.build(cfg)
     train(cfg, model, diffusion, data, kind="dit", d=d, init=init, judge_grid=judge.judge_final_grid)
     return 0
 

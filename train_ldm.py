@@ -18,11 +18,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import diffusion as diff
 from conditions import get_tokenizer
 from common import RunError, setup_distributed
 from config import LATENT_GEOMETRY, Family, TrainConfig, opt, parse_config, resolve_run_config
-from models import unet
+from models import controlnet, unet
 from scoring import judge
 from trainer import exit_codes, load_data, train
 from weights import latents, pretrained, vae
@@ -85,7 +84,12 @@ def resolve(cfg: LDMConfig) -> LDMConfig:
     return cfg
 
 
-FAMILY = Family(LDMConfig, PRESETS, resolve, unet.from_config)   # how evaluate.py rebuilds its checkpoints
+def build_model(cfg):
+    """The LDM of a resolved config, inside a ControlNet (models/controlnet.py) when --control asks for one."""
+    return controlnet.from_config(cfg, unet.from_config(cfg))
+
+
+FAMILY = Family(LDMConfig, PRESETS, resolve, build_model)   # how evaluate.py rebuilds its checkpoints
 
 
 @exit_codes("train_ldm.py")
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
     data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
-    model, diffusion = unet.from_config(cfg), diff.from_config(cfg)
+    model, diffusion = FAMILY.build(cfg)
     train(cfg, model, diffusion, data, kind="ldm", d=d, init=init, judge_grid=judge.judge_final_grid)
     return 0
 

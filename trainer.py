@@ -109,6 +109,8 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
     if text:  # items become (x, token ids (L,)); a flipped item gets its caption's left/right mirrored
         dataset = datalib.TokenizedCaptions(dataset, conditions.get_tokenizer(cfg.tokenizer), cfg.context_length,
                                             mirror=True)
+    if cfg.control != "none":  # items become (x, y, control map): ControlNet training (models/controlnet.py)
+        dataset = datalib.ControlMaps(dataset, cfg.control, cfg.canny_low, cfg.canny_high, cfg.control_maps)
     ae = load_vae(cfg.vae, cfg.vae_path or None, device=device) if cfg.vae != "none" else None
     return TrainData(dataset, cfg.num_classes or dataset.num_classes, encode or (ae and ae.encode),
                      ae and ae.decode, prompts)
@@ -226,9 +228,11 @@ def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timest
     return StepDraws(t, noise, drop, ip_noise, post, corrupt_seed, unit)
 
 
-def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int,
+               control: torch.Tensor | None = None) -> torch.Tensor:
     """One optimisation step on this rank's share (x, y) of the global batch of `step`: draws -> CFG drop -> loss ->
-    accumulated backward -> AdamW -> EMA. Returns the mean loss as a 0-d device tensor (no host synchronisation)."""
+    accumulated backward -> AdamW -> EMA. Returns the mean loss as a 0-d device tensor (no host synchronisation).
+    control: the batch's control maps (B, 3, H, W) for a ControlNet (--control)."""
     cfg, d = s.cfg, s.d
     mine = slice(d.rank * s.local_batch, (d.rank + 1) * s.local_batch)
     draws = step_draws(cfg.seed, step, cfg.batch_size, cfg.latent_shape, s.diffusion.num_timesteps, cfg.class_dropout,
@@ -242,11 +246,13 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int) -> to
         with torch.no_grad(), s.autocast:
             x = (s.encode(x, noise=posterior) if s.posterior else s.encode(x)).float()
     cep_mask = s.cep_subset[torch.as_tensor(s.items(step)[mine])].to(d.device) if s.cep_subset is not None else None
+    control = control.to(d.device, non_blocking=True) if control is not None else None
     y = s.model.cond.drop(y, drop)                                     # CFG: the null condition where dropped
     total = torch.zeros((), device=d.device)
     for i in range(0, s.local_batch, s.micro):
         mb = slice(i, i + s.micro)
-        cond = {k: v[mb] for k, v in (("cep_mask", cep_mask), ("cep_unit", cep_unit)) if v is not None}
+        cond = {k: v[mb] for k, v in (("cep_mask", cep_mask), ("cep_unit", cep_unit), ("control", control))
+                if v is not None}
         last_micro = i + s.micro >= s.local_batch                     # DDP all-reduces only on the last micro-batch
         with s.train_model.no_sync() if d.world > 1 and not last_micro else nullcontext(), s.autocast:
             terms = s.diffusion.training_losses(lambda xt, tt: s.train_model(xt, tt, y[mb], **cond), x[mb], t[mb],
@@ -291,8 +297,8 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
     model.train()
     with StopFlag() as stop, io:
         for step in range(start, cfg.steps):
-            x, y = next(batches)
-            loss_sum += train_step(s, x, y, step)
+            x, y, *control = next(batches)                          # (x, y) or, for a ControlNet, (x, y, control)
+            loss_sum += train_step(s, x, y, step, *control)
             n, done = n + 1, step + 1
             io.bar.update(1)
             log_now = done % cfg.log_every == 0 or done == cfg.steps
@@ -358,6 +364,8 @@ def grid_sampler(cfg, diffusion, data: TrainData):
     rows = (conditions.grid_labels(data.num_classes) if data.prompts is None
             else conditions.encode_prompts(cfg, data.prompts))        # (R,) class ids or (R, L) caption tokens
     conds = rows.repeat_interleave(cfg.sample_per_class, dim=0)
+    controls = (None if cfg.control == "none" else          # a ControlNet's grid: real items' maps, class by class
+                datalib.grid_controls(data.dataset, len(conds), conds if data.prompts is None else None))
     noise = torch.randn((len(conds), *cfg.latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
     scale, cads = grid_cfg_scale(cfg), grid_cads(cfg)
 
@@ -365,7 +373,8 @@ def grid_sampler(cfg, diffusion, data: TrainData):
     def sample(model):
         dev = next(model.parameters()).device
         y = conds.to(dev)
-        fn = cfg_model_fn(model, y, model.cond.null_like(y), scale, learn_sigma=cfg.learn_sigma)
+        net = model if controls is None else functools.partial(model, control=controls.to(dev))
+        fn = cfg_model_fn(net, y, model.cond.null_like(y), scale, learn_sigma=cfg.learn_sigma)
         seeds = range(cfg.seed, cfg.seed + len(y))                     # CADS noise: one stream per image
         with nullcontext() if cads is None else cads.sampling(model, model.cond, seeds, diffusion.num_timesteps):
             x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,

@@ -1,10 +1,12 @@
 """Helpers the test files share: tiny training flags, reading a run folder back, the one-line-error check."""
 import json
 import os
+from pathlib import Path
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = Path(__file__).resolve().parent / "data"          # key listings of the released layouts
 
 # A train script's flags for runs of seconds: 8px images, batch 8, a log line and a checkpoint every step or two.
 TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
@@ -66,3 +68,22 @@ def expect_one_line_error(capsys, main, script, argv, needle) -> None:
     errors = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(errors) == 1 and err.splitlines()[-1].startswith(f"{script}: error:") and needle in errors[0], err
     assert "Traceback" not in err
+
+
+def randomize(module, std=0.3, seed=0):
+    """Overwrite every parameter with N(0, std^2) so no weight is trivially zero (adaLN-Zero starts at 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def read_key_listing(path):
+    """`name (d0, d1, ...)` lines -> {name: meta tensor of that shape}."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            name, shape = line.split(" (")
+            out[name] = torch.empty(tuple(int(s) for s in shape.rstrip(")").split(",") if s.strip()), device="meta")
+    return out

@@ -20,27 +20,9 @@ import evaluate as ev
 from weights import pretrained
 from models.dit import DiT
 
+from conftest import DATA, randomize, read_key_listing
+
 diffusers = pytest.importorskip("diffusers")
-DATA = Path(__file__).resolve().parent / "data"
-
-
-def randomize(module, std=0.3, seed=0):
-    """Overwrite every parameter with N(0, std^2) so no weight is trivially zero (adaLN-Zero starts at 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
-
-
-def read_key_listing(path):
-    """`name (d0, d1, ...)` lines -> {name: meta tensor of that shape}."""
-    out = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            name, shape = line.split(" (")
-            out[name] = torch.empty(tuple(int(s) for s in shape.rstrip(")").split(",") if s.strip()), device="meta")
-    return out
 
 
 # ---- a tiny DiT release in the DiTPipeline layout (transformer/, vae/, scheduler/, model_index.json) ----
