@@ -205,3 +205,36 @@ def test_bad_control_flags_are_one_line_exit_2(bases, tmp_path, capsys):
     expect(["--init-from", bases["dit"], "--control", "canny", "--control-blocks", "9"], "--control-blocks 9")
     assert train_dit.main(control_flags(bases["dit"]) + ["--steps", "1", "--out", str(tmp_path / "cn")]) == 0
     expect(["--init-from", str(tmp_path / "cn" / "last.pt"), "--control", "canny"], "is a ControlNet checkpoint")
+
+
+# ---- evaluation: evaluate.py CKPT --control canny --control-data DIR, edge F1 ----
+
+def test_edge_f1_means_matched_edges():
+    from scoring.control import edge_f1
+    line = np.zeros((12, 12), bool)
+    line[6, 2:10] = True
+    shifted = np.roll(line, 1, axis=0)
+    half = line.copy()
+    half[6, 6:] = False                                                 # the sample drew half of the given edge
+    assert edge_f1(line, line) == 1.0 and edge_f1(shifted, line, tolerance=1) == 1.0
+    assert edge_f1(shifted, line, tolerance=0) == 0.0
+    assert edge_f1(half, line, tolerance=0) == pytest.approx(2 * 1.0 * 0.5 / 1.5)   # precision 1, recall 1/2
+    assert edge_f1(line * 0, line * 0) == 1.0 and edge_f1(line * 0, line) == 0.0
+
+
+def test_evaluate_control_samples_held_out_maps_and_reports_edge_f1(bases, tmp_path, capsys):
+    import json
+    import evaluate
+    from test_evaluate import TinyExtractor, jit_save
+    assert train_dit.main(control_flags(bases["dit"]) + ["--steps", "2", "--out", str(tmp_path / "cn")]) == 0
+    ckpt, tiny = str(tmp_path / "cn" / "last.pt"), str(jit_save(TinyExtractor(), tmp_path / "tiny.pt"))
+    flags = ["--num-samples", "12", "--cfg-scales", "1,2", "--steps", "2", "--batch-size", "12", "--is-splits", "2",
+             "--features", tiny, "--resize", "none", "--out", str(tmp_path / "ev")]
+    assert evaluate.main([ckpt, "--control", "canny", "--control-data", "builtin", *flags]) == 0
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
+    assert [r["cfg_scale"] for r in rows] == [1, 2] and all(0 <= r["edge_f1"] <= 1 and r["fid"] is not None
+                                                            for r in rows)
+    assert len(os.listdir(tmp_path / "ev" / "held_out")) == 12          # the reference: the held-out images
+    capsys.readouterr()
+    assert evaluate.main([ckpt, *flags]) == 2                           # the base alone would be measured: refused
+    assert "pass --control canny --control-data DIR" in capsys.readouterr().err
