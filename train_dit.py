@@ -62,6 +62,17 @@ PRESETS = {
                         batch_size=256, lr=1e-4, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True,
                         log_every=100, ckpt_every=10_000, keep_every=50_000, sample_every=10_000, sample_cfg=1.5,
                         sample_steps=50, sample_per_class=4),
+    # ControlNet-Canny over a pre-trained DiT (--init-from BASE --data IN-100/train): train_ldm's in100-controlnet
+    # recipe (the paper's, Table 2 has LDMs only) with PixArt-δ's 13 copied blocks of DiT-XL/2's 28.
+    "in100-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=13, steps=79_000,
+                             batch_size=16, lr=5e-6, weight_decay=1e-2, ema_decay=0.9999, class_dropout=0.1,
+                             grad_clip=0.0, log_every=100, ckpt_every=5_000, keep_every=20_000, sample_every=5_000,
+                             sample_cfg=1.75, sample_steps=50, sample_per_class=4),
+    # The CPU ControlNet on the built-in shapes (README "ControlNet: downstream adaptation"): --init-from a run of the
+    # CPU default; the branch learns to draw the shape whose Canny edges it is given, in its class's colour.
+    "builtin-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=2, steps=300,
+                               batch_size=32, lr=1e-3, grad_clip=1.0, ema_decay=0.99, log_every=25, ckpt_every=100,
+                               sample_every=300, sample_cfg=2.0),
 }
 
 

@@ -238,3 +238,31 @@ def test_evaluate_control_samples_held_out_maps_and_reports_edge_f1(bases, tmp_p
     capsys.readouterr()
     assert evaluate.main([ckpt, *flags]) == 2                           # the base alone would be measured: refused
     assert "pass --control canny --control-data DIR" in capsys.readouterr().err
+
+
+# ---- the experiment: sweep.py's axis over the frozen base ----
+
+def test_sweep_base_axis_trains_each_base_and_pairs_with_clean(tmp_path):
+    import sweep
+    cfg = sweep.parse_args(["--grid", "base=clean:a/last.pt,cep-u:b/last.pt", "--train", "--control canny",
+                            "--seeds", "0", "--out", str(tmp_path)])
+    runs = sweep.plan(cfg)
+    assert [r.name for r in runs] == ["clean/seed0", "basecep-u/seed0"]
+    assert [r.train_cmd[r.train_cmd.index("--init-from") + 1] for r in runs] == ["a/last.pt", "b/last.pt"]
+    assert sweep.cell_name(sweep.clean_counterpart(runs[1].cell)) == "clean"
+    table2 = sweep.plan(sweep.parse_args(["--preset", "table2", "--out", str(tmp_path / "t2")]))
+    assert len(table2) == 10 and all("--control" in r.eval_cmd and "in100-controlnet" in r.train_cmd
+                                     for r in table2)
+    with pytest.raises(ValueError, match="expected NAME:PATH"):
+        sweep.plan(sweep.parse_args(["--grid", "base=a.pt", "--out", str(tmp_path)]))
+
+
+def test_controlnet_presets_parse_and_take_the_architecture_from_the_base(bases):
+    from config import parse_config
+    for module, cls, base in ((train_dit, train_dit.DiTConfig, bases["dit"]), (train_ldm, train_ldm.LDMConfig,
+                                                                               bases["ldm"])):
+        cfg = parse_config(cls, ["--preset", "in100-controlnet", "--init-from", base], module.PRESETS)
+        assert (cfg.control, cfg.canny_low, cfg.canny_high, cfg.lr, cfg.batch_size) == ("canny", 100, 200, 5e-6, 16)
+        cfg, _ = pretrained.init_from(cfg, "dit" if module is train_dit else "ldm", ["--init-from", base])
+        assert cfg.image_size == 8 and cfg.control == "canny"          # the base's size, this run's control
+        module.resolve(cfg)
