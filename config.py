@@ -95,6 +95,16 @@ class TrainConfig:
     cep_fixed_delta: bool = opt(False, "ablation (Table 7 'Fixed CEP', reading 2: fixed *noise*): each item's δ is drawn "
                                 "once from --seed and its index and kept for the whole run, as static corruption is; "
                                 "combines with --cep-subset", experiment=True)
+    # ControlNet (models/controlnet.py): the --init-from base frozen, a control branch trained to follow a spatial map
+    control: str = opt("none", "ControlNet: none | canny (Canny edges of each training image, OpenCV) | maps "
+                       "(same-stem images in --control-maps, e.g. SAM colour maps); trains only the control branch of "
+                       "the frozen --init-from base", choices=["none", "canny", "maps"], arch=True, control=True)
+    control_maps: str = opt("", "--control maps: a folder of control images named like the training images (same "
+                            "stem, any sub-folder)", experiment=True)
+    canny_low: float = opt(100.0, "--control canny: OpenCV's lower hysteresis threshold (paper, IN-100: 100)",
+                           experiment=True)
+    canny_high: float = opt(200.0, "--control canny: OpenCV's upper hysteresis threshold (paper, IN-100: 200)",
+                            experiment=True)
     # optimisation
     steps: int = opt(1000, "training steps")
     batch_size: int = opt(64, "global batch size (split over processes)", experiment=True)
@@ -222,6 +232,7 @@ def _check_ranges(cfg) -> None:
     if cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise RunError("--log-every and --ckpt-every must be >= 1")
     _check_ablations(cfg)
+    _check_control(cfg)
     grid_cads(cfg)                                       # a bad --sample-cads fails before any work
 
 
@@ -239,6 +250,29 @@ def _check_ablations(cfg) -> None:
         raise RunError("--cep-fixed-delta fixes CEP's noise per item: it needs --cep uniform | gaussian")
     if cfg.label_smoothing > 0 and cfg.cond == "text":
         raise RunError("--label-smoothing smooths class labels; it needs --cond class (captions have no one-hot)")
+
+
+def _check_control(cfg) -> None:
+    """The ControlNet flags: a base to control, maps where they are needed, thresholds in order (RunError otherwise)."""
+    if cfg.control == "none":
+        if cfg.control_maps:
+            raise RunError("--control-maps is only used with --control maps")
+        return
+    if not cfg.init_from and not cfg.resume:
+        raise RunError(f"--control {cfg.control} trains a ControlNet on a frozen base: pass --init-from BASE "
+                       "(a nanoCEP checkpoint or a release)")
+    if cfg.latents:
+        raise RunError("--control computes its maps from the training images: it cannot train from --latents")
+    if cfg.control == "maps" and not cfg.control_maps:
+        raise RunError("--control maps needs --control-maps DIR (control images named like the training images)")
+    if cfg.control == "canny" and not 0 <= cfg.canny_low <= cfg.canny_high:
+        raise RunError(f"--canny-low {cfg.canny_low:g} and --canny-high {cfg.canny_high:g} must satisfy "
+                       "0 <= low <= high")
+
+
+def control_fields(cfg) -> list[str]:
+    """The ControlNet's architecture fields (metadata control=True): a base given to --init-from does not set them."""
+    return [f.name for f in dataclasses.fields(cfg) if f.metadata.get("control")]
 
 
 def grid_cads(cfg):

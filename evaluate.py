@@ -33,6 +33,7 @@ The metrics and the feature pass live in metrics.py; this file samples, shards o
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -52,8 +53,9 @@ from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featuriz
                              compute_metrics, count_items, image_size_of, load_reference, load_train_reference,
                              min_samples, pipeline_label, plot_fid_is, read_results, reference_kind, reference_pipeline,
                              save_npz, source_pipeline, write_reference, write_results)
-from weights.hub import file_hash
+from sources.control import ControlMaps, canny
 from tools import tracking
+from weights.hub import file_hash
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 
@@ -83,7 +85,7 @@ def families() -> dict:
 
 
 def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precision="auto", vae_path=None,
-                 prompts=None, cads=None, raw_class_embedding=False):
+                 prompts=None, cads=None, raw_class_embedding=False, control_items=None):
     """Rebuild the model stored in CKPT: (sample_fn(labels (B,), seeds list, cfg_scale) -> uint8 (B, H, W, 3), info).
 
     The model is rebuilt through families() (checkpoint kind -> its config class and build) from the config
@@ -118,7 +120,7 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
         decode = vae.load_vae(cfg.vae, vae_path or cfg.vae_path or None, device=device).decode
     use_bf16 = precision == "bf16" or (precision == "auto" and str(device).startswith("cuda"))
     sample_fn = make_sample_fn(model, diffusion, cfg.latent_shape, decode, device, sampler, steps, use_bf16,
-                               learn_sigma=getattr(cfg, "learn_sigma", False), cads=cads)
+                               learn_sigma=getattr(cfg, "learn_sigma", False), cads=cads, control_items=control_items)
     info = {"num_classes": cfg.num_classes, "kind": kind, "model": getattr(cfg, "model", kind),
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
             "dtype": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class"),
@@ -138,14 +140,15 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
 
 
 def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_bf16, *, learn_sigma=False,
-                   null_class=None, guide_channels=None, timesteps=None, eta=0.0, cads=None):
+                   null_class=None, guide_channels=None, timesteps=None, eta=0.0, cads=None, control_items=None):
     """sample_fn(labels (B,), seeds, cfg_scale) -> uint8 (B, H, W, 3): CFG sampling from per-image seeded noise.
 
     Image i's generator torch.Generator().manual_seed(seeds[i]) draws its initial noise and then, for ddpm and ddim
     with eta > 0, its per-step noise: an image depends on its seed only, so shards reproduce one process bit for bit.
     null_class: the CFG null label (default: the model's condition encoder's); guide_channels: guide only the first
     N latent channels (official DiT: 3); timesteps: explicit dpm++ timesteps (a release's scheduler spacing);
-    cads: a cads.CADS that anneals the condition embedding along the chain (its noise seeded per image too)."""
+    cads: a cads.CADS that anneals the condition embedding along the chain (its noise seeded per image too).
+    control_items (a ControlNet): labels index held-out items; control_items(labels) -> (their classes, control maps)."""
     from contextlib import nullcontext
     from diffusion import cfg_model_fn, sample_dpmpp_2m
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
@@ -154,9 +157,13 @@ def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_
     def sample_fn(labels, seeds, cfg_scale):
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]     # one CPU generator per image
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        net = model
+        if control_items is not None:                  # every sample follows its held-out item's control map
+            labels, maps = control_items(labels)
+            net = functools.partial(model, control=maps.to(device))
         y = torch.as_tensor(labels).to(device)
         y_null = model.cond.null_like(y) if null_class is None else torch.full_like(y, null_class)
-        fn = cfg_model_fn(model, y, y_null, cfg_scale, learn_sigma=learn_sigma, guide_channels=guide_channels)
+        fn = cfg_model_fn(net, y, y_null, cfg_scale, learn_sigma=learn_sigma, guide_channels=guide_channels)
         annealing = (nullcontext() if cads is None else      # CADS: the null branch stays clean
                      cads.sampling(model, model.cond, seeds, diffusion.num_timesteps))
         with autocast, annealing:
@@ -485,6 +492,13 @@ def _sample_parser() -> ArgParser:
     p.add_argument("--prompts", help="text models: a file of captions, one per line (e.g. 5K MS-COCO captions); "
                                      "samples cycle through them")
     p.add_argument("--vae-path", help="autoencoder weights, if not where the training run found them")
+    p.add_argument("--control", choices=("canny", "maps"), help="a ControlNet checkpoint: sample with the control maps "
+                   "(and classes) of the --control-data images, one sample per image in turn; reports edge_f1 too")
+    p.add_argument("--control-data", help="--control: held-out images (class folders, e.g. IN-100 val; the default --ref) "
+                   "or builtin (fresh built-in images of --control-seed)")
+    p.add_argument("--control-maps", help="--control maps: their control images (same stems)")
+    p.add_argument("--control-seed", type=int, default=1, help="--control-data builtin: the dataset seed (training's "
+                   "is the run's --seed, 0 by default: another seed gives held-out images)")
     _add_cads_args(p)
     p.add_argument("--png", action="store_true", help="save OUT/cfg{scale}/samples/{index:06d}.png")
     p.add_argument("--npz", action="store_true", help="save OUT/cfg{scale}/samples.npz (arr_0, ADM evaluator format)")
@@ -513,6 +527,9 @@ def _check_sample_args(args) -> None:
         raise ValueError("--grid needs --classes (e.g. --classes 88,207,360)")
     if args.per_class < 1 or (args.guide_channels is not None and args.guide_channels < 0):
         raise ValueError("--per-class must be >= 1 and --guide-channels >= 0")
+    if args.control and (args.pretrained or args.grid or not args.control_data):
+        raise ValueError("--control samples a nanoCEP ControlNet checkpoint over --control-data DIR (no --pretrained, "
+                         "no --grid)")
 
 
 def main_sample(argv):
@@ -530,7 +547,12 @@ def main_sample(argv):
     # a long timeout: ranks wait at barriers while rank 0 featurizes a 50K reference folder and measures
     d = setup_distributed(args.device or "auto", timeout=4 * 3600)
     rank, world_size, device = d.rank, d.world, (str(d.device) if d.world > 1 else args.device or str(d.device))
-    sample_fn, info = _sampler_from_args(args, device)
+    controlnet = args.control or (args.ckpt and _ckpt_config(args.ckpt).get("control", "none") != "none")
+    held_out = HeldOutControls(args) if controlnet else None
+    sample_fn, info = _sampler_from_args(args, device, held_out)
+    if held_out is not None:                              # samples follow the held-out items, one each in turn
+        sample_fn, info["num_classes"] = held_out.scored(sample_fn), len(held_out)
+        args.ref = args.ref or held_out.reference(Path(args.out), rank)
     if args.ref is not None:                               # a reference made at another size, refused before sampling
         check_reference_size(args.ref, info["image_size"], "samples")
     settings = {"checkpoint": str(args.ckpt or args.pretrained), "sampler": args.sampler, "steps": args.steps,
@@ -540,9 +562,11 @@ def main_sample(argv):
     rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, _featurizer(args, device),
                                args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
                                world_size, settings, args.k, args.is_splits, train_ref)
+    if held_out is not None:
+        rows = held_out.add_edge_f1(rows, args.out)
     if rank == 0:
         for row in rows:
-            print(json.dumps({c: row[c] for c in METRIC_COLUMNS}))
+            print(json.dumps({c: row.get(c) for c in METRIC_COLUMNS + (["edge_f1"] if held_out else [])}))
         log_rows(args, rows, settings)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -588,7 +612,83 @@ def _classes(text):
     return values
 
 
-def _sampler_from_args(args, device):
+def _ckpt_config(path) -> dict:
+    """The config stored in a checkpoint (its tensors are only mapped, not read)."""
+    from runio import load_checkpoint
+    try:
+        return load_checkpoint(str(path), mmap=True)["config"]
+    except RunError as e:
+        raise ValueError(str(e)) from None
+
+
+class HeldOutControls:
+    """--control: the held-out images whose control maps (and classes) a ControlNet's samples follow, and each
+    sample's edge F1 against its map (scoring/control.py). Sample labels index these items, cycling through them."""
+
+    def __init__(self, args):
+        import data as datalib
+        cfg = _ckpt_config(args.ckpt)
+        self.kind = cfg.get("control", "none")
+        if self.kind == "none" or args.control != self.kind:
+            raise ValueError(f"{args.ckpt} is trained with --control {self.kind}: pass --control {self.kind} "
+                             "--control-data DIR" if self.kind != "none" else f"{args.ckpt} is no ControlNet checkpoint")
+        if cfg.get("cond") == "text":
+            raise ValueError("--control evaluates class-conditional ControlNets (captions are not implemented)")
+        data = args.control_data
+        self.ds = ControlMaps(datalib.build_dataset(data, cfg["image_size"], seed=args.control_seed,
+                                                    builtin_length=args.num_samples),
+                              self.kind, cfg["canny_low"], cfg["canny_high"], args.control_maps or "")
+        self.data, self.low, self.high, self.f1 = data, cfg["canny_low"], cfg["canny_high"], {}
+
+    def __len__(self):
+        return len(self.ds)
+
+    def items(self, labels):
+        """Item indices (B,) -> (their classes (B,), control maps (B, 3, H, W)), unflipped."""
+        items = [self.ds[2 * int(i)] for i in labels]
+        return torch.tensor([it[1] for it in items]), torch.stack([it[2] for it in items])
+
+    def scored(self, sample_fn):
+        """sample_fn that also records each Canny sample's edge F1 against its item's map, by guidance scale."""
+        from scoring.control import edge_f1
+
+        def fn(labels, seeds, cfg_scale):
+            images = sample_fn(labels, seeds, cfg_scale)
+            if self.kind == "canny":
+                for i, image in zip(labels, images):
+                    given = self.ds[2 * int(i)][2][0].numpy()
+                    self.f1.setdefault(cfg_scale, []).append(edge_f1(canny(image, self.low, self.high), given))
+            return images
+        return fn
+
+    def reference(self, out: Path, rank: int) -> str:
+        """The FID reference: the --control-data folder itself, or the built-in held-out images written as PNGs."""
+        if self.data != "builtin":
+            return self.data
+        folder = out / "held_out"
+        if rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(len(self.ds)):
+                Image.fromarray(self.ds.render(i)).save(folder / f"{i:06d}.png")
+        _barrier()
+        return str(folder)
+
+    def add_edge_f1(self, rows, out):
+        """Rank 0's rows with the mean edge F1 over every rank's samples of each scale (rewritten to OUT/results.*)."""
+        scores = [self.f1]
+        if dist.is_available() and dist.is_initialized():
+            scores = [None] * dist.get_world_size()
+            dist.all_gather_object(scores, self.f1)
+        if rows is None or self.kind != "canny":
+            return rows
+        for row in rows:
+            values = [v for part in scores for v in part.get(row["cfg_scale"], [])]
+            row["edge_f1"] = float(np.mean(values)) if values else None
+        write_results(rows, out)
+        return rows
+
+
+def _sampler_from_args(args, device, held_out=None):
     """(sample_fn, info) for the CLI: a nanoCEP checkpoint or a --pretrained release."""
     cads = cads_from_args(args)
     if args.pretrained is not None:
@@ -598,7 +698,8 @@ def _sampler_from_args(args, device):
     sample_fn, info = load_sampler(args.ckpt, device, ema=not args.no_ema, sampler=args.sampler, steps=args.steps,
                                    precision=args.precision, vae_path=args.vae_path,
                                    prompts=read_prompts(args.prompts) if args.prompts else None, cads=cads,
-                                   raw_class_embedding=args.raw_class_embedding)
+                                   raw_class_embedding=args.raw_class_embedding,
+                                   control_items=None if held_out is None else held_out.items)
     if info["class_dropout"] == 0 and info["cond"] == "class" and any(s != 1 for s in args.cfg_scales):
         raise ValueError(f"{args.ckpt} was trained with --class-dropout 0 (no null class): only --cfg-scales 1 works")
     return sample_fn, info

@@ -161,9 +161,11 @@ class RunIO:
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=2)
             n_params = sum(p.numel() for p in model.parameters())
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)   # a ControlNet's branch only
             local = cfg.batch_size // d.world
             micro = cfg.micro_batch_size or local
-            tqdm.write(f"{self.kind}: {n_params:,} parameters | {num_items:,} items | global batch "
+            trained = f" ({n_train:,} trained)" if n_train != n_params else ""
+            tqdm.write(f"{self.kind}: {n_params:,} parameters{trained} | {num_items:,} items | global batch "
                        f"{cfg.batch_size} = {d.world} x {local // micro} x {micro} | {d.device} {precision}"
                        f"{' compiled' if compiled else ''} | lr {cfg.lr:g} wd {cfg.weight_decay:g} clip "
                        f"{cfg.grad_clip:g} EMA {cfg.ema_decay:g} | steps {start_step} -> {cfg.steps} | out {cfg.out}")

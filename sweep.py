@@ -28,6 +28,9 @@ How the experiment is built (read the code in this order):
     and the paired difference (same seed) to the clean cell with its interval; a best scale at the edge of the
     guidance grid is marked, as the optimum may lie outside it. Plots: metric vs η with error bars
     (paper Fig. 2), FID vs IS and precision vs recall across guidance scales per cell (Fig. 3); table.md is Table 1.
+Table 2 (ControlNet on pre-trained bases) is a grid over the frozen base: `--grid base=clean:A.pt,cep:B.pt` trains
+`--init-from A.pt` per cell (with --train "--control canny ...") and pairs every base with the one named clean:
+    python sweep.py --preset table2 --dry-run                       # the paper's Table 2 (Canny) as torchrun commands
 --dry-run prints every command (torchrun over --nproc local GPUs where the preset says so) for a cluster scheduler.
 """
 
@@ -62,17 +65,21 @@ EVAL_KEYS = {
     "cads": lambda v: [] if v == "off" else ["--cads-noise", "0.1"],   # CADS at sampling time, the paper's s = 0.1
     "cads_noise": lambda v: ["--cads-noise", str(v)],                     # or its noise scale as the axis
 }
+# Grid keys that are training flags under another form: key -> (value -> training arguments).
+# base=NAME:PATH is a ControlNet's frozen base (Table 2's axis): --init-from PATH, shown (and paired) as NAME.
+TRAIN_KEYS = {"base": lambda v: ["--init-from", base_path(v)]}
 # The clean value of each treatment key: the cell with these values (and the same context) is the paired baseline.
 # The paper's ablations are treatments too (Tables 6 and 7), so `--grid cond_dropout=0,0.1` pairs 0.1 with 0: their
 # clean value is "the ablation off". cep_subset's is 1 (CEP on every item): beside cep=none in the cell that is the
 # clean run, and with --cep fixed in --train it is the paper's CEP, the baseline of the "Fixed CEP" ablation.
 CLEAN = {"corrupt": "0", "cep": "none", "ip": "0", "cads": "off", "cads_noise": "0", "corrupt_mode": "static",
-         "cep_gamma": "0", "cep_subset": "1", "label_smoothing": "0", "cond_dropout": "0", "cep_fixed_delta": "off"}
+         "cep_gamma": "0", "cep_subset": "1", "label_smoothing": "0", "cond_dropout": "0", "cep_fixed_delta": "off",
+         "base": "clean"}
 # Metrics the summary reports (those present in the results), and which direction is better.
 HIGHER_IS_BETTER = {"fid": False, "is_mean": True, "precision": True, "recall": True, "class_acc": True,
-                    "memorized": False, "diversity": True}
+                    "memorized": False, "diversity": True, "edge_f1": True}
 METRIC_NAMES = {"fid": "FID", "is_mean": "IS", "precision": "Precision", "recall": "Recall",
-                "class_acc": "class acc.", "memorized": "memorized", "diversity": "diversity"}
+                "class_acc": "class acc.", "memorized": "memorized", "diversity": "diversity", "edge_f1": "edge F1"}
 
 
 def same_value(a, b) -> bool:
@@ -83,10 +90,23 @@ def same_value(a, b) -> bool:
         return str(a) == str(b)
 
 
+def base_path(value: str) -> str:
+    """The checkpoint of a base=NAME:PATH grid value."""
+    name, sep, path = str(value).partition(":")
+    if not sep or not name or not path:
+        raise ValueError(f"--grid base={value!r}: expected NAME:PATH (e.g. clean:runs/clean/last.pt)")
+    return path
+
+
+def shown(key: str, value) -> str:
+    """A grid value as cell names and the clean pairing see it: base=NAME:PATH is NAME."""
+    return str(value).partition(":")[0] if key == "base" else value
+
+
 def cell_name(cell: dict) -> str:
     """A folder-safe name: context values, then the non-clean treatments ('clean' if none), e.g. builtin_length100_corrupt0.05."""
     context = [f"{k}{v}" for k, v in cell.items() if k not in CLEAN]
-    treated = [f"{k}{v}" for k, v in cell.items() if k in CLEAN and not same_value(v, CLEAN[k])]
+    treated = [f"{k}{shown(k, v)}" for k, v in cell.items() if k in CLEAN and not same_value(shown(k, v), CLEAN[k])]
     name = "_".join(context + (treated or ["clean"]))
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
 
@@ -103,6 +123,8 @@ def cell_args(cell: dict) -> tuple[list, list]:
         flag = "--" + key.replace("_", "-")
         if key in EVAL_KEYS:
             evaluate += EVAL_KEYS[key](value)
+        elif key in TRAIN_KEYS:
+            train += TRAIN_KEYS[key](value)
         elif str(value).lower() in ("on", "off"):                       # a switch, e.g. cep_fixed_delta=off,on
             train += [flag if str(value).lower() == "on" else "--no-" + flag[2:]]
         else:
@@ -166,7 +188,19 @@ IN1K_DIT = dict(script="train_dit", cells=IN1K_CELLS, seeds="0", launcher="torch
                 train="--preset dit-xl2-in1k --vae kl-f8 --image-size 256",
                 eval=f"--num-samples 50000 --cfg-scales {DIT_SCALES} --sampler dpm++ --steps 50", fixed_scale=1.75)
 
-PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "in1k-dit": IN1K_DIT}
+# The paper's Table 2 (ControlNet-Canny on IN-100 over the pre-trained LDM-4 bases; figures 6 and 22): one ControlNet
+# per base, trained with train_ldm's in100-controlnet preset, evaluated on the 5K IN-100 validation images (their
+# Canny maps and classes) over the personalization guidance grid, s = 2.25 in the table. The bases are the η / CEP /
+# IP LDM-4 IN-1K checkpoints, expected at bases/<name>.pt (or pass --grid base=NAME:PATH,...).
+TABLE2_BASES = ["clean", "eta0.025", "eta0.05", "eta0.075", "eta0.1", "eta0.15", "eta0.2", "cep-uniform",
+                "cep-gaussian", "ip0.1"]
+TABLE2 = dict(script="train_ldm", cells=[{"base": f"{b}:bases/{b}.pt"} for b in TABLE2_BASES], seeds="0",
+              launcher="torchrun", train="--preset in100-controlnet --data /data/in100/train",
+              eval="--control canny --control-data /data/in100/val --num-samples 5000 "
+                   "--cfg-scales 1.25,1.5,2.0,2.25,2.5,3.0,4.0,5.0,6.0,7.0 --sampler dpm++ --steps 50",
+              fixed_scale=2.25)
+
+PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "in1k-dit": IN1K_DIT, "table2": TABLE2}
 
 
 @dataclass
@@ -727,7 +761,7 @@ def parse_args(argv=None) -> SweepConfig:
     """Flags over the preset over the defaults; --grid replaces the preset's cells."""
     from common import ArgParser
     p = ArgParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a protocol: smoke | builtin | builtin-eta | in1k-dit (see the docstring)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a protocol: smoke | builtin | builtin-eta | in1k-dit | table2 (see the docstring)")
     for f in dataclasses.fields(SweepConfig):
         if f.name == "cells":
             continue

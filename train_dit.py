@@ -17,13 +17,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import diffusion as diff
 from common import RunError, setup_distributed
 from config import Family, TrainConfig, opt, parse_config, resolve_run_config
-from models import dit
+from models import controlnet, dit
 from scoring import judge
-from tools import tracking
 from sources.tokenizer import get_tokenizer
+from tools import tracking
 from trainer import exit_codes, load_data, train
 from weights import latents, pretrained, vae
 
@@ -40,6 +39,8 @@ class DiTConfig(TrainConfig):
                               arch=True)
     mlp_norm_eps: float = opt(1e-6, "eps of the LayerNorm before each MLP: 1e-6 = DiT, 1e-5 = diffusers' DiT port",
                               arch=True)
+    control_blocks: int = opt(0, "--control: the DiT ControlNet's trainable copies of the first N blocks (PixArt-δ: "
+                              "13 of 28); 0 = half the depth", arch=True, control=True)
     lr: float = opt(4e-3, "AdamW learning rate (constant; DiT uses 1e-4, the tiny CPU default learns fastest at 4e-3)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this value; 0 = off (DiT uses none; the CPU "
                            "default was tuned with 1 at lr 4e-3)")
@@ -58,6 +59,17 @@ PRESETS = {
                         batch_size=256, lr=1e-4, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True,
                         log_every=100, ckpt_every=10_000, keep_every=50_000, sample_every=10_000, sample_cfg=1.5,
                         sample_steps=50, sample_per_class=4),
+    # ControlNet-Canny over a pre-trained DiT (--init-from BASE --data IN-100/train): train_ldm's in100-controlnet
+    # recipe (the paper's, Table 2 has LDMs only) with PixArt-δ's 13 copied blocks of DiT-XL/2's 28.
+    "in100-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=13, steps=79_000,
+                             batch_size=16, lr=5e-6, weight_decay=1e-2, ema_decay=0.9999, class_dropout=0.1,
+                             grad_clip=0.0, log_every=100, ckpt_every=5_000, keep_every=20_000, sample_every=5_000,
+                             sample_cfg=1.75, sample_steps=50, sample_per_class=4),
+    # The CPU ControlNet on the built-in shapes (README "ControlNet: downstream adaptation"): --init-from a run of the
+    # CPU default; the branch learns to draw the shape whose Canny edges it is given, in its class's colour.
+    "builtin-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=2, steps=300,
+                               batch_size=32, lr=1e-3, grad_clip=1.0, ema_decay=0.99, log_every=25, ckpt_every=100,
+                               sample_every=300, sample_cfg=2.0),
 }
 
 # --init-from a release takes this preset's optimiser (lr, weight decay, clip, EMA, batch), not the CPU default's;
@@ -81,7 +93,12 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
     return cfg
 
 
-FAMILY = Family(DiTConfig, PRESETS, resolve, dit.from_config)   # how evaluate.py rebuilds its checkpoints
+def build_model(cfg):
+    """The DiT of a resolved config, inside a ControlNet (models/controlnet.py) when --control asks for one."""
+    return controlnet.from_config(cfg, dit.from_config(cfg))
+
+
+FAMILY = Family(DiTConfig, PRESETS, resolve, build_model)   # how evaluate.py rebuilds its checkpoints
 
 
 @exit_codes("train_dit.py")
@@ -95,7 +112,7 @@ def main(argv=None) -> int:
     data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
-    model, diffusion = dit.from_config(cfg), diff.from_config(cfg)
+    model, diffusion = FAMILY.build(cfg)
     train(cfg, model, diffusion, data, kind="dit", d=d, init=init, judge_grid=judge.judge_final_grid, sinks=sinks)
     return 0
 

@@ -18,13 +18,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import diffusion as diff
 from common import RunError, setup_distributed
 from config import LATENT_GEOMETRY, Family, TrainConfig, opt, parse_config, resolve_run_config
-from models import unet
+from models import controlnet, unet
 from scoring import judge
-from tools import tracking
 from sources.tokenizer import get_tokenizer
+from tools import tracking
 from trainer import exit_codes, load_data, train
 from weights import latents, pretrained, vae
 
@@ -62,6 +61,17 @@ PRESETS = {
                       lr=1e-4, weight_decay=0.01, ema_decay=0.9999, class_dropout=0.1, learn_sigma=False,
                       schedule="scaled_linear", log_every=100, ckpt_every=10_000, keep_every=50_000,
                       sample_every=10_000, sample_cfg=3.0, sample_steps=50, sample_per_class=4),
+    # ControlNet-Canny on ImageNet-100 over a pre-trained LDM-4 IN-1K base (paper §4.4, Table 2): pass --init-from BASE
+    # (the architecture comes from it) and --data IN-100/train. The paper states: diffusers' train_controlnet.py with
+    # its default learning rate and batch size, 10 epochs on IN-100, 4 GPUs, Canny thresholds 100 / 200. diffusers'
+    # defaults (shared/notes/anchors-turn3.md): lr 5e-6, batch 4 per device (x 4 = 16), weight decay 1e-2, constant lr
+    # after 500 warm-up steps (we have no warm-up). 10 epochs of ~126K images at 16 = 79K steps. diffusers keeps no
+    # EMA (sample the raw weights with evaluate.py --no-ema to match); CFG dropout 0.1 keeps the base's null class in
+    # use so the grid can be guided (diffusers' default drops no prompt).
+    "in100-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, steps=79_000, batch_size=16,
+                             lr=5e-6, weight_decay=1e-2, ema_decay=0.9999, class_dropout=0.1, log_every=100,
+                             ckpt_every=5_000, keep_every=20_000, sample_every=5_000, sample_cfg=2.25,
+                             sample_steps=50, sample_per_class=4),
 }
 
 # --init-from a release takes this preset's optimiser (lr, weight decay, clip, EMA, batch), not the CPU default's;
@@ -88,7 +98,12 @@ def resolve(cfg: LDMConfig) -> LDMConfig:
     return cfg
 
 
-FAMILY = Family(LDMConfig, PRESETS, resolve, unet.from_config)   # how evaluate.py rebuilds its checkpoints
+def build_model(cfg):
+    """The LDM of a resolved config, inside a ControlNet (models/controlnet.py) when --control asks for one."""
+    return controlnet.from_config(cfg, unet.from_config(cfg))
+
+
+FAMILY = Family(LDMConfig, PRESETS, resolve, build_model)   # how evaluate.py rebuilds its checkpoints
 
 
 @exit_codes("train_ldm.py")
@@ -102,7 +117,7 @@ def main(argv=None) -> int:
     data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
-    model, diffusion = unet.from_config(cfg), diff.from_config(cfg)
+    model, diffusion = FAMILY.build(cfg)
     train(cfg, model, diffusion, data, kind="ldm", d=d, init=init, judge_grid=judge.judge_final_grid, sinks=sinks)
     return 0
 

@@ -46,6 +46,7 @@ from common import Dist, RunError, derive_seed, one_line
 from config import grid_cads
 from runio import Diverged, Resume, RunIO, StopFlag, check_run_folder
 from sources.captions import TokenizedCaptions
+from sources.control import ControlMaps, grid_controls
 from sources.tokenizer import get_tokenizer
 
 
@@ -112,6 +113,8 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
                                 rewrites=cfg.corrupt_rewrites, manifest_path=os.path.join(cfg.out, "corruption.json"))
     if text:  # items become (x, token ids (L,)); a flipped item gets its caption's left/right mirrored
         dataset = TokenizedCaptions(dataset, get_tokenizer(cfg.tokenizer), cfg.context_length, mirror=True)
+    if cfg.control != "none":  # items become (x, y, control map): ControlNet training (models/controlnet.py)
+        dataset = ControlMaps(dataset, cfg.control, cfg.canny_low, cfg.canny_high, cfg.control_maps)
     ae = load_vae(cfg.vae, cfg.vae_path or None, device=device) if cfg.vae != "none" else None
     return TrainData(dataset, cfg.num_classes or dataset.num_classes, encode or (ae and ae.encode),
                      ae and ae.decode, prompts, resume)
@@ -244,17 +247,21 @@ def item_cep_noise(items, seed: int, mode: str, shape: tuple, device) -> torch.T
     return torch.stack([unit_noise(shape, mode, generator=g) for g in gens]).to(device)
 
 
-def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int,
+               control: torch.Tensor | None = None) -> torch.Tensor:
     """One optimisation step on this rank's share (x, y) of the global batch of `step`, as the paper trains:
     draws -> the condition (label corruption, CFG dropout, CEP) -> diffusion loss -> backward -> AdamW -> EMA.
-    Returns the mean loss as a 0-d device tensor (no host synchronisation)."""
+    Returns the mean loss as a 0-d device tensor (no host synchronisation). control: this rank's control maps
+    (b, 3, H, W) for a ControlNet (--control)."""
     cfg = s.cfg
     draws = step_draws(cfg.seed, step, cfg.batch_size, cfg.latent_shape, s.diffusion.num_timesteps, cfg.class_dropout,
                        s.d.device, ip=s.diffusion.ip_gamma > 0, posterior=s.posterior,
                        corrupt=s.random_labels is not None, cep=cfg.cep, cep_shape=s.cep_shape)
     x = model_input(s, x, draws.share(s.rows))          # (b, C, H, W) pixels or latents, on the device
-    y, cep = condition(s, y, step, draws)               # (b,) labels as trained on; CEP's noise and subset for them
-    loss = backward(s, x, y, cep, draws.share(s.rows))  # the diffusion loss, accumulated over micro-batches
+    y, cond = condition(s, y, step, draws)              # (b,) labels as trained on; CEP's noise and subset for them
+    if control is not None:                             # a ControlNet's spatial condition
+        cond["control"] = control.to(s.d.device, non_blocking=True)
+    loss = backward(s, x, y, cond, draws.share(s.rows))  # the diffusion loss, accumulated over micro-batches
     update(s)                                           # gradient clip -> AdamW -> EMA
     return loss
 
@@ -287,13 +294,14 @@ def condition(s: TrainState, y: torch.Tensor, step: int, draws: StepDraws) -> tu
     return y, cep
 
 
-def backward(s: TrainState, x: torch.Tensor, y: torch.Tensor, cep: dict, draws: StepDraws) -> torch.Tensor:
+def backward(s: TrainState, x: torch.Tensor, y: torch.Tensor, extra: dict, draws: StepDraws) -> torch.Tensor:
     """Backpropagate the diffusion loss of this rank's share micro-batch by micro-batch (DDP all-reduces the gradients
-    on the last one only); returns the share's mean loss, a 0-d device tensor."""
+    on the last one only); returns the share's mean loss, a 0-d device tensor. extra: the model's other inputs
+    (CEP's cep_unit and cep_mask, a ControlNet's control), each (b, ...)."""
     total, d = torch.zeros((), device=s.d.device), s.d
     for i in range(0, s.local_batch, s.micro):
         mb = slice(i, i + s.micro)
-        cond = {k: v[mb] for k, v in cep.items()}
+        cond = {k: v[mb] for k, v in extra.items()}
         last_micro = i + s.micro >= s.local_batch
         with s.train_model.no_sync() if d.world > 1 and not last_micro else nullcontext(), s.autocast:
             terms = s.diffusion.training_losses(lambda xt, tt: s.train_model(xt, tt, y[mb], **cond), x[mb],
@@ -344,8 +352,8 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
     model.train()
     with StopFlag() as stop, io:
         for step in range(start, cfg.steps):
-            x, y = next(batches)
-            loss_sum += train_step(s, x, y, step)
+            x, y, *control = next(batches)                          # (x, y) or, for a ControlNet, (x, y, control)
+            loss_sum += train_step(s, x, y, step, *control)
             n, done = n + 1, step + 1
             io.bar.update(1)
             log_now = done % cfg.log_every == 0 or done == cfg.steps
@@ -414,13 +422,16 @@ def grid_sampler(cfg, diffusion, data: TrainData):
     conds = rows.repeat_interleave(cfg.sample_per_class, dim=0)
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, "grid"))
     noise = torch.randn((len(conds), *cfg.latent_shape), generator=g)
+    controls = (None if cfg.control == "none" else          # a ControlNet's grid: real items' maps, class by class
+                grid_controls(data.dataset, len(conds), conds if data.prompts is None else None))
     scale, cads = grid_cfg_scale(cfg), grid_cads(cfg)
 
     @torch.no_grad()
     def sample(model):
         dev = next(model.parameters()).device
         y = conds.to(dev)
-        fn = cfg_model_fn(model, y, model.cond.null_like(y), scale, learn_sigma=cfg.learn_sigma)
+        net = model if controls is None else functools.partial(model, control=controls.to(dev))
+        fn = cfg_model_fn(net, y, model.cond.null_like(y), scale, learn_sigma=cfg.learn_sigma)
         seeds = range(cfg.seed, cfg.seed + len(y))                     # CADS noise: one stream per image
         with nullcontext() if cads is None else cads.sampling(model, model.cond, seeds, diffusion.num_timesteps):
             x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,

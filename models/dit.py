@@ -237,10 +237,9 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x, t, y, cep_mask=None, cep_unit=None):
-        """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) class ids (null id = num_classes) or (B, L) caption
-        token ids (null = the empty caption) -> (B, C_out, H, W). cep_mask / cep_unit go to the condition encoder
-        (training only: CEP on a subset, pre-drawn CEP noise)."""
+    def embed(self, x, t, y, cep_mask=None, cep_unit=None):
+        """x (B, C, H, W), t (B,), y -> what the first block reads: tokens (B, T, D), adaLN condition c (B, D) and,
+        for text, the context (B, L, D_text) and its mask (B, L) (None for classes)."""
         if x.shape[-1] != self.grid * self.patch_size or x.shape[-2] != x.shape[-1]:
             raise ValueError(f"DiT expects square {self.grid * self.patch_size}px inputs, got {tuple(x.shape[-2:])}")
         x = self.x_embedder(x) + self.pos_embed                  # (B, T, D)
@@ -252,10 +251,22 @@ class DiT(nn.Module):
             c = self.t_embedder(t)                               # (B, D)
             if self.pooled_embedder is not None:
                 c = c + self.pooled_embedder(self.y_embedder.pooled(context, mask))
-        for blk in self.blocks:
+        return x, c, context, mask
+
+    def denoise(self, x, c, context=None, mask=None, residuals=()):
+        """The blocks and the final layer on embed()'s output -> (B, C_out, H, W). residuals[i] (B, T, D) is added to
+        block i's output (a ControlNet's, models/controlnet.py); none by default."""
+        for i, blk in enumerate(self.blocks):
             x = blk(x, c, context, mask)
+            if i < len(residuals):
+                x = x + residuals[i]
         return self.unpatchify(self.final_layer(x, c))           # (B, C_out, H, W)
 
+    def forward(self, x, t, y, cep_mask=None, cep_unit=None):
+        """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) class ids (null id = num_classes) or (B, L) caption
+        token ids (null = the empty caption) -> (B, C_out, H, W). cep_mask / cep_unit go to the condition encoder
+        (training only: CEP on a subset, pre-drawn CEP noise)."""
+        return self.denoise(*self.embed(x, t, y, cep_mask, cep_unit))
 
 SIZES = {"T": dict(depth=4, hidden_size=128, num_heads=4),       # tiny: the CPU default (not an official size)
          "S": dict(depth=12, hidden_size=384, num_heads=6),

@@ -259,18 +259,21 @@ class UNetModel(nn.Module):
             raise ValueError(f"U-Net input side {x.shape[-1]} is not divisible by 2^(levels-1) = {f} "
                              f"({self.levels} levels halve it {self.levels - 1} times)")
 
-    def forward(self, x, timesteps, context, context_mask=None):
+    def forward(self, x, timesteps, context, context_mask=None, residuals=None):
         """x (B, C, S, S) noisy input, timesteps (B,), context (B, L, context_dim), context_mask (B, L) bool or None
-        (False = a padding token no query may attend to) -> (B, C_out, S, S)."""
+        (False = a padding token no query may attend to) -> (B, C_out, S, S). residuals: a ControlNet's (one tensor
+        per input block, added to its skip connection; one added to the middle block's output), controlnet.py."""
         self.check_input(x)
         if context.ndim != 3 or context.shape[-1] != self.context_dim:
             raise ValueError(f"context must be (B, L, {self.context_dim}), got {tuple(context.shape)}")
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))   # (B, 4*mc)
         h, skips = x, []
-        for blk in self.input_blocks:
+        for i, blk in enumerate(self.input_blocks):
             h = blk(h, emb, context, context_mask)
-            skips.append(h)
+            skips.append(h if residuals is None else h + residuals[0][i])   # the control reaches the skips only
         h = self.middle_block(h, emb, context, context_mask)
+        if residuals is not None:
+            h = h + residuals[1]
         for blk in self.output_blocks:
             h = blk(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
         return self.out(h)

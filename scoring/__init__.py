@@ -5,4 +5,5 @@ hands the trainer the judge's verdict on the final grid).
     metrics.py   FID / IS / precision / recall from one feature pass (clean-fid's Inception or any torchscript extractor)
     judge.py     the offline judge of the built-in data: a small CNN whose features and logits give FID, class accuracy,
                  memorization and diversity                       python -m scoring.judge --help
+    control.py   a ControlNet's control fidelity: edge F1 between a sample's Canny map and the given one
 """

@@ -8,9 +8,8 @@ import os
 import re
 
 import numpy as np
-import torch
 
-from sources.folders import IMAGE_EXTENSIONS, ImageFolderDataset, flip_key
+from sources.folders import IMAGE_EXTENSIONS, DatasetView, ImageFolderDataset, flip_key
 
 TABLE_EXTENSIONS = (".tsv", ".csv")
 
@@ -112,7 +111,7 @@ def mirror_caption(caption: str) -> str:
     return _MIRROR.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
 
 
-class TokenizedCaptions(torch.utils.data.Dataset):
+class TokenizedCaptions(DatasetView):
     """ds[key] -> (image, token ids (L,) int64) of the caption of item key >> 1, tokenised on the fly (in the loader
     workers; microseconds). Every other attribute (len, captions, image_size, channels, ...) is the wrapped dataset's.
 
@@ -125,14 +124,6 @@ class TokenizedCaptions(torch.utils.data.Dataset):
             raise ValueError("this dataset has no captions; text conditioning needs captioned data")
         self.dataset, self.tokenize, self.context_length, self.mirror = dataset, tokenize, context_length, mirror
 
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getattr__(self, name):  # only called for attributes this view does not have
-        if name == "dataset":     # not set yet (e.g. while unpickling): avoid infinite recursion
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
     def caption(self, key: int) -> str:
         """The caption item `key` is trained on: its index's, mirrored when the key flips it (and mirror is on)."""
         index, flip = flip_key(int(key))
@@ -144,9 +135,7 @@ class TokenizedCaptions(torch.utils.data.Dataset):
         return x, self.tokenize([self.caption(key)], self.context_length)[0]     # (C, H, W), (L,)
 
     def __getitems__(self, keys) -> list:
-        """[ds[key] for key in keys] at once: the wrapped dataset's batch path when it has one (the DataLoader's batched
-        fetch; without this method __getattr__ would hand it the wrapped dataset's, whose items carry labels)."""
-        batched = getattr(self.dataset, "__getitems__", None)            # None: it fetches one item at a time
-        images = batched(keys) if batched else [self.dataset[k] for k in keys]
+        """[ds[key] for key in keys] at once (the DataLoader's batched fetch), through the wrapped dataset's batch path."""
+        images = self.wrapped_items(keys)
         tokens = self.tokenize([self.caption(k) for k in keys], self.context_length)     # (B, L)
         return [(x, t) for (x, _), t in zip(images, tokens)]

@@ -79,3 +79,23 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if flip:
             arr = arr[:, ::-1]
         return to_tensor(np.ascontiguousarray(arr)), int(self.labels[index])
+
+
+class DatasetView(torch.utils.data.Dataset):
+    """A view of a dataset that changes its items; every other attribute (len, labels, files, ...) is the wrapped one's.
+
+    A view must define its own __getitems__ (the DataLoader's batched fetch): otherwise __getattr__ would hand the
+    loader the wrapped dataset's, whose items lack what the view adds."""
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # only called for attributes this view does not have
+        if name == "dataset":     # not set yet (e.g. while unpickling): avoid infinite recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def wrapped_items(self, keys) -> list:
+        """The wrapped dataset's items of `keys`, through its batch path when it has one."""
+        batched = getattr(self.dataset, "__getitems__", None)            # None: it fetches one item at a time
+        return batched(keys) if batched else [self.dataset[k] for k in keys]

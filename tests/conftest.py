@@ -2,6 +2,7 @@
 dataset's one-item-at-a-time oracle."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -9,6 +10,7 @@ import torch
 import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = Path(__file__).resolve().parent / "data"          # key listings of the released layouts
 
 # A train script's flags for runs of seconds: 8px images, batch 8, a log line and a checkpoint every step or two.
 TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
@@ -123,3 +125,13 @@ def builtin_item_one_by_one(ds, key: int):
         img = img[:, ::-1]
     x = torch.from_numpy(np.ascontiguousarray(img).astype(np.float32)).permute(2, 0, 1).div_(127.5).sub_(1.0)
     return x, int(ds.labels[index])
+
+
+def read_key_listing(path):
+    """`name (d0, d1, ...)` lines -> {name: meta tensor of that shape}."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            name, shape = line.split(" (")
+            out[name] = torch.empty(tuple(int(s) for s in shape.rstrip(")").split(",") if s.strip()), device="meta")
+    return out

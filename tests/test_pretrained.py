@@ -19,20 +19,10 @@ from weights import hub
 import evaluate as ev
 from weights import pretrained
 from models.dit import DiT
-from conftest import randomize
+
+from conftest import DATA, randomize, read_key_listing
 
 diffusers = pytest.importorskip("diffusers")
-DATA = Path(__file__).resolve().parent / "data"
-
-
-def read_key_listing(path):
-    """`name (d0, d1, ...)` lines -> {name: meta tensor of that shape}."""
-    out = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            name, shape = line.split(" (")
-            out[name] = torch.empty(tuple(int(s) for s in shape.rstrip(")").split(",") if s.strip()), device="meta")
-    return out
 
 
 # ---- a tiny DiT release in the DiTPipeline layout (transformer/, vae/, scheduler/, model_index.json) ----

@@ -619,7 +619,14 @@ def init_from(cfg, kind, argv=None, recipe=None):
         return cfg, None
     from config import explicit_fields
     cfg, sd, note = init_weights(cfg.init_from, cfg, kind, explicit_fields(argv), recipe)
-    return cfg, lambda model: note + "; " + load_init(model, sd)
+    def init(model):
+        base = getattr(model, "base", model)             # a ControlNet (models/controlnet.py): SOURCE is its base
+        loaded = note + "; " + load_init(base, sd)
+        if base is not model:
+            model.init_control_from_base()               # ControlNet's init: the branch copies the loaded base
+            loaded += "; base frozen, control branch copied from it"
+        return loaded
+    return cfg, init
 
 
 def _optimiser_recipe(ckpt, recipe) -> tuple[str, dict]:
@@ -663,8 +670,12 @@ def _checkpoint_fields(ckpt, source, kind, cfg):
     if ckpt["kind"] != kind:
         raise ValueError(f"{source} is a {ckpt['kind']!r} checkpoint: fine-tune it with {SCRIPTS[ckpt['kind']]}.py")
     theirs = ckpt["config"]
-    from config import arch_fields
-    fields = {f: theirs[f] for f in arch_fields(cfg) if f in theirs and f != "num_classes"}
+    if theirs.get("control", "none") != "none":
+        raise ValueError(f"{source} is a ControlNet checkpoint (--control {theirs['control']}): --init-from takes the "
+                         "base it was trained on")
+    from config import arch_fields, control_fields
+    fields = {f: theirs[f] for f in arch_fields(cfg) if f in theirs and f != "num_classes"
+              and f not in control_fields(cfg)}                # the ControlNet's own settings are this run's
     soft = {"vae_path": theirs.get("vae_path", "")}
     return fields, soft, ckpt["ema"], f"nanoCEP checkpoint at step {ckpt['step']}, EMA weights"
 
