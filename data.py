@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sources.captions import TABLE_EXTENSIONS, CaptionedImages
-from sources.folders import ImageFolderDataset, flip_key, to_tensor
+from sources.folders import ImageFolderDataset, as_item, flip_key
 from sources.torchvision_sets import TORCHVISION_SETS, TorchvisionDataset
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -96,10 +96,7 @@ class BuiltinShapes(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int):
         index, flip = flip_key(int(key))
-        img = self.render(index)
-        if flip:
-            img = img[:, ::-1]
-        return to_tensor(np.ascontiguousarray(img)), int(self.labels[index])
+        return as_item(self.render(index), flip, self.labels[index])
 
 
 class _LazyCaptions:

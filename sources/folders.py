@@ -23,6 +23,11 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1).div_(127.5).sub_(1.0)
 
 
+def as_item(img: np.ndarray, flip: bool, label) -> tuple[torch.Tensor, int]:
+    """A uint8 (H, W, C) image (mirrored if flip) and its label as the item protocol's (image in [-1, 1], label)."""
+    return to_tensor(np.ascontiguousarray(img[:, ::-1] if flip else img)), int(label)
+
+
 def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
     """ADM's center crop: halve with BOX while the short side >= 2*size, BICUBIC to short side = size, crop the centre."""
     while min(img.size) >= 2 * size:
@@ -66,6 +71,4 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 arr = center_crop_arr(im.convert("RGB"), self.image_size)
         except Exception as e:  # PIL raises many types; the user needs the file name, not the type
             raise ValueError(f"cannot read image {path}: {e}") from None
-        if flip:
-            arr = arr[:, ::-1]
-        return to_tensor(np.ascontiguousarray(arr)), int(self.labels[index])
+        return as_item(arr, flip, self.labels[index])

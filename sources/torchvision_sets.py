@@ -11,7 +11,7 @@ Nothing to run here; data.build_dataset picks the reader.
 import numpy as np
 import torch
 
-from sources.folders import center_crop_arr, flip_key, to_tensor
+from sources.folders import as_item, center_crop_arr, flip_key
 
 # --data name -> torchvision.datasets class name
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST", "cifar10": "CIFAR10",
@@ -53,7 +53,4 @@ class TorchvisionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int):
         index, flip = flip_key(int(key))
-        img = self.render(index)
-        if flip:
-            img = img[:, ::-1]
-        return to_tensor(np.ascontiguousarray(img)), int(self.labels[index])
+        return as_item(self.render(index), flip, self.labels[index])
