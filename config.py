@@ -34,9 +34,14 @@ def opt(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # data
-    data: str = opt("builtin", "'builtin' (procedural shapes, no download), an ImageNet-layout folder root/<class>/*.jpg, "
+    data: str = opt("builtin", "'builtin' (procedural shapes, no download), a torchvision set (mnist, fashion-mnist, "
+                    "kmnist, cifar10, cifar100: read from --data-root), an ImageNet-layout folder root/<class>/*.jpg, "
                     "or with --cond text: a folder of images with same-stem .txt captions or a path<TAB>caption .tsv/.csv; "
                     "or WebDataset shards (.tar, a folder of them, dir/{00000..00099}.tar) with .txt/.json/.cls")
+    data_root: str = opt("data", "torchvision sets (--data mnist, ...): the root they are read from (torchvision "
+                         "downloads them there once if absent)")
+    items_per_class: int = opt(0, "train on k items of every class only, chosen from --seed (the memorization "
+                               "benchmark); 0 = every item", experiment=True)
     cond: str = opt("class", "condition: class labels | text captions (tokenised, encoded by a jointly trained encoder)",
                     choices=["class", "text"], arch=True)
     image_size: int = opt(16, "image side in pixels (latent side = image_size / 8 with --vae kl-f8, / 4 with vq-f4)",
@@ -48,7 +53,7 @@ class TrainConfig:
     vae: str = opt("none", "autoencoder: none (pixels) | kl-f8 (SD-VAE, 32x32x4 latents at 256^2) | vq-f4 (LDM-4, "
                    "64x64x3)", choices=["none", "kl-f8", "vq-f4"], arch=True)
     vae_path: str = opt("", "local autoencoder weights (safetensors/.bin/.ckpt); empty = download")
-    latents: str = opt("", "train from a latent cache DIR made by `python latents.py` (no VAE encode in the loop)")
+    latents: str = opt("", "train from a latent cache DIR made by `python -m weights.latents` (no VAE encode in the loop)")
     # what the denoiser predicts and its noise schedule (read by diffusion.from_config; each family sets its defaults)
     learn_sigma: bool = opt(False, "predict the variance too (official DiT: on) and train with the hybrid MSE + VB loss; "
                             "off: ε-MSE with a fixed variance (LDM)", arch=True)
@@ -229,6 +234,8 @@ def _check_ranges(cfg) -> None:
         raise RunError("--corrupt-type asymmetric needs --corrupt-classes (e.g. 1,5,9)")
     if cfg.latents and cfg.vae == "none":
         raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
+    if cfg.items_per_class < 0:
+        raise RunError(f"--items-per-class must be >= 0 (0 = every item), got {cfg.items_per_class}")
     if cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise RunError("--log-every and --ckpt-every must be >= 1")
     _check_ablations(cfg)

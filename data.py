@@ -1,6 +1,7 @@
 """
 Datasets for nanoCEP: the built-in procedural dataset, the readers of sources/ (ImageNet-style image folders,
-captioned images, WebDataset .tar shards) behind one build_dataset, static
+captioned images, WebDataset .tar shards, torchvision's MNIST / CIFAR family) behind one build_dataset, the
+training subset of k items per class (--items-per-class, chosen from the seed), static
 condition corruption (labels and captions, through corrupt.py), the step-indexed sampler that makes training
 resumable and identical on 1 or N processes, and the per-step views of a global batch's items that keep random
 corruption and --cep-subset identical on 1 or N processes too.
@@ -24,6 +25,7 @@ from common import derive_seed
 from sources.captions import TABLE_EXTENSIONS, CaptionedImages
 from sources.folders import ImageFolderDataset, flip_key, to_tensor
 from sources.shards import ShardDataset, is_shard_source
+from sources.torchvision_sets import TORCHVISION_SETS, TorchvisionDataset
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The built-in dataset: coloured shapes drawn procedurally, no files, no download
@@ -160,19 +162,86 @@ class _LazyCaptions:
         return self.ds._attributes(i % len(self))[1]
 
 
-def build_dataset(data: str, image_size: int, seed: int = 0, builtin_length: int = 100_000, captions: bool = False):
-    """'builtin', a folder, a caption table or WebDataset shards (a .tar, a folder of them, a brace pattern
-    dir/{00000..00099}.tar) -> a dataset following the protocol in this file's docstring.
+def build_dataset(data: str, image_size: int, seed: int = 0, builtin_length: int = 100_000, captions: bool = False,
+                  root: str = "data", train: bool = True):
+    """'builtin', a torchvision name (mnist, cifar10, ...; read from root), a folder, a caption table or WebDataset
+    shards (a .tar, a folder of them, a brace pattern dir/{00000..00099}.tar) -> a dataset following the protocol in
+    this file's docstring.
 
     captions=False reads a folder as ImageNet class folders; captions=True as images with same-stem .txt captions.
+    train=False: a torchvision set's test split (other sources have none).
     """
     if data == "builtin":
         return BuiltinShapes(size=image_size, length=builtin_length, seed=seed)
+    if data in TORCHVISION_SETS:
+        return TorchvisionDataset(data, root, size=image_size, train=train)
     if is_shard_source(data):       # WebDataset .tar shards: classes (.cls) and/or captions (.txt / .json) inside
         return ShardDataset(data, size=image_size)
     if captions or data.lower().endswith(TABLE_EXTENSIONS):
         return CaptionedImages(data, size=image_size)
     return ImageFolderDataset(data, size=image_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training subset: k items per class, chosen from the seed (--items-per-class; the memorization benchmark)
+
+def items_per_class(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """(K * k,) sorted indices: k items of every class, drawn without replacement from the seed alone."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 0x5EB5E7])            # its own stream: no other draw shifts the choice
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if len(members) < k:
+            raise ValueError(f"--items-per-class {k}: class {c} has only {len(members)} items")
+        chosen.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+class ItemSubset(torch.utils.data.Dataset):
+    """The items `indices` of a dataset as a dataset of their own (same protocol; key 2 * i + flip is item i here)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(dataset.labels)[self.indices].copy()      # corruption replaces these, not the source's
+        captions = getattr(dataset, "captions", None)
+        self.captions = None if captions is None else [captions[int(i)] for i in self.indices]
+        self.num_classes, self.class_names = dataset.num_classes, dataset.class_names
+        self.image_size, self.channels = dataset.image_size, dataset.channels
+
+    def __len__(self):
+        return len(self.indices)
+
+    def source_key(self, key: int) -> int:
+        """The wrapped dataset's key of this subset's key (same flip)."""
+        index, flip = flip_key(int(key))
+        return 2 * int(self.indices[index]) + flip
+
+    def __getitem__(self, key: int):
+        x, _ = self.dataset[self.source_key(key)]
+        return x, int(self.labels[int(key) >> 1])
+
+    def __getitems__(self, keys) -> list:
+        """[ds[key] for key in keys] at once (the DataLoader's batched fetch), through the wrapped dataset's batch path."""
+        batched = getattr(self.dataset, "__getitems__", None)
+        inner = [self.source_key(k) for k in keys]
+        items = batched(inner) if batched else [self.dataset[k] for k in inner]
+        return [(x, int(self.labels[int(k) >> 1])) for k, (x, _) in zip(keys, items)]
+
+
+def training_set(cfg):
+    """The dataset a run trains on (before corruption): build_dataset from its config (a config object or the dict a
+    checkpoint stores), cut to --items-per-class items per class when set. evaluate.py --train-ref rebuilds it alike."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda key, default: getattr(cfg, key, default))
+    dataset = build_dataset(get("data", "builtin"), get("image_size", 16), seed=get("seed", 0),
+                            builtin_length=get("builtin_length", 100_000), captions=get("cond", "class") == "text",
+                            root=get("data_root", "data"))
+    return subset_per_class(dataset, get("items_per_class", 0), get("seed", 0))
+
+
+def subset_per_class(dataset, k: int, seed: int):
+    """dataset cut to k items per class chosen from the seed (an ItemSubset); k = 0: the dataset itself."""
+    return ItemSubset(dataset, items_per_class(dataset.labels, k, seed)) if k > 0 else dataset
 
 
 # ----------------------------------------------------------------------------------------------------------------------

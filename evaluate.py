@@ -23,8 +23,9 @@ Features come from one pass of clean-fid's Inception (mode "clean": clean-fid's 
 2048-d pool features (FID, precision/recall) and the 1008-way logits (IS) at once. clean-fid downloads that network
 to /tmp/inception-2015-12-05.pt on first use; offline, copy the file there or pass --inception PATH.
 --features FILE swaps in any TorchScript extractor f(x (B,3,H,W) floats in [0,255]) -> feats or (feats, logits).
-Built-in data: --features $(python judge.py path) --resize none --ref ref.npz --train-ref auto (judge.py) adds the
-class_acc, memorized and diversity columns.
+Built-in data: --features $(python -m scoring.judge path) --resize none --ref ref.npz --train-ref auto adds the
+class_acc and diversity columns; --train-ref (any data) adds the memorization columns (scoring/memorization.py: the
+ratio test in pixels and features, nearest-item distances beside fresh real images'; --mem-tau the absolute form).
 --pipeline legacy_tensorflow feeds the raw image to the same Inception file, which resizes inside as TF did (the ADM
 evaluator's pipeline, for numbers beside DiT's and the paper's). Reference images (a folder, an arr_0) are
 centre-cropped to the samples' resolution; features from different pipelines are never compared (metrics.py).
@@ -52,12 +53,12 @@ from config import LATENT_GEOMETRY
 from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines, check_reference_size,
                              compute_metrics, count_items, image_size_of, load_reference, load_train_reference,
                              min_samples, pipeline_label, plot_fid_is, read_results, reference_kind, reference_pipeline,
-                             save_npz, source_pipeline, write_reference, write_results)
+                             npz_keys, save_npz, source_pipeline, write_reference, write_results)
 from sources.control import ControlMaps, canny
 from tools import tracking
-from weights.hub import file_hash
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
+PIXEL_TEST_MAX_SIDE = 64        # samples up to this side go to rank 0 as pixels for the pixel-space memorization test
 
 # ---- sampling ----
 
@@ -235,14 +236,15 @@ def sample_shard(sample_fn, labels, seeds, indices, cfg_scale, batch_size, png_d
 
 def merge_shards(scale_dir, world_size, keep_images, pipeline=None):
     """Rank 0: join the ranks' shard files in index order into features.npz (and samples.npz, ADM format);
-    features.npz carries the feature pipeline's label and the image size, so it can be measured again safely."""
+    features.npz carries the feature pipeline's label and the image size, so it can be measured again safely.
+    The joined images (shards that hold arr_0) come back as merged["images"] (the pixel-space memorization test)."""
     scale_dir = Path(scale_dir)
     shards = [np.load(scale_dir / f"shard{r:03d}.npz") for r in range(world_size)]
     join = lambda key: np.concatenate([s[key] for s in shards]) if key in shards[0].files else None
     merged = {key: join(key) for key in ("feats", "probs", "labels", "seeds", "index")}
     if not np.array_equal(merged["index"], np.arange(len(merged["index"]))):
         raise ValueError(f"shards in {scale_dir} do not cover the samples in order")
-    merged["pipeline"] = pipeline
+    merged["pipeline"], merged["images"] = pipeline, join("arr_0")
     merged["image_size"] = int(shards[0]["image_size"]) if "image_size" in shards[0].files else None
     save_npz(scale_dir / "features.npz", feats=merged["feats"], probs=merged["probs"], labels=merged["labels"],
              seeds=merged["seeds"], pipeline=None if pipeline is None else np.array(pipeline),
@@ -262,11 +264,12 @@ def _barrier():
 
 def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer, ref=None, num_samples=50_000,
                         seed=0, batch_size=64, write_png=False, write_npz=False, rank=0, world_size=1, settings=None,
-                        k=3, is_splits=10, train_ref=None):
+                        k=3, is_splits=10, train_ref=None, mem_tau=None, keep_pixels=False):
     """Sample every guidance scale (this rank's slice), featurize, and on rank 0 merge, measure and write results.
 
     Returns the rows on rank 0 (None on other ranks). Each scale goes to OUT/cfg{scale}/: features.npz (feats, probs,
-    labels, seeds), samples.npz (--npz) and samples/{index:06d}.png (--png).
+    labels, seeds), samples.npz (--npz) and samples/{index:06d}.png (--png). keep_pixels: every rank hands its
+    images to rank 0 (through its shard file) for the pixel-space memorization test (small images only).
     """
     out = Path(out_dir)
     labels, seeds = balanced_labels(num_samples, num_classes), sample_seeds(num_samples, seed)
@@ -281,14 +284,14 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
         seconds = time.time() - t0
         feats = featurizer(images)
         save_npz(scale_dir / f"shard{rank:03d}.npz", feats=feats["feats"], probs=feats["probs"], labels=labels[mine],
-                 seeds=seeds[mine], index=mine, arr_0=images if write_npz else None, image_size=images.shape[1])
+                 seeds=seeds[mine], index=mine, arr_0=images if write_npz or keep_pixels else None, image_size=images.shape[1])
         _barrier()
         if rank == 0:
             merged = merge_shards(scale_dir, world_size, keep_images=write_npz, pipeline=featurizer.pipeline)
             if reference is None and ref is not None:
                 reference = load_reference(ref, featurizer, image_size=images.shape[1])
             row = {"cfg_scale": scale, **compute_metrics(merged, reference, k, is_splits, featurizer.device,
-                                                         train_ref, num_classes),
+                                                         train_ref, num_classes, mem_tau),
                    "samples": str(scale_dir), "ref": None if ref is None else str(ref), "extractor": featurizer.name,
                    "resize": featurizer.resize, "pipeline": featurizer.pipeline, "k": k, "is_splits": is_splits, "seed": seed, "world_size": world_size,
                    "rank0_samples_per_s": round(len(mine) / max(seconds, 1e-9), 3), **(settings or {})}
@@ -314,9 +317,12 @@ def _scales(text):
 def _add_feature_args(p):
     p.add_argument("--ref", help="reference: image folder, mu/sigma .npz (ADM reference batch too) or features .npz")
     p.add_argument("--features", help="TorchScript feature extractor (default: clean-fid's Inception; built-in data: "
-                   "the judge, $(python judge.py path))")
-    p.add_argument("--train-ref", help="training-set features .npz (python judge.py train-ref) for the memorization "
-                   "ratio; auto: the checkpoint's built-in training set through --features")
+                   "the judge, $(python -m scoring.judge path))")
+    p.add_argument("--train-ref", help="training set .npz (python -m scoring.judge train-ref) for the memorization "
+                   "columns; auto: the checkpoint's training set (its data, seed, --items-per-class) through this "
+                   "run's feature pipeline, cached in OUT/features")
+    p.add_argument("--mem-tau", type=float, help="mem_tau: share of samples whose nearest training item is closer "
+                   "than this (unit-normalised features; paper App. D: 0.12 for CLIP ViT-B/16 as --features)")
     p.add_argument("--inception", default=INCEPTION_PATH, help="clean-fid's Inception file (downloaded there if absent)")
     p.add_argument("--resize", choices=("clean", "none"), default="clean", help="clean: clean-fid's resize to 299")
     p.add_argument("--pipeline", choices=PIPELINES, default="clean", help="clean-fid Inception mode: clean (default) | "
@@ -334,6 +340,8 @@ def _check_common(args, samples=()):
     samples: existing samples (evaluate.py metrics); none means this run featurizes new ones."""
     if args.k < 1 or args.is_splits < 1:
         raise ValueError(f"--k and --is-splits must be >= 1, got {args.k} and {args.is_splits}")
+    if args.mem_tau is not None and not args.mem_tau > 0:
+        raise ValueError(f"--mem-tau must be > 0, got {args.mem_tau}")
     if args.features and not os.path.isfile(args.features):
         raise FileNotFoundError(f"feature extractor not found: {args.features}")
     # the label this run's features will carry; a reference made by another pipeline is refused before any work
@@ -387,12 +395,13 @@ def main_metrics(argv):
         size = image_size_of(args.samples[0]) if reference_kind(args.ref) in ("folder", "images", "stats+images") else None
         reference = load_reference(args.ref, featurizer, image_size=size)
     if args.train_ref == "auto":
-        raise ValueError("--train-ref auto needs a checkpoint; here pass a .npz from `python judge.py train-ref`")
+        raise ValueError("--train-ref auto needs a checkpoint; here pass a .npz from `python -m scoring.trainset`")
     train_ref = load_train_reference(args.train_ref) if args.train_ref else None
     rows = []
     for i, s in enumerate(args.samples):
         row = {"cfg_scale": None if args.cfg_scales is None else args.cfg_scales[i],
-               **compute_metrics(featurizer(s), reference, args.k, args.is_splits, device, train_ref),
+               **compute_metrics({**featurizer(s), "images": _pixels_for(s, train_ref)}, reference, args.k,
+                                 args.is_splits, device, train_ref, mem_tau=args.mem_tau),
                "samples": str(s), "ref": args.ref, "extractor": featurizer.name, "resize": featurizer.resize,
                "pipeline": featurizer.pipeline,
                "k": args.k, "is_splits": args.is_splits}
@@ -558,10 +567,12 @@ def main_sample(argv):
     settings = {"checkpoint": str(args.ckpt or args.pretrained), "sampler": args.sampler, "steps": args.steps,
                 "ema": not args.no_ema and args.pretrained is None, **cads_settings(args),
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
-    train_ref = _train_reference(args) if rank == 0 else None
-    rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, _featurizer(args, device),
+    featurizer = _featurizer(args, device)
+    train_ref = _train_reference(args, featurizer) if rank == 0 else None
+    rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, featurizer,
                                args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
-                               world_size, settings, args.k, args.is_splits, train_ref)
+                               world_size, settings, args.k, args.is_splits, train_ref, args.mem_tau,
+                               keep_pixels=bool(args.train_ref) and info["image_size"] <= PIXEL_TEST_MAX_SIDE)
     if held_out is not None:
         rows = held_out.add_edge_f1(rows, args.out)
     if rank == 0:
@@ -586,20 +597,38 @@ def log_rows(args, rows, settings) -> None:
         sink.close()
 
 
-def _train_reference(args):
-    """The --train-ref features and threshold; auto: judge.py's for the checkpoint's built-in training set (cached)."""
+def _train_reference(args, featurizer):
+    """The --train-ref arrays; auto: the checkpoint's training set through this run's features (cached)."""
     if args.train_ref != "auto":
         return load_train_reference(args.train_ref) if args.train_ref else None
-    from scoring import judge
+    from scoring import trainset
     from runio import load_checkpoint
-    if args.ckpt is None or not args.features:
-        raise ValueError("--train-ref auto needs a nanoCEP checkpoint and --features (the judge: python judge.py path)")
-    spec = judge.run_training_set(load_checkpoint(args.ckpt)["config"])
-    tag = hashlib.sha1(f"{spec}|{file_hash(args.features, 'sha1')}".encode()).hexdigest()[:12]
+    if args.ckpt is None:
+        raise ValueError("--train-ref auto needs a nanoCEP checkpoint (its config names the training set)")
+    cfg = trainset.run_config(load_checkpoint(args.ckpt)["config"])
+    spec = {k: cfg.get(k) for k in ("data", "data_root", "image_size", "seed", "builtin_length", "items_per_class",
+                                    "flip", "cond")}
+    tag = hashlib.sha1(f"{json.dumps(spec, sort_keys=True)}|{featurizer.id}".encode()).hexdigest()[:12]
     path = Path(args.out) / "features" / f"train-ref-{tag}.npz"
     if not path.is_file():
-        save_npz(path, **judge.train_reference(**spec, path=args.features))
+        save_npz(path, **trainset.build(cfg, featurize=lambda images: featurizer(images)["feats"],
+                                        pipeline=featurizer.pipeline))
     return load_train_reference(path)
+
+
+def _pixels_for(source, train_ref):
+    """uint8 (N, H, W, 3) images of a samples source for the pixel-space memorization test (None when it is not
+    needed or the source holds features only)."""
+    from scoring.metrics import ImageSource
+    if train_ref is None or train_ref.get("pixels") is None:
+        return None
+    path = Path(source)
+    if path.suffix == ".npz" and "feats" in npz_keys(path):
+        return None
+    src = ImageSource(path)
+    if src.files is None:
+        return np.concatenate([np.stack(b) for b in src.batches(1000)])
+    return np.stack([np.array(Image.open(f).convert("RGB")) for f in src.files])
 
 
 def _classes(text):

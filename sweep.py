@@ -5,6 +5,10 @@ a grid of guidance scales, and say with confidence intervals over seeds whether 
     python sweep.py --preset builtin --out sweeps/builtin          # the CPU experiment of README "Results on the built-in benchmark"
     python sweep.py --preset builtin-eta --out sweeps/builtin-eta  # its label-corruption companion (η = 0, 5, 20 %)
     python sweep.py --preset smoke --out /tmp/smoke                # 2 cells x 2 seeds, a few steps each (~1-2 min; CI)
+    python sweep.py --preset memorize-map --out sweeps/memorize-map  # where a clean model starts copying (README)
+    python sweep.py --preset memorize-map16 --out sweeps/memorize-map16  # the same at 16 px (side, patch)
+    python sweep.py --preset memorize --out sweeps/memorize          # the protocol in that regime (50 runs)
+    python sweep.py --preset memorize-quick --out sweeps/memorize-quick   # its quick form (9 runs)
     python sweep.py --preset in1k-dit --out sweeps/dit --train "--latents /data/in1k-kl-f8" \
         --eval "--ref /data/imagenet/val" --dry-run                # the paper's DiT-XL/2 grid as torchrun commands
     python sweep.py --script train_dit --grid "corrupt=0,0.025,0.05,0.1,0.2" --grid "cep=none,uniform" --seeds 0,1,2 \
@@ -76,10 +80,14 @@ CLEAN = {"corrupt": "0", "cep": "none", "ip": "0", "cads": "off", "cads_noise": 
          "cep_gamma": "0", "cep_subset": "1", "label_smoothing": "0", "cond_dropout": "0", "cep_fixed_delta": "off",
          "base": "clean"}
 # Metrics the summary reports (those present in the results), and which direction is better.
+# The memorization columns (scoring/memorization.py): a larger nearest-item distance is "better" (less copying).
 HIGHER_IS_BETTER = {"fid": False, "is_mean": True, "precision": True, "recall": True, "class_acc": True,
-                    "memorized": False, "diversity": True, "edge_f1": True}
+                    "diversity": True, "mem_ratio_px": False, "mem_ratio_feat": False, "mem_tau": False,
+                    "nn_px_mean": True, "nn_feat_mean": True, "edge_f1": True}
 METRIC_NAMES = {"fid": "FID", "is_mean": "IS", "precision": "Precision", "recall": "Recall",
-                "class_acc": "class acc.", "memorized": "memorized", "diversity": "diversity", "edge_f1": "edge F1"}
+                "class_acc": "class acc.", "diversity": "diversity", "mem_ratio_px": "memorized (px)",
+                "mem_ratio_feat": "memorized (feat)", "mem_tau": "memorized (τ)", "nn_px_mean": "NN dist. (px)",
+                "nn_feat_mean": "NN dist. (feat)", "edge_f1": "edge F1"}
 
 
 def same_value(a, b) -> bool:
@@ -200,7 +208,45 @@ TABLE2 = dict(script="train_ldm", cells=[{"base": f"{b}:bases/{b}.pt"} for b in 
                    "--cfg-scales 1.25,1.5,2.0,2.25,2.5,3.0,4.0,5.0,6.0,7.0 --sampler dpm++ --steps 50",
               fixed_scale=2.25)
 
-PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "in1k-dit": IN1K_DIT, "table2": TABLE2}
+# ---- the memorization regime (README "The memorization benchmark"; issue 21) ----
+# Every run: clean class-conditional DiT-T/2 on 8x8 built-in shapes, k items per class chosen from the seed, batch 50,
+# EMA 0.999, the CPU defaults otherwise (lr 4e-3, clip 1, class dropout 0.1); measured by the judge (8 px) on 300
+# samples per scale (DPM-Solver++ 25 steps, balanced classes, the same sampling seeds for every run) against 2000 fresh
+# real images, with the memorization columns from --train-ref auto (pixel ratio test: Gu et al. 2023).
+MEM_TRAIN = ("--model DiT-T/2 --image-size 8 --batch-size 50 --ema-decay 0.999 --sample-every 0 --ckpt-every 500 "
+             "--log-every 100")
+MEM_EVAL = "--num-samples 300 --cfg-scales 1,2 --sampler dpm++ --steps 25 --batch-size 300"
+
+# The map: where does a clean model start copying? Items per class x training length at 8 px (+ one wider model,
+# DiT-S/2, at 2 items and 4000 steps), 1 seed; memorize-map16 adds the 16 px side (DiT-T/2, and the coarser patch
+# DiT-T/4) at 1 and 2 items per class, 4000 steps. (One judge per sweep, so one image size per sweep.)
+MEMORIZE_MAP = dict(script="train_dit", seeds="0", jobs=2, judge=2000, metric="mem_ratio_px", fixed_scale=1.0,
+                    cells=parse_grid(["items_per_class=1,2,3,5", "steps=1000,2000,3000,4000", "model=DiT-T/2"])
+                    + [{"items_per_class": "2", "steps": "4000", "model": "DiT-S/2"}],
+                    train=MEM_TRAIN, eval=MEM_EVAL)
+MEMORIZE_MAP16 = dict(MEMORIZE_MAP, train=MEM_TRAIN + " --image-size 16",
+                      cells=parse_grid(["items_per_class=1,2", "steps=4000", "model=DiT-T/2,DiT-T/4"]))
+
+# The experiment in that regime, fixed before any of its runs (README "Protocol (committed before running)"): 2 items
+# per class (20 images), 3000 steps of batch 50 (7500 epochs). Cells: clean; label flips η = 5, 10, 20 % (1, 2, 4 of the
+# 20 labels; η = 2.5 % rounds to 0 flips at 20 items and would be the clean run); CEP-U at γ = 0.25, 0.5, 1, 2, 4;
+# CEP-G at γ = 1. 5 seeds (a seed draws the 20 items, the flips, the init and the noise). Primary endpoints at the fixed
+# scale s = 1: mem_ratio_px and FID (judge features), as paired differences to the clean cell.
+_MEM_CELL = {"corrupt": "0", "cep": "none", "cep_gamma": "0"}
+MEMORIZE_CELLS = ([_MEM_CELL] + [{**_MEM_CELL, "corrupt": e} for e in ("0.05", "0.1", "0.2")]
+                  + [{**_MEM_CELL, "cep": "uniform", "cep_gamma": g} for g in ("0.25", "0.5", "1", "2", "4")]
+                  + [{**_MEM_CELL, "cep": "gaussian", "cep_gamma": "1"}])
+MEMORIZE = dict(script="train_dit", seeds="0,1,2,3,4", jobs=2, judge=2000, metric="fid", fixed_scale=1.0,
+                cells=MEMORIZE_CELLS, train=MEM_TRAIN + " --items-per-class 2 --steps 3000", eval=MEM_EVAL)
+# Its quick form (≤ 20 min on 2 cores): 1 item per class, 2000 steps (10 000 epochs), clean vs η = 10 % (1 flip) vs
+# CEP-U, 3 seeds; a smoke test of the regime, not the protocol.
+MEMORIZE_QUICK = dict(MEMORIZE, seeds="0,1,2", cells=[_MEM_CELL, {**_MEM_CELL, "corrupt": "0.1"},
+                                                      {**_MEM_CELL, "cep": "uniform", "cep_gamma": "1"}],
+                      train=MEM_TRAIN + " --items-per-class 1 --steps 2000")
+
+PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "in1k-dit": IN1K_DIT, "table2": TABLE2,
+           "memorize-map": MEMORIZE_MAP, "memorize-map16": MEMORIZE_MAP16, "memorize": MEMORIZE,
+           "memorize-quick": MEMORIZE_QUICK}
 
 
 @dataclass
@@ -282,7 +328,7 @@ def plan(cfg: SweepConfig, features: str = "") -> list:
     if cfg.reference:
         extra_eval = ["--ref", str(out / "reference")]
     if cfg.judge:   # the judge's extractor (built and cached on first use), its reference, the run's training set
-        extra_eval = ["--features", features or "$(python judge.py path)", "--resize", "none",
+        extra_eval = ["--features", features or "$(python -m scoring.judge path)", "--resize", "none",
                       "--ref", str(out / "judge_ref.npz"), "--train-ref", "auto"]
     runs = []
     for seed, cell in itertools.product(seeds, cells):   # seed-major: a sweep cut short still has complete seeds
@@ -761,7 +807,7 @@ def parse_args(argv=None) -> SweepConfig:
     """Flags over the preset over the defaults; --grid replaces the preset's cells."""
     from common import ArgParser
     p = ArgParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a protocol: smoke | builtin | builtin-eta | in1k-dit | table2 (see the docstring)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a protocol: " + " | ".join(PRESETS) + " (see the docstring)")
     for f in dataclasses.fields(SweepConfig):
         if f.name == "cells":
             continue
@@ -828,7 +874,7 @@ def pin_protocol(cfg: SweepConfig, runs: list):
 def print_commands(cfg: SweepConfig, runs: list):
     """--dry-run: the commands, one per line, in the order they would run (train, then eval, per run)."""
     show = lambda cmd: shlex.join(["python" if c == sys.executable else c for c in cmd]).replace(
-        "'$(python judge.py path)'", '"$(python judge.py path)"')       # let the shell expand it
+        "'$(python -m scoring.judge path)'", '"$(python -m scoring.judge path)"')       # let the shell expand it
     if cfg.judge:
         for cmd in judge_commands(cfg):
             print(f"# once: {show(cmd)}")

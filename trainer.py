@@ -89,14 +89,14 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
     load_vae(kind, path, device=) -> the autoencoder (.encode, .decode) for --vae.
     The run folder and --resume are checked once the class count is known, before anything is written."""
     if cfg.latents:
-        dataset = open_cache(cfg.latents)
-        encode = dataset.encode
-        if dataset.vae != cfg.vae or dataset.image_size != cfg.image_size:
-            raise RunError(f"latent cache {cfg.latents} holds {dataset.vae} latents of {dataset.image_size}px images; "
-                           f"pass --vae {dataset.vae} --image-size {dataset.image_size}")
+        cache = open_cache(cfg.latents)
+        encode = cache.encode
+        if cache.vae != cfg.vae or cache.image_size != cfg.image_size:
+            raise RunError(f"latent cache {cfg.latents} holds {cache.vae} latents of {cache.image_size}px images; "
+                           f"pass --vae {cache.vae} --image-size {cache.image_size}")
+        dataset = datalib.subset_per_class(cache, cfg.items_per_class, cfg.seed)    # k items per class, if asked
     else:
-        dataset, encode = datalib.build_dataset(cfg.data, cfg.image_size, seed=cfg.seed,
-                                                builtin_length=cfg.builtin_length, captions=cfg.cond == "text"), None
+        dataset, encode = datalib.training_set(cfg), None     # --items-per-class cuts it to k items per class
     source, text = cfg.latents or cfg.data, cfg.cond == "text"
     if not text and dataset.num_classes == 0:
         raise RunError(f"{source} has captions but no class labels: train it with --cond text")

@@ -5,12 +5,12 @@ Inception features mean nothing on 16^2 discs and crosses (and cannot be downloa
 own small CNN on real built-in images (data.BuiltinShapes with seed 1_000_003, disjoint from every training set,
 which use seed = --seed), deterministically, and caches it as a TorchScript extractor:
 
-    python judge.py build [--image-size 16] [--out PATH]        # train it (~1 min on 1 CPU core) and cache it
-    python judge.py path [--image-size 16]                      # print the cached file's path (builds on first use)
-    python judge.py ref --image-size 16 --num 5000 --out ref.npz             # features of fresh real images
-    python judge.py train-ref --run runs/dit --out train.npz                 # a run's training set + mem. threshold
-    python judge.py check [--image-size 16] [--num 2000]                     # held-out accuracy and FD, real vs real
-    python evaluate.py runs/dit/last.pt --features $(python judge.py path) --resize none \\
+    python -m scoring.judge build [--image-size 16] [--out PATH]        # train it (~1 min on 1 CPU core) and cache it
+    python -m scoring.judge path [--image-size 16]                      # print the cached file's path (builds on first use)
+    python -m scoring.judge ref --image-size 16 --num 5000 --out ref.npz             # features of fresh real images
+    python -m scoring.trainset --run runs/dit --features $(python -m scoring.judge path) --resize none --out train.npz
+    python -m scoring.judge check [--image-size 16] [--num 2000]                     # held-out accuracy and FD, real vs real
+    python evaluate.py runs/dit/last.pt --features $(python -m scoring.judge path) --resize none \\
         --ref ref.npz --train-ref train.npz --num-samples 2000 --cfg-scales 1,2,4 --steps 25
 
 The extractor follows evaluate.py's protocol: f(x (B, 3, H, W) floats in [0, 255]) -> (feats (B, 128), logits
@@ -21,12 +21,10 @@ sensitive to the whole distribution and lets a nearest-neighbour search tell a c
 image of the same class. From the features, evaluate.py reports per guidance scale:
     fid         Fréchet distance to the reference (fresh real images, seed 1_000_033, through the same judge)
     class_acc   share of samples whose judge argmax is the class they were conditioned on (conditional fidelity)
-    memorized   share of samples whose nearest training item (either flip) is closer than the run's threshold
+    mem_*, nn_* the memorization columns (memorization.py): the ratio test (nearest training item closer than 1/3 of
+                the second-nearest) in pixels and in judge features, and nearest-item distances beside those of fresh
+                real images (seed 1_000_037, trainset.py), the chance level; no threshold moves with the training-set size
     diversity   mean pairwise feature distance within each class, averaged over classes, over the same for the reference
-The memorization threshold (paper App. D uses a fixed CLIP distance, 0.12) is calibrated on real data for each
-training set: fresh real images (seed 1_000_037) are matched to the training set, and the threshold is the 1 % quantile
-of their nearest-item distances (L2 between unit-normalised features). So a model that generalises perfectly, i.e.
-draws fresh images from the data distribution, scores memorized ~ 0.01, and a model that copies scores ~ 1.
 """
 import argparse
 import dataclasses
@@ -52,9 +50,7 @@ from scoring import metrics
 JUDGE_VERSION = 1                     # bump when the recipe changes: the cache key changes with it
 JUDGE_SEED = 1_000_003                # the judge's own training images
 REF_SEED = 1_000_033                  # held-out reference images (evaluate.py --ref)
-CALIB_SEED = 1_000_037                # fresh images that calibrate the memorization threshold
 CHECK_SEED = 1_000_039                # held-out images of `judge.py check`
-MEM_QUANTILE = 0.01                   # threshold = this quantile of fresh images' nearest-training-item distances
 CACHE_DIR = Path(os.environ.get("NANOCEP_CACHE", Path.home() / ".cache" / "nanocep"))
 
 
@@ -305,40 +301,6 @@ def reference(image_size: int, num: int, seed: int = REF_SEED, path=None) -> dic
             "pipeline": feature_pipeline(image_size, path), "image_size": image_size}
 
 
-def train_reference(image_size: int, length: int, seed: int, flip: bool = True, path=None,
-                    num_calib: int = 2000) -> dict:
-    """Features of a run's training set (items 0..length-1 of seed, both flips if it trained with flips) and its
-    memorization threshold: the MEM_QUANTILE quantile of fresh real images' nearest-training-item distances; labelled
-    with the judge's pipeline and the image size, as a reference."""
-    net = load(path, image_size)
-    imgs, labels = render_images(image_size, length, seed)
-    feats = [judge_images(net, imgs)[0]]
-    if flip:
-        feats.append(judge_images(net, imgs[:, :, ::-1])[0])
-    feats = np.concatenate(feats)
-    fresh, _ = render_images(image_size, num_calib, CALIB_SEED, flips=np.arange(num_calib) % 2 == 1)
-    fresh_nn = metrics.nearest_distances(judge_images(net, fresh)[0], feats)
-    return {"feats": feats, "labels": np.concatenate([labels] * (2 if flip else 1)),
-            "mem_threshold": np.float64(np.quantile(fresh_nn, MEM_QUANTILE)), "mem_quantile": np.float64(MEM_QUANTILE),
-            "fresh_nn_median": np.float64(np.median(fresh_nn)), "pipeline": np.array(feature_pipeline(image_size, path)),
-            "image_size": np.array(image_size)}
-
-
-def run_training_set(run_dir_or_config) -> dict:
-    """(image_size, length, seed, flip) of a run's built-in training set, from its config.json (or a config dict)."""
-    cfg = run_dir_or_config
-    if not isinstance(cfg, dict):
-        path = Path(cfg) / "config.json" if Path(cfg).is_dir() else Path(cfg)
-        if not path.is_file():
-            raise FileNotFoundError(f"run config not found: {path}")
-        cfg = json.loads(path.read_text())
-        cfg = cfg.get("config", cfg)
-    if cfg.get("data") != "builtin":
-        raise ValueError(f"the judge knows only the built-in data; this run trained on {cfg.get('data')!r}")
-    return {"image_size": int(cfg["image_size"]), "length": int(cfg["builtin_length"]), "seed": int(cfg["seed"]),
-            "flip": bool(cfg.get("flip", True))}
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -346,11 +308,10 @@ def main(argv=None) -> int:
     from common import ArgParser
     p = ArgParser(prog="python -m scoring.judge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("build", "path", "ref", "train-ref", "check"):
+    for name in ("build", "path", "ref", "check"):
         s = sub.add_parser(name)
         s.error = p.error
-        if name != "train-ref":
-            s.add_argument("--image-size", type=int, default=16, help="image side (16 or 32 for the built-in runs)")
+        s.add_argument("--image-size", type=int, default=16, help="image side (8, 16 or 32 for the built-in runs)")
         s.add_argument("--judge", help="a judge file (default: the cached default for the image size)")
         if name == "build":
             s.add_argument("--out", help="where to write it (default: the cache path `judge.py path` prints)")
@@ -359,14 +320,11 @@ def main(argv=None) -> int:
             s.add_argument("--seed", type=int, default=REF_SEED, help="their seed (never a training run's seed)")
             s.add_argument("--out", default="ref.npz", help="features .npz (feats, probs, labels, labelled with the "
                            "judge's pipeline and the image size) for evaluate.py --ref")
-        if name == "train-ref":
-            s.add_argument("--run", required=True, help="a run folder (its config.json) or a config.json file")
-            s.add_argument("--out", default="train.npz", help="features .npz for evaluate.py --train-ref")
         if name == "check":
             s.add_argument("--num", type=int, default=2000, help="held-out images")
     args = p.parse_args(argv)
     try:
-        if args.command != "train-ref" and args.image_size < 8:
+        if args.image_size < 8:
             raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
         if args.judge and not os.path.isfile(args.judge):
             raise FileNotFoundError(f"judge not found: {args.judge}")
@@ -376,18 +334,13 @@ def main(argv=None) -> int:
             print(args.judge or judge_path(args.image_size))
         elif args.command == "check":
             print(json.dumps(self_check(load(args.judge, args.image_size), args.image_size, args.num)))
-        elif args.command == "ref":
+        else:
             if args.num < 10:
                 raise ValueError(f"--num must be >= 10, got {args.num}")
             ref = reference(args.image_size, args.num, args.seed, args.judge)
             metrics.write_reference(args.out, ref["feats"], ref["probs"], ref["pipeline"], ref["image_size"],
                                     labels=ref["labels"], data="builtin", seed=args.seed, num_images=args.num)
             print(f"wrote {args.out}", file=sys.stderr)
-        else:
-            tr = train_reference(**run_training_set(args.run), path=args.judge)
-            metrics.save_npz(args.out, **tr)
-            print(f"wrote {args.out}: {len(tr['feats'])} training features, memorization threshold "
-                  f"{float(tr['mem_threshold']):.4f}", file=sys.stderr)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"python -m scoring.judge: error: {e}", file=sys.stderr)
         return 2

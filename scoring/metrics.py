@@ -43,6 +43,7 @@ from PIL import Image
 from scipy import linalg, special
 
 from common import atomic_open
+from scoring import memorization
 from weights.hub import download, file_hash
 
 INCEPTION_PATH = "/tmp/inception-2015-12-05.pt"  # clean-fid's hard-coded download location ("./" on Windows)
@@ -136,19 +137,6 @@ def precision_recall(real_feats, fake_feats, k=3, device=None, max_elems=2 ** 25
     precision = _inside_any_ball(fake, real, _knn_radii(real, k, max_elems), max_elems).double().mean()
     recall = _inside_any_ball(real, fake, _knn_radii(fake, k, max_elems), max_elems).double().mean()
     return float(precision), float(recall)
-
-
-def nearest_distances(queries, items, chunk=1024):
-    """(Q,) L2 distance of each unit-normalised query row to its nearest unit-normalised item row."""
-    q = F.normalize(torch.as_tensor(np.asarray(queries), dtype=torch.float64), dim=1)
-    t = F.normalize(torch.as_tensor(np.asarray(items), dtype=torch.float64), dim=1)
-    best = [(2 - 2 * (q[i:i + chunk] @ t.T)).min(1).values for i in range(0, len(q), chunk)]  # |a-b|^2 = 2 - 2 a.b
-    return torch.cat(best).clamp_min(0).sqrt().numpy()
-
-
-def memorization_ratio(feats, train_feats, threshold):
-    """Share of samples whose nearest training item (unit-normalised features) is closer than threshold (App. D)."""
-    return float((nearest_distances(feats, train_feats) < threshold).mean())
 
 
 def within_class_spread(feats, labels, max_per_class=500):
@@ -624,17 +612,20 @@ def write_reference(path, feats, probs, pipeline, image_size, **meta):
 
 
 def load_train_reference(path):
-    """A run's training-set features and memorization threshold {"feats", "threshold", "pipeline"} (judge.py
-    train-ref; pipeline None in files written before they were labelled)."""
+    """A run's training set for the memorization metrics (trainset.build, written by `python -m scoring.judge
+    train-ref` or evaluate.py --train-ref auto): {"feats", "pixels", "item_ids", "real_px_d1", ..., "pipeline"}, the
+    arrays it lacks as None."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"training-set features not found: {path}")
     keys = npz_keys(path)
-    if not {"feats", "mem_threshold"} <= keys:
-        raise ValueError(f"{path} is not a training-set features .npz (needs feats and mem_threshold; "
-                         "write one with `python judge.py train-ref`)")
+    if "item_ids" not in keys or not keys & {"feats", "pixels"}:
+        raise ValueError(f"{path} is not a training-set .npz of this version (needs item_ids and feats or pixels; "
+                         "write one with `python -m scoring.judge train-ref` or evaluate.py --train-ref auto)")
     with np.load(path) as z:
-        return {"feats": z["feats"], "threshold": float(z["mem_threshold"]),
-                "pipeline": str(z["pipeline"]) if "pipeline" in z.files else None}
+        out = {k: z[k] if k in z.files else None for k in ("feats", "pixels", "item_ids", "real_px_d1", "real_px_d2",
+                                                           "real_feat_d1", "real_feat_d2")}
+        out["pipeline"] = str(z["pipeline"]) if "pipeline" in z.files else None
+    return out
 
 
 # ---- evaluation ----
@@ -645,15 +636,18 @@ def min_samples(k=3, is_splits=10):
     return max(2, k + 1, is_splits)
 
 
-def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu", train_ref=None, num_classes=None):
-    """Metrics of sample features {"feats", "probs", "labels"} against a reference from load_reference (or IS only).
+def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu", train_ref=None, num_classes=None,
+                    mem_tau=None):
+    """Metrics of sample features {"feats", "probs", "labels", "images" (optional uint8 NHWC)} against a reference
+    from load_reference (or IS only).
 
     With labels (the conditioned classes) and an extractor whose logits are the model's classes (the built-in judge:
     probs (N, num_classes)): class_acc, and diversity against the reference's labelled features. With train_ref
-    (load_train_reference): memorized."""
+    (load_train_reference): the memorization columns (memorization.py; pixel-space ones when images are given,
+    mem_tau with a threshold mem_tau)."""
     feats, labels, probs = sample["feats"], sample.get("labels"), sample.get("probs")
     row = {"fid": None, "is_mean": None, "is_std": None, "precision": None, "recall": None, "class_acc": None,
-           "memorized": None, "diversity": None,
+           "diversity": None, **dict.fromkeys(memorization.COLUMNS),
            "num_samples": int(len(feats)), "num_ref": None if ref is None else ref["num"], "feature_dim": int(feats.shape[1])}
     if probs is not None:
         row["is_mean"], row["is_std"] = inception_score(probs, is_splits)
@@ -663,7 +657,7 @@ def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu", train_ref
         row["class_acc"] = float((probs.argmax(1) == labels).mean())
     if train_ref is not None:
         check_pipelines(sample.get("pipeline"), train_ref.get("pipeline"), ref_name="training-set features")
-        row["memorized"] = memorization_ratio(feats, train_ref["feats"], train_ref["threshold"])
+        row.update(memorization.memorization_metrics(train_ref, feats, sample.get("images"), mem_tau))
     if ref is not None:
         check_pipelines(sample.get("pipeline"), ref.get("pipeline"))
         if sample.get("pipeline") is None or ref.get("pipeline") is None:
@@ -689,8 +683,8 @@ def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu", train_ref
 
 # ---- results ----
 
-METRIC_COLUMNS = ["cfg_scale", "fid", "is_mean", "is_std", "precision", "recall", "class_acc", "memorized", "diversity",
-                  "num_samples", "num_ref", "feature_dim"]
+METRIC_COLUMNS = ["cfg_scale", "fid", "is_mean", "is_std", "precision", "recall", "class_acc", "diversity",
+                  *memorization.COLUMNS, "num_samples", "num_ref", "feature_dim"]
 
 
 def write_results(rows, out_dir):

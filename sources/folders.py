@@ -28,6 +28,11 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x).movedim(-1, -3)
 
 
+def as_item(img: np.ndarray, flip: bool, label) -> tuple[torch.Tensor, int]:
+    """A uint8 (H, W, C) image (mirrored if flip) and its label as the item protocol's (image in [-1, 1], label)."""
+    return to_tensor(np.ascontiguousarray(img[:, ::-1] if flip else img)), int(label)
+
+
 def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
     """ADM's center crop: halve with BOX while the short side >= 2*size, BICUBIC to short side = size, crop the centre."""
     while min(img.size) >= 2 * size:

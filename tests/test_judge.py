@@ -11,7 +11,7 @@ import torch
 
 import evaluate as ev
 from scoring import judge
-from scoring import metrics
+from scoring import metrics, trainset
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(num_images=3000, steps=250, width=8)  # the default recipe, smaller: still ~100 % on held-out images
@@ -61,15 +61,22 @@ def test_class_accuracy_is_only_reported_for_a_judge_of_the_models_classes(net):
 
 
 def test_copies_of_training_items_are_memorized_and_fresh_images_are_not(small_judge, net):
-    tr = judge.train_reference(16, 200, seed=5, flip=True, path=small_judge, num_calib=500)
-    assert tr["feats"].shape[0] == 400 and 0 < tr["mem_threshold"] < tr["fresh_nn_median"]
-    train = {"feats": tr["feats"], "threshold": float(tr["mem_threshold"])}
-    imgs, _ = judge.render_images(16, 200, seed=5, flips=np.arange(200) % 2 == 1)  # copies, half of them mirrored
-    noisy = np.clip(imgs + np.random.default_rng(1).integers(-2, 3, imgs.shape), 0, 255).astype(np.uint8)
-    copies = metrics.extract_features(noisy, net, resize="none")["feats"]
-    fresh = features(net, 500, 81)["feats"]
-    assert metrics.memorization_ratio(copies, train["feats"], train["threshold"]) >= 0.95
-    assert metrics.memorization_ratio(fresh, train["feats"], train["threshold"]) <= 0.05
+    """The ratio test in judge features: copies (slightly noisy, half mirrored) 1, fresh real images ~ 0, at two
+    training-set sizes."""
+    from scoring import memorization as mem
+    rng = np.random.default_rng(1)
+    for length in (50, 500):
+        tr = trainset.build({"data": "builtin", "image_size": 16, "builtin_length": length, "seed": 5},
+                            featurize=lambda images: judge.judge_images(net, images)[0], num_fresh=300)
+        assert tr["feats"].shape[0] == 2 * length and np.median(tr["real_feat_d1"]) > 0
+        k = min(length, 200)
+        imgs, _ = judge.render_images(16, k, seed=5, flips=np.arange(k) % 2 == 1)     # copies, half of them mirrored
+        noisy = np.clip(imgs + rng.integers(-2, 3, imgs.shape), 0, 255).astype(np.uint8)
+
+        def rate(images):
+            feats = metrics.extract_features(images, net, resize="none")["feats"]
+            return mem.ratio_memorized(*mem.item_distances(feats, tr["feats"], tr["item_ids"], normalize=True))
+        assert rate(noisy) >= 0.95 and mem.ratio_memorized(tr["real_feat_d1"], tr["real_feat_d2"]) <= 0.02
 
 
 def test_diversity_is_one_for_real_images_and_small_for_collapsed_samples(net):
@@ -88,14 +95,14 @@ def test_build_is_deterministic_and_keyed_by_its_settings(tmp_path):
 
 
 def write_judge_refs(small_judge, folder, num, length, flip):
-    """folder/ref.npz (`judge.py ref`, num fresh images) and folder/train.npz (`judge.py train-ref` of a built-in run
-    of `length` items, seed 3, written as folder/run/config.json)."""
+    """folder/ref.npz (`judge.py ref`, num fresh images) and folder/train.npz (`scoring.trainset` of a built-in run
+    of `length` items, seed 3, written as folder/run/config.json, through the judge)."""
     assert judge.main(["ref", "--num", str(num), "--judge", str(small_judge), "--out", str(folder / "ref.npz")]) == 0
     (folder / "run").mkdir()
     (folder / "run" / "config.json").write_text(json.dumps({"data": "builtin", "image_size": 16,
                                                             "builtin_length": length, "seed": 3, "flip": flip}))
-    assert judge.main(["train-ref", "--run", str(folder / "run"), "--judge", str(small_judge),
-                       "--out", str(folder / "train.npz")]) == 0
+    assert trainset.main(["--run", str(folder / "run"), "--features", str(small_judge), "--num-fresh", "500",
+                          "--out", str(folder / "train.npz")]) == 0
 
 
 def test_evaluate_metrics_cli_writes_the_judge_columns(small_judge, net, tmp_path):
@@ -106,10 +113,12 @@ def test_evaluate_metrics_cli_writes_the_judge_columns(small_judge, net, tmp_pat
                     "--train-ref", str(tmp_path / "train.npz"), "--features", str(small_judge), "--resize", "none",
                     "--out", str(tmp_path / "eval")]) == 0
     row = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"][0]
-    assert row["class_acc"] >= 0.98 and row["memorized"] <= 0.05 and 0.8 < row["diversity"] < 1.2
+    assert row["class_acc"] >= 0.98 and row["mem_ratio_feat"] <= 0.05 and 0.8 < row["diversity"] < 1.2
+    assert row["mem_ratio_px"] is None and row["nn_px_real_mean"] > 0   # features only: no pixels of the samples
     assert row["fid"] >= 0 and row["precision"] > 0.5
     header = (tmp_path / "eval" / "results.csv").read_text().splitlines()[0].split(",")
-    assert {"fid", "precision", "recall", "class_acc", "memorized", "diversity"} <= set(header)
+    assert {"fid", "precision", "recall", "class_acc", "mem_ratio_px", "mem_ratio_feat", "nn_feat_mean",
+            "nn_feat_real_mean", "diversity"} <= set(header)
 
 
 def test_judge_references_are_labelled_and_another_extractor_is_refused(small_judge, net, tmp_path, capsys):
@@ -137,13 +146,12 @@ def test_judge_references_are_labelled_and_another_extractor_is_refused(small_ju
 
 
 def test_bad_input_is_one_line_and_exit_2(small_judge, tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"data": "/data/imagenet", "image_size": 16, "seed": 0}))
-    assert judge.main(["train-ref", "--run", str(tmp_path), "--judge", str(small_judge)]) == 2
+    assert trainset.main(["--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "train.npz")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("python -m scoring.judge: error:") and "built-in" in err and len(err.splitlines()) == 1
+    assert err.startswith("python -m scoring.trainset: error:") and "not found" in err and len(err.splitlines()) == 1
     np.savez(tmp_path / "wrong.npz", feats=np.zeros((5, 3)))
     assert ev.main(["metrics", "--samples", str(tmp_path / "wrong.npz"), "--train-ref", str(tmp_path / "wrong.npz")]) == 2
-    assert "mem_threshold" in capsys.readouterr().err
+    assert "item_ids" in capsys.readouterr().err
     assert not (tmp_path / "train.npz").exists()
 
 

@@ -212,3 +212,20 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("sweep.py: error: ") and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_memorize_presets_pair_every_cell_with_its_clean_run_and_flip_at_least_one_label():
+    """The memorization protocol (README): 10 cells x 5 seeds, each treated cell paired with the one clean cell, every
+    η cell flipping >= 1 of its training labels (round(η N), N = items per class x 10), quick: 3 cells x 3 seeds."""
+    import shlex
+    import corrupt
+    for name, runs_expected, cells_expected in (("memorize", 50, 10), ("memorize-quick", 9, 3)):
+        cfg = sweep.parse_args(["--preset", name, "--out", "/tmp/unused"])
+        runs = sweep.plan(cfg)
+        names = {sweep.cell_name(r.cell) for r in runs}
+        assert len(runs) == runs_expected and len(names) == cells_expected
+        assert {sweep.cell_name(sweep.clean_counterpart(r.cell)) for r in runs} == {"clean"}
+        args = shlex.split(cfg.train)
+        n = 10 * int(args[args.index("--items-per-class") + 1])
+        for r in runs:
+            assert float(r.cell["corrupt"]) == 0 or corrupt._num_to_corrupt(float(r.cell["corrupt"]), n) >= 1, r.cell

@@ -27,10 +27,10 @@ How the trained level is done (fast and faithful):
     is the exact Gaussian push-forward of N(0, I) (--gen-samples M fits a Gaussian to M pushed samples instead)
 
 Run:
-  python gmm_theory.py                          # default sweep, prints a table (~20 s on 2 shared cores)
-  python gmm_theory.py --json out.json --plot out.png
-  python gmm_theory.py --quick                  # smoke run, a few seconds
-  python gmm_theory.py --help                   # all flags
+  python -m tools.gmm_theory                          # default sweep, prints a table (~20 s on 2 shared cores)
+  python -m tools.gmm_theory --json out.json --plot out.png
+  python -m tools.gmm_theory --quick                  # smoke run, a few seconds
+  python -m tools.gmm_theory --help                   # all flags
 """
 import argparse
 import json

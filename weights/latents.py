@@ -1,9 +1,9 @@
 """
 latents.py: encode a dataset once into a memory-mapped latent cache, so that training never runs the encoder again.
 
-    python latents.py --data builtin --image-size 32 --vae kl-f8 --vae-path vae.safetensors --out cache/builtin32
+    python -m weights.latents --data builtin --image-size 32 --vae kl-f8 --vae-path vae.safetensors --out cache/builtin32
     torchrun --nproc_per_node 8 latents.py --data /data/imagenet/train --image-size 256 --vae kl-f8 --out cache/in1k
-    python latents.py bench cache/in1k --batch-size 256        # loader img/s through data.StepSampler
+    python -m weights.latents bench cache/in1k --batch-size 256        # loader img/s through data.StepSampler
 
 A cache folder holds, index aligned with the source dataset (item i = dataset key 2*i):
     meta.json     what was encoded and how (autoencoder kind and parameter sha256, image size, latent shape (C, h, w),
@@ -123,7 +123,7 @@ def read_meta(out_dir) -> dict:
     path = os.path.join(out_dir, "meta.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no latent cache at {out_dir} (meta.json missing); build one with "
-                                f"`python latents.py --data ... --vae ... --out {out_dir}`")
+                                f"`python -m weights.latents --data ... --vae ... --out {out_dir}`")
     try:
         with open(path) as f:
             meta = json.load(f)

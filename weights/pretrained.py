@@ -21,7 +21,7 @@ Fine-tuning (train_dit.py / train_ldm.py --init-from SOURCE) goes through init_w
 load_init (the class table re-initialised when the class count differs); SOURCE may also be a nanoCEP checkpoint.
 
 Run:
-    python pretrained.py SOURCE                     # fetch if needed, load, print a summary
+    python -m weights.pretrained SOURCE                     # fetch if needed, load, print a summary
     python evaluate.py --pretrained SOURCE --cfg-scales 1.75 --ref REF   # the paper's 50K protocol
 """
 import json

@@ -22,8 +22,8 @@ follows the caller's autocast, so on-the-fly encoding under bf16 training stays 
     x_hat = ae.decode(z)          # -> (B,3,256,256) in about [-1,1]
 
 Run:
-    python vae.py bench --kind kl-f8 --size 256 --batch 4        # encode img/s with random weights
-    python vae.py roundtrip photo.jpg --kind kl-f8 --vae-path FILE -o recon.png
+    python -m weights.vae bench --kind kl-f8 --size 256 --batch 4        # encode img/s with random weights
+    python -m weights.vae roundtrip photo.jpg --kind kl-f8 --vae-path FILE -o recon.png
 """
 
 import os
