@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import Dist, RunError, all_mean, atomic_save
-from config import arch_fields, experiment_fields
+from config import arch_fields, experiment_fields, learning_rate
 
 CHECKPOINT_VERSION = 1
 
@@ -194,7 +194,7 @@ class RunIO:
         if cuda:
             torch.cuda.synchronize()
         dt = time.time() - self.t_log
-        rec = {"step": done, "loss": mean, "lr": self.cfg.lr, "step_time": dt / n,
+        rec = {"step": done, "loss": mean, "lr": learning_rate(self.cfg, done - 1), "step_time": dt / n,
                "img_per_s": n * self.cfg.batch_size / dt}
         if cuda:
             rec["max_mem_gb"] = torch.cuda.max_memory_allocated(self.d.device) / 2 ** 30

@@ -43,7 +43,7 @@ import conditions
 import data as datalib
 from cep import unit_noise
 from common import Dist, RunError, derive_seed, one_line
-from config import grid_cads
+from config import grid_cads, learning_rate
 from runio import Diverged, Resume, RunIO, StopFlag, check_run_folder
 from sources.captions import TokenizedCaptions
 from sources.control import ControlMaps, grid_controls
@@ -262,7 +262,7 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int,
     if control is not None:                             # a ControlNet's spatial condition
         cond["control"] = control.to(s.d.device, non_blocking=True)
     loss = backward(s, x, y, cond, draws.share(s.rows))  # the diffusion loss, accumulated over micro-batches
-    update(s)                                           # gradient clip -> AdamW -> EMA
+    update(s, step)                                     # gradient clip -> AdamW -> EMA
     return loss
 
 
@@ -313,10 +313,13 @@ def backward(s: TrainState, x: torch.Tensor, y: torch.Tensor, extra: dict, draws
     return total
 
 
-def update(s: TrainState) -> None:
-    """Clip the gradient norm (--grad-clip), take the AdamW step, and move the EMA towards the new weights."""
+def update(s: TrainState, step: int) -> None:
+    """Clip the gradient norm (--grad-clip), take the AdamW step at the step's learning rate, and move the EMA towards
+    the new weights."""
     if s.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(s.ema_pairs[1], s.cfg.grad_clip)
+    for group in s.opt.param_groups:
+        group["lr"] = learning_rate(s.cfg, step)
     s.opt.step()
     s.opt.zero_grad(set_to_none=True)
     with torch.no_grad():

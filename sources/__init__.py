@@ -2,8 +2,11 @@
 sources/: where training items come from, part of the core (data.py builds datasets from these readers). Each reader
 follows the item protocol of data.py's docstring and imports nothing from nanoCEP's top level.
 
-    folders.py     ImageNet-layout class folders (ADM centre crop), and the protocol's helpers (flip_key, to_tensor)
-    captions.py    captioned images (img2dataset folders, path<TAB>caption tables) and the token view for --cond text
-    shards.py      WebDataset .tar shards (img2dataset output): indexed once, then read at random by member offset
-    tokenizer.py   the caption tokenizer (tiktoken: offline bytes, GPT-2 BPE, or a local .tiktoken file)
+    folders.py            ImageNet-layout class folders (ADM centre crop), the protocol's helpers (flip_key, to_tensor,
+                          as_item) and DatasetView, the base of views that change a dataset's items
+    captions.py           captioned images (img2dataset folders, path<TAB>caption tables) and the token view (--cond text)
+    shards.py             WebDataset .tar shards (img2dataset output): indexed once, then read at random by member offset
+    torchvision_sets.py   MNIST, Fashion-MNIST, KMNIST, CIFAR-10/100 through torchvision.datasets (--data mnist, ...)
+    control.py            ControlNet's control maps: Canny edges of each item, or same-stem maps made elsewhere
+    tokenizer.py          the caption tokenizer (tiktoken: offline bytes, GPT-2 BPE, or a local .tiktoken file)
 """
