@@ -115,8 +115,8 @@ class TrainConfig:
     batch_size: int = opt(64, "global batch size (split over processes)", experiment=True)
     micro_batch_size: int = opt(0, "per-process micro-batch for gradient accumulation; 0 = no accumulation")
     lr: float = opt(1e-3, "AdamW learning rate (constant, as DiT and LDM, unless --lr-warmdown)")
-    lr_warmdown: int = opt(0, "decay the learning rate linearly to 0 over the last N steps (a short run's samples "
-                           "sharpen); 0 = constant, as DiT and LDM")
+    lr_warmdown: int = opt(0, "decay the learning rate linearly to 0 over the last N steps (all of them when the run "
+                           "is shorter); 0 = constant, as DiT and LDM")
     weight_decay: float = opt(0.0, "AdamW weight decay (CompVis LDM: torch's default 0.01)")
     grad_clip: float = opt(0.0, "clip the gradient norm to this value; 0 = off (DiT and LDM use none)")
     ema_decay: float = opt(0.995, "EMA decay of the weights used for sampling (DiT and LDM's LitEma: 0.9999)")
@@ -160,10 +160,12 @@ class TrainConfig:
 
 
 def learning_rate(cfg, step: int) -> float:
-    """The learning rate of `step` (0-based): cfg.lr, decayed linearly to 0 over the last --lr-warmdown steps. A function
-    of the step alone, so a resumed run follows the same schedule."""
-    left = cfg.steps - step                                         # steps still to take, this one included
-    return cfg.lr * min(1.0, left / cfg.lr_warmdown) if cfg.lr_warmdown else cfg.lr
+    """The learning rate of `step` (0-based): cfg.lr, decayed linearly to 0 over the last --lr-warmdown steps (the
+    whole run when it is shorter). A function of the step alone, so a resumed run follows the same schedule."""
+    if not cfg.lr_warmdown:
+        return cfg.lr
+    left, span = cfg.steps - step, min(cfg.lr_warmdown, cfg.steps)     # steps still to take, this one included
+    return cfg.lr * min(1.0, left / span)
 
 
 def arch_fields(cfg) -> list[str]:
@@ -245,8 +247,8 @@ def _check_ranges(cfg) -> None:
         raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
     if cfg.items_per_class < 0:
         raise RunError(f"--items-per-class must be >= 0 (0 = every item), got {cfg.items_per_class}")
-    if not 0 <= cfg.lr_warmdown <= cfg.steps:
-        raise RunError(f"--lr-warmdown must be in [0, --steps {cfg.steps}], got {cfg.lr_warmdown}")
+    if cfg.lr_warmdown < 0:
+        raise RunError(f"--lr-warmdown must be >= 0, got {cfg.lr_warmdown}")
     if cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise RunError("--log-every and --ckpt-every must be >= 1")
     _check_ablations(cfg)
