@@ -6,7 +6,7 @@ condition corruption (labels and captions, through corrupt.py), the step-indexed
 resumable and identical on 1 or N processes, and the per-step views of a global batch's items that keep random
 corruption and --cep-subset identical on 1 or N processes too.
 
-    python -m tools.preview preview --out builtin.png           # look at it: a grid, one row per class
+    python -m tools.preview --out builtin.png           # look at it: a grid, one row per class
 
 Every dataset here speaks one protocol, which is all the trainer relies on:
     len(ds)                  number of items

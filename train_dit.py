@@ -1,7 +1,7 @@
 """
 Train a class- or text-conditional DiT (Peebles & Xie, 2023) under condition corruption and CEP.
 
-    python train_dit.py                                            # tiny DiT on the built-in dataset, CPU, ~8 min
+    python train_dit.py                                            # tiny DiT on the built-in dataset, CPU, ~5.5 min
     python train_dit.py --corrupt 0.05 --cep uniform               # 5% flipped labels + CEP-U (paper §5)
     python train_dit.py --cond text --corrupt 0.05 --cep uniform   # captions: 5% swapped + CEP-U on the text encoder
     python train_dit.py --cond text --data /data/cc3m --tokenizer gpt2.tiktoken    # img2dataset folder, GPT-2 BPE

@@ -134,7 +134,7 @@ def test_apply_corruption_flips_and_writes_manifest(tmp_path):
 
 
 def test_preview_cli(tmp_path, capsys):
-    assert preview.main(["preview", "--out", str(tmp_path / "p.png"), "--per-class", "2"]) == 0
+    assert preview.main(["--out", str(tmp_path / "p.png"), "--per-class", "2"]) == 0
     assert Image.open(tmp_path / "p.png").size[0] > 64
-    assert preview.main(["preview", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "q.png")]) == 2
+    assert preview.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "q.png")]) == 2
     assert "not found" in capsys.readouterr().err

@@ -2,9 +2,9 @@
 Look at a dataset as the trainer sees it: a PNG grid of its items, one row per class (captioned data: the first items
 and their captions).
 
-    python -m tools.preview preview --out builtin.png          # the built-in dataset, one row per class
-    python -m tools.preview preview --data /path/to/imagenet/train --out folder.png
-    python -m tools.preview preview --data /path/to/cc3m --captions --out cc3m.png    # img2dataset folder (or a .tsv)
+    python -m tools.preview --out builtin.png          # the built-in dataset, one row per class
+    python -m tools.preview --data /path/to/imagenet/train --out folder.png
+    python -m tools.preview --data /path/to/cc3m --captions --out cc3m.png    # img2dataset folder (or a .tsv)
 """
 import sys
 
@@ -33,9 +33,7 @@ def _preview(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = ArgParser(prog="python -m tools.preview", description="Look at a nanoCEP dataset.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pv = sub.add_parser("preview", help="save a grid of samples, one row per class")
+    pv = ArgParser(prog="python -m tools.preview", description="Save a grid of a dataset's items, one row per class.")
     pv.add_argument("--data", default="builtin", help="'builtin', an ImageNet-layout folder, or captioned data")
     pv.add_argument("--captions", action="store_true", help="read a folder as images with same-stem .txt captions")
     pv.add_argument("--image-size", type=int, default=16)
@@ -43,7 +41,7 @@ def main(argv=None) -> int:
     pv.add_argument("--max-classes", type=int, default=16)
     pv.add_argument("--seed", type=int, default=0)
     pv.add_argument("--out", default="preview.png")
-    args = p.parse_args(argv)
+    args = pv.parse_args(argv)
     try:
         _preview(args)
     except (ValueError, FileNotFoundError) as e:
