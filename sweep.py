@@ -239,7 +239,7 @@ MEMORIZE_CELLS = ([_MEM_CELL] + [{**_MEM_CELL, "corrupt": e} for e in ("0.05", "
                   + [{**_MEM_CELL, "cep": "gaussian", "cep_gamma": "1"}])
 MEMORIZE = dict(script="train_dit", seeds="0,1,2,3,4", jobs=2, judge=2000, metric="fid", fixed_scale=1.0,
                 cells=MEMORIZE_CELLS, train=MEM_TRAIN + " --items-per-class 2 --steps 4000", eval=MEM_EVAL)
-# Its quick form (≈ 22 min on 2 cores, from the map's run times): 1 item per class, 3000 steps (15 000 epochs; the map:
+# Its quick form (24.7 min on 2 cores, measured): 1 item per class, 3000 steps (15 000 epochs; the map:
 # 49 % memorized at s = 1, 0 % at 2000), clean vs η = 10 % (1 flip) vs CEP-U, 3 seeds; a smoke test, not the protocol.
 MEMORIZE_QUICK = dict(MEMORIZE, seeds="0,1,2", cells=[_MEM_CELL, {**_MEM_CELL, "corrupt": "0.1"},
                                                       {**_MEM_CELL, "cep": "uniform", "cep_gamma": "1"}],
