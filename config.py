@@ -136,7 +136,7 @@ class TrainConfig:
     num_workers: int = opt(-1, "data loader workers; -1 = auto (0 on CPU)")
     log_every: int = opt(50, "log the all-reduced loss every N steps")
     log: str = opt("", "also send every log record (loss, lr, img/s, grids, judge) to: wandb | tensorboard | "
-                   "wandb,tensorboard (rank 0; W&B offline unless WANDB_MODE/WANDB_API_KEY; tools/tracking.py)")
+                   "wandb,tensorboard (rank 0; W&B offline unless WANDB_MODE/WANDB_API_KEY; trackers/tracking.py)")
     log_group: str = opt("", "tracker group of this run (sweep.py: the sweep's name)")
     log_name: str = opt("", "tracker run name (sweep.py: cell/seedS); default: the --out folder's name")
     ckpt_every: int = opt(500, "write out/last.pt every N steps (and at the end)")

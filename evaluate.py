@@ -55,7 +55,7 @@ from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featuriz
                              min_samples, pipeline_label, plot_fid_is, read_results, reference_kind, reference_pipeline,
                              npz_keys, save_npz, source_pipeline, write_reference, write_results)
 from sources.control import ControlMaps, canny
-from tools import tracking
+from trackers import tracking
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
 PIXEL_TEST_MAX_SIDE = 64        # samples up to this side go to rank 0 as pixels for the pixel-space memorization test
@@ -512,7 +512,7 @@ def _sample_parser() -> ArgParser:
     p.add_argument("--png", action="store_true", help="save OUT/cfg{scale}/samples/{index:06d}.png")
     p.add_argument("--npz", action="store_true", help="save OUT/cfg{scale}/samples.npz (arr_0, ADM evaluator format)")
     _add_feature_args(p)
-    p.add_argument("--log", default="", help="also send each result row to wandb | tensorboard (tools/tracking.py)")
+    p.add_argument("--log", default="", help="also send each result row to wandb | tensorboard (trackers/tracking.py)")
     p.add_argument("--log-group", default="", help="tracker group (sweep.py: the sweep's name)")
     p.add_argument("--log-name", default="", help="tracker run name (sweep.py: cell/seedS)")
     return p

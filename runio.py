@@ -1,7 +1,7 @@
 """
 The run folder of a training run (--out): what trainer.train writes there and reads back. config.json, log.jsonl
 (one JSON record per line: start, every --log-every steps, sample grids, stop/done; each record also goes to the
-`sinks` the train script hands in, e.g. tools/tracking.py's W&B / TensorBoard for --log), samples/step_XXXXXXX.png,
+`sinks` the train script hands in, e.g. trackers/tracking.py's W&B / TensorBoard for --log), samples/step_XXXXXXX.png,
 last.pt (+ step_XXXXXXX.pt every --keep-every steps) and, for a resumed run, the checkpoint it continues from.
 
 You do not run this file; trainer.py uses it.

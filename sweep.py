@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import tracking
+from trackers import tracking
 
 REPO = Path(__file__).resolve().parent
 

@@ -22,7 +22,7 @@ from config import Family, TrainConfig, opt, parse_config, resolve_run_config
 from models import controlnet, dit
 from scoring import judge
 from sources.tokenizer import get_tokenizer
-from tools import tracking
+from trackers import tracking
 from trainer import exit_codes, load_data, train
 from weights import latents, pretrained, vae
 

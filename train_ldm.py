@@ -23,7 +23,7 @@ from config import LATENT_GEOMETRY, Family, TrainConfig, opt, parse_config, reso
 from models import controlnet, unet
 from scoring import judge
 from sources.tokenizer import get_tokenizer
-from tools import tracking
+from trackers import tracking
 from trainer import exit_codes, load_data, train
 from weights import latents, pretrained, vae
 

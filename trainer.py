@@ -336,7 +336,7 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
     init(model) -> note: --init-from's weights loaded into the fresh model, on a fresh run only (weights/pretrained.py).
     judge_grid(cfg, images, labels, log, write): scores the final sample grid of a class-conditional run
     (scoring/judge.py's judge_final_grid, handed in by the train script).
-    sinks: callables sink(record, images=None) that get every log record too (tools/tracking.py's --log trackers).
+    sinks: callables sink(record, images=None) that get every log record too (trackers/tracking.py's --log trackers).
 
     Returns {"status": "done" | "stopped", "step", "loss", "ema", "model"}."""
     io = RunIO(cfg, kind, d, data.resume, judge_grid, sinks)       # the run folder: resume, logs, checkpoints, grids

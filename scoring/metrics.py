@@ -42,9 +42,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg, special
 
-from common import atomic_open
+from common import atomic_open, download, file_hash
 from scoring import memorization
-from weights.hub import download, file_hash
 
 INCEPTION_PATH = "/tmp/inception-2015-12-05.pt"  # clean-fid's hard-coded download location ("./" on Windows)
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"

@@ -1,4 +1,4 @@
-"""--log wandb|tensorboard (tools/tracking.py through runio.RunIO's sinks): a training run's event files parsed by
+"""--log wandb|tensorboard (trackers/tracking.py through runio.RunIO's sinks): a training run's event files parsed by
 TensorBoard's own reader hold the logged losses, the grid and the judge's verdict; W&B through a fake of its API
 surface (init / log / Image / summary / finish) and once for real in offline mode; evaluate.py's rows; sweep.py's
 grouping; a missing package or an unknown tracker in one line."""
@@ -16,7 +16,7 @@ import sweep
 import train_dit
 from conftest import TINY, expect_one_line_error, logged_losses, read_log
 from scoring import judge
-from tools import tracking
+from trackers import tracking
 
 FLAGS = TINY + ["--steps", "4", "--sample-every", "4", "--sample-steps", "2", "--sample-per-class", "1"]
 

@@ -8,5 +8,4 @@ make).
     pretrained.py         released DiT / LDM checkpoints (official DiT, the paper's, CompVis cin256-v2) -> our modules,
                           and --init-from                                  python -m weights.pretrained --help
     export_diffusers.py   a trained DiT -> a diffusers DiTPipeline folder   python -m weights.export_diffusers --help
-    hub.py                downloads, atomic and checked by sha256
 """

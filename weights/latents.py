@@ -38,8 +38,7 @@ import time
 import numpy as np
 import torch
 
-from common import ArgParser, atomic_open, one_line, setup_distributed
-from weights.hub import file_hash
+from common import ArgParser, atomic_open, file_hash, one_line, setup_distributed
 
 FORMAT = "nanocep-latents"
 VERSION = 1

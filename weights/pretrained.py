@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 import common
-from weights import hub
 from weights import vae as vae_lib
 
 # ---- known releases ----
@@ -76,8 +75,8 @@ def cache_dir(root=None) -> Path:
 
 
 def download(url, dest, sha256=None, token=None) -> Path:
-    """hub.download with the Hugging Face token, when given (gated repos)."""
-    return hub.download(url, dest, sha256, headers={"Authorization": f"Bearer {token}"} if token else None)
+    """common.download with the Hugging Face token, when given (gated repos)."""
+    return common.download(url, dest, sha256, headers={"Authorization": f"Bearer {token}"} if token else None)
 
 
 def fetch_url(url, root=None, sha256=None) -> Path:

@@ -41,7 +41,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from weights import hub
 
 # ---- configs ----
 
@@ -551,11 +550,11 @@ def cache_root(cache_dir=None):
 
 
 def download(url, dest, sha256=None, member=None):
-    """Fetch `url` to `dest` atomically (hub.download: a sha256 mismatch raises ValueError and leaves nothing
+    """Fetch `url` to `dest` atomically (common.download: a sha256 mismatch raises ValueError and leaves nothing
     behind); `member` extracts one file (matched by base name) from a downloaded zip."""
     dest = Path(dest)
     try:
-        got = hub.download(url, dest.with_name(dest.name + ".zip") if member else dest, sha256)
+        got = common.download(url, dest.with_name(dest.name + ".zip") if member else dest, sha256)
     except FileNotFoundError:
         raise ConnectionError(f"could not download {url} (not found); pass a local weights file instead") from None
     if member:
