@@ -23,7 +23,7 @@ import torch
 
 from common import derive_seed
 from sources.captions import TABLE_EXTENSIONS, CaptionedImages
-from sources.folders import ImageFolderDataset, flip_key, to_tensor
+from sources.folders import ImageFolderDataset, clean_caption, flip_key, to_tensor
 from sources.shards import ShardDataset, is_shard_source
 from sources.torchvision_sets import TORCHVISION_SETS, TorchvisionDataset
 
@@ -281,7 +281,7 @@ def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: in
             raise ValueError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: caption})")
         table = corrupt.sample_rewrites(corrupt.load_rewrites(rewrites), ratio, len(captions), seed)
         new, idx = corrupt.rewrite_captions(captions, table)
-        if any(not c.split() for c in new):           # blank after whitespace is collapsed
+        if any(not clean_caption(c) for c in new):
             raise ValueError(f"rewrites file {rewrites} holds an empty caption")
         recorded_ratio, recorded_seed = len(idx) / len(captions), (seed if ratio > 0 else None)
     else:

@@ -256,12 +256,12 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int,
     cfg = s.cfg
     draws = step_draws(cfg.seed, step, cfg.batch_size, cfg.latent_shape, s.diffusion.num_timesteps, cfg.class_dropout,
                        s.d.device, ip=s.diffusion.ip_gamma > 0, posterior=s.posterior,
-                       corrupt=s.random_labels is not None, cep=cfg.cep, cep_shape=s.cep_shape)
-    x = model_input(s, x, draws.share(s.rows))          # (b, C, H, W) pixels or latents, on the device
+                       corrupt=s.random_labels is not None, cep=cfg.cep, cep_shape=s.cep_shape).share(s.rows)
+    x = model_input(s, x, draws)                        # (b, C, H, W) pixels or latents, on the device
     y, cond = condition(s, y, step, draws)              # (b,) labels as trained on; CEP's noise and subset for them
     if control is not None:                             # a ControlNet's spatial condition
         cond["control"] = control.to(s.d.device, non_blocking=True)
-    loss = backward(s, x, y, cond, draws.share(s.rows))  # the diffusion loss, accumulated over micro-batches
+    loss = backward(s, x, y, cond, draws)               # the diffusion loss, accumulated over micro-batches
     update(s, step)                                     # gradient clip -> AdamW -> EMA
     return loss
 
@@ -277,18 +277,18 @@ def model_input(s: TrainState, x: torch.Tensor, draws: StepDraws) -> torch.Tenso
 
 
 def condition(s: TrainState, y: torch.Tensor, step: int, draws: StepDraws) -> tuple[torch.Tensor, dict]:
-    """What this rank's samples are conditioned on: their labels (re-corrupted for the step under --corrupt-mode
-    random, from the whole global batch), the null label where CFG dropped them, and CEP's inputs for the condition
-    encoder: the unit noise of its δ (cep_unit) and the samples it perturbs (cep_mask, --cep-subset)."""
+    """What this rank's samples (draws: their share of the step's draws) are conditioned on: their labels
+    (re-corrupted for the step under --corrupt-mode random, from the whole global batch), the null label where CFG
+    dropped them, and CEP's inputs for the condition encoder: the unit noise of its δ (cep_unit) and the samples it
+    perturbs (cep_mask, --cep-subset)."""
     if s.random_labels is not None:
         y = s.random_labels(step, draws.corrupt_seed)[s.rows]
-    mine = draws.share(s.rows)
-    y = s.model.cond.drop(y.to(s.d.device, non_blocking=True), mine.drop)   # CFG: the null condition where dropped
+    y = s.model.cond.drop(y.to(s.d.device, non_blocking=True), draws.drop)  # CFG: the null condition where dropped
     items = s.items(step)[s.rows] if s.items is not None else None           # (b,) dataset indices
     cep = {}
-    if mine.cep_unit is not None:
+    if draws.cep_unit is not None:
         cep["cep_unit"] = (item_cep_noise(items, s.cfg.seed, s.cfg.cep, s.cep_shape, s.d.device)
-                           if s.cfg.cep_fixed_delta else mine.cep_unit)
+                           if s.cfg.cep_fixed_delta else draws.cep_unit)
     if s.cep_subset is not None:
         cep["cep_mask"] = s.cep_subset[torch.as_tensor(items)].to(s.d.device)
     return y, cep

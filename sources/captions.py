@@ -9,14 +9,9 @@ import re
 
 import numpy as np
 
-from sources.folders import IMAGE_EXTENSIONS, DatasetView, ImageFolderDataset, flip_key
+from sources.folders import IMAGE_EXTENSIONS, DatasetView, ImageFolderDataset, clean_caption, flip_key
 
 TABLE_EXTENSIONS = (".tsv", ".csv")
-
-
-def _clean_caption(text: str) -> str:
-    """One line of text: line breaks and runs of whitespace become single spaces."""
-    return " ".join(text.split())
 
 
 def read_caption_folder(root: str) -> tuple[list[str], list[str]]:
@@ -33,7 +28,7 @@ def read_caption_folder(root: str) -> tuple[list[str], list[str]]:
                 raise ValueError(f"no caption for {image} (expected {os.path.basename(txt)} beside it)")
             try:
                 with open(txt, encoding="utf-8") as fh:
-                    caption = _clean_caption(fh.read())
+                    caption = clean_caption(fh.read())
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"cannot read caption {txt}: {e}") from None
             if not caption:
@@ -64,7 +59,7 @@ def read_caption_table(path: str) -> tuple[list[str], list[str]]:
                     raise ValueError(f"{path} line {lineno}: expected 'path{'<TAB>' if delimiter == chr(9) else ','}"
                                      f"caption', got {delimiter.join(row)[:80]!r}")
                 image = os.path.join(base, row[0].strip())
-                caption = _clean_caption(row[1])
+                caption = clean_caption(row[1])
                 if not os.path.isfile(image):
                     raise ValueError(f"{path} line {lineno}: image not found: {image}")
                 if not caption:

@@ -28,6 +28,11 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x).movedim(-1, -3)
 
 
+def clean_caption(text: str) -> str:
+    """A caption as one line: line breaks and runs of whitespace become single spaces (every captioned source)."""
+    return " ".join(text.split())
+
+
 def as_item(img: np.ndarray, flip: bool, label) -> tuple[torch.Tensor, int]:
     """A uint8 (H, W, C) image (mirrored if flip) and its label as the item protocol's (image in [-1, 1], label)."""
     return to_tensor(np.ascontiguousarray(img[:, ::-1] if flip else img)), int(label)

@@ -37,7 +37,7 @@ import tempfile
 
 import numpy as np
 
-from sources.folders import IMAGE_EXTENSIONS, ImageFolderDataset
+from sources.folders import IMAGE_EXTENSIONS, ImageFolderDataset, clean_caption
 
 INDEX_FORMAT, INDEX_VERSION = "nanocep-shards", 1
 IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -92,19 +92,14 @@ def _split_key(name: str) -> tuple[str, str]:
     return os.path.join(folder, stem) if folder else stem, ext.lower()
 
 
-def _clean_caption(text: str) -> str:
-    """One line, as sources/captions.py cleans captions (not imported: it would add a floor of imports to data.py)."""
-    return " ".join(text.split())
-
-
 def _member_caption(ext: str, raw: bytes, where: str) -> str | None:
     """The caption a .txt member holds, or the "caption" field of a .json member (img2dataset writes both)."""
     try:
         text = raw.decode("utf-8")
         if ext == "txt":
-            return _clean_caption(text)
+            return clean_caption(text)
         value = json.loads(text).get("caption")
-        return _clean_caption(value) if isinstance(value, str) else None
+        return clean_caption(value) if isinstance(value, str) else None
     except (UnicodeDecodeError, ValueError, AttributeError) as e:
         raise ValueError(f"cannot read {where}: {e}") from None
 
