@@ -48,7 +48,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from common import ArgParser, RunError, setup_distributed
-from conditions import read_prompts
+from sources.captions import read_prompts
 from config import LATENT_GEOMETRY
 from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines, check_reference_size,
                              compute_metrics, count_items, image_size_of, load_reference, load_train_reference,
@@ -130,7 +130,7 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
-        from conditions import encode_prompts
+        from sources.captions import encode_prompts
         class_fn = sample_fn
 
         def sample_fn(labels, seeds, cfg_scale):        # noqa: F811  (labels index the prompts)

@@ -10,7 +10,7 @@ Train a class- or text-conditional DiT (Peebles & Xie, 2023) under condition cor
 
 The file reads top to bottom: the config (the shared config.TrainConfig plus the DiT's own fields, every one a flag),
 the presets (the paper's recipes), how a config is checked, then main(): flags -> data -> model (dit.from_config: the
-DiT with its condition encoder) -> trainer.train().
+DiT with its condition encoder, models/encoders.py) -> trainer.train().
 """
 import sys
 from dataclasses import dataclass, replace
@@ -20,6 +20,7 @@ import torch
 from common import RunError, setup_distributed
 from config import Family, TrainConfig, opt, parse_config, resolve_run_config
 from models import controlnet, dit
+from models.encoders import encoder_from_config
 from scoring import judge
 from sources.tokenizer import get_tokenizer
 from trackers import tracking
@@ -94,8 +95,8 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
 
 
 def build_model(cfg):
-    """The DiT of a resolved config, inside a ControlNet (models/controlnet.py) when --control asks for one."""
-    return controlnet.from_config(cfg, dit.from_config(cfg))
+    """The DiT of a resolved config and its condition encoder, inside a ControlNet when --control asks for one."""
+    return controlnet.from_config(cfg, dit.from_config(cfg, encoder_from_config))
 
 
 FAMILY = Family(DiTConfig, PRESETS, resolve, build_model)   # how evaluate.py rebuilds its checkpoints

@@ -21,6 +21,7 @@ import torch
 from common import RunError, setup_distributed
 from config import LATENT_GEOMETRY, Family, TrainConfig, opt, parse_config, resolve_run_config
 from models import controlnet, unet
+from models.encoders import encoder_from_config
 from scoring import judge
 from sources.tokenizer import get_tokenizer
 from trackers import tracking
@@ -99,8 +100,8 @@ def resolve(cfg: LDMConfig) -> LDMConfig:
 
 
 def build_model(cfg):
-    """The LDM of a resolved config, inside a ControlNet (models/controlnet.py) when --control asks for one."""
-    return controlnet.from_config(cfg, unet.from_config(cfg))
+    """The LDM of a resolved config and its condition encoder, inside a ControlNet when --control asks for one."""
+    return controlnet.from_config(cfg, unet.from_config(cfg, encoder_from_config))
 
 
 FAMILY = Family(LDMConfig, PRESETS, resolve, build_model)   # how evaluate.py rebuilds its checkpoints

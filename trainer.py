@@ -45,7 +45,7 @@ from cep import unit_noise
 from common import Dist, RunError, derive_seed, one_line
 from config import grid_cads, learning_rate
 from runio import Diverged, Resume, RunIO, StopFlag, check_run_folder
-from sources.captions import TokenizedCaptions
+from sources.captions import TokenizedCaptions, encode_prompts, grid_prompts
 from sources.control import ControlMaps, grid_controls
 from sources.tokenizer import get_tokenizer
 
@@ -105,7 +105,7 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
     if 0 < cfg.num_classes < dataset.num_classes:
         raise RunError(f"--num-classes {cfg.num_classes} < the {dataset.num_classes} classes in {cfg.data}")
     resume = check_run_folder(cfg, cfg.num_classes or dataset.num_classes)
-    prompts = conditions.grid_prompts(cfg.sample_prompts, dataset, builtin=cfg.data == "builtin" and not cfg.latents) \
+    prompts = grid_prompts(cfg.sample_prompts, dataset, builtin=cfg.data == "builtin" and not cfg.latents) \
         if text else None                                           # from the clean captions
     if (cfg.corrupt > 0 and cfg.corrupt_mode == "static") or cfg.corrupt_type == "rewrite":
         os.makedirs(cfg.out, exist_ok=True)
@@ -421,7 +421,7 @@ def grid_sampler(cfg, diffusion, data: TrainData):
     --sample-cads samples it with CADS."""
     from diffusion import cfg_model_fn
     rows = (conditions.grid_labels(data.num_classes) if data.prompts is None
-            else conditions.encode_prompts(cfg, data.prompts))        # (R,) class ids or (R, L) caption tokens
+            else encode_prompts(cfg, data.prompts))        # (R,) class ids or (R, L) caption tokens
     conds = rows.repeat_interleave(cfg.sample_per_class, dim=0)
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, "grid"))
     noise = torch.randn((len(conds), *cfg.latent_shape), generator=g)

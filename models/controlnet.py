@@ -3,7 +3,7 @@ ControlNet (Zhang et al. 2023) for both model families: a frozen pre-trained bas
 trainable control branch that steers it with a spatial map (Canny edges, a segmentation colour map), as in the
 paper's downstream experiment (§4.4, Table 2).
 
-    base = dit.from_config(cfg)                              # weights loaded (--init-from BASE)
+    base = dit.from_config(cfg, encoder_from_config)         # weights loaded (--init-from BASE)
     model = ControlledDiT(base, blocks=4, hint_down=8 * 2)   # or ControlledLDM(ldm, hint_down=4)
     model.init_control_from_base()                           # the branch starts as a copy of the loaded base
     eps = model(x, t, y, control=maps)                       # maps (B, 3, H_img, W_img) in [0, 1]

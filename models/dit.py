@@ -2,12 +2,12 @@
 The DiT (Peebles & Xie, 2023): exactly the official architecture, initialisation and state-dict names, so
 DiT-XL-2-256x256.pt loads with strict=True; and the text-conditional variant nanoCEP adds.
 
-    from conditions import ClassEmbedder, encoder_from_config
+    from conditions import ClassEmbedder
     model = DiT_models["DiT-XL/2"](input_size=32, y_embedder=ClassEmbedder(1000, 1152))   # 256^2 KL-f8 latents
     eps_and_sigma = model(x, t, y)                     # x (B, 4, 32, 32), t (B,), y (B,) -> (B, 8, 32, 32)
 
-The DiT receives its condition encoder c_θ (conditions.py) as the LDM does; from_config(cfg) builds both from a
-train config (train_dit.DiTConfig).
+The DiT receives its condition encoder c_θ (conditions.py, models/encoders.py) as the LDM does;
+from_config(cfg, encoder_from_config) builds both from a train config (train_dit.DiTConfig).
 A class table (the official DiT) is added to the timestep embedding. A text encoder (PixArt-α style) turns the caption
 tokens into a context (B, L, D_text); every block gets a cross-attention layer after its self-attention, and adaLN-Zero
 keeps the timestep (plus, with text_pooled, the masked mean of the context). The class path and its state-dict keys
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conditions import ClassEmbedder, encoder_from_config
+from conditions import ClassEmbedder
 from diffusion import timestep_embedding
 
 
@@ -160,7 +160,7 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
 class DiT(nn.Module):
     """Diffusion transformer: patchify -> + pos -> N adaLN-Zero blocks conditioned on t and c(y) -> unpatchify.
 
-    y_embedder is the condition encoder c_θ (conditions.py), built outside as for the LDM:
+    y_embedder is the condition encoder c_θ (conditions.py, models/encoders.py), built outside as for the LDM:
     a class table (kind "class"): y (B,) class ids, c(y) added to the timestep embedding (the official DiT); None
                   builds the official one, num_classes rows + a CFG null row (when class_dropout_prob > 0);
     a text encoder (kind "text"): y (B, L) caption token ids; c(y) = (context, mask), read by cross-attention in
@@ -295,11 +295,11 @@ def set_numerics(model: DiT, freq_shift: float = 0.0, mlp_norm_eps: float = 1e-6
     return model
 
 
-def from_config(cfg) -> DiT:
-    """The DiT a train config (train_dit.DiTConfig) describes, with its condition encoder (conditions.py);
-    num_classes must be resolved (> 0 for class conditioning)."""
+def from_config(cfg, make_encoder) -> DiT:
+    """The DiT a train config (train_dit.DiTConfig) describes, with the condition encoder make_encoder(cfg, width)
+    builds (models.encoders.encoder_from_config); num_classes must be resolved (> 0 for class conditioning)."""
     channels, side, _ = cfg.latent_shape
     width = cfg.text_width if cfg.cond == "text" else SIZES[cfg.model[4:].split("/")[0]]["hidden_size"]
     model = DiT_models[cfg.model](input_size=side, in_channels=channels, learn_sigma=cfg.learn_sigma,
-                                  y_embedder=encoder_from_config(cfg, width), text_pooled=cfg.text_pooled)
+                                  y_embedder=make_encoder(cfg, width), text_pooled=cfg.text_pooled)
     return set_numerics(model, cfg.t_freq_shift, cfg.mlp_norm_eps)

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conditions import encoder_from_config
 from diffusion import timestep_embedding
 
 
@@ -334,9 +333,9 @@ def build_unet(name: str, in_channels: int = 3, learn_sigma: bool = False, **ove
     return UNetModel(in_channels=in_channels, out_channels=in_channels * (2 if learn_sigma else 1), **args)
 
 
-def from_config(cfg) -> LDM:
-    """The LDM a train config (train_ldm.LDMConfig) describes: its U-Net and condition encoder (conditions.py);
-    num_classes must be resolved (> 0 for class conditioning)."""
+def from_config(cfg, make_encoder) -> LDM:
+    """The LDM a train config (train_ldm.LDMConfig) describes: its U-Net and the condition encoder
+    make_encoder(cfg, width) builds (models.encoders.encoder_from_config); num_classes must be resolved."""
     width = {"context_dim": cfg.text_width} if cfg.cond == "text" and cfg.text_width else {}
     unet = build_unet(cfg.model, in_channels=cfg.latent_shape[0], learn_sigma=cfg.learn_sigma, **width)
-    return LDM(unet, encoder_from_config(cfg, unet.context_dim))
+    return LDM(unet, make_encoder(cfg, unet.context_dim))

@@ -1,6 +1,7 @@
 """
 Captioned images, for --cond text: img2dataset folders (<shard>/<key>.jpg + <key>.txt) and path<TAB>caption tables,
-and TokenizedCaptions, the view whose items carry a caption's token ids instead of the label.
+and TokenizedCaptions, the view whose items carry a caption's token ids instead of the label; the static caption
+corruption (swaps, rewrites) a run applies at load time; the fixed prompts of a text model's sample grids.
 
 Nothing to run here; data.build_dataset picks the reader. `python -m tools.preview --data DIR --captions` shows one.
 """
@@ -9,7 +10,10 @@ import re
 
 import numpy as np
 
+import torch
+
 from sources.folders import IMAGE_EXTENSIONS, DatasetView, ImageFolderDataset, clean_caption, flip_key
+from sources.tokenizer import get_tokenizer
 
 TABLE_EXTENSIONS = (".tsv", ".csv")
 
@@ -134,3 +138,71 @@ class TokenizedCaptions(DatasetView):
         images = self.wrapped_items(keys)
         tokens = self.tokenize([self.caption(k) for k in keys], self.context_length)     # (B, L)
         return [(x, t) for (x, _), t in zip(images, tokens)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Static caption corruption (data.corrupt_dataset's caption kinds; corrupt.py draws it)
+
+def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: int = 0, rewrites: str | None = None,
+                             manifest_path: str | None = None) -> np.ndarray:
+    """Corrupt round(ratio * N) captions of `dataset` in place (corrupt.py), write the manifest, return the indices.
+
+    swap:    swap captions between random pairs (the paper's CC3M default, corrupt.swap_captions).
+    rewrite: replace captions by the user's rewrites, a JSON file {index: caption} (e.g. made with an LLM, as the
+             paper's GPT-4 rewrites); round(ratio * N) of its entries are drawn with `seed` (corrupt.sample_rewrites),
+             or all of them when ratio is 0.
+    Lazy captions (the built-in dataset's) are materialised once, here.
+    """
+    import corrupt  # standalone file, numpy only
+    captions = list(dataset.captions)                          # (N,) strings; 100K built-in captions take ~5 s
+    if kind == "swap":
+        new, idx = corrupt.swap_captions(captions, ratio, seed=seed)
+        recorded_ratio, recorded_seed = ratio, seed
+    elif kind == "rewrite":
+        if not rewrites:
+            raise ValueError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: caption})")
+        table = corrupt.sample_rewrites(corrupt.load_rewrites(rewrites), ratio, len(captions), seed)
+        new, idx = corrupt.rewrite_captions(captions, table)
+        if any(not clean_caption(c) for c in new):
+            raise ValueError(f"rewrites file {rewrites} holds an empty caption")
+        recorded_ratio, recorded_seed = len(idx) / len(captions), (seed if ratio > 0 else None)
+    else:
+        raise ValueError(f"unknown caption corruption {kind!r} (expected 'swap' or 'rewrite')")
+    if manifest_path is not None:
+        corrupt.save_manifest(manifest_path, corrupt.make_manifest(kind, recorded_ratio, recorded_seed, captions, new,
+                                                                   idx, **({"rewrites": rewrites} if rewrites else {})))
+    dataset.captions = new
+    return idx
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The fixed prompts of a text model's sample grids (train_dit/train_ldm) and of evaluate.py --prompts
+
+BUILTIN_PROMPT = "a large {} at the middle of a dark background"   # one grid row per built-in class, e.g. "red disc"
+
+
+def read_prompts(path: str, what: str = "prompts file") -> list[str]:
+    """A prompts file (one caption per line, blank lines skipped) -> its captions; errors name `what` and the path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        prompts = [ln.strip() for ln in f if ln.strip()]
+    if not prompts:
+        raise ValueError(f"{what} {path} holds no prompts")
+    return prompts
+
+
+def grid_prompts(path: str, dataset, builtin: bool, rows: int = 16) -> list[str]:
+    """The fixed prompts of a text model's grids: the file `path` (one per line), else one per built-in class, else
+    up to 8 distinct captions evenly spread over the dataset."""
+    if path:
+        return read_prompts(path, "--sample-prompts file")[:rows]
+    if builtin:
+        return [BUILTIN_PROMPT.format(name) for name in dataset.class_names]
+    picks = np.linspace(0, len(dataset) - 1, min(len(dataset), 8)).round().astype(int)
+    return list(dict.fromkeys(dataset.captions[int(i)] for i in picks))       # distinct, in order
+
+
+def encode_prompts(cfg, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> the caption token ids (B, L) a text model of this config takes (what its y is)."""
+    return get_tokenizer(cfg.tokenizer)(list(prompts), cfg.context_length)

@@ -1,7 +1,7 @@
 """
 The caption tokenizer: tiktoken ids of the text, then <|endoftext|>, truncated and padded to a fixed context length.
 `get_tokenizer("bytes")` works offline (byte-level); "gpt2" is GPT-2's BPE (tiktoken downloads it once), or a local
-.tiktoken ranks file. conditions.py's text encoder and sources/captions.py's TokenizedCaptions use it.
+.tiktoken ranks file. models/encoders.py's text encoder and sources/captions.py's TokenizedCaptions use it.
 
 Nothing to run here.
 """

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate as ev
+from models.encoders import encoder_from_config
 from models import dit
 from train_dit import DiTConfig
 from weights import export_diffusers as export
@@ -31,9 +32,9 @@ def write_checkpoint(path, vae_dir, **fields):
     """A nanoCEP DiT checkpoint as runio.RunIO.save writes it: 10 built-in classes on 32px kl-f8 latents (4x4x4)."""
     cfg = DiTConfig(vae="kl-f8", image_size=32, num_classes=10, learn_sigma=True, t_freq_shift=1.0,
                     vae_path=str(vae_dir), **fields)
-    model = dit.from_config(cfg)
+    model = dit.from_config(cfg, encoder_from_config)
     randomize(model, 0.2, 0)
-    ema = randomize(dit.from_config(cfg), 0.2, 1)
+    ema = randomize(dit.from_config(cfg, encoder_from_config), 0.2, 1)
     torch.save({"version": 1, "kind": "dit", "step": 7, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
                 "ema": ema.state_dict(), "opt": {}, "rng": None, "data": {}}, path)
     return cfg, ema.eval()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffusion as diff
+from models.encoders import encoder_from_config
 from models import dit
 from weights import pretrained
 import train_dit
@@ -43,14 +44,14 @@ def test_release_config_and_weights_equal_the_loaded_release(dit_t2_release):
     assert (cfg.model, cfg.image_size, cfg.vae, cfg.schedule) == ("DiT-T/2", 32, "kl-f8", "linear") and cfg.learn_sigma
     assert (cfg.t_freq_shift, cfg.mlp_norm_eps, cfg.cond) == (1.0, 1e-5, "class")   # diffusers' numerics
     assert cfg.vae_path == str(dit_t2_release / "vae") and "diffusers-dit DiT-T/2" in note
-    model = dit.from_config(dataclasses.replace(cfg, num_classes=1000)).eval()
+    model = dit.from_config(dataclasses.replace(cfg, num_classes=1000), encoder_from_config).eval()
     assert pretrained.load_init(model, sd) == "class table loaded (1001 rows)"
     ref = pretrained.load_pretrained(dit_t2_release, with_vae=False)["model"]
     g = torch.Generator().manual_seed(1)
     x, t, y = torch.randn(3, 4, 4, 4, generator=g), torch.tensor([3, 500, 999]), torch.tensor([7, 1000, 42])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), ref(x, t, y), rtol=0, atol=0)
-    fresh = dit.from_config(dataclasses.replace(cfg, num_classes=10))
+    fresh = dit.from_config(dataclasses.replace(cfg, num_classes=10), encoder_from_config)
     assert pretrained.load_init(fresh, sd).startswith("class table re-initialised: SOURCE has 1001 rows, this run 11")
     torch.testing.assert_close(fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 
@@ -72,7 +73,7 @@ def test_release_fine_tunes_two_steps_and_resumes(dit_t2_release, tmp_path, caps
     assert ckpt["config"]["init_from"] == str(dit_t2_release)
     assert all(s["step"] == 2 for s in ckpt["opt"]["state"].values())                # a fresh optimizer
     cfg = train_dit.DiTConfig(**{k: v for k, v in ckpt["config"].items()})
-    assert ckpt["model"].keys() == dit.from_config(cfg).state_dict().keys() == ckpt["ema"].keys()
+    assert ckpt["model"].keys() == dit.from_config(cfg, encoder_from_config).state_dict().keys() == ckpt["ema"].keys()
     assert train_dit.main(args + ["--steps", "3", "--resume", "auto"]) == 0
     assert load_checkpoint(str(run / "last.pt"))["step"] == 3
     events = [json.loads(line).get("event") for line in (run / "log.jsonl").read_text().splitlines()]
@@ -111,7 +112,7 @@ def test_nanocep_checkpoint_first_loss_is_its_ema_models_loss(tmp_path):
     diffusion = diff.from_config(cfg)
 
     def loss_of(weights):
-        model = dit.from_config(cfg)
+        model = dit.from_config(cfg, encoder_from_config)
         if weights is not None:
             model.load_state_dict(weights)
         yd = model.cond.drop(y, drop)
@@ -165,7 +166,7 @@ def test_ldm_release_maps_to_unet_tiny_and_trains(ldm_tiny_release, tmp_path):
     cfg, sd, note = pretrained.init_weights(str(ldm_tiny_release), train_ldm.LDMConfig(), "ldm")
     assert (cfg.model, cfg.image_size, cfg.vae, cfg.schedule, cfg.learn_sigma) == ("unet-tiny", 16, "vq-f4",
                                                                                      "scaled_linear", False)
-    model = unet.from_config(dataclasses.replace(cfg, num_classes=10)).eval()
+    model = unet.from_config(dataclasses.replace(cfg, num_classes=10), encoder_from_config).eval()
     assert pretrained.load_init(model, sd) == "class table loaded (11 rows)"
     ref = pretrained.load_pretrained(ldm_tiny_release, with_vae=False)["model"]
     x, t, y = torch.randn(2, 3, 4, 4), torch.tensor([5, 900]), torch.tensor([3, 10])

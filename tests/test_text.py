@@ -12,12 +12,15 @@ import pytest
 import torch
 
 import conditions
+from models.encoders import encoder_from_config
+from models import encoders
 import data
 import diffusion as diff
 from models import dit
 import train_dit
-from conditions import build_condition_encoder, encode_prompts
-from sources.captions import TokenizedCaptions, mirror_caption
+from models.encoders import build_condition_encoder
+from sources import captions
+from sources.captions import TokenizedCaptions, encode_prompts, mirror_caption
 from sources import tokenizer
 from sources.tokenizer import get_tokenizer
 from conftest import expect_one_line_error, load_ckpt as ckpt
@@ -40,7 +43,7 @@ def encoder(**kw):
     args = dict(context_length=32, depth=2, heads=2)
     args.update(kw)
     torch.manual_seed(0)
-    return conditions.build_condition_encoder("text", 16, **args)
+    return encoders.build_condition_encoder("text", 16, **args)
 
 
 # ---- tokenizer ----
@@ -198,7 +201,7 @@ def test_caption_swap_counts_manifest_and_tokenised_items(tmp_path):
     import corrupt
     ds = data.BuiltinShapes(size=8, length=200, seed=0)
     clean = list(ds.captions)
-    idx = data.apply_caption_corruption(ds, 0.05, "swap", seed=3, manifest_path=str(tmp_path / "m.json"))
+    idx = captions.apply_caption_corruption(ds, 0.05, "swap", seed=3, manifest_path=str(tmp_path / "m.json"))
     changed = [i for i in range(200) if ds.captions[i] != clean[i]]
     assert len(idx) == 10 and changed == idx.tolist() and sorted(ds.captions) == sorted(clean)
     m = corrupt.load_manifest(str(tmp_path / "m.json"))
@@ -218,16 +221,16 @@ def test_caption_rewrite_from_file(tmp_path):
     rewrites = {str(i): f"a rewritten caption number {i}" for i in range(0, 200, 5)}      # 40 entries
     path = tmp_path / "rw.json"
     path.write_text(json.dumps(rewrites))
-    idx = data.apply_caption_corruption(ds, 0.05, "rewrite", seed=0, rewrites=str(path),
+    idx = captions.apply_caption_corruption(ds, 0.05, "rewrite", seed=0, rewrites=str(path),
                                         manifest_path=str(tmp_path / "m.json"))
     assert len(idx) == 10 and set(idx.tolist()) <= set(range(0, 200, 5))
     assert all(ds.captions[i] == rewrites[str(i)] for i in idx) and sum(a != b for a, b in zip(clean, ds.captions)) == 10
     ds2 = data.BuiltinShapes(size=8, length=200, seed=0)
-    assert len(data.apply_caption_corruption(ds2, 0.0, "rewrite", rewrites=str(path))) == 40      # 0 = all entries
+    assert len(captions.apply_caption_corruption(ds2, 0.0, "rewrite", rewrites=str(path))) == 40      # 0 = all entries
     with pytest.raises(ValueError, match="has 40"):
-        data.apply_caption_corruption(data.BuiltinShapes(size=8, length=200), 0.5, "rewrite", rewrites=str(path))
+        captions.apply_caption_corruption(data.BuiltinShapes(size=8, length=200), 0.5, "rewrite", rewrites=str(path))
     with pytest.raises(FileNotFoundError):
-        data.apply_caption_corruption(ds2, 0.05, "rewrite", rewrites=str(tmp_path / "nope.json"))
+        captions.apply_caption_corruption(ds2, 0.05, "rewrite", rewrites=str(tmp_path / "nope.json"))
 
 
 def test_flipped_item_gets_the_mirrored_caption():
@@ -323,7 +326,7 @@ def test_cli_text_run_writes_grid_with_captions_and_resumes_bit_identically(tmp_
     cfg = train_dit.DiTConfig(**{k: v for k, v in a["config"].items()})
     y = encode_prompts(cfg, prompts[:2])
     assert y.shape == (2, 64) and get_tokenizer("bytes").decode(y[1]) == prompts[1]
-    model = dit.from_config(cfg)
+    model = dit.from_config(cfg, encoder_from_config)
     model.load_state_dict(a["ema"])                                      # the checkpoint rebuilds from its config
     out_channels = 6 if cfg.learn_sigma else 3                         # eps (+ the variance, with --learn-sigma)
     assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), y).shape == (2, out_channels, 8, 8)

@@ -11,7 +11,7 @@ import torch
 from tools import bench
 import diffusion
 import train_ldm
-from conditions import encoder_from_config
+from models.encoders import encoder_from_config
 from config import parse_config
 from conftest import ROOT, TINY, run_tiny, check_resume_is_bit_identical, expect_one_line_error, randomize, train_and_check_learning
 from conftest import load_ckpt as ckpt
@@ -26,7 +26,7 @@ def tiny_ldm(**cfg_overrides):
     for k, v in cfg_overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
-    return unet_lib.from_config(cfg)
+    return unet_lib.from_config(cfg, encoder_from_config)
 
 
 # ---- architecture ----
@@ -147,7 +147,7 @@ def test_default_trains_loss_falls_writes_grid_and_checkpoint_rebuilds(tmp_path)
     assert c["step"] == 30 and c["kind"] == "ldm" and c["config"]["cep"] == "gaussian"
     # what evaluate.py does: rebuild the model from the checkpoint's config alone and load the EMA strictly
     cfg = train_ldm.LDMConfig(**c["config"])
-    model = unet_lib.from_config(cfg)
+    model = unet_lib.from_config(cfg, encoder_from_config)
     model.load_state_dict(c["ema"], strict=True)
     assert isinstance(diffusion.from_config(cfg), diffusion.GaussianDiffusion)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import conditions
+from models import encoders
 import config
 import data
 import train_dit
@@ -177,7 +178,7 @@ def test_label_smoothing_embeds_the_smoothed_one_hot_in_training_only():
     enc.raw_at_sampling = True                                           # evaluate.py --raw-class-embedding
     assert torch.equal(enc.eval()(y).detach(), W[y])
     with pytest.raises(ValueError, match="class"):
-        conditions.build_condition_encoder("text", 16, label_smoothing=0.1)
+        encoders.build_condition_encoder("text", 16, label_smoothing=0.1)
 
 
 def test_cond_dropout_drops_real_embeddings_only_while_training():
@@ -191,7 +192,7 @@ def test_cond_dropout_drops_real_embeddings_only_while_training():
     torch.testing.assert_close(got[:2][~zero], (W[:2] / 0.75)[~zero])  # kept entries scaled by 1 / (1 - p)
     assert torch.equal(got[2], W[4])                                     # never the CFG null embedding
     assert torch.equal(enc.eval()(y).detach(), W[y])
-    text = conditions.build_condition_encoder("text", 64, context_length=8, cond_dropout=0.5).train()
+    text = encoders.build_condition_encoder("text", 64, context_length=8, cond_dropout=0.5).train()
     ids = text.tokenize(["a red disc", ""])
     ctx, mask = text(ids)
     ref, _ = text.eval()(ids)

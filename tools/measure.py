@@ -66,7 +66,7 @@ def family(script_name: str):
 
 def synthetic_batch(cfg, device) -> tuple:
     """(x, y): a global batch of random latents of the model's input shape and random classes (or caption ids)."""
-    from conditions import encode_prompts
+    from sources.captions import encode_prompts
     x = torch.randn(cfg.batch_size, *cfg.latent_shape, device=device)
     if cfg.cond == "text":                                            # caption token ids, as the text loader gives
         captions = ["a large red disc at the middle of a dark background"] * cfg.batch_size

@@ -366,7 +366,7 @@ def unet_architecture(sd, num_heads=1) -> dict:
 
 def build_ldm(unet_sd, class_table, num_heads=1, what="LDM"):
     """unet.LDM with these CompVis-layout U-Net weights and class table (last row = the null class)."""
-    from conditions import build_condition_encoder
+    from models.encoders import build_condition_encoder
     from models.unet import LDM, UNetModel
     kwargs = unet_architecture(unet_sd, num_heads)
     if class_table.ndim != 2 or class_table.shape[1] != kwargs["context_dim"]:
@@ -688,6 +688,7 @@ def _release_fields(source, kind, cfg):
         raise ValueError(f"{source} is a {c['kind'].upper()} release: fine-tune it with {SCRIPTS[c['kind']]}.py")
     from models import dit
     from models import unet
+    from models.encoders import encoder_from_config
     from config import LATENT_GEOMETRY
     fields = dict(cond="class", image_size=c["latent_size"] * LATENT_GEOMETRY[c["vae"]][1], vae=c["vae"],
                   learn_sigma=c["learn_sigma"], schedule=_schedule_name(p["betas"], source))
@@ -699,8 +700,8 @@ def _release_fields(source, kind, cfg):
     else:
         fields["model"] = _unet_name(model, source)
     with torch.device("meta"):                          # the config must rebuild exactly these shapes
-        probe = (dit if kind == "dit" else unet).from_config(dataclasses.replace(type(cfg)(), **fields,
-                                                                                 num_classes=c["num_classes"]))
+        probe = (dit if kind == "dit" else unet).from_config(
+            dataclasses.replace(type(cfg)(), **fields, num_classes=c["num_classes"]), encoder_from_config)
     if {k: v.shape for k, v in probe.state_dict().items()} != {k: v.shape for k, v in model.state_dict().items()}:
         raise ValueError(f"{source}: its weights do not fit the {fields['model']} the config describes")
     vae_dir = {"diffusers-dit": "vae", "diffusers-ldm": "vqvae"}.get(c["format"])
