@@ -86,6 +86,8 @@ class TrainConfig:
                          experiment=True)
     ip: float = opt(0.0, "input perturbation gamma (Ning et al. 2023; the paper's IP baseline uses 0.1)",
                     experiment=True)
+    min_snr: float = opt(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023; they use 5): eps-MSE at step t weighted "
+                         "min(SNR_t, gamma) / SNR_t; 0 = off (DiT and LDM)", experiment=True)
     class_dropout: float = opt(0.1, "probability of dropping the label to the null class (classifier-free guidance)",
                                experiment=True)
     # the paper's ablations (Tables 6 and 7)
@@ -247,8 +249,8 @@ def _check_ranges(cfg) -> None:
         raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
     if cfg.items_per_class < 0:
         raise RunError(f"--items-per-class must be >= 0 (0 = every item), got {cfg.items_per_class}")
-    if cfg.lr_warmdown < 0:
-        raise RunError(f"--lr-warmdown must be >= 0, got {cfg.lr_warmdown}")
+    if cfg.lr_warmdown < 0 or not cfg.min_snr >= 0:
+        raise RunError(f"--lr-warmdown and --min-snr must be >= 0, got {cfg.lr_warmdown} and {cfg.min_snr}")
     if cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise RunError("--log-every and --ckpt-every must be >= 1")
     _check_ablations(cfg)

@@ -220,7 +220,8 @@ def _mean_flat(x):
 class GaussianDiffusion:
     """Forward process tables, eps-prediction training losses, and sampling (see the module docstring)."""
 
-    def __init__(self, betas, *, learn_sigma: bool = False, loss: str = "mse", ip_gamma: float = 0.0):
+    def __init__(self, betas, *, learn_sigma: bool = False, loss: str = "mse", ip_gamma: float = 0.0,
+                 min_snr_gamma: float = 0.0):
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all()):
             # beta = 1 would be zero terminal SNR: x0 = (x - sigma * eps) / alpha then divides by zero
@@ -232,7 +233,10 @@ class GaussianDiffusion:
             raise ValueError("loss 'hybrid' trains the learned variance: it needs learn_sigma=True")
         if not ip_gamma >= 0:
             raise ValueError(f"ip_gamma must be >= 0, got {ip_gamma}")
+        if not min_snr_gamma >= 0:
+            raise ValueError(f"min_snr_gamma must be >= 0, got {min_snr_gamma}")
         self.learn_sigma, self.loss, self.ip_gamma = learn_sigma, loss, float(ip_gamma)
+        self.min_snr_gamma = float(min_snr_gamma)
         self.num_timesteps = len(betas)
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)  # (T,) abar_t
@@ -246,6 +250,9 @@ class GaussianDiffusion:
             # log beta~ with the t = 0 entry (log 0) replaced by t = 1's, as improved DDPM does
             "posterior_log_var": torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]])),
             "log_beta": torch.log(betas),
+            # Min-SNR-gamma weight of the eps-MSE (Hang et al. 2023): min(SNR_t, gamma) / SNR_t, SNR = abar / (1 - abar)
+            "min_snr_weight": (self.alphas_cumprod / (1 - self.alphas_cumprod)).clamp(max=min_snr_gamma)
+            / (self.alphas_cumprod / (1 - self.alphas_cumprod)) if min_snr_gamma > 0 else torch.ones_like(betas),
         }
         self._device_tables = {}
 
@@ -283,10 +290,13 @@ class GaussianDiffusion:
         out = out.float()  # losses in fp32 even under bf16 autocast
         eps = out[:, : x0.shape[1]]
         mse = _mean_flat((noise.float() - eps) ** 2)
+        # Min-SNR-gamma: the easy low-noise steps (SNR > gamma) weigh gamma / SNR, so they no longer pull against the
+        # rest; "mse" stays the unweighted error (what the logs compare across runs)
+        weighted = mse * self._at("min_snr_weight", t, mse).float() if self.min_snr_gamma > 0 else mse
         if self.loss == "mse":
-            return {"loss": mse, "mse": mse}
+            return {"loss": weighted, "mse": mse}
         vb = self._vb_bits(x0.float(), x_t.float(), t, eps.detach(), out[:, x0.shape[1]:])
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        return {"loss": weighted + vb, "mse": mse, "vb": vb}
 
     def _vb_bits(self, x0, x_t, t, eps, v):
         """Improved-DDPM variational bound term L_t in bits/dim; eps is detached so only v learns from it."""
@@ -324,9 +334,10 @@ class GaussianDiffusion:
 
 def from_config(cfg) -> GaussianDiffusion:
     """The 1000-step diffusion of a train config (DiT and LDM alike): its beta schedule (cfg.schedule), the hybrid
-    (MSE + VB) loss when the variance is learned (cfg.learn_sigma) else the eps-MSE, input perturbation cfg.ip."""
+    (MSE + VB) loss when the variance is learned (cfg.learn_sigma) else the eps-MSE, input perturbation cfg.ip,
+    the Min-SNR-gamma weighting cfg.min_snr."""
     return GaussianDiffusion(make_beta_schedule(cfg.schedule, 1000), learn_sigma=cfg.learn_sigma,
-                             loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip)
+                             loss="hybrid" if cfg.learn_sigma else "mse", ip_gamma=cfg.ip, min_snr_gamma=cfg.min_snr)
 
 
 # ---- classifier-free guidance ----

@@ -292,6 +292,30 @@ def test_vb_trains_only_the_variance_and_mse_only_the_mean():
     assert grad_mse[:, 2:].abs().max() == 0 and grad_mse[:, :2].abs().max() > 0
 
 
+@pytest.mark.parametrize("loss", ["mse", "hybrid"])
+def test_min_snr_weights_each_example_by_min_snr_gamma_over_snr(loss):
+    """Min-SNR-5 (Hang et al. 2023) against the paper's formula in float64 from the betas: the loss of an example at
+    step t is min(SNR_t, 5) / SNR_t times its eps-MSE (1 where SNR_t <= 5), "mse" stays unweighted, the VB term is
+    untouched; gamma 0 and a gamma above every SNR give the plain loss bit for bit."""
+    betas = make_beta_schedule("linear")
+    abar = torch.cumprod(1 - betas.double(), 0)
+    t = torch.tensor([0, 10, 100, 300, 700, 999])
+    x0, noise = torch.randn(6, 2, 4, 4), torch.randn(6, 2, 4, 4)
+    out = torch.randn(6, 4 if loss == "hybrid" else 2, 4, 4)
+    make = lambda g: GaussianDiffusion(betas, learn_sigma=loss == "hybrid", loss=loss, min_snr_gamma=g)
+    plain, weighted = (make(g).training_losses(lambda x, tt: out, x0, t, noise) for g in (0.0, 5.0))
+    snr = [a / (1 - a) for a in abar[t].tolist()]
+    expect = torch.tensor([min(r, 5.0) / r for r in snr])
+    assert expect[0] < 1e-3 and expect[-1] == 1.0                       # the formula bites at low noise only
+    torch.testing.assert_close(weighted["mse"], plain["mse"], rtol=0, atol=0)
+    vb = plain.get("vb", torch.zeros(6))
+    torch.testing.assert_close(weighted["loss"], plain["mse"] * expect.float() + vb, rtol=1e-6, atol=0)
+    huge = make(2 * max(a / (1 - a) for a in abar.tolist())).training_losses(lambda x, tt: out, x0, t, noise)
+    torch.testing.assert_close(huge["loss"], plain["loss"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        make(-1.0)
+
+
 def test_input_perturbation_changes_x_t_but_not_the_target():
     gamma = 0.5
     diffusion = GaussianDiffusion(make_beta_schedule("linear"), ip_gamma=gamma)

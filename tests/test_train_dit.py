@@ -148,6 +148,7 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     _expect_error(capsys, base + ["--data", str(tmp_path / "bad"), "--out", str(tmp_path / "o3")], "broken.png")
     _expect_error(capsys, base + ["--corrupt", "1.5", "--out", str(tmp_path / "o4")], "--corrupt")
     _expect_error(capsys, base + ["--model", "DiT-Q/3", "--out", str(tmp_path / "o5")], "unknown --model")
+    _expect_error(capsys, base + ["--min-snr", "-5", "--out", str(tmp_path / "o8")], "--min-snr")
     assert run_tiny(train_dit.main, tmp_path / "t2", "--steps", 1) == 0
     _expect_error(capsys, base + ["--model", "DiT-T/4", "--resume", str(tmp_path / "t2" / "last.pt"),
                                   "--out", str(tmp_path / "o6")], "model")
