@@ -215,6 +215,14 @@ def explicit_fields(argv=None) -> set:
     return explicit | {n[3:] for n in explicit if n.startswith("no_")}
 
 
+def preset_fields(argv=None, presets: dict | None = None) -> set:
+    """The config fields the --preset named on the command line sets (none without one)."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    names = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"]
+    names += [a.split("=", 1)[1] for a in argv if a.startswith("--preset=")]
+    return set((presets or {}).get(names[-1], {})) if names else set()
+
+
 def resolve_run_config(cfg, text_width: int | None = None):
     """The checks every train script shares, and the 'auto' values decided: returns a new config (cfg is untouched).
 

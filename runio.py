@@ -169,7 +169,8 @@ class RunIO:
                        f"{cfg.batch_size} = {d.world} x {local // micro} x {micro} | {d.device} {precision}"
                        f"{' compiled' if compiled else ''} | lr {cfg.lr:g}"
                        f"{f' (to 0 over the last {cfg.lr_warmdown})' if cfg.lr_warmdown else ''} wd {cfg.weight_decay:g}"
-                       f" clip {cfg.grad_clip:g} EMA {cfg.ema_decay:g} | steps {start_step} -> {cfg.steps} | out {cfg.out}")
+                       f" clip {cfg.grad_clip:g} EMA {cfg.ema_decay:g}{f' min-SNR {cfg.min_snr:g}' if cfg.min_snr else ''}"
+                       f" | steps {start_step} -> {cfg.steps} | out {cfg.out}")
             if init_note:
                 tqdm.write(f"{self.kind}: {init_note}")
                 self.log({"event": "init_from", "source": cfg.init_from, "note": init_note})

@@ -54,23 +54,24 @@ PRESETS = {
     "dit-xl2-in1k": dict(model="DiT-XL/2", image_size=256, num_classes=1000, vae="kl-f8", steps=400_000,
                          batch_size=256, lr=1e-4, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, class_dropout=0.1,
                          learn_sigma=True, schedule="linear", log_every=100, ckpt_every=10_000, keep_every=50_000,
-                         sample_every=10_000, sample_cfg=1.5, sample_steps=50, sample_per_class=4),
+                         sample_every=10_000, sample_cfg=1.5, sample_steps=50, sample_per_class=4, lr_warmdown=0,
+                         min_snr=0.0),
     # A small ImageNet model for ablations on one GPU node (DiT README: B/4 FID-50K ~68 at 400K steps, cfg 1).
     "dit-b4-in1k": dict(model="DiT-B/4", image_size=256, num_classes=1000, vae="kl-f8", steps=400_000,
                         batch_size=256, lr=1e-4, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True,
                         log_every=100, ckpt_every=10_000, keep_every=50_000, sample_every=10_000, sample_cfg=1.5,
-                        sample_steps=50, sample_per_class=4),
+                        sample_steps=50, sample_per_class=4, lr_warmdown=0, min_snr=0.0),
     # ControlNet-Canny over a pre-trained DiT (--init-from BASE --data IN-100/train): train_ldm's in100-controlnet
     # recipe (the paper's, Table 2 has LDMs only) with PixArt-δ's 13 copied blocks of DiT-XL/2's 28.
     "in100-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=13, steps=79_000,
                              batch_size=16, lr=5e-6, weight_decay=1e-2, ema_decay=0.9999, class_dropout=0.1,
                              grad_clip=0.0, log_every=100, ckpt_every=5_000, keep_every=20_000, sample_every=5_000,
-                             sample_cfg=1.75, sample_steps=50, sample_per_class=4),
+                             sample_cfg=1.75, sample_steps=50, sample_per_class=4, lr_warmdown=0, min_snr=0.0),
     # The CPU ControlNet on the built-in shapes (README "ControlNet: downstream adaptation"): --init-from a run of the
     # CPU default; the branch learns to draw the shape whose Canny edges it is given, in its class's colour.
     "builtin-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=2, steps=300,
                                batch_size=32, lr=1e-3, grad_clip=1.0, ema_decay=0.99, log_every=25, ckpt_every=100,
-                               sample_every=300, sample_cfg=2.0),
+                               sample_every=300, sample_cfg=2.0, lr_warmdown=0, min_snr=0.0),
 }
 
 # --init-from a release takes this preset's optimiser (lr, weight decay, clip, EMA, batch), not the CPU default's;
@@ -106,7 +107,7 @@ FAMILY = Family(DiTConfig, PRESETS, resolve, build_model)   # how evaluate.py re
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> DiT + diffusion -> train. Bad input: one line, exit 2."""
     cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
-    cfg, init = pretrained.init_from(cfg, "dit", argv, (FINE_TUNE, PRESETS[FINE_TUNE]))   # --init-from SOURCE
+    cfg, init = pretrained.init_from(cfg, "dit", argv, (FINE_TUNE, PRESETS[FINE_TUNE]), PRESETS)   # --init-from SOURCE
     cfg = resolve(cfg)
     d = setup_distributed(cfg.device)
     sinks = tracking.sinks_for_run(cfg, d.main)          # --log: W&B / TensorBoard get every log record (rank 0)

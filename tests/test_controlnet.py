@@ -266,3 +266,24 @@ def test_controlnet_presets_parse_and_take_the_architecture_from_the_base(bases)
         cfg, _ = pretrained.init_from(cfg, "dit" if module is train_dit else "ldm", ["--init-from", base])
         assert cfg.image_size == 8 and cfg.control == "canny"          # the base's size, this run's control
         module.resolve(cfg)
+
+
+def test_a_preset_on_the_command_line_keeps_its_optimiser_over_the_base_checkpoints(bases):
+    """--preset builtin-controlnet --init-from BASE: the preset's recipe (lr 1e-3, batch 32, EMA 0.99, clip 1, constant
+    lr) is the run's, not the base checkpoint's own stored optimiser (which --init-from takes when no preset or flag
+    says otherwise); an explicit flag still wins over both."""
+    from config import parse_config
+    argv = ["--preset", "builtin-controlnet", "--init-from", bases["dit"]]
+    cfg = parse_config(train_dit.DiTConfig, argv, train_dit.PRESETS)
+    cfg, _ = pretrained.init_from(cfg, "dit", argv, None, train_dit.PRESETS)
+    preset = train_dit.PRESETS["builtin-controlnet"]
+    assert {k: getattr(cfg, k) for k in pretrained.OPTIMISER_FIELDS if k in preset} == {
+        k: preset[k] for k in pretrained.OPTIMISER_FIELDS if k in preset}
+    assert cfg.batch_size == 32 and cfg.lr == 1e-3 and cfg.lr_warmdown == 0 and cfg.min_snr == 0
+    argv = ["--preset=builtin-controlnet", "--lr", "2e-3", "--init-from", bases["dit"]]
+    cfg = parse_config(train_dit.DiTConfig, argv, train_dit.PRESETS)
+    cfg, _ = pretrained.init_from(cfg, "dit", argv, None, train_dit.PRESETS)
+    assert cfg.lr == 2e-3 and cfg.ema_decay == 0.99
+    cfg, _ = pretrained.init_from(parse_config(train_dit.DiTConfig, argv[1:], train_dit.PRESETS), "dit", argv[1:],
+                                  None, train_dit.PRESETS)
+    assert cfg.ema_decay == 0.995 and cfg.batch_size == 8            # no preset: the base's own (TINY's batch 8)

@@ -574,10 +574,10 @@ def load_pretrained(source, *, root=None, sha256=None, with_vae=True, vae_path=N
 
 SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}                 # kind -> the script that fine-tunes it (messages)
 CLASS_TABLES = ("y_embedder.embedding_table.weight", "cond_stage_model.embedding_table.weight")   # DiT, LDM
-OPTIMISER_FIELDS = ("lr", "weight_decay", "grad_clip", "ema_decay", "batch_size")   # a fine-tuning run's recipe
+OPTIMISER_FIELDS = ("lr", "lr_warmdown", "weight_decay", "grad_clip", "ema_decay", "batch_size", "min_snr")   # recipe
 
 
-def init_weights(source, cfg, kind, explicit=(), recipe=None):
+def init_weights(source, cfg, kind, explicit=(), recipe=None, chosen=()):
     """(cfg, state_dict, note) to fine-tune from SOURCE: a release load_pretrained reads, or a nanoCEP checkpoint.
 
     The returned config holds the architecture and numerics SOURCE needs (its architecture fields; for releases the
@@ -588,7 +588,8 @@ def init_weights(source, cfg, kind, explicit=(), recipe=None):
 
     The optimiser recipe (OPTIMISER_FIELDS) fits SOURCE too, not the tiny CPU default: a checkpoint's own stored
     values, or for a release recipe = (name, preset), the train script's preset for that release (e.g. dit-xl2-in1k:
-    lr 1e-4, no clipping, EMA 0.9999, batch 256). Flags given explicitly win over it."""
+    lr 1e-4, no clipping, EMA 0.9999, batch 256). Flags given explicitly win over it, and so do the fields in `chosen`
+    (those a --preset named on the command line sets: a recipe chosen on purpose, e.g. builtin-controlnet's)."""
     import dataclasses
     ckpt = _nanocep_checkpoint(source)
     fields, soft, sd, what = (_checkpoint_fields(ckpt, source, kind, cfg) if ckpt is not None
@@ -600,24 +601,24 @@ def init_weights(source, cfg, kind, explicit=(), recipe=None):
                              f"{getattr(cfg, name)} was given; drop the flag")
     soft = {k: v for k, v in soft.items() if k not in explicit and not getattr(cfg, k)}
     origin, optim = _optimiser_recipe(ckpt, recipe)
-    optim = {k: v for k, v in optim.items() if k not in explicit}
+    optim = {k: v for k, v in optim.items() if k not in explicit and k not in chosen}
     cfg = dataclasses.replace(cfg, **fields, **soft, **optim)
     settings = ", ".join(f"{k}={v}" for k, v in fields.items())
-    given = [k for k in OPTIMISER_FIELDS if k in explicit]
-    optimiser = (f"optimiser {origin}" + (f" (flags given: {', '.join(given)})" if given else "") + ": "
+    given = [k for k in OPTIMISER_FIELDS if k in explicit or k in chosen]
+    optimiser = (f"optimiser {origin}" + (f" (flags or --preset given: {', '.join(given)})" if given else "") + ": "
                  + ", ".join(f"{k}={getattr(cfg, k):g}" for k in OPTIMISER_FIELDS))
     return cfg, sd, f"init from {source}: {what}; {settings}; {optimiser}; optimizer state and step start fresh"
 
 
-def init_from(cfg, kind, argv=None, recipe=None):
+def init_from(cfg, kind, argv=None, recipe=None, presets=None):
     """--init-from SOURCE for a train script: (the config with SOURCE's architecture, numerics and optimiser recipe,
     init), where init(model) -> note loads SOURCE's weights into the fresh model; (cfg, None) without the flag. Flags
     given on the command line that contradict SOURCE are an error; recipe = (preset name, preset) for releases
-    (init_weights)."""
+    (init_weights); a --preset of `presets` named on the command line keeps its own optimiser fields."""
     if not cfg.init_from:
         return cfg, None
-    from config import explicit_fields
-    cfg, sd, note = init_weights(cfg.init_from, cfg, kind, explicit_fields(argv), recipe)
+    from config import explicit_fields, preset_fields
+    cfg, sd, note = init_weights(cfg.init_from, cfg, kind, explicit_fields(argv), recipe, preset_fields(argv, presets))
     def init(model):
         base = getattr(model, "base", model)             # a ControlNet (models/controlnet.py): SOURCE is its base
         loaded = note + "; " + load_init(base, sd)
@@ -635,7 +636,7 @@ def _optimiser_recipe(ckpt, recipe) -> tuple[str, dict]:
         return "the checkpoint's own", {k: ckpt["config"][k] for k in OPTIMISER_FIELDS if k in ckpt["config"]}
     if recipe is not None:
         name, preset = recipe
-        return f"the {name} preset's", {k: preset[k] for k in OPTIMISER_FIELDS}
+        return f"the {name} preset's", {k: preset[k] for k in OPTIMISER_FIELDS if k in preset}   # else the default
     return "the run's", {}
 
 
