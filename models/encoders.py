@@ -12,7 +12,7 @@ the keys/values for cross-attention; the CFG null condition is the empty caption
 the per-token width D (every real token vector gets noise of scale gamma/sqrt(D)), not L*D as NEFTune would use;
 padding is never perturbed.
 
-No CLI: the models build their encoder from a train config.
+No CLI: the train scripts hand this factory to dit.from_config / unet.from_config (build_model).
 """
 import torch
 import torch.nn as nn
