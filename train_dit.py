@@ -46,6 +46,10 @@ class DiTConfig(TrainConfig):
     grad_clip: float = opt(1.0, "clip the gradient norm to this value; 0 = off (DiT uses none; the CPU "
                            "default was tuned with 1 at lr 4e-3)")
     steps: int = opt(1500, "training steps (the CPU default: ~5.5 min alone on 2 cores)")
+    lr_warmdown: int = opt(500, "decay the learning rate linearly to 0 over the last N steps (the CPU default: 500 of "
+                           "1500; DiT: 0 = constant)")
+    min_snr: float = opt(5.0, "Min-SNR-gamma loss weighting (Hang et al. 2023; the CPU default: 5; DiT: 0 = off)",
+                         experiment=True)
     out: str = opt("runs/dit", "run folder: checkpoints, log.jsonl, samples/")
 
 
