@@ -14,7 +14,8 @@ DATA = Path(__file__).resolve().parent / "data"          # key listings of the r
 
 # A train script's flags for runs of seconds: 8px images, batch 8, a log line and a checkpoint every step or two.
 TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
-        "--builtin-length", "64", "--num-workers", "0", "--lr", "1e-3"]
+        "--builtin-length", "64", "--num-workers", "0", "--lr", "1e-3",
+        "--lr-warmdown", "0", "--min-snr", "0"]   # constant lr: a resume may extend --steps and stay exact
 
 
 def run_tiny(main, out, *extra) -> int:

@@ -100,7 +100,7 @@ MODELS = {"dit-class": ("dit", {}), "ldm-class": ("ldm", {}),
 def conditions(cfg, n):
     if cfg.cond == "class":
         return torch.arange(n) % 3
-    from conditions import encode_prompts
+    from sources.captions import encode_prompts
     return encode_prompts(cfg, [["red disc", "a blue cross at the top", "x"][i % 3] for i in range(n)])
 
 

@@ -302,7 +302,7 @@ def test_caption_folder_and_table(tmp_path):
 
 TINY = ["--cond", "text", "--image-size", "8", "--batch-size", "8", "--builtin-length", "64", "--num-workers", "0",
         "--log-every", "1", "--ckpt-every", "2", "--text-width", "32", "--text-depth", "1", "--text-heads", "2",
-        "--context-length", "64"]
+        "--context-length", "64", "--lr-warmdown", "0", "--min-snr", "0"]
 
 
 def test_cli_text_run_writes_grid_with_captions_and_resumes_bit_identically(tmp_path):

@@ -42,7 +42,7 @@ def test_lr_warmdown_decays_linearly_to_zero_and_resumes_bit_identically(tmp_pat
     from config import learning_rate
     cfg = train_dit.DiTConfig(lr=1e-3, steps=10, lr_warmdown=4)
     assert [round(learning_rate(cfg, s) / 1e-3, 6) for s in range(10)] == [1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
-    assert learning_rate(train_dit.DiTConfig(lr=1e-3, steps=10), 9) == 1e-3                  # 0 = constant
+    assert learning_rate(train_dit.DiTConfig(lr=1e-3, steps=10, lr_warmdown=0), 9) == 1e-3   # 0 = constant
     flags = ("--steps", 4, "--lr-warmdown", 3)
     assert run_tiny(train_dit.main, tmp_path / "straight", *flags) == 0
     real = trainer.train_step

@@ -21,7 +21,7 @@ import trainer
 from conftest import ROOT, load_ckpt as ckpt, one_error_line
 
 TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
-        "--builtin-length", "64", "--num-workers", "0"]
+        "--builtin-length", "64", "--num-workers", "0", "--lr-warmdown", "0", "--min-snr", "0"]
 
 
 def sha(path):
