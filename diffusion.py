@@ -242,6 +242,7 @@ class GaussianDiffusion:
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)  # (T,) abar_t
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         posterior_var = betas * (1 - abar_prev) / (1 - self.alphas_cumprod)  # beta~_t, 0 at t = 0
+        snr = self.alphas_cumprod / (1 - self.alphas_cumprod)  # (T,) signal-to-noise ratio of x_t
         self._tables = {  # float64 on the CPU; copies per device are made on first use
             "sqrt_abar": self.alphas_cumprod.sqrt(),
             "sqrt_one_minus_abar": (1 - self.alphas_cumprod).sqrt(),
@@ -251,8 +252,7 @@ class GaussianDiffusion:
             "posterior_log_var": torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]])),
             "log_beta": torch.log(betas),
             # Min-SNR-gamma weight of the eps-MSE (Hang et al. 2023): min(SNR_t, gamma) / SNR_t, SNR = abar / (1 - abar)
-            "min_snr_weight": (self.alphas_cumprod / (1 - self.alphas_cumprod)).clamp(max=min_snr_gamma)
-            / (self.alphas_cumprod / (1 - self.alphas_cumprod)) if min_snr_gamma > 0 else torch.ones_like(betas),
+            "min_snr_weight": snr.clamp(max=min_snr_gamma) / snr if min_snr_gamma > 0 else torch.ones_like(betas),
         }
         self._device_tables = {}
 

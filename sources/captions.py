@@ -1,7 +1,7 @@
 """
 Captioned images, for --cond text: img2dataset folders (<shard>/<key>.jpg + <key>.txt) and path<TAB>caption tables,
-and TokenizedCaptions, the view whose items carry a caption's token ids instead of the label; the static caption
-corruption (swaps, rewrites) a run applies at load time; the fixed prompts of a text model's sample grids.
+and TokenizedCaptions, the view whose items carry a caption's token ids instead of the label; the fixed prompts of a
+text model's sample grids.
 
 Nothing to run here; data.build_dataset picks the reader. `python -m tools.preview --data DIR --captions` shows one.
 """
@@ -138,41 +138,6 @@ class TokenizedCaptions(DatasetView):
         images = self.wrapped_items(keys)
         tokens = self.tokenize([self.caption(k) for k in keys], self.context_length)     # (B, L)
         return [(x, t) for (x, _), t in zip(images, tokens)]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Static caption corruption (data.corrupt_dataset's caption kinds; corrupt.py draws it)
-
-def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: int = 0, rewrites: str | None = None,
-                             manifest_path: str | None = None) -> np.ndarray:
-    """Corrupt round(ratio * N) captions of `dataset` in place (corrupt.py), write the manifest, return the indices.
-
-    swap:    swap captions between random pairs (the paper's CC3M default, corrupt.swap_captions).
-    rewrite: replace captions by the user's rewrites, a JSON file {index: caption} (e.g. made with an LLM, as the
-             paper's GPT-4 rewrites); round(ratio * N) of its entries are drawn with `seed` (corrupt.sample_rewrites),
-             or all of them when ratio is 0.
-    Lazy captions (the built-in dataset's) are materialised once, here.
-    """
-    import corrupt  # standalone file, numpy only
-    captions = list(dataset.captions)                          # (N,) strings; 100K built-in captions take ~5 s
-    if kind == "swap":
-        new, idx = corrupt.swap_captions(captions, ratio, seed=seed)
-        recorded_ratio, recorded_seed = ratio, seed
-    elif kind == "rewrite":
-        if not rewrites:
-            raise ValueError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: caption})")
-        table = corrupt.sample_rewrites(corrupt.load_rewrites(rewrites), ratio, len(captions), seed)
-        new, idx = corrupt.rewrite_captions(captions, table)
-        if any(not clean_caption(c) for c in new):
-            raise ValueError(f"rewrites file {rewrites} holds an empty caption")
-        recorded_ratio, recorded_seed = len(idx) / len(captions), (seed if ratio > 0 else None)
-    else:
-        raise ValueError(f"unknown caption corruption {kind!r} (expected 'swap' or 'rewrite')")
-    if manifest_path is not None:
-        corrupt.save_manifest(manifest_path, corrupt.make_manifest(kind, recorded_ratio, recorded_seed, captions, new,
-                                                                   idx, **({"rewrites": rewrites} if rewrites else {})))
-    dataset.captions = new
-    return idx
 
 
 # ----------------------------------------------------------------------------------------------------------------------

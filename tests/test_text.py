@@ -19,7 +19,6 @@ import diffusion as diff
 from models import dit
 import train_dit
 from models.encoders import build_condition_encoder
-from sources import captions
 from sources.captions import TokenizedCaptions, encode_prompts, mirror_caption
 from sources import tokenizer
 from sources.tokenizer import get_tokenizer
@@ -201,7 +200,7 @@ def test_caption_swap_counts_manifest_and_tokenised_items(tmp_path):
     import corrupt
     ds = data.BuiltinShapes(size=8, length=200, seed=0)
     clean = list(ds.captions)
-    idx = captions.apply_caption_corruption(ds, 0.05, "swap", seed=3, manifest_path=str(tmp_path / "m.json"))
+    idx = data.apply_caption_corruption(ds, 0.05, "swap", seed=3, manifest_path=str(tmp_path / "m.json"))
     changed = [i for i in range(200) if ds.captions[i] != clean[i]]
     assert len(idx) == 10 and changed == idx.tolist() and sorted(ds.captions) == sorted(clean)
     m = corrupt.load_manifest(str(tmp_path / "m.json"))
@@ -221,16 +220,16 @@ def test_caption_rewrite_from_file(tmp_path):
     rewrites = {str(i): f"a rewritten caption number {i}" for i in range(0, 200, 5)}      # 40 entries
     path = tmp_path / "rw.json"
     path.write_text(json.dumps(rewrites))
-    idx = captions.apply_caption_corruption(ds, 0.05, "rewrite", seed=0, rewrites=str(path),
+    idx = data.apply_caption_corruption(ds, 0.05, "rewrite", seed=0, rewrites=str(path),
                                         manifest_path=str(tmp_path / "m.json"))
     assert len(idx) == 10 and set(idx.tolist()) <= set(range(0, 200, 5))
     assert all(ds.captions[i] == rewrites[str(i)] for i in idx) and sum(a != b for a, b in zip(clean, ds.captions)) == 10
     ds2 = data.BuiltinShapes(size=8, length=200, seed=0)
-    assert len(captions.apply_caption_corruption(ds2, 0.0, "rewrite", rewrites=str(path))) == 40      # 0 = all entries
+    assert len(data.apply_caption_corruption(ds2, 0.0, "rewrite", rewrites=str(path))) == 40      # 0 = all entries
     with pytest.raises(ValueError, match="has 40"):
-        captions.apply_caption_corruption(data.BuiltinShapes(size=8, length=200), 0.5, "rewrite", rewrites=str(path))
+        data.apply_caption_corruption(data.BuiltinShapes(size=8, length=200), 0.5, "rewrite", rewrites=str(path))
     with pytest.raises(FileNotFoundError):
-        captions.apply_caption_corruption(ds2, 0.05, "rewrite", rewrites=str(tmp_path / "nope.json"))
+        data.apply_caption_corruption(ds2, 0.05, "rewrite", rewrites=str(tmp_path / "nope.json"))
 
 
 def test_flipped_item_gets_the_mirrored_caption():
