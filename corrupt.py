@@ -134,25 +134,27 @@ def corrupt_labels(labels, ratio, num_classes=None, kind="symmetric", classes=No
     cls = _as_classes(classes) if kind == "asymmetric" else None
     # the class set widens the default range, so a class absent from the labels is still a legal target
     y, num_classes = _as_labels(labels, num_classes, min_classes=int(cls.max()) + 1 if cls is not None else 0)
-    n = len(y)
-    k = _num_to_corrupt(ratio, n)
-    new = y.copy()
+    if kind == "symmetric" and classes is not None:
+        raise ValueError("classes is only used with kind='asymmetric'")
+    k = _num_to_corrupt(ratio, len(y))
+    counts = np.bincount(y, minlength=num_classes)  # (C,) the prior symmetric targets follow
+    if kind == "symmetric" and k > 0 and np.count_nonzero(counts) < 2:
+        raise ValueError(f"symmetric flips need at least 2 classes present in labels, found only class {int(y[0])}")
+    if kind == "asymmetric" and k > np.isin(y, cls).sum():
+        raise ValueError(f"ratio {ratio} asks for {k} flips but only {np.isin(y, cls).sum()} samples have a label in "
+                         "classes")
+    return _flip(y, k, kind, counts, cls, num_classes, rng)
 
+
+def _flip(y, k, kind, counts, cls, num_classes, rng):
+    """Flip k of the labels y (N,) (asymmetric: k of those in cls, or all of them if fewer) -> (new (N,), idx (K,))."""
+    new = y.copy()
     if kind == "symmetric":
-        if classes is not None:
-            raise ValueError("classes is only used with kind='asymmetric'")
-        counts = np.bincount(y, minlength=num_classes)  # (C,)
-        if k > 0 and np.count_nonzero(counts) < 2:
-            raise ValueError(f"symmetric flips need at least 2 classes present in labels, found only class {int(y[0])}")
-        idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)  # (K,)
+        idx = np.sort(rng.choice(len(y), size=k, replace=False)).astype(np.int64)  # (K,)
         new[idx] = _prior_other_class(y[idx], counts, rng)
         return new, idx
-
-    # asymmetric
     eligible = np.flatnonzero(np.isin(y, cls))  # (E,)
-    if k > len(eligible):
-        raise ValueError(f"ratio {ratio} asks for {k} flips but only {len(eligible)} samples have a label in classes")
-    idx = np.sort(eligible[rng.choice(len(eligible), size=k, replace=False)]).astype(np.int64)  # (K,)
+    idx = np.sort(eligible[rng.choice(len(eligible), size=min(k, len(eligible)), replace=False)]).astype(np.int64)
     new[idx] = _other_in_set(y[idx], cls, num_classes, rng)
     return new, idx
 
@@ -216,22 +218,14 @@ def corrupt_batch(labels, ratio, class_counts, kind="symmetric", classes=None, r
         raise ValueError("class_counts must be a 1-D array of non-negative integer counts (the dataset's class sizes)")
     cls = _as_classes(classes) if kind == "asymmetric" else None
     y, num_classes = _as_labels(labels, len(counts))
-    k = _num_in_expectation(ratio, len(y), rng)
-    new = y.copy()
-    if kind == "symmetric":
-        if classes is not None:
-            raise ValueError("classes is only used with kind='asymmetric'")
-        if k > 0 and np.count_nonzero(counts) < 2:
-            raise ValueError("symmetric flips need at least 2 classes with samples in class_counts")
-        idx = np.sort(rng.choice(len(y), size=k, replace=False)).astype(np.int64)  # (K,)
-        new[idx] = _prior_other_class(y[idx], counts.astype(np.int64), rng)
-        return new, idx
-    if int(cls.max()) >= num_classes:
+    if kind == "symmetric" and classes is not None:
+        raise ValueError("classes is only used with kind='asymmetric'")
+    if kind == "asymmetric" and int(cls.max()) >= num_classes:
         raise ValueError(f"class {int(cls.max())} is out of range for {num_classes} classes")
-    eligible = np.flatnonzero(np.isin(y, cls))  # (E,)
-    idx = np.sort(eligible[rng.choice(len(eligible), size=min(k, len(eligible)), replace=False)]).astype(np.int64)
-    new[idx] = _other_in_set(y[idx], cls, num_classes, rng)
-    return new, idx
+    k = _num_in_expectation(ratio, len(y), rng)
+    if kind == "symmetric" and k > 0 and np.count_nonzero(counts) < 2:
+        raise ValueError("symmetric flips need at least 2 classes with samples in class_counts")
+    return _flip(y, k, kind, counts.astype(np.int64), cls, num_classes, rng)
 
 
 # ---- caption corruption ----
@@ -337,6 +331,29 @@ def sample_rewrites(rewrites, ratio, n, seed=0):
         raise ValueError(f"ratio {ratio} of {n} captions asks for {k} rewrites but the table has {len(items)}")
     pick = _rng(seed).choice(len(items), size=k, replace=False)
     return dict(items[i] for i in sorted(pick))
+
+
+def corrupt_captions(captions, kind, ratio=0.0, seed=0, rewrites=None):
+    """The caption corruption a run or the CLI asks for -> (new captions list, sorted idx int64, its manifest).
+
+    swap:    swap_captions with `ratio` and `seed` (the paper's CC3M default).
+    rewrite: the rewrites file `rewrites` (JSON {index: caption}); round(ratio * N) of its entries drawn with `seed`
+             (sample_rewrites), or all of them when ratio is 0. The manifest records the measured ratio k / N.
+    """
+    captions = _as_captions(captions)
+    if kind == "swap":
+        new, idx = swap_captions(captions, ratio, seed=seed)
+        return new, idx, make_manifest(kind, ratio, seed, captions, new, idx)
+    if kind != "rewrite":
+        raise ValueError(f"unknown caption corruption {kind!r} (expected one of {CAPTION_KINDS})")
+    if not rewrites:
+        raise ValueError("kind='rewrite' needs a rewrites file, a JSON object {index: rewritten caption}")
+    new, idx = rewrite_captions(captions, sample_rewrites(load_rewrites(rewrites), ratio, len(captions), seed))
+    if any(not c.strip() for c in new):
+        raise ValueError(f"rewrites file {rewrites} holds an empty caption")
+    manifest = make_manifest(kind, len(idx) / len(captions), seed if ratio else None, captions, new, idx,
+                             rewrites=rewrites)
+    return new, idx, manifest
 
 
 # ---- manifest ----
@@ -534,18 +551,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _corrupt_lines(lines, kind, args):
-    """The CLI's corruption of the input lines -> (old, new, idx, output text, ratio, seed, manifest params)."""
+    """The CLI's corruption of the input lines -> (old, new, idx, output text, manifest)."""
     if args.captions:
-        if kind == "swap":
-            new, idx = swap_captions(lines, args.ratio, seed=args.seed)
-            ratio, seed = args.ratio, args.seed
-        else:
-            rewrites = sample_rewrites(load_rewrites(args.rewrites), args.ratio or 0.0, len(lines), args.seed)
-            new, idx = rewrite_captions(lines, rewrites)
-            ratio, seed = len(idx) / len(lines), (args.seed if args.ratio else None)
+        new, idx, manifest = corrupt_captions(lines, kind, args.ratio or 0.0, args.seed, args.rewrites)
         if any("\n" in c or "\r" in c for c in new):
             raise ValueError("a rewritten caption contains a line break; captions are one per line")
-        return lines, new, idx, "".join(c + "\n" for c in new), ratio, seed, {}
+        return lines, new, idx, "".join(c + "\n" for c in new), manifest
     old = _parse_labels(lines, args.input)
     classes = _parse_classes(args.classes) if args.classes is not None else None
     new, idx = corrupt_labels(old, args.ratio, num_classes=args.num_classes, kind=kind, classes=classes,
@@ -553,7 +564,8 @@ def _corrupt_lines(lines, kind, args):
     params = {"num_classes": args.num_classes}  # exactly the arguments that reproduce it
     if classes is not None:
         params["classes"] = classes
-    return old, new, idx, "".join(f"{v}\n" for v in new.tolist()), args.ratio, args.seed, params
+    manifest = make_manifest(kind, args.ratio, args.seed, old, new, idx, **params)
+    return old, new, idx, "".join(f"{v}\n" for v in new.tolist()), manifest
 
 
 def main(argv=None):
@@ -586,15 +598,14 @@ def main(argv=None):
             raise ValueError("--kind rewrite needs --rewrites FILE.json")
         if args.classes is not None and kind != "asymmetric":
             raise ValueError("--classes is only used with --kind asymmetric")
-        old, new, idx, text, ratio, seed, params = _corrupt_lines(_read_lines(args.input), kind, args)
-        manifest = make_manifest(kind, ratio, seed, old, new, idx, **params)
+        old, new, idx, text, manifest = _corrupt_lines(_read_lines(args.input), kind, args)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         sys.stderr.write(f"corrupt.py: error: {e}\n")
         return 2
     save_manifest(manifest_path, manifest)
     _write_atomic(args.output, text)
     what = "captions" if args.captions else "labels"
-    print(f"corrupted {len(idx)}/{len(old)} {what} ({kind}, ratio {ratio:g}, seed {seed}) -> "
+    print(f"corrupted {len(idx)}/{len(old)} {what} ({kind}, ratio {manifest['ratio']:g}, seed {manifest['seed']}) -> "
           f"{args.output}, {manifest_path}")
     return 0
 

@@ -23,7 +23,7 @@ import torch
 
 from common import derive_seed
 from sources.captions import TABLE_EXTENSIONS, CaptionedImages
-from sources.folders import ImageFolderDataset, clean_caption, flip_key, to_tensor
+from sources.folders import ImageFolderDataset, flip_key, to_tensor
 from sources.shards import ShardDataset, is_shard_source
 from sources.torchvision_sets import TORCHVISION_SETS, TorchvisionDataset
 
@@ -263,32 +263,15 @@ def apply_corruption(dataset, ratio: float, kind: str = "symmetric", seed: int =
 
 def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: int = 0, rewrites: str | None = None,
                              manifest_path: str | None = None) -> np.ndarray:
-    """Corrupt round(ratio * N) captions of `dataset` in place (corrupt.py), write the manifest, return the indices.
-
-    swap:    swap captions between random pairs (the paper's CC3M default, corrupt.swap_captions).
-    rewrite: replace captions by the user's rewrites, a JSON file {index: caption} (e.g. made with an LLM, as the
-             paper's GPT-4 rewrites); round(ratio * N) of its entries are drawn with `seed` (corrupt.sample_rewrites),
-             or all of them when ratio is 0.
-    Lazy captions (the built-in dataset's) are materialised once, here.
-    """
+    """Corrupt captions of `dataset` in place (corrupt.corrupt_captions: swap round(ratio * N) of them, or apply
+    round(ratio * N) rewrites of the JSON file `rewrites`, all when ratio is 0), write the manifest, return the indices.
+    Lazy captions (the built-in dataset's) are materialised once, here (100K built-in captions take ~5 s)."""
     import corrupt
-    captions = list(dataset.captions)                          # (N,) strings; 100K built-in captions take ~5 s
-    if kind == "swap":
-        new, idx = corrupt.swap_captions(captions, ratio, seed=seed)
-        recorded_ratio, recorded_seed = ratio, seed
-    elif kind == "rewrite":
-        if not rewrites:
-            raise ValueError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: caption})")
-        table = corrupt.sample_rewrites(corrupt.load_rewrites(rewrites), ratio, len(captions), seed)
-        new, idx = corrupt.rewrite_captions(captions, table)
-        if any(not clean_caption(c) for c in new):
-            raise ValueError(f"rewrites file {rewrites} holds an empty caption")
-        recorded_ratio, recorded_seed = len(idx) / len(captions), (seed if ratio > 0 else None)
-    else:
-        raise ValueError(f"unknown caption corruption {kind!r} (expected 'swap' or 'rewrite')")
+    if kind == "rewrite" and not rewrites:
+        raise ValueError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: caption})")
+    new, idx, manifest = corrupt.corrupt_captions(list(dataset.captions), kind, ratio, seed, rewrites)
     if manifest_path is not None:
-        corrupt.save_manifest(manifest_path, corrupt.make_manifest(kind, recorded_ratio, recorded_seed, captions, new,
-                                                                   idx, **({"rewrites": rewrites} if rewrites else {})))
+        corrupt.save_manifest(manifest_path, manifest)
     dataset.captions = new
     return idx
 
