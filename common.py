@@ -1,7 +1,7 @@
 """
-The plumbing every nanoCEP script shares, written once: one-line CLI errors, atomic file writes, downloads checked
-by sha256 (the instruments that fetch released files use them), the seed of every random stream of a run
-(derive_seed), and joining torchrun's process group. (corrupt.py keeps tiny copies of the first two on purpose, and
+The plumbing every nanoCEP script shares, written once: one-line CLI errors, atomic file writes, the seed of every
+random stream of a run (derive_seed), and joining torchrun's process group (downloads checked by sha256 live with the
+instruments that fetch released files, in sources/download.py). (corrupt.py keeps tiny copies of the first two on purpose, and
 cads.py its own seed mix: they are standalone files meant to be copied into other projects.)
 
 Nothing to run here; the scripts import it. torch is imported only by the functions that need it, so numpy-only
@@ -11,12 +11,8 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import os
-import sys
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 
@@ -47,7 +43,7 @@ def one_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Files: written atomically, downloaded with a checksum
+# Files: written atomically
 
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "wb"):
@@ -70,50 +66,6 @@ def atomic_save(obj, path) -> None:
     import torch
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
-
-
-def file_hash(path, algorithm: str = "sha256") -> str:
-    """Hex digest (sha256 unless told otherwise) of a file's bytes, read in 4 MiB chunks."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url: str, dest, sha256: str | None = None, headers: dict | None = None, quiet: bool = False) -> Path:
-    """Fetch url to dest atomically (a line on stderr says so unless quiet); a failed or mismatching download leaves
-    nothing behind.
-
-    HTTP 404 or a missing file:// -> FileNotFoundError; 401/403 -> ValueError naming HF_TOKEN; a sha256 mismatch ->
-    ValueError; other network failures -> ConnectionError."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    request = urllib.request.Request(url, headers={"User-Agent": "nanoCEP", **(headers or {})})
-    if not quiet:
-        print(f"downloading {url} -> {dest}", file=sys.stderr)
-    with atomic_open(dest, "wb") as f:
-        digest = hashlib.sha256()
-        try:
-            with urllib.request.urlopen(request) as r:
-                while chunk := r.read(1 << 20):
-                    digest.update(chunk)
-                    f.write(chunk)
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                raise FileNotFoundError(f"not found: {url}") from None
-            if e.code in (401, 403):
-                raise ValueError(f"{url}: access denied (HTTP {e.code}); for a gated repo accept its terms on the "
-                                 "Hub and set HF_TOKEN") from None
-            raise ConnectionError(f"could not download {url} (HTTP {e.code})") from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            if isinstance(reason, FileNotFoundError):       # file:// to a missing file
-                raise FileNotFoundError(f"not found: {url}") from None
-            raise ConnectionError(f"could not download {url} ({reason}); pass a local path instead") from None
-        if sha256 and digest.hexdigest() != sha256.lower():
-            raise ValueError(f"sha256 mismatch for {url}: got {digest.hexdigest()}, expected {sha256}")
-    return dest
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg, special
 
-from common import atomic_open, download, file_hash
+from common import atomic_open
+from sources.download import download, file_hash
 from scoring import memorization
 
 INCEPTION_PATH = "/tmp/inception-2015-12-05.pt"  # clean-fid's hard-coded download location ("./" on Windows)

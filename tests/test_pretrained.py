@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import common
+from sources import download as downloads
 import evaluate as ev
 from weights import pretrained
 from models.dit import DiT
@@ -234,7 +234,7 @@ def test_hf_repo_download_with_token_bin_fallback_and_cache(dit_release, tmp_pat
             raise urllib.error.HTTPError(request.full_url, 404, "Not Found", {}, None)
         return io.BytesIO(files[name])
 
-    monkeypatch.setattr(common.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(downloads.urllib.request, "urlopen", fake_urlopen)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     p = pretrained.load_pretrained("org/dit-tiny@v1", root=tmp_path)
@@ -251,7 +251,7 @@ def test_hf_repo_download_with_token_bin_fallback_and_cache(dit_release, tmp_pat
 
     def denied(request):
         raise urllib.error.HTTPError(request.full_url, 401, "Unauthorized", {}, None)
-    monkeypatch.setattr(common.urllib.request, "urlopen", denied)
+    monkeypatch.setattr(downloads.urllib.request, "urlopen", denied)
     with pytest.raises(ValueError, match="HF_TOKEN"):
         pretrained.load_pretrained("DiffusionNoise/dit-xl-2_imagenet_clean", root=tmp_path)
 

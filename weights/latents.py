@@ -38,7 +38,8 @@ import time
 import numpy as np
 import torch
 
-from common import ArgParser, atomic_open, file_hash, one_line, setup_distributed
+from common import ArgParser, atomic_open, one_line, setup_distributed
+from sources.download import file_hash
 
 FORMAT = "nanocep-latents"
 VERSION = 1

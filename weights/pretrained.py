@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import common
+from sources.download import download as checked_download
 from weights import vae as vae_lib
 
 # ---- known releases ----
@@ -75,8 +76,8 @@ def cache_dir(root=None) -> Path:
 
 
 def download(url, dest, sha256=None, token=None) -> Path:
-    """common.download with the Hugging Face token, when given (gated repos)."""
-    return common.download(url, dest, sha256, headers={"Authorization": f"Bearer {token}"} if token else None)
+    """checked_download (sources/download.py) with the Hugging Face token, when given (gated repos)."""
+    return checked_download(url, dest, sha256, headers={"Authorization": f"Bearer {token}"} if token else None)
 
 
 def fetch_url(url, root=None, sha256=None) -> Path:

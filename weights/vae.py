@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from sources.download import download as checked_download
 
 # ---- configs ----
 
@@ -550,11 +551,11 @@ def cache_root(cache_dir=None):
 
 
 def download(url, dest, sha256=None, member=None):
-    """Fetch `url` to `dest` atomically (common.download: a sha256 mismatch raises ValueError and leaves nothing
+    """Fetch `url` to `dest` atomically (sources/download.py: a sha256 mismatch raises ValueError and leaves nothing
     behind); `member` extracts one file (matched by base name) from a downloaded zip."""
     dest = Path(dest)
     try:
-        got = common.download(url, dest.with_name(dest.name + ".zip") if member else dest, sha256)
+        got = checked_download(url, dest.with_name(dest.name + ".zip") if member else dest, sha256)
     except FileNotFoundError:
         raise ConnectionError(f"could not download {url} (not found); pass a local weights file instead") from None
     if member:
