@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import diffusion
-from common import ArgParser, RunError
+from plumbing.common import ArgParser, RunError
 
 LATENT_GEOMETRY = {"none": (3, 1), "kl-f8": (4, 8), "vq-f4": (3, 4)}   # autoencoder -> (channels, downsampling)
 CAPTION_CORRUPTIONS = ("swap", "rewrite")

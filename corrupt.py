@@ -30,7 +30,7 @@ Command line (one label or caption per line; the manifest is written to OUT.mani
     python corrupt.py captions.txt --captions --kind rewrite --rewrites rewrites.json -o captions_rw.txt
     python corrupt.py captions.txt --captions --kind rewrite --rewrites rewrites.json --ratio 0.05 -o captions_rw.txt
 
-(nanoCEP's own scripts share one copy of their file and CLI plumbing in common.py; this file keeps its own small
+(nanoCEP's own scripts share one copy of their file and CLI plumbing in plumbing/common.py; this file keeps its own small
 atomic write and one-line argparse error on purpose, so that it stays a single copyable file.)
 """
 

@@ -21,7 +21,7 @@ flip a sample gets is a function of (seed, step), never of a worker's random sta
 import numpy as np
 import torch
 
-from common import derive_seed
+from plumbing.common import derive_seed
 from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES, BuiltinShapes  # noqa: F401 (data.BuiltinShapes is public)
 from sources.captions import TABLE_EXTENSIONS, CaptionedImages
 from sources.folders import ImageFolderDataset, flip_key

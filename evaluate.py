@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from common import ArgParser, RunError, setup_distributed
+from plumbing.common import ArgParser, RunError, setup_distributed
 from sources.captions import read_prompts
 from config import LATENT_GEOMETRY
 from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines, check_reference_size,

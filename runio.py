@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import Dist, RunError, all_mean, atomic_save
+from plumbing.common import Dist, RunError, all_mean, atomic_save
 from config import arch_fields, experiment_fields, learning_rate
 
 CHECKPOINT_VERSION = 1

@@ -808,7 +808,7 @@ def report(runs: list, cfg: SweepConfig, header: str = ""):
 
 def parse_args(argv=None) -> SweepConfig:
     """Flags over the preset over the defaults; --grid replaces the preset's cells."""
-    from common import ArgParser
+    from plumbing.common import ArgParser
     p = ArgParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a protocol: " + " | ".join(PRESETS) + " (see the docstring)")
     for f in dataclasses.fields(SweepConfig):

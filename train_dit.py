@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from common import RunError, setup_distributed
+from plumbing.common import RunError, setup_distributed
 from config import Family, TrainConfig, opt, parse_config, resolve_run_config
 from models import controlnet, dit
 from models.encoders import encoder_from_config

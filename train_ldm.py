@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from common import RunError, setup_distributed
+from plumbing.common import RunError, setup_distributed
 from config import LATENT_GEOMETRY, Family, TrainConfig, opt, parse_config, resolve_run_config
 from models import controlnet, unet
 from models.encoders import encoder_from_config

@@ -42,7 +42,7 @@ from tqdm import tqdm
 import conditions
 import data as datalib
 from cep import unit_noise
-from common import Dist, RunError, derive_seed, one_line
+from plumbing.common import Dist, RunError, derive_seed, one_line
 from config import grid_cads, learning_rate
 from runio import Diverged, Resume, RunIO, StopFlag, check_run_folder
 from sources.captions import TokenizedCaptions, encode_prompts, grid_prompts

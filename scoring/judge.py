@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import atomic_open
+from plumbing.common import atomic_open
 import data
 from scoring import metrics
 
@@ -305,7 +305,7 @@ def reference(image_size: int, num: int, seed: int = REF_SEED, path=None) -> dic
 # Command line
 
 def main(argv=None) -> int:
-    from common import ArgParser
+    from plumbing.common import ArgParser
     p = ArgParser(prog="python -m scoring.judge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("build", "path", "ref", "check"):

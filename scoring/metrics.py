@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg, special
 
-from common import atomic_open
+from plumbing.common import atomic_open
 from sources.download import download, file_hash
 from scoring import memorization
 

@@ -104,7 +104,7 @@ def build(cfg: dict, featurize=None, pipeline=None, num_fresh: int = 2000) -> di
 
 def main(argv=None) -> int:
     """`python -m scoring.trainset`: write a run's --train-ref .npz; bad input is one line, exit 2."""
-    from common import ArgParser
+    from plumbing.common import ArgParser
     p = ArgParser(prog="python -m scoring.trainset", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a run folder (its config.json) or a config.json file")

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from common import atomic_open
+from plumbing.common import atomic_open
 
 
 def file_hash(path, algorithm: str = "sha256") -> str:

@@ -8,9 +8,9 @@ import pytest
 
 from conftest import ROOT
 
-CORE_FOLDERS = ("models", "sources")                 # the networks and the data readers: part of the core
+CORE_FOLDERS = ("models", "sources", "plumbing")     # the networks, the data readers, the shared plumbing: core
 INSTRUMENTS = ("weights", "scoring", "trackers", "tools")   # import the core; the core never imports them
-CORE = {"cep", "cads", "corrupt", "conditions", "diffusion", "config", "common", "data", "runio", "trainer"}
+CORE = {"cep", "cads", "corrupt", "conditions", "diffusion", "config", "data", "runio", "trainer"}
 ENTRY_POINTS = {"train_dit", "train_ldm", "evaluate", "sweep"}
 
 

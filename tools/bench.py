@@ -13,7 +13,7 @@ MFU divides the achieved FLOP/s by the accelerator's dense bf16 peak (--peak-tfl
 """
 import sys
 
-from common import ArgParser, RunError
+from plumbing.common import ArgParser, RunError
 from tools.measure import SCRIPTS, measure
 
 

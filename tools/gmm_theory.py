@@ -47,7 +47,7 @@ if __name__ == "__main__":
 
 import numpy as np
 
-from common import ArgParser
+from plumbing.common import ArgParser
 
 # ---- setting ----
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from tools import measure
-from common import ArgParser, atomic_open, one_line
+from plumbing.common import ArgParser, atomic_open, one_line
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 DIT_XL = ["--model", "DiT-XL/2", "--learn-sigma", "--grad-clip", "0", "--vae", "kl-f8", "--image-size", "256", "--num-classes", "1000",

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from common import Dist
+from plumbing.common import Dist
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; the fp32 peak is used with --precision fp32 (TF32 on).
 # Ordered: the PCIe / NVL parts (lower clocks) must match before the SXM names "H100" / "H200".

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import torch
 
-from common import ArgParser
+from plumbing.common import ArgParser
 from data import build_dataset
 from runio import save_grid
 

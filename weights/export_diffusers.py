@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-import common
+from plumbing import common
 from models import dit
 from runio import load_checkpoint
 from weights import pretrained

@@ -38,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from common import ArgParser, atomic_open, one_line, setup_distributed
+from plumbing.common import ArgParser, atomic_open, one_line, setup_distributed
 from sources.download import file_hash
 
 FORMAT = "nanocep-latents"

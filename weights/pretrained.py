@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import common
+from plumbing import common
 from sources.download import download as checked_download
 from weights import vae as vae_lib
 

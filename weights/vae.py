@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+from plumbing import common
 from sources.download import download as checked_download
 
 # ---- configs ----
