@@ -9,5 +9,7 @@ hands the trainer the judge's verdict on the final grid).
     trainset.py       a run's exact training set rebuilt from its config  python -m scoring.trainset --help
     judge.py          the offline judge of the built-in data: a small CNN whose features and logits give FID, class
                       accuracy and diversity                            python -m scoring.judge --help
+    shapes.py         shape fidelity of the built-in data: each sample's best IoU against real items of its shape,
+                      the geometry class accuracy cannot see            python -m scoring.shapes
     control.py        a ControlNet's control fidelity: edge F1 between a sample's Canny map and the given one
 """

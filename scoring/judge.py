@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from plumbing.common import atomic_open
 import data
-from scoring import metrics
+from scoring import metrics, shapes
 
 JUDGE_VERSION = 1                     # bump when the recipe changes: the cache key changes with it
 JUDGE_SEED = 1_000_003                # the judge's own training images
@@ -259,12 +259,15 @@ def class_accuracy(images, labels, image_size: int = None, path=None) -> float:
 
 
 def grid_verdict(images, labels, cfg_scale: float, step: int, print_fn=print) -> dict:
-    """Judge a built-in run's sample grid (N, 3, S, S) in [-1, 1]: print and return its class accuracy (a log record)."""
+    """Judge a built-in run's sample grid (N, 3, S, S) in [-1, 1]: print and return its class accuracy and its shape
+    fidelity (shapes.py: each sample's best IoU against real items of its shape, mean per shape) as a log record."""
     acc = class_accuracy(images.cpu(), np.asarray(labels), images.shape[-1])
+    iou = shapes.shape_iou(images.cpu(), np.asarray(labels))
     n = len(labels)
     print_fn(f"judge: {round(acc * n)}/{n} grid samples show their class (colour and shape): class accuracy "
-             f"{acc:.3f} at guidance {cfg_scale:g}, step {step}")
-    return {"event": "judge", "step": step, "class_acc": acc, "num": n, "cfg_scale": cfg_scale}
+             f"{acc:.3f} at guidance {cfg_scale:g}, step {step}; shape IoU against real items "
+             + ", ".join(f"{k}s {v:.2f}" for k, v in iou.items()) + " (real items: discs 0.98, crosses 0.91)")
+    return {"event": "judge", "step": step, "class_acc": acc, "num": n, "cfg_scale": cfg_scale, "shape_iou": iou}
 
 
 def judge_final_grid(cfg, images, labels, log, print_fn=print) -> None:

@@ -1,0 +1,69 @@
+"""scoring/shapes.py: shape fidelity of built-in images, the geometry the judge's class accuracy cannot see."""
+import numpy as np
+import torch
+
+from scoring import shapes
+from sources.builtin import BuiltinShapes
+
+BANK = 5000        # a smaller bank than the default 20,000 keeps the test fast; it lowers every score a little
+
+
+def fresh(n=200, seed=7):
+    ds = BuiltinShapes(size=16, length=n, seed=seed)
+    idx = np.arange(n)
+    return ds.render_batch(idx), ds.labels[idx].copy()
+
+
+def test_fresh_real_items_score_close_to_one():
+    images, labels = fresh()
+    iou = shapes.shape_iou(images, labels, bank_size=BANK)
+    assert iou["disc"] > 0.95 and iou["cross"] > 0.85, iou
+
+
+def test_a_disc_passed_off_as_a_cross_scores_low():
+    """What the judge's class accuracy cannot see: a cross-coloured blob is not a cross. Discs labelled as the cross
+    of their colour must score well below real crosses (measured 0.77 vs 0.87 with this bank; equal if the bank ignored
+    the shape)."""
+    images, labels = fresh()
+    discs = labels < 5
+    real = shapes.shape_iou(images[~discs], labels[~discs], bank_size=BANK)["cross"]
+    fake = shapes.shape_iou(images[discs], labels[discs] + 5, bank_size=BANK)["cross"]
+    assert fake < real - 0.07, (fake, real)
+
+
+def test_ragged_crosses_score_below_clean_ones():
+    """Pixel noise on the arms (the failure of an under-trained model) lowers the score, and more noise lowers it more."""
+    images, labels = fresh()
+    crosses = labels >= 5
+    rng = np.random.default_rng(0)
+    scores = []
+    for p in (0.0, 0.1, 0.25):          # the fraction of pixels whose value is swapped with a random other pixel's
+        noisy = images[crosses].copy()
+        for img in noisy:
+            flat = img.reshape(-1, 3)
+            pick = np.flatnonzero(rng.random(len(flat)) < p)
+            flat[pick] = flat[rng.permutation(pick)]
+        scores.append(shapes.shape_iou(noisy, labels[crosses], bank_size=BANK)["cross"])
+    assert scores[0] > scores[1] > scores[2], scores
+
+
+def test_the_mask_ignores_colour_and_the_float_path_equals_uint8():
+    images, labels = fresh(50)
+    red = labels % 5 == 0
+    recoloured = images.copy()                         # the red items drawn in blue: same pixels' geometry
+    rgb = images[red].astype(np.float64)
+    blue, redc = np.array(shapes.COLOURS[2]), np.array(shapes.COLOURS[0])
+    amount = np.clip((rgb @ redc) / (redc @ redc), 0, 1)[..., None]           # how much of the red colour is there
+    recoloured[red] = np.clip(rgb + amount * (blue - redc), 0, 255).round().astype(np.uint8)
+    relabelled = labels.copy()
+    relabelled[red] += 2
+    assert (shapes.foreground(recoloured, relabelled)[red] == shapes.foreground(images, labels)[red]).mean() > 0.97
+    as_float = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert shapes.shape_iou(as_float, labels, bank_size=BANK) == shapes.shape_iou(images, labels, bank_size=BANK)
+
+
+def test_cli_prints_the_calibration_and_refuses_a_bad_size(capsys):
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        shapes.main(["--image-size", "7"])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
