@@ -266,7 +266,7 @@ def grid_verdict(images, labels, cfg_scale: float, step: int, print_fn=print) ->
     n = len(labels)
     print_fn(f"judge: {round(acc * n)}/{n} grid samples show their class (colour and shape): class accuracy "
              f"{acc:.3f} at guidance {cfg_scale:g}, step {step}; shape IoU against real items "
-             + ", ".join(f"{k}s {v:.2f}" for k, v in iou.items()) + " (real items: discs 0.98, crosses 0.91)")
+             + ", ".join(f"{shapes.PLURAL[k]} {v:.2f}" for k, v in iou.items()) + " (real items: discs 0.98, crosses 0.92)")
     return {"event": "judge", "step": step, "class_acc": acc, "num": n, "cfg_scale": cfg_scale, "shape_iou": iou}
 
 

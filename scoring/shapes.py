@@ -26,6 +26,7 @@ from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES, BuiltinShapes
 
 SHAPE_SEED = 1_000_049                # the bank's real items
 BANK_SIZE = 20_000                    # items per shape: larger banks raise every score a little (a closer twin)
+PLURAL = {"disc": "discs", "cross": "crosses"}   # for the judge's line
 COLOURS = np.array(list(BUILTIN_COLOURS.values()), dtype=np.float64)   # (5, 3)
 
 

@@ -67,3 +67,17 @@ def test_cli_prints_the_calibration_and_refuses_a_bad_size(capsys):
     with pytest.raises(SystemExit) as e:
         shapes.main(["--image-size", "7"])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_the_judges_grid_line_reports_both_shapes(monkeypatch):
+    """A built-in run's last line prints and logs shape IoU beside class accuracy (judge.py's class net stubbed out)."""
+    from scoring import judge
+    from sources.folders import to_tensor
+    monkeypatch.setattr(judge, "class_accuracy", lambda images, labels, image_size=None, path=None: 1.0)
+    monkeypatch.setattr(shapes, "BANK_SIZE", BANK)
+    monkeypatch.setattr(shapes.shape_iou, "__defaults__", (BANK,))
+    images, labels = fresh(40)
+    lines = []
+    record = judge.grid_verdict(to_tensor(images), labels, 4.0, 1500, lines.append)
+    assert set(record["shape_iou"]) == {"disc", "cross"} and record["shape_iou"]["disc"] > 0.95
+    assert "discs 0.9" in lines[0] and "crosses 0." in lines[0]
