@@ -250,10 +250,16 @@ def self_check(net, image_size: int, num: int = 2000) -> dict:
             "fd_real_real": metrics.frechet_distance(*metrics.feature_statistics(fa), *metrics.feature_statistics(fb))}
 
 
-def class_accuracy(images, labels, image_size: int = None, path=None) -> float:
-    """Share of images (uint8 (N, S, S, 3), or (N, 3, S, S) floats in [-1, 1]) the judge puts in their label's class."""
+def as_uint8(images) -> np.ndarray:
+    """Images as uint8 (N, S, S, 3): uint8 arrays unchanged, (N, 3, S, S) float tensors in [-1, 1] converted."""
     if isinstance(images, torch.Tensor):
         images = (images.float().clamp(-1, 1) * 127.5 + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return images
+
+
+def class_accuracy(images, labels, image_size: int = None, path=None) -> float:
+    """Share of images (uint8 (N, S, S, 3), or (N, 3, S, S) floats in [-1, 1]) the judge puts in their label's class."""
+    images = as_uint8(images)
     net = load(path, image_size or images.shape[1])
     return float((judge_images(net, images)[1] == np.asarray(labels)).mean())
 
@@ -261,8 +267,9 @@ def class_accuracy(images, labels, image_size: int = None, path=None) -> float:
 def grid_verdict(images, labels, cfg_scale: float, step: int, print_fn=print) -> dict:
     """Judge a built-in run's sample grid (N, 3, S, S) in [-1, 1]: print and return its class accuracy and its shape
     fidelity (shapes.py: each sample's best IoU against real items of its shape, mean per shape) as a log record."""
-    acc = class_accuracy(images.cpu(), np.asarray(labels), images.shape[-1])
-    iou = shapes.shape_iou(images.cpu(), np.asarray(labels))
+    images = as_uint8(images.cpu())                               # (N, S, S, 3), once for both measures
+    acc = class_accuracy(images, np.asarray(labels), images.shape[1])
+    iou = shapes.shape_iou(images, np.asarray(labels))
     n = len(labels)
     print_fn(f"judge: {round(acc * n)}/{n} grid samples show their class (colour and shape): class accuracy "
              f"{acc:.3f} at guidance {cfg_scale:g}, step {step}; shape IoU against real items "

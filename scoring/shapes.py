@@ -58,11 +58,9 @@ def best_iou(masks: np.ndarray, bank: torch.Tensor) -> np.ndarray:
     return (inter / union.clamp(min=1)).max(dim=1).values.numpy()
 
 
-def shape_iou(images, labels, bank_size: int = BANK_SIZE) -> dict:
-    """{shape: mean best IoU} of the samples of each shape present (uint8 (N, S, S, 3), or (N, 3, S, S) in [-1, 1])."""
-    if isinstance(images, torch.Tensor):
-        images = (images.float().clamp(-1, 1) * 127.5 + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    labels = np.asarray(labels)
+def shape_iou(images: np.ndarray, labels, bank_size: int | None = None) -> dict:
+    """{shape: mean best IoU} of the uint8 images (N, S, S, 3) of each shape present; bank_size: BANK_SIZE if None."""
+    labels, bank_size = np.asarray(labels), bank_size or BANK_SIZE
     out = {}
     for k, shape in enumerate(BUILTIN_SHAPES):
         mine = labels // len(BUILTIN_COLOURS) == k
