@@ -140,9 +140,9 @@ def corrupt_labels(labels, ratio, num_classes=None, kind="symmetric", classes=No
     counts = np.bincount(y, minlength=num_classes)  # (C,) the prior symmetric targets follow
     if kind == "symmetric" and k > 0 and np.count_nonzero(counts) < 2:
         raise ValueError(f"symmetric flips need at least 2 classes present in labels, found only class {int(y[0])}")
-    if kind == "asymmetric" and k > np.isin(y, cls).sum():
-        raise ValueError(f"ratio {ratio} asks for {k} flips but only {np.isin(y, cls).sum()} samples have a label in "
-                         "classes")
+    eligible = int(np.isin(y, cls).sum()) if kind == "asymmetric" else len(y)
+    if k > eligible:
+        raise ValueError(f"ratio {ratio} asks for {k} flips but only {eligible} samples have a label in classes")
     return _flip(y, k, kind, counts, cls, num_classes, rng)
 
 

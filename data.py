@@ -134,8 +134,6 @@ def apply_caption_corruption(dataset, ratio: float, kind: str = "swap", seed: in
     round(ratio * N) rewrites of the JSON file `rewrites`, all when ratio is 0), write the manifest, return the indices.
     Lazy captions (the built-in dataset's) are materialised once, here (100K built-in captions take ~5 s)."""
     import corrupt
-    if kind == "rewrite" and not rewrites:
-        raise ValueError("--corrupt-type rewrite needs --corrupt-rewrites FILE.json ({index: caption})")
     new, idx, manifest = corrupt.corrupt_captions(list(dataset.captions), kind, ratio, seed, rewrites)
     if manifest_path is not None:
         corrupt.save_manifest(manifest_path, manifest)
