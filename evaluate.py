@@ -24,8 +24,10 @@ Features come from one pass of clean-fid's Inception (mode "clean": clean-fid's 
 to /tmp/inception-2015-12-05.pt on first use; offline, copy the file there or pass --inception PATH.
 --features FILE swaps in any TorchScript extractor f(x (B,3,H,W) floats in [0,255]) -> feats or (feats, logits).
 Built-in data: --features $(python -m scoring.judge path) --resize none --ref ref.npz --train-ref auto adds the
-class_acc and diversity columns; --train-ref (any data) adds the memorization columns (scoring/memorization.py: the
-ratio test in pixels and features, nearest-item distances beside fresh real images'; --mem-tau the absolute form).
+class_acc and diversity columns, and a built-in checkpoint's rows always carry shape_iou_disc / shape_iou_cross
+(each sample's best IoU against real items of its shape, scoring/shapes.py); --train-ref (any data) adds the
+memorization columns (scoring/memorization.py: the ratio test in pixels and features, nearest-item distances beside
+fresh real images'; --mem-tau the absolute form).
 --pipeline legacy_tensorflow feeds the raw image to the same Inception file, which resizes inside as TF did (the ADM
 evaluator's pipeline, for numbers beside DiT's and the paper's). Reference images (a folder, an arr_0) are
 centre-cropped to the samples' resolution; features from different pipelines are never compared (metrics.py).
@@ -54,6 +56,8 @@ from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featuriz
                              compute_metrics, count_items, image_size_of, load_reference, load_train_reference,
                              min_samples, pipeline_label, plot_fid_is, read_results, reference_kind, reference_pipeline,
                              npz_keys, save_npz, source_pipeline, write_reference, write_results)
+from scoring import shapes
+from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES
 from sources.control import ControlMaps, canny
 from trackers import tracking
 
@@ -241,7 +245,7 @@ def merge_shards(scale_dir, world_size, keep_images, pipeline=None):
     scale_dir = Path(scale_dir)
     shards = [np.load(scale_dir / f"shard{r:03d}.npz") for r in range(world_size)]
     join = lambda key: np.concatenate([s[key] for s in shards]) if key in shards[0].files else None
-    merged = {key: join(key) for key in ("feats", "probs", "labels", "seeds", "index")}
+    merged = {key: join(key) for key in ("feats", "probs", "labels", "seeds", "index", "shape_iou")}
     if not np.array_equal(merged["index"], np.arange(len(merged["index"]))):
         raise ValueError(f"shards in {scale_dir} do not cover the samples in order")
     merged["pipeline"], merged["images"] = pipeline, join("arr_0")
@@ -257,6 +261,14 @@ def merge_shards(scale_dir, world_size, keep_images, pipeline=None):
     return merged
 
 
+def shape_columns(merged) -> dict:
+    """shape_iou_disc / shape_iou_cross of the merged samples (scoring/shapes.py); {} when they were not scored."""
+    if merged.get("shape_iou") is None:
+        return {}
+    means = shapes.mean_per_shape(merged["shape_iou"], merged["labels"])
+    return {f"shape_iou_{shape}": means.get(shape) for shape in BUILTIN_SHAPES}
+
+
 def _barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -264,12 +276,14 @@ def _barrier():
 
 def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer, ref=None, num_samples=50_000,
                         seed=0, batch_size=64, write_png=False, write_npz=False, rank=0, world_size=1, settings=None,
-                        k=3, is_splits=10, train_ref=None, mem_tau=None, keep_pixels=False):
+                        k=3, is_splits=10, train_ref=None, mem_tau=None, keep_pixels=False, shape_fidelity=False):
     """Sample every guidance scale (this rank's slice), featurize, and on rank 0 merge, measure and write results.
 
     Returns the rows on rank 0 (None on other ranks). Each scale goes to OUT/cfg{scale}/: features.npz (feats, probs,
     labels, seeds), samples.npz (--npz) and samples/{index:06d}.png (--png). keep_pixels: every rank hands its
     images to rank 0 (through its shard file) for the pixel-space memorization test (small images only).
+    shape_fidelity (built-in data): every rank scores its own images' shapes (scoring/shapes.py), and the rows get
+    shape_iou_disc and shape_iou_cross.
     """
     out = Path(out_dir)
     labels, seeds = balanced_labels(num_samples, num_classes), sample_seeds(num_samples, seed)
@@ -283,8 +297,10 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
                               png_dir=scale_dir / "samples" if write_png else None)
         seconds = time.time() - t0
         feats = featurizer(images)
+        iou = shapes.item_iou(images, labels[mine]) if shape_fidelity else None            # (n,) or None
         save_npz(scale_dir / f"shard{rank:03d}.npz", feats=feats["feats"], probs=feats["probs"], labels=labels[mine],
-                 seeds=seeds[mine], index=mine, arr_0=images if write_npz or keep_pixels else None, image_size=images.shape[1])
+                 seeds=seeds[mine], index=mine, arr_0=images if write_npz or keep_pixels else None, image_size=images.shape[1],
+                 shape_iou=iou)
         _barrier()
         if rank == 0:
             merged = merge_shards(scale_dir, world_size, keep_images=write_npz, pipeline=featurizer.pipeline)
@@ -292,6 +308,7 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
                 reference = load_reference(ref, featurizer, image_size=images.shape[1])
             row = {"cfg_scale": scale, **compute_metrics(merged, reference, k, is_splits, featurizer.device,
                                                          train_ref, num_classes, mem_tau),
+                   **shape_columns(merged),
                    "samples": str(scale_dir), "ref": None if ref is None else str(ref), "extractor": featurizer.name,
                    "resize": featurizer.resize, "pipeline": featurizer.pipeline, "k": k, "is_splits": is_splits, "seed": seed, "world_size": world_size,
                    "rank0_samples_per_s": round(len(mine) / max(seconds, 1e-9), 3), **(settings or {})}
@@ -572,7 +589,8 @@ def main_sample(argv):
     rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, featurizer,
                                args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
                                world_size, settings, args.k, args.is_splits, train_ref, args.mem_tau,
-                               keep_pixels=bool(args.train_ref) and info["image_size"] <= PIXEL_TEST_MAX_SIDE)
+                               keep_pixels=bool(args.train_ref) and info["image_size"] <= PIXEL_TEST_MAX_SIDE,
+                               shape_fidelity=held_out is None and _trained_on_builtin_classes(args.ckpt, info))
     if held_out is not None:
         rows = held_out.add_edge_f1(rows, args.out)
     if rank == 0:
@@ -582,6 +600,13 @@ def main_sample(argv):
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _trained_on_builtin_classes(ckpt, info) -> bool:
+    """Whether a checkpoint's samples are built-in shapes drawn by class (so scoring/shapes.py can grade them)."""
+    cfg = _ckpt_config(ckpt) if ckpt else {}
+    return (cfg.get("data") == "builtin" and cfg.get("cond", "class") == "class"
+            and info["num_classes"] == len(BUILTIN_SHAPES) * len(BUILTIN_COLOURS))
 
 
 def log_rows(args, rows, settings) -> None:

@@ -647,7 +647,8 @@ def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu", train_ref
     mem_tau with a threshold mem_tau)."""
     feats, labels, probs = sample["feats"], sample.get("labels"), sample.get("probs")
     row = {"fid": None, "is_mean": None, "is_std": None, "precision": None, "recall": None, "class_acc": None,
-           "diversity": None, **dict.fromkeys(memorization.COLUMNS),
+           "diversity": None, "shape_iou_disc": None, "shape_iou_cross": None,   # set by evaluate.py (built-in data)
+           **dict.fromkeys(memorization.COLUMNS),
            "num_samples": int(len(feats)), "num_ref": None if ref is None else ref["num"], "feature_dim": int(feats.shape[1])}
     if probs is not None:
         row["is_mean"], row["is_std"] = inception_score(probs, is_splits)
@@ -684,6 +685,7 @@ def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu", train_ref
 # ---- results ----
 
 METRIC_COLUMNS = ["cfg_scale", "fid", "is_mean", "is_std", "precision", "recall", "class_acc", "diversity",
+                  "shape_iou_disc", "shape_iou_cross",
                   *memorization.COLUMNS, "num_samples", "num_ref", "feature_dim"]
 
 

@@ -13,6 +13,7 @@ match): a cross sample below that is less of a cross than a disc is.
 
     from scoring import shapes
     shapes.shape_iou(images, labels)            # {"disc": 0.90, "cross": 0.67}: mean best IoU per shape
+    python evaluate.py runs/dit/last.pt ...     # a built-in checkpoint's rows: shape_iou_disc, shape_iou_cross
     python -m scoring.shapes [--image-size 16]  # the real-vs-real calibration
 """
 import functools
@@ -58,16 +59,28 @@ def best_iou(masks: np.ndarray, bank: torch.Tensor) -> np.ndarray:
     return (inter / union.clamp(min=1)).max(dim=1).values.numpy()
 
 
-def shape_iou(images: np.ndarray, labels, bank_size: int | None = None) -> dict:
-    """{shape: mean best IoU} of the uint8 images (N, S, S, 3) of each shape present; bank_size: BANK_SIZE if None."""
+def item_iou(images: np.ndarray, labels, bank_size: int | None = None) -> np.ndarray:
+    """(N,) each uint8 image's (N, S, S, 3) best IoU against real items of its class's shape; bank_size: BANK_SIZE
+    if None. Per item, so that evaluate.py's ranks can each score their own slice."""
     labels, bank_size = np.asarray(labels), bank_size or BANK_SIZE
-    out = {}
+    out = np.zeros(len(labels), dtype=np.float64)
     for k, shape in enumerate(BUILTIN_SHAPES):
         mine = labels // len(BUILTIN_COLOURS) == k
         if mine.any():
             bank = shape_bank(images.shape[1], shape, bank_size)
-            out[shape] = float(best_iou(foreground(images[mine], labels[mine]), bank).mean())
+            out[mine] = best_iou(foreground(images[mine], labels[mine]), bank)
     return out
+
+
+def mean_per_shape(iou: np.ndarray, labels) -> dict:
+    """{shape: mean of item_iou's values} over the shapes present."""
+    shape_of = np.asarray(labels) // len(BUILTIN_COLOURS)
+    return {shape: float(iou[shape_of == k].mean()) for k, shape in enumerate(BUILTIN_SHAPES) if (shape_of == k).any()}
+
+
+def shape_iou(images: np.ndarray, labels, bank_size: int | None = None) -> dict:
+    """{shape: mean best IoU} of the uint8 images (N, S, S, 3) of each shape present; bank_size: BANK_SIZE if None."""
+    return mean_per_shape(item_iou(images, labels, bank_size), labels)
 
 
 def main(argv=None) -> int:

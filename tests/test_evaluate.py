@@ -386,7 +386,7 @@ def test_labels_seeds_shards():
 def test_sharded_sampling_equals_single_process(data, tmp_path):
     featurizer = metrics.Featurizer(data["extractor"], resize="none")
     kwargs = dict(num_classes=3, cfg_scales=[1.0, 2.0], featurizer=featurizer, ref=data["ref"], num_samples=14, seed=5,
-                  batch_size=4, write_npz=True, is_splits=2, settings={"sampler": "fake"})
+                  batch_size=4, write_npz=True, is_splits=2, settings={"sampler": "fake"}, shape_fidelity=True)
     single = ev.sample_and_evaluate(fake_sampler, out_dir=tmp_path / "one", write_png=True, **kwargs)
     # two ranks run one after the other (no process group: barriers are no-ops); rank 0 merges last
     assert ev.sample_and_evaluate(fake_sampler, out_dir=tmp_path / "two", rank=1, world_size=2, **kwargs) is None
@@ -406,6 +406,8 @@ def test_sharded_sampling_equals_single_process(data, tmp_path):
     assert [r["cfg_scale"] for r in sharded] == [1.0, 2.0] and sharded[0]["sampler"] == "fake"
     for a, b in zip(single, sharded):
         assert a["fid"] == pytest.approx(b["fid"], rel=1e-12) and a["precision"] == b["precision"]
+        # each rank scores its own slice's shapes; the merged mean is the one process's (labels 0-2: discs only)
+        assert a["shape_iou_disc"] == pytest.approx(b["shape_iou_disc"], rel=1e-12) and b["shape_iou_cross"] is None
     assert json.loads((tmp_path / "two" / "results.json").read_text())["rows"][1]["world_size"] == 2
 
 
@@ -425,8 +427,12 @@ def test_checkpoint_end_to_end_offline(data, tmp_path, capsys):
     assert all(np.isfinite(r["fid"]) and r["train_step"] == 20 for r in rows)
     assert all(0 <= r["precision"] <= 1 and r["dtype"] == "fp32" for r in rows)   # the metric, not the dtype
     with np.load(out / "cfg3" / "samples.npz") as z:
-        images = z["arr_0"]
+        images, labels = z["arr_0"], z["labels"]
     assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8
+    # a built-in checkpoint's rows grade the shapes too: the row is scoring/shapes.py on the saved samples
+    from scoring import shapes
+    iou = shapes.shape_iou(images, labels)
+    assert rows[1]["shape_iou_disc"] == pytest.approx(iou["disc"]) and rows[1]["shape_iou_cross"] == pytest.approx(iou["cross"])
     assert not np.array_equal(images, np.load(out / "cfg1" / "samples.npz")["arr_0"])   # guidance changes samples
     sample_fn, info = ev.load_sampler(run / "last.pt", steps=3)
     again = sample_fn(torch.tensor([5, 6]), [5, 6], 3.0)                              # image i = seed i: reproducible
