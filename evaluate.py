@@ -89,6 +89,26 @@ def families() -> dict:
     return {"dit": train_dit.FAMILY, "ldm": train_ldm.FAMILY}
 
 
+def load_model(ckpt, device="cpu", ema=True):
+    """(model, diffusion, cfg, state) of the nanoCEP checkpoint CKPT, rebuilt through families() from its stored config;
+    the model in eval mode without gradients, holding the EMA weights (ema=True) or the raw ones."""
+    from runio import load_checkpoint
+    try:
+        state = load_checkpoint(str(ckpt))
+    except RunError as e:
+        raise ValueError(str(e)) from None
+    kind, FAMILIES = state.get("kind"), families()
+    if kind not in FAMILIES:
+        raise ValueError(f"{ckpt}: unknown checkpoint kind {kind!r} (expected one of {', '.join(FAMILIES)})")
+    cfg = FAMILIES[kind].config_from(state["config"])
+    model, diffusion = FAMILIES[kind].build(cfg)
+    try:
+        model.load_state_dict(state["ema" if ema else "model"])
+    except RuntimeError as e:
+        raise ValueError(f"{ckpt}: weights do not fit the stored config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval().requires_grad_(False), diffusion, cfg, state
+
+
 def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precision="auto", vae_path=None,
                  prompts=None, cads=None, raw_class_embedding=False, control_items=None):
     """Rebuild the model stored in CKPT: (sample_fn(labels (B,), seeds list, cfg_scale) -> uint8 (B, H, W, 3), info).
@@ -101,22 +121,8 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     raw_class_embedding: a --label-smoothing model samples with its raw class rows E[y] instead of the smoothed
     embedding it was trained on (conditions.ClassEmbedder).
     """
-    from runio import load_checkpoint
-    try:
-        state = load_checkpoint(str(ckpt))
-    except RunError as e:
-        raise ValueError(str(e)) from None
-    kind, FAMILIES = state.get("kind"), families()
-    if kind not in FAMILIES:
-        raise ValueError(f"{ckpt}: unknown checkpoint kind {kind!r} (expected one of {', '.join(FAMILIES)})")
-    cfg = FAMILIES[kind].config_from(state["config"])
-    model, diffusion = FAMILIES[kind].build(cfg)
-    weights = state["ema" if ema else "model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"{ckpt}: weights do not fit the stored config ({str(e).splitlines()[0]})") from None
-    model.to(device).eval().requires_grad_(False)
+    model, diffusion, cfg, state = load_model(ckpt, device, ema)
+    kind = state["kind"]
     if raw_class_embedding:
         model.cond.raw_at_sampling = True
     decode = None
