@@ -609,10 +609,12 @@ def main_sample(argv):
 
 
 def _trained_on_builtin_classes(ckpt, info) -> bool:
-    """Whether a checkpoint's samples are built-in shapes drawn by class (so scoring/shapes.py can grade them)."""
+    """Whether a checkpoint's samples are built-in shapes drawn by class (so scoring/shapes.py can grade them), small
+    enough for its banks of real masks (20,000 per shape: 330 MB at 64 px)."""
     cfg = _ckpt_config(ckpt) if ckpt else {}
     return (cfg.get("data") == "builtin" and cfg.get("cond", "class") == "class"
-            and info["num_classes"] == len(BUILTIN_SHAPES) * len(BUILTIN_COLOURS))
+            and info["num_classes"] == len(BUILTIN_SHAPES) * len(BUILTIN_COLOURS)
+            and info["image_size"] <= PIXEL_TEST_MAX_SIDE)
 
 
 def log_rows(args, rows, settings) -> None:
