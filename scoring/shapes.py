@@ -51,12 +51,16 @@ def shape_bank(image_size: int, shape: str, size: int = BANK_SIZE) -> torch.Tens
     return torch.from_numpy(masks.reshape(size, -1).astype(np.float32))
 
 
-def best_iou(masks: np.ndarray, bank: torch.Tensor) -> np.ndarray:
-    """(N,) the best IoU of each mask (N, H, W) against the bank's (M, H*W): one matrix product, O(N M H W)."""
+def best_iou(masks: np.ndarray, bank: torch.Tensor, chunk: int = 1024) -> np.ndarray:
+    """(N,) the best IoU of each mask (N, H, W) against the bank's (M, H*W): matrix products, O(N M H W), over chunks
+    of masks so that memory stays O(chunk M) (evaluate.py scores up to 50,000 samples in one process)."""
     q = torch.from_numpy(masks.reshape(len(masks), -1).astype(np.float32))
-    inter = q @ bank.T                                                            # (N, M)
-    union = q.sum(1, keepdim=True) + bank.sum(1)[None] - inter
-    return (inter / union.clamp(min=1)).max(dim=1).values.numpy()
+    best = []
+    for part in q.split(chunk):
+        inter = part @ bank.T                                                     # (chunk, M)
+        union = part.sum(1, keepdim=True) + bank.sum(1)[None] - inter
+        best.append((inter / union.clamp(min=1)).max(dim=1).values)
+    return torch.cat(best).numpy() if best else np.zeros(0, dtype=np.float32)
 
 
 def item_iou(images: np.ndarray, labels, bank_size: int | None = None) -> np.ndarray:

@@ -53,7 +53,8 @@ def test_cli_on_a_checkpoint_and_its_bad_input(tmp_path, capsys):
     rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()[1:]]
     assert [r[1] for r in rows] == ["disc", "cross"] and all(len(r) == 4 for r in rows)
     for argv, needle in ([[str(tmp_path / "nope.pt")], "not found"], [[str(run / "last.pt"), "--log-snr", "x"], "--log-snr"],
-                         [[str(run / "last.pt"), "--num", "0"], "--num"]):
+                         [[str(run / "last.pt"), "--num", "0"], "--num"],
+                         [[str(run / "last.pt"), "--log-snr", "nan"], "outside"], [[str(run / "last.pt"), "--log-snr", "20"], "outside"]):
         with pytest.raises(SystemExit) as e:
             probe.main(argv)
         err = capsys.readouterr()

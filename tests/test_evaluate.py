@@ -409,6 +409,13 @@ def test_sharded_sampling_equals_single_process(data, tmp_path):
         # each rank scores its own slice's shapes; the merged mean is the one process's (labels 0-2: discs only)
         assert a["shape_iou_disc"] == pytest.approx(b["shape_iou_disc"], rel=1e-12) and b["shape_iou_cross"] is None
     assert json.loads((tmp_path / "two" / "results.json").read_text())["rows"][1]["world_size"] == 2
+    # with both shapes among the labels, each rank's shape scores must be joined to its own samples' labels
+    kwargs.update(num_classes=10, cfg_scales=[2.0], num_samples=20)
+    single = ev.sample_and_evaluate(fake_sampler, out_dir=tmp_path / "one10", **kwargs)
+    ev.sample_and_evaluate(fake_sampler, out_dir=tmp_path / "two10", rank=1, world_size=2, **kwargs)
+    sharded = ev.sample_and_evaluate(fake_sampler, out_dir=tmp_path / "two10", rank=0, world_size=2, **kwargs)
+    for column in ("shape_iou_disc", "shape_iou_cross"):
+        assert single[0][column] == pytest.approx(sharded[0][column], rel=1e-12) and 0 <= single[0][column] <= 1
 
 
 def test_checkpoint_end_to_end_offline(data, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """scoring/shapes.py: shape fidelity of built-in images, the geometry the judge's class accuracy cannot see."""
 import numpy as np
+import torch
 
 from scoring import shapes
 from sources.builtin import BuiltinShapes
@@ -77,3 +78,10 @@ def test_the_judges_grid_line_reports_both_shapes(monkeypatch):
     record = judge.grid_verdict(to_tensor(images), labels, 4.0, 1500, lines.append)
     assert set(record["shape_iou"]) == {"disc", "cross"} and record["shape_iou"]["disc"] > 0.95
     assert "discs 0.9" in lines[0] and "crosses 0." in lines[0]
+
+
+def test_best_iou_in_chunks_equals_one_product():
+    """evaluate.py scores many samples through chunks of masks: the chunking must not change a score."""
+    rng = np.random.default_rng(3)
+    masks, bank = rng.random((11, 8, 8)) > 0.5, torch.from_numpy((rng.random((40, 64)) > 0.6).astype(np.float32))
+    np.testing.assert_array_equal(shapes.best_iou(masks, bank, chunk=3), shapes.best_iou(masks, bank, chunk=1024))

@@ -40,6 +40,9 @@ def x0_errors(model, alphas_cumprod: torch.Tensor, x0, labels, log_snrs=LOG_SNRS
     g, errors = torch.Generator().manual_seed(seed), []
     for lam in log_snrs:
         t = int((schedule_log_snr - lam).abs().argmin())                         # the closest step of this schedule
+        if not abs(float(schedule_log_snr[t]) - lam) <= 0.5:                      # also refuses nan
+            raise ValueError(f"log-SNR {lam:g} is outside this schedule's {float(schedule_log_snr[-1]):.1f} .. "
+                             f"{float(schedule_log_snr[0]):.1f}")
         a, s = abar[t].sqrt().float(), (1 - abar[t]).sqrt().float()
         eps = torch.randn(x0.shape, generator=g)
         xt = a * x0 + s * eps                                                    # (N, C, H, W)
@@ -70,13 +73,16 @@ def main(argv=None) -> int:
             p.error(str(e))
         if cfg.data != "builtin" or cfg.cond != "class" or cfg.vae != "none":
             p.error(f"{path}: not a class-conditional pixel-space model of the built-in data")
-        if header:
-            print(header)
-            header = None
+        rows = []
         for shape in BUILTIN_SHAPES:
             x0, labels = probe_items(cfg.image_size, shape, args.num)
-            errors = x0_errors(model, diffusion.alphas_cumprod, x0, labels, log_snrs)
-            print(f"{path} {shape:>5}  " + "  ".join(f"{e:6.3f}" for e in errors), flush=True)
+            try:
+                errors = x0_errors(model, diffusion.alphas_cumprod, x0, labels, log_snrs)
+            except ValueError as e:
+                p.error(f"{path}: {e}")
+            rows.append(f"{path} {shape:>5}  " + "  ".join(f"{e:6.3f}" for e in errors))
+        print("\n".join(([header] if header else []) + rows), flush=True)          # the header once, before row 1
+        header = None
     return 0
 
 
