@@ -579,7 +579,8 @@ def main_sample(argv):
     # a long timeout: ranks wait at barriers while rank 0 featurizes a 50K reference folder and measures
     d = setup_distributed(args.device or "auto", timeout=4 * 3600)
     rank, world_size, device = d.rank, d.world, (str(d.device) if d.world > 1 else args.device or str(d.device))
-    controlnet = args.control or (args.ckpt and _ckpt_config(args.ckpt).get("control", "none") != "none")
+    stored = _ckpt_config(args.ckpt) if args.ckpt else {}
+    controlnet = args.control or stored.get("control", "none") != "none"
     held_out = HeldOutControls(args) if controlnet else None
     sample_fn, info = _sampler_from_args(args, device, held_out)
     if held_out is not None:                              # samples follow the held-out items, one each in turn
@@ -596,7 +597,7 @@ def main_sample(argv):
                                args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
                                world_size, settings, args.k, args.is_splits, train_ref, args.mem_tau,
                                keep_pixels=bool(args.train_ref) and info["image_size"] <= PIXEL_TEST_MAX_SIDE,
-                               shape_fidelity=held_out is None and _trained_on_builtin_classes(args.ckpt, info))
+                               shape_fidelity=held_out is None and _trained_on_builtin_classes(stored, info))
     if held_out is not None:
         rows = held_out.add_edge_f1(rows, args.out)
     if rank == 0:
@@ -608,10 +609,9 @@ def main_sample(argv):
     return 0
 
 
-def _trained_on_builtin_classes(ckpt, info) -> bool:
-    """Whether a checkpoint's samples are built-in shapes drawn by class (so scoring/shapes.py can grade them), small
-    enough for its banks of real masks (20,000 per shape: 330 MB at 64 px)."""
-    cfg = _ckpt_config(ckpt) if ckpt else {}
+def _trained_on_builtin_classes(cfg: dict, info) -> bool:
+    """Whether a checkpoint (its stored config, its sampler's info) draws built-in shapes by class, so scoring/shapes.py
+    can grade them, small enough for its banks of real masks (20,000 per shape: 330 MB at 64 px)."""
     return (cfg.get("data") == "builtin" and cfg.get("cond", "class") == "class"
             and info["num_classes"] == len(BUILTIN_SHAPES) * len(BUILTIN_COLOURS)
             and info["image_size"] <= PIXEL_TEST_MAX_SIDE)

@@ -41,13 +41,18 @@ def foreground(images: np.ndarray, labels) -> np.ndarray:
     return s > ((background + brightest) / 2)[:, None, None]
 
 
+def items_of_shape(image_size: int, shape: str, num: int, seed: int):
+    """(uint8 images (num, S, S, 3), labels (num,)): built-in items of `shape` drawn with `seed`, every colour in turn."""
+    first = BUILTIN_SHAPES.index(shape) * len(BUILTIN_COLOURS)
+    index = np.arange(num) // len(BUILTIN_COLOURS) * 10 + first + np.arange(num) % len(BUILTIN_COLOURS)   # (num,)
+    ds = BuiltinShapes(size=image_size, length=int(index.max()) + 1, seed=seed)
+    return ds.render_batch(index), ds.labels[index]
+
+
 @functools.lru_cache(maxsize=8)
 def shape_bank(image_size: int, shape: str, size: int = BANK_SIZE) -> torch.Tensor:
     """(size, H*W) float masks of fresh real items of `shape` in every colour (built once per process, ~2 s at 16 px)."""
-    first = BUILTIN_SHAPES.index(shape) * len(BUILTIN_COLOURS)
-    index = np.arange(size) // len(BUILTIN_COLOURS) * 10 + first + np.arange(size) % len(BUILTIN_COLOURS)   # (size,)
-    ds = BuiltinShapes(size=image_size, length=int(index.max()) + 1, seed=SHAPE_SEED)
-    masks = foreground(ds.render_batch(index), ds.labels[index])
+    masks = foreground(*items_of_shape(image_size, shape, size, SHAPE_SEED))
     return torch.from_numpy(masks.reshape(size, -1).astype(np.float32))
 
 

@@ -7,16 +7,17 @@ import diffusion as D
 from tools import denoise_probe as probe
 
 
-def linear_abar():
-    return D.GaussianDiffusion(D.make_beta_schedule("linear", 1000)).alphas_cumprod
+def linear_diffusion():
+    return D.GaussianDiffusion(D.make_beta_schedule("linear", 1000))
 
 
 def test_a_model_that_predicts_no_noise_scores_sigma_over_alpha():
     """ε̂ = 0 leaves x̂0 = x_t / α, whose error is σ/α · ε: the probe must report σ/α · rms(ε) ≈ σ/α."""
-    abar = linear_abar()
+    diffusion = linear_diffusion()
+    abar = diffusion.alphas_cumprod
     x0, labels = probe.probe_items(16, "cross", 64)
     zero = lambda x, t, y: torch.zeros_like(x)
-    errors = probe.x0_errors(zero, abar, x0, labels, log_snrs=(2.0, 0.0, -2.0))
+    errors = probe.x0_errors(zero, diffusion, x0, labels, log_snrs=(2.0, 0.0, -2.0))
     abar64 = abar.double()
     for lam, err in zip((2.0, 0.0, -2.0), errors):
         t = int(((abar64 / (1 - abar64)).log() - lam).abs().argmin())
@@ -26,7 +27,8 @@ def test_a_model_that_predicts_no_noise_scores_sigma_over_alpha():
 
 
 def test_an_oracle_denoiser_scores_zero_and_a_blurring_one_does_not():
-    abar = linear_abar()
+    diffusion = linear_diffusion()
+    abar = diffusion.alphas_cumprod
     x0, labels = probe.probe_items(16, "disc", 32)
 
     def oracle(xt, t, y):                       # knows the clean images: returns the exact noise
@@ -38,8 +40,8 @@ def test_an_oracle_denoiser_scores_zero_and_a_blurring_one_does_not():
         x0_blur = torch.nn.functional.avg_pool2d(x0, 3, 1, 1, count_include_pad=False)
         return (xt - a * x0_blur) / s
 
-    assert max(probe.x0_errors(oracle, abar, x0, labels)) < 1e-4
-    errors = probe.x0_errors(blurred, abar, x0, labels)
+    assert max(probe.x0_errors(oracle, diffusion, x0, labels)) < 1e-4
+    errors = probe.x0_errors(blurred, diffusion, x0, labels)
     assert min(errors) > 0.02 and np.allclose(errors, errors[0], rtol=1e-3)   # the blur's own error, at every level
 
 

@@ -12,13 +12,13 @@ x̂0 = (x_t − σ ε̂) / α in [-1, 1] pixel units. A model that predicts ε̂
 """
 import sys
 
-import numpy as np
 import torch
 
-from plumbing.common import ArgParser
+import diffusion as D
 import evaluate
-from scoring.shapes import SHAPE_SEED
-from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES, BuiltinShapes
+from plumbing.common import ArgParser
+from scoring.shapes import SHAPE_SEED, items_of_shape
+from sources.builtin import BUILTIN_SHAPES
 from sources.folders import to_tensor
 
 LOG_SNRS = (4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0)
@@ -26,16 +26,14 @@ LOG_SNRS = (4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0)
 
 def probe_items(image_size: int, shape: str, num: int):
     """(x0 (num, 3, S, S) in [-1, 1], labels (num,)): fresh real items of `shape`, every colour in turn."""
-    first = BUILTIN_SHAPES.index(shape) * len(BUILTIN_COLOURS)
-    index = np.arange(num) // len(BUILTIN_COLOURS) * 10 + first + np.arange(num) % len(BUILTIN_COLOURS)
-    ds = BuiltinShapes(size=image_size, length=int(index.max()) + 1, seed=SHAPE_SEED + 2)
-    return to_tensor(ds.render_batch(index)), torch.from_numpy(ds.labels[index])
+    images, labels = items_of_shape(image_size, shape, num, SHAPE_SEED + 2)
+    return to_tensor(images), torch.from_numpy(labels)
 
 
 @torch.no_grad()
-def x0_errors(model, alphas_cumprod: torch.Tensor, x0, labels, log_snrs=LOG_SNRS, seed: int = 0) -> list[float]:
+def x0_errors(model, diffusion, x0, labels, log_snrs=LOG_SNRS, seed: int = 0) -> list[float]:
     """RMS error of the model's x̂0 at each log-SNR (one shared noise draw per level, from `seed`)."""
-    abar = alphas_cumprod.double()
+    abar = diffusion.alphas_cumprod
     schedule_log_snr = (abar / (1 - abar)).log()                                 # (T,) decreasing in t
     g, errors = torch.Generator().manual_seed(seed), []
     for lam in log_snrs:
@@ -43,11 +41,10 @@ def x0_errors(model, alphas_cumprod: torch.Tensor, x0, labels, log_snrs=LOG_SNRS
         if not abs(float(schedule_log_snr[t]) - lam) <= 0.5:                      # also refuses nan
             raise ValueError(f"log-SNR {lam:g} is outside this schedule's {float(schedule_log_snr[-1]):.1f} .. "
                              f"{float(schedule_log_snr[0]):.1f}")
-        a, s = abar[t].sqrt().float(), (1 - abar[t]).sqrt().float()
-        eps = torch.randn(x0.shape, generator=g)
-        xt = a * x0 + s * eps                                                    # (N, C, H, W)
-        eps_hat = model(xt, torch.full((len(x0),), t), labels)[:, :x0.shape[1]]  # learned-σ models: the ε half
-        x0_hat = (xt - s * eps_hat) / a
+        steps = torch.full((len(x0),), t)
+        xt = diffusion.q_sample(x0, steps, torch.randn(x0.shape, generator=g))  # (N, C, H, W)
+        eps_hat = model(xt, steps, labels)[:, :x0.shape[1]]                       # learned-σ models: the ε half
+        x0_hat, _ = D._x0_eps(xt, eps_hat, float(abar[t]), clip_x0=False)         # unclipped: the model's own estimate
         errors.append(float((x0_hat - x0).pow(2).mean().sqrt()))
     return errors
 
@@ -77,7 +74,7 @@ def main(argv=None) -> int:
         for shape in BUILTIN_SHAPES:
             x0, labels = probe_items(cfg.image_size, shape, args.num)
             try:
-                errors = x0_errors(model, diffusion.alphas_cumprod, x0, labels, log_snrs)
+                errors = x0_errors(model, diffusion, x0, labels, log_snrs)
             except ValueError as e:
                 p.error(f"{path}: {e}")
             rows.append(f"{path} {shape:>5}  " + "  ".join(f"{e:6.3f}" for e in errors))
