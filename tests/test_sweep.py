@@ -85,6 +85,20 @@ def test_summary_best_scale_and_paired_difference_match_scipy():
     assert "diff" not in summary["cells"]["clean"]["metrics"]["fid"]["best"]
 
 
+def test_shape_columns_are_summarized_higher_is_better_and_can_pick_the_scale():
+    """evaluate.py's built-in shape columns (cross / disc IoU) are sweep metrics: summarized per cell, and the
+    scale chooser takes the highest mean when asked to choose by them."""
+    rows = [{"cell": "clean", "seed": seed, "cfg_scale": s, "fid": 5.0, "shape_iou_cross": iou,
+             "shape_iou_disc": 0.9} for seed in range(2) for s, iou in ((1.0, 0.6), (2.0, 0.7), (4.0, 0.65))]
+    runs = [sweep.Run({"corrupt": "0"}, 0, Path("."), [], [], [1.0, 2.0, 4.0])]
+    summary = sweep.summarize(rows, runs, "shape_iou_cross", fixed_scale=4.0)
+    assert summary["best_scale"] == {"clean": 2.0}
+    metrics = summary["cells"]["clean"]["metrics"]
+    assert metrics["shape_iou_cross"]["best"]["mean"] == pytest.approx(0.7)
+    assert metrics["shape_iou_disc"]["fixed"]["mean"] == pytest.approx(0.9)
+    sweep.check(sweep.SweepConfig(grid=["corrupt=0"], metric="shape_iou_cross"))     # accepted, no error
+
+
 def test_ablations_are_treatments_paired_with_their_clean_value_and_edge_scales_are_flagged(tmp_path):
     """`--grid cond_dropout=0,0.1` pairs 0.1 with 0 (not each cell with itself), likewise the other ablation flags;
     a cell whose best guidance scale is the grid's lowest or highest is named in summary.json and summary.md."""
