@@ -170,6 +170,16 @@ def learning_rate(cfg, step: int) -> float:
     return cfg.lr * min(1.0, left / span)
 
 
+# Architecture fields added after checkpoints had been written, with the value those checkpoints were trained with
+# (not the field's default): every stored config is read through stored_config.
+ADDED_ARCH_FIELDS = {"pixel_channels": 0, "token_conv": False}
+
+
+def stored_config(saved: dict) -> dict:
+    """A checkpoint's stored config, the architecture fields it predates filled in as it was trained."""
+    return {**ADDED_ARCH_FIELDS, **saved}
+
+
 def arch_fields(cfg) -> list[str]:
     """The fields that define the network (metadata arch=True): a resumed run must have the same values."""
     return [f.name for f in dataclasses.fields(cfg) if f.metadata.get("arch")]
@@ -359,4 +369,4 @@ class Family(NamedTuple):
     def config_from(self, stored: dict):
         """The config stored in a checkpoint as this family's dataclass (keys it does not know are ignored)."""
         names = {f.name for f in dataclasses.fields(self.config)}
-        return self.config(**{k: v for k, v in stored.items() if k in names})
+        return self.config(**{k: v for k, v in stored_config(stored).items() if k in names})

@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from plumbing.common import Dist, RunError, all_mean, atomic_save
-from config import arch_fields, experiment_fields, learning_rate
+from config import arch_fields, experiment_fields, learning_rate, stored_config
 
 CHECKPOINT_VERSION = 1
 
@@ -50,7 +50,7 @@ def check_run_folder(cfg, num_classes: int | None = None) -> Resume | None:
         raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
     if path is None:
         return None
-    saved, ours = load_checkpoint(path, mmap=True)["config"], dataclasses.replace(cfg, num_classes=num_classes or
+    saved, ours = stored_config(load_checkpoint(path, mmap=True)["config"]), dataclasses.replace(cfg, num_classes=num_classes or
                                                                                      cfg.num_classes)
     for f in arch_fields(ours):
         if saved.get(f) != getattr(ours, f):

@@ -185,6 +185,7 @@ BUILTIN = dict(script="train_dit", cells=parse_grid(["builtin_length=50,500", "c
                seeds="0,1,2", jobs=2, judge=2000, metric="fid", fixed_scale=2.0,
                train="--model DiT-T/4 --image-size 16 --steps 1200 --batch-size 32 --lr 1e-3 --ema-decay 0.995 "
                      "--learn-sigma --grad-clip 0 --lr-warmdown 0 --min-snr 0 "   # the DiT defaults when it was fixed
+                     "--pixel-channels 0 --no-token-conv "                        # (the official DiT)
                      "--class-dropout 0.1 --sample-every 0 --ckpt-every 300 --log-every 50",
                eval="--num-samples 300 --cfg-scales 1,2,4 --sampler dpm++ --steps 10 --batch-size 300")
 
@@ -216,7 +217,8 @@ TABLE2 = dict(script="train_ldm", cells=[{"base": f"{b}:bases/{b}.pt"} for b in 
 # samples per scale (DPM-Solver++ 25 steps, balanced classes, the same sampling seeds for every run) against 2000 fresh
 # real images, with the memorization columns from --train-ref auto (pixel ratio test: Gu et al. 2023).
 MEM_TRAIN = ("--model DiT-T/2 --image-size 8 --batch-size 50 --ema-decay 0.999 --sample-every 0 --ckpt-every 500 "
-             "--log-every 100 --lr-warmdown 0 --min-snr 0")     # constant lr, plain eps-MSE: the defaults it was run with
+             "--log-every 100 --lr-warmdown 0 --min-snr 0 "     # constant lr, plain eps-MSE: the defaults it was run with
+             "--pixel-channels 0 --no-token-conv")              # and the official DiT
 MEM_EVAL = "--num-samples 300 --cfg-scales 1,2 --sampler dpm++ --steps 25 --batch-size 300"
 
 # The map: where does a clean model start copying? Items per class x training length at 8 px (+ one wider model,

@@ -108,11 +108,11 @@ class ControlledDiT(nn.Module):
     def forward(self, x, t, y, cep_mask=None, cep_unit=None, control=None):
         """The base's forward with the branch's residuals added; control (B or a divisor of B, 3, H_img, W_img) in
         [0, 1], None = the base alone."""
-        tokens, c, context, mask = self.base.embed(x, t, y, cep_mask, cep_unit)
+        tokens, c, context, mask, pixels = self.base.embed(x, t, y, cep_mask, cep_unit)
         if control is None:
-            return self.base.denoise(tokens, c, context, mask)
+            return self.base.denoise(tokens, c, context, mask, pixels)
         residuals = self.control(tokens, c, context, mask, tile(control, x.shape[0]).to(tokens.dtype))
-        return self.base.denoise(tokens, c, context, mask, residuals)
+        return self.base.denoise(tokens, c, context, mask, pixels, residuals)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """
 The DiT (Peebles & Xie, 2023): exactly the official architecture, initialisation and state-dict names, so
-DiT-XL-2-256x256.pt loads with strict=True; and the text-conditional variant nanoCEP adds.
+DiT-XL-2-256x256.pt loads with strict=True; and the two additions nanoCEP makes: a text-conditional variant, and
+convolutions for tiny pixel-space models (off by default in the class; the CPU default of train_dit.py turns them on).
 
     from conditions import ClassEmbedder
     model = DiT_models["DiT-XL/2"](input_size=32, y_embedder=ClassEmbedder(1000, 1152))   # 256^2 KL-f8 latents
@@ -13,8 +14,16 @@ tokens into a context (B, L, D_text); every block gets a cross-attention layer a
 keeps the timestep (plus, with text_pooled, the masked mean of the context). The class path and its state-dict keys
 are untouched: the text modules exist only with a text encoder.
 
+Convolutions (pixel_channels > 0, token_conv): a 16 px DiT-T/2 on the built-in data draws discs but not plus signs
+(README, "The first run's crosses"). With a time-conditioned ResBlock at pixel resolution on each side of the
+transformer (a one-level U-Net around it: the stem's features reach the head through a skip) and a depthwise 3x3
+conv over the token grid in every MLP (SegFormer's Mix-FFN), its crosses get four crisp arms; either alone does not
+help. Both add modules only when on, so the official model's keys, initialisation and random draws are unchanged.
+
 No CLI: train it with train_dit.py, load released weights with pretrained.py.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -71,15 +80,40 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2, 4x wide."""
+    """fc1 -> GELU(tanh) -> fc2, 4x wide; with token_conv, fc1's output also gets a depthwise 3x3 conv over the square
+    token grid added (Mix-FFN, Xie et al. 2021), so each token mixes in its 8 neighbours."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, token_conv: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.token_conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if token_conv else None
 
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x):                                           # x (B, T, D)
+        h = self.fc1(x)                                             # (B, T, hidden)
+        if self.token_conv is not None:
+            B, T, C = h.shape
+            g = math.isqrt(T)
+            grid = h.transpose(1, 2).reshape(B, C, g, g)            # (B, hidden, g, g): tokens are row-major
+            h = h + self.token_conv(grid).flatten(2).transpose(1, 2)
+        return self.fc2(F.gelu(h, approximate="tanh"))
+
+
+class PixelResBlock(nn.Module):
+    """A residual block at pixel resolution, conditioned like a U-Net's: GroupNorm-SiLU-conv, GroupNorm scaled and
+    shifted by c (FiLM), SiLU-conv. Starts as the identity (film and conv2 zeroed by DiT.initialize_weights)."""
+
+    def __init__(self, ch: int, cond_dim: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, ch), nn.Conv2d(ch, ch, 3, padding=1)
+        self.film = nn.Linear(cond_dim, 2 * ch)
+        self.norm2, self.conv2 = nn.GroupNorm(8, ch), nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, c):                                        # x (B, ch, H, W), c (B, D)
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(F.silu(c))[:, :, None, None].chunk(2, dim=1)     # each (B, ch, 1, 1)
+        h = self.norm2(h) * (1 + scale) + shift
+        return x + self.conv2(F.silu(h))
 
 
 class CrossAttention(nn.Module):
@@ -109,7 +143,7 @@ class DiTBlock(nn.Module):
     its output projection zero-initialised so the block still starts as the identity.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int = 0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int = 0, token_conv: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads)
@@ -117,7 +151,7 @@ class DiTBlock(nn.Module):
             self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.cross_attn = CrossAttention(dim, heads, context_dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), token_conv)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, context=None, mask=None):             # x (B, T, D), c (B, D), context (B, L, Dc)
@@ -165,18 +199,24 @@ class DiT(nn.Module):
                   builds the official one, num_classes rows + a CFG null row (when class_dropout_prob > 0);
     a text encoder (kind "text"): y (B, L) caption token ids; c(y) = (context, mask), read by cross-attention in
                   every block, and (text_pooled) its masked mean through an MLP added to the timestep embedding.
+    pixel_channels > 0 wraps the transformer in pixel-resolution ResBlocks of that width (in: conv, ResBlock, then the
+    patch embedding; out: the final layer's pixels beside the stem's, a 1x1 conv, ResBlock, GroupNorm-SiLU-conv);
+    token_conv puts Mix-FFN in every block. Both off = the official DiT.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, learn_sigma=True, y_embedder: nn.Module | None = None, num_classes=1000,
-                 class_dropout_prob=0.1, text_pooled=True):
+                 class_dropout_prob=0.1, text_pooled=True, pixel_channels=0, token_conv=False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
         self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.learn_sigma, self.pixel_channels = learn_sigma, pixel_channels
+        if pixel_channels:                                       # the stem: what the patch embedding reads
+            self.pixel_in = nn.Conv2d(in_channels, pixel_channels, 3, padding=1)
+            self.pixel_stem = PixelResBlock(pixel_channels, hidden_size)
+        self.x_embedder = PatchEmbed(patch_size, pixel_channels or in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         # the encoder lives under the model (key prefix y_embedder.): trained jointly, saved in the checkpoint
         self.y_embedder = y_embedder if y_embedder is not None else ClassEmbedder(num_classes, hidden_size,
@@ -192,8 +232,14 @@ class DiT(nn.Module):
         self.grid = input_size // patch_size
         # A frozen Parameter (not a buffer) only so that the key exists as in the official checkpoints.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim, token_conv)
+                                     for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, pixel_channels or self.out_channels)
+        if pixel_channels:                                       # the head: tokens back to pixels, beside the stem's
+            self.pixel_merge = nn.Conv2d(2 * pixel_channels, pixel_channels, 1)
+            self.pixel_head = PixelResBlock(pixel_channels, hidden_size)
+            self.pixel_out = nn.Sequential(nn.GroupNorm(8, pixel_channels), nn.SiLU(),
+                                           nn.Conv2d(pixel_channels, self.out_channels, 3, padding=1))
         self.initialize_weights()
 
     @property
@@ -228,21 +274,33 @@ class DiT(nn.Module):
                 nn.init.zeros_(blk.cross_attn.proj.bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)           # so the initial output is exactly zero
-        nn.init.zeros_(self.final_layer.linear.bias)
+        if not self.pixel_channels:
+            nn.init.zeros_(self.final_layer.linear.weight)       # so the initial output is exactly zero
+            nn.init.zeros_(self.final_layer.linear.bias)
+            return
+        # With pixel blocks the convolutions keep PyTorch's default init, each ResBlock starts as the identity and the
+        # last conv is zeroed instead (the output is exactly zero; the final layer keeps its xavier init so the head
+        # reads the transformer from the first step on).
+        for blk in (self.pixel_stem, self.pixel_head):
+            for m in (blk.film, blk.conv2):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.pixel_out[-1].weight)
+        nn.init.zeros_(self.pixel_out[-1].bias)
 
     def unpatchify(self, x):
         """(B, T, p*p*C) -> (B, C, H, W)."""
-        p, c, g = self.patch_size, self.out_channels, self.grid
+        p, c, g = self.patch_size, x.shape[-1] // self.patch_size ** 2, self.grid
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
     def embed(self, x, t, y, cep_mask=None, cep_unit=None):
-        """x (B, C, H, W), t (B,), y -> what the first block reads: tokens (B, T, D), adaLN condition c (B, D) and,
-        for text, the context (B, L, D_text) and its mask (B, L) (None for classes)."""
+        """x (B, C, H, W), t (B,), y -> what the first block reads: tokens (B, T, D), adaLN condition c (B, D), for
+        text the context (B, L, D_text) and its mask (B, L) (None for classes), and the pixel stem's features
+        (B, pixel_channels, H, W) that the head reads beside the tokens (None without pixel blocks)."""
         if x.shape[-1] != self.grid * self.patch_size or x.shape[-2] != x.shape[-1]:
             raise ValueError(f"DiT expects square {self.grid * self.patch_size}px inputs, got {tuple(x.shape[-2:])}")
-        x = self.x_embedder(x) + self.pos_embed                  # (B, T, D)
+        pixels = self.pixel_in(x) if self.pixel_channels else None    # (B, ch, H, W)
         context = mask = None
         if self.cond_kind == "class":
             c = self.t_embedder(t) + self.y_embedder(y, cep_mask, cep_unit)  # (B, D): CEP applied to the embedding
@@ -251,16 +309,23 @@ class DiT(nn.Module):
             c = self.t_embedder(t)                               # (B, D)
             if self.pooled_embedder is not None:
                 c = c + self.pooled_embedder(self.y_embedder.pooled(context, mask))
-        return x, c, context, mask
+        if pixels is not None:
+            pixels = self.pixel_stem(pixels, c)                     # (B, ch, H, W)
+        x = self.x_embedder(x if pixels is None else pixels) + self.pos_embed    # (B, T, D)
+        return x, c, context, mask, pixels
 
-    def denoise(self, x, c, context=None, mask=None, residuals=()):
+    def denoise(self, x, c, context=None, mask=None, pixels=None, residuals=()):
         """The blocks and the final layer on embed()'s output -> (B, C_out, H, W). residuals[i] (B, T, D) is added to
         block i's output (a ControlNet's, models/controlnet.py); none by default."""
         for i, blk in enumerate(self.blocks):
             x = blk(x, c, context, mask)
             if i < len(residuals):
                 x = x + residuals[i]
-        return self.unpatchify(self.final_layer(x, c))           # (B, C_out, H, W)
+        out = self.unpatchify(self.final_layer(x, c))           # (B, C_out, H, W), or (B, ch, H, W) for the head
+        if not self.pixel_channels:
+            return out
+        h = self.pixel_head(self.pixel_merge(torch.cat([out, pixels], dim=1)), c)   # (B, ch, H, W)
+        return self.pixel_out(h)                                 # (B, C_out, H, W)
 
     def forward(self, x, t, y, cep_mask=None, cep_unit=None):
         """x (B, C, H, W) noisy input, t (B,) timesteps, y (B,) class ids (null id = num_classes) or (B, L) caption
@@ -301,5 +366,6 @@ def from_config(cfg, make_encoder) -> DiT:
     channels, side, _ = cfg.latent_shape
     width = cfg.text_width if cfg.cond == "text" else SIZES[cfg.model[4:].split("/")[0]]["hidden_size"]
     model = DiT_models[cfg.model](input_size=side, in_channels=channels, learn_sigma=cfg.learn_sigma,
-                                  y_embedder=make_encoder(cfg, width), text_pooled=cfg.text_pooled)
+                                  y_embedder=make_encoder(cfg, width), text_pooled=cfg.text_pooled,
+                                  pixel_channels=cfg.pixel_channels, token_conv=cfg.token_conv)
     return set_numerics(model, cfg.t_freq_shift, cfg.mlp_norm_eps)

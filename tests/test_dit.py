@@ -8,7 +8,7 @@ import torch
 
 from conditions import ClassEmbedder
 from diffusion import timestep_embedding
-from models.dit import DiT, DiT_models, sincos_pos_embed_2d
+from models.dit import DiT, DiT_models, Mlp, sincos_pos_embed_2d
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "dit-xl-2_official_state_dict.txt")
 
@@ -64,6 +64,53 @@ def test_forward_depends_on_label_after_training_step():
     a = model(x, t, torch.tensor([0, 0, 0, 0]))
     b = model(x, t, torch.tensor([1, 1, 1, 1]))
     assert not torch.allclose(a, b)
+
+
+def test_convolutions_add_their_modules_only_when_on_and_start_at_zero():
+    """pixel_channels / token_conv add modules (the official keys stay when off) and keep the output 0 at init."""
+    plain, conv = tiny(), tiny(pixel_channels=8, token_conv=True)
+    extra = set(conv.state_dict()) - set(plain.state_dict())
+    assert {k for k in extra if k.startswith("blocks.")} == {f"blocks.{i}.mlp.token_conv.{w}" for i in range(2)
+                                                             for w in ("weight", "bias")}
+    assert {k.split(".")[0] for k in extra} == {"blocks", "pixel_in", "pixel_stem", "pixel_merge", "pixel_head",
+                                                "pixel_out"}
+    assert set(plain.state_dict()) <= set(conv.state_dict())
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([0, 4, 5])
+    out = conv(x, t, y)
+    assert out.shape == (3, 6, 8, 8) and torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("token_conv", [False, True])
+def test_token_conv_mixes_exactly_the_8_neighbours(token_conv):
+    """Mix-FFN: an MLP's output at token (1, 1) of a 4x4 grid depends on its 3x3 neighbourhood (row-major tokens);
+    without token_conv, on the token alone."""
+    torch.manual_seed(0)
+    mlp = Mlp(8, 16, token_conv)
+    x = torch.randn(1, 16, 8, requires_grad=True)                  # (B, T, D): a 4x4 token grid
+    mlp(x)[0, 5].sum().backward()                                   # token 5 = row 1, column 1
+    reached = set((x.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist())
+    assert reached == ({r * 4 + c for r in range(3) for c in range(3)} if token_conv else {5})
+
+
+def test_pixel_blocks_carry_the_input_past_the_transformer():
+    """With the transformer's output cut (final layer zeroed) the pixel stem's features still reach the head through
+    the skip, aligned: an output pixel follows the input most where the convs reach it (6 3x3 convs: within 6 pixels;
+    GroupNorm's statistics make every pixel count a little)."""
+    torch.manual_seed(0)
+    model = tiny(input_size=16, pixel_channels=8, learn_sigma=False)
+    with torch.no_grad():
+        for p in model.parameters():                                # open every zero-initialised branch
+            if p.requires_grad and not p.any():
+                p.normal_(0, 0.1)
+        model.final_layer.linear.weight.zero_()
+        model.final_layer.linear.bias.zero_()
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    model(x, torch.tensor([300]), torch.tensor([1]))[0, :, 4, 11].sum().backward()
+    pull = x.grad[0].abs().sum(0)                                    # (16, 16): how much each input pixel moves it
+    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    near = ((rows - 4).abs() <= 6) & ((cols - 11).abs() <= 6)
+    assert pull.sum() > 0 and pull[near].sum() > 0.8 * pull.sum()
+    assert (pull == pull.max()).nonzero().tolist() == [[4, 11]]    # the pixel itself moves it most
 
 
 def test_pos_embed_matches_numpy_reference():

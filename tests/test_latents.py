@@ -284,7 +284,7 @@ def test_dit_trains_from_cache_end_to_end(tmp_path):
                          "--sample-steps", "2", "--sample-per-class", "1", "--out", str(run)])
     assert rc == 0
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    assert state["model"]["x_embedder.proj.weight"].shape[1] == 4 and state["config"]["latents"] == cache
+    assert state["model"]["pixel_in.weight"].shape[1] == 4 and state["config"]["latents"] == cache   # 4 latent channels
     assert (run / "samples" / "step_0000002.png").is_file()
     wrong = train_dit.main(["--latents", cache, "--vae", "kl-f8", "--image-size", "64", "--out", str(tmp_path / "x")])
     assert wrong == 2                                   # the cache's image size must match the run's

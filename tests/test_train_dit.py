@@ -170,6 +170,25 @@ def test_presets_parse(preset):                       # the pre-training recipes
     from config import parse_config
     cfg = parse_config(train_dit.DiTConfig, ["--preset", preset, "--steps", "7"], train_dit.PRESETS)
     assert cfg.steps == 7 and cfg.model == train_dit.PRESETS[preset]["model"] and cfg.vae == "kl-f8"
+    assert cfg.pixel_channels == 0 and not cfg.token_conv          # the paper's recipes train the official DiT
+
+
+def test_checkpoint_from_before_the_convolutions_is_the_official_dit(tmp_path, capsys):
+    """A stored config without pixel_channels / token_conv (written before they existed) was trained without them:
+    evaluate.py rebuilds it as the official DiT, and --resume continues it with those flags and refuses the defaults."""
+    import evaluate
+    assert run_tiny(train_dit.main, tmp_path, "--steps", "2", "--pixel-channels", "0", "--no-token-conv") == 0
+    state = ckpt(tmp_path)
+    for name in ("pixel_channels", "token_conv"):
+        del state["config"][name]
+    torch.save(state, tmp_path / "last.pt")
+    model, _, cfg, _ = evaluate.load_model(tmp_path / "last.pt")
+    assert cfg.pixel_channels == 0 and not cfg.token_conv and not hasattr(model, "pixel_stem")
+    capsys.readouterr()
+    assert run_tiny(train_dit.main, tmp_path, "--steps", "4", "--resume", "auto") == 2
+    assert "pixel_channels=0" in capsys.readouterr().err
+    assert run_tiny(train_dit.main, tmp_path, "--steps", "4", "--resume", "auto", "--pixel-channels", "0",
+                    "--no-token-conv") == 0 and ckpt(tmp_path)["step"] == 4
 
 
 def tiny_vae_folder(path):
@@ -192,7 +211,7 @@ def test_on_the_fly_vae_latents_train_and_grid_decodes(tmp_path):
                                 "--out", str(tmp_path / "run")])
     assert rc == 0
     c = ckpt(tmp_path / "run")
-    assert c["model"]["x_embedder.proj.weight"].shape[1] == 4          # the DiT saw 4-channel latents
+    assert c["model"]["pixel_in.weight"].shape[1] == 4                  # the DiT saw 4-channel latents
     from PIL import Image
     grid = Image.open(tmp_path / "run" / "samples" / "step_0000002.png")
     assert grid.size[0] >= 64                                          # decoded back to 32px images (upscaled)

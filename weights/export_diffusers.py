@@ -74,6 +74,10 @@ def check_exportable(cfg: dict, path: str) -> None:
     if cfg.get("vae") != "kl-f8":
         raise ValueError(f"{path} works in {'pixel' if cfg.get('vae') == 'none' else cfg.get('vae')} space; "
                          f"DiTPipeline decodes latents with a kl-f8 AutoencoderKL, so only --vae kl-f8 DiTs export")
+    if cfg.get("pixel_channels", 0) or cfg.get("token_conv", False):
+        raise ValueError(f"{path} has nanoCEP's convolutions (--pixel-channels {cfg.get('pixel_channels', 0)}, "
+                         f"--token-conv {cfg.get('token_conv', False)}); DiTTransformer2DModel has none: train with "
+                         f"--pixel-channels 0 --no-token-conv to export")
     if float(cfg.get("t_freq_shift", 0.0)) != 1.0:
         raise ValueError(f"{path} was trained with --t-freq-shift {cfg.get('t_freq_shift', 0.0):g} (DiT's timestep "
                          f"frequencies); diffusers' DiT hard-codes shift 1, which no weight change reproduces: train "

@@ -670,11 +670,11 @@ def _checkpoint_fields(ckpt, source, kind, cfg):
     """A nanoCEP checkpoint: its architecture fields (not num_classes) and its EMA weights."""
     if ckpt["kind"] != kind:
         raise ValueError(f"{source} is a {ckpt['kind']!r} checkpoint: fine-tune it with {SCRIPTS[ckpt['kind']]}.py")
-    theirs = ckpt["config"]
+    from config import arch_fields, control_fields, stored_config
+    theirs = stored_config(ckpt["config"])
     if theirs.get("control", "none") != "none":
         raise ValueError(f"{source} is a ControlNet checkpoint (--control {theirs['control']}): --init-from takes the "
                          "base it was trained on")
-    from config import arch_fields, control_fields
     fields = {f: theirs[f] for f in arch_fields(cfg) if f in theirs and f != "num_classes"
               and f not in control_fields(cfg)}                # the ControlNet's own settings are this run's
     soft = {"vae_path": theirs.get("vae_path", "")}
@@ -698,7 +698,7 @@ def _release_fields(source, kind, cfg):
         if c["name"] not in dit.DiT_models:
             raise ValueError(f"{source}: a {c['name']} is no nanoCEP DiT size (DiT-{{T,S,B,L,XL}}/{{2,4,8}})")
         fields.update(model=c["name"], t_freq_shift=float(model.t_embedder.freq_shift),
-                      mlp_norm_eps=float(model.blocks[0].norm2.eps))
+                      mlp_norm_eps=float(model.blocks[0].norm2.eps), pixel_channels=0, token_conv=False)
     else:
         fields["model"] = _unet_name(model, source)
     with torch.device("meta"):                          # the config must rebuild exactly these shapes
