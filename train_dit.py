@@ -40,17 +40,19 @@ class DiTConfig(TrainConfig):
                               arch=True)
     mlp_norm_eps: float = opt(1e-6, "eps of the LayerNorm before each MLP: 1e-6 = DiT, 1e-5 = diffusers' DiT port",
                               arch=True)
-    pixel_channels: int = opt(32, "width of the time-conditioned ResBlocks at pixel resolution around the transformer "
-                              "(models/dit.py); 0 = the official DiT (the paper presets). The CPU default's crosses "
-                              "need them and --token-conv", arch=True)
-    token_conv: bool = opt(True, "a depthwise 3x3 conv over the token grid in every MLP (Mix-FFN; models/dit.py); off = "
-                           "the official DiT (the paper presets)", arch=True)
+    pixel_channels: int = opt(-1, "width of the time-conditioned ResBlocks at the input's resolution (pixels or "
+                              "latents) around the transformer (models/dit.py); 0 = the official DiT; -1 = auto: 32 "
+                              "for the tiny DiT-T (its crosses need them and --token-conv), 0 for DiT-S to XL",
+                              arch=True)
+    token_conv: bool | None = opt(None, "a depthwise 3x3 conv over the token grid in every MLP (Mix-FFN; "
+                                  "models/dit.py); off = the official DiT; default: on for DiT-T, off for DiT-S to XL",
+                                  arch=True)
     control_blocks: int = opt(0, "--control: the DiT ControlNet's trainable copies of the first N blocks (PixArt-δ: "
                               "13 of 28); 0 = half the depth", arch=True, control=True)
     lr: float = opt(4e-3, "AdamW learning rate (constant; DiT uses 1e-4, the tiny CPU default learns fastest at 4e-3)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this value; 0 = off (DiT uses none; the CPU "
                            "default was tuned with 1 at lr 4e-3)")
-    steps: int = opt(1500, "training steps (the CPU default: 5.5-7 min alone on 2 cores)")
+    steps: int = opt(1500, "training steps (the CPU default: 6.5-8.5 min alone on 2 cores)")
     lr_warmdown: int = opt(500, "decay the learning rate linearly to 0 over the last N steps (the CPU default: 500 of "
                            "1500; DiT: 0 = constant)")
     min_snr: float = opt(5.0, "Min-SNR-gamma loss weighting (Hang et al. 2023; the CPU default: 5; DiT: 0 = off)",
@@ -64,13 +66,12 @@ PRESETS = {
                          batch_size=256, lr=1e-4, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, class_dropout=0.1,
                          learn_sigma=True, schedule="linear", log_every=100, ckpt_every=10_000, keep_every=50_000,
                          sample_every=10_000, sample_cfg=1.5, sample_steps=50, sample_per_class=4, lr_warmdown=0,
-                         min_snr=0.0, pixel_channels=0, token_conv=False),
+                         min_snr=0.0),
     # A small ImageNet model for ablations on one GPU node (DiT README: B/4 FID-50K ~68 at 400K steps, cfg 1).
     "dit-b4-in1k": dict(model="DiT-B/4", image_size=256, num_classes=1000, vae="kl-f8", steps=400_000,
                         batch_size=256, lr=1e-4, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, learn_sigma=True,
                         log_every=100, ckpt_every=10_000, keep_every=50_000, sample_every=10_000, sample_cfg=1.5,
-                        sample_steps=50, sample_per_class=4, lr_warmdown=0, min_snr=0.0, pixel_channels=0,
-                        token_conv=False),
+                        sample_steps=50, sample_per_class=4, lr_warmdown=0, min_snr=0.0),
     # ControlNet-Canny over a pre-trained DiT (--init-from BASE --data IN-100/train): train_ldm's in100-controlnet
     # recipe (the paper's, Table 2 has LDMs only) with PixArt-δ's 13 copied blocks of DiT-XL/2's 28.
     "in100-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=13, steps=79_000,
@@ -100,6 +101,10 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
     side, patch = cfg.latent_shape[1], int(cfg.model.split("/")[1])
     if side % patch:
         raise RunError(f"{cfg.model} needs an input side divisible by {patch}, got {side}")
+    cfg = replace(cfg, **dit.default_convs(cfg.model, cfg.pixel_channels, cfg.token_conv))
+    if cfg.pixel_channels % 8:
+        raise RunError(f"--pixel-channels must be 0, a positive multiple of 8 (GroupNorm's 8 groups) or -1 (auto), "
+                       f"got {cfg.pixel_channels}")
     if cfg.cond == "text":
         get_tokenizer(cfg.tokenizer)                   # a missing / bad tokenizer fails now, not after data loading
     return cfg

@@ -350,6 +350,14 @@ def _factory(size, patch):
 DiT_models = {f"DiT-{s}/{p}": _factory(s, p) for s in SIZES for p in (2, 4, 8)}
 
 
+def default_convs(name: str, pixel_channels: int = -1, token_conv: bool | None = None) -> dict:
+    """The convolutions of DiT `name` with the unset ones (-1, None) decided: on for the tiny DiT-T (the CPU default
+    draws plus signs only with both), off for the official sizes S to XL (so they stay the official DiT)."""
+    tiny = name.startswith("DiT-T/")
+    return dict(pixel_channels=(32 if tiny else 0) if pixel_channels < 0 else pixel_channels,
+                token_conv=tiny if token_conv is None else token_conv)
+
+
 def set_numerics(model: DiT, freq_shift: float = 0.0, mlp_norm_eps: float = 1e-6) -> DiT:
     """DiT's numerics (0, 1e-6) or diffusers' DiT port's (1, 1e-5): timestep frequency shift and MLP pre-norm eps.
 
@@ -367,5 +375,5 @@ def from_config(cfg, make_encoder) -> DiT:
     width = cfg.text_width if cfg.cond == "text" else SIZES[cfg.model[4:].split("/")[0]]["hidden_size"]
     model = DiT_models[cfg.model](input_size=side, in_channels=channels, learn_sigma=cfg.learn_sigma,
                                   y_embedder=make_encoder(cfg, width), text_pooled=cfg.text_pooled,
-                                  pixel_channels=cfg.pixel_channels, token_conv=cfg.token_conv)
+                                  **default_convs(cfg.model, cfg.pixel_channels, cfg.token_conv))
     return set_numerics(model, cfg.t_freq_shift, cfg.mlp_norm_eps)

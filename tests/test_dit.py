@@ -8,7 +8,7 @@ import torch
 
 from conditions import ClassEmbedder
 from diffusion import timestep_embedding
-from models.dit import DiT, DiT_models, Mlp, sincos_pos_embed_2d
+from models.dit import DiT, DiT_models, Mlp, default_convs, sincos_pos_embed_2d
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "dit-xl-2_official_state_dict.txt")
 
@@ -78,6 +78,13 @@ def test_convolutions_add_their_modules_only_when_on_and_start_at_zero():
     x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([0, 4, 5])
     out = conv(x, t, y)
     assert out.shape == (3, 6, 8, 8) and torch.count_nonzero(out) == 0
+
+
+def test_convolutions_default_on_for_the_tiny_dit_only():
+    assert default_convs("DiT-T/2") == {"pixel_channels": 32, "token_conv": True}
+    assert default_convs("DiT-XL/2") == default_convs("DiT-S/4") == {"pixel_channels": 0, "token_conv": False}
+    assert default_convs("DiT-T/2", 0, False) == {"pixel_channels": 0, "token_conv": False}     # given values win
+    assert default_convs("DiT-B/2", 16, None) == {"pixel_channels": 16, "token_conv": False}
 
 
 @pytest.mark.parametrize("token_conv", [False, True])

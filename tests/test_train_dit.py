@@ -13,6 +13,7 @@ import torch
 import data
 import diffusion
 import train_dit
+from models import dit
 from conftest import ROOT, TINY, builtin_item_one_by_one, run_tiny, check_resume_is_bit_identical, \
     expect_one_line_error, train_and_check_learning
 from conftest import load_ckpt as ckpt, read_log as records, subprocess_env as env
@@ -149,6 +150,7 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     _expect_error(capsys, base + ["--corrupt", "1.5", "--out", str(tmp_path / "o4")], "--corrupt")
     _expect_error(capsys, base + ["--model", "DiT-Q/3", "--out", str(tmp_path / "o5")], "unknown --model")
     _expect_error(capsys, base + ["--min-snr", "-5", "--out", str(tmp_path / "o8")], "--min-snr")
+    _expect_error(capsys, base + ["--pixel-channels", "12", "--out", str(tmp_path / "o9")], "--pixel-channels")
     assert run_tiny(train_dit.main, tmp_path / "t2", "--steps", 1) == 0
     _expect_error(capsys, base + ["--model", "DiT-T/4", "--resume", str(tmp_path / "t2" / "last.pt"),
                                   "--out", str(tmp_path / "o6")], "model")
@@ -170,7 +172,8 @@ def test_presets_parse(preset):                       # the pre-training recipes
     from config import parse_config
     cfg = parse_config(train_dit.DiTConfig, ["--preset", preset, "--steps", "7"], train_dit.PRESETS)
     assert cfg.steps == 7 and cfg.model == train_dit.PRESETS[preset]["model"] and cfg.vae == "kl-f8"
-    assert cfg.pixel_channels == 0 and not cfg.token_conv          # the paper's recipes train the official DiT
+    convs = dit.default_convs(cfg.model, cfg.pixel_channels, cfg.token_conv)
+    assert convs == {"pixel_channels": 0, "token_conv": False}      # the paper's recipes train the official DiT
 
 
 def test_checkpoint_from_before_the_convolutions_is_the_official_dit(tmp_path, capsys):
