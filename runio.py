@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from plumbing.common import Dist, RunError, all_mean, atomic_save
-from config import arch_fields, experiment_fields, learning_rate, stored_config
+from config import ADDED_ARCH_FIELDS, arch_fields, experiment_fields, learning_rate, stored_config
 
 CHECKPOINT_VERSION = 1
 
@@ -54,9 +54,20 @@ def check_run_folder(cfg, num_classes: int | None = None) -> Resume | None:
                                                                                      cfg.num_classes)
     for f in arch_fields(ours):
         if saved.get(f) != getattr(ours, f):
+            hint = ""
+            if f in ADDED_ARCH_FIELDS:                   # the usual cause: a run from before the field existed
+                hint = " (resume with " + " ".join(_as_flag(k, saved[k]) for k in ADDED_ARCH_FIELDS if k in saved) + ")"
             raise RunError(f"cannot resume from {path}: it has {f}={saved.get(f)!r} but this run has "
-                           f"{f}={getattr(ours, f)!r}")
+                           f"{f}={getattr(ours, f)!r}{hint}")
     return Resume(path, check_experiment(cfg, saved, path))
+
+
+def _as_flag(name: str, value) -> str:
+    """The command-line flag that sets config field `name` to `value`."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{flag}"
+    return f"--{flag} {value}"
 
 
 def check_experiment(cfg, saved: dict, path: str) -> list:

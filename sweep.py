@@ -173,6 +173,9 @@ SMOKE = dict(script="train_dit", cells=[{"corrupt": "0"}, {"corrupt": "0.2"}], s
              eval="--num-samples 20 --cfg-scales 1,2 --steps 2 --batch-size 20 --is-splits 2", judge=200,
              fixed_scale=2.0)
 
+# The protocols below were run with the plain DiT-T, before train_dit.py's tiny DiT got its convolutions by default.
+CONV_PIN = "--pixel-channels 0 --no-token-conv "
+
 # The CPU experiment (README "Results on the built-in benchmark"), fixed before any of its results was looked at:
 # does CEP-U (the paper's Table 1 method, the theory's perturbed condition c(y) + γξ) help, and more so with few
 # training items per class (5 vs 50; gmm_theory.py: gain ∝ γ²d/n)? 2 sizes x {clean, CEP-U} x 3 seeds = 12 runs of
@@ -185,7 +188,7 @@ BUILTIN = dict(script="train_dit", cells=parse_grid(["builtin_length=50,500", "c
                seeds="0,1,2", jobs=2, judge=2000, metric="fid", fixed_scale=2.0,
                train="--model DiT-T/4 --image-size 16 --steps 1200 --batch-size 32 --lr 1e-3 --ema-decay 0.995 "
                      "--learn-sigma --grad-clip 0 --lr-warmdown 0 --min-snr 0 "   # the DiT defaults when it was fixed
-                     "--pixel-channels 0 --no-token-conv "                        # (the official DiT)
+                     + CONV_PIN +                                                  # (the official DiT)
                      "--class-dropout 0.1 --sample-every 0 --ckpt-every 300 --log-every 50",
                eval="--num-samples 300 --cfg-scales 1,2,4 --sampler dpm++ --steps 10 --batch-size 300")
 
@@ -212,13 +215,13 @@ TABLE2 = dict(script="train_ldm", cells=[{"base": f"{b}:bases/{b}.pt"} for b in 
               fixed_scale=2.25)
 
 # ---- the memorization regime (README "The memorization benchmark"; issue 21) ----
-# Every run: clean class-conditional DiT-T/2 on 8x8 built-in shapes, k items per class chosen from the seed, batch 50,
-# EMA 0.999, the CPU defaults otherwise (lr 4e-3, clip 1, class dropout 0.1); measured by the judge (8 px) on 300
-# samples per scale (DPM-Solver++ 25 steps, balanced classes, the same sampling seeds for every run) against 2000 fresh
+# Every run: clean class-conditional plain DiT-T/2 (CONV_PIN) on 8x8 built-in shapes, k items per class chosen from
+# the seed, batch 50, EMA 0.999, the CPU defaults otherwise (lr 4e-3, clip 1, class dropout 0.1); measured by the judge
+# (8 px) on 300 samples per scale (DPM-Solver++ 25 steps, balanced classes, the same sampling seeds for every run) against 2000 fresh
 # real images, with the memorization columns from --train-ref auto (pixel ratio test: Gu et al. 2023).
 MEM_TRAIN = ("--model DiT-T/2 --image-size 8 --batch-size 50 --ema-decay 0.999 --sample-every 0 --ckpt-every 500 "
              "--log-every 100 --lr-warmdown 0 --min-snr 0 "     # constant lr, plain eps-MSE: the defaults it was run with
-             "--pixel-channels 0 --no-token-conv")              # and the official DiT
+             + CONV_PIN.strip())                                # and the official DiT
 MEM_EVAL = "--num-samples 300 --cfg-scales 1,2 --sampler dpm++ --steps 25 --batch-size 300"
 
 # The map: where does a clean model start copying? Items per class x training length at 8 px (+ one wider model,
@@ -862,6 +865,14 @@ def check(cfg: SweepConfig):
             raise ValueError(f"{what} {text!r}: {e}") from None
 
 
+def _same_runs_before_conv_pin(old_train: str, train: str) -> bool:
+    """Whether a sweep folder's stored train flags are `train` less CONV_PIN: written before the pin existed, they
+    trained the same DiT (a stored config without the convolutions' fields was trained without them)."""
+    words, pin = shlex.split(train), shlex.split(CONV_PIN)
+    at = next((i for i in range(len(words)) if words[i:i + len(pin)] == pin), None)
+    return at is not None and shlex.split(old_train) == words[:at] + words[at + len(pin):]
+
+
 def pin_protocol(cfg: SweepConfig, runs: list):
     """OUT/sweep.json holds what the runs depend on; a rerun into the same OUT must match it (else nothing is touched)."""
     protocol = {"script": cfg.script, "cells": list({cell_name(r.cell): r.cell for r in runs}.values()),
@@ -870,6 +881,8 @@ def pin_protocol(cfg: SweepConfig, runs: list):
     path = Path(cfg.out) / "sweep.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        if _same_runs_before_conv_pin(old.get("train", ""), protocol["train"]):
+            old["train"] = protocol["train"]
         if old != protocol:
             diff = sorted(k for k in protocol if old.get(k) != protocol[k])
             raise ValueError(f"{cfg.out} holds a sweep with other settings ({', '.join(diff)} differ; see {path}): "

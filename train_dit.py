@@ -79,7 +79,8 @@ PRESETS = {
                              grad_clip=0.0, log_every=100, ckpt_every=5_000, keep_every=20_000, sample_every=5_000,
                              sample_cfg=1.75, sample_steps=50, sample_per_class=4, lr_warmdown=0, min_snr=0.0),
     # The CPU ControlNet on the built-in shapes (README "ControlNet: downstream adaptation"): --init-from a run of the
-    # CPU default; the branch learns to draw the shape whose Canny edges it is given, in its class's colour.
+    # CPU default (README's measured base: the plain DiT-T, --pixel-channels 0 --no-token-conv); the branch learns to
+    # draw the shape whose Canny edges it is given, in its class's colour.
     "builtin-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=2, steps=300,
                                batch_size=32, lr=1e-3, grad_clip=1.0, ema_decay=0.99, log_every=25, ckpt_every=100,
                                sample_every=300, sample_cfg=2.0, lr_warmdown=0, min_snr=0.0),
@@ -101,6 +102,8 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
     side, patch = cfg.latent_shape[1], int(cfg.model.split("/")[1])
     if side % patch:
         raise RunError(f"{cfg.model} needs an input side divisible by {patch}, got {side}")
+    if cfg.pixel_channels < -1:
+        raise RunError(f"--pixel-channels must be -1 (auto), 0 or a positive multiple of 8, got {cfg.pixel_channels}")
     cfg = replace(cfg, **dit.default_convs(cfg.model, cfg.pixel_channels, cfg.token_conv))
     if cfg.pixel_channels % 8:
         raise RunError(f"--pixel-channels must be 0, a positive multiple of 8 (GroupNorm's 8 groups) or -1 (auto), "

@@ -151,6 +151,7 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     _expect_error(capsys, base + ["--model", "DiT-Q/3", "--out", str(tmp_path / "o5")], "unknown --model")
     _expect_error(capsys, base + ["--min-snr", "-5", "--out", str(tmp_path / "o8")], "--min-snr")
     _expect_error(capsys, base + ["--pixel-channels", "12", "--out", str(tmp_path / "o9")], "--pixel-channels")
+    _expect_error(capsys, base + ["--pixel-channels", "-8", "--out", str(tmp_path / "o9")], "--pixel-channels")
     assert run_tiny(train_dit.main, tmp_path / "t2", "--steps", 1) == 0
     _expect_error(capsys, base + ["--model", "DiT-T/4", "--resume", str(tmp_path / "t2" / "last.pt"),
                                   "--out", str(tmp_path / "o6")], "model")
@@ -189,7 +190,10 @@ def test_checkpoint_from_before_the_convolutions_is_the_official_dit(tmp_path, c
     assert cfg.pixel_channels == 0 and not cfg.token_conv and not hasattr(model, "pixel_stem")
     capsys.readouterr()
     assert run_tiny(train_dit.main, tmp_path, "--steps", "4", "--resume", "auto") == 2
-    assert "pixel_channels=0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pixel_channels=0" in err and "(resume with --pixel-channels 0 --no-token-conv)" in err
+    assert run_tiny(train_dit.main, tmp_path / "tuned", "--steps", "2", "--init-from", tmp_path / "last.pt") == 0
+    assert ckpt(tmp_path / "tuned")["config"]["pixel_channels"] == 0                # --init-from takes it as trained
     assert run_tiny(train_dit.main, tmp_path, "--steps", "4", "--resume", "auto", "--pixel-channels", "0",
                     "--no-token-conv") == 0 and ckpt(tmp_path)["step"] == 4
 
