@@ -57,8 +57,8 @@ from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featuriz
                              min_samples, pipeline_label, plot_fid_is, read_results, reference_kind, reference_pipeline,
                              npz_keys, save_npz, source_pipeline, write_reference, write_results)
 from scoring import shapes
+from scoring.held_out import HeldOutControls
 from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES
-from sources.control import ControlMaps, canny
 from trackers import tracking
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
@@ -581,7 +581,8 @@ def main_sample(argv):
     rank, world_size, device = d.rank, d.world, (str(d.device) if d.world > 1 else args.device or str(d.device))
     stored = _ckpt_config(args.ckpt) if args.ckpt else {}
     controlnet = args.control or stored.get("control", "none") != "none"
-    held_out = HeldOutControls(args) if controlnet else None
+    held_out = (HeldOutControls(args.ckpt, _ckpt_config(args.ckpt), args.control, args.control_data,
+                                args.control_maps, args.control_seed, args.num_samples) if controlnet else None)
     sample_fn, info = _sampler_from_args(args, device, held_out)
     if held_out is not None:                              # samples follow the held-out items, one each in turn
         sample_fn, info["num_classes"] = held_out.scored(sample_fn), len(held_out)
@@ -681,73 +682,6 @@ def _ckpt_config(path) -> dict:
         return load_checkpoint(str(path), mmap=True)["config"]
     except RunError as e:
         raise ValueError(str(e)) from None
-
-
-class HeldOutControls:
-    """--control: the held-out images whose control maps (and classes) a ControlNet's samples follow, and each
-    sample's edge F1 against its map (scoring/control.py). Sample labels index these items, cycling through them."""
-
-    def __init__(self, args):
-        import data as datalib
-        cfg = _ckpt_config(args.ckpt)
-        self.kind = cfg.get("control", "none")
-        if self.kind == "none" or args.control != self.kind:
-            raise ValueError(f"{args.ckpt} is trained with --control {self.kind}: pass --control {self.kind} "
-                             "--control-data DIR" if self.kind != "none" else f"{args.ckpt} is no ControlNet checkpoint")
-        if cfg.get("cond") == "text":
-            raise ValueError("--control evaluates class-conditional ControlNets (captions are not implemented)")
-        data = args.control_data
-        self.ds = ControlMaps(datalib.build_dataset(data, cfg["image_size"], seed=args.control_seed,
-                                                    builtin_length=args.num_samples),
-                              self.kind, cfg["canny_low"], cfg["canny_high"], args.control_maps or "")
-        self.data, self.low, self.high, self.f1 = data, cfg["canny_low"], cfg["canny_high"], {}
-
-    def __len__(self):
-        return len(self.ds)
-
-    def items(self, labels):
-        """Item indices (B,) -> (their classes (B,), control maps (B, 3, H, W)), unflipped."""
-        items = [self.ds[2 * int(i)] for i in labels]
-        return torch.tensor([it[1] for it in items]), torch.stack([it[2] for it in items])
-
-    def scored(self, sample_fn):
-        """sample_fn that also records each Canny sample's edge F1 against its item's map, by guidance scale."""
-        from scoring.control import edge_f1
-
-        def fn(labels, seeds, cfg_scale):
-            images = sample_fn(labels, seeds, cfg_scale)
-            if self.kind == "canny":
-                for i, image in zip(labels, images):
-                    given = self.ds[2 * int(i)][2][0].numpy()
-                    self.f1.setdefault(cfg_scale, []).append(edge_f1(canny(image, self.low, self.high), given))
-            return images
-        return fn
-
-    def reference(self, out: Path, rank: int) -> str:
-        """The FID reference: the --control-data folder itself, or the built-in held-out images written as PNGs."""
-        if self.data != "builtin":
-            return self.data
-        folder = out / "held_out"
-        if rank == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(len(self.ds)):
-                Image.fromarray(self.ds.render(i)).save(folder / f"{i:06d}.png")
-        _barrier()
-        return str(folder)
-
-    def add_edge_f1(self, rows, out):
-        """Rank 0's rows with the mean edge F1 over every rank's samples of each scale (rewritten to OUT/results.*)."""
-        scores = [self.f1]
-        if dist.is_available() and dist.is_initialized():
-            scores = [None] * dist.get_world_size()
-            dist.all_gather_object(scores, self.f1)
-        if rows is None or self.kind != "canny":
-            return rows
-        for row in rows:
-            values = [v for part in scores for v in part.get(row["cfg_scale"], [])]
-            row["edge_f1"] = float(np.mean(values)) if values else None
-        write_results(rows, out)
-        return rows
 
 
 def _sampler_from_args(args, device, held_out=None):
