@@ -50,13 +50,13 @@ def check_run_folder(cfg, num_classes: int | None = None) -> Resume | None:
         raise RunError(f"{cfg.out} already holds a run (last.pt); continue it with --resume auto or pick another --out")
     if path is None:
         return None
-    saved, ours = stored_config(load_checkpoint(path, mmap=True)["config"]), dataclasses.replace(cfg, num_classes=num_classes or
-                                                                                     cfg.num_classes)
+    saved = stored_config(load_checkpoint(path, mmap=True)["config"])
+    ours = dataclasses.replace(cfg, num_classes=num_classes or cfg.num_classes)
     for f in arch_fields(ours):
         if saved.get(f) != getattr(ours, f):
             hint = ""
             if f in ADDED_ARCH_FIELDS:                   # the usual cause: a run from before the field existed
-                hint = " (resume with " + " ".join(_as_flag(k, saved[k]) for k in ADDED_ARCH_FIELDS if k in saved) + ")"
+                hint = " (resume with " + " ".join(_as_flag(k, saved[k]) for k in ADDED_ARCH_FIELDS) + ")"
             raise RunError(f"cannot resume from {path}: it has {f}={saved.get(f)!r} but this run has "
                            f"{f}={getattr(ours, f)!r}{hint}")
     return Resume(path, check_experiment(cfg, saved, path))

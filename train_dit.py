@@ -102,12 +102,10 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
     side, patch = cfg.latent_shape[1], int(cfg.model.split("/")[1])
     if side % patch:
         raise RunError(f"{cfg.model} needs an input side divisible by {patch}, got {side}")
-    if cfg.pixel_channels < -1:
-        raise RunError(f"--pixel-channels must be -1 (auto), 0 or a positive multiple of 8, got {cfg.pixel_channels}")
-    cfg = replace(cfg, **dit.default_convs(cfg.model, cfg.pixel_channels, cfg.token_conv))
-    if cfg.pixel_channels % 8:
-        raise RunError(f"--pixel-channels must be 0, a positive multiple of 8 (GroupNorm's 8 groups) or -1 (auto), "
+    if cfg.pixel_channels != -1 and (cfg.pixel_channels < 0 or cfg.pixel_channels % 8):
+        raise RunError(f"--pixel-channels must be -1 (auto), 0 or a positive multiple of 8 (GroupNorm's 8 groups), "
                        f"got {cfg.pixel_channels}")
+    cfg = replace(cfg, **dit.default_convs(cfg.model, cfg.pixel_channels, cfg.token_conv))
     if cfg.cond == "text":
         get_tokenizer(cfg.tokenizer)                   # a missing / bad tokenizer fails now, not after data loading
     return cfg

@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+from config import stored_config
 from plumbing import common
 from models import dit
 from runio import load_checkpoint
@@ -74,9 +75,9 @@ def check_exportable(cfg: dict, path: str) -> None:
     if cfg.get("vae") != "kl-f8":
         raise ValueError(f"{path} works in {'pixel' if cfg.get('vae') == 'none' else cfg.get('vae')} space; "
                          f"DiTPipeline decodes latents with a kl-f8 AutoencoderKL, so only --vae kl-f8 DiTs export")
-    if cfg.get("pixel_channels", 0) or cfg.get("token_conv", False):
-        raise ValueError(f"{path} has nanoCEP's convolutions (--pixel-channels {cfg.get('pixel_channels', 0)}, "
-                         f"--token-conv {cfg.get('token_conv', False)}); DiTTransformer2DModel has none: train with "
+    if cfg["pixel_channels"] or cfg["token_conv"]:
+        raise ValueError(f"{path} has nanoCEP's convolutions (--pixel-channels {cfg['pixel_channels']}, "
+                         f"--token-conv {cfg['token_conv']}); DiTTransformer2DModel has none: train with "
                          f"--pixel-channels 0 --no-token-conv to export")
     if float(cfg.get("t_freq_shift", 0.0)) != 1.0:
         raise ValueError(f"{path} was trained with --t-freq-shift {cfg.get('t_freq_shift', 0.0):g} (DiT's timestep "
@@ -147,7 +148,7 @@ def export(ckpt_path: str, out: str, weights: str = "ema", vae_path: str | None 
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.get("kind") != "dit":
         raise ValueError(f"{ckpt_path} is a {ckpt.get('kind')!r} checkpoint; only DiTs export to DiTPipeline")
-    cfg = ckpt["config"]
+    cfg = stored_config(ckpt["config"])               # a config from before the convolutions existed: without them
     check_exportable(cfg, ckpt_path)
     sd = {k: v.float() for k, v in ckpt[weights].items()}
     num_classes = int(cfg["num_classes"])
