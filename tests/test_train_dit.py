@@ -177,6 +177,22 @@ def test_presets_parse(preset):                       # the pre-training recipes
     assert convs == {"pixel_channels": 0, "token_conv": False}      # the paper's recipes train the official DiT
 
 
+def test_readme_states_the_cpu_default_recipe():
+    """README's first-run paragraph (its measured time, class accuracy and grid) describes what a bare
+    `python train_dit.py` trains: the same steps, batch, learning-rate schedule, weighting and convolutions."""
+    import re
+    from config import parse_config
+    cfg = train_dit.resolve(parse_config(train_dit.DiTConfig, [], train_dit.PRESETS))
+    text = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
+    first_run = text[text.index("## Set up"):text.index("## The paper in four commands")]
+    steps, batch = map(int, re.search(r"trained for (\d+) steps of batch (\d+)", first_run).groups())
+    assert (steps, batch) == (cfg.steps, cfg.batch_size)
+    assert float(re.search(r"AdamW at lr ([0-9.e-]+)", first_run).group(1)) == cfg.lr
+    assert f"(`--lr-warmdown {cfg.lr_warmdown}`)" in first_run
+    assert f"(`--min-snr {cfg.min_snr:g}`)" in first_run and f"clipping at {cfg.grad_clip:g}" in first_run
+    assert (cfg.pixel_channels, cfg.token_conv) == (32, True) and "`--pixel-channels 32 --token-conv`" in first_run
+
+
 def test_checkpoint_from_before_the_convolutions_is_the_official_dit(tmp_path, capsys):
     """A stored config without pixel_channels / token_conv (written before they existed) was trained without them:
     evaluate.py rebuilds it as the official DiT, and --resume continues it with those flags and refuses the defaults."""
