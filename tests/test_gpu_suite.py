@@ -72,6 +72,31 @@ def test_mfu_against_hand_computed_numbers():
     assert gpu_suite.mfu_cells(711e9, 760.0, None, 788.0)["MFU sheet"] == "-"
 
 
+@pytest.mark.parametrize("groups", [1, 4, 64])
+def test_conv_flops_forward_and_backward_by_hand(groups):
+    """A 3x3 conv, 64 -> 64 channels at 8x8, batch 2: 2 x (2 * 64 * 64 * (64 / groups) * 9) FLOPs forward; its backward
+    (input and weight gradients) twice that, grouped or not (torch's own backward formula ignores groups)."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, 64, 8, 8, requires_grad=True)
+    forward = 2 * (2 * 8 * 8 * 64 * (64 // groups) * 9)
+    assert measure.count_flops(lambda: conv(x)) == forward
+    assert measure.count_flops(lambda: conv(x).sum().backward()) == 3 * forward
+
+
+def test_default_dit_training_flops_are_three_forwards():
+    """The CPU default (Mix-FFN's depthwise convs included): one image's forward + backward counts 3x its forward, up to
+    the few backward-only terms (no grad for the input image)."""
+    import dataclasses
+    from config import parse_config
+    fam = measure.family("train_dit")
+    cfg = dataclasses.replace(fam.resolve(parse_config(fam.config, [], fam.presets)), num_classes=10)
+    model, _ = fam.build(cfg)
+    x, t, y = torch.randn(1, *cfg.latent_shape), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    forward = measure.count_flops(lambda: model(x, t, y))
+    both = measure.count_flops(lambda: model(x, t, y).pow(2).mean().backward())
+    assert 2.9 * forward < both < 3.0 * forward
+
+
 @pytest.mark.parametrize("name,peak", [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 PCIe", 756.0),
                                        ("NVIDIA H200 NVL", 835.0), ("Some Future GPU", None)])

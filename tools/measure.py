@@ -39,10 +39,24 @@ def datasheet_peak(name: str, precision: str = "bf16"):
     return None
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **_) -> int:
+    """A convolution's backward: the gradient of its input and of its weight each cost its forward.
+
+    torch's own formula ignores `groups` and so counts a depthwise conv's backward (the default DiT-T's Mix-FFN,
+    groups = 512) as a dense one's, ~groups x too many; the forward formula reads the grouped weight shape and is right.
+    """
+    from torch.utils.flop_counter import conv_flop_count
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
 def count_flops(fn) -> int:
-    """FLOPs (2 per multiply-add) of running fn() once, as torch's dispatcher sees them."""
+    """FLOPs (2 per multiply-add) of running fn() once, as torch's dispatcher sees them (grouped conv backward
+    corrected: conv_backward_flops)."""
     from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False,
+                              custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
     with counter:
         fn()
     return counter.get_total_flops()
