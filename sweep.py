@@ -12,7 +12,7 @@ a grid of guidance scales, and say with confidence intervals over seeds whether 
     python sweep.py --preset in1k-dit --out sweeps/dit --train "--latents /data/in1k-kl-f8" \
         --eval "--ref /data/imagenet/val" --dry-run                # the paper's DiT-XL/2 grid as torchrun commands
     python sweep.py --script train_dit --grid "corrupt=0,0.025,0.05,0.1,0.2" --grid "cep=none,uniform" --seeds 0,1,2 \
-        --train "--steps 1500 --builtin-length 2000" --eval "--num-samples 2000 --cfg-scales 1,1.5,2,4" --out sweeps/mine
+        --train "--steps 3000 --builtin-length 2000" --eval "--num-samples 2000 --cfg-scales 1,1.5,2,4" --out sweeps/mine
 
 How the experiment is built (read the code in this order):
  1. Cells. Every --grid KEY=V1,V2,... is an axis; the cells are their product (a preset may list cells instead, e.g.

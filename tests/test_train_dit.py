@@ -187,9 +187,10 @@ def test_readme_states_the_cpu_default_recipe():
     first_run = text[text.index("## Set up"):text.index("## The paper in four commands")]
     steps, batch = map(int, re.search(r"trained for (\d+) steps of batch (\d+)", first_run).groups())
     assert (steps, batch) == (cfg.steps, cfg.batch_size)
+    assert f"CPU default: {cfg.steps} steps of batch {cfg.batch_size}, lr" in text               # the flags table
     assert float(re.search(r"AdamW at lr ([0-9.e-]+)", first_run).group(1)) == cfg.lr
     assert f"(`--lr-warmdown {cfg.lr_warmdown}`)" in first_run
-    assert f"(`--min-snr {cfg.min_snr:g}`)" in first_run and f"clipping at {cfg.grad_clip:g}" in first_run
+    assert f"(`--min-snr {cfg.min_snr:g}`)" in first_run and f"clipping at {cfg.grad_clip:g}:" in first_run
     assert (cfg.pixel_channels, cfg.token_conv) == (32, True) and "`--pixel-channels 32 --token-conv`" in first_run
 
 

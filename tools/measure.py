@@ -6,8 +6,9 @@ and the training rows of the GPU check (gpu_suite.py) tabulate; nothing to run h
 
 A step is the trainer's own `trainer.train_step` (draws, CFG drop, loss, backward, AdamW, EMA) on random latents of the
 model's input shape (the VAE encode is not included: with a latent cache it is not in the loop); the model is rebuilt
-through the train script's FAMILY, as evaluate.py does. FLOPs are counted by torch's FlopCounterMode on one forward+backward
-(so they include attention), and MFU divides the achieved FLOP/s by the accelerator's dense bf16 peak.
+through the train script's FAMILY, as evaluate.py does. FLOPs are counted by torch's FlopCounterMode on one
+forward+backward (attention included where torch has a formula for its kernel: the CUDA ones, not the CPU flash
+kernel), and MFU divides the achieved FLOP/s by the accelerator's dense bf16 peak.
 """
 import dataclasses
 import statistics
@@ -43,8 +44,8 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
                         _output_padding, _groups, output_mask, out_shape=None, **_) -> int:
     """A convolution's backward: the gradient of its input and of its weight each cost its forward.
 
-    torch's own formula ignores `groups` and so counts a depthwise conv's backward (the default DiT-T's Mix-FFN,
-    groups = 512) as a dense one's, ~groups x too many; the forward formula reads the grouped weight shape and is right.
+    torch's own formula ignores `groups` in the weight gradient, counting a depthwise conv's (the default DiT-T's
+    Mix-FFN, groups = 512) as a dense one's, groups x too many; its forward and input-gradient counts are right.
     """
     from torch.utils.flop_counter import conv_flop_count
     forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
