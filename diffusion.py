@@ -36,6 +36,19 @@ def make_beta_schedule(name: str, num_steps: int = 1000) -> torch.Tensor:
     raise ValueError(f"unknown beta schedule {name!r} (expected 'linear' or 'scaled_linear')")
 
 
+def schedule_log_snr(name: str, num_steps: int = 1000) -> torch.Tensor:
+    """The (T,) float64 log-SNR log(abar_t / (1 - abar_t)) of a named schedule; it falls as t grows."""
+    abar = torch.cumprod(1 - make_beta_schedule(name, num_steps), 0)
+    return (abar / (1 - abar)).log()
+
+
+def focus_band(log_snr: torch.Tensor, lo: float, hi: float) -> tuple[int, int]:
+    """(start, stop): the steps start <= t < stop of a schedule (its (T,) log-SNR) whose log-SNR lies in [lo, hi], the
+    band --t-focus trains more often. The log-SNR falls with t, so they are one run of steps (start = stop: none)."""
+    inside = ((log_snr >= lo) & (log_snr <= hi)).nonzero().flatten()
+    return (int(inside[0]), int(inside[-1]) + 1) if len(inside) else (0, 0)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim); cos half first, as GLIDE/DiT/LDM.
 

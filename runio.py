@@ -62,6 +62,12 @@ def check_run_folder(cfg, num_classes: int | None = None) -> Resume | None:
     return Resume(path, check_experiment(cfg, saved, path))
 
 
+def focus_note(cfg) -> str:
+    """The start line's --t-focus part: ' t-focus F (log-SNR LO..HI)', or '' for uniform timesteps."""
+    band = f"log-SNR {cfg.t_focus_min_log_snr:g}..{cfg.t_focus_max_log_snr:g}"
+    return f" t-focus {cfg.t_focus:g} ({band})" if cfg.t_focus else ""
+
+
 def _as_flag(name: str, value) -> str:
     """The command-line flag that sets config field `name` to `value`."""
     flag = name.replace("_", "-")
@@ -181,6 +187,7 @@ class RunIO:
                        f"{' compiled' if compiled else ''} | lr {cfg.lr:g}"
                        f"{f' (to 0 over the last {cfg.lr_warmdown})' if cfg.lr_warmdown else ''} wd {cfg.weight_decay:g}"
                        f" clip {cfg.grad_clip:g} EMA {cfg.ema_decay:g}{f' min-SNR {cfg.min_snr:g}' if cfg.min_snr else ''}"
+                       f"{focus_note(cfg)}"
                        f" | steps {start_step} -> {cfg.steps} | out {cfg.out}")
             if init_note:
                 tqdm.write(f"{self.kind}: {init_note}")

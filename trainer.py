@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 import conditions
 import data as datalib
+import diffusion as D
 from cep import unit_noise
 from plumbing.common import Dist, RunError, derive_seed, one_line
 from config import grid_cads, learning_rate
@@ -142,6 +143,7 @@ class TrainState:
     random_labels: Callable | None = None    # --corrupt-mode random: (step, seed) -> the global batch's labels (B,)
     cep_subset: torch.Tensor | None = None   # --cep-subset: (N,) bool, the items CEP perturbs
     cep_shape: tuple | None = None       # one sample's condition embedding shape, when the step pre-draws CEP noise
+    focus: tuple = (0.0, 0, 0)           # --t-focus: (fraction of the batch, band start, band stop) for step_draws
 
     @property
     def rows(self) -> slice:
@@ -177,6 +179,9 @@ def make_state(cfg, model: nn.Module, diffusion, d: Dist, data: TrainData | None
     s = TrainState(cfg, d, model, wrap_model(model, cfg, d), ema, opt, diffusion,
                    torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else nullcontext(), local_batch, micro)
     s.cep_shape = getattr(model.cond, "cep_shape", None) if cfg.cep != "none" and cfg.cep_gamma > 0 else None
+    abar = diffusion.alphas_cumprod
+    s.focus = (cfg.t_focus, *D.focus_band((abar / (1 - abar)).log(), cfg.t_focus_min_log_snr,   # --t-focus
+                                          cfg.t_focus_max_log_snr))
     if data is not None:
         s.encode, s.posterior = data.encode, bool(cfg.latents) and data.encode is not None
         random = cfg.corrupt_mode == "random" and cfg.corrupt > 0
@@ -207,7 +212,7 @@ def wrap_model(model: nn.Module, cfg, d: Dist) -> nn.Module:
 @dataclasses.dataclass
 class StepDraws:
     """Every per-sample random draw of one training step, for the whole global batch (share() takes a rank's rows)."""
-    t: torch.Tensor                      # (B,) timesteps
+    t: torch.Tensor                      # (B,) timesteps (uniform, or --t-focus's mixture)
     noise: torch.Tensor                  # (B, C, H, W) diffusion noise ε
     drop: torch.Tensor                   # (B,) CFG dropout mask
     ip_noise: torch.Tensor | None        # (B, C, H, W) input perturbation noise (--ip)
@@ -223,9 +228,10 @@ class StepDraws:
 
 def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timesteps: int, drop_prob: float,
                device: torch.device, ip: bool = False, posterior: bool = False, corrupt: bool = False,
-               cep: str = "none", cep_shape=None) -> StepDraws:
+               cep: str = "none", cep_shape=None, focus: tuple[float, int, int] = (0.0, 0, 0)) -> StepDraws:
     """The StepDraws of `step` from one generator seeded by (seed, step); the optional draws come after t, ε and the
-    CFG mask (in field order), so turning one on never changes the others."""
+    CFG mask (in field order), so turning one on never changes the others. focus = (fraction, start, stop):
+    --t-focus redraws that fraction of the timesteps, in expectation, uniformly from start <= t < stop (drawn last)."""
     g = torch.Generator(device=device).manual_seed(derive_seed(seed, "step", step))
     B = global_batch
     t = torch.randint(0, num_timesteps, (B,), generator=g, device=device)
@@ -237,6 +243,10 @@ def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timest
     # never waits for the device (reading a device generator's draw with .item() would)
     corrupt_seed = derive_seed(seed, "corrupt", step) if corrupt else None
     unit = unit_noise((B, *cep_shape), cep, generator=g, device=device) if cep != "none" and cep_shape else None
+    fraction, start, stop = focus
+    if fraction > 0:                     # each sample independently: in the band with probability `fraction`
+        in_band = torch.randint(start, stop, (B,), generator=g, device=device)
+        t = torch.where(torch.rand((B,), generator=g, device=device) < fraction, in_band, t)
     return StepDraws(t, noise, drop, ip_noise, post, corrupt_seed, unit)
 
 
@@ -256,7 +266,8 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int,
     cfg = s.cfg
     draws = step_draws(cfg.seed, step, cfg.batch_size, cfg.latent_shape, s.diffusion.num_timesteps, cfg.class_dropout,
                        s.d.device, ip=s.diffusion.ip_gamma > 0, posterior=s.posterior,
-                       corrupt=s.random_labels is not None, cep=cfg.cep, cep_shape=s.cep_shape).share(s.rows)
+                       corrupt=s.random_labels is not None, cep=cfg.cep, cep_shape=s.cep_shape,
+                       focus=s.focus).share(s.rows)
     x = model_input(s, x, draws)                        # (b, C, H, W) pixels or latents, on the device
     y, cond = condition(s, y, step, draws)              # (b,) labels as trained on; CEP's noise and subset for them
     if control is not None:                             # a ControlNet's spatial condition

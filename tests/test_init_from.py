@@ -68,7 +68,8 @@ def test_release_fine_tunes_two_steps_and_resumes(dit_t2_release, tmp_path, caps
     assert "global batch 4 " in out and "| lr 0.0001 wd 0 clip 0 EMA 0.9999 |" in out
     ckpt = load_checkpoint(str(run / "last.pt"))
     assert {k: ckpt["config"][k] for k in pretrained.OPTIMISER_FIELDS} == dict(
-        lr=1e-4, lr_warmdown=0, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, batch_size=4, min_snr=0.0)
+        lr=1e-4, lr_warmdown=0, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, batch_size=4, min_snr=0.0,
+        t_focus=0.0, t_focus_min_log_snr=-2.0, t_focus_max_log_snr=3.5)   # uniform timesteps, as DiT trains
     assert ckpt["step"] == 2 and ckpt["config"]["model"] == "DiT-T/2" and ckpt["config"]["image_size"] == 32
     assert ckpt["config"]["init_from"] == str(dit_t2_release)
     assert all(s["step"] == 2 for s in ckpt["opt"]["state"].values())                # a fresh optimizer
@@ -108,7 +109,8 @@ def test_nanocep_checkpoint_first_loss_is_its_ema_models_loss(tmp_path):
     ds = data.build_dataset("builtin", 8, seed=7, builtin_length=16)
     keys = data.StepSampler(len(ds), 4, 0, 1, 7, 0, 1).keys(0)
     x, y = torch.utils.data.default_collate([ds[k] for k in keys])
-    draws = step_draws(7, 0, 4, (3, 8, 8), 1000, cfg.class_dropout, torch.device("cpu"))
+    band = diff.focus_band(diff.schedule_log_snr(cfg.schedule), cfg.t_focus_min_log_snr, cfg.t_focus_max_log_snr)
+    draws = step_draws(7, 0, 4, (3, 8, 8), 1000, cfg.class_dropout, torch.device("cpu"), focus=(cfg.t_focus, *band))
     t, noise, drop = draws.t, draws.noise, draws.drop
     diffusion = diff.from_config(cfg)
 

@@ -91,10 +91,12 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     assert train_dit.main(args + ["--out", str(tmp_path / "one")]) == 0
     assert train_dit.main(args + ["--out", str(tmp_path / "accum"), "--micro-batch-size", "2"]) == 0
     one = ckpt(tmp_path / "one")
+    # float reduction order only: measured up to 3e-6 after these 3 AdamW steps with the default --t-focus (5e-7 with
+    # uniform timesteps); each step moves a weight by about lr = 1e-3, so a rank that drew other t or ε is far outside
     for other in ("ddp", "accum"):
         o = ckpt(tmp_path / other)
         for k, v in one["model"].items():
-            assert torch.allclose(v, o["model"][k], atol=1e-6, rtol=1e-5), (other, k)
+            assert torch.allclose(v, o["model"][k], atol=1e-5, rtol=1e-5), (other, k)
     assert len(ckpt(tmp_path / "ddp")["rng"]) == 2           # every rank's RNG state is saved
 
 
@@ -175,11 +177,13 @@ def test_presets_parse(preset):                       # the pre-training recipes
     assert cfg.steps == 7 and cfg.model == train_dit.PRESETS[preset]["model"] and cfg.vae == "kl-f8"
     convs = dit.default_convs(cfg.model, cfg.pixel_channels, cfg.token_conv)
     assert convs == {"pixel_channels": 0, "token_conv": False}      # the paper's recipes train the official DiT
+    assert cfg.t_focus == 0 and cfg.min_snr == 0                    # with uniform timesteps and the plain ε-MSE
 
 
 def test_readme_states_the_cpu_default_recipe():
     """README's first-run paragraph (its measured time, class accuracy and grid) describes what a bare
-    `python train_dit.py` trains: the same steps, batch, learning-rate schedule, weighting and convolutions."""
+    `python train_dit.py` trains: the same steps, batch, learning-rate schedule, weighting, timestep focus,
+    convolutions and grid interval."""
     import re
     from config import parse_config
     cfg = train_dit.resolve(parse_config(train_dit.DiTConfig, [], train_dit.PRESETS))
@@ -190,8 +194,11 @@ def test_readme_states_the_cpu_default_recipe():
     assert f"CPU default: {cfg.steps} steps of batch {cfg.batch_size}, lr" in text               # the flags table
     assert float(re.search(r"AdamW at lr ([0-9.e-]+)", first_run).group(1)) == cfg.lr
     assert f"(`--lr-warmdown {cfg.lr_warmdown}`)" in first_run
-    assert f"(`--min-snr {cfg.min_snr:g}`)" in first_run and f"clipping at {cfg.grad_clip:g}:" in first_run
+    assert f"(`--min-snr {cfg.min_snr:g}`)" in first_run and f"gradient clipping at {cfg.grad_clip:g}," in first_run
     assert (cfg.pixel_channels, cfg.token_conv) == (32, True) and "`--pixel-channels 32 --token-conv`" in first_run
+    assert (f"`--t-focus {cfg.t_focus:g}`" in first_run and cfg.t_focus > 0
+            and f"log-SNR {cfg.t_focus_min_log_snr:g} to {cfg.t_focus_max_log_snr:g}" in first_run)
+    assert f"every {cfg.sample_every} steps" in first_run
 
 
 def test_checkpoint_from_before_the_convolutions_is_the_official_dit(tmp_path, capsys):
