@@ -88,8 +88,8 @@ class TrainConfig:
                     experiment=True)
     min_snr: float = opt(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023; they use 5): eps-MSE at step t weighted "
                          "min(SNR_t, gamma) / SNR_t; 0 = off (DiT and LDM)", experiment=True)
-    t_focus: float = opt(0.0, "timestep focus: this fraction of each batch draws its timestep uniformly from the "
-                         "focus band (--t-focus-min/max-log-snr), the rest from all steps; 0 = uniform (DiT and LDM)",
+    t_focus: float = opt(0.0, "timestep focus: each timestep comes with this probability uniformly from the focus "
+                         "band (--t-focus-min/max-log-snr), else from all steps; 0 = uniform (DiT and LDM)",
                          experiment=True)
     t_focus_min_log_snr: float = opt(-2.0, "the focus band's noisy end: its steps have log-SNR log(abar/(1-abar)) "
                                      ">= this (-2 and 3.5: t = 50..455 on the linear schedule, where a 16 px "
@@ -280,6 +280,9 @@ def _check_ranges(cfg) -> None:
         raise RunError(f"--lr-warmdown and --min-snr must be >= 0, got {cfg.lr_warmdown} and {cfg.min_snr}")
     if not 0.0 <= cfg.t_focus <= 1.0:
         raise RunError(f"--t-focus must be in [0, 1], got {cfg.t_focus}")
+    if not cfg.t_focus_min_log_snr <= cfg.t_focus_max_log_snr:       # also refuses nan
+        raise RunError(f"--t-focus-min-log-snr {cfg.t_focus_min_log_snr:g} must be <= --t-focus-max-log-snr "
+                       f"{cfg.t_focus_max_log_snr:g}")
     log_snr = diffusion.schedule_log_snr(cfg.schedule)
     start, stop = diffusion.focus_band(log_snr, cfg.t_focus_min_log_snr, cfg.t_focus_max_log_snr)
     if cfg.t_focus > 0 and start == stop:

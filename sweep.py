@@ -873,7 +873,7 @@ def _without(words: list, pin: list) -> list:
     return words if at is None else words[:at] + words[at + len(pin):]
 
 
-def _same_runs_before_conv_pin(old_train: str, train: str) -> bool:
+def _same_runs_before_pins(old_train: str, train: str) -> bool:
     """Whether a sweep folder's stored train flags are `train` less CONV_PIN and/or FOCUS_PIN: written before a pin
     existed, they trained the same runs (a stored config without the convolutions' or --t-focus's fields was trained
     without them)."""
@@ -891,7 +891,7 @@ def pin_protocol(cfg: SweepConfig, runs: list):
     path = Path(cfg.out) / "sweep.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if _same_runs_before_conv_pin(old.get("train", ""), protocol["train"]):
+        if _same_runs_before_pins(old.get("train", ""), protocol["train"]):
             old["train"] = protocol["train"]
         if old != protocol:
             diff = sorted(k for k in protocol if old.get(k) != protocol[k])

@@ -60,9 +60,9 @@ class DiTConfig(TrainConfig):
                            "of 3000; DiT: 0 = constant)")
     min_snr: float = opt(5.0, "Min-SNR-gamma loss weighting (Hang et al. 2023; the CPU default: 5; DiT: 0 = off)",
                          experiment=True)
-    t_focus: float = opt(0.5, "timestep focus: this fraction of each batch draws its timestep uniformly from the "
-                         "focus band (--t-focus-min/max-log-snr), the rest from all steps (the CPU default: 0.5, where "
-                         "its crosses form; DiT: 0 = uniform)", experiment=True)
+    t_focus: float = opt(0.5, "timestep focus: each timestep comes with this probability uniformly from the focus "
+                         "band (--t-focus-min/max-log-snr), else from all steps (the CPU default: 0.5, where its "
+                         "crosses form; DiT: 0 = uniform)", experiment=True)
     sample_every: int = opt(1000, "write an EMA sample grid every N steps; 0 = never (the CPU default: 1000, each "
                             "grid costs about 7 s)")
     out: str = opt("runs/dit", "run folder: checkpoints, log.jsonl, samples/")

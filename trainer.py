@@ -231,7 +231,8 @@ def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timest
                cep: str = "none", cep_shape=None, focus: tuple[float, int, int] = (0.0, 0, 0)) -> StepDraws:
     """The StepDraws of `step` from one generator seeded by (seed, step); the optional draws come after t, ε and the
     CFG mask (in field order), so turning one on never changes the others. focus = (fraction, start, stop):
-    --t-focus redraws that fraction of the timesteps, in expectation, uniformly from start <= t < stop (drawn last)."""
+    --t-focus redraws each timestep with probability `fraction` uniformly from start <= t < stop, from a generator of
+    its own, so the other draws never move it."""
     g = torch.Generator(device=device).manual_seed(derive_seed(seed, "step", step))
     B = global_batch
     t = torch.randint(0, num_timesteps, (B,), generator=g, device=device)
@@ -245,8 +246,9 @@ def step_draws(seed: int, step: int, global_batch: int, latent_shape, num_timest
     unit = unit_noise((B, *cep_shape), cep, generator=g, device=device) if cep != "none" and cep_shape else None
     fraction, start, stop = focus
     if fraction > 0:                     # each sample independently: in the band with probability `fraction`
-        in_band = torch.randint(start, stop, (B,), generator=g, device=device)
-        t = torch.where(torch.rand((B,), generator=g, device=device) < fraction, in_band, t)
+        gf = torch.Generator(device=device).manual_seed(derive_seed(seed, "focus", step))
+        in_band = torch.randint(start, stop, (B,), generator=gf, device=device)
+        t = torch.where(torch.rand((B,), generator=gf, device=device) < fraction, in_band, t)
     return StepDraws(t, noise, drop, ip_noise, post, corrupt_seed, unit)
 
 

@@ -83,6 +83,7 @@ SEED_STREAMS = {
     "grid": (1, 0, 0),                  # the sample grids' fixed noise
     "corrupt": (1, 0xC0 << 56, 7_919_993),      # --corrupt-mode random: the host-side seed of step `index`
     "cep_item": (1, 0xCE9 << 52, 1_000_003),    # --cep-fixed-delta: the fixed CEP noise of item `index`
+    "focus": (1, 0xF0C << 48, 7_919_993),       # --t-focus: which timesteps of step `index` move into the band
 }
 
 

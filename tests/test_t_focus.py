@@ -48,13 +48,19 @@ def test_focus_draws_the_band_at_its_rate_in_expectation():
     assert abs(share - 0.406) < 5 * np.sqrt(0.406 * 0.594 / n)           # off: uniform
 
 
-def test_focus_moves_the_timesteps_only():
-    """With focus on, the noise, CFG mask and CEP noise of a step are the ones drawn without it (focus draws last);
-    fraction 0 is the plain draw exactly."""
-    kw = dict(cep="gaussian", cep_shape=(6,), posterior=True)
+def test_focus_moves_the_timesteps_only_and_nothing_moves_them():
+    """With focus on, the noise, CFG mask, input-perturbation, posterior and CEP noise of a step are the ones drawn
+    without it, and turning those optional draws on or off leaves the focused timesteps where they are (the focus has
+    a generator of its own); fraction 0 is the plain draw exactly."""
+    focus = (0.5, 20, 100)
+    bare = trainer.step_draws(5, 9, 16, (3, 4, 4), 1000, 0.5, CPU, focus=focus).t
+    full = trainer.step_draws(5, 9, 16, (3, 4, 4), 1000, 0.5, CPU, focus=focus, ip=True, posterior=True,
+                              cep="uniform", cep_shape=(6,)).t
+    assert torch.equal(bare, full)
+    kw = dict(cep="gaussian", cep_shape=(6,), posterior=True, ip=True)
     plain = trainer.step_draws(5, 9, 16, (3, 4, 4), 1000, 0.5, CPU, **kw)
     focused = trainer.step_draws(5, 9, 16, (3, 4, 4), 1000, 0.5, CPU, focus=(1.0, 20, 100), **kw)
-    for name in ("noise", "drop", "posterior", "cep_unit"):
+    for name in ("noise", "drop", "ip_noise", "posterior", "cep_unit"):
         assert torch.equal(getattr(plain, name), getattr(focused, name)), name
     assert bool(((focused.t >= 20) & (focused.t < 100)).all()) and not torch.equal(plain.t, focused.t)
     assert torch.equal(trainer.step_draws(5, 9, 16, (3, 4, 4), 1000, 0.5, CPU, focus=(0.0, 20, 100), **kw).t, plain.t)
@@ -88,7 +94,11 @@ def test_the_trainer_trains_on_the_focused_timesteps(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flags, names", [(["--t-focus", "1.5"], "--t-focus"),
                                           (["--t-focus-min-log-snr", "12", "--t-focus-max-log-snr", "13"],
-                                           "--t-focus-min-log-snr 12 .. --t-focus-max-log-snr 13 holds no step")])
+                                           "--t-focus-min-log-snr 12 .. --t-focus-max-log-snr 13 holds no step"),
+                                          (["--t-focus", "0", "--t-focus-min-log-snr", "nan"],
+                                           "--t-focus-min-log-snr nan must be <="),
+                                          (["--t-focus-min-log-snr", "3", "--t-focus-max-log-snr", "1"],
+                                           "--t-focus-min-log-snr 3 must be <= --t-focus-max-log-snr 1")])
 def test_bad_focus_flags_are_one_line(tmp_path, capsys, flags, names):
     """Out-of-range flags: one line naming the flag, exit 2, no run folder."""
     out = tmp_path / "bad"
@@ -96,14 +106,18 @@ def test_bad_focus_flags_are_one_line(tmp_path, capsys, flags, names):
     assert names in one_error_line(capsys) and not out.exists()
 
 
-def test_a_checkpoint_from_before_the_flag_resumes_as_uniform(tmp_path, capsys):
-    """A checkpoint whose config has no t_focus was trained with uniform timesteps: resuming it under the CPU default
-    (0.5) is refused, naming the flag; with --t-focus 0 it resumes."""
+def test_a_checkpoint_from_before_the_flag_resumes_and_fine_tunes_as_uniform(tmp_path, capsys):
+    """A checkpoint whose config has none of the focus fields was trained with uniform timesteps: --init-from takes
+    that recipe (t_focus 0), resuming it under the CPU default (0.5) is refused naming the flag, and with --t-focus 0
+    it resumes."""
     run = tmp_path / "old"
     assert train_dit.main(TINY + ["--steps", "2", "--out", str(run), "--t-focus", "0"]) == 0
     ckpt = load_ckpt(run)
-    del ckpt["config"]["t_focus"]
+    for name in ("t_focus", "t_focus_min_log_snr", "t_focus_max_log_snr"):
+        del ckpt["config"][name]
     torch.save(ckpt, run / "last.pt")
+    assert train_dit.main(TINY + ["--steps", "1", "--out", str(tmp_path / "ft"), "--init-from", str(run / "last.pt")]) == 0
+    assert load_ckpt(tmp_path / "ft")["config"]["t_focus"] == 0
     capsys.readouterr()
     assert train_dit.main(TINY + ["--steps", "4", "--out", str(run), "--resume", "auto"]) == 2
     assert "--t-focus 0.0" in one_error_line(capsys)

@@ -58,12 +58,13 @@ def restored_iou(model, diffusion, x0, labels, start_steps, scale: float = 2.0, 
                  seed: int = 0) -> list[float]:
     """Mean shape IoU of the items x0 (N, 3, S, S) of one shape after noising them to each start step t0 (one shared
     noise draw) and sampling back to t = 0 with DDIM (about `steps` steps from t0, guidance `scale`)."""
-    fn = D.cfg_model_fn(model, labels, model.cond.null_like(labels), scale)
+    fn = D.cfg_model_fn(model, labels, model.cond.null_like(labels), scale, learn_sigma=diffusion.learn_sigma)
     noise, scores = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)), []
     for t0 in start_steps:
         chain = sorted({round(t0 * (1 - i / (steps - 1))) for i in range(steps)}, reverse=True)   # t0 .. 0
         xt = diffusion.q_sample(x0, torch.full((len(x0),), t0), noise)
-        x = D.sample_ddim(fn, xt, diffusion.alphas_cumprod, chain, clip_x0=True)                  # (N, 3, S, S)
+        x = D.sample_ddim(fn, xt, diffusion.alphas_cumprod, chain, learn_sigma=diffusion.learn_sigma,
+                          clip_x0=True)                                                         # (N, 3, S, S)
         images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         scores.append(next(iter(shape_iou(images, labels.numpy()).values())))   # the one shape of x0
     return scores
