@@ -36,10 +36,14 @@ def make_beta_schedule(name: str, num_steps: int = 1000) -> torch.Tensor:
     raise ValueError(f"unknown beta schedule {name!r} (expected 'linear' or 'scaled_linear')")
 
 
+def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The (T,) log-SNR log(abar_t / (1 - abar_t)) of a schedule's abar table; it falls as t grows."""
+    return (alphas_cumprod / (1 - alphas_cumprod)).log()
+
+
 def schedule_log_snr(name: str, num_steps: int = 1000) -> torch.Tensor:
-    """The (T,) float64 log-SNR log(abar_t / (1 - abar_t)) of a named schedule; it falls as t grows."""
-    abar = torch.cumprod(1 - make_beta_schedule(name, num_steps), 0)
-    return (abar / (1 - abar)).log()
+    """The (T,) float64 log-SNR of a named schedule (log_snr of its abar), without building a GaussianDiffusion."""
+    return log_snr(torch.cumprod(1 - make_beta_schedule(name, num_steps), 0))
 
 
 def focus_band(log_snr: torch.Tensor, lo: float, hi: float) -> tuple[int, int]:

@@ -179,8 +179,7 @@ def make_state(cfg, model: nn.Module, diffusion, d: Dist, data: TrainData | None
     s = TrainState(cfg, d, model, wrap_model(model, cfg, d), ema, opt, diffusion,
                    torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else nullcontext(), local_batch, micro)
     s.cep_shape = getattr(model.cond, "cep_shape", None) if cfg.cep != "none" and cfg.cep_gamma > 0 else None
-    abar = diffusion.alphas_cumprod
-    s.focus = (cfg.t_focus, *D.focus_band((abar / (1 - abar)).log(), cfg.t_focus_min_log_snr,   # --t-focus
+    s.focus = (cfg.t_focus, *D.focus_band(D.log_snr(diffusion.alphas_cumprod), cfg.t_focus_min_log_snr,  # --t-focus
                                           cfg.t_focus_max_log_snr))
     if data is not None:
         s.encode, s.posterior = data.encode, bool(cfg.latents) and data.encode is not None

@@ -10,10 +10,8 @@ import torch
 import diffusion as D
 import train_dit
 import trainer
-from conftest import load_ckpt, one_error_line
+from conftest import TINY, load_ckpt, one_error_line
 
-TINY = ["--image-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
-        "--builtin-length", "64", "--num-workers", "0", "--lr-warmdown", "0", "--min-snr", "0"]
 CPU = torch.device("cpu")
 
 

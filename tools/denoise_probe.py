@@ -38,7 +38,7 @@ def probe_items(image_size: int, shape: str, num: int):
 def x0_errors(model, diffusion, x0, labels, log_snrs=LOG_SNRS, seed: int = 0) -> list[float]:
     """RMS error of the model's x̂0 at each log-SNR (one shared noise draw per level, from `seed`)."""
     abar = diffusion.alphas_cumprod
-    schedule_log_snr = (abar / (1 - abar)).log()                                 # (T,) decreasing in t
+    schedule_log_snr = D.log_snr(abar)                                           # (T,) decreasing in t
     g, errors = torch.Generator().manual_seed(seed), []
     for lam in log_snrs:
         t = int((schedule_log_snr - lam).abs().argmin())                         # the closest step of this schedule
