@@ -124,6 +124,9 @@ class TrainConfig:
     steps: int = opt(1000, "training steps")
     batch_size: int = opt(64, "global batch size (split over processes)", experiment=True)
     micro_batch_size: int = opt(0, "per-process micro-batch for gradient accumulation; 0 = no accumulation")
+    optimizer: str = opt("adamw", "adamw (DiT and LDM) | muon: Muon on the DiT's transformer-block weight matrices, "
+                         "AdamW on every other parameter (plumbing/muon.py; the U-Net has no such blocks)",
+                         choices=["adamw", "muon"], experiment=True)
     lr: float = opt(1e-3, "AdamW learning rate (constant, as DiT and LDM, unless --lr-warmdown)")
     lr_warmdown: int = opt(0, "decay the learning rate linearly to 0 over the last N steps (all of them when the run "
                            "is shorter); 0 = constant, as DiT and LDM")
@@ -181,7 +184,8 @@ def learning_rate(cfg, step: int) -> float:
 # Architecture fields added after checkpoints had been written, with the value those checkpoints were trained with
 # (not the field's default): every stored config is read through stored_config.
 ADDED_ARCH_FIELDS = {"pixel_channels": 0, "token_conv": False}
-ADDED_RECIPE_FIELDS = {"t_focus": 0.0}                 # and recipe fields: those checkpoints drew t uniformly
+ADDED_RECIPE_FIELDS = {"t_focus": 0.0,                 # and recipe fields: those checkpoints drew t uniformly
+                       "optimizer": "adamw"}            # and trained with AdamW
 
 
 def stored_config(saved: dict) -> dict:

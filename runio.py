@@ -184,7 +184,7 @@ class RunIO:
             trained = f" ({n_train:,} trained)" if n_train != n_params else ""
             tqdm.write(f"{self.kind}: {n_params:,} parameters{trained} | {num_items:,} items | global batch "
                        f"{cfg.batch_size} = {d.world} x {local // micro} x {micro} | {d.device} {precision}"
-                       f"{' compiled' if compiled else ''} | lr {cfg.lr:g}"
+                       f"{' compiled' if compiled else ''} | {cfg.optimizer} lr {cfg.lr:g}"
                        f"{f' (to 0 over the last {cfg.lr_warmdown})' if cfg.lr_warmdown else ''} wd {cfg.weight_decay:g}"
                        f" clip {cfg.grad_clip:g} EMA {cfg.ema_decay:g}{f' min-SNR {cfg.min_snr:g}' if cfg.min_snr else ''}"
                        f"{focus_note(cfg)}"

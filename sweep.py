@@ -174,9 +174,12 @@ SMOKE = dict(script="train_dit", cells=[{"corrupt": "0"}, {"corrupt": "0.2"}], s
              fixed_scale=2.0)
 
 # The protocols below were run with the plain DiT-T, before train_dit.py's tiny DiT got its convolutions by default,
-# and with uniform timesteps, before it got --t-focus: their train flags pin both.
+# with uniform timesteps, before it got --t-focus, and with AdamW, before --optimizer muon: their train flags pin all
+# three.
 CONV_PIN = "--pixel-channels 0 --no-token-conv "
 FOCUS_PIN = "--t-focus 0 "
+OPTIMIZER_PIN = "--optimizer adamw "
+PINS = (CONV_PIN, FOCUS_PIN, OPTIMIZER_PIN)
 
 # The CPU experiment (README "Results on the built-in benchmark"), fixed before any of its results was looked at:
 # does CEP-U (the paper's Table 1 method, the theory's perturbed condition c(y) + γξ) help, and more so with few
@@ -190,7 +193,7 @@ BUILTIN = dict(script="train_dit", cells=parse_grid(["builtin_length=50,500", "c
                seeds="0,1,2", jobs=2, judge=2000, metric="fid", fixed_scale=2.0,
                train="--model DiT-T/4 --image-size 16 --steps 1200 --batch-size 32 --lr 1e-3 --ema-decay 0.995 "
                      "--learn-sigma --grad-clip 0 --lr-warmdown 0 --min-snr 0 "   # the DiT defaults when it was fixed
-                     + FOCUS_PIN + CONV_PIN +                                      # (the official DiT)
+                     + OPTIMIZER_PIN + FOCUS_PIN + CONV_PIN +                      # (the official DiT)
                      "--class-dropout 0.1 --sample-every 0 --ckpt-every 300 --log-every 50",
                eval="--num-samples 300 --cfg-scales 1,2,4 --sampler dpm++ --steps 10 --batch-size 300")
 
@@ -223,7 +226,7 @@ TABLE2 = dict(script="train_ldm", cells=[{"base": f"{b}:bases/{b}.pt"} for b in 
 # against 2000 fresh real images, with the memorization columns from --train-ref auto (pixel ratio test: Gu et al.).
 MEM_TRAIN = ("--model DiT-T/2 --image-size 8 --batch-size 50 --ema-decay 0.999 --sample-every 0 --ckpt-every 500 "
              "--log-every 100 --lr-warmdown 0 --min-snr 0 "     # constant lr, plain eps-MSE: the defaults it was run with
-             + FOCUS_PIN + CONV_PIN.strip())                    # uniform timesteps and the official DiT
+             + OPTIMIZER_PIN + FOCUS_PIN + CONV_PIN.strip())    # AdamW, uniform timesteps, the official DiT
 MEM_EVAL = "--num-samples 300 --cfg-scales 1,2 --sampler dpm++ --steps 25 --batch-size 300"
 
 # The map: where does a clean model start copying? Items per class x training length at 8 px (+ one wider model,
@@ -874,13 +877,14 @@ def _without(words: list, pin: list) -> list:
 
 
 def _same_runs_before_pins(old_train: str, train: str) -> bool:
-    """Whether a sweep folder's stored train flags are `train` less CONV_PIN and/or FOCUS_PIN: written before a pin
-    existed, they trained the same runs (a stored config without the convolutions' or --t-focus's fields was trained
-    without them)."""
+    """Whether a sweep folder's stored train flags are `train` less some of the PINS: written before a pin existed,
+    they trained the same runs (a stored config without the convolutions', --t-focus's or --optimizer's fields was
+    trained without them: plain DiT, uniform timesteps, AdamW)."""
     words, old = shlex.split(train), shlex.split(old_train)
-    conv, focus = shlex.split(CONV_PIN), shlex.split(FOCUS_PIN)
-    return old != words and old in (_without(words, conv), _without(words, focus),
-                                    _without(_without(words, conv), focus))
+    variants = [words]
+    for pin in PINS:                                     # every subset of the pins taken out
+        variants += [_without(v, shlex.split(pin)) for v in variants]
+    return old != words and old in variants
 
 
 def pin_protocol(cfg: SweepConfig, runs: list):

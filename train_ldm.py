@@ -87,6 +87,8 @@ def resolve(cfg: LDMConfig) -> LDMConfig:
     """The checked config with every 'auto' decided (a new config; bad values raise RunError)."""
     if cfg.model not in unet.UNET_CONFIGS:
         raise RunError(f"unknown --model {cfg.model!r}; choose one of {', '.join(unet.UNET_CONFIGS)}")
+    if cfg.optimizer == "muon":
+        raise RunError("--optimizer muon trains a DiT's transformer-block matrices; the U-Net has none (use adamw)")
     # the text encoder feeds the U-Net's context directly: its width defaults to the model's context width
     cfg = resolve_run_config(cfg, text_width=cfg.text_width or unet.UNET_CONFIGS[cfg.model]["context_dim"])
     side, f = cfg.latent_shape[1], 2 ** (len(unet.UNET_CONFIGS[cfg.model]["channel_mult"]) - 1)

@@ -44,6 +44,7 @@ import data as datalib
 import diffusion as D
 from cep import unit_noise
 from plumbing.common import Dist, RunError, derive_seed, one_line
+from plumbing.muon import MuonAdamW
 from config import grid_cads, learning_rate
 from runio import Diverged, Resume, RunIO, StopFlag, check_run_folder
 from sources.captions import TokenizedCaptions, encode_prompts, grid_prompts
@@ -132,7 +133,7 @@ class TrainState:
     model: nn.Module                     # the plain module: its state_dict is what checkpoints hold
     train_model: nn.Module               # what the step calls: the model, DDP-wrapped and/or compiled
     ema: nn.Module
-    opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer           # AdamW, or plumbing/muon.py's MuonAdamW (--optimizer muon)
     diffusion: object
     autocast: object
     local_batch: int
@@ -174,8 +175,7 @@ def make_state(cfg, model: nn.Module, diffusion, d: Dist, data: TrainData | None
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     model.to(d.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=cuda or None)
+    opt = make_optimizer(cfg, model, fused=cuda)
     s = TrainState(cfg, d, model, wrap_model(model, cfg, d), ema, opt, diffusion,
                    torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else nullcontext(), local_batch, micro)
     s.cep_shape = getattr(model.cond, "cep_shape", None) if cfg.cep != "none" and cfg.cep_gamma > 0 else None
@@ -192,6 +192,18 @@ def make_state(cfg, model: nn.Module, diffusion, d: Dist, data: TrainData | None
                                                         cfg.corrupt_classes, s.items)
         s.cep_subset = datalib.cep_subset_mask(n, cfg.cep_subset, cfg.seed) if cfg.cep_subset < 1 else None
     return s
+
+
+def make_optimizer(cfg, model: nn.Module, fused: bool = False):
+    """AdamW on every trainable parameter, or with --optimizer muon, Muon on the transformer blocks' matrices and
+    AdamW on the rest (plumbing/muon.py)."""
+    if cfg.optimizer == "muon":
+        try:
+            return MuonAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        except ValueError as e:
+            raise RunError(f"--optimizer muon: {e}") from None
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                             weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused or None)
 
 
 def wrap_model(model: nn.Module, cfg, d: Dist) -> nn.Module:

@@ -65,10 +65,11 @@ def test_release_fine_tunes_two_steps_and_resumes(dit_t2_release, tmp_path, caps
     assert "init from" in out and "class table re-initialised: SOURCE has 1001 rows, this run 11" in out
     # the release's recipe (dit-xl2-in1k's optimiser), not the CPU default's lr 4e-3 / clip 1 / EMA 0.995, on the
     # start line; the batch size given explicitly wins
-    assert "global batch 4 " in out and "| lr 0.0001 wd 0 clip 0 EMA 0.9999 |" in out
+    assert "global batch 4 " in out and "| adamw lr 0.0001 wd 0 clip 0 EMA 0.9999 |" in out
     ckpt = load_checkpoint(str(run / "last.pt"))
     assert {k: ckpt["config"][k] for k in pretrained.OPTIMISER_FIELDS} == dict(
-        lr=1e-4, lr_warmdown=0, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, batch_size=4, min_snr=0.0,
+        optimizer="adamw", lr=1e-4, lr_warmdown=0, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, batch_size=4,
+        min_snr=0.0,
         t_focus=0.0, t_focus_min_log_snr=-2.0, t_focus_max_log_snr=3.5)   # uniform timesteps, as DiT trains
     assert ckpt["step"] == 2 and ckpt["config"]["model"] == "DiT-T/2" and ckpt["config"]["image_size"] == 32
     assert ckpt["config"]["init_from"] == str(dit_t2_release)
@@ -85,8 +86,9 @@ def test_release_recipe_fills_what_the_flags_leave(dit_t2_release):
     recipe = (train_dit.FINE_TUNE, train_dit.PRESETS[train_dit.FINE_TUNE])
     cfg, _, note = pretrained.init_weights(str(dit_t2_release), train_dit.DiTConfig(lr=3e-4), "dit", {"lr"}, recipe)
     assert (cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.ema_decay, cfg.batch_size) == (3e-4, 0.0, 0.0, 0.9999, 256)
-    assert ("optimiser the dit-xl2-in1k preset's (flags or --preset given: lr): lr=0.0003, lr_warmdown=0, "
-            "weight_decay=0, grad_clip=0") in note
+    assert ("optimiser the dit-xl2-in1k preset's (flags or --preset given: lr): optimizer=adamw, lr=0.0003, "
+            "lr_warmdown=0, weight_decay=0, grad_clip=0") in note
+    assert cfg.optimizer == "adamw"                   # DiT's AdamW, not the CPU default's Muon
 
 
 def test_nanocep_checkpoint_first_loss_is_its_ema_models_loss(tmp_path):

@@ -217,8 +217,8 @@ def test_rerun_with_other_settings_is_refused(smoke):
 
 def test_protocols_pin_the_plain_dit_and_folders_from_before_the_pin_still_resume(tmp_path):
     """The committed CPU protocols train the plain DiT-T they were run with (not the convolutions the tiny DiT now gets
-    by default) on uniform timesteps (not --t-focus); a sweep folder written before either pin holds the same runs, so
-    a rerun resumes it."""
+    by default) on uniform timesteps (not --t-focus) with AdamW (not --optimizer muon); a sweep folder written before
+    any of the pins holds the same runs, so a rerun resumes it."""
     import train_dit
     from config import parse_config
     from models import dit
@@ -228,13 +228,15 @@ def test_protocols_pin_the_plain_dit_and_folders_from_before_the_pin_still_resum
         assert dit.default_convs(cfg.model, cfg.pixel_channels, cfg.token_conv) == {"pixel_channels": 0,
                                                                                       "token_conv": False}, preset
         assert cfg.t_focus == 0, preset                                 # and the uniform timesteps they ran with
+        assert cfg.optimizer == "adamw", preset                         # and AdamW
     cfg = sweep.SweepConfig(out=str(tmp_path), grid=["corrupt=0"], train=sweep.MEM_TRAIN)
     runs = [sweep.Run({"corrupt": "0"}, 0, tmp_path, [], [], [1.0])]
     sweep.pin_protocol(cfg, runs)
     stored = json.loads((tmp_path / "sweep.json").read_text())
     for before in (sweep.MEM_TRAIN.replace(" --pixel-channels 0 --no-token-conv", ""),   # as written before a pin
                    sweep.MEM_TRAIN.replace(" --t-focus 0", ""),
-                   sweep.MEM_TRAIN.replace(" --t-focus 0 --pixel-channels 0 --no-token-conv", "")):
+                   sweep.MEM_TRAIN.replace(" --optimizer adamw --t-focus 0 --pixel-channels 0 --no-token-conv", ""),
+                   sweep.MEM_TRAIN.replace(" --optimizer adamw", "")):
         assert before != sweep.MEM_TRAIN
         stored["train"] = before
         (tmp_path / "sweep.json").write_text(json.dumps(stored))

@@ -59,7 +59,8 @@ def test_lr_warmdown_decays_linearly_to_zero_and_resumes_bit_identically(tmp_pat
     assert run_tiny(train_dit.main, tmp_path / "split", *flags, "--resume", "auto") == 0
     a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "split")
     assert all(torch.equal(a[p][k], b[p][k]) for p in ("model", "ema") for k in a[p])
-    assert b["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 3)               # step 3 of 4: 1/3 of lr left
+    for part in ("muon", "adamw"):                     # the CPU default's optimizer: Muon + AdamW, both scheduled
+        assert b["opt"][part]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 3)     # step 3 of 4: 1/3 of lr left
     logged = [r["lr"] for r in records(tmp_path / "straight") if "lr" in r]           # log.jsonl: each step's rate
     assert logged == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])
 
@@ -78,8 +79,9 @@ def test_batched_data_path_trains_bit_identically_to_items_one_by_one(tmp_path, 
     a, b = ckpt(tmp_path / "batched"), ckpt(tmp_path / "one_by_one")
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-    assert all(torch.equal(a["opt"]["state"][i][k], b["opt"]["state"][i][k]) for i in a["opt"]["state"]
-               for k in a["opt"]["state"][i])
+    for part in ("muon", "adamw"):
+        sa, sb = a["opt"][part]["state"], b["opt"][part]["state"]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
@@ -94,9 +96,11 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     # The first step's loss comes before any update: the same draws give the same loss up to float summation order.
     first = lambda run: next(r["loss"] for r in records(tmp_path / run) if r.get("step") == 1)
     assert all(abs(first(other) - first("one")) <= 1e-6 * first("one") for other in ("ddp", "accum"))
-    # After 3 AdamW steps the weights differ by summation order only, amplified where a gradient is near 0 (Adam's
-    # first steps move every weight by about lr = 1e-3 whatever its gradient's size): measured 6e-7 with uniform
-    # timesteps and 1.1e-5 with the default --t-focus; a rank that drew other t or ε would move weights by ~1e-3
+    # After 3 steps the weights differ by summation order only, amplified where a gradient is near 0 (Adam's first
+    # steps move every weight by about lr = 1e-3 whatever its gradient's size; Muon orthogonalises nearly rank-
+    # deficient gradients): measured with AdamW 6e-7 (uniform timesteps) and 1.1e-5 (--t-focus), with the default
+    # Muon (float32 Newton-Schulz) 2.8e-6 / 5.3e-6 (bfloat16, as torch.optim.Muon: 3.7e-4); a rank that drew other
+    # t or ε would move weights by ~1e-3
     for other in ("ddp", "accum"):
         o = ckpt(tmp_path / other)
         for k, v in one["model"].items():
@@ -186,8 +190,8 @@ def test_presets_parse(preset):                       # the pre-training recipes
 
 def test_readme_states_the_cpu_default_recipe():
     """README's first-run paragraph (its measured time, class accuracy and grid) describes what a bare
-    `python train_dit.py` trains: the same steps, batch, learning-rate schedule, weighting, timestep focus,
-    convolutions and grid interval."""
+    `python train_dit.py` trains: the same steps, batch, optimizer, learning-rate schedule, weighting, timestep focus,
+    convolutions, grid interval and grid sampler."""
     import re
     from config import parse_config
     cfg = train_dit.resolve(parse_config(train_dit.DiTConfig, [], train_dit.PRESETS))
@@ -207,6 +211,8 @@ def test_readme_states_the_cpu_default_recipe():
     assert "`--t-focus-min-log-snr LO`, `--t-focus-max-log-snr HI`" in row and f"CPU default uses {cfg.t_focus:g}," in row
     assert f"Min-SNR {cfg.min_snr:g}, `--t-focus {cfg.t_focus:g}`)" in text                       # the --init-from recipe
     assert f"every {cfg.sample_every} steps" in first_run
+    assert cfg.optimizer == "muon" and "`--optimizer muon`" in first_run and "CPU default uses Muon" in text
+    assert f"`--sample-sampler {cfg.sample_sampler} --sample-steps {cfg.sample_steps}`" in first_run
 
 
 def test_checkpoint_from_before_the_convolutions_is_the_official_dit(tmp_path, capsys):

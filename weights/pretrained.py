@@ -575,8 +575,8 @@ def load_pretrained(source, *, root=None, sha256=None, with_vae=True, vae_path=N
 
 SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}                 # kind -> the script that fine-tunes it (messages)
 CLASS_TABLES = ("y_embedder.embedding_table.weight", "cond_stage_model.embedding_table.weight")   # DiT, LDM
-OPTIMISER_FIELDS = ("lr", "lr_warmdown", "weight_decay", "grad_clip", "ema_decay", "batch_size", "min_snr",  # recipe
-                    "t_focus", "t_focus_min_log_snr", "t_focus_max_log_snr")
+OPTIMISER_FIELDS = ("optimizer", "lr", "lr_warmdown", "weight_decay", "grad_clip", "ema_decay", "batch_size",  # recipe
+                    "min_snr", "t_focus", "t_focus_min_log_snr", "t_focus_max_log_snr")
 
 
 def init_weights(source, cfg, kind, explicit=(), recipe=None, chosen=()):
@@ -608,8 +608,13 @@ def init_weights(source, cfg, kind, explicit=(), recipe=None, chosen=()):
     settings = ", ".join(f"{k}={v}" for k, v in fields.items())
     given = [k for k in OPTIMISER_FIELDS if k in explicit or k in chosen]
     optimiser = (f"optimiser {origin}" + (f" (flags or --preset given: {', '.join(given)})" if given else "") + ": "
-                 + ", ".join(f"{k}={getattr(cfg, k):g}" for k in OPTIMISER_FIELDS))
+                 + ", ".join(f"{k}={_number_or_word(getattr(cfg, k))}" for k in OPTIMISER_FIELDS))
     return cfg, sd, f"init from {source}: {what}; {settings}; {optimiser}; optimizer state and step start fresh"
+
+
+def _number_or_word(value) -> str:
+    """A recipe value as the init note prints it: numbers with :g (4e-3, not 0.004), words as they are."""
+    return value if isinstance(value, str) else f"{value:g}"
 
 
 def init_from(cfg, kind, argv=None, recipe=None, presets=None):

@@ -1,0 +1,102 @@
+"""
+Muon (Jordan et al. 2024) on the transformer blocks' weight matrices, AdamW on every other parameter: the optimizer
+`--optimizer muon` builds (trainer.make_optimizer). The CPU default of train_dit.py uses it; DiT and LDM use AdamW.
+
+Muon keeps a momentum of each matrix's gradient and replaces the update by the nearest semi-orthogonal matrix (all
+singular values ≈ 1, the same singular vectors), so every direction of a matrix learns at the same rate whatever its
+gradient's scale. The orthogonalisation is five steps of a quintic Newton-Schulz iteration (Jordan's coefficients,
+which bring the singular values into ≈ [0.7, 1.2] rather than exactly to 1).
+
+Precision: the iteration runs in float32. torch.optim.Muon runs it in bfloat16; its rounding, amplified by the
+orthogonalisation wherever a gradient is nearly rank-deficient, made 2 processes and 1 process differ by 8 % of a
+step's update after 3 steps (float32: 0.03 %), so "1 process = N processes" would not hold.
+
+    opt = MuonAdamW(model, lr=4e-3)     # one lr: Muon's step is scaled to AdamW's update RMS (below)
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)   # the quintic's a, b, c (Jordan et al.; also torch.optim.Muon's)
+
+
+def muon_matrices(model: nn.Module) -> list[str]:
+    """Names of the parameters Muon trains: the trainable 2-D weights inside transformer blocks (`blocks.N.`:
+    attention qkv/proj, MLP fc1/fc2, adaLN modulation). Embeddings, convolutions, the final layer, biases and norms
+    are not hidden matrices and stay with AdamW, as in Muon's own recipe."""
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and p.ndim == 2 and (n.startswith("blocks.") or ".blocks." in n)]
+
+
+@torch.no_grad()
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """(A, B) -> the (A, B) matrix with g's singular vectors and singular values ≈ 1 (float32)."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.float()
+    tall = x.shape[0] > x.shape[1]
+    if tall:                                             # iterate on the wide side: the Gram matrix is the small one
+        x = x.T
+    x = x / x.norm().clamp(min=1e-7)                     # Frobenius norm >= spectral norm: singular values <= 1
+    for _ in range(steps):
+        gram = x @ x.T                                   # (A, A)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum (Nesterov) on 2-D parameters, each update orthogonalised by newton_schulz and scaled by
+    0.2 * sqrt(max(A, B)) (torch's "match_rms_adamw": the update's RMS ≈ 0.2 lr, about AdamW's), decoupled decay."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mom = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mom)                            # buf <- mom * buf + (1 - mom) * g
+                update = newton_schulz(p.grad.lerp(buf, mom), group["ns_steps"])    # Nesterov: look one step ahead
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+
+
+class MuonAdamW:
+    """Muon on muon_matrices(model), AdamW on every other trainable parameter, stepped together with one lr (the
+    trainer's schedule sets every group's). Its state_dict is {"muon": ..., "adamw": ...}: plain data."""
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, fused: bool = False):
+        names = set(muon_matrices(model))
+        if not names:
+            raise ValueError(f"{type(model).__name__} has no transformer-block weight matrices for Muon")
+        params = dict(model.named_parameters())
+        self.muon = Muon([params[n] for n in sorted(names)], lr=lr, weight_decay=weight_decay)
+        self.adamw = torch.optim.AdamW([p for n, p in params.items() if p.requires_grad and n not in names], lr=lr,
+                                       weight_decay=weight_decay, betas=(0.9, 0.999), fused=fused or None)
+
+    @property
+    def param_groups(self) -> list:
+        """Both optimizers' groups, read anew each time: load_state_dict replaces an optimizer's group dicts."""
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])

@@ -1,0 +1,100 @@
+"""--optimizer muon (plumbing/muon.py): the Newton-Schulz orthogonalisation against an SVD, our float32 Muon against
+torch.optim.Muon's bfloat16 one, which parameters each optimizer gets, and a run whose update is Muon's (the test that
+fails if the flag trained with AdamW)."""
+import math
+
+import pytest
+import torch
+
+import train_dit
+import train_ldm
+from conftest import load_ckpt as ckpt, one_error_line, run_tiny
+from models import dit
+from models.encoders import encoder_from_config
+from plumbing.muon import Muon, MuonAdamW, muon_matrices, newton_schulz
+
+
+def ill_conditioned(rows: int, cols: int, seed: int = 0) -> tuple:
+    """(g, U V^T): a random (rows, cols) matrix with singular values from 1e-2 to 1e2, and its polar factor (SVD)."""
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=gen, dtype=torch.float64))
+    k = min(rows, cols)
+    s = torch.logspace(-2, 2, k, dtype=torch.float64)
+    g = u[:, :k] @ torch.diag(s) @ v[:, :k].T
+    return g.float(), (u[:, :k] @ v[:, :k].T).float()
+
+
+@pytest.mark.parametrize("shape", [(64, 160), (160, 64)])
+def test_newton_schulz_keeps_the_singular_vectors_and_flattens_the_singular_values(shape):
+    """Five quintic steps bring every direction of a gradient above 1/300 of its largest singular value (those span
+    2.5 decades here) to a singular value in [0.6, 1.25] (Jordan's coefficients do not converge to 1 exactly), keeping
+    its singular vectors: the result points along U V^T (SVD), far closer than the gradient itself."""
+    g, polar = ill_conditioned(*shape)
+    o = newton_schulz(g)
+    assert o.shape == g.shape and o.dtype == torch.float32
+    sv = torch.linalg.svdvals(o.double())
+    lifted = torch.linalg.svdvals(g.double()) > 100 / 300        # the largest is 1e2, the smallest 1e-2
+    assert sv[lifted].min() > 0.6 and sv.max() < 1.25, sv         # tinier directions are not lifted in 5 steps
+    cos = lambda a: ((a * polar).sum() / (a.norm() * polar.norm())).item()
+    assert cos(o) > 0.8 and cos(g) < 0.5, (cos(o), cos(g))        # measured 0.86 and 0.46
+
+
+def test_our_muon_equals_torch_muon_up_to_its_bfloat16():
+    """Three steps of our Muon and of torch.optim.Muon (adjust_lr_fn="match_rms_adamw", the same momentum, Nesterov
+    and coefficients) on the same gradients: the same weights to bfloat16's precision; their RMS update is ≈ 0.2 lr."""
+    g = torch.randn(96, 48, generator=torch.Generator().manual_seed(0))   # bfloat16 needs a tame spectrum
+    ours, theirs = torch.nn.Parameter(torch.zeros(96, 48)), torch.nn.Parameter(torch.zeros(96, 48))
+    opt_ours = Muon([ours], lr=1e-2)
+    opt_theirs = torch.optim.Muon([theirs], lr=1e-2, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    for i in range(3):
+        for p, o in ((ours, opt_ours), (theirs, opt_theirs)):
+            p.grad = g * (1 + i)
+            o.step()
+    assert (ours - theirs).norm() < 2e-2 * theirs.norm()
+    rms_per_step = ours.detach().pow(2).mean().sqrt() / 3 / 1e-2
+    assert 0.1 < rms_per_step < 0.25, rms_per_step
+
+
+def test_muon_gets_the_block_matrices_and_adamw_the_rest():
+    """The tiny DiT's Muon parameters are exactly the 5 matrices of each of its 4 blocks; AdamW gets every other
+    trainable parameter (embeddings, convolutions, final layer, biases); none is in both."""
+    cfg = train_dit.resolve(train_dit.DiTConfig(num_classes=10))
+    model = dit.from_config(cfg, encoder_from_config)
+    expected = {f"blocks.{i}.{m}.weight" for i in range(4)
+                for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")}
+    assert set(muon_matrices(model)) == expected
+    opt = MuonAdamW(model, lr=1e-3)
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    assert not muon & adamw
+    assert muon | adamw == {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(opt.param_groups) == 2
+
+
+def test_the_cpu_default_trains_with_muon_and_adamw_when_asked(tmp_path):
+    """Two steps from the zero-initialised adaLN matrix of block 0 (768 x 128): the first step's gradient is 0 (the
+    output conv starts at 0), the second's has rank <= the batch, 8. With Muon (the CPU default) the weight is then
+    one orthogonalised step, its top singular values 0.2 lr sqrt(768) x [0.6, 1.25]; with --optimizer adamw it is
+    Adam's step, about ±0.74 lr per weight, whose top singular value is far larger. The checkpoint holds both
+    optimizers' states."""
+    key, lr = "blocks.0.adaLN_modulation.1.weight", 1e-3
+    assert run_tiny(train_dit.main, tmp_path / "muon", "--steps", 2) == 0
+    assert run_tiny(train_dit.main, tmp_path / "adamw", "--steps", 2, "--optimizer", "adamw") == 0
+    m, a = ckpt(tmp_path / "muon"), ckpt(tmp_path / "adamw")
+    assert m["config"]["optimizer"] == "muon" and set(m["opt"]) == {"muon", "adamw"}
+    assert a["config"]["optimizer"] == "adamw" and "state" in a["opt"]
+    scale = 0.2 * lr * math.sqrt(768)
+    top = torch.linalg.svdvals(m["model"][key].double())[:8] / scale
+    assert top.min() > 0.6 and top.max() < 1.25, top
+    assert torch.linalg.svdvals(a["model"][key].double())[0] / scale > 5
+
+
+def test_muon_is_refused_where_it_has_nothing_to_train(tmp_path, capsys):
+    """The U-Net has no transformer blocks: --optimizer muon is one line, exit 2, no run folder."""
+    assert train_ldm.main(["--optimizer", "muon", "--steps", "1", "--out", str(tmp_path / "u")]) == 2
+    assert "--optimizer muon" in one_error_line(capsys, "train_ldm.py") and not (tmp_path / "u").exists()
+    with pytest.raises(SystemExit) as e:                          # argparse's own line: usage, then the error
+        train_dit.main(["--optimizer", "sgd", "--out", str(tmp_path / "d")])
+    assert e.value.code == 2 and "--optimizer: invalid choice: 'sgd'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
