@@ -127,10 +127,11 @@ class TrainConfig:
     optimizer: str = opt("adamw", "adamw (DiT and LDM) | muon: Muon on the DiT's transformer-block weight matrices, "
                          "AdamW on every other parameter (plumbing/muon.py; the U-Net has no such blocks)",
                          choices=["adamw", "muon"], experiment=True)
-    lr: float = opt(1e-3, "AdamW learning rate (constant, as DiT and LDM, unless --lr-warmdown)")
+    lr: float = opt(1e-3, "learning rate (AdamW's; Muon's step is scaled to match; constant, as DiT and LDM, unless "
+                    "--lr-warmdown)")
     lr_warmdown: int = opt(0, "decay the learning rate linearly to 0 over the last N steps (all of them when the run "
                            "is shorter); 0 = constant, as DiT and LDM")
-    weight_decay: float = opt(0.0, "AdamW weight decay (CompVis LDM: torch's default 0.01)")
+    weight_decay: float = opt(0.0, "decoupled weight decay, AdamW's and Muon's (CompVis LDM: torch's default 0.01)")
     grad_clip: float = opt(0.0, "clip the gradient norm to this value; 0 = off (DiT and LDM use none)")
     ema_decay: float = opt(0.995, "EMA decay of the weights used for sampling (DiT and LDM's LitEma: 0.9999)")
     # run

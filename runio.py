@@ -90,10 +90,13 @@ def check_experiment(cfg, saved: dict, path: str) -> list:
         theirs, ours = saved.get(name, defaults[name]), getattr(cfg, name)   # older checkpoints: the default
         if theirs == ours:
             continue
+        flag = "--" + name.replace("_", "-")
         if name not in allowed:
-            flag = "--" + name.replace("_", "-")
             raise RunError(f"cannot resume from {path}: it has {flag} {theirs!r} but this run has {ours!r} (resume "
                            f"with the same value, or pass --resume-override {name} to change it on purpose)")
+        if name == "optimizer":                          # AdamW's state and MuonAdamW's do not map onto each other
+            raise RunError(f"cannot resume from {path} with another optimizer ({theirs} -> {ours}): its state does not "
+                           f"carry over; start a new run from its weights with --init-from {path} {flag} {ours}")
         changes.append({"field": name, "checkpoint": theirs, "now": ours})
     return changes
 

@@ -1,7 +1,7 @@
 """
 Train a class- or text-conditional DiT (Peebles & Xie, 2023) under condition corruption and CEP.
 
-    python train_dit.py                                            # tiny DiT on the built-in dataset, CPU, 7.5-14 min
+    python train_dit.py                                            # tiny DiT on the built-in dataset, CPU, 7.5-13.5 min
     python train_dit.py --corrupt 0.05 --cep uniform               # 5% flipped labels + CEP-U (paper §5)
     python train_dit.py --cond text --corrupt 0.05 --cep uniform   # captions: 5% swapped + CEP-U on the text encoder
     python train_dit.py --cond text --data /data/cc3m --tokenizer gpt2.tiktoken    # img2dataset folder, GPT-2 BPE
@@ -52,11 +52,11 @@ class DiTConfig(TrainConfig):
     optimizer: str = opt("muon", "adamw | muon: Muon on the transformer blocks' weight matrices, AdamW on the rest "
                          "(trainer.py; the CPU default: muon, its crosses gain +0.03 at the same steps; DiT: adamw)",
                          choices=["adamw", "muon"], experiment=True)
-    lr: float = opt(4e-3, "AdamW learning rate (constant; DiT uses 1e-4, the tiny CPU default learned fastest at 4e-3 "
+    lr: float = opt(4e-3, "learning rate of AdamW and Muon (constant; DiT uses 1e-4, the tiny CPU default learned fastest at 4e-3 "
                     "at batch 64; at 32, 3e-3 and 5.5e-3 score the same)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this value; 0 = off (DiT uses none; the CPU "
                            "default was tuned with 1 at lr 4e-3)")
-    steps: int = opt(3000, "training steps (the CPU default: 7.5-14 min alone on 2 cores, by the machine)")
+    steps: int = opt(3000, "training steps (the CPU default: 7.5-13.5 min alone on 2 cores, by the machine)")
     batch_size: int = opt(32, "global batch size (split over processes; the CPU default: 32, twice the updates of 64 "
                           "for the same images and time, which its crosses need; DiT: 256)", experiment=True)
     lr_warmdown: int = opt(1000, "decay the learning rate linearly to 0 over the last N steps (the CPU default: 1000 "
@@ -66,8 +66,8 @@ class DiTConfig(TrainConfig):
     t_focus: float = opt(0.5, "timestep focus: each timestep comes with this probability uniformly from the focus "
                          "band (--t-focus-min/max-log-snr), else from all steps (the CPU default: 0.5, where its "
                          "crosses form; DiT: 0 = uniform)", experiment=True)
-    sample_every: int = opt(1000, "write an EMA sample grid every N steps; 0 = never (the CPU default: 1000, each "
-                            "grid costs about 7 s)")
+    sample_every: int = opt(1000, "write an EMA sample grid every N steps; 0 = never (the CPU default: 1000; a DDPM-50 "
+                            "grid makes twice the model calls of a DPM-Solver++-25 one, which took about 7 s)")
     sample_sampler: str = opt("ddpm", "sampler of the sample grids: dpm++ | ddim | ddpm (the CPU default: ddpm, 50 "
                               "steps, whose fresh noise at every step draws straighter crosses than DPM-Solver++)",
                               choices=["dpm++", "ddim", "ddpm"])

@@ -160,7 +160,7 @@ class TrainState:
 
 def make_state(cfg, model: nn.Module, diffusion, d: Dist, data: TrainData | None = None,
                start_step: int = 0) -> TrainState:
-    """Move the model to its device, copy the EMA, build fused AdamW, pick the precision, wrap for DDP and compile, and
+    """Move the model to its device, copy the EMA, build the optimizer (fused AdamW on GPU), pick the precision, wrap for DDP and compile, and
     set up the per-step extras of the data (random corruption, CEP subset, cached posterior)."""
     if cfg.batch_size % d.world:
         raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
@@ -273,7 +273,7 @@ def item_cep_noise(items, seed: int, mode: str, shape: tuple, device) -> torch.T
 def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int,
                control: torch.Tensor | None = None) -> torch.Tensor:
     """One optimisation step on this rank's share (x, y) of the global batch of `step`, as the paper trains:
-    draws -> the condition (label corruption, CFG dropout, CEP) -> diffusion loss -> backward -> AdamW -> EMA.
+    draws -> the condition (label corruption, CFG dropout, CEP) -> diffusion loss -> backward -> AdamW (or Muon) -> EMA.
     Returns the mean loss as a 0-d device tensor (no host synchronisation). control: this rank's control maps
     (b, 3, H, W) for a ControlNet (--control)."""
     cfg = s.cfg
@@ -286,7 +286,7 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int,
     if control is not None:                             # a ControlNet's spatial condition
         cond["control"] = control.to(s.d.device, non_blocking=True)
     loss = backward(s, x, y, cond, draws)               # the diffusion loss, accumulated over micro-batches
-    update(s, step)                                     # gradient clip -> AdamW -> EMA
+    update(s, step)                                     # gradient clip -> optimizer -> EMA
     return loss
 
 
@@ -338,7 +338,7 @@ def backward(s: TrainState, x: torch.Tensor, y: torch.Tensor, extra: dict, draws
 
 
 def update(s: TrainState, step: int) -> None:
-    """Clip the gradient norm (--grad-clip), take the AdamW step at the step's learning rate, and move the EMA towards
+    """Clip the gradient norm (--grad-clip), take the optimizer's step at the step's learning rate, and move the EMA towards
     the new weights."""
     if s.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(s.ema_pairs[1], s.cfg.grad_clip)
@@ -460,9 +460,12 @@ def grid_sampler(cfg, diffusion, data: TrainData):
         net = model if controls is None else functools.partial(model, control=controls.to(dev))
         fn = cfg_model_fn(net, y, model.cond.null_like(y), scale, learn_sigma=cfg.learn_sigma)
         seeds = range(cfg.seed, cfg.seed + len(y))                     # CADS noise: one stream per image
+        # DDPM's (and DDIM eta > 0's) fresh noise at every step: fixed too, one CPU stream per image, new each grid
+        steps_noise = [torch.Generator().manual_seed(derive_seed(cfg.seed, "grid_step", i)) for i in range(len(y))]
         with nullcontext() if cads is None else cads.sampling(model, model.cond, seeds, diffusion.num_timesteps):
             x = diffusion.sample(fn, noise.to(dev), sampler=cfg.sample_sampler, steps=cfg.sample_steps,
-                                 clip_x0=data.decode is None)      # pixel space: keep x0 estimates in [-1, 1]
+                                 clip_x0=data.decode is None,       # pixel space: keep x0 estimates in [-1, 1]
+                                 generator=steps_noise)
         if data.prompts is not None:                               # the grid's rows, beside its PNGs
             with open(os.path.join(cfg.out, "samples", "captions.txt"), "w", encoding="utf-8") as f:
                 f.write("".join(p + "\n" for p in data.prompts))

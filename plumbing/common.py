@@ -81,6 +81,7 @@ SEED_STREAMS = {
     "module": (1000, 0, 1),             # the per-rank torch RNG that modules draw from (--cond-dropout): index = rank
     "loader": (1, 0, 1_000_003),        # the DataLoader's own generator (worker seeds): index = the start step
     "grid": (1, 0, 0),                  # the sample grids' fixed noise
+    "grid_step": (1, 0x6D1 << 44, 1_000_003),   # a stochastic grid sampler's (DDPM's) per-step noise of image `index`
     "corrupt": (1, 0xC0 << 56, 7_919_993),      # --corrupt-mode random: the host-side seed of step `index`
     "cep_item": (1, 0xCE9 << 52, 1_000_003),    # --cep-fixed-delta: the fixed CEP noise of item `index`
     "focus": (1, 0xF0C << 48, 7_919_993),       # --t-focus: which timesteps of step `index` move into the band

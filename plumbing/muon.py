@@ -22,16 +22,27 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)   # the quintic's a, b, c (Jordan et
 
 
 def muon_matrices(model: nn.Module) -> list[str]:
-    """Names of the parameters Muon trains: the trainable 2-D weights inside transformer blocks (`blocks.N.`:
-    attention qkv/proj, MLP fc1/fc2, adaLN modulation). Embeddings, convolutions, the final layer, biases and norms
-    are not hidden matrices and stay with AdamW, as in Muon's own recipe."""
+    """Names of the parameters Muon trains: the trainable 2-D weights inside transformer blocks (`blocks.N.`: the
+    DiT's attention qkv/proj, MLP fc1/fc2 and adaLN modulation; with --cond text also the text encoder's blocks, and a
+    ControlNet's trainable copies). Embeddings, convolutions, the final layer, biases and norms are not hidden
+    matrices and stay with AdamW, as in Muon's own recipe."""
     return [n for n, p in model.named_parameters()
             if p.requires_grad and p.ndim == 2 and (n.startswith("blocks.") or ".blocks." in n)]
 
 
 @torch.no_grad()
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """(A, B) -> the (A, B) matrix with g's singular vectors and singular values ≈ 1 (float32)."""
+    """(A, B) -> the (A, B) matrix with g's singular vectors and singular values ≈ 1 (float32, also on a GPU: the
+    trainer's TF32 matmuls, 10-bit mantissas, are switched off for it)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _newton_schulz(g, steps)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
     a, b, c = NS_COEFFICIENTS
     x = g.float()
     tall = x.shape[0] > x.shape[1]

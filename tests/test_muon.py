@@ -40,19 +40,31 @@ def test_newton_schulz_keeps_the_singular_vectors_and_flattens_the_singular_valu
     assert cos(o) > 0.8 and cos(g) < 0.5, (cos(o), cos(g))        # measured 0.86 and 0.46
 
 
-def test_our_muon_equals_torch_muon_up_to_its_bfloat16():
-    """Three steps of our Muon and of torch.optim.Muon (adjust_lr_fn="match_rms_adamw", the same momentum, Nesterov
-    and coefficients) on the same gradients: the same weights to bfloat16's precision; their RMS update is ≈ 0.2 lr."""
-    g = torch.randn(96, 48, generator=torch.Generator().manual_seed(0))   # bfloat16 needs a tame spectrum
-    ours, theirs = torch.nn.Parameter(torch.zeros(96, 48)), torch.nn.Parameter(torch.zeros(96, 48))
-    opt_ours = Muon([ours], lr=1e-2)
-    opt_theirs = torch.optim.Muon([theirs], lr=1e-2, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
-    for i in range(3):
-        for p, o in ((ours, opt_ours), (theirs, opt_theirs)):
-            p.grad = g * (1 + i)
-            o.step()
-    assert (ours - theirs).norm() < 2e-2 * theirs.norm()
-    rms_per_step = ours.detach().pow(2).mean().sqrt() / 3 / 1e-2
+def test_our_muon_equals_torch_muon_up_to_its_bfloat16(monkeypatch):
+    """Three steps of our Muon and of torch.optim.Muon (adjust_lr_fn="match_rms_adamw", the same momentum, Nesterov,
+    coefficients and decoupled weight decay) on independent gradients, from the same weights: equal to float32
+    precision once torch's iteration is made float32 too, to bfloat16's as torch ships it; the momentum matters."""
+    import torch.optim._muon as torch_muon
+    gen = torch.Generator().manual_seed(0)
+    w0, grads = torch.randn(96, 48, generator=gen), [torch.randn(96, 48, generator=gen) for _ in range(3)]
+
+    def three_steps(make):
+        p = torch.nn.Parameter(w0.clone())
+        opt = make(p)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach()
+    ours = three_steps(lambda p: Muon([p], lr=1e-2, weight_decay=0.1))
+    no_momentum = three_steps(lambda p: Muon([p], lr=1e-2, weight_decay=0.1, momentum=0.0))
+    theirs = lambda: three_steps(lambda p: torch.optim.Muon([p], lr=1e-2, weight_decay=0.1,
+                                                            adjust_lr_fn="match_rms_adamw"))
+    assert (ours - theirs()).norm() < 2e-2 * (theirs() - w0).norm()              # bfloat16
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", lambda g, coefficients, steps, eps:
+                        newton_schulz(g, steps))                              # torch's steps, our float32 iteration
+    assert (ours - theirs()).norm() < 1e-5 * (theirs() - w0).norm()
+    assert (ours - no_momentum).norm() > 0.1 * (ours - w0).norm()              # (the momentum is in the comparison)
+    rms_per_step = (ours - w0 * (1 - 1e-3) ** 3).pow(2).mean().sqrt() / 3 / 1e-2
     assert 0.1 < rms_per_step < 0.25, rms_per_step
 
 
@@ -98,3 +110,23 @@ def test_muon_is_refused_where_it_has_nothing_to_train(tmp_path, capsys):
         train_dit.main(["--optimizer", "sgd", "--out", str(tmp_path / "d")])
     assert e.value.code == 2 and "--optimizer: invalid choice: 'sgd'" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_a_checkpoint_from_before_the_flag_is_adamw_and_its_optimizer_cannot_change_on_resume(tmp_path, capsys):
+    """A checkpoint whose config has no optimizer field was trained with AdamW: --init-from takes AdamW, resuming it
+    under the CPU default (muon) is refused naming the flag, --resume-override cannot switch the optimizer (its state
+    does not carry over: one line pointing to --init-from, not a traceback), and with --optimizer adamw it resumes."""
+    run = tmp_path / "old"
+    assert run_tiny(train_dit.main, run, "--steps", 2, "--optimizer", "adamw") == 0
+    state = ckpt(run)
+    del state["config"]["optimizer"]
+    torch.save(state, run / "last.pt")
+    assert run_tiny(train_dit.main, tmp_path / "ft", "--steps", 1, "--init-from", run / "last.pt") == 0
+    assert ckpt(tmp_path / "ft")["config"]["optimizer"] == "adamw"
+    capsys.readouterr()
+    assert run_tiny(train_dit.main, run, "--steps", 4, "--resume", "auto") == 2
+    assert "--optimizer 'adamw'" in one_error_line(capsys)
+    assert run_tiny(train_dit.main, run, "--steps", 4, "--resume", "auto", "--resume-override", "optimizer") == 2
+    assert f"--init-from {run / 'last.pt'} --optimizer muon" in one_error_line(capsys)
+    assert run_tiny(train_dit.main, run, "--steps", 4, "--resume", "auto", "--optimizer", "adamw") == 0
+    assert ckpt(run)["step"] == 4

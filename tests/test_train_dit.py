@@ -12,6 +12,7 @@ import torch
 
 import data
 import diffusion
+from models.encoders import encoder_from_config
 import train_dit
 from models import dit
 from conftest import ROOT, TINY, builtin_item_one_by_one, run_tiny, check_resume_is_bit_identical, \
@@ -260,3 +261,23 @@ def test_on_the_fly_vae_latents_train_and_grid_decodes(tmp_path):
     from PIL import Image
     grid = Image.open(tmp_path / "run" / "samples" / "step_0000002.png")
     assert grid.size[0] >= 64                                          # decoded back to 32px images (upscaled)
+
+
+def test_ddpm_grids_have_fixed_noise_and_leave_the_global_rng_alone():
+    """The CPU default samples its grids with DDPM, which draws fresh noise at every step: that noise comes from the
+    run's seed (one stream per grid image), so every grid of a run, and its judge line, is a function of the weights
+    and the seed only, not of what else drew from the global RNG (e.g. --cond-dropout)."""
+    import types
+    import trainer
+    cfg = train_dit.resolve(train_dit.DiTConfig(image_size=8, num_classes=10, sample_per_class=1, sample_steps=3))
+    assert cfg.sample_sampler == "ddpm"
+    model = dit.from_config(cfg, encoder_from_config).eval()
+    torch.nn.init.normal_(model.pixel_out[-1].weight, std=0.1)      # a non-zero output, so the noise matters
+    data_ = types.SimpleNamespace(num_classes=10, prompts=None, dataset=None, decode=None)
+    sample = trainer.grid_sampler(cfg, diffusion.from_config(cfg), data_)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    a = sample(model)
+    assert torch.equal(torch.get_rng_state(), before)                # nothing drawn from the global RNG
+    torch.manual_seed(2)
+    assert torch.equal(sample(model), a)                             # and the same grid whatever its state

@@ -7,8 +7,8 @@ compile setting. Every flag the train script takes works here too (they build th
     python -m tools.bench --device cuda --model DiT-XL/2 --vae kl-f8 --image-size 256 --batch-size 32 --precision bf16 --compile
     python -m tools.bench --script train_ldm --model ldm4-cin256 --vae vq-f4 --image-size 256 --batch-size 8   # the U-Net
 
-A step here is the trainer's own `trainer.train_step` (draws, CFG drop, loss, backward, AdamW, EMA), timed by
-measure.py on latents of the model's input shape; FLOPs come from torch's FlopCounterMode on one forward+backward, and
+A step here is the trainer's own `trainer.train_step` (draws, CFG drop, loss, backward, optimizer step, EMA), timed
+by measure.py on latents of the model's input shape; FLOPs come from torch's FlopCounterMode on one forward+backward, and
 MFU divides the achieved FLOP/s by the accelerator's dense bf16 peak (--peak-tflops to override).
 """
 import sys

@@ -43,7 +43,8 @@ from tools import measure
 from plumbing.common import ArgParser, atomic_open, one_line
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
-DIT_XL = ["--model", "DiT-XL/2", "--learn-sigma", "--grad-clip", "0", "--vae", "kl-f8", "--image-size", "256", "--num-classes", "1000",
+DIT_XL = ["--model", "DiT-XL/2", "--learn-sigma", "--grad-clip", "0", "--optimizer", "adamw",
+          "--vae", "kl-f8", "--image-size", "256", "--num-classes", "1000",
           "--precision", "bf16", "--compile", "--device", "cuda"]
 LDM4 = ["--model", "ldm4-cin256", "--vae", "vq-f4", "--image-size", "256", "--num-classes", "1000",
         "--precision", "bf16", "--compile", "--device", "cuda"]

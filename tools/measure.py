@@ -4,8 +4,8 @@ and the training rows of the GPU check (gpu_suite.py) tabulate; nothing to run h
 
     r = measure("train_dit", ["--model", "DiT-XL/2", "--vae", "kl-f8", "--image-size", "256", "--batch-size", "32"])
 
-A step is the trainer's own `trainer.train_step` (draws, CFG drop, loss, backward, AdamW, EMA) on random latents of the
-model's input shape (the VAE encode is not included: with a latent cache it is not in the loop); the model is rebuilt
+A step is the trainer's own `trainer.train_step` (draws, CFG drop, loss, backward, optimizer step, EMA) on random
+latents of the model's input shape (the VAE encode is not included: with a latent cache it is not in the loop); the model is rebuilt
 through the train script's FAMILY, as evaluate.py does. FLOPs are counted by torch's FlopCounterMode on one
 forward+backward (attention included where torch has a formula for its kernel: the CUDA ones, not the CPU flash
 kernel), and MFU divides the achieved FLOP/s by the accelerator's dense bf16 peak.
@@ -94,7 +94,7 @@ def build_step(family, cfg, dev: torch.device):
     from trainer import make_state, train_step
     torch.manual_seed(0)
     model, diffusion = family.build(cfg)
-    s = make_state(cfg, model, diffusion, Dist(device=dev))          # the trainer's own state: AdamW, EMA, compile
+    s = make_state(cfg, model, diffusion, Dist(device=dev))          # the trainer's own state: optimizer, EMA, compile
     x, y = synthetic_batch(cfg, dev)
 
     def step(i: int = 0):
