@@ -197,13 +197,14 @@ def make_state(cfg, model: nn.Module, diffusion, d: Dist, data: TrainData | None
 def make_optimizer(cfg, model: nn.Module, fused: bool = False):
     """AdamW on every trainable parameter, or with --optimizer muon, Muon on the transformer blocks' matrices and
     AdamW on the rest (plumbing/muon.py)."""
+    adamw = functools.partial(torch.optim.AdamW, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                              fused=fused or None)
     if cfg.optimizer == "muon":
         try:
-            return MuonAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+            return MuonAdamW(model, cfg.lr, cfg.weight_decay, adamw=adamw)
         except ValueError as e:
             raise RunError(f"--optimizer muon: {e}") from None
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                             weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused or None)
+    return adamw([p for p in model.parameters() if p.requires_grad])
 
 
 def wrap_model(model: nn.Module, cfg, d: Dist) -> nn.Module:
@@ -338,8 +339,8 @@ def backward(s: TrainState, x: torch.Tensor, y: torch.Tensor, extra: dict, draws
 
 
 def update(s: TrainState, step: int) -> None:
-    """Clip the gradient norm (--grad-clip), take the optimizer's step at the step's learning rate, and move the EMA towards
-    the new weights."""
+    """Clip the gradient norm (--grad-clip), take the optimizer's step at the step's learning rate, and move the EMA
+    towards the new weights."""
     if s.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(s.ema_pairs[1], s.cfg.grad_clip)
     for group in s.opt.param_groups:

@@ -11,9 +11,11 @@ Precision: the iteration runs in float32. torch.optim.Muon runs it in bfloat16; 
 orthogonalisation wherever a gradient is nearly rank-deficient, made 2 processes and 1 process differ by 8 % of a
 step's update after 3 steps (float32: 0.03 %), so "1 process = N processes" would not hold.
 
-    opt = MuonAdamW(model, lr=4e-3)     # one lr: Muon's step is scaled to AdamW's update RMS (below)
+    opt = MuonAdamW(model, 4e-3, adamw=functools.partial(torch.optim.AdamW, lr=4e-3))   # one lr: Muon's step is
+                                                                   # scaled to AdamW's update RMS (below)
 """
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -32,17 +34,8 @@ def muon_matrices(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """(A, B) -> the (A, B) matrix with g's singular vectors and singular values ≈ 1 (float32, also on a GPU: the
-    trainer's TF32 matmuls, 10-bit mantissas, are switched off for it)."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        return _newton_schulz(g, steps)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
-def _newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """(A, B) -> the (A, B) matrix with g's singular vectors and singular values ≈ 1, in float32 (Muon.step switches
+    off the trainer's TF32 matmuls, 10-bit mantissas, around it on a GPU)."""
     a, b, c = NS_COEFFICIENTS
     x = g.float()
     tall = x.shape[0] > x.shape[1]
@@ -64,6 +57,14 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False    # float32 orthogonalisation on a GPU too
+        try:
+            self._step()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+
+    def _step(self):
         for group in self.param_groups:
             lr, mom = group["lr"], group["momentum"]
             for p in group["params"]:
@@ -80,17 +81,17 @@ class Muon(torch.optim.Optimizer):
 
 
 class MuonAdamW:
-    """Muon on muon_matrices(model), AdamW on every other trainable parameter, stepped together with one lr (the
-    trainer's schedule sets every group's). Its state_dict is {"muon": ..., "adamw": ...}: plain data."""
+    """Muon on muon_matrices(model), adamw(params) (the caller's AdamW, its settings written once) on every other
+    trainable parameter, stepped together with one lr (the trainer's schedule sets every group's). Its state_dict is
+    {"muon": ..., "adamw": ...}: plain data."""
 
-    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, fused: bool = False):
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, *, adamw: Callable):
         names = set(muon_matrices(model))
         if not names:
             raise ValueError(f"{type(model).__name__} has no transformer-block weight matrices for Muon")
         params = dict(model.named_parameters())
         self.muon = Muon([params[n] for n in sorted(names)], lr=lr, weight_decay=weight_decay)
-        self.adamw = torch.optim.AdamW([p for n, p in params.items() if p.requires_grad and n not in names], lr=lr,
-                                       weight_decay=weight_decay, betas=(0.9, 0.999), fused=fused or None)
+        self.adamw = adamw([p for n, p in params.items() if p.requires_grad and n not in names])
 
     @property
     def param_groups(self) -> list:

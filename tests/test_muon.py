@@ -1,6 +1,7 @@
 """--optimizer muon (plumbing/muon.py): the Newton-Schulz orthogonalisation against an SVD, our float32 Muon against
 torch.optim.Muon's bfloat16 one, which parameters each optimizer gets, and a run whose update is Muon's (the test that
 fails if the flag trained with AdamW)."""
+import functools
 import math
 
 import pytest
@@ -76,7 +77,7 @@ def test_muon_gets_the_block_matrices_and_adamw_the_rest():
     expected = {f"blocks.{i}.{m}.weight" for i in range(4)
                 for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")}
     assert set(muon_matrices(model)) == expected
-    opt = MuonAdamW(model, lr=1e-3)
+    opt = MuonAdamW(model, 1e-3, adamw=functools.partial(torch.optim.AdamW, lr=1e-3))
     muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
     assert not muon & adamw
