@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)   # the quintic's a, b, c (Jordan et al.; also torch.optim.Muon's)
+GRAM_RESTART = 3                              # ns_gram forms the Gram matrix anew from x every this many steps
 
 
 def muon_matrices(model: nn.Module) -> list[str]:
@@ -35,17 +36,53 @@ def muon_matrices(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """(A, B) -> the (A, B) matrix with g's singular vectors and singular values ≈ 1, in float32 (Muon.step switches
-    off the trainer's TF32 matmuls, 10-bit mantissas, around it on a GPU)."""
-    a, b, c = NS_COEFFICIENTS
+    off the trainer's TF32 matmuls, 10-bit mantissas, around it on a GPU). The same iteration in either of two forms,
+    whichever costs fewer multiply-adds: the direct one for near-square matrices, the Gram one (ns_gram) for the
+    elongated ones (a DiT block's qkv, MLP and adaLN matrices, 3 to 6 times longer than wide)."""
     x = g.float()
     tall = x.shape[0] > x.shape[1]
     if tall:                                             # iterate on the wide side: the Gram matrix is the small one
         x = x.T
     x = x / x.norm().clamp(min=1e-7)                     # Frobenius norm >= spectral norm: singular values <= 1
-    for _ in range(steps):
-        gram = x @ x.T                                   # (A, A)
-        x = a * x + (b * gram + c * gram @ gram) @ x
+    direct_cost, gram_cost = ns_costs(*x.shape, steps)   # (m, n), m <= n
+    x = ns_gram(x, steps) if gram_cost < direct_cost else ns_direct(x, steps)
     return x.T if tall else x
+
+
+def ns_direct(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """(m, n) -> (m, n), m <= n: `steps` quintic steps x <- p(x xᵀ) x, p(G) = a + b G + c G² (each 2 products of
+    (m, m) by (m, n))."""
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        gram = x @ x.T                                   # (m, m)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x
+
+
+def ns_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """ns_direct's result, computed on the (m, m) Gram matrix: p(G) is a polynomial in G, so it is symmetric and
+    commutes with G, and the next step's Gram matrix is p(G) G p(G); the (m, n) matrix is touched only to form G and
+    to apply the product of the steps' p(G). G squares x's condition number, and float32 rounding in it, amplified by
+    each step, left 1e-4 of the result wrong on an ill-conditioned gradient: so G is formed anew from x every
+    GRAM_RESTART steps, which keeps it to ns_direct's float32 error (5e-6 against float64; tests/test_muon.py)."""
+    a, b, c = NS_COEFFICIENTS
+    for first in range(0, steps, GRAM_RESTART):
+        run = min(GRAM_RESTART, steps - first)
+        gram, product = x @ x.T, None                                  # (m, m) each
+        for k in range(run):
+            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)      # b G + c G²
+            poly.diagonal().add_(a)                                    # + a I
+            product = poly if product is None else poly @ product
+            if k < run - 1:
+                gram = poly @ gram @ poly                              # the Gram matrix of p(G) x
+        x = product @ x
+    return x
+
+
+def ns_costs(m: int, n: int, steps: int) -> tuple[int, int]:
+    """Multiply-adds of (ns_direct, ns_gram) on an (m, n) matrix, m <= n."""
+    runs = [min(GRAM_RESTART, steps - first) for first in range(0, steps, GRAM_RESTART)]
+    return steps * (2 * m * m * n + m ** 3), sum(2 * m * m * n + (4 * r - 3) * m ** 3 for r in runs)
 
 
 class Muon(torch.optim.Optimizer):
