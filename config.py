@@ -184,7 +184,7 @@ def learning_rate(cfg, step: int) -> float:
 
 # Architecture fields added after checkpoints had been written, with the value those checkpoints were trained with
 # (not the field's default): every stored config is read through stored_config.
-ADDED_ARCH_FIELDS = {"pixel_channels": 0, "token_conv": False}
+ADDED_ARCH_FIELDS = {"pixel_channels": 0, "token_conv": False, "mlp_ratio": 4.0}
 ADDED_RECIPE_FIELDS = {"t_focus": 0.0,                 # and recipe fields: those checkpoints drew t uniformly
                        "optimizer": "adamw"}            # and trained with AdamW
 

@@ -173,13 +173,14 @@ SMOKE = dict(script="train_dit", cells=[{"corrupt": "0"}, {"corrupt": "0.2"}], s
              eval="--num-samples 20 --cfg-scales 1,2 --steps 2 --batch-size 20 --is-splits 2", judge=200,
              fixed_scale=2.0)
 
-# The protocols below were run with the plain DiT-T, before train_dit.py's tiny DiT got its convolutions by default,
-# with uniform timesteps, before it got --t-focus, and with AdamW, before --optimizer muon: their train flags pin all
-# three.
+# The protocols below were run with the plain DiT-T, before train_dit.py's tiny DiT got its convolutions and 2x-wide
+# MLPs by default, with uniform timesteps, before it got --t-focus, and with AdamW, before --optimizer muon: their
+# train flags pin all four.
 CONV_PIN = "--pixel-channels 0 --no-token-conv "
+MLP_PIN = "--mlp-ratio 4 "
 FOCUS_PIN = "--t-focus 0 "
 OPTIMIZER_PIN = "--optimizer adamw "
-PINS = (CONV_PIN, FOCUS_PIN, OPTIMIZER_PIN)
+PINS = (CONV_PIN, MLP_PIN, FOCUS_PIN, OPTIMIZER_PIN)
 
 # The CPU experiment (README "Results on the built-in benchmark"), fixed before any of its results was looked at:
 # does CEP-U (the paper's Table 1 method, the theory's perturbed condition c(y) + γξ) help, and more so with few
@@ -193,7 +194,7 @@ BUILTIN = dict(script="train_dit", cells=parse_grid(["builtin_length=50,500", "c
                seeds="0,1,2", jobs=2, judge=2000, metric="fid", fixed_scale=2.0,
                train="--model DiT-T/4 --image-size 16 --steps 1200 --batch-size 32 --lr 1e-3 --ema-decay 0.995 "
                      "--learn-sigma --grad-clip 0 --lr-warmdown 0 --min-snr 0 "   # the DiT defaults when it was fixed
-                     + OPTIMIZER_PIN + FOCUS_PIN + CONV_PIN +                      # (the official DiT)
+                     + OPTIMIZER_PIN + FOCUS_PIN + MLP_PIN + CONV_PIN +            # (the official DiT)
                      "--class-dropout 0.1 --sample-every 0 --ckpt-every 300 --log-every 50",
                eval="--num-samples 300 --cfg-scales 1,2,4 --sampler dpm++ --steps 10 --batch-size 300")
 
@@ -226,7 +227,7 @@ TABLE2 = dict(script="train_ldm", cells=[{"base": f"{b}:bases/{b}.pt"} for b in 
 # against 2000 fresh real images, with the memorization columns from --train-ref auto (pixel ratio test: Gu et al.).
 MEM_TRAIN = ("--model DiT-T/2 --image-size 8 --batch-size 50 --ema-decay 0.999 --sample-every 0 --ckpt-every 500 "
              "--log-every 100 --lr-warmdown 0 --min-snr 0 "     # constant lr, plain eps-MSE: the defaults it was run with
-             + OPTIMIZER_PIN + FOCUS_PIN + CONV_PIN.strip())    # AdamW, uniform timesteps, the official DiT
+             + OPTIMIZER_PIN + FOCUS_PIN + MLP_PIN + CONV_PIN.strip())  # AdamW, uniform t, the official DiT
 MEM_EVAL = "--num-samples 300 --cfg-scales 1,2 --sampler dpm++ --steps 25 --batch-size 300"
 
 # The map: where does a clean model start copying? Items per class x training length at 8 px (+ one wider model,
@@ -878,8 +879,8 @@ def _without(words: list, pin: list) -> list:
 
 def _same_runs_before_pins(old_train: str, train: str) -> bool:
     """Whether a sweep folder's stored train flags are `train` less some of the PINS: written before a pin existed,
-    they trained the same runs (a stored config without the convolutions', --t-focus's or --optimizer's fields was
-    trained without them: plain DiT, uniform timesteps, AdamW)."""
+    they trained the same runs (a stored config without the convolutions', --mlp-ratio's, --t-focus's or --optimizer's
+    fields was trained without them: plain DiT, 4x MLPs, uniform timesteps, AdamW)."""
     words, old = shlex.split(train), shlex.split(old_train)
     variants = [words]
     for pin in PINS:                                     # every subset of the pins taken out

@@ -113,7 +113,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mom)                            # buf <- mom * buf + (1 - mom) * g
                 update = newton_schulz(p.grad.lerp(buf, mom), group["ns_steps"])    # Nesterov: look one step ahead
-                p.mul_(1 - lr * group["weight_decay"])
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
 
 

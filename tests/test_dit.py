@@ -8,7 +8,7 @@ import torch
 
 from conditions import ClassEmbedder
 from diffusion import timestep_embedding
-from models.dit import DiT, DiT_models, Mlp, default_convs, sincos_pos_embed_2d
+from models.dit import DiT, DiT_models, Mlp, default_arch, sincos_pos_embed_2d
 
 KEYS = os.path.join(os.path.dirname(__file__), "data", "dit-xl-2_official_state_dict.txt")
 
@@ -80,11 +80,15 @@ def test_convolutions_add_their_modules_only_when_on_and_start_at_zero():
     assert out.shape == (3, 6, 8, 8) and torch.count_nonzero(out) == 0
 
 
-def test_convolutions_default_on_for_the_tiny_dit_only():
-    assert default_convs("DiT-T/2") == {"pixel_channels": 32, "token_conv": True}
-    assert default_convs("DiT-XL/2") == default_convs("DiT-S/4") == {"pixel_channels": 0, "token_conv": False}
-    assert default_convs("DiT-T/2", 0, False) == {"pixel_channels": 0, "token_conv": False}     # given values win
-    assert default_convs("DiT-B/2", 16, None) == {"pixel_channels": 16, "token_conv": False}
+def test_cpu_additions_default_on_for_the_tiny_dit_only():
+    """The convolutions and 2x-wide MLPs are the tiny DiT-T's defaults; DiT-S to XL stay the official DiT (4x)."""
+    assert default_arch("DiT-T/2") == {"pixel_channels": 32, "token_conv": True, "mlp_ratio": 2.0}
+    official = {"pixel_channels": 0, "token_conv": False, "mlp_ratio": 4.0}
+    assert default_arch("DiT-XL/2") == default_arch("DiT-S/4") == official
+    assert default_arch("DiT-T/2", 0, False, 4) == official                                      # given values win
+    assert default_arch("DiT-B/2", 16, None, 3) == {"pixel_channels": 16, "token_conv": False, "mlp_ratio": 3.0}
+    mlps = [b.mlp.fc1.out_features for b in DiT_models["DiT-T/2"](input_size=8, **default_arch("DiT-T/2")).blocks]
+    assert mlps == [256] * 4                                                                     # 2 x width 128
 
 
 @pytest.mark.parametrize("token_conv", [False, True])

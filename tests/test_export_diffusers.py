@@ -31,7 +31,7 @@ def randomize(module, std, seed):
 def write_checkpoint(path, vae_dir, **fields):
     """A nanoCEP DiT checkpoint as runio.RunIO.save writes it: 10 built-in classes on 32px kl-f8 latents (4x4x4)."""
     cfg = DiTConfig(vae="kl-f8", image_size=32, num_classes=10, learn_sigma=True, t_freq_shift=1.0,
-                    vae_path=str(vae_dir), **{"pixel_channels": 0, "token_conv": False, **fields})
+                    vae_path=str(vae_dir), **{"pixel_channels": 0, "token_conv": False, "mlp_ratio": 4.0, **fields})
     model = dit.from_config(cfg, encoder_from_config)
     randomize(model, 0.2, 0)
     ema = randomize(dit.from_config(cfg, encoder_from_config), 0.2, 1)
@@ -94,7 +94,8 @@ def test_dit_pipeline_samples_the_export_as_our_sampler_does(tmp_path, tiny_vae)
 
 def test_refusals_are_one_line(tmp_path, tiny_vae, capsys):
     cases = [(dict(t_freq_shift=0.0), "--t-freq-shift 0"), (dict(cond="text"), "text-conditional"),
-             (dict(pixel_channels=32), "--pixel-channels 32"), (dict(token_conv=True), "--token-conv True")]
+             (dict(pixel_channels=32), "--pixel-channels 32"), (dict(token_conv=True), "--token-conv True"),
+             (dict(mlp_ratio=2.0), "2x-wide MLPs")]
     for i, (fields, needle) in enumerate(cases):
         write_checkpoint(tmp_path / f"{i}.pt", tiny_vae)
         ckpt = torch.load(tmp_path / f"{i}.pt", weights_only=True)

@@ -216,8 +216,8 @@ def test_rerun_with_other_settings_is_refused(smoke):
 
 
 def test_protocols_pin_the_plain_dit_and_folders_from_before_the_pin_still_resume(tmp_path):
-    """The committed CPU protocols train the plain DiT-T they were run with (not the convolutions the tiny DiT now gets
-    by default) on uniform timesteps (not --t-focus) with AdamW (not --optimizer muon); a sweep folder written before
+    """The committed CPU protocols train the plain DiT-T they were run with (not the convolutions and 2x-wide MLPs the
+    tiny DiT now gets by default) on uniform timesteps (not --t-focus) with AdamW (not --optimizer muon); a sweep folder written before
     any of the pins holds the same runs, so a rerun resumes it."""
     import train_dit
     from config import parse_config
@@ -225,8 +225,8 @@ def test_protocols_pin_the_plain_dit_and_folders_from_before_the_pin_still_resum
     for preset in ("builtin", "builtin-eta", "memorize-map", "memorize-map16", "memorize", "memorize-quick"):
         flags = shlex.split(sweep.PRESETS[preset]["train"])
         cfg = parse_config(train_dit.DiTConfig, flags)
-        assert dit.default_convs(cfg.model, cfg.pixel_channels, cfg.token_conv) == {"pixel_channels": 0,
-                                                                                      "token_conv": False}, preset
+        assert dit.default_arch(cfg.model, cfg.pixel_channels, cfg.token_conv, cfg.mlp_ratio) == {
+            "pixel_channels": 0, "token_conv": False, "mlp_ratio": 4.0}, preset
         assert cfg.t_focus == 0, preset                                 # and the uniform timesteps they ran with
         assert cfg.optimizer == "adamw", preset                         # and AdamW
     cfg = sweep.SweepConfig(out=str(tmp_path), grid=["corrupt=0"], train=sweep.MEM_TRAIN)
@@ -235,7 +235,9 @@ def test_protocols_pin_the_plain_dit_and_folders_from_before_the_pin_still_resum
     stored = json.loads((tmp_path / "sweep.json").read_text())
     for before in (sweep.MEM_TRAIN.replace(" --pixel-channels 0 --no-token-conv", ""),   # as written before a pin
                    sweep.MEM_TRAIN.replace(" --t-focus 0", ""),
-                   sweep.MEM_TRAIN.replace(" --optimizer adamw --t-focus 0 --pixel-channels 0 --no-token-conv", ""),
+                   sweep.MEM_TRAIN.replace(" --mlp-ratio 4", ""),
+                   sweep.MEM_TRAIN.replace(" --optimizer adamw --t-focus 0 --mlp-ratio 4 --pixel-channels 0 "
+                                           "--no-token-conv", ""),
                    sweep.MEM_TRAIN.replace(" --optimizer adamw", "")):
         assert before != sweep.MEM_TRAIN
         stored["train"] = before

@@ -162,6 +162,7 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     _expect_error(capsys, base + ["--model", "DiT-Q/3", "--out", str(tmp_path / "o5")], "unknown --model")
     _expect_error(capsys, base + ["--min-snr", "-5", "--out", str(tmp_path / "o8")], "--min-snr")
     _expect_error(capsys, base + ["--pixel-channels", "12", "--out", str(tmp_path / "o9")], "--pixel-channels")
+    _expect_error(capsys, base + ["--mlp-ratio", "-1", "--out", str(tmp_path / "o10")], "--mlp-ratio")
     _expect_error(capsys, base + ["--pixel-channels", "-8", "--out", str(tmp_path / "o9")], "--pixel-channels")
     assert run_tiny(train_dit.main, tmp_path / "t2", "--steps", 1) == 0
     _expect_error(capsys, base + ["--model", "DiT-T/4", "--resume", str(tmp_path / "t2" / "last.pt"),
@@ -184,15 +185,15 @@ def test_presets_parse(preset):                       # the pre-training recipes
     from config import parse_config
     cfg = parse_config(train_dit.DiTConfig, ["--preset", preset, "--steps", "7"], train_dit.PRESETS)
     assert cfg.steps == 7 and cfg.model == train_dit.PRESETS[preset]["model"] and cfg.vae == "kl-f8"
-    convs = dit.default_convs(cfg.model, cfg.pixel_channels, cfg.token_conv)
-    assert convs == {"pixel_channels": 0, "token_conv": False}      # the paper's recipes train the official DiT
+    arch = dit.default_arch(cfg.model, cfg.pixel_channels, cfg.token_conv, cfg.mlp_ratio)
+    assert arch == {"pixel_channels": 0, "token_conv": False, "mlp_ratio": 4.0}   # the paper's recipes: the official DiT
     assert cfg.t_focus == 0 and cfg.min_snr == 0                    # with uniform timesteps and the plain ε-MSE
 
 
 def test_readme_states_the_cpu_default_recipe():
     """README's first-run paragraph (its measured time, class accuracy and grid) describes what a bare
     `python train_dit.py` trains: the same steps, batch, optimizer, learning-rate schedule, weighting, timestep focus,
-    convolutions, grid interval and grid sampler."""
+    convolutions, MLP width, grid interval and grid sampler."""
     import re
     from config import parse_config
     cfg = train_dit.resolve(parse_config(train_dit.DiTConfig, [], train_dit.PRESETS))
@@ -205,6 +206,7 @@ def test_readme_states_the_cpu_default_recipe():
     assert f"(`--lr-warmdown {cfg.lr_warmdown}`)" in first_run
     assert f"(`--min-snr {cfg.min_snr:g}`)" in first_run and f"gradient clipping at {cfg.grad_clip:g}," in first_run
     assert (cfg.pixel_channels, cfg.token_conv) == (32, True) and "`--pixel-channels 32 --token-conv`" in first_run
+    assert f"`--mlp-ratio {cfg.mlp_ratio:g}`" in first_run and cfg.mlp_ratio == 2
     assert (f"`--t-focus {cfg.t_focus:g}`" in first_run and cfg.t_focus > 0
             and f"log-SNR {cfg.t_focus_min_log_snr:g} to {cfg.t_focus_max_log_snr:g}" in first_run)
     row = text[text.index("| `--t-focus F`"):]                                                  # the flags table
@@ -217,24 +219,28 @@ def test_readme_states_the_cpu_default_recipe():
 
 
 def test_checkpoint_from_before_the_convolutions_is_the_official_dit(tmp_path, capsys):
-    """A stored config without pixel_channels / token_conv (written before they existed) was trained without them:
-    evaluate.py rebuilds it as the official DiT, and --resume continues it with those flags and refuses the defaults."""
+    """A stored config without pixel_channels / token_conv / mlp_ratio (written before they existed) was trained
+    without them: evaluate.py rebuilds it as the official DiT (4x MLPs), and --resume continues it with those flags and
+    refuses the defaults."""
     import evaluate
-    assert run_tiny(train_dit.main, tmp_path, "--steps", "2", "--pixel-channels", "0", "--no-token-conv") == 0
+    official = ["--pixel-channels", "0", "--no-token-conv", "--mlp-ratio", "4"]
+    assert run_tiny(train_dit.main, tmp_path, "--steps", "2", *official) == 0
     state = ckpt(tmp_path)
-    for name in ("pixel_channels", "token_conv"):
+    for name in ("pixel_channels", "token_conv", "mlp_ratio"):
         del state["config"][name]
     torch.save(state, tmp_path / "last.pt")
     model, _, cfg, _ = evaluate.load_model(tmp_path / "last.pt")
     assert cfg.pixel_channels == 0 and not cfg.token_conv and not hasattr(model, "pixel_stem")
+    assert cfg.mlp_ratio == 4 and model.blocks[0].mlp.fc1.out_features == 4 * model.blocks[0].mlp.fc1.in_features
     capsys.readouterr()
     assert run_tiny(train_dit.main, tmp_path, "--steps", "4", "--resume", "auto") == 2
     err = capsys.readouterr().err
-    assert "pixel_channels=0" in err and "(resume with --pixel-channels 0 --no-token-conv)" in err
+    assert "pixel_channels=0" in err and "(resume with --pixel-channels 0 --no-token-conv --mlp-ratio 4.0)" in err
     assert run_tiny(train_dit.main, tmp_path / "tuned", "--steps", "2", "--init-from", tmp_path / "last.pt") == 0
-    assert ckpt(tmp_path / "tuned")["config"]["pixel_channels"] == 0                # --init-from takes it as trained
-    assert run_tiny(train_dit.main, tmp_path, "--steps", "4", "--resume", "auto", "--pixel-channels", "0",
-                    "--no-token-conv") == 0 and ckpt(tmp_path)["step"] == 4
+    tuned = ckpt(tmp_path / "tuned")["config"]                                      # --init-from takes it as trained
+    assert tuned["pixel_channels"] == 0 and tuned["mlp_ratio"] == 4
+    assert run_tiny(train_dit.main, tmp_path, "--steps", "4", "--resume", "auto", *official) == 0
+    assert ckpt(tmp_path)["step"] == 4
 
 
 def tiny_vae_folder(path):

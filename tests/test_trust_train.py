@@ -120,9 +120,11 @@ def test_ddp_two_processes_equal_one_with_latent_cache_random_corruption_and_cep
     assert train_dit.main(args + ["--out", str(tmp_path / "one")]) == 0
     one, ddp = ckpt(tmp_path / "one"), ckpt(tmp_path / "ddp")
     for k, v in one["model"].items():
-        # Adam divides by sqrt(v): where a gradient is ~0, a last-bit difference of the all-reduced sum moves a weight
-        # by ~1e-6 (seen: 1.5e-6 on one of 768 biases); a real divergence moves it by a step, lr = 4e-3
-        assert torch.allclose(v, ddp["model"][k], atol=1e-5, rtol=1e-5), k
+        # Adam divides by sqrt(v): where a gradient is ~0 (cancelled in the all-reduced sum), a last-bit difference
+        # moves a weight by a little (seen: 1.5e-6 on one of 768 biases; 1.7e-5, 0.4 % of a step, on one of the 9216
+        # weights of the zero-initialised pixel_head.conv2); a real divergence moves most weights by a step, lr = 4e-3
+        diff = (v - ddp["model"][k]).abs()
+        assert diff.max() < 1e-2 * 4e-3 and (diff > 1e-5).float().mean() < 1e-3, (k, diff.max())
 
 
 def test_posterior_and_cep_draws_come_from_the_step_generator():

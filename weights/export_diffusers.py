@@ -79,6 +79,9 @@ def check_exportable(cfg: dict, path: str) -> None:
         raise ValueError(f"{path} has nanoCEP's convolutions (--pixel-channels {cfg['pixel_channels']}, "
                          f"--token-conv {cfg['token_conv']}); DiTTransformer2DModel has none: train with "
                          f"--pixel-channels 0 --no-token-conv to export")
+    if float(cfg.get("mlp_ratio", 4.0)) != 4.0:
+        raise ValueError(f"{path} has {cfg['mlp_ratio']:g}x-wide MLPs; DiTTransformer2DModel's are 4x: train with "
+                         f"--mlp-ratio 4 to export")
     if float(cfg.get("t_freq_shift", 0.0)) != 1.0:
         raise ValueError(f"{path} was trained with --t-freq-shift {cfg.get('t_freq_shift', 0.0):g} (DiT's timestep "
                          f"frequencies); diffusers' DiT hard-codes shift 1, which no weight change reproduces: train "

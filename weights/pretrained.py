@@ -706,7 +706,8 @@ def _release_fields(source, kind, cfg):
         if c["name"] not in dit.DiT_models:
             raise ValueError(f"{source}: a {c['name']} is no nanoCEP DiT size (DiT-{{T,S,B,L,XL}}/{{2,4,8}})")
         fields.update(model=c["name"], t_freq_shift=float(model.t_embedder.freq_shift),
-                      mlp_norm_eps=float(model.blocks[0].norm2.eps), pixel_channels=0, token_conv=False)
+                      mlp_norm_eps=float(model.blocks[0].norm2.eps), pixel_channels=0, token_conv=False,
+                      mlp_ratio=4.0)
     else:
         fields["model"] = _unet_name(model, source)
     with torch.device("meta"):                          # the config must rebuild exactly these shapes
