@@ -59,7 +59,7 @@ class DiTConfig(TrainConfig):
                     "at batch 64; at 32, 3e-3 and 5.5e-3 score the same)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this value; 0 = off (DiT uses none; the CPU "
                            "default was tuned with 1 at lr 4e-3)")
-    steps: int = opt(3000, "training steps (the CPU default: 7.5-13.5 min alone on 2 cores, by the machine)")
+    steps: int = opt(3000, "training steps (the CPU default: 8.5-8.7 min alone on 2 cores, by the machine: README)")
     batch_size: int = opt(32, "global batch size (split over processes; the CPU default: 32, twice the updates of 64 "
                           "for the same images and time, which its crosses need; DiT: 256)", experiment=True)
     lr_warmdown: int = opt(1000, "decay the learning rate linearly to 0 over the last N steps (the CPU default: 1000 "
@@ -99,8 +99,8 @@ PRESETS = {
                              sample_cfg=1.75, sample_steps=50, sample_per_class=4, lr_warmdown=0, min_snr=0.0,
                              t_focus=0.0, optimizer="adamw", sample_sampler="dpm++"),
     # The CPU ControlNet on the built-in shapes (README "ControlNet: downstream adaptation"): --init-from a run of the
-    # CPU default (README's measured base: the plain DiT-T, --pixel-channels 0 --no-token-conv); the branch learns to
-    # draw the shape whose Canny edges it is given, in its class's colour.
+    # CPU default (README's measured base: the plain DiT-T, --mlp-ratio 4 --pixel-channels 0 --no-token-conv); the branch
+    # learns to draw the shape whose Canny edges it is given, in its class's colour.
     "builtin-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=2, steps=300,
                                batch_size=32, lr=1e-3, grad_clip=1.0, ema_decay=0.99, log_every=25, ckpt_every=100,
                                sample_every=300, sample_cfg=2.0, sample_steps=25, lr_warmdown=0, min_snr=0.0,
@@ -126,8 +126,10 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
     if cfg.pixel_channels != -1 and (cfg.pixel_channels < 0 or cfg.pixel_channels % 8):
         raise RunError(f"--pixel-channels must be -1 (auto), 0 or a positive multiple of 8 (GroupNorm's 8 groups), "
                        f"got {cfg.pixel_channels}")
-    if not 0 <= cfg.mlp_ratio <= 64:
-        raise RunError(f"--mlp-ratio must be 0 (auto) or in (0, 64], got {cfg.mlp_ratio:g}")
+    width = dit.SIZES[cfg.model[4:].split("/")[0]]["hidden_size"]
+    if not 0 <= cfg.mlp_ratio <= 64 or (cfg.mlp_ratio and int(width * cfg.mlp_ratio) < 1):
+        raise RunError(f"--mlp-ratio must be 0 (auto) or in (0, 64] with {cfg.model}'s MLPs (width {width} x ratio) at "
+                       f"least 1 wide, got {cfg.mlp_ratio:g}")
     cfg = replace(cfg, **dit.default_arch(cfg.model, cfg.pixel_channels, cfg.token_conv, cfg.mlp_ratio))
     if cfg.cond == "text":
         get_tokenizer(cfg.tokenizer)                   # a missing / bad tokenizer fails now, not after data loading

@@ -54,23 +54,24 @@ from sources.tokenizer import get_tokenizer
 
 def exit_codes(script: str):
     """Decorator for a train script's main(): bad input -> one line `script: error: ...`, exit 2; divergence -> 1.
-    A run that ends well leaves torchrun's process group first: without that, gloo's worker threads can still hold
-    tensors when the interpreter shuts down and abort the process (SIGABRT after the last step; seen once in CI, a
-    known PyTorch behaviour). Not after an error: another rank may still be inside a collective."""
+    A run that ends well (or diverges: every rank sees it at the same all-reduce) leaves torchrun's process group
+    first: without that, gloo's worker threads can still hold tensors when the interpreter shuts down and abort the
+    process (SIGABRT after the last step; seen once in CI, a known PyTorch behaviour). Not after a bad input or
+    another error: another rank may still be inside a collective."""
     def wrap(main):
         @functools.wraps(main)
         def run(argv=None) -> int:
             try:
                 code = main(argv)
-                if torch.distributed.is_initialized():
-                    torch.distributed.destroy_process_group()
-                return code
             except (RunError, ValueError, FileNotFoundError, ConnectionError) as e:
                 print(f"{script}: error: {one_line(e)}", file=sys.stderr)
                 return 2
             except Diverged as e:
                 print(f"{script}: {e}", file=sys.stderr)
-                return 1
+                code = 1
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            return code
         return run
     return wrap
 

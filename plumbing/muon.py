@@ -37,8 +37,8 @@ def muon_matrices(model: nn.Module) -> list[str]:
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """(A, B) -> the (A, B) matrix with g's singular vectors and singular values ≈ 1, in float32 (Muon.step switches
     off the trainer's TF32 matmuls, 10-bit mantissas, around it on a GPU). The same iteration in either of two forms,
-    whichever costs fewer multiply-adds: the direct one for near-square matrices, the Gram one (ns_gram) for the
-    elongated ones (a DiT block's qkv, MLP and adaLN matrices, 3 to 6 times longer than wide)."""
+    whichever costs fewer multiply-adds (ns_costs): the direct one for near-square matrices, the Gram one (ns_gram)
+    for those over 1.5 times longer than wide (a DiT block's qkv, MLP and adaLN matrices, 2 to 6 times)."""
     x = g.float()
     tall = x.shape[0] > x.shape[1]
     if tall:                                             # iterate on the wide side: the Gram matrix is the small one

@@ -163,6 +163,7 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     _expect_error(capsys, base + ["--min-snr", "-5", "--out", str(tmp_path / "o8")], "--min-snr")
     _expect_error(capsys, base + ["--pixel-channels", "12", "--out", str(tmp_path / "o9")], "--pixel-channels")
     _expect_error(capsys, base + ["--mlp-ratio", "-1", "--out", str(tmp_path / "o10")], "--mlp-ratio")
+    _expect_error(capsys, base + ["--mlp-ratio", "0.001", "--out", str(tmp_path / "o11")], "at least 1 wide")
     _expect_error(capsys, base + ["--pixel-channels", "-8", "--out", str(tmp_path / "o9")], "--pixel-channels")
     assert run_tiny(train_dit.main, tmp_path / "t2", "--steps", 1) == 0
     _expect_error(capsys, base + ["--model", "DiT-T/4", "--resume", str(tmp_path / "t2" / "last.pt"),

@@ -78,7 +78,7 @@ def check_exportable(cfg: dict, path: str) -> None:
     if cfg["pixel_channels"] or cfg["token_conv"]:
         raise ValueError(f"{path} has nanoCEP's convolutions (--pixel-channels {cfg['pixel_channels']}, "
                          f"--token-conv {cfg['token_conv']}); DiTTransformer2DModel has none: train with "
-                         f"--pixel-channels 0 --no-token-conv to export")
+                         f"--pixel-channels 0 --no-token-conv --mlp-ratio 4 to export")
     if float(cfg.get("mlp_ratio", 4.0)) != 4.0:
         raise ValueError(f"{path} has {cfg['mlp_ratio']:g}x-wide MLPs; DiTTransformer2DModel's are 4x: train with "
                          f"--mlp-ratio 4 to export")
