@@ -221,8 +221,8 @@ TABLE2 = dict(script="train_ldm", cells=[{"base": f"{b}:bases/{b}.pt"} for b in 
               fixed_scale=2.25)
 
 # ---- the memorization regime (README "The memorization benchmark"; issue 21) ----
-# Every run: clean class-conditional plain DiT-T/2 (CONV_PIN, MLP_PIN) on 8x8 built-in shapes, k items per class chosen from
-# the seed, batch 50, EMA 0.999, the CPU defaults otherwise (lr 4e-3, clip 1, class dropout 0.1); measured by the judge
+# Every run: clean class-conditional plain DiT-T/2 (CONV_PIN, MLP_PIN) on 8x8 built-in shapes, k items per class
+# chosen from the seed, batch 50, EMA 0.999, the CPU defaults otherwise (lr 4e-3, clip 1, class dropout 0.1); measured by the judge
 # (8 px) on 300 samples per scale (DPM-Solver++ 25 steps, balanced classes, the same sampling seeds for every run)
 # against 2000 fresh real images, with the memorization columns from --train-ref auto (pixel ratio test: Gu et al.).
 MEM_TRAIN = ("--model DiT-T/2 --image-size 8 --batch-size 50 --ema-decay 0.999 --sample-every 0 --ckpt-every 500 "

@@ -48,8 +48,8 @@ class DiTConfig(TrainConfig):
                                   "models/dit.py); off = the official DiT; default: on for DiT-T, off for DiT-S to XL",
                                   arch=True)
     mlp_ratio: float = opt(0.0, "width of each block's MLP as a multiple of the model width; 4 = the official DiT; "
-                           "0 = auto: 2 for the tiny DiT-T (its crosses are as good and a CPU step 1.2x cheaper), 4 for "
-                           "DiT-S to XL", arch=True)
+                           "0 = auto: 2 for the tiny DiT-T (its crosses are as good and a CPU step 1.2x cheaper), "
+                           "4 for DiT-S to XL", arch=True)
     control_blocks: int = opt(0, "--control: the DiT ControlNet's trainable copies of the first N blocks (PixArt-δ: "
                               "13 of 28); 0 = half the depth", arch=True, control=True)
     optimizer: str = opt("muon", "adamw | muon: Muon on the transformer blocks' weight matrices, AdamW on the rest "
@@ -99,8 +99,8 @@ PRESETS = {
                              sample_cfg=1.75, sample_steps=50, sample_per_class=4, lr_warmdown=0, min_snr=0.0,
                              t_focus=0.0, optimizer="adamw", sample_sampler="dpm++"),
     # The CPU ControlNet on the built-in shapes (README "ControlNet: downstream adaptation"): --init-from a run of the
-    # CPU default (README's measured base: the plain DiT-T, --mlp-ratio 4 --pixel-channels 0 --no-token-conv); the branch
-    # learns to draw the shape whose Canny edges it is given, in its class's colour.
+    # CPU default (README's measured base: the plain DiT-T, --mlp-ratio 4 --pixel-channels 0 --no-token-conv); the
+    # branch learns to draw the shape whose Canny edges it is given, in its class's colour.
     "builtin-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=2, steps=300,
                                batch_size=32, lr=1e-3, grad_clip=1.0, ema_decay=0.99, log_every=25, ckpt_every=100,
                                sample_every=300, sample_cfg=2.0, sample_steps=25, lr_warmdown=0, min_snr=0.0,
@@ -126,7 +126,7 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
     if cfg.pixel_channels != -1 and (cfg.pixel_channels < 0 or cfg.pixel_channels % 8):
         raise RunError(f"--pixel-channels must be -1 (auto), 0 or a positive multiple of 8 (GroupNorm's 8 groups), "
                        f"got {cfg.pixel_channels}")
-    width = dit.SIZES[cfg.model[4:].split("/")[0]]["hidden_size"]
+    width = dit.size_of(cfg.model)["hidden_size"]
     if not 0 <= cfg.mlp_ratio <= 64 or (cfg.mlp_ratio and int(width * cfg.mlp_ratio) < 1):
         raise RunError(f"--mlp-ratio must be 0 (auto) or in (0, 64] with {cfg.model}'s MLPs (width {width} x ratio) at "
                        f"least 1 wide, got {cfg.mlp_ratio:g}")

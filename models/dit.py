@@ -352,6 +352,11 @@ def _factory(size, patch):
 DiT_models = {f"DiT-{s}/{p}": _factory(s, p) for s in SIZES for p in (2, 4, 8)}
 
 
+def size_of(name: str) -> dict:
+    """The SIZES entry (depth, hidden_size, num_heads) of a DiT_models name, "DiT-{size}/{patch}"."""
+    return SIZES[name[4:].split("/")[0]]
+
+
 def default_arch(name: str, pixel_channels: int = -1, token_conv: bool | None = None, mlp_ratio: float = 0.0) -> dict:
     """The CPU additions of DiT `name` with the unset ones (-1, None, 0) decided: the tiny DiT-T gets the convolutions
     (it draws plus signs only with both) and 2x-wide MLPs (as good crosses, a cheaper step); the official sizes S to XL
@@ -376,7 +381,7 @@ def from_config(cfg, make_encoder) -> DiT:
     """The DiT a train config (train_dit.DiTConfig) describes, with the condition encoder make_encoder(cfg, width)
     builds (models.encoders.encoder_from_config); num_classes must be resolved (> 0 for class conditioning)."""
     channels, side, _ = cfg.latent_shape
-    width = cfg.text_width if cfg.cond == "text" else SIZES[cfg.model[4:].split("/")[0]]["hidden_size"]
+    width = cfg.text_width if cfg.cond == "text" else size_of(cfg.model)["hidden_size"]
     model = DiT_models[cfg.model](input_size=side, in_channels=channels, learn_sigma=cfg.learn_sigma,
                                   y_embedder=make_encoder(cfg, width), text_pooled=cfg.text_pooled,
                                   **default_arch(cfg.model, cfg.pixel_channels, cfg.token_conv, cfg.mlp_ratio))

@@ -66,8 +66,7 @@ def ns_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
     each step, left 1e-4 of the result wrong on an ill-conditioned gradient: so G is formed anew from x every
     GRAM_RESTART steps, which keeps it to ns_direct's float32 error (5e-6 against float64; tests/test_muon.py)."""
     a, b, c = NS_COEFFICIENTS
-    for first in range(0, steps, GRAM_RESTART):
-        run = min(GRAM_RESTART, steps - first)
+    for run in gram_runs(steps):
         gram, product = x @ x.T, None                                  # (m, m) each
         for k in range(run):
             poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)      # b G + c G²
@@ -79,10 +78,14 @@ def ns_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
+def gram_runs(steps: int) -> list[int]:
+    """ns_gram's runs of steps between restarts: 5 -> [3, 2]."""
+    return [min(GRAM_RESTART, steps - first) for first in range(0, steps, GRAM_RESTART)]
+
+
 def ns_costs(m: int, n: int, steps: int) -> tuple[int, int]:
     """Multiply-adds of (ns_direct, ns_gram) on an (m, n) matrix, m <= n."""
-    runs = [min(GRAM_RESTART, steps - first) for first in range(0, steps, GRAM_RESTART)]
-    return steps * (2 * m * m * n + m ** 3), sum(2 * m * m * n + (4 * r - 3) * m ** 3 for r in runs)
+    return steps * (2 * m * m * n + m ** 3), sum(2 * m * m * n + (4 * r - 3) * m ** 3 for r in gram_runs(steps))
 
 
 class Muon(torch.optim.Optimizer):

@@ -217,8 +217,8 @@ def test_rerun_with_other_settings_is_refused(smoke):
 
 def test_protocols_pin_the_plain_dit_and_folders_from_before_the_pin_still_resume(tmp_path):
     """The committed CPU protocols train the plain DiT-T they were run with (not the convolutions and 2x-wide MLPs the
-    tiny DiT now gets by default) on uniform timesteps (not --t-focus) with AdamW (not --optimizer muon); a sweep folder written before
-    any of the pins holds the same runs, so a rerun resumes it."""
+    tiny DiT now gets by default) on uniform timesteps (not --t-focus) with AdamW (not --optimizer muon); a sweep
+    folder written before any of the pins holds the same runs, so a rerun resumes it."""
     import train_dit
     from config import parse_config
     from models import dit

@@ -187,7 +187,7 @@ def test_presets_parse(preset):                       # the pre-training recipes
     cfg = parse_config(train_dit.DiTConfig, ["--preset", preset, "--steps", "7"], train_dit.PRESETS)
     assert cfg.steps == 7 and cfg.model == train_dit.PRESETS[preset]["model"] and cfg.vae == "kl-f8"
     arch = dit.default_arch(cfg.model, cfg.pixel_channels, cfg.token_conv, cfg.mlp_ratio)
-    assert arch == {"pixel_channels": 0, "token_conv": False, "mlp_ratio": 4.0}   # the paper's recipes: the official DiT
+    assert arch == {"pixel_channels": 0, "token_conv": False, "mlp_ratio": 4.0}   # the paper's: the official DiT
     assert cfg.t_focus == 0 and cfg.min_snr == 0                    # with uniform timesteps and the plain ε-MSE
 
 

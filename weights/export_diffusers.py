@@ -155,7 +155,7 @@ def export(ckpt_path: str, out: str, weights: str = "ema", vae_path: str | None 
     check_exportable(cfg, ckpt_path)
     sd = {k: v.float() for k, v in ckpt[weights].items()}
     num_classes = int(cfg["num_classes"])
-    model, _, _ = pretrained.build_dit(sd, num_heads=dit.SIZES[cfg["model"][4:].split("/")[0]]["num_heads"],
+    model, _, _ = pretrained.build_dit(sd, num_heads=dit.size_of(cfg["model"])["num_heads"],
                                        what=ckpt_path)
     if not torch.allclose(sd["pos_embed"][0], dit.sincos_pos_embed_2d(sd["pos_embed"].shape[-1], model.grid)):
         raise ValueError(f"{ckpt_path}: its pos_embed is not DiT's fixed sin-cos table, which diffusers recomputes")
