@@ -49,14 +49,42 @@ def test_the_gram_form_is_the_direct_iteration_to_float32_rounding(shape):
     singular values span 4 decades (the Gram matrix's span 8, past float32's 7 digits)."""
     g, _ = ill_conditioned(*shape)
     x = g / g.norm()
+    x = x[None]                                                   # (1, m, n): the forms take a batch of matrices
     exact = ns_direct(x.double(), 5)                              # float64: the reference
     err = lambda o: ((o.double() - exact).norm() / exact.norm()).item()
     direct, gram = ns_costs(*shape, 5)
     assert (gram < direct) == (2 * shape[1] > 3 * shape[0])       # over 1.5x elongated: the Gram form, cheaper, taken
-    assert torch.equal(newton_schulz(g), (ns_gram if gram < direct else ns_direct)(x, 5))
-    assert err(newton_schulz(g)) < max(2 * err(ns_direct(x, 5)), 1e-6)
+    assert torch.equal(newton_schulz(g), (ns_gram if gram < direct else ns_direct)(x, 5)[0])
+    assert err(newton_schulz(g)[None]) < max(2 * err(ns_direct(x, 5)), 1e-6)
     assert err(ns_gram(x, 5)) < 1e-5
     assert (newton_schulz(g.T) - newton_schulz(g).T).abs().max() < 1e-5          # a tall matrix: as its transpose
+
+
+def test_one_muon_step_on_many_matrices_is_each_matrix_on_its_own():
+    """Muon orthogonalises the matrices of one shape as one batch (plumbing/muon.orthogonalise) with one scale per
+    shape: three steps on five matrices of three shapes (tall, wide, square; weight decay on) equal five Muons with one
+    matrix each, to float32 rounding; and a batch of matrices is each one orthogonalised alone."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(96, 48), (48, 96), (96, 48), (32, 32), (48, 96)]
+    w0 = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+
+    def three_steps(params, opts):
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            for opt in opts:
+                opt.step()
+        return [p.detach() for p in params]
+    together = [torch.nn.Parameter(w.clone()) for w in w0]
+    alone = [torch.nn.Parameter(w.clone()) for w in w0]
+    three_steps(together, [Muon(together, lr=1e-2, weight_decay=0.1)])
+    three_steps(alone, [Muon([p], lr=1e-2, weight_decay=0.1) for p in alone])
+    for a, b, w in zip(together, alone, w0):
+        assert (a - b).norm() < 1e-5 * (b - w).norm()
+    batch = torch.stack([g for g, s in zip(grads[0], shapes) if s == (96, 48)])           # (2, 96, 48)
+    for o, g in zip(newton_schulz(batch), batch):
+        assert (o - newton_schulz(g)).abs().max() < 1e-5
 
 
 def test_our_muon_equals_torch_muon_up_to_its_bfloat16(monkeypatch):
