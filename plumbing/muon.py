@@ -109,6 +109,8 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
+            if not params:                                              # no gradient yet (or frozen): nothing to do
+                continue
             for p in params:
                 if not self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)

@@ -82,6 +82,9 @@ def test_one_muon_step_on_many_matrices_is_each_matrix_on_its_own():
     three_steps(alone, [Muon([p], lr=1e-2, weight_decay=0.1) for p in alone])
     for a, b, w in zip(together, alone, w0):
         assert (a - b).norm() < 1e-5 * (b - w).norm()
+    idle = torch.nn.Parameter(w0[0].clone())                      # no gradient: the step leaves it alone
+    Muon([idle], lr=1e-2).step()
+    assert torch.equal(idle.detach(), w0[0])
     batch = torch.stack([g for g, s in zip(grads[0], shapes) if s == (96, 48)])           # (2, 96, 48)
     for o, g in zip(newton_schulz(batch), batch):
         assert (o - newton_schulz(g)).abs().max() < 1e-5
