@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from plumbing.common import ArgParser, RunError, setup_distributed
+from plumbing.common import ArgParser, RunError, leave_process_group, setup_distributed
 from sources.captions import read_prompts
 from config import LATENT_GEOMETRY
 from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines, check_reference_size,
@@ -605,8 +605,7 @@ def main_sample(argv):
         for row in rows:
             print(json.dumps({c: row.get(c) for c in METRIC_COLUMNS + (["edge_f1"] if held_out else [])}))
         log_rows(args, rows, settings)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group()
     return 0
 
 

@@ -43,7 +43,7 @@ import conditions
 import data as datalib
 import diffusion as D
 from cep import unit_noise
-from plumbing.common import Dist, RunError, derive_seed, one_line
+from plumbing.common import Dist, RunError, derive_seed, leave_process_group, one_line
 from plumbing.muon import MuonAdamW
 from config import grid_cads, learning_rate
 from runio import Diverged, Resume, RunIO, StopFlag, check_run_folder
@@ -55,9 +55,9 @@ from sources.tokenizer import get_tokenizer
 def exit_codes(script: str):
     """Decorator for a train script's main(): bad input -> one line `script: error: ...`, exit 2; divergence -> 1.
     A run that ends well (or diverges: every rank sees it at the same all-reduce) leaves torchrun's process group
-    first: without that, gloo's worker threads can still hold tensors when the interpreter shuts down and abort the
-    process (SIGABRT after the last step; seen once in CI, a known PyTorch behaviour). Not after a bad input or
-    another error: another rank may still be inside a collective."""
+    first (plumbing.common.leave_process_group: a barrier, then destroy): without that, gloo's worker threads can
+    still hold tensors when the interpreter shuts down and abort the process (SIGABRT after the last step; a known
+    PyTorch behaviour). Not after a bad input or another error: another rank may still be inside a collective."""
     def wrap(main):
         @functools.wraps(main)
         def run(argv=None) -> int:
@@ -69,8 +69,7 @@ def exit_codes(script: str):
             except Diverged as e:
                 print(f"{script}: {e}", file=sys.stderr)
                 code = 1
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            leave_process_group()
             return code
         return run
     return wrap

@@ -140,6 +140,19 @@ def setup_distributed(device: str = "auto", timeout: float | None = None) -> Dis
     return Dist(rank, local_rank, world, dev)
 
 
+def leave_process_group(finished: bool = True) -> None:
+    """Leave torchrun's process group, if joined: after a barrier when every rank `finished` its work, so no rank tears
+    its gloo threads down while a peer's last message is still in flight (a rare SIGABRT at interpreter exit, rank 1,
+    "terminate called without an active exception", seen after a clean run). Not after an error (finished=False):
+    another rank may never reach the barrier."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD = 32 << 20, 512 << 20     # bytes: glibc's defaults are dynamic
 
 

@@ -38,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from plumbing.common import ArgParser, atomic_open, one_line, setup_distributed
+from plumbing.common import ArgParser, atomic_open, leave_process_group, one_line, setup_distributed
 from sources.download import file_hash
 
 FORMAT = "nanocep-latents"
@@ -439,10 +439,10 @@ def _build_main(args) -> int:
     try:
         res = build_cache(dataset, ae, args.out, batch_size=args.batch_size, rank=d.rank, world=d.world,
                           device=d.device, meta_extra=extra, dtype=args.dtype, num_workers=workers, sync=sync)
-    finally:
-        if d.world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+    except BaseException:
+        leave_process_group(finished=False)           # no barrier: another rank may be waiting elsewhere
+        raise
+    leave_process_group()
     if d.main:
         secs = time.perf_counter() - t0
         meta = read_meta(args.out)
