@@ -59,7 +59,7 @@ class ClassEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.cep_null = cep_null
         self.cond_dropout, self.label_smoothing = cond_dropout, label_smoothing
-        self.raw_at_sampling = False                                 # eval with label smoothing: E[y], not smoothed
+        self.raw_at_sampling = False                                 # evaluate.py --raw-class-embedding: E[y], not smoothed
         # The attribute name matches DiT's LabelEmbedder so official checkpoints load: y_embedder.embedding_table.weight.
         # The null row exists only when CFG dropout is on (exactly as in DiT, which keeps the key shapes identical).
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)

@@ -341,7 +341,7 @@ def _add_feature_args(p):
     p.add_argument("--ref", help="reference: image folder, mu/sigma .npz (ADM reference batch too) or features .npz")
     p.add_argument("--features", help="TorchScript feature extractor (default: clean-fid's Inception; built-in data: "
                    "the judge, $(python -m scoring.judge path))")
-    p.add_argument("--train-ref", help="training set .npz (python -m scoring.judge train-ref) for the memorization "
+    p.add_argument("--train-ref", help="training set .npz (python -m scoring.trainset) for the memorization "
                    "columns; auto: the checkpoint's training set (its data, seed, --items-per-class) through this "
                    "run's feature pipeline, cached in OUT/features")
     p.add_argument("--mem-tau", type=float, help="mem_tau: share of samples whose nearest training item is closer "
@@ -374,7 +374,7 @@ def _check_common(args, samples=()):
         check_pipelines(label, train_label, "this run's features", f"training-set features {args.train_ref}")
         if train_label is None:
             print(f"warning: {args.train_ref} carries no pipeline label: cannot check it was made with this run's "
-                  "extractor (re-make it with `python -m scoring.judge train-ref`)", file=sys.stderr)
+                  "extractor (re-make it with `python -m scoring.trainset`)", file=sys.stderr)
     if args.ref is not None:
         ref_label = reference_pipeline(args.ref)
         for source in samples or [None]:

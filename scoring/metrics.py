@@ -612,15 +612,15 @@ def write_reference(path, feats, probs, pipeline, image_size, **meta):
 
 
 def load_train_reference(path):
-    """A run's training set for the memorization metrics (trainset.build, written by `python -m scoring.judge
-    train-ref` or evaluate.py --train-ref auto): {"feats", "pixels", "item_ids", "real_px_d1", ..., "pipeline"}, the
+    """A run's training set for the memorization metrics (trainset.build, written by `python -m scoring.trainset`
+    or evaluate.py --train-ref auto): {"feats", "pixels", "item_ids", "real_px_d1", ..., "pipeline"}, the
     arrays it lacks as None."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"training-set features not found: {path}")
     keys = npz_keys(path)
     if "item_ids" not in keys or not keys & {"feats", "pixels"}:
         raise ValueError(f"{path} is not a training-set .npz of this version (needs item_ids and feats or pixels; "
-                         "write one with `python -m scoring.judge train-ref` or evaluate.py --train-ref auto)")
+                         "write one with `python -m scoring.trainset` or evaluate.py --train-ref auto)")
     with np.load(path) as z:
         out = {k: z[k] if k in z.files else None for k in ("feats", "pixels", "item_ids", "real_px_d1", "real_px_d2",
                                                            "real_feat_d1", "real_feat_d2")}
