@@ -853,8 +853,9 @@ def check(cfg: SweepConfig):
         raise ValueError(f"--launcher {cfg.launcher!r}: expected python or torchrun")
     if cfg.jobs < 1 or cfg.nproc < 0:
         raise ValueError(f"--jobs must be >= 1 and --nproc >= 0, got {cfg.jobs} and {cfg.nproc}")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ValueError(f"--out {cfg.out} is a file, not a sweep folder; pick another --out")
+    existing = next(p for p in (Path(cfg.out), *Path(cfg.out).absolute().parents) if p.exists())
+    if not existing.is_dir():                           # --out itself, or a folder above it, is a file
+        raise ValueError(f"--out {cfg.out}: {existing} is a file, not a sweep folder; pick another --out")
     if cfg.metric not in HIGHER_IS_BETTER:
         raise ValueError(f"--metric {cfg.metric!r}: expected one of {', '.join(HIGHER_IS_BETTER)}")
     if cfg.reference and not (cfg.reference.startswith("builtin:") and cfg.reference[8:].isdigit()):

@@ -130,6 +130,10 @@ def test_out_naming_an_existing_file_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("sweep.py: error: --out") and "is a file" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "x").read_text() == "not a folder"
+    assert sweep.main(["--preset", "smoke", "--out", str(tmp_path / "x" / "sub")]) == 2     # a file above --out
+    err = capsys.readouterr().err
+    assert err.startswith("sweep.py: error: --out") and "is a file" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "x").read_text() == "not a folder"
 
 
 # ---- dry run ----
