@@ -14,13 +14,12 @@ Nothing to run here; `python train_dit.py --help` lists the flags.
 """
 import argparse
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import diffusion
-from plumbing.common import ArgParser, RunError
+from plumbing.common import ArgParser, RunError, file_in_the_way
 
 LATENT_GEOMETRY = {"none": (3, 1), "kl-f8": (4, 8), "vq-f4": (3, 4)}   # autoencoder -> (channels, downsampling)
 CAPTION_CORRUPTIONS = ("swap", "rewrite")
@@ -263,8 +262,8 @@ def resolve_run_config(cfg, text_width: int | None = None):
 def _check_ranges(cfg) -> None:
     """Numbers in range, latent flags consistent, the ablations and the grids' CADS well formed (RunError otherwise)."""
     down = LATENT_GEOMETRY[cfg.vae][1]
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise RunError(f"--out {cfg.out} is a file, not a run folder")
+    if (blocker := file_in_the_way(cfg.out)) is not None:
+        raise RunError(f"--out {cfg.out}: {blocker} is a file, not a run folder")
     if not 0.0 <= cfg.corrupt < 1.0:
         raise RunError(f"--corrupt must be in [0, 1), got {cfg.corrupt}")
     if cfg.cep_gamma < 0:

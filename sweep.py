@@ -847,15 +847,15 @@ def parse_args(argv=None) -> SweepConfig:
 
 def check(cfg: SweepConfig):
     """Refuse bad settings before any work starts."""
+    from plumbing.common import file_in_the_way
     if not (REPO / f"{cfg.script}.py").is_file() or not cfg.script.startswith("train_"):
         raise ValueError(f"--script {cfg.script!r}: expected train_dit or train_ldm")
     if cfg.launcher not in ("python", "torchrun"):
         raise ValueError(f"--launcher {cfg.launcher!r}: expected python or torchrun")
     if cfg.jobs < 1 or cfg.nproc < 0:
         raise ValueError(f"--jobs must be >= 1 and --nproc >= 0, got {cfg.jobs} and {cfg.nproc}")
-    existing = next(p for p in (Path(cfg.out), *Path(cfg.out).absolute().parents) if p.exists())
-    if not existing.is_dir():                           # --out itself, or a folder above it, is a file
-        raise ValueError(f"--out {cfg.out}: {existing} is a file, not a sweep folder; pick another --out")
+    if (blocker := file_in_the_way(cfg.out)) is not None:
+        raise ValueError(f"--out {cfg.out}: {blocker} is a file, not a sweep folder; pick another --out")
     if cfg.metric not in HIGHER_IS_BETTER:
         raise ValueError(f"--metric {cfg.metric!r}: expected one of {', '.join(HIGHER_IS_BETTER)}")
     if cfg.reference and not (cfg.reference.startswith("builtin:") and cfg.reference[8:].isdigit()):

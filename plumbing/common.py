@@ -140,6 +140,12 @@ def setup_distributed(device: str = "auto", timeout: float | None = None) -> Dis
     return Dist(rank, local_rank, world, dev)
 
 
+def file_in_the_way(out) -> Path | None:
+    """The file that stops folder `out` from being made (`out` itself, or a folder above it), or None."""
+    existing = next(p for p in (Path(out), *Path(out).absolute().parents) if p.exists())
+    return None if existing.is_dir() else existing
+
+
 def leave_process_group(finished: bool = True) -> None:
     """Leave torchrun's process group, if joined: after a barrier when every rank `finished` its work, so no rank tears
     its gloo threads down while a peer's last message is still in flight (a rare SIGABRT at interpreter exit, rank 1,

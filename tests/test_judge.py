@@ -122,8 +122,8 @@ def test_evaluate_metrics_cli_writes_the_judge_columns(small_judge, net, tmp_pat
 
 
 def test_judge_references_are_labelled_and_another_extractor_is_refused(small_judge, net, tmp_path, capsys):
-    """judge.py ref and scoring.trainset label their files with the judge's pipeline (its file's hash) and the image size, so
-    features of another extractor (a rebuilt judge, any --features) are refused in one line, not just warned about."""
+    """judge.py ref and scoring.trainset label their files with the judge's pipeline (its file's hash) and the image
+    size, so features of another extractor (a rebuilt judge, any --features) are refused in one line, not just warned about."""
     write_judge_refs(small_judge, tmp_path, num=20, length=20, flip=False)
     label = metrics.pipeline_label(str(small_judge), "none")
     for name in ("ref.npz", "train.npz"):

@@ -126,14 +126,11 @@ def test_ablations_are_treatments_paired_with_their_clean_value_and_edge_scales_
 
 def test_out_naming_an_existing_file_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "x").write_text("not a folder")
-    assert sweep.main(["--preset", "smoke", "--out", str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sweep.py: error: --out") and "is a file" in err and len(err.strip().splitlines()) == 1
-    assert (tmp_path / "x").read_text() == "not a folder"
-    assert sweep.main(["--preset", "smoke", "--out", str(tmp_path / "x" / "sub")]) == 2     # a file above --out
-    err = capsys.readouterr().err
-    assert err.startswith("sweep.py: error: --out") and "is a file" in err and len(err.strip().splitlines()) == 1
-    assert (tmp_path / "x").read_text() == "not a folder"
+    for out in (tmp_path / "x", tmp_path / "x" / "sub"):                  # --out itself, or a folder above it
+        assert sweep.main(["--preset", "smoke", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sweep.py: error: --out") and "is a file" in err and len(err.strip().splitlines()) == 1
+        assert (tmp_path / "x").read_text() == "not a folder"
 
 
 # ---- dry run ----
