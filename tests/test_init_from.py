@@ -166,7 +166,7 @@ def ldm_tiny_release(tmp_path_factory):
     return folder
 
 
-def test_ldm_release_maps_to_unet_tiny_and_trains(ldm_tiny_release, tmp_path):
+def test_ldm_release_maps_to_unet_tiny_and_trains(ldm_tiny_release, tmp_path, capsys):
     import train_ldm
     cfg, sd, note = pretrained.init_weights(str(ldm_tiny_release), train_ldm.LDMConfig(), "ldm")
     assert (cfg.model, cfg.image_size, cfg.vae, cfg.schedule, cfg.learn_sigma) == ("unet-tiny", 16, "vq-f4",
@@ -177,6 +177,13 @@ def test_ldm_release_maps_to_unet_tiny_and_trains(ldm_tiny_release, tmp_path):
     x, t, y = torch.randn(2, 3, 4, 4), torch.tensor([5, 900]), torch.tensor([3, 10])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), ref(x, t, y), rtol=0, atol=0)
-    assert train_ldm.main(["--init-from", str(ldm_tiny_release), "--steps", "1", "--batch-size", "4",
+    # the LDM release's recipe (ldm4-in1k's optimiser, batch included), not the CPU default's, on the start line
+    assert train_ldm.main(["--init-from", str(ldm_tiny_release), "--steps", "1", "--micro-batch-size", "128",
                            "--sample-every", "0", "--builtin-length", "16", "--out", str(tmp_path / "r")]) == 0
-    assert load_checkpoint(str(tmp_path / "r" / "last.pt"))["config"]["model"] == "unet-tiny"
+    assert "global batch 512 = 1 x 4 x 128 " in (out := capsys.readouterr().out)
+    assert "| adamw lr 0.0001 wd 0.01 clip 0 EMA 0.9999 |" in out and "optimiser the ldm4-in1k preset's:" in out
+    ckpt = load_checkpoint(str(tmp_path / "r" / "last.pt"))
+    assert ckpt["config"]["model"] == "unet-tiny"
+    assert {k: ckpt["config"][k] for k in ("optimizer", "lr", "weight_decay", "grad_clip", "ema_decay",
+                                           "batch_size")} == dict(optimizer="adamw", lr=1e-4, weight_decay=0.01,
+                                                                  grad_clip=0.0, ema_decay=0.9999, batch_size=512)
