@@ -87,13 +87,18 @@ class ClassEmbedder(nn.Module):
         emb = self.embedding_table(y)                               # (B, D)
         real = y != self.null_id                                    # (B,) which samples carry a condition
         if self.label_smoothing > 0 and (self.training or not self.raw_at_sampling):
-            mean = self.embedding_table.weight[: self.num_classes].mean(0)          # (D,) over the K class rows
-            smoothed = (1 - self.label_smoothing) * emb + self.label_smoothing * mean
-            emb = torch.where(real[:, None], smoothed, emb)
+            smooth = smoothed(emb, self.embedding_table.weight[: self.num_classes], self.label_smoothing)
+            emb = torch.where(real[:, None], smooth, emb)
         if self.training and self.cond_dropout > 0:
             emb = torch.where(real[:, None], F.dropout(emb, self.cond_dropout, training=True), emb)
         rows = cep_rows(None if self.cep_null else real, cep_mask)
         return self.cep(emb, mask=rows, unit=cep_unit)              # identity in eval mode
+
+
+def smoothed(emb: torch.Tensor, class_rows: torch.Tensor, eps: float) -> torch.Tensor:
+    """The embedding of the label-smoothed one-hot: (1-eps) emb + eps * mean of the K class rows; emb (B, D),
+    class_rows (K, D). Also what weights/export_diffusers.py bakes into an exported class table."""
+    return (1 - eps) * emb + eps * class_rows.mean(0)
 
 
 def cep_rows(real, cep_mask):

@@ -124,6 +124,9 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
     model, diffusion, cfg, state = load_model(ckpt, device, ema)
     kind = state["kind"]
     if raw_class_embedding:
+        if not getattr(cfg, "label_smoothing", 0.0):
+            raise ValueError(f"--raw-class-embedding: {ckpt} was trained without --label-smoothing, so its class rows "
+                             f"are already what it samples with; drop the flag")
         model.cond.raw_at_sampling = True
     decode = None
     if getattr(cfg, "vae", "none") != "none":
@@ -136,7 +139,7 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
             "dtype": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class"),
             "class_dropout": cfg.class_dropout, "image_size": cfg.image_size,
-            "class_embedding": "raw" if raw_class_embedding and cfg.label_smoothing > 0 else "as trained"}
+            "class_embedding": "raw" if raw_class_embedding else "as trained"}
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
@@ -559,6 +562,8 @@ def _check_sample_args(args) -> None:
         raise ValueError("--grid needs --classes (e.g. --classes 88,207,360)")
     if args.per_class < 1 or (args.guide_channels is not None and args.guide_channels < 0):
         raise ValueError("--per-class must be >= 1 and --guide-channels >= 0")
+    if args.raw_class_embedding and args.pretrained:
+        raise ValueError("--raw-class-embedding is for a nanoCEP --label-smoothing checkpoint; a release has no smoothing")
     if args.control and (args.pretrained or args.grid or not args.control_data):
         raise ValueError("--control samples a nanoCEP ControlNet checkpoint over --control-data DIR (no --pretrained, "
                          "no --grid)")

@@ -458,6 +458,39 @@ def test_checkpoint_end_to_end_offline(data, tmp_path, capsys):
     assert not (tmp_path / "eval8").exists()
 
 
+def test_raw_class_embedding_samples_the_raw_rows_and_the_default_the_smoothed_ones(data, tmp_path, capsys):
+    """evaluate.py on a --label-smoothing checkpoint samples with (1-eps) E[y] + eps mean(E), the embedding it was
+    trained on; --raw-class-embedding with E[y]. Oracle: the same weights with the smoothing written into the table."""
+    import train_dit
+    run = tmp_path / "run"
+    assert train_dit.main(["--image-size", "16", "--batch-size", "8", "--steps", "6", "--sample-every", "0",
+                           "--builtin-length", "32", "--label-smoothing", "0.5", "--ema-decay", "0",
+                           "--out", str(run)]) == 0
+    flags = ["--num-samples", "12", "--cfg-scales", "3", "--steps", "2", "--batch-size", "6", "--features",
+             str(data["extractor"]), "--ref", str(data["ref"]), "--is-splits", "2", "--npz", "--resize", "none"]
+    images = {}
+    for name, extra in (("default", []), ("raw", ["--raw-class-embedding"])):
+        assert ev.main([str(run / "last.pt"), *flags, "--out", str(tmp_path / name), *extra]) == 0
+        row = json.loads((tmp_path / name / "results.json").read_text())["rows"][0]
+        assert row["class_embedding"] == {"default": "as trained", "raw": "raw"}[name]
+        with np.load(tmp_path / name / "cfg3" / "samples.npz") as z:
+            images[name], labels = z["arr_0"], z["labels"]
+    assert not np.array_equal(images["default"], images["raw"])          # the flag changes what is sampled
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    key, K = "y_embedder.embedding_table.weight", 10
+    for name, smooth in (("default", True), ("raw", False)):             # a model without smoothing, rows as sampled
+        table = ckpt["ema"][key].clone()
+        if smooth:
+            table[:K] = 0.5 * table[:K] + 0.5 * table[:K].mean(0)
+        torch.save({**ckpt, "config": {**ckpt["config"], "label_smoothing": 0.0}, "ema": {**ckpt["ema"], key: table}},
+                   tmp_path / f"{name}.pt")
+        sample_fn, _ = ev.load_sampler(tmp_path / f"{name}.pt", steps=2)
+        np.testing.assert_array_equal(sample_fn(torch.as_tensor(labels[:4]), [0, 1, 2, 3], 3.0), images[name][:4])
+    capsys.readouterr()                                                   # a checkpoint without smoothing refuses it
+    assert ev.main([str(tmp_path / "raw.pt"), *flags, "--out", str(tmp_path / "x"), "--raw-class-embedding"]) == 2
+    assert "trained without --label-smoothing" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_ldm_checkpoint_samples_like_a_dit_one(tmp_path):
     """evaluate.py rebuilds a train_ldm.py checkpoint from its config exactly as it does a DiT one."""
     import train_ldm

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import evaluate as ev
 from models.encoders import encoder_from_config
@@ -74,6 +75,25 @@ def test_exported_transformer_equals_our_forward_and_round_trips(tmp_path, tiny_
                                               "mlp_norm_eps", "schedule")}
     assert sd.keys() == ours.state_dict().keys() and all(torch.equal(sd[k], v) for k, v in ours.state_dict().items())
     assert "10 classes" in note and back.vae_path == str(tmp_path / "out" / "vae")
+
+
+def test_a_label_smoothing_dit_exports_the_embedding_it_samples_with(tmp_path, tiny_vae):
+    _, ours = write_checkpoint(tmp_path / "last.pt", tiny_vae, label_smoothing=0.2)
+    export.export(str(tmp_path / "last.pt"), str(tmp_path / "smooth"))
+    assert export.main([str(tmp_path / "last.pt"), "--out", str(tmp_path / "raw"), "--raw-class-embedding"]) == 0
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 4, 4, 4, generator=g), torch.randint(0, 1000, (4,), generator=g)
+    y = torch.tensor([0, 4, 9, 10])                                      # 10 = our null row, never smoothed
+    for folder, raw in (("smooth", False), ("raw", True)):              # evaluate.py's default, --raw-class-embedding
+        theirs = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / folder / "transformer").eval()
+        ours.cond.raw_at_sampling = raw
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(x, timestep=t, class_labels=y).sample, ours(x, t, y),
+                                       rtol=1e-5, atol=1e-5)
+    key = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
+    smooth, raw = (load_file(str(tmp_path / f / "transformer" / "diffusion_pytorch_model.safetensors"))[key]
+                   for f in ("smooth", "raw"))
+    assert not torch.allclose(smooth[:10], raw[:10]) and torch.equal(smooth[10:], raw[10:])   # classes differ only
 
 
 def test_dit_pipeline_samples_the_export_as_our_sampler_does(tmp_path, tiny_vae):

@@ -20,6 +20,10 @@ What diffusers' DiT can represent, and what is refused in one line (exit 2):
   0..K (K = our null) give identical outputs; pretrained.py trims the padding on the way back (id2label has K names).
 - pixel-space (--vae none), vq-f4 and text-conditional DiTs: DiTPipeline decodes with an AutoencoderKL and feeds
   class labels, so these are refused.
+- --label-smoothing eps: diffusers' embedder has no smoothing, so the class rows are written smoothed,
+  (1-eps) E[y] + eps mean(E), the embedding the model was trained on and that evaluate.py samples by default
+  (conditions.smoothed); --raw-class-embedding writes E[y] as stored (evaluate.py's flag of the same name). Either
+  way the folder is a model without smoothing: --init-from it takes the rows as written.
 """
 import json
 import os
@@ -27,6 +31,7 @@ import sys
 
 import torch
 
+import conditions
 from config import stored_config
 from plumbing import common
 from models import dit
@@ -145,8 +150,9 @@ def class_names(cfg: dict, num_classes: int, names_file: str | None) -> list[str
 
 
 def export(ckpt_path: str, out: str, weights: str = "ema", vae_path: str | None = None,
-           names_file: str | None = None) -> dict:
-    """Write the DiTPipeline folder `out` for the nanoCEP DiT checkpoint; returns its model_index.json."""
+           names_file: str | None = None, raw_class_embedding: bool = False) -> dict:
+    """Write the DiTPipeline folder `out` for the nanoCEP DiT checkpoint; returns its model_index.json.
+    A --label-smoothing DiT's class rows are written smoothed unless raw_class_embedding (module docstring)."""
     from safetensors.torch import save_file
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.get("kind") != "dit":
@@ -159,7 +165,11 @@ def export(ckpt_path: str, out: str, weights: str = "ema", vae_path: str | None 
                                        what=ckpt_path)
     if not torch.allclose(sd["pos_embed"][0], dit.sincos_pos_embed_2d(sd["pos_embed"].shape[-1], model.grid)):
         raise ValueError(f"{ckpt_path}: its pos_embed is not DiT's fixed sin-cos table, which diffusers recomputes")
-    table = padded_class_table(sd["y_embedder.embedding_table.weight"], num_classes)
+    table = sd["y_embedder.embedding_table.weight"]                        # (K + 1 or K, D)
+    eps = float(cfg.get("label_smoothing", 0.0))
+    if eps > 0 and not raw_class_embedding:                                # the rows as the model samples them
+        table = torch.cat([conditions.smoothed(table[:num_classes], table[:num_classes], eps), table[num_classes:]])
+    table = padded_class_table(table, num_classes)
     ae = vae_lib.load_vae("kl-f8", vae_path or cfg.get("vae_path") or None)   # None: the run's released weights
     if os.path.exists(os.path.join(out, "model_index.json")):
         raise ValueError(f"{out} already holds a diffusers pipeline; pick another --out")
@@ -192,9 +202,11 @@ def main(argv=None) -> int:
                    "the checkpoint's --vae-path, else the released weights")
     p.add_argument("--class-names", default=None, help="a file with one class name per line (default: the built-in "
                    "names, or the class folders of the run's --data)")
+    p.add_argument("--raw-class-embedding", action="store_true", help="a --label-smoothing DiT: write its raw class "
+                   "rows E[y], not the smoothed embedding it was trained on and samples with by default")
     args = p.parse_args(argv)
     try:
-        index = export(args.checkpoint, args.out, args.weights, args.vae, args.class_names)
+        index = export(args.checkpoint, args.out, args.weights, args.vae, args.class_names, args.raw_class_embedding)
     except (ValueError, FileNotFoundError, ConnectionError, common.RunError) as e:
         print(f"python -m weights.export_diffusers: error: {common.one_line(e)}", file=sys.stderr)
         return 2
