@@ -18,8 +18,9 @@ How the experiment is built (read the code in this order):
  1. Cells. Every --grid KEY=V1,V2,... is an axis; the cells are their product (a preset may list cells instead, e.g.
     Table 1's CEP-U / CEP-G / IP rows beside the η axis). A key is a train flag (--KEY V) unless EVAL_KEYS maps it to
     evaluate.py flags; a key in CLEAN is a *treatment* (corrupt, cep, ip, cads, and the ablations cep_gamma,
-    cep_subset, label_smoothing, cond_dropout) with a clean value, any other key (builtin_length, model, ...) is
-    *context*. A cell's clean counterpart has the same context and clean treatments.
+    cep_subset, label_smoothing, cond_dropout, and the readings cep_fixed_delta=on and raw_class_embedding=on)
+    with a clean value, any other key (builtin_length, model, ...) is *context*. A cell's clean counterpart has the
+    same context and clean treatments.
  2. Runs. A cell x seed is one run: OUT/runs/<cell>/seed<S>/ is a normal nanoCEP run folder (config.json, log.jsonl,
     last.pt), trained by `train_dit.py ... --seed S --out RUN --resume auto`, then evaluated by
     `evaluate.py RUN/last.pt ... --out RUN/eval` (results.json: one row per guidance scale). The sampling seed is the
@@ -68,7 +69,8 @@ REPO = Path(__file__).resolve().parent
 EVAL_KEYS = {
     "cads": lambda v: [] if v == "off" else ["--cads-noise", "0.1"],   # CADS at sampling time, the paper's s = 0.1
     "cads_noise": lambda v: ["--cads-noise", str(v)],                     # or its noise scale as the axis
-}
+    "raw_class_embedding": lambda v: ["--raw-class-embedding"] if switch(v, "raw_class_embedding") else [],
+}                                                   # a --label-smoothing model sampled with its raw class rows E[y]
 # Grid keys that are training flags under another form: key -> (value -> training arguments).
 # base=NAME:PATH is a ControlNet's frozen base (Table 2's axis): --init-from PATH, shown (and paired) as NAME.
 TRAIN_KEYS = {"base": lambda v: ["--init-from", base_path(v)]}
@@ -78,7 +80,7 @@ TRAIN_KEYS = {"base": lambda v: ["--init-from", base_path(v)]}
 # clean run, and with --cep fixed in --train it is the paper's CEP, the baseline of the "Fixed CEP" ablation.
 CLEAN = {"corrupt": "0", "cep": "none", "ip": "0", "cads": "off", "cads_noise": "0", "corrupt_mode": "static",
          "cep_gamma": "0", "cep_subset": "1", "label_smoothing": "0", "cond_dropout": "0", "cep_fixed_delta": "off",
-         "base": "clean"}
+         "raw_class_embedding": "off", "base": "clean"}
 # Metrics the summary reports (those present in the results), and which direction is better.
 # The memorization columns (scoring/memorization.py): a larger nearest-item distance is "better" (less copying).
 HIGHER_IS_BETTER = {"fid": False, "is_mean": True, "precision": True, "recall": True, "class_acc": True,
@@ -98,6 +100,34 @@ def same_value(a, b) -> bool:
         return float(a) == float(b)
     except ValueError:
         return str(a) == str(b)
+
+
+def switch(value, key: str) -> bool:
+    """An on/off grid value as a bool."""
+    if str(value).lower() not in ("on", "off"):
+        raise ValueError(f"--grid {key}={value}: expected on or off")
+    return str(value).lower() == "on"
+
+
+def flag_value(words: list, flag: str, default: str) -> str:
+    """The value the last `flag V` / `flag=V` in the argument list `words` gives, else default."""
+    value = default
+    for i, word in enumerate(words):
+        if word == flag and i + 1 < len(words):
+            value = words[i + 1]
+        elif word.startswith(flag + "="):
+            value = word.split("=", 1)[1]
+    return value
+
+
+def check_cell(cell: dict, train_words: list):
+    """Refuse a cell whose settings contradict each other: raw class rows need a label-smoothed model."""
+    if switch(cell.get("raw_class_embedding", "off"), "raw_class_embedding"):
+        smoothing = cell.get("label_smoothing", flag_value(train_words, "--label-smoothing", "0"))
+        if same_value(smoothing, 0):
+            raise ValueError(f"--grid raw_class_embedding=on: cell {cell_name(cell)} trains without label smoothing, "
+                             "whose raw rows it would sample; grid it with label_smoothing > 0 only, or pass "
+                             "--train \"--label-smoothing EPS\" (the cell with it off is then its pair)")
 
 
 def base_path(value: str) -> str:
@@ -349,6 +379,7 @@ def plan(cfg: SweepConfig, features: str = "") -> list:
     runs = []
     for seed, cell in itertools.product(seeds, cells):   # seed-major: a sweep cut short still has complete seeds
         train_args, eval_args = cell_args(cell)
+        check_cell(cell, shlex.split(cfg.train))
         folder = out / "runs" / cell_name(cell) / f"seed{seed}"
         train_cmd = prefix + [f"{cfg.script}.py", *shlex.split(cfg.train), *train_args, "--seed", str(seed),
                               "--out", str(folder), "--resume", "auto"]

@@ -151,6 +151,23 @@ def test_dry_run_prints_the_in1k_protocol_with_torchrun(tmp_path, capsys):
     assert not (tmp_path / "dit").exists()                        # a dry run writes nothing
 
 
+def test_raw_class_embedding_is_an_eval_treatment_paired_with_the_smoothed_reading(tmp_path, capsys):
+    """raw_class_embedding=on samples the same training run's raw class rows (evaluate.py --raw-class-embedding);
+    with --label-smoothing in --train its clean pair is the cell sampled as trained, the other reading."""
+    assert sweep.main(["--grid", "raw_class_embedding=off,on", "--train", "--label-smoothing 0.1", "--seeds", "0",
+                       "--out", str(tmp_path / "s"), "--dry-run"]) == 0
+    cmds = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    train = [c for c in cmds if " train_dit.py " in c]
+    evals = [c for c in cmds if " evaluate.py " in c]
+    assert all("--label-smoothing 0.1" in c and "--raw" not in c for c in train)
+    assert ["--raw-class-embedding" in c for c in evals] == [False, True]
+    assert sweep.cell_name(sweep.clean_counterpart({"raw_class_embedding": "on"})) == "clean"
+    # gridded with the smoothing itself, both readings pair with the clean (unsmoothed) run
+    cell = {"label_smoothing": "0.1", "raw_class_embedding": "on"}
+    assert sweep.clean_counterpart(cell) == {"label_smoothing": "0", "raw_class_embedding": "off"}
+    assert sweep.cell_args(cell) == (["--label-smoothing", "0.1"], ["--raw-class-embedding"])
+
+
 # ---- end to end: smoke, resume after a kill, refusal of other settings ----
 
 
@@ -255,6 +272,8 @@ def test_protocols_pin_the_plain_dit_and_folders_from_before_the_pin_still_resum
     (["--grid", "corrupt=0", "--script", "nope"], "--script"),
     (["--grid", "corrupt=0", "--metric", "loss"], "--metric"),
     (["--out", "x"], "no cells"),
+    (["--grid", "raw_class_embedding=off,on"], "trains without label smoothing"),   # nothing to un-smooth
+    (["--grid", "label_smoothing=0.1", "--grid", "raw_class_embedding=yes"], "expected on or off"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert sweep.main(args if "--out" in args else [*args, "--out", str(tmp_path / "o")]) == 2
