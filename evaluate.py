@@ -49,11 +49,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from plumbing.common import ArgParser, RunError, leave_process_group, setup_distributed
+from plumbing.common import ArgParser, RunError, leave_process_group, new_file, setup_distributed
 from sources.captions import read_prompts
 from config import LATENT_GEOMETRY
 from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines, check_reference_size,
-                             compute_metrics, count_items, image_size_of, load_reference, load_train_reference,
+                             check_train_reference_size, compute_metrics, count_items, image_size_of, load_reference, load_train_reference,
                              min_samples, pipeline_label, plot_fid_is, read_results, reference_kind, reference_pipeline,
                              npz_keys, save_npz, source_pipeline, write_reference, write_results)
 from scoring import shapes
@@ -376,19 +376,29 @@ def _check_common(args, samples=()):
         train_label = load_train_reference(args.train_ref)["pipeline"]  # raises on a missing or wrong file
         check_pipelines(label, train_label, "this run's features", f"training-set features {args.train_ref}")
         if train_label is None:
-            print(f"warning: {args.train_ref} carries no pipeline label: cannot check it was made with this run's "
-                  "extractor (re-make it with `python -m scoring.trainset`)", file=sys.stderr)
+            _warn_unlabelled(args.train_ref, "python -m scoring.trainset")
     if args.ref is not None:
         ref_label = reference_pipeline(args.ref)
+        if ref_label is None and reference_kind(args.ref) == "features":     # made before references were labelled
+            _warn_unlabelled(args.ref, "evaluate.py ref")
         for source in samples or [None]:
             check_pipelines(label if source is None else source_pipeline(source, label),
                             ref_label, f"samples {source or '(this run)'}", f"reference {args.ref}")
             if source is not None:                         # and one made at another image size
                 check_reference_size(args.ref, image_size_of(source), f"samples {source}")
+    if args.train_ref and args.train_ref != "auto":
+        for source in samples:
+            check_train_reference_size(args.train_ref, image_size_of(source), f"samples {source}")
         if reference_kind(args.ref) != "stats":
             n = count_items(args.ref)
             if n < max(2, args.k + 1):
                 raise ValueError(f"reference {args.ref} holds {n} images; its statistics need at least {max(2, args.k + 1)}")
+
+
+def _warn_unlabelled(path, remake: str) -> None:
+    """A features file without a pipeline label cannot be checked against this run's extractor: say so."""
+    print(f"warning: {path} carries no pipeline label: cannot check it was made with this run's extractor "
+          f"(re-make it with `{remake}`)", file=sys.stderr)
 
 
 def _featurizer(args, device):
@@ -467,8 +477,7 @@ def main_ref(argv):
     args = p.parse_args(argv)
     if args.out is None or Path(args.out).suffix != ".npz":
         raise ValueError(f"--out must name the reference .npz to write, got {args.out}")
-    if Path(args.out).exists():
-        raise FileExistsError(f"--out {args.out} exists; remove it or choose another name")
+    new_file(args.out)
     if args.image_size < 8 or min(args.builtin_length, args.max_images or 2) < 2:
         raise ValueError("--image-size must be >= 8, --max-images and --builtin-length >= 2")
     if args.ref is not None:
@@ -594,6 +603,8 @@ def main_sample(argv):
         args.ref = args.ref or held_out.reference(Path(args.out), rank)
     if args.ref is not None:                               # a reference made at another size, refused before sampling
         check_reference_size(args.ref, info["image_size"], "samples")
+    if args.train_ref and args.train_ref != "auto":        # and so is another run's training set
+        check_train_reference_size(args.train_ref, info["image_size"], "samples")
     settings = {"checkpoint": str(args.ckpt or args.pretrained), "sampler": args.sampler, "steps": args.steps,
                 "ema": not args.no_ema and args.pretrained is None, **cads_settings(args),
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}

@@ -146,6 +146,13 @@ def file_in_the_way(out) -> Path | None:
     return None if existing.is_dir() else existing
 
 
+def new_file(path) -> None:
+    """Refuse (ValueError, one line) to write an output file over an existing one: a reference or training-set file
+    is a measurement's ground truth, replaced only on purpose (remove it first)."""
+    if Path(path).exists():
+        raise ValueError(f"--out {path} exists; remove it or choose another name")
+
+
 def leave_process_group(finished: bool = True) -> None:
     """Leave torchrun's process group, if joined: after a barrier when every rank `finished` its work, so no rank tears
     its gloo threads down while a peer's last message is still in flight (a rare SIGABRT at interpreter exit, rank 1,

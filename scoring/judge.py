@@ -315,7 +315,7 @@ def reference(image_size: int, num: int, seed: int = REF_SEED, path=None) -> dic
 # Command line
 
 def main(argv=None) -> int:
-    from plumbing.common import ArgParser
+    from plumbing.common import ArgParser, new_file
     p = ArgParser(prog="python -m scoring.judge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("build", "path", "ref", "check"):
@@ -347,6 +347,7 @@ def main(argv=None) -> int:
         else:
             if args.num < 10:
                 raise ValueError(f"--num must be >= 10, got {args.num}")
+            new_file(args.out)
             ref = reference(args.image_size, args.num, args.seed, args.judge)
             metrics.write_reference(args.out, ref["feats"], ref["probs"], ref["pipeline"], ref["image_size"],
                                     labels=ref["labels"], data="builtin", seed=args.seed, num_images=args.num)

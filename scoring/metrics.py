@@ -625,7 +625,17 @@ def load_train_reference(path):
         out = {k: z[k] if k in z.files else None for k in ("feats", "pixels", "item_ids", "real_px_d1", "real_px_d2",
                                                            "real_feat_d1", "real_feat_d2")}
         out["pipeline"] = str(z["pipeline"]) if "pipeline" in z.files else None
+        out["image_size"] = int(z["image_size"]) if "image_size" in z.files else None
     return out
+
+
+def check_train_reference_size(path, image_size, where="samples"):
+    """Refuse (ValueError, one line naming both) a --train-ref of a run at another image size than the samples: its
+    pixel distances would compare images of two resolutions. An unlabelled file cannot be checked."""
+    theirs = load_train_reference(path)["image_size"]
+    if image_size is not None and theirs is not None and theirs != image_size:
+        raise ValueError(f"image sizes differ: {where} {image_size}px, training set {path} {theirs}px; write it from "
+                         f"the run that made the samples (python -m scoring.trainset --run RUN)")
 
 
 # ---- evaluation ----

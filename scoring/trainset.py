@@ -104,7 +104,7 @@ def build(cfg: dict, featurize=None, pipeline=None, num_fresh: int = 2000) -> di
 
 def main(argv=None) -> int:
     """`python -m scoring.trainset`: write a run's --train-ref .npz; bad input is one line, exit 2."""
-    from plumbing.common import ArgParser
+    from plumbing.common import ArgParser, new_file
     p = ArgParser(prog="python -m scoring.trainset", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a run folder (its config.json) or a config.json file")
@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     try:
         if args.num_fresh < 2:
             raise ValueError(f"--num-fresh must be >= 2, got {args.num_fresh}")
+        new_file(args.out)
         featurizer = metrics.Featurizer(args.features, resize=args.resize) if args.features else None
         tr = build(args.run, featurize=featurizer and (lambda images: featurizer(images)["feats"]),
                    pipeline=featurizer and featurizer.pipeline, num_fresh=args.num_fresh)

@@ -655,6 +655,13 @@ def test_mixed_feature_pipelines_are_refused(data, tmp_path, capsys):
             assert "feature pipelines differ" in err and message in err
             assert ("clean-fid/legacy_tensorflow" in err) and ("clean-fid/clean" in err or "torchscript:" in err)
     assert not (tmp_path / "never" / "results.json").exists()
+    # a features reference from before references were labelled is measured, with a warning that it is unchecked
+    ref = metrics.Featurizer(data["extractor"], resize="none")(data["ref"])
+    metrics.save_npz(tmp_path / "unlabelled.npz", feats=ref["feats"], probs=ref["probs"])
+    assert ev.main(["metrics", "--samples", str(data["samples"]), "--ref", str(tmp_path / "unlabelled.npz"),
+                    "--features", str(data["extractor"]), "--resize", "none", "--is-splits", "2",
+                    "--out", str(tmp_path / "unchecked")]) == 0
+    assert "unlabelled.npz carries no pipeline label" in capsys.readouterr().err
 
 
 def test_references_made_at_another_image_size_are_refused(data, tmp_path, capsys):

@@ -143,6 +143,15 @@ def test_judge_references_are_labelled_and_another_extractor_is_refused(small_ju
         assert len(err.splitlines()) == 1 and "feature pipelines differ" in err and names in err
         assert label in err and metrics.pipeline_label(str(other), "none") in err
     assert not (tmp_path / "eval").exists()
+    with np.load(tmp_path / "train.npz") as z:                      # the training set of a run at another size
+        metrics.save_npz(tmp_path / "train8.npz", **{**dict(z), "image_size": np.array(8)})
+    capsys.readouterr()
+    assert ev.main(["metrics", "--samples", str(tmp_path / "samples.npz"), "--features", str(small_judge),
+                    "--resize", "none", "--is-splits", "2", "--train-ref", str(tmp_path / "train8.npz"),
+                    "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "image sizes differ: samples" in err and "train8.npz 8px" in err
+    assert not (tmp_path / "eval").exists()
 
 
 def test_bad_input_is_one_line_and_exit_2(small_judge, tmp_path, capsys):
@@ -153,6 +162,14 @@ def test_bad_input_is_one_line_and_exit_2(small_judge, tmp_path, capsys):
     assert ev.main(["metrics", "--samples", str(tmp_path / "wrong.npz"), "--train-ref", str(tmp_path / "wrong.npz")]) == 2
     assert "item_ids" in capsys.readouterr().err
     assert not (tmp_path / "train.npz").exists()
+    (tmp_path / "kept.npz").write_text("a reference")               # an existing output is never written over
+    for main, args in ((judge.main, ["ref", "--num", "10", "--judge", str(small_judge)]),
+                       (trainset.main, ["--run", str(tmp_path / "nowhere")]),
+                       (ev.main, ["ref", "--data", "builtin", "--image-size", "16"])):
+        assert main([*args, "--out", str(tmp_path / "kept.npz")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "kept.npz exists" in err
+    assert (tmp_path / "kept.npz").read_text() == "a reference"
 
 
 def test_final_grid_hook_prints_and_logs_the_class_accuracy(small_judge, monkeypatch):
