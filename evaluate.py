@@ -386,13 +386,13 @@ def _check_common(args, samples=()):
                             ref_label, f"samples {source or '(this run)'}", f"reference {args.ref}")
             if source is not None:                         # and one made at another image size
                 check_reference_size(args.ref, image_size_of(source), f"samples {source}")
-    if args.train_ref and args.train_ref != "auto":
-        for source in samples:
-            check_train_reference_size(args.train_ref, image_size_of(source), f"samples {source}")
         if reference_kind(args.ref) != "stats":
             n = count_items(args.ref)
             if n < max(2, args.k + 1):
                 raise ValueError(f"reference {args.ref} holds {n} images; its statistics need at least {max(2, args.k + 1)}")
+    if args.train_ref and args.train_ref != "auto":        # a training set of a run at another image size
+        for source in samples:
+            check_train_reference_size(args.train_ref, image_size_of(source), f"samples {source}")
 
 
 def _warn_unlabelled(path, remake: str) -> None:
