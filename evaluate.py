@@ -53,9 +53,10 @@ from plumbing.common import ArgParser, RunError, leave_process_group, new_file, 
 from sources.captions import read_prompts
 from config import LATENT_GEOMETRY
 from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines, check_reference_size,
-                             check_train_reference_size, compute_metrics, count_items, image_size_of, load_reference, load_train_reference,
-                             min_samples, pipeline_label, plot_fid_is, read_results, reference_kind, reference_pipeline,
-                             npz_keys, save_npz, source_pipeline, write_reference, write_results)
+                             check_train_reference_size, compute_metrics, count_items, image_size_of, load_reference,
+                             load_train_reference, min_samples, pipeline_label, plot_fid_is, read_results,
+                             reference_kind, reference_pipeline, npz_keys, save_npz, source_pipeline, write_reference,
+                             write_results)
 from scoring import shapes
 from scoring.held_out import HeldOutControls
 from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES

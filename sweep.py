@@ -524,9 +524,7 @@ def run_all(runs: list, cfg: SweepConfig) -> bool:
 
 def image_size(cfg: SweepConfig) -> int:
     """The --image-size the runs train at (train_dit/train_ldm default 16)."""
-    args = shlex.split(cfg.train)
-    sizes = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--image-size"]
-    return int(sizes[-1]) if sizes else 16
+    return int(flag_value(shlex.split(cfg.train), "--image-size", "16"))
 
 
 def judge_commands(cfg: SweepConfig) -> list:

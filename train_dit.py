@@ -1,7 +1,7 @@
 """
 Train a class- or text-conditional DiT (Peebles & Xie, 2023) under condition corruption and CEP.
 
-    python train_dit.py                                            # tiny DiT on the built-in dataset, CPU, 7.7-9.2 min
+    python train_dit.py                                            # tiny DiT on the built-in dataset, CPU, 7.7-9.5 min
     python train_dit.py --corrupt 0.05 --cep uniform               # 5% flipped labels + CEP-U (paper §5)
     python train_dit.py --cond text --corrupt 0.05 --cep uniform   # captions: 5% swapped + CEP-U on the text encoder
     python train_dit.py --cond text --data /data/cc3m --tokenizer gpt2.tiktoken    # img2dataset folder, GPT-2 BPE
@@ -59,7 +59,7 @@ class DiTConfig(TrainConfig):
                     "at batch 64; at 32, 3e-3 and 5.5e-3 score the same)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this value; 0 = off (DiT uses none; the CPU "
                            "default was tuned with 1 at lr 4e-3)")
-    steps: int = opt(3000, "training steps (the CPU default: 7.7-9.2 min alone on 2 cores, by the machine: README)")
+    steps: int = opt(3000, "training steps (the CPU default: 7.7-9.5 min alone on 2 cores, by the machine: README)")
     batch_size: int = opt(32, "global batch size (split over processes; the CPU default: 32, twice the updates of 64 "
                           "for the same images and time, which its crosses need; DiT: 256)", experiment=True)
     lr_warmdown: int = opt(1000, "decay the learning rate linearly to 0 over the last N steps (the CPU default: 1000 "
