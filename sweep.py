@@ -23,8 +23,10 @@ How the experiment is built (read the code in this order):
     same context and clean treatments.
  2. Runs. A cell x seed is one run: OUT/runs/<cell>/seed<S>/ is a normal nanoCEP run folder (config.json, log.jsonl,
     last.pt), trained by `train_dit.py ... --seed S --out RUN --resume auto`, then evaluated by
-    `evaluate.py RUN/last.pt ... --out RUN/eval` (results.json: one row per guidance scale). The sampling seed is the
-    same for every run (common random numbers), so paired differences see less sampling noise.
+    `evaluate.py RUN/last.pt ... --out RUN/eval` (results.json: one row per guidance scale). Cells that differ only
+    in evaluate.py keys (cads=off,on) share the training run of the cell without them, each evaluated into its own
+    OUT/runs/<cell>/seed<S>/eval. The sampling seed is the same for every run (common random numbers), so paired
+    differences see less sampling noise.
  3. Resume. A killed sweep, rerun with the same flags, skips runs whose log.jsonl holds a "done" event at the
     requested step count, resumes the interrupted one (--resume auto), and re-evaluates only where results.json lacks
     a requested scale. OUT/sweep.json pins the protocol: rerunning with other flags into the same OUT is refused.
@@ -325,10 +327,16 @@ class SweepConfig:
 class Run:
     cell: dict
     seed: int
-    folder: Path
+    folder: Path                 # OUT/runs/<cell>/seed<S>: its eval/ (and, unless shared, the training run)
     train_cmd: list
     eval_cmd: list
     scales: list
+    trained: Path | None = None  # the training run's folder, when another cell's (eval-side keys only differ)
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder of the training run this run evaluates."""
+        return self.trained or self.folder
 
     @property
     def name(self):
@@ -381,14 +389,18 @@ def plan(cfg: SweepConfig, features: str = "") -> list:
         train_args, eval_args = cell_args(cell)
         check_cell(cell, shlex.split(cfg.train))
         folder = out / "runs" / cell_name(cell) / f"seed{seed}"
+        # cells that differ only in evaluate.py keys (cads=off,on) share one training run: the cell without them
+        trained = out / "runs" / cell_name({k: v for k, v in cell.items() if k not in EVAL_KEYS}) / f"seed{seed}"
         train_cmd = prefix + [f"{cfg.script}.py", *shlex.split(cfg.train), *train_args, "--seed", str(seed),
-                              "--out", str(folder), "--resume", "auto"]
+                              "--out", str(trained), "--resume", "auto"]
         ev = [*extra_eval, *shlex.split(cfg.eval), *eval_args]
-        eval_cmd = prefix + ["evaluate.py", str(folder / "last.pt"), *ev, "--out", str(folder / "eval")]
+        eval_cmd = prefix + ["evaluate.py", str(trained / "last.pt"), *ev, "--out", str(folder / "eval")]
         if cfg.log:   # trackers group a sweep's runs by its name; each run is its cell and seed
-            tags = ["--log", cfg.log, "--log-group", out.name, "--log-name", f"{cell_name(cell)}/seed{seed}"]
-            train_cmd, eval_cmd = train_cmd + tags, eval_cmd + tags
-        runs.append(Run(cell, seed, folder, train_cmd, eval_cmd, eval_scales(ev)))
+            train_tags = ["--log", cfg.log, "--log-group", out.name, "--log-name", f"{trained.parent.name}/seed{seed}"]
+            eval_tags = ["--log", cfg.log, "--log-group", out.name, "--log-name", f"{cell_name(cell)}/seed{seed}"]
+            train_cmd, eval_cmd = train_cmd + train_tags, eval_cmd + eval_tags
+        runs.append(Run(cell, seed, folder, train_cmd, eval_cmd, eval_scales(ev),
+                        trained=None if trained == folder else trained))
     names = [cell_name(c) for c in cells]
     if len(set(names)) != len(names):
         raise ValueError(f"two cells share a name: {names}")
@@ -419,7 +431,7 @@ def requested_steps(train_cmd: list):
 
 def is_trained(run: Run) -> bool:
     """The run's log.jsonl holds a "done" event at the requested step count."""
-    log = run.folder / "log.jsonl"
+    log = run.run_dir / "log.jsonl"
     if not log.is_file():
         return False
     steps = requested_steps(run.train_cmd)
@@ -482,15 +494,17 @@ class Runner:
 def execute(run: Run, runner: Runner, timings: Path):
     """Train (unless done) then evaluate (unless done) one run; returns (name, what happened)."""
     did = []
-    for what, done, cmd in (("train", is_trained, run.train_cmd), ("eval", is_evaluated, run.eval_cmd)):
+    for what, done, cmd, where in (("train", is_trained, run.train_cmd, run.run_dir),
+                                   ("eval", is_evaluated, run.eval_cmd, run.folder)):
         if done(run):
             continue
         t0 = time.time()
-        rc = runner(cmd, run.folder.parent / f"seed{run.seed}.{what}.log")
+        log = where.parent / f"seed{run.seed}.{what}.log"
+        rc = runner(cmd, log)
         if rc is None or runner.stopping:
             return run.name, "stopped"
         if rc != 0 or not done(run):
-            raise RuntimeError(f"{what} of {run.name} failed (exit {rc}); see {run.folder.parent}/seed{run.seed}.{what}.log")
+            raise RuntimeError(f"{what} of {run.name} failed (exit {rc}); see {log}")
         seconds = time.time() - t0
         with runner.lock, open(timings, "a") as f:
             f.write(json.dumps({"run": run.name, "what": what, "seconds": round(seconds, 1),
@@ -499,23 +513,39 @@ def execute(run: Run, runner: Runner, timings: Path):
     return run.name, ", ".join(did) or "already done"
 
 
-def run_all(runs: list, cfg: SweepConfig) -> bool:
-    """Run every run (cfg.jobs at a time); True if all finished."""
+def execute_all(runs: list, runner: Runner, timings: Path) -> list:
+    """execute() runs that share one training run, in turn (the first trains it); [(name, what happened)]."""
+    done = []
+    for run in runs:
+        done.append(execute(run, runner, timings))
+        if done[-1][1] == "stopped":
+            break
+    return done
+
+
+def run_all(runs: list, cfg: SweepConfig, runner: Runner | None = None) -> bool:
+    """Run every run (cfg.jobs training runs at a time, each followed by its cells' evaluations); True if all
+    finished."""
     threads = max(1, (os.cpu_count() or 1) // max(1, cfg.jobs))
-    runner = Runner(threads)
+    runner = runner or Runner(threads)
     signal.signal(signal.SIGTERM, runner.stop)
     signal.signal(signal.SIGINT, runner.stop)
-    timings, stopped = Path(cfg.out) / "timings.jsonl", False
+    timings, stopped, i = Path(cfg.out) / "timings.jsonl", False, 0
+    shared = {}                                  # training folder -> its runs: never two jobs on one folder
+    for run in runs:
+        shared.setdefault(run.run_dir, []).append(run)
     with concurrent.futures.ThreadPoolExecutor(max(1, cfg.jobs)) as pool:
-        futures = [pool.submit(execute, run, runner, timings) for run in runs]
-        for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+        futures = [pool.submit(execute_all, group, runner, timings) for group in shared.values()]
+        for fut in concurrent.futures.as_completed(futures):
             try:
-                name, what = fut.result()
+                results = fut.result()
             except RuntimeError as e:
                 runner.stop()
                 raise RuntimeError(str(e)) from None
-            stopped |= what == "stopped"
-            print(f"sweep: [{i}/{len(runs)}] {name}: {what}", flush=True)
+            for name, what in results:
+                i += 1
+                stopped |= what == "stopped"
+                print(f"sweep: [{i}/{len(runs)}] {name}: {what}", flush=True)
     return not stopped
 
 
@@ -571,7 +601,7 @@ def collect(runs: list) -> list:
         path = run.folder / "eval" / "results.json"
         if not path.is_file():
             continue
-        config_path = run.folder / "config.json"
+        config_path = run.run_dir / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         train_cfg = {f"train.{k}": v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
         for r in json.loads(path.read_text())["rows"]:
@@ -937,7 +967,8 @@ def pin_protocol(cfg: SweepConfig, runs: list):
 
 
 def print_commands(cfg: SweepConfig, runs: list):
-    """--dry-run: the commands, one per line, in the order they would run (train, then eval, per run)."""
+    """--dry-run: the commands, one per line, in the order they would run (train, then eval, per run; a training run
+    that cells share, once)."""
     show = lambda cmd: shlex.join(["python" if c == sys.executable else c for c in cmd]).replace(
         "'$(python -m scoring.judge path)'", '"$(python -m scoring.judge path)"')       # let the shell expand it
     if cfg.judge:
@@ -946,9 +977,13 @@ def print_commands(cfg: SweepConfig, runs: list):
     if cfg.reference:
         print(f"# once: {cfg.reference} held-out images -> {Path(cfg.out).resolve() / 'reference'} "
               f"(python -c 'import sweep; sweep.write_builtin_reference(...)')")
+    trained = set()
     for run in runs:
-        print(f"# {run.name}")
-        print(show(run.train_cmd))
+        print(f"# {run.name}" + (f" (evaluates {run.run_dir.parent.name}/seed{run.seed}'s training run)"
+                                 if run.trained else ""))
+        if run.run_dir not in trained:
+            print(show(run.train_cmd))
+            trained.add(run.run_dir)
         print(show(run.eval_cmd))
 
 

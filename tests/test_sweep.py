@@ -6,6 +6,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +168,51 @@ def test_raw_class_embedding_is_an_eval_treatment_paired_with_the_smoothed_readi
     cell = {"label_smoothing": "0.1", "raw_class_embedding": "on"}
     assert sweep.clean_counterpart(cell) == {"label_smoothing": "0", "raw_class_embedding": "off"}
     assert sweep.cell_args(cell) == (["--label-smoothing", "0.1"], ["--raw-class-embedding"])
+
+
+class FakeRunner(sweep.Runner):
+    """Runs nothing: a train command writes its run's "done" event, an eval command its results.json; both counted."""
+
+    def __init__(self):
+        super().__init__(1)
+        self.trained, self.evaluated, self.busy = [], [], set()
+
+    def __call__(self, cmd, log_path):
+        out = Path(cmd[cmd.index("--out") + 1])
+        with self.lock:
+            assert out not in self.busy, f"two jobs at once in {out}"
+            self.busy.add(out)
+        time.sleep(0.01)
+        out.mkdir(parents=True, exist_ok=True)
+        if "evaluate.py" in cmd[1]:
+            scales = [float(x) for x in cmd[cmd.index("--cfg-scales") + 1].split(",")]
+            (out / "results.json").write_text(json.dumps({"rows": [{"cfg_scale": x, "fid": 1.0} for x in scales]}))
+            self.evaluated.append((Path(cmd[2]).parent, out.parent))
+        else:
+            (out / "log.jsonl").write_text(json.dumps({"event": "done", "step": 3}) + "\n")
+            self.trained.append(out)
+        with self.lock:
+            self.busy.discard(out)
+        self.cpu_seconds[threading.get_ident()] = 0.0
+        return 0
+
+
+def test_cells_that_differ_only_in_eval_keys_share_one_training_run(tmp_path):
+    """`--grid cads=off,on` trains each (corrupt, seed) once and evaluates it twice, into each cell's own eval/; with
+    two jobs no training folder is ever used by two at once."""
+    cfg = sweep.SweepConfig(out=str(tmp_path), grid=["cads=off,on", "corrupt=0,0.1"], seeds="0,1", jobs=2,
+                            train="--steps 3", eval="--cfg-scales 1,2")
+    runs = sweep.plan(cfg)
+    runner = FakeRunner()
+    assert sweep.run_all(runs, cfg, runner)
+    runs_dir = tmp_path.resolve() / "runs"
+    assert sorted(runner.trained) == sorted(runs_dir / c / f"seed{s}" for c in ("clean", "corrupt0.1") for s in (0, 1))
+    assert len(runner.evaluated) == 8
+    assert (runs_dir / "clean" / "seed1", runs_dir / "cadson" / "seed1") in runner.evaluated      # clean's weights
+    assert all(sweep.is_trained(r) and sweep.is_evaluated(r) for r in runs)
+    assert not (runs_dir / "cadson" / "seed0" / "log.jsonl").exists()
+    again = FakeRunner()                                                  # a rerun finds everything done
+    assert sweep.run_all(runs, cfg, again) and again.trained == again.evaluated == []
 
 
 # ---- end to end: smoke, resume after a kill, refusal of other settings ----
