@@ -16,7 +16,7 @@ What makes a run reproducible and exactly resumable, in one place:
   seeded by (seed, step) and each rank takes its slice. So 1 process and N processes see the same samples with the same
   noise, and a run resumed at step s continues exactly as if it had never stopped.
   The same generator draws the per-step extras: CEP's δ (for the whole global batch, handed to the condition encoder
-  as cep_unit) and the latent cache's posterior sample. The seed of --corrupt-mode random's corruption of the global
+  as cep_unit) and the latents' posterior sample (an autoencoder's or a latent cache's). The seed of --corrupt-mode random's corruption of the global
   batch is a host-side function of (seed, step), so it needs no device sync; --cep-subset's fixed items are chosen
   once from the seed and looked up by the batch's dataset indices.
 - Randomness still drawn inside modules (--cond-dropout's mask) comes from the per-rank torch RNG, seeded by
@@ -82,7 +82,7 @@ def exit_codes(script: str):
 class TrainData:
     dataset: torch.utils.data.Dataset    # items (x, y): images or cached latents, class ids or caption token ids (L,)
     num_classes: int                     # of the class table: --num-classes, or the dataset's
-    encode: Callable | None = None       # loaded batch -> what the model trains on (VAE sample / cached posterior's)
+    encode: Callable | None = None       # (loaded batch, posterior noise) -> the latents the model trains on
     decode: Callable | None = None       # latents -> images, for the sample grids
     prompts: list | None = None          # the text grids' fixed prompts
     resume: Resume | None = None         # the checked checkpoint this run continues (runio.check_run_folder)
@@ -124,8 +124,17 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
     if cfg.control != "none":  # items become (x, y, control map): ControlNet training (models/controlnet.py)
         dataset = ControlMaps(dataset, cfg.control, cfg.canny_low, cfg.canny_high, cfg.control_maps)
     ae = load_vae(cfg.vae, cfg.vae_path or None, device=device) if cfg.vae != "none" else None
-    return TrainData(dataset, cfg.num_classes or dataset.num_classes, encode or (ae and ae.encode),
+    return TrainData(dataset, cfg.num_classes or dataset.num_classes, encode or (ae and posterior_sampler(ae)),
                      ae and ae.decode, prompts, resume)
+
+
+def posterior_sampler(ae) -> Callable:
+    """The autoencoder's encoder as training calls it: images -> mean + std * noise, the step's posterior noise (drawn
+    from the (seed, step) generator, as a latent cache's is: the global RNG would differ by rank); VQ: std is 0."""
+    def encode(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        mean, std = ae.encode_moments(x)                            # (b, L, h, w) each, float32
+        return mean + std * noise.to(mean.dtype)
+    return encode
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -144,8 +153,8 @@ class TrainState:
     autocast: object
     local_batch: int
     micro: int
-    encode: Callable | None = None       # loaded batch -> latents (VAE, or a cached posterior: then `posterior`)
-    posterior: bool = False              # encode takes the step's posterior noise (latent cache, 1 = N processes)
+    encode: Callable | None = None       # (loaded batch, posterior noise) -> latents (VAE, or a latent cache)
+    posterior: bool = False              # draw the step's posterior noise for encode (latents: 1 = N processes)
     items: Callable | None = None        # step -> the global batch's dataset indices (B,)
     random_labels: Callable | None = None    # --corrupt-mode random: (step, seed) -> the global batch's labels (B,)
     cep_subset: torch.Tensor | None = None   # --cep-subset: (N,) bool, the items CEP perturbs
@@ -188,7 +197,7 @@ def make_state(cfg, model: nn.Module, diffusion, d: Dist, data: TrainData | None
     s.focus = (cfg.t_focus, *D.focus_band(D.log_snr(diffusion.alphas_cumprod), cfg.t_focus_min_log_snr,  # --t-focus
                                           cfg.t_focus_max_log_snr))
     if data is not None:
-        s.encode, s.posterior = data.encode, bool(cfg.latents) and data.encode is not None
+        s.encode, s.posterior = data.encode, data.encode is not None
         random = cfg.corrupt_mode == "random" and cfg.corrupt > 0
         n = len(data.dataset)
         if random or cfg.cep_subset < 1 or cfg.cep_fixed_delta:
@@ -236,7 +245,7 @@ class StepDraws:
     noise: torch.Tensor                  # (B, C, H, W) diffusion noise ε
     drop: torch.Tensor                   # (B,) CFG dropout mask
     ip_noise: torch.Tensor | None        # (B, C, H, W) input perturbation noise (--ip)
-    posterior: torch.Tensor | None       # (B, C, H, W) the latent cache's posterior sample noise (--latents, KL)
+    posterior: torch.Tensor | None       # (B, C, H, W) the posterior sample's noise (latents: --vae or --latents)
     corrupt_seed: int | None             # seeds corrupt.corrupt_batch (--corrupt-mode random), host-side
     cep_unit: torch.Tensor | None        # (B, *cep_shape) CEP's unit noise (cep.unit_noise)
 
@@ -300,13 +309,13 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, step: int,
 
 
 def model_input(s: TrainState, x: torch.Tensor, draws: StepDraws) -> torch.Tensor:
-    """The batch the denoiser learns to reconstruct: the loaded images, or their latents (VAE, or a cached posterior
-    sampled with the step's noise)."""
+    """The batch the denoiser learns to reconstruct: the loaded images, or their latents (the autoencoder's posterior,
+    or a cached one, sampled with the step's noise)."""
     x = x.to(s.d.device, non_blocking=True)
     if s.encode is None:
         return x
     with torch.no_grad(), s.autocast:
-        return (s.encode(x, noise=draws.posterior) if s.posterior else s.encode(x)).float()
+        return s.encode(x, noise=draws.posterior).float()
 
 
 def condition(s: TrainState, y: torch.Tensor, step: int, draws: StepDraws) -> tuple[torch.Tensor, dict]:

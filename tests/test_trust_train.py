@@ -127,6 +127,27 @@ def test_ddp_two_processes_equal_one_with_latent_cache_random_corruption_and_cep
         assert diff.max() < 1e-2 * 4e-3 and (diff > 1e-5).float().mean() < 1e-3, (k, diff.max())
 
 
+def test_an_on_the_fly_autoencoders_posterior_is_the_steps_draw_so_ranks_agree():
+    """--vae kl-f8 without a cache: each rank's latents are mean + std * its rows of the step's posterior noise, not a
+    draw of the per-rank global RNG, so two ranks' halves are one process's batch (as with a latent cache)."""
+    from weights import vae
+    torch.manual_seed(0)
+    ae = vae.build_vae("kl-f8", block_out_channels=(32, 32), layers_per_block=1).eval()
+    encode = trainer.posterior_sampler(ae)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    draws = trainer.step_draws(0, 5, 4, (4, 8, 8), 1000, 0.1, torch.device("cpu"), posterior=True)
+    with torch.no_grad():
+        torch.manual_seed(1)                                              # rank 0's global RNG
+        first = encode(x[:2], draws.share(slice(0, 2)).posterior)
+        torch.manual_seed(2)                                              # rank 1's
+        second = encode(x[2:], draws.share(slice(2, 4)).posterior)
+        whole = encode(x, draws.posterior)
+        mean, std = ae.encode_moments(x)
+    torch.testing.assert_close(torch.cat([first, second]), whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(whole, mean + std * draws.posterior)
+    assert (std > 0).all() and not torch.allclose(whole, mean)            # a sample, not the mean
+
+
 def test_posterior_and_cep_draws_come_from_the_step_generator():
     dev = torch.device("cpu")
     a = trainer.step_draws(0, 7, 4, (4, 2, 2), 1000, 0.1, dev, posterior=True, cep="gaussian", cep_shape=(6,))
