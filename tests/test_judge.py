@@ -152,6 +152,10 @@ def test_judge_references_are_labelled_and_another_extractor_is_refused(small_ju
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "image sizes differ: samples" in err and "train8.npz 8px" in err
     assert not (tmp_path / "eval").exists()
+    with np.load(tmp_path / "train.npz") as z:                      # one from before the size label: a warning
+        metrics.save_npz(tmp_path / "train_old.npz", **{k: z[k] for k in z.files if k != "image_size"})
+    metrics.check_train_reference_size(tmp_path / "train_old.npz", 16)
+    assert "train_old.npz carries no image_size label" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line_and_exit_2(small_judge, tmp_path, capsys):
