@@ -109,7 +109,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     assert len(ckpt(tmp_path / "ddp")["rng"]) == 2           # every rank's RNG state is saved
 
 
-def test_sigterm_saves_and_resume_continues(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])         # a scheduler's stop, and Ctrl-C
+def test_sigterm_saves_and_resume_continues(tmp_path, sig):
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "train_dit.py"), *TINY, "--steps", "100000", "--ckpt-every", "1000",
            "--out", str(out)]
@@ -118,7 +119,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and sum(1 for _ in open(log)) >= 3):
         time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err[-2000:]
     stopped = [r for r in records(out) if r.get("event") == "stopped"]

@@ -127,6 +127,24 @@ def test_ddp_two_processes_equal_one_with_latent_cache_random_corruption_and_cep
         assert diff.max() < 1e-2 * 4e-3 and (diff > 1e-5).float().mean() < 1e-3, (k, diff.max())
 
 
+@pytest.mark.parametrize("source", ["cache", "autoencoder"])
+def test_latent_runs_resume_bit_identically_with_fixed_cep_noise(tmp_path, source):
+    """N steps = N/2 + stop + N/2 on KL latents, from a latent cache or through the autoencoder on the fly (the
+    posterior sample a (seed, step) draw either way), with --cep-fixed-delta's per-item δ and random corruption."""
+    cache, weights = small_kl_cache(tmp_path)
+    data_args = ["--latents", cache] if source == "cache" else ["--builtin-length", "24"]
+    args = [*data_args, "--vae", "kl-f8", "--vae-path", weights, "--image-size", "32", "--batch-size", "8",
+            "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--seed", "3", "--cep", "uniform",
+            "--cep-fixed-delta", "--corrupt-mode", "random", "--corrupt", "0.25", "--lr-warmdown", "0"]
+    assert train_dit.main(args + ["--steps", "4", "--out", str(tmp_path / "straight")]) == 0
+    assert train_dit.main(args + ["--steps", "2", "--out", str(tmp_path / "split")]) == 0
+    torch.manual_seed(123)                                              # a resumed process's RNG starts elsewhere
+    assert train_dit.main(args + ["--steps", "4", "--out", str(tmp_path / "split"), "--resume", "auto"]) == 0
+    a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "split")
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
 def test_an_on_the_fly_autoencoders_posterior_is_the_steps_draw_so_ranks_agree():
     """--vae kl-f8 without a cache: each rank's latents are mean + std * its rows of the step's posterior noise, not a
     draw of the per-rank global RNG, so two ranks' halves are one process's batch (as with a latent cache)."""
