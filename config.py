@@ -39,6 +39,9 @@ class TrainConfig:
                     "or WebDataset shards (.tar, a folder of them, dir/{00000..00099}.tar) with .txt/.json/.cls")
     data_root: str = opt("data", "torchvision sets (--data mnist, ...): the root they are read from (torchvision "
                          "downloads them there once if absent)")
+    class_index: str = opt("", "class folders: a file naming every class in label order, one per line (its first "
+                           "word: ImageNet's LOC_synset_mapping.txt), so a subset's folders keep the full set's labels "
+                           "(IN-100 over an IN-1K base); default: the sorted folders are the classes", experiment=True)
     items_per_class: int = opt(0, "train on k items of every class only, chosen from --seed (the memorization "
                                "benchmark); 0 = every item", experiment=True)
     cond: str = opt("class", "condition: class labels | text captions (tokenised, encoded by a jointly trained encoder)",

@@ -24,20 +24,24 @@ import torch
 from plumbing.common import derive_seed
 from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES, BuiltinShapes  # noqa: F401 (data.BuiltinShapes is public)
 from sources.captions import TABLE_EXTENSIONS, CaptionedImages
-from sources.folders import ImageFolderDataset, flip_key
+from sources.folders import ImageFolderDataset, flip_key, read_class_index
 from sources.shards import ShardDataset, is_shard_source
 from sources.torchvision_sets import TORCHVISION_SETS, TorchvisionDataset
 
 
 def build_dataset(data: str, image_size: int, seed: int = 0, builtin_length: int = 100_000, captions: bool = False,
-                  root: str = "data", train: bool = True):
+                  root: str = "data", train: bool = True, class_index: str = ""):
     """'builtin', a torchvision name (mnist, cifar10, ...; read from root), a folder, a caption table or WebDataset
     shards (a .tar, a folder of them, a brace pattern dir/{00000..00099}.tar) -> a dataset following the protocol in
     this file's docstring.
 
     captions=False reads a folder as ImageNet class folders; captions=True as images with same-stem .txt captions.
     train=False: a torchvision set's test split (other sources have none).
+    class_index: class folders only, a file of every class name in label order (sources/folders.read_class_index).
     """
+    if class_index and (data in ("builtin", *TORCHVISION_SETS) or is_shard_source(data) or captions
+                        or data.lower().endswith(TABLE_EXTENSIONS)):
+        raise ValueError(f"--class-index {class_index} orders class folders; --data {data} has none")
     if data == "builtin":
         return BuiltinShapes(size=image_size, length=builtin_length, seed=seed)
     if data in TORCHVISION_SETS:
@@ -46,7 +50,7 @@ def build_dataset(data: str, image_size: int, seed: int = 0, builtin_length: int
         return ShardDataset(data, size=image_size)
     if captions or data.lower().endswith(TABLE_EXTENSIONS):
         return CaptionedImages(data, size=image_size)
-    return ImageFolderDataset(data, size=image_size)
+    return ImageFolderDataset(data, size=image_size, class_index=read_class_index(class_index) if class_index else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -102,7 +106,7 @@ def training_set(cfg):
     get = cfg.get if isinstance(cfg, dict) else (lambda key, default: getattr(cfg, key, default))
     dataset = build_dataset(get("data", "builtin"), get("image_size", 16), seed=get("seed", 0),
                             builtin_length=get("builtin_length", 100_000), captions=get("cond", "class") == "text",
-                            root=get("data_root", "data"))
+                            root=get("data_root", "data"), class_index=get("class_index", ""))
     return subset_per_class(dataset, get("items_per_class", 0), get("seed", 0))
 
 

@@ -247,7 +247,8 @@ IN1K_DIT = dict(script="train_dit", cells=IN1K_CELLS, seeds="0", launcher="torch
 TABLE2_BASES = ["clean", "eta0.025", "eta0.05", "eta0.075", "eta0.1", "eta0.15", "eta0.2", "cep-uniform",
                 "cep-gaussian", "ip0.1"]
 TABLE2 = dict(script="train_ldm", cells=[{"base": f"{b}:bases/{b}.pt"} for b in TABLE2_BASES], seeds="0",
-              launcher="torchrun", train="--preset in100-controlnet --data /data/in100/train",
+              launcher="torchrun", train="--preset in100-controlnet --data /data/in100/train "
+                                         "--class-index /data/imagenet/LOC_synset_mapping.txt",
               eval="--control canny --control-data /data/in100/val --num-samples 5000 "
                    "--cfg-scales 1.25,1.5,2.0,2.25,2.5,3.0,4.0,5.0,6.0,7.0 --sampler dpm++ --steps 50",
               fixed_scale=2.25)

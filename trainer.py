@@ -381,9 +381,10 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
     sinks: callables sink(record, images=None) that get every log record too (trackers/tracking.py's --log trackers).
 
     Returns {"status": "done" | "stopped", "step", "loss", "ema", "model"}."""
+    # --init-from's weights on a fresh run (a resumed one has its own), before the run folder is made: SOURCE may not fit
+    note = init(model) if init is not None and data.resume is None else None
     io = RunIO(cfg, kind, d, data.resume, judge_grid, sinks)       # the run folder: resume, logs, checkpoints, grids
     ckpt = io.checkpoint_to_resume()
-    note = init(model) if init is not None and ckpt is None else None   # a resumed run has its own weights
     torch.manual_seed(derive_seed(cfg.seed, "module", d.rank))     # per-rank module randomness (--cond-dropout)
     start = int(ckpt["step"]) if ckpt is not None else 0
     s = make_state(cfg, model, diffusion, d, data, start)

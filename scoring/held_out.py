@@ -34,8 +34,9 @@ class HeldOutControls:
                              "--control-data DIR" if self.kind != "none" else f"{ckpt} is no ControlNet checkpoint")
         if cfg.get("cond") == "text":
             raise ValueError("--control evaluates class-conditional ControlNets (captions are not implemented)")
-        self.ds = ControlMaps(datalib.build_dataset(data, cfg["image_size"], seed=seed, builtin_length=num_samples),
-                              self.kind, cfg["canny_low"], cfg["canny_high"], maps or "")
+        held_out = datalib.build_dataset(data, cfg["image_size"], seed=seed, builtin_length=num_samples,
+                                         class_index=cfg.get("class_index", "") if data != "builtin" else "")
+        self.ds = ControlMaps(held_out, self.kind, cfg["canny_low"], cfg["canny_high"], maps or "")
         self.data, self.low, self.high, self.f1 = data, cfg["canny_low"], cfg["canny_high"], {}
 
     def __len__(self):

@@ -1,6 +1,7 @@
 """
-Image folders, the ImageNet layout (root/<class folder>/<image>, class index = sorted folder order), and the item
-protocol every nanoCEP dataset speaks (data.py's docstring lists it): ds[key] with key = 2 * index + flip.
+Image folders, the ImageNet layout (root/<class folder>/<image>, class index = sorted folder order, or a class index
+file's order: a subset such as IN-100 then keeps its IN-1K labels), and the item protocol every nanoCEP dataset speaks
+(data.py's docstring lists it): ds[key] with key = 2 * index + flip.
 
 Nothing to run here; data.build_dataset picks the reader. `python -m tools.preview --data DIR` shows a folder.
 """
@@ -38,6 +39,18 @@ def as_item(img: np.ndarray, flip: bool, label) -> tuple[torch.Tensor, int]:
     return to_tensor(np.ascontiguousarray(img[:, ::-1] if flip else img)), int(label)
 
 
+def read_class_index(path: str) -> list[str]:
+    """The class names of a class index file in label order: the first word of each non-empty line (ImageNet's
+    LOC_synset_mapping.txt: "n01440764 tench, Tinca tinca" -> n01440764, label 0)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--class-index file not found: {path}")
+    with open(path) as f:
+        names = [line.split()[0] for line in f if line.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"--class-index {path}: expected one distinct class name per line")
+    return names
+
+
 def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
     """ADM's center crop: halve with BOX while the short side >= 2*size, BICUBIC to short side = size, crop the centre."""
     while min(img.size) >= 2 * size:
@@ -50,14 +63,22 @@ def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images in class sub-folders (ImageNet layout), ADM center crop to `size`, flip chosen by the key."""
+    """Images in class sub-folders (ImageNet layout), ADM center crop to `size`, flip chosen by the key.
+    class_index: every class name in label order (read_class_index); a folder's label is its name's position there,
+    and num_classes the index's length. None: the sorted folders are the classes."""
 
-    def __init__(self, root: str, size: int = 256):
+    def __init__(self, root: str, size: int = 256, class_index: list[str] | None = None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder not found: {root}")
-        classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        folders = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        classes = class_index or folders
+        position = {name: i for i, name in enumerate(classes)}
+        if missing := [f for f in folders if f not in position]:
+            raise ValueError(f"class folder {missing[0]} of {root} is not in the class index "
+                             f"({len(missing)} of {len(folders)} folders missing)")
         files, labels = [], []
-        for label, name in enumerate(classes):
+        for name in folders:
+            label = position[name]
             for dirpath, _, names in sorted(os.walk(os.path.join(root, name))):
                 for f in sorted(names):
                     if f.lower().endswith(IMAGE_EXTENSIONS):

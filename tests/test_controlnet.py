@@ -207,6 +207,35 @@ def test_bad_control_flags_are_one_line_exit_2(bases, tmp_path, capsys):
     expect(["--init-from", str(tmp_path / "cn" / "last.pt"), "--control", "canny"], "is a ControlNet checkpoint")
 
 
+def test_a_subsets_folders_keep_the_bases_labels_and_a_class_mismatch_is_refused(bases, tmp_path, capsys):
+    """IN-100 over an IN-1K base, in small: a folder of 2 of the base's 10 classes trains a ControlNet only with the
+    base's labels (--class-index: folder c3 -> label 3); without them the frozen base would get a fresh class table
+    that never trains, so that is refused in one line."""
+    from PIL import Image
+    from sources.folders import read_class_index
+    names = [f"c{i}" for i in range(10)]
+    (tmp_path / "index.txt").write_text("".join(f"{n} class number {i}\n" for i, n in enumerate(names)))
+    assert read_class_index(str(tmp_path / "index.txt")) == names
+    for name in ("c3", "c7"):
+        os.makedirs(tmp_path / "img" / name)
+        for j in range(4):
+            Image.fromarray(np.random.default_rng(j).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / "img" / name / f"{j}.png")
+    ds = ImageFolderDataset(str(tmp_path / "img"), 8, class_index=names)
+    assert ds.num_classes == 10 and sorted(set(ds.labels.tolist())) == [3, 7]
+    with pytest.raises(ValueError, match="class folder c3 .* is not in the class index"):
+        ImageFolderDataset(str(tmp_path / "img"), 8, class_index=["c0", "c7"])
+    flags = control_flags(bases["dit"]) + ["--data", str(tmp_path / "img"), "--steps", "1"]
+    expect_one_line_error(capsys, train_dit.main, "train_dit.py", flags + ["--out", str(tmp_path / "x")],
+                          "the frozen base has 11 class rows, this run 3")
+    assert not (tmp_path / "x").exists()                                  # refused before the run folder is made
+    assert train_dit.main(flags + ["--class-index", str(tmp_path / "index.txt"), "--out", str(tmp_path / "ok")]) == 0
+    ck, base = load_ckpt(tmp_path / "ok"), load_ckpt(os.path.dirname(bases["dit"]))["ema"]
+    table = "y_embedder.embedding_table.weight"
+    assert ck["config"]["class_index"] == str(tmp_path / "index.txt") and torch.equal(ck["model"]["base." + table],
+                                                                                       base[table])
+
+
 # ---- evaluation: evaluate.py CKPT --control canny --control-data DIR, edge F1 ----
 
 def test_edge_f1_means_matched_edges():

@@ -5,6 +5,7 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_latents.py
 import json
 import os
 import subprocess
+import shutil
 import sys
 from pathlib import Path
 
@@ -234,6 +235,12 @@ def test_cli_reads_tiny_config_and_two_process_build_equals_one(tmp_path, kl, kl
     args = ["--data", "builtin", "--image-size", str(SIZE), "--vae", "kl-f8", "--vae-path", str(kl_file),
             "--out", str(out), "--builtin-length", "12", "--dtype", "float32", "--device", "cpu"]
     assert latents.main(args) == 0
+    folder = tmp_path / "vae"                                     # a diffusers vae/ folder names its weights file
+    folder.mkdir()
+    shutil.copy(kl_file, folder / "diffusion_pytorch_model.safetensors")
+    assert latents.main([*args[:args.index("--vae-path") + 1], str(folder), "--out", str(tmp_path / "from_folder"),
+                         "--builtin-length", "12", "--batch-size", "3", "--dtype", "float32", "--device", "cpu"]) == 0
+    assert np.array_equal(load_array(str(tmp_path / "from_folder")), load_array(ref))
     assert latents.main(["bench", str(out), "--batch-size", "8", "--steps", "2"]) == 0
     assert latents.main(args[:-4] + ["--dtype", "float16", "--device", "cpu"]) == 2
 

@@ -413,6 +413,8 @@ def _build_main(args) -> int:
     d = setup_distributed(args.device)
     dataset = data.build_dataset(args.data, args.image_size, seed=args.seed, builtin_length=args.builtin_length,
                                  captions=args.captions)
+    if args.vae_path:                                  # a diffusers vae/ folder names its weights file
+        args.vae_path = str(vae.weights_file(args.vae_path))
     overrides = vae.infer_architecture(args.vae, args.vae_path) if args.vae_path else {}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     ae = vae.load_vae(args.vae, args.vae_path, device=d.device, dtype=dtype, **overrides)

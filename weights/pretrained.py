@@ -628,6 +628,8 @@ def init_from(cfg, kind, argv=None, recipe=None, presets=None):
     cfg, sd, note = init_weights(cfg.init_from, cfg, kind, explicit_fields(argv), recipe, preset_fields(argv, presets))
     def init(model):
         base = getattr(model, "base", model)             # a ControlNet (models/controlnet.py): SOURCE is its base
+        if base is not model:
+            check_same_classes(base, sd, cfg.init_from)
         loaded = note + "; " + load_init(base, sd)
         if base is not model:
             model.init_control_from_base()               # ControlNet's init: the branch copies the loaded base
@@ -647,6 +649,18 @@ def _optimiser_recipe(ckpt, recipe) -> tuple[str, dict]:
         name, preset = recipe
         return f"the {name} preset's", {k: preset[k] for k in OPTIMISER_FIELDS if k in preset}   # else the default
     return "the run's", {}
+
+
+def check_same_classes(base, sd, source) -> None:
+    """A ControlNet's frozen base must keep SOURCE's class table: a re-initialised one would never train (ValueError,
+    one line, when the run's class count differs from SOURCE's)."""
+    own = base.state_dict()
+    table = next((k for k in CLASS_TABLES if k in own and k in sd), None)
+    if table and sd[table].shape != own[table].shape:
+        raise ValueError(f"--control over {source}: the frozen base has {sd[table].shape[0]} class rows, this run "
+                         f"{own[table].shape[0]} (its data's classes and the CFG null row); give the data the base's "
+                         f"labels (--class-index FILE, e.g. ImageNet's LOC_synset_mapping.txt for IN-100 folders "
+                         f"over an IN-1K base, or --num-classes)")
 
 
 def load_init(model, sd) -> str:

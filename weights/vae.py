@@ -635,6 +635,16 @@ def infer_architecture(kind, path) -> dict:
     return {k: v for k, v in cfg.items() if getattr(preset, k) != v}
 
 
+def weights_file(path) -> Path:
+    """The weights file of `path`: itself, or the one inside a diffusers component folder (vae/, vqvae/)."""
+    if not Path(path).is_dir():
+        return Path(path)
+    files = [f for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin") if (Path(path) / f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{path}: no diffusion_pytorch_model.safetensors/.bin in this folder")
+    return Path(path) / files[0]
+
+
 def load_vae(kind, path=None, *, device="cpu", dtype=torch.float32, cache_dir=None, weights=None, url=None,
              **overrides):
     """The frozen `kind` autoencoder ("kl-f8" | "vq-f4") in eval mode, weights from `path` (any supported layout);
@@ -644,12 +654,7 @@ def load_vae(kind, path=None, *, device="cpu", dtype=torch.float32, cache_dir=No
     `overrides` are passed to build_vae and win over that config."""
     if kind in (None, "none"):
         return None
-    if path is not None and Path(path).is_dir():          # a diffusers component folder (vae/, vqvae/)
-        files = [f for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-                 if (Path(path) / f).is_file()]
-        if not files:
-            raise FileNotFoundError(f"{path}: no diffusion_pytorch_model.safetensors/.bin in this folder")
-        path = Path(path) / files[0]
+    path = weights_file(path) if path is not None else None
     if kind not in PRESETS:
         raise ValueError(f"unknown VAE kind {kind!r}; choose one of {', '.join(PRESETS)} (or 'none')")
     if path is not None and not overrides:   # a custom-size autoencoder: its config.json, else its tensor shapes
