@@ -2,7 +2,7 @@
 latents.py: encode a dataset once into a memory-mapped latent cache, so that training never runs the encoder again.
 
     python -m weights.latents --data builtin --image-size 32 --vae kl-f8 --vae-path vae.safetensors --out cache/builtin32
-    torchrun --nproc_per_node 8 latents.py --data /data/imagenet/train --image-size 256 --vae kl-f8 --out cache/in1k
+    torchrun --nproc_per_node 8 -m weights.latents --data /data/imagenet/train --image-size 256 --vae kl-f8 --out cache/in1k
     python -m weights.latents bench cache/in1k --batch-size 256        # loader img/s through data.StepSampler
 
 A cache folder holds, index aligned with the source dataset (item i = dataset key 2*i):
