@@ -41,7 +41,7 @@ class TrainConfig:
                          "downloads them there once if absent)")
     class_index: str = opt("", "class folders: a file naming every class in label order, one per line (its first "
                            "word: ImageNet's LOC_synset_mapping.txt), so a subset's folders keep the full set's labels "
-                           "(IN-100 over an IN-1K base); default: the sorted folders are the classes", experiment=True)
+                           "(--control: IN-100 over an IN-1K base); default: the sorted folders", experiment=True)
     items_per_class: int = opt(0, "train on k items of every class only, chosen from --seed (the memorization "
                                "benchmark); 0 = every item", experiment=True)
     cond: str = opt("class", "condition: class labels | text captions (tokenised, encoded by a jointly trained encoder)",
@@ -281,6 +281,9 @@ def _check_ranges(cfg) -> None:
         raise RunError("--corrupt-type asymmetric needs --corrupt-classes (e.g. 1,5,9)")
     if cfg.latents and cfg.vae == "none":
         raise RunError("--latents needs the --vae the cache was made with (e.g. --vae kl-f8)")
+    if cfg.class_index and (cfg.latents or cfg.control == "none"):
+        raise RunError("--class-index gives a ControlNet's data its frozen base's labels (e.g. IN-100 folders over an "
+                       "IN-1K base); it takes class folders (not --latents) and --control")
     if cfg.items_per_class < 0:
         raise RunError(f"--items-per-class must be >= 0 (0 = every item), got {cfg.items_per_class}")
     if cfg.lr_warmdown < 0 or not cfg.min_snr >= 0:

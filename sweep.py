@@ -497,7 +497,7 @@ def execute(run: Run, runner: Runner, timings: Path):
     did = []
     for what, done, cmd, where in (("train", is_trained, run.train_cmd, run.run_dir),
                                    ("eval", is_evaluated, run.eval_cmd, run.folder)):
-        if done(run):
+        if done(run) or is_evaluated(run):      # an evaluated run needs no training (a folder from before sharing)
             continue
         t0 = time.time()
         log = where.parent / f"seed{run.seed}.{what}.log"

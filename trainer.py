@@ -130,10 +130,11 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
 
 def posterior_sampler(ae) -> Callable:
     """The autoencoder's encoder as training calls it: images -> mean + std * noise, the step's posterior noise (drawn
-    from the (seed, step) generator, as a latent cache's is: the global RNG would differ by rank); VQ: std is 0."""
-    def encode(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    from the (seed, step) generator, as a latent cache's is: the global RNG would differ by rank); VQ (no noise drawn):
+    its latents."""
+    def encode(x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         mean, std = ae.encode_moments(x)                            # (b, L, h, w) each, float32
-        return mean + std * noise.to(mean.dtype)
+        return mean if noise is None else mean + std * noise.to(mean.dtype)
     return encode
 
 
@@ -197,7 +198,8 @@ def make_state(cfg, model: nn.Module, diffusion, d: Dist, data: TrainData | None
     s.focus = (cfg.t_focus, *D.focus_band(D.log_snr(diffusion.alphas_cumprod), cfg.t_focus_min_log_snr,  # --t-focus
                                           cfg.t_focus_max_log_snr))
     if data is not None:
-        s.encode, s.posterior = data.encode, data.encode is not None
+        s.encode = data.encode                            # the step draws posterior noise where a posterior has one:
+        s.posterior = data.encode is not None and (bool(cfg.latents) or cfg.vae == "kl-f8")   # a cache, or KL
         random = cfg.corrupt_mode == "random" and cfg.corrupt > 0
         n = len(data.dataset)
         if random or cfg.cep_subset < 1 or cfg.cep_fixed_delta:

@@ -632,7 +632,8 @@ def load_train_reference(path):
 def check_train_reference_size(path, image_size, where="samples"):
     """Refuse (ValueError, one line naming both) a --train-ref of a run at another image size than the samples: its
     pixel distances would compare images of two resolutions. An unlabelled file is used with a warning."""
-    theirs = load_train_reference(path)["image_size"]
+    with np.load(path) as z:                              # the label only, not the pixels (load_train_reference)
+        theirs = int(z["image_size"]) if "image_size" in z.files else None
     if image_size is not None and theirs is None:
         print(f"warning: training set {path} carries no image_size label: cannot check it was made at the {where}' "
               f"{image_size}px (re-make it with `python -m scoring.trainset` to have it checked)", file=sys.stderr)

@@ -59,7 +59,8 @@ def fresh_images(cfg: dict, num: int) -> np.ndarray | None:
     elif source in data.TORCHVISION_SETS:
         ds = data.build_dataset(source, size, root=cfg.get("data_root", "data"), train=False)
     elif cfg.get("items_per_class", 0) > 0:
-        full = data.build_dataset(source, size, captions=cfg.get("cond", "class") == "text")
+        full = data.build_dataset(source, size, captions=cfg.get("cond", "class") == "text",
+                                  class_index=cfg.get("class_index", ""))   # the labels training drew items by
         chosen = data.items_per_class(full.labels, cfg["items_per_class"], cfg.get("seed", 0))
         ds = data.ItemSubset(full, np.setdiff1d(np.arange(len(full)), chosen))
     else:

@@ -213,6 +213,8 @@ def test_cells_that_differ_only_in_eval_keys_share_one_training_run(tmp_path):
     assert not (runs_dir / "cadson" / "seed0" / "log.jsonl").exists()
     again = FakeRunner()                                                  # a rerun finds everything done
     assert sweep.run_all(runs, cfg, again) and again.trained == again.evaluated == []
+    (runs_dir / "corrupt0.1" / "seed0" / "log.jsonl").unlink()           # as a folder from before the sharing:
+    assert sweep.run_all(runs, cfg, again) and again.trained == []        # its cells' results need no training
 
 
 # ---- end to end: smoke, resume after a kill, refusal of other settings ----

@@ -106,9 +106,13 @@ def small_kl_cache(tmp_path):
     return cache, str(weights)
 
 
-def test_ddp_two_processes_equal_one_with_latent_cache_random_corruption_and_cep(tmp_path):
+@pytest.mark.parametrize("source", ["cache", "autoencoder"])
+def test_ddp_two_processes_equal_one_with_latent_cache_random_corruption_and_cep(tmp_path, source):
+    """From a latent cache, or through the KL autoencoder on the fly: each rank's posterior noise is its rows of the
+    step's draw, so 2 processes train as 1."""
     cache, weights = small_kl_cache(tmp_path)
-    args = ["--latents", cache, "--vae", "kl-f8", "--vae-path", weights, "--image-size", "32", "--batch-size", "8",
+    data_args = ["--latents", cache] if source == "cache" else ["--builtin-length", "24"]
+    args = [*data_args, "--vae", "kl-f8", "--vae-path", weights, "--image-size", "32", "--batch-size", "8",
             "--steps", "2", "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--seed", "3",
             "--corrupt-mode", "random", "--corrupt", "0.25", "--cep", "uniform", "--cep-gamma", "4",
             "--cep-subset", "0.5"]
@@ -164,6 +168,9 @@ def test_an_on_the_fly_autoencoders_posterior_is_the_steps_draw_so_ranks_agree()
     torch.testing.assert_close(torch.cat([first, second]), whole, rtol=0, atol=1e-6)
     torch.testing.assert_close(whole, mean + std * draws.posterior)
     assert (std > 0).all() and not torch.allclose(whole, mean)            # a sample, not the mean
+    vq = vae.build_vae("vq-f4", block_out_channels=(32, 32), layers_per_block=1).eval()
+    with torch.no_grad():                                                 # VQ: no posterior noise is drawn
+        torch.testing.assert_close(trainer.posterior_sampler(vq)(x), vq.encode(x), rtol=0, atol=0)
 
 
 def test_posterior_and_cep_draws_come_from_the_step_generator():

@@ -660,7 +660,7 @@ def check_same_classes(base, sd, source) -> None:
         raise ValueError(f"--control over {source}: the frozen base has {sd[table].shape[0]} class rows, this run "
                          f"{own[table].shape[0]} (its data's classes and the CFG null row); give the data the base's "
                          f"labels (--class-index FILE, e.g. ImageNet's LOC_synset_mapping.txt for IN-100 folders "
-                         f"over an IN-1K base, or --num-classes)")
+                         f"over an IN-1K base)")
 
 
 def load_init(model, sd) -> str:
