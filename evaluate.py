@@ -573,7 +573,8 @@ def _check_sample_args(args) -> None:
     if args.per_class < 1 or (args.guide_channels is not None and args.guide_channels < 0):
         raise ValueError("--per-class must be >= 1 and --guide-channels >= 0")
     if args.raw_class_embedding and args.pretrained:
-        raise ValueError("--raw-class-embedding is for a nanoCEP --label-smoothing checkpoint; a release has no smoothing")
+        raise ValueError("--raw-class-embedding is for a nanoCEP --label-smoothing checkpoint; a release has no "
+                         "smoothing")
     if args.control and (args.pretrained or args.grid or not args.control_data):
         raise ValueError("--control samples a nanoCEP ControlNet checkpoint over --control-data DIR (no --pretrained, "
                          "no --grid)")

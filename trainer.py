@@ -16,9 +16,9 @@ What makes a run reproducible and exactly resumable, in one place:
   seeded by (seed, step) and each rank takes its slice. So 1 process and N processes see the same samples with the same
   noise, and a run resumed at step s continues exactly as if it had never stopped.
   The same generator draws the per-step extras: CEP's δ (for the whole global batch, handed to the condition encoder
-  as cep_unit) and the latents' posterior sample (an autoencoder's or a latent cache's). The seed of --corrupt-mode random's corruption of the global
-  batch is a host-side function of (seed, step), so it needs no device sync; --cep-subset's fixed items are chosen
-  once from the seed and looked up by the batch's dataset indices.
+  as cep_unit) and the KL latents' posterior sample (through the autoencoder or from a latent cache). The seed of
+  --corrupt-mode random's corruption of the global batch is a host-side function of (seed, step), so it needs no
+  device sync; --cep-subset's fixed items are chosen once from the seed and looked up by the batch's dataset indices.
 - Randomness still drawn inside modules (--cond-dropout's mask) comes from the per-rank torch RNG, seeded by
   (seed, rank), whose state is saved for every rank in each checkpoint: resume is exact, 1 = N processes is not.
 - A checkpoint holds plain data only (tensors, numbers, strings, dicts), the *uncompiled* module's state_dict, the EMA,
@@ -383,7 +383,8 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
     sinks: callables sink(record, images=None) that get every log record too (trackers/tracking.py's --log trackers).
 
     Returns {"status": "done" | "stopped", "step", "loss", "ema", "model"}."""
-    # --init-from's weights on a fresh run (a resumed one has its own), before the run folder is made: SOURCE may not fit
+    # --init-from's weights on a fresh run (a resumed one has its own), before the run folder is made (SOURCE may not
+    # fit: a one-line error leaves no folder behind)
     note = init(model) if init is not None and data.resume is None else None
     io = RunIO(cfg, kind, d, data.resume, judge_grid, sinks)       # the run folder: resume, logs, checkpoints, grids
     ckpt = io.checkpoint_to_resume()

@@ -230,8 +230,8 @@ def test_a_subsets_folders_keep_the_bases_labels_and_a_class_mismatch_is_refused
                           "the frozen base has 11 class rows, this run 3")
     assert not (tmp_path / "x").exists()                                  # refused before the run folder is made
     for other in (TINY + ["--data", str(tmp_path / "img")], flags[:flags.index("--control")] + flags[-4:]):
-        expect_one_line_error(capsys, train_dit.main, "train_dit.py", other + ["--class-index", str(tmp_path / "index.txt"),
-                              "--out", str(tmp_path / "x")], "--class-index gives a ControlNet")  # not without one
+        argv = other + ["--class-index", str(tmp_path / "index.txt"), "--out", str(tmp_path / "x")]
+        expect_one_line_error(capsys, train_dit.main, "train_dit.py", argv, "--class-index gives a ControlNet")
     assert train_dit.main(flags + ["--class-index", str(tmp_path / "index.txt"), "--out", str(tmp_path / "ok")]) == 0
     ck, base = load_ckpt(tmp_path / "ok"), load_ckpt(os.path.dirname(bases["dit"]))["ema"]
     table = "y_embedder.embedding_table.weight"

@@ -639,7 +639,8 @@ def weights_file(path) -> Path:
     """The weights file of `path`: itself, or the one inside a diffusers component folder (vae/, vqvae/)."""
     if not Path(path).is_dir():
         return Path(path)
-    files = [f for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin") if (Path(path) / f).is_file()]
+    files = [f for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+             if (Path(path) / f).is_file()]
     if not files:
         raise FileNotFoundError(f"{path}: no diffusion_pytorch_model.safetensors/.bin in this folder")
     return Path(path) / files[0]
