@@ -111,7 +111,7 @@ def switch(value, key: str) -> bool:
     return str(value).lower() == "on"
 
 
-def flag_value(words: list, flag: str, default: str) -> str:
+def flag_value(words: list, flag: str, default: str | None) -> str | None:
     """The value the last `flag V` / `flag=V` in the argument list `words` gives, else default."""
     value = default
     for i, word in enumerate(words):
@@ -362,13 +362,7 @@ def _gpu_count():
 
 def eval_scales(eval_args: list) -> list:
     """The guidance scales an evaluate.py command line asks for (its last --cfg-scales; evaluate's default 1.5)."""
-    scales = "1.5"
-    for i, a in enumerate(eval_args):
-        if a == "--cfg-scales" and i + 1 < len(eval_args):
-            scales = eval_args[i + 1]
-        elif a.startswith("--cfg-scales="):
-            scales = a.split("=", 1)[1]
-    return [float(s) for s in scales.split(",") if s.strip()]
+    return [float(s) for s in flag_value(eval_args, "--cfg-scales", "1.5").split(",") if s.strip()]
 
 
 def plan(cfg: SweepConfig, features: str = "") -> list:
@@ -423,11 +417,8 @@ def parse_seeds(text: str) -> list:
 
 def requested_steps(train_cmd: list):
     """The --steps of a train command line (None: the script's default)."""
-    steps = None
-    for i, a in enumerate(train_cmd):
-        if a == "--steps" and i + 1 < len(train_cmd):
-            steps = int(train_cmd[i + 1])
-    return steps
+    steps = flag_value(train_cmd, "--steps", None)
+    return None if steps is None else int(steps)
 
 
 def is_trained(run: Run) -> bool:

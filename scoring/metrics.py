@@ -625,7 +625,6 @@ def load_train_reference(path):
         out = {k: z[k] if k in z.files else None for k in ("feats", "pixels", "item_ids", "real_px_d1", "real_px_d2",
                                                            "real_feat_d1", "real_feat_d2")}
         out["pipeline"] = str(z["pipeline"]) if "pipeline" in z.files else None
-        out["image_size"] = int(z["image_size"]) if "image_size" in z.files else None
     return out
 
 

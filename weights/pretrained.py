@@ -628,9 +628,7 @@ def init_from(cfg, kind, argv=None, recipe=None, presets=None):
     cfg, sd, note = init_weights(cfg.init_from, cfg, kind, explicit_fields(argv), recipe, preset_fields(argv, presets))
     def init(model):
         base = getattr(model, "base", model)             # a ControlNet (models/controlnet.py): SOURCE is its base
-        if base is not model:
-            check_same_classes(base, sd, cfg.init_from)
-        loaded = note + "; " + load_init(base, sd)
+        loaded = note + "; " + load_init(base, sd, frozen=base is not model, source=cfg.init_from)
         if base is not model:
             model.init_control_from_base()               # ControlNet's init: the branch copies the loaded base
             loaded += "; base frozen, control branch copied from it"
@@ -651,25 +649,19 @@ def _optimiser_recipe(ckpt, recipe) -> tuple[str, dict]:
     return "the run's", {}
 
 
-def check_same_classes(base, sd, source) -> None:
-    """A ControlNet's frozen base must keep SOURCE's class table: a re-initialised one would never train (ValueError,
-    one line, when the run's class count differs from SOURCE's)."""
-    own = base.state_dict()
-    table = next((k for k in CLASS_TABLES if k in own and k in sd), None)
-    if table and sd[table].shape != own[table].shape:
-        raise ValueError(f"--control over {source}: the frozen base has {sd[table].shape[0]} class rows, this run "
-                         f"{own[table].shape[0]} (its data's classes and the CFG null row); give the data the base's "
-                         f"labels (--class-index FILE, e.g. ImageNet's LOC_synset_mapping.txt for IN-100 folders "
-                         f"over an IN-1K base)")
-
-
-def load_init(model, sd) -> str:
+def load_init(model, sd, frozen: bool = False, source: str = "SOURCE") -> str:
     """Load init_weights' state dict into the freshly built model; a class table of another size (--num-classes
-    differs from SOURCE's) keeps its fresh initialisation. Returns a note on the class table for the log."""
+    differs from SOURCE's) keeps its fresh initialisation. Returns a note on the class table for the log.
+    frozen (a ControlNet's base, which never trains): a class table of another size is a ValueError instead."""
     own = model.state_dict()
     table = next((k for k in CLASS_TABLES if k in own and k in sd), None)
     note = f"class table loaded ({sd[table].shape[0]} rows)" if table else "no class table"
     if table and sd[table].shape != own[table].shape:
+        if frozen:
+            raise ValueError(f"--control over {source}: the frozen base has {sd[table].shape[0]} class rows, this run "
+                             f"{own[table].shape[0]} (its data's classes and the CFG null row); give the data the "
+                             f"base's labels (--class-index FILE, e.g. ImageNet's LOC_synset_mapping.txt for IN-100 "
+                             f"folders over an IN-1K base)")
         note = (f"class table re-initialised: SOURCE has {sd[table].shape[0]} rows, this run "
                 f"{own[table].shape[0]} (--num-classes and the CFG null row)")
         sd = {**sd, table: own[table]}
