@@ -485,10 +485,12 @@ class Runner:
 
 def execute(run: Run, runner: Runner, timings: Path):
     """Train (unless done) then evaluate (unless done) one run; returns (name, what happened)."""
+    if is_evaluated(run):                       # complete results need no training (a folder from before sharing)
+        return run.name, "already done"
     did = []
     for what, done, cmd, where in (("train", is_trained, run.train_cmd, run.run_dir),
                                    ("eval", is_evaluated, run.eval_cmd, run.folder)):
-        if done(run) or is_evaluated(run):      # an evaluated run needs no training (a folder from before sharing)
+        if done(run):
             continue
         t0 = time.time()
         log = where.parent / f"seed{run.seed}.{what}.log"
