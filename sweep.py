@@ -293,9 +293,19 @@ MEMORIZE_QUICK = dict(MEMORIZE, seeds="0,1,2", cells=[_MEM_CELL, {**_MEM_CELL, "
                                                       {**_MEM_CELL, "cep": "uniform", "cep_gamma": "1"}],
                       train=MEM_TRAIN + " --items-per-class 1 --steps 3000")
 
+# Protocol v2's pilot (docs/results/memorization-v2.md, fixed before its runs): the class accuracy of random label
+# corruption at three strengths beside clean and CEP-U gamma = 4, seeds disjoint from the protocol's, 6000 steps,
+# 1000 samples at s = 1 at the end; tools/memorize_v2.py pilot turns it into the control's eta_r.
+MEM_V2_TRAIN = MEM_TRAIN + " --items-per-class 2 --steps 6000"
+MEMORIZE_V2_PILOT = dict(script="train_dit", seeds="100,101", jobs=2, judge=2000, metric="fid", fixed_scale=1.0,
+                         cells=[_MEM_CELL, {**_MEM_CELL, "cep": "uniform", "cep_gamma": "4"}]
+                         + [{**_MEM_CELL, "corrupt": e, "corrupt_mode": "random"} for e in ("0.05", "0.15", "0.3")],
+                         train=MEM_V2_TRAIN,
+                         eval="--num-samples 1000 --cfg-scales 1 --sampler dpm++ --steps 25 --batch-size 500")
+
 PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "in1k-dit": IN1K_DIT, "table2": TABLE2,
            "memorize-map": MEMORIZE_MAP, "memorize-map16": MEMORIZE_MAP16, "memorize": MEMORIZE,
-           "memorize-quick": MEMORIZE_QUICK}
+           "memorize-quick": MEMORIZE_QUICK, "memorize-v2-pilot": MEMORIZE_V2_PILOT}
 
 
 @dataclass
