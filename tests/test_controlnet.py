@@ -55,6 +55,23 @@ def test_zero_initialised_branch_equals_the_base_bit_for_bit():
         assert not torch.equal(controlled(x, t, y, control=c), ldm(x, t, y))
 
 
+def test_the_dit_branch_reads_block_0s_input_not_its_output_as_pixart_delta_does():
+    """The data flow models/controlnet.py documents: with a zero hint and an identity zero linear, the copy of block 0
+    maps block 0's input to block 0's output, added where block 1 starts (PixArt-δ's copy would read block 0's output)."""
+    torch.manual_seed(0)
+    base = randomize(dit.DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=10), 0.05)
+    model = controlnet.ControlledDiT(base, blocks=1, hint_down=1)
+    x, t, y, c = inputs()
+    with torch.no_grad():
+        model.control.zero_linears[0].weight.copy_(torch.eye(model.control.zero_linears[0].weight.shape[0]))
+        tokens, cond, context, mask, pixels = base.embed(x, t, y)
+        after_0 = base.blocks[0](tokens, cond, context, mask)                            # (B, T, D)
+        ours = base.denoise(tokens, cond, context, mask, pixels, [after_0])
+        pixart = base.denoise(tokens, cond, context, mask, pixels, [base.blocks[0](after_0, cond, context, mask)])
+        got = model(x, t, y, control=c)
+    assert torch.allclose(got, ours, atol=1e-6) and not torch.allclose(got, pixart, atol=1e-3)
+
+
 def test_cin256_and_dit_xl2_layouts_load_unchanged_under_the_branch():
     """The CompVis cin256-v2 U-Net and the official DiT-XL/2 key listings (meta tensors) are the bases' keys, under
     base.; the branch copies the encoder half / the first N blocks with the same shapes; the hint reaches the latents."""
