@@ -58,6 +58,7 @@ from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featuriz
                              reference_kind, reference_pipeline, npz_keys, save_npz, source_pipeline, write_reference,
                              write_results)
 from scoring import shapes
+from scoring.control import COLUMNS as EDGE_COLUMNS
 from scoring.held_out import HeldOutControls
 from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES
 from trackers import tracking
@@ -538,9 +539,11 @@ def _sample_parser() -> ArgParser:
                                      "samples cycle through them")
     p.add_argument("--vae-path", help="autoencoder weights, if not where the training run found them")
     p.add_argument("--control", choices=("canny", "maps"), help="a ControlNet checkpoint: sample with the control maps "
-                   "(and classes) of the --control-data images, one sample per image in turn; reports edge_f1 too")
-    p.add_argument("--control-data", help="--control: held-out images (class folders, e.g. IN-100 val; the default --ref) "
-                   "or builtin (fresh built-in images of --control-seed)")
+                   "(and classes) of the --control-data images, one sample per image in a class-balanced order of "
+                   "--seed (fewer samples than images: an equal number per class); canny also reports edge_f1 (1-px "
+                   "tolerance, no one-to-one matching) and edge_f1_exact (pixelwise, no tolerance)")
+    p.add_argument("--control-data", help="--control: held-out images (class folders, e.g. IN-100 val; the default "
+                   "--ref, all of them whatever --num-samples) or builtin (fresh built-in images of --control-seed)")
     p.add_argument("--control-maps", help="--control maps: their control images (same stems)")
     p.add_argument("--control-seed", type=int, default=1, help="--control-data builtin: the dataset seed (training's "
                    "is the run's --seed, 0 by default: another seed gives held-out images)")
@@ -598,11 +601,14 @@ def main_sample(argv):
     stored = _ckpt_config(args.ckpt) if args.ckpt else {}
     controlnet = args.control or stored.get("control", "none") != "none"
     held_out = (HeldOutControls(args.ckpt, _ckpt_config(args.ckpt), args.control, args.control_data,
-                                args.control_maps, args.control_seed, args.num_samples) if controlnet else None)
+                                args.control_maps, args.control_seed, args.num_samples, args.seed)
+                if controlnet else None)
     sample_fn, info = _sampler_from_args(args, device, held_out)
-    if held_out is not None:                              # samples follow the held-out items, one each in turn
+    if held_out is not None:                              # samples follow the held-out items, class-balanced
         sample_fn, info["num_classes"] = held_out.scored(sample_fn), len(held_out)
         args.ref = args.ref or held_out.reference(Path(args.out), rank)
+        if rank == 0:
+            print(held_out.describe(args.num_samples), file=sys.stderr)
     if args.ref is not None:                               # a reference made at another size, refused before sampling
         check_reference_size(args.ref, info["image_size"], "samples")
     if args.train_ref and args.train_ref != "auto":        # and so is another run's training set
@@ -621,7 +627,7 @@ def main_sample(argv):
         rows = held_out.add_edge_f1(rows, args.out)
     if rank == 0:
         for row in rows:
-            print(json.dumps({c: row.get(c) for c in METRIC_COLUMNS + (["edge_f1"] if held_out else [])}))
+            print(json.dumps({c: row.get(c) for c in METRIC_COLUMNS + (EDGE_COLUMNS if held_out else [])}))
         log_rows(args, rows, settings)
     leave_process_group()
     return 0

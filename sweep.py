@@ -87,13 +87,13 @@ CLEAN = {"corrupt": "0", "cep": "none", "ip": "0", "cads": "off", "cads_noise": 
 # The memorization columns (scoring/memorization.py): a larger nearest-item distance is "better" (less copying).
 HIGHER_IS_BETTER = {"fid": False, "is_mean": True, "precision": True, "recall": True, "class_acc": True,
                     "diversity": True, "mem_ratio_px": False, "mem_ratio_feat": False, "mem_tau": False,
-                    "nn_px_mean": True, "nn_feat_mean": True, "edge_f1": True, "shape_iou_disc": True,
-                    "shape_iou_cross": True}
+                    "nn_px_mean": True, "nn_feat_mean": True, "edge_f1": True, "edge_f1_exact": True,
+                    "shape_iou_disc": True, "shape_iou_cross": True}
 METRIC_NAMES = {"fid": "FID", "is_mean": "IS", "precision": "Precision", "recall": "Recall",
                 "class_acc": "class acc.", "diversity": "diversity", "mem_ratio_px": "memorized (px)",
                 "mem_ratio_feat": "memorized (feat)", "mem_tau": "memorized (τ)", "nn_px_mean": "NN dist. (px)",
-                "nn_feat_mean": "NN dist. (feat)", "edge_f1": "edge F1", "shape_iou_disc": "disc IoU",
-                "shape_iou_cross": "cross IoU"}
+                "nn_feat_mean": "NN dist. (feat)", "edge_f1": "edge F1 (1 px)", "edge_f1_exact": "edge F1 (exact)",
+                "shape_iou_disc": "disc IoU", "shape_iou_cross": "cross IoU"}
 
 
 def same_value(a, b) -> bool:

@@ -51,7 +51,8 @@ class DiTConfig(TrainConfig):
                            "0 = auto: 2 for the tiny DiT-T (its crosses are as good and a CPU step 1.2x cheaper), "
                            "4 for DiT-S to XL", arch=True)
     control_blocks: int = opt(0, "--control: the DiT ControlNet's trainable copies of the first N blocks (PixArt-δ: "
-                              "13 of 28); 0 = half the depth", arch=True, control=True)
+                              "13 of 28; unlike PixArt-δ, a pixel hint encoder feeds block 0's input, "
+                              "models/controlnet.py); 0 = half the depth", arch=True, control=True)
     optimizer: str = opt("muon", "adamw | muon: Muon on the transformer blocks' weight matrices, AdamW on the rest "
                          "(trainer.py; the CPU default: muon, its crosses gain +0.03 at the same steps; DiT: adamw)",
                          choices=["adamw", "muon"], experiment=True)
@@ -92,7 +93,8 @@ PRESETS = {
                         sample_steps=50, sample_per_class=4, lr_warmdown=0, min_snr=0.0, t_focus=0.0, optimizer="adamw",
                         sample_sampler="dpm++"),
     # ControlNet-Canny over a pre-trained DiT (--init-from BASE --data IN-100/train): train_ldm's in100-controlnet
-    # recipe (the paper's, Table 2 has LDMs only) with PixArt-δ's 13 copied blocks of DiT-XL/2's 28.
+    # recipe (the paper's, Table 2 has LDMs only) with PixArt-δ's count of 13 copied blocks of DiT-XL/2's 28 (the branch
+    # itself differs from PixArt-δ's: models/controlnet.py).
     "in100-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=13, steps=79_000,
                              batch_size=16, lr=5e-6, weight_decay=1e-2, ema_decay=0.9999, class_dropout=0.1,
                              grad_clip=0.0, log_every=100, ckpt_every=5_000, keep_every=20_000, sample_every=5_000,

@@ -12,9 +12,17 @@ U-Net (the CompVis / lllyasviel layout): a trainable copy of the time embedding,
 block; a small hint encoder takes the control image down to the latent resolution and is added after the copy's first
 block; each copied block's output goes through a zero-initialised 1x1 convolution into the base's skip connection of
 the same block, and the copied middle block's into the base's middle block output.
-DiT (PixArt-δ, Chen et al. 2024): trainable copies of the first N blocks read the base's tokens plus the embedded
-control image (the hint encoder down to the token grid); block i's output goes through a zero-initialised linear layer
-and is added to the base's block i output.
+DiT (after PixArt-δ's ControlNet-Transformer, Chen et al. 2024, but not the same network): trainable copies of the
+first N blocks read the base's tokens plus the embedded control image; copy i's output goes through a zero-initialised
+linear layer and is added to the base's block i output, i.e. where base block i + 1 starts, as in PixArt-δ (its
+after_proj; N = 13 of 28 there). It differs from PixArt-δ in two ways (its checkpoints and numbers are not ours):
+- the control input: PixArt-δ VAE-encodes the control image and embeds that latent with the base's frozen patch
+  embedder (plus the positional embedding), then a zero-initialised linear (before_proj); here ControlNet's trainable
+  conv hint encoder (HintEncoder, last conv zero-initialised) takes the control *pixels* straight to the token grid: no
+  VAE pass, no patch embedder, no positional embedding of its own.
+- what the first copy reads: PixArt-δ runs base block 0 first and feeds its *output* (plus the embedded control) to the
+  copy of block 0, so each copy runs one block deeper than the block it copies; here the copy of block 0 reads block
+  0's *input* (the embedded noisy input plus the hint), as the U-Net ControlNet's copies read their blocks' inputs.
 
 Every path from the control image into the base ends in a zero-initialised layer, so at step 0 the controlled model is
 the base bit for bit; the base's parameters are frozen (requires_grad False) and the optimizer only sees the branch.
@@ -62,10 +70,11 @@ def _copy_into(dst: nn.Module, src: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# DiT: trainable copies of the first N blocks, zero linear layers into the base blocks (PixArt-δ)
+# DiT: trainable copies of the first N blocks, zero linear layers into the base blocks (after PixArt-δ; see above)
 
 class DiTControl(nn.Module):
-    """The control branch of a DiT: hint encoder to the token grid, N block copies, N zero-initialised linears."""
+    """The control branch of a DiT: a pixel hint encoder to the token grid (PixArt-δ: the VAE latent through the frozen
+    patch embedder), N block copies from block 0's input (PixArt-δ: from its output), N zero-initialised linears."""
 
     def __init__(self, base: DiT, blocks: int, hint_down: int):
         super().__init__()

@@ -1,15 +1,22 @@
 """
 Control fidelity of a ControlNet's samples: does the sample keep the edges it was given? The edge F1 between the
-sample's Canny map and the control's (evaluate.py --control canny reports its mean as edge_f1).
+sample's Canny map and the control's, two ways (evaluate.py --control canny reports the mean of each):
 
-    f1 = edge_f1(canny(sample), given_edges, tolerance=1)     # both (H, W) bool / {0, 255}; 1 = every edge matched
+    f1 = edge_f1(canny(sample), given_edges)          # edge_f1: 1-px tolerance, no one-to-one matching
+    f1 = edge_f1_exact(canny(sample), given_edges)    # edge_f1_exact: pixelwise, no tolerance
 
-Precision is the share of the sample's edge pixels that lie within `tolerance` pixels (Chebyshev distance) of a given
-edge pixel, recall the share of given edge pixels within `tolerance` of a sample edge pixel, F1 their harmonic mean.
-The tolerance forgives the one-pixel shifts that Canny's non-maximum suppression makes on re-drawn edges (BSDS-style
-boundary matching, without its one-to-one assignment). Two empty maps agree (F1 = 1); one empty map scores 0.
+Both take (H, W) maps, nonzero = edge. edge_f1_exact is the F1 of the two binary maps as pixel classifications:
+precision = |pred & true| / |pred|, recall = |pred & true| / |true|, F1 = 2 TP / (2 TP + FP + FN).
+edge_f1 (1-px tolerance, no one-to-one matching): precision is the share of the sample's edge pixels within `tolerance`
+pixels (Chebyshev distance) of a given edge pixel, recall the share of given edge pixels within `tolerance` of a sample
+edge pixel. The tolerance forgives the one-pixel shifts Canny's non-maximum suppression makes on re-drawn edges; without
+BSDS's one-to-one assignment one drawn pixel can match several given ones, so it reads at least the exact F1 and is not
+comparable with published pixelwise edge F1 numbers (compare those with edge_f1_exact).
+Two empty maps agree (F1 = 1); one empty map scores 0.
 """
 import numpy as np
+
+COLUMNS = ["edge_f1", "edge_f1_exact"]          # the result columns, in the order edge_scores returns them
 
 
 def dilate(edges: np.ndarray, r: int) -> np.ndarray:
@@ -26,7 +33,8 @@ def dilate(edges: np.ndarray, r: int) -> np.ndarray:
 
 
 def edge_f1(pred: np.ndarray, true: np.ndarray, tolerance: int = 1) -> float:
-    """F1 of edge map `pred` against `true` (both (H, W), nonzero = edge) with a pixel tolerance."""
+    """F1 of edge map `pred` against `true` (both (H, W), nonzero = edge) with a pixel tolerance and no one-to-one
+    matching (tolerance 0: the exact pixelwise F1)."""
     pred, true = np.asarray(pred) > 0, np.asarray(true) > 0
     if pred.shape != true.shape:
         raise ValueError(f"edge maps differ in shape: {pred.shape} vs {true.shape}")
@@ -37,3 +45,13 @@ def edge_f1(pred: np.ndarray, true: np.ndarray, tolerance: int = 1) -> float:
     precision = float((pred & dilate(true, tolerance)).sum() / pred.sum())
     recall = float((true & dilate(pred, tolerance)).sum() / true.sum())
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def edge_scores(pred: np.ndarray, true: np.ndarray) -> tuple:
+    """(edge_f1, edge_f1_exact) of `pred` against `true`, as COLUMNS names them."""
+    return edge_f1(pred, true), edge_f1_exact(pred, true)
+
+
+def edge_f1_exact(pred: np.ndarray, true: np.ndarray) -> float:
+    """The exact F1 of binary edge maps `pred` against `true` (both (H, W), nonzero = edge): pixelwise, no tolerance."""
+    return edge_f1(pred, true, tolerance=0)

@@ -55,6 +55,23 @@ def test_zero_initialised_branch_equals_the_base_bit_for_bit():
         assert not torch.equal(controlled(x, t, y, control=c), ldm(x, t, y))
 
 
+def test_the_dit_branch_reads_block_0s_input_not_its_output_as_pixart_delta_does():
+    """The data flow models/controlnet.py documents: with a zero hint and an identity zero linear, the copy of block 0
+    maps block 0's input to block 0's output, added where block 1 starts (PixArt-δ's copy would read block 0's output)."""
+    torch.manual_seed(0)
+    base = randomize(dit.DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=10), 0.05)
+    model = controlnet.ControlledDiT(base, blocks=1, hint_down=1)
+    x, t, y, c = inputs()
+    with torch.no_grad():
+        model.control.zero_linears[0].weight.copy_(torch.eye(model.control.zero_linears[0].weight.shape[0]))
+        tokens, cond, context, mask, pixels = base.embed(x, t, y)
+        after_0 = base.blocks[0](tokens, cond, context, mask)                            # (B, T, D)
+        ours = base.denoise(tokens, cond, context, mask, pixels, [after_0])
+        pixart = base.denoise(tokens, cond, context, mask, pixels, [base.blocks[0](after_0, cond, context, mask)])
+        got = model(x, t, y, control=c)
+    assert torch.allclose(got, ours, atol=1e-6) and not torch.allclose(got, pixart, atol=1e-3)
+
+
 def test_cin256_and_dit_xl2_layouts_load_unchanged_under_the_branch():
     """The CompVis cin256-v2 U-Net and the official DiT-XL/2 key listings (meta tensors) are the bases' keys, under
     base.; the branch copies the encoder half / the first N blocks with the same shapes; the hint reaches the latents."""
@@ -254,6 +271,48 @@ def test_edge_f1_means_matched_edges():
     assert edge_f1(line * 0, line * 0) == 1.0 and edge_f1(line * 0, line) == 0.0
 
 
+def test_exact_edge_f1_is_the_pixelwise_f1_of_the_binary_maps():
+    from scoring.control import edge_f1, edge_f1_exact
+    true = np.zeros((6, 6), np.uint8)
+    true[2, 1:6] = 255                                                  # 5 given edge pixels
+    pred = np.zeros((6, 6), bool)
+    pred[2, 1:4] = pred[3, 4] = True                                    # 3 on the edge, 1 a pixel off it
+    # by hand: TP 3, FP 1, FN 2 -> precision 3/4, recall 3/5, F1 = 2 * 3 / (2 * 3 + 1 + 2) = 2/3
+    assert edge_f1_exact(pred, true) == pytest.approx(2 / 3)
+    assert edge_f1(pred, true) == 1.0    # 1 px, no one-to-one matching: (3, 4) alone matches both (2, 4) and (2, 5)
+    rng = np.random.default_rng(0)
+    for density in (0.05, 0.2, 0.5):
+        a, b = rng.random((2, 32, 32)) < density
+        try:
+            from sklearn.metrics import f1_score
+            want = f1_score(b.ravel(), a.ravel())
+        except ImportError:                                             # the same definition from the confusion counts
+            tp, fp, fn = (a & b).sum(), (a & ~b).sum(), (~a & b).sum()
+            want = 2 * tp / (2 * tp + fp + fn)
+        assert edge_f1_exact(a, b) == pytest.approx(want, abs=1e-12) and edge_f1(a, b) >= edge_f1_exact(a, b)
+
+
+def test_held_out_controls_below_the_folders_size_sample_every_class_equally(tmp_path):
+    """4 classes x 5 items, 8 samples: 2 items of each class (not the first 8 items, all of classes 0 and 1), drawn
+    from the sampling seed; 10 samples: the 2 extra go to the first classes."""
+    from PIL import Image
+    from scoring.held_out import HeldOutControls
+    for c in range(4):
+        os.makedirs(tmp_path / "val" / f"c{c}")
+        for i in range(5):
+            Image.fromarray(np.full((8, 8, 3), 40 * c + i, np.uint8)).save(tmp_path / "val" / f"c{c}" / f"{i}.png")
+    cfg = {"control": "canny", "image_size": 8, "canny_low": 50.0, "canny_high": 100.0}
+    held_out = HeldOutControls("cn.pt", cfg, "canny", str(tmp_path / "val"), num_samples=8)
+    classes, maps = held_out.items(np.arange(8))
+    assert np.bincount(classes.numpy(), minlength=4).tolist() == [2, 2, 2, 2] and maps.shape == (8, 3, 8, 8)
+    assert np.bincount(held_out.items(np.arange(10))[0].numpy()).tolist() == [3, 3, 2, 2]
+    assert np.bincount(held_out.items(np.arange(20))[0].numpy()).tolist() == [5] * 4   # every item once
+    order = [HeldOutControls("cn.pt", cfg, "canny", str(tmp_path / "val"), sample_seed=s).order for s in (0, 0, 1)]
+    assert sorted(order[0]) == list(range(20)) and np.array_equal(order[0], order[1])       # the seed alone decides
+    assert not np.array_equal(order[0], order[2])
+    assert "FID reference: all 20 held-out images" in held_out.describe(8)
+
+
 def test_evaluate_control_samples_held_out_maps_and_reports_edge_f1(bases, tmp_path, capsys):
     import json
     import evaluate
@@ -264,8 +323,8 @@ def test_evaluate_control_samples_held_out_maps_and_reports_edge_f1(bases, tmp_p
              "--features", tiny, "--resize", "none", "--out", str(tmp_path / "ev")]
     assert evaluate.main([ckpt, "--control", "canny", "--control-data", "builtin", *flags]) == 0
     rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
-    assert [r["cfg_scale"] for r in rows] == [1, 2] and all(0 <= r["edge_f1"] <= 1 and r["fid"] is not None
-                                                            for r in rows)
+    assert [r["cfg_scale"] for r in rows] == [1, 2] and all(0 <= r["edge_f1_exact"] <= r["edge_f1"] <= 1
+                                                            and r["fid"] is not None for r in rows)
     assert len(os.listdir(tmp_path / "ev" / "held_out")) == 12          # the reference: the held-out images
     capsys.readouterr()
     assert evaluate.main([ckpt, *flags]) == 2                           # the base alone would be measured: refused
