@@ -2,15 +2,16 @@
 sweep.py: the paper's experiment end to end. Train clean, corrupted and CEP models side by side, evaluate each over
 a grid of guidance scales, and say with confidence intervals over seeds whether slight corruption or CEP helps.
 
-    python sweep.py --preset builtin --out sweeps/builtin          # the CPU experiment of README "Results on the built-in benchmark"
+    python sweep.py --preset builtin --out sweeps/builtin          # the CPU experiment of docs/results/builtin.md
     python sweep.py --preset builtin-eta --out sweeps/builtin-eta  # its label-corruption companion (η = 0, 5, 20 %)
     python sweep.py --preset smoke --out /tmp/smoke                # 2 cells x 2 seeds, a few steps each (~1-2 min; CI)
-    python sweep.py --preset memorize-map --out sweeps/memorize-map  # where a clean model starts copying (README)
+    python sweep.py --preset memorize-map --out sweeps/memorize-map  # where a clean model starts copying (docs/results)
     python sweep.py --preset memorize-map16 --out sweeps/memorize-map16  # the same at 16 px (side, patch)
     python sweep.py --preset memorize --out sweeps/memorize          # the protocol in that regime (30 runs)
     python sweep.py --preset memorize-quick --out sweeps/memorize-quick   # its quick form (9 runs)
     python sweep.py --preset in1k-dit --out sweeps/dit --train "--latents /data/in1k-kl-f8" \
-        --eval "--ref /data/imagenet/val" --dry-run                # the paper's DiT-XL/2 grid as torchrun commands
+        --eval "--ref in1k_val_256_tf.npz --pipeline legacy_tensorflow" \
+        --nproc 8 --dry-run    # the paper's DiT-XL/2 grid as torchrun commands, against the 50K validation images
     python sweep.py --script train_dit --grid "corrupt=0,0.025,0.05,0.1,0.2" --grid "cep=none,uniform" --seeds 0,1,2 \
         --train "--steps 3000 --builtin-length 2000" --eval "--num-samples 2000 --cfg-scales 1,1.5,2,4" --out sweeps/mine
 
@@ -214,7 +215,7 @@ FOCUS_PIN = "--t-focus 0 "
 OPTIMIZER_PIN = "--optimizer adamw "
 PINS = (CONV_PIN, MLP_PIN, FOCUS_PIN, OPTIMIZER_PIN)
 
-# The CPU experiment (README "Results on the built-in benchmark"), fixed before any of its results was looked at:
+# The CPU experiment (docs/results/builtin.md), fixed before any of its results was looked at:
 # does CEP-U (the paper's Table 1 method, the theory's perturbed condition c(y) + γξ) help, and more so with few
 # training items per class (5 vs 50; gmm_theory.py: gain ∝ γ²d/n)? 2 sizes x {clean, CEP-U} x 3 seeds = 12 runs of
 # DiT-T/4 (16 tokens of 4x4 pixels: the cheapest model that learns the shapes), 1200 steps of batch 32 each.
@@ -253,7 +254,7 @@ TABLE2 = dict(script="train_ldm", cells=[{"base": f"{b}:bases/{b}.pt"} for b in 
                    "--cfg-scales 1.25,1.5,2.0,2.25,2.5,3.0,4.0,5.0,6.0,7.0 --sampler dpm++ --steps 50",
               fixed_scale=2.25)
 
-# ---- the memorization regime (README "The memorization benchmark"; issue 21) ----
+# ---- the memorization regime (docs/results/memorization-v1.md) ----
 # Every run: clean class-conditional plain DiT-T/2 (CONV_PIN, MLP_PIN) on 8x8 built-in shapes, k items per class
 # chosen from the seed, batch 50, EMA 0.999, the CPU defaults otherwise (lr 4e-3, clip 1, class dropout 0.1); measured by the judge
 # (8 px) on 300 samples per scale (DPM-Solver++ 25 steps, balanced classes, the same sampling seeds for every run)
@@ -273,10 +274,11 @@ MEMORIZE_MAP = dict(script="train_dit", seeds="0", jobs=2, judge=2000, metric="m
 MEMORIZE_MAP16 = dict(MEMORIZE_MAP, train=MEM_TRAIN + " --image-size 16",
                       cells=parse_grid(["items_per_class=1,2", "steps=4000", "model=DiT-T/2,DiT-T/4"]))
 
-# The experiment in that regime, fixed before any of its runs (README "Protocol (committed before running)"): 2 items
+# The experiment in that regime, protocol v1 (docs/results/memorization-v1.md), fixed before any of its runs: 2 items
 # per class (20 images), 4000 steps of batch 50 (10 000 epochs). First fixed at 3000; the map then measured 2.7 %
-# memorized there at s = 1 (< 30 %) and 48.3 % at 4000, so the precondition rule raised --steps to 4000. Then, before
-# any protocol run, the 10 cells (2.7 h on 2 cores) were cut to 6 to fit the 2 h budget: clean; label flips η = 5 and
+# memorized there at s = 1 (< 30 %) and 48.3 % at 4000, so the precondition rule raised --steps to 4000. Then, after
+# memorize-quick had run and before any protocol run, the 10 cells (2.7 h on 2 cores) were cut to 6 to fit the 2 h
+# budget, dropping η = 10 %: clean; label flips η = 5 and
 # 20 % (1 and 4 of the 20 labels; η = 2.5 % rounds to 0 flips at 20 items and would be the clean run); CEP-U at
 # γ = 1 and 4 (with clean as γ = 0, the γ axis); CEP-G at γ = 1. 5 seeds (a seed draws the 20 items, the flips, the
 # init and the noise). Primary endpoints at the fixed scale s = 1: mem_ratio_px and FID (judge features), as paired

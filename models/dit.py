@@ -15,7 +15,7 @@ keeps the timestep (plus, with text_pooled, the masked mean of the context). The
 are untouched: the text modules exist only with a text encoder.
 
 Convolutions (pixel_channels > 0, token_conv): a 16 px DiT-T/2 on the built-in data draws discs but not plus signs
-(README, "The first run's crosses"). With a time-conditioned ResBlock at pixel resolution on each side of the
+(docs/cpu-default.md). With a time-conditioned ResBlock at pixel resolution on each side of the
 transformer (a one-level U-Net around it: the stem's features reach the head through a skip) and a depthwise 3x3
 conv over the token grid in every MLP (SegFormer's Mix-FFN), its crosses get four crisp arms; either alone does not
 help. Both add modules only when on, so the official model's keys, initialisation and random draws are unchanged.

@@ -20,7 +20,7 @@ with the training-set size N:
                  images of the same source (the chance level): copying pulls the samples' d1 below the real images'.
 Pixel space: images as floats in [-1, 1] (what the model sees), flattened, L2. Feature space: unit-normalised
 features, L2 (metrics.nearest_distances' convention). The measured sensitivity to degraded copies (noise, 1-px shifts,
-blur, brightness) is stated in tests/test_memorization.py and README "Memorization".
+blur, brightness) is stated in tests/test_memorization.py and docs/evaluation.md "Memorization columns".
 """
 import numpy as np
 import torch

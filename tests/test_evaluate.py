@@ -590,7 +590,7 @@ def test_ref_command_gives_training_preprocessing_and_a_label(data, tmp_path):
 
 
 def test_ref_reads_imagenet_val_flat_or_in_class_folders_alike(data, tmp_path):
-    """README's val command: ImageNet val as distributed (one flat folder of .JPEG files) and val sorted into class
+    """docs/evaluation.md's val command: ImageNet val as distributed (one flat folder of .JPEG files) and val sorted into class
     folders give the same reference statistics (labels play no part in FID)."""
     import shutil
     rng = np.random.default_rng(5)

@@ -2,7 +2,7 @@
 
 The ratio test (Gu et al. 2023) calls a sample memorized when its nearest training item is closer than 1/3 of the
 second-nearest; both flips of an item are one item. It is checked against a brute-force oracle, on exact copies (1),
-fresh real images (the chance level, 0 here), and degraded copies at the rates README "Memorization" states, at 50
+fresh real images (the chance level, 0 here), and degraded copies at the rates docs/evaluation.md states, at 50
 and 500 items of the built-in data at 8 px."""
 import numpy as np
 import pytest
@@ -59,7 +59,7 @@ def test_copies_score_one_and_fresh_images_score_the_chance_level_at_every_size(
     assert share(fresh, views, ids) <= 0.01                            # measured 0 at 50 and at 500 items
 
 
-# Degraded copies of the first 200 (all 50) items, 8 px, seed 0: the rates README "Memorization" states (measured:
+# Degraded copies of the first 200 (all 50) items, 8 px, seed 0: the rates docs/evaluation.md states (measured:
 # σ = 8 noise 0.90 | 0.57, brightness x 0.9 0.90 | 0.67, σ = 16 noise 0.06 | 0.00, 1-px shift 0.08 | 0.04,
 # 3x3 box blur 0.04 | 0.00 at 50 | 500 items). Pixel distances see a degraded copy as a copy only while the
 # degradation is small next to the distance between items, which shrinks as items get denser.

@@ -332,8 +332,9 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
 
 
 def test_memorize_presets_pair_every_cell_with_its_clean_run_and_flip_at_least_one_label():
-    """The memorization protocol (README): 10 cells x 5 seeds, each treated cell paired with the one clean cell, every
-    η cell flipping >= 1 of its training labels (round(η N), N = items per class x 10), quick: 3 cells x 3 seeds."""
+    """Memorization protocol v1 (docs/results/memorization-v1.md): 6 cells x 5 seeds, each treated cell paired with
+    the one clean cell, every η cell flipping >= 1 of its training labels (round(η N), N = items per class x 10),
+    quick: 3 cells x 3 seeds."""
     import shlex
     import corrupt
     for name, runs_expected, cells_expected in (("memorize", 30, 6), ("memorize-quick", 9, 3)):

@@ -192,15 +192,18 @@ def test_presets_parse(preset):                       # the pre-training recipes
     assert cfg.t_focus == 0 and cfg.min_snr == 0                    # with uniform timesteps and the plain ε-MSE
 
 
-def test_readme_states_the_cpu_default_recipe():
-    """README's first-run paragraph (its measured time, class accuracy and grid) describes what a bare
+def test_docs_state_the_cpu_default_recipe():
+    """docs/cpu-default.md's recipe (its measured time, class accuracy and grid) describes what a bare
     `python train_dit.py` trains: the same steps, batch, optimizer, learning-rate schedule, weighting, timestep focus,
-    convolutions, MLP width, grid interval and grid sampler."""
+    convolutions, MLP width, grid interval and grid sampler; docs/weights.md's --init-from recipe names the same."""
     import re
     from config import parse_config
     cfg = train_dit.resolve(parse_config(train_dit.DiTConfig, [], train_dit.PRESETS))
-    text = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
-    first_run = text[text.index("## Set up"):text.index("## The paper in four commands")]
+
+    def page(name):
+        return " ".join(open(os.path.join(ROOT, "docs", name), encoding="utf-8").read().split())
+    text, weights = page("cpu-default.md"), page("weights.md")
+    first_run = text[text.index("## The recipe"):text.index("## What it scores")]
     steps, batch = map(int, re.search(r"trained for (\d+) steps of batch (\d+)", first_run).groups())
     assert (steps, batch) == (cfg.steps, cfg.batch_size)
     assert f"CPU default: {cfg.steps} steps of batch {cfg.batch_size}, lr" in text               # the flags table
@@ -214,7 +217,7 @@ def test_readme_states_the_cpu_default_recipe():
     row = text[text.index("| `--t-focus F`"):]                                                  # the flags table
     row = row[:row.index(" |", row.index("timestep focus"))]
     assert "`--t-focus-min-log-snr LO`, `--t-focus-max-log-snr HI`" in row and f"CPU default uses {cfg.t_focus:g}," in row
-    assert f"Min-SNR {cfg.min_snr:g}, `--t-focus {cfg.t_focus:g}`)" in text                       # the --init-from recipe
+    assert f"Min-SNR {cfg.min_snr:g}, `--t-focus {cfg.t_focus:g}`)" in weights                    # the --init-from recipe
     assert f"every {cfg.sample_every} steps" in first_run
     assert cfg.optimizer == "muon" and "`--optimizer muon`" in first_run and "CPU default uses Muon" in text
     assert f"`--sample-sampler {cfg.sample_sampler} --sample-steps {cfg.sample_steps}`" in first_run
