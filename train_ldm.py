@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from plumbing.common import RunError, setup_distributed
-from config import LATENT_GEOMETRY, Family, TrainConfig, opt, parse_config, resolve_run_config
+from config import (LATENT_GEOMETRY, Family, TrainConfig, config_command, opt, parse_config,
+                    resolve_run_config, wants_print_config)
 from models import controlnet, unet
 from models.encoders import encoder_from_config
 from scoring import judge
@@ -96,8 +97,6 @@ def resolve(cfg: LDMConfig) -> LDMConfig:
     if side % f:
         raise RunError(f"{cfg.model} halves its input {int(math.log2(f))} times: the input side must be divisible "
                        f"by {f}, got {side}" + (f" (--image-size {cfg.image_size} / {down})" if down > 1 else ""))
-    if cfg.cond == "text":
-        get_tokenizer(cfg.tokenizer)                   # a missing / bad tokenizer fails now, not after data loading
     return cfg
 
 
@@ -109,12 +108,23 @@ def build_model(cfg):
 FAMILY = Family(LDMConfig, PRESETS, resolve, build_model)   # how evaluate.py rebuilds its checkpoints
 
 
+def configure(argv=None):
+    """(the run's config, init): preset and flags applied, --init-from SOURCE's architecture taken, checked, 'auto'
+    decided; init(model) loads SOURCE's weights (None without --init-from)."""
+    cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip(), print_config=True)
+    cfg, init = pretrained.init_from(cfg, "ldm", argv, (FINE_TUNE, PRESETS[FINE_TUNE]), PRESETS)   # --init-from SOURCE
+    return resolve(cfg), init
+
+
 @exit_codes("train_ldm.py")
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> U-Net + diffusion -> train. Bad input: one line, exit 2."""
-    cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
-    cfg, init = pretrained.init_from(cfg, "ldm", argv, (FINE_TUNE, PRESETS[FINE_TUNE]), PRESETS)   # --init-from SOURCE
-    cfg = resolve(cfg)
+    cfg, init = configure(argv)
+    if wants_print_config(argv):                        # check a recipe before spending GPU hours: nothing is run
+        print(config_command(cfg, "train_ldm.py"))
+        return 0
+    if cfg.cond == "text":
+        get_tokenizer(cfg.tokenizer)                    # a missing / bad tokenizer fails now, not after data loading
     d = setup_distributed(cfg.device)
     sinks = tracking.sinks_for_run(cfg, d.main)          # --log: W&B / TensorBoard get every log record (rank 0)
     data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)
