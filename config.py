@@ -186,8 +186,8 @@ def learning_rate(cfg, step: int) -> float:
     return cfg.lr * min(1.0, left / span)
 
 
-# Architecture fields added after checkpoints had been written, with the value those checkpoints were trained with
-# (not the field's default): every stored config is read through stored_config.
+# Architecture fields a stored config may lack (a checkpoint written without them), with the value such checkpoints
+# were trained with (not the field's default): every stored config is read through stored_config.
 ADDED_ARCH_FIELDS = {"pixel_channels": 0, "token_conv": False, "mlp_ratio": 4.0}
 ADDED_RECIPE_FIELDS = {"t_focus": 0.0,                 # and recipe fields: those checkpoints drew t uniformly
                        "optimizer": "adamw"}            # and trained with AdamW

@@ -65,9 +65,9 @@ PRESETS = {
                       sample_every=10_000, sample_cfg=3.0, sample_steps=50, sample_per_class=4),
     # ControlNet-Canny on ImageNet-100 over a pre-trained LDM-4 IN-1K base (paper §4.4, Table 2): pass --init-from BASE
     # (the architecture comes from it) and --data IN-100/train. The paper states: diffusers' train_controlnet.py with
-    # its default learning rate and batch size, 10 epochs on IN-100, 4 GPUs, Canny thresholds 100 / 200. diffusers'
-    # defaults (shared/notes/anchors-turn3.md): lr 5e-6, batch 4 per device (x 4 = 16), weight decay 1e-2, constant lr
-    # after 500 warm-up steps (we have no warm-up). 10 epochs of ~126K images at 16 = 79K steps. diffusers keeps no
+    # its default learning rate and batch size, 10 epochs on IN-100, 4 GPUs, Canny thresholds 100 / 200. The defaults
+    # of diffusers' examples/controlnet/train_controlnet.py: lr 5e-6, batch 4 per device (x 4 = 16), weight decay 1e-2,
+    # constant lr after 500 warm-up steps (we have no warm-up). 10 epochs of ~126K images at 16 = 79K steps. It keeps no
     # EMA (sample the raw weights with evaluate.py --no-ema to match); CFG dropout 0.1 keeps the base's null class in
     # use so the grid can be guided (diffusers' default drops no prompt).
     "in100-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, steps=79_000, batch_size=16,
