@@ -9,7 +9,7 @@ run with another value of either is refused (experiment fields may be changed on
 
     cfg = parse_config(DiTConfig, argv, PRESETS)      # flags (+ --preset NAME) -> a config
     cfg = resolve_run_config(cfg)                     # checked, 'auto' decided: a *new* config, never mutated
-    print(config_command(cfg, "train_dit.py"))        # --print-config: the flags that reproduce it, every field
+    print(config_command(cfg, "train_dit.py"))        # the flags that reproduce it, every field (--print-config)
 
 Nothing to run here; `python train_dit.py --help` lists the flags.
 """
@@ -209,17 +209,17 @@ def experiment_fields(cfg) -> list[str]:
     return [f.name for f in dataclasses.fields(cfg) if f.metadata.get("experiment")]
 
 
-def parse_config(cls, argv=None, presets: dict | None = None, description: str = "", print_config: bool = False):
+def parse_config(cls, argv=None, presets: dict | None = None, description: str = "", printable: bool = False):
     """Build an argparse CLI from a config dataclass (every field a --kebab-case flag) and return the config.
 
     A field's help text is its `metadata["help"]`. `--preset NAME` first applies presets[NAME]; flags given explicitly
-    win over the preset. print_config: also accept --print-config (the caller acts on it: wants_print_config).
+    win over the preset. printable: also accept --print-config (the caller acts on it: print_config()).
     """
     presets = presets or {}
     p = ArgParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if presets:
         p.add_argument("--preset", choices=sorted(presets), default=None, help="a named recipe (see README)")
-    if print_config:
+    if printable:
         p.add_argument("--print-config", action="store_true", help="print the resolved config (preset and flags "
                        "applied, 'auto' decided) as the command that reproduces it, every field one flag, and exit "
                        "without starting a run or creating --out")
@@ -240,9 +240,13 @@ def parse_config(cls, argv=None, presets: dict | None = None, description: str =
     return cls(**values)
 
 
-def wants_print_config(argv=None) -> bool:
-    """Whether --print-config is on the command line."""
-    return "print_config" in explicit_fields(argv)
+def print_config(cfg, argv, script: str) -> bool:
+    """With --print-config on the command line: print cfg as the command that reproduces it and return True (the
+    train script then exits 0, nothing run or written); else False."""
+    if "print_config" not in explicit_fields(argv):
+        return False
+    print(config_command(cfg, script))
+    return True
 
 
 def field_flags(name: str, value) -> list[str]:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from plumbing.common import RunError, setup_distributed
-from config import (LATENT_GEOMETRY, Family, TrainConfig, config_command, opt, parse_config,
-                    resolve_run_config, wants_print_config)
+from config import (LATENT_GEOMETRY, Family, TrainConfig, opt, parse_config, print_config,
+                    resolve_run_config)
 from models import controlnet, unet
 from models.encoders import encoder_from_config
 from scoring import judge
@@ -111,7 +111,7 @@ FAMILY = Family(LDMConfig, PRESETS, resolve, build_model)   # how evaluate.py re
 def configure(argv=None):
     """(the run's config, init): preset and flags applied, --init-from SOURCE's architecture taken, checked, 'auto'
     decided; init(model) loads SOURCE's weights (None without --init-from)."""
-    cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip(), print_config=True)
+    cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip(), printable=True)
     cfg, init = pretrained.init_from(cfg, "ldm", argv, (FINE_TUNE, PRESETS[FINE_TUNE]), PRESETS)   # --init-from SOURCE
     return resolve(cfg), init
 
@@ -120,8 +120,7 @@ def configure(argv=None):
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> U-Net + diffusion -> train. Bad input: one line, exit 2."""
     cfg, init = configure(argv)
-    if wants_print_config(argv):                        # check a recipe before spending GPU hours: nothing is run
-        print(config_command(cfg, "train_ldm.py"))
+    if print_config(cfg, argv, "train_ldm.py"):    # --print-config: a recipe checked before any GPU hour
         return 0
     if cfg.cond == "text":
         get_tokenizer(cfg.tokenizer)                    # a missing / bad tokenizer fails now, not after data loading

@@ -13,7 +13,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from tools.flags_doc import ROOT, module_of, parser_of
+import sweep
+from sweep import flag_value
+from tools.flags_doc import ROOT, parser_of
 
 SHELL_BLOCKS = {"", "bash", "sh", "shell", "console", "text"}
 OPERATORS = {"&&", "||", ";", "|", "&", "(", ")"}
@@ -133,22 +135,11 @@ def flag_problems(name: str, args: list, known: dict, also: dict | None = None) 
     return problems
 
 
-def flag_value(args: list, flag: str) -> str | None:
-    """The last value given to `flag` in args (--flag V or --flag=V)."""
-    value = None
-    for i, word in enumerate(args):
-        if word == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif word.startswith(flag + "="):
-            value = word.split("=", 1)[1]
-    return value
-
-
 def train_script_of(target: str, args: list) -> str:
-    """The train script a sweep.py or tools.bench command drives: its --script, else its --preset's, else the default."""
-    script = flag_value(args, "--script")
-    if script is None and target == "sweep.py" and (preset := flag_value(args, "--preset")):
-        script = module_of("sweep").PRESETS.get(preset, {}).get("script")
+    """The train script a sweep.py or tools.bench command drives: its --script, else its --preset's, else train_dit."""
+    script = flag_value(args, "--script", None)
+    if script is None and target == "sweep.py" and (preset := flag_value(args, "--preset", None)):
+        script = sweep.PRESETS.get(preset, {}).get("script")
     return (script or "train_dit") + ".py"
 
 
@@ -193,7 +184,7 @@ def link_problems(path: Path, text: str, root: Path = ROOT) -> list[str]:
 
 
 def anchors(text: str) -> set:
-    """The anchors GitHub gives a page's headings (lower case, punctuation dropped, spaces to '-', repeats -1, -2...)."""
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to '-', repeats -1, -2..."""
     seen, out = {}, set()
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", prose, flags=re.M):

@@ -33,7 +33,7 @@ class _Parsed(BaseException):
 
 
 def module_of(target: str):
-    """The module of an entry point: a script path ('train_dit.py', 'tools/bench.py') or a module ('weights.latents')."""
+    """The module of an entry point: a script path ('train_dit.py', 'tools/bench.py') or a module name."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     name = target[:-3].replace("/", ".") if target.endswith(".py") else target
@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     page = render()
     if args.check:
         fresh = PAGE.is_file() and PAGE.read_text(encoding="utf-8") == page
-        print(f"{PAGE.relative_to(ROOT)}: " + ("up to date" if fresh else "stale: run python -m tools.flags_doc --write"))
+        state = "up to date" if fresh else "stale: run python -m tools.flags_doc --write"
+        print(f"{PAGE.relative_to(ROOT)}: {state}")
         return 0 if fresh else 1
     if args.write:
         PAGE.parent.mkdir(exist_ok=True)
