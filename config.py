@@ -9,11 +9,13 @@ run with another value of either is refused (experiment fields may be changed on
 
     cfg = parse_config(DiTConfig, argv, PRESETS)      # flags (+ --preset NAME) -> a config
     cfg = resolve_run_config(cfg)                     # checked, 'auto' decided: a *new* config, never mutated
+    print(config_command(cfg, "train_dit.py"))        # the flags that reproduce it, every field (--print-config)
 
 Nothing to run here; `python train_dit.py --help` lists the flags.
 """
 import argparse
 import dataclasses
+import shlex
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -184,8 +186,8 @@ def learning_rate(cfg, step: int) -> float:
     return cfg.lr * min(1.0, left / span)
 
 
-# Architecture fields added after checkpoints had been written, with the value those checkpoints were trained with
-# (not the field's default): every stored config is read through stored_config.
+# Architecture fields a stored config may lack (a checkpoint written without them), with the value such checkpoints
+# were trained with (not the field's default): every stored config is read through stored_config.
 ADDED_ARCH_FIELDS = {"pixel_channels": 0, "token_conv": False, "mlp_ratio": 4.0}
 ADDED_RECIPE_FIELDS = {"t_focus": 0.0,                 # and recipe fields: those checkpoints drew t uniformly
                        "optimizer": "adamw"}            # and trained with AdamW
@@ -207,16 +209,20 @@ def experiment_fields(cfg) -> list[str]:
     return [f.name for f in dataclasses.fields(cfg) if f.metadata.get("experiment")]
 
 
-def parse_config(cls, argv=None, presets: dict | None = None, description: str = ""):
+def parse_config(cls, argv=None, presets: dict | None = None, description: str = "", printable: bool = False):
     """Build an argparse CLI from a config dataclass (every field a --kebab-case flag) and return the config.
 
     A field's help text is its `metadata["help"]`. `--preset NAME` first applies presets[NAME]; flags given explicitly
-    win over the preset.
+    win over the preset. printable: also accept --print-config (the caller acts on it: print_config()).
     """
     presets = presets or {}
     p = ArgParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if presets:
         p.add_argument("--preset", choices=sorted(presets), default=None, help="a named recipe (see README)")
+    if printable:
+        p.add_argument("--print-config", action="store_true", help="print the resolved config (preset and flags "
+                       "applied, 'auto' decided) as the command that reproduces it, every field one flag, and exit "
+                       "without starting a run or creating --out")
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
@@ -232,6 +238,35 @@ def parse_config(cls, argv=None, presets: dict | None = None, description: str =
         explicit = explicit_fields(argv)
         values.update({k: v for k, v in presets[args.preset].items() if k not in explicit})
     return cls(**values)
+
+
+def print_config(cfg, argv, script: str) -> bool:
+    """With --print-config on the command line: print cfg as the command that reproduces it and return True (the
+    train script then exits 0, nothing run or written); else False."""
+    if "print_config" not in explicit_fields(argv):
+        return False
+    print(config_command(cfg, script))
+    return True
+
+
+def field_flags(name: str, value) -> list[str]:
+    """The shell words that set config field `name` to `value` ([] for None: a value the run decides when it starts)."""
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
+    return [flag, shlex.quote(str(value))]              # str(float) is repr: it parses back to the same float
+
+
+def config_command(cfg, script: str) -> str:
+    """`python SCRIPT` with every field of cfg as a flag, one per line; fields left to the run (None) follow as a
+    comment, so the output pasted into a shell or fed back as flags gives the same config."""
+    fields = dataclasses.fields(cfg)
+    lines = [" ".join(field_flags(f.name, getattr(cfg, f.name))) for f in fields if getattr(cfg, f.name) is not None]
+    unset = ["--" + f.name.replace("_", "-") for f in fields if getattr(cfg, f.name) is None]
+    text = " \\\n  ".join([f"python {script}"] + lines)
+    return text + (f"\n# not set, decided when the run starts: {', '.join(unset)}" if unset else "")
 
 
 def explicit_fields(argv=None) -> set:

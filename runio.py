@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from plumbing.common import Dist, RunError, all_mean, atomic_save
-from config import ADDED_ARCH_FIELDS, arch_fields, experiment_fields, learning_rate, stored_config
+from config import ADDED_ARCH_FIELDS, arch_fields, experiment_fields, field_flags, learning_rate, stored_config
 
 CHECKPOINT_VERSION = 1
 
@@ -56,7 +56,8 @@ def check_run_folder(cfg, num_classes: int | None = None) -> Resume | None:
         if saved.get(f) != getattr(ours, f):
             hint = ""
             if f in ADDED_ARCH_FIELDS:                   # the usual cause: a run from before the field existed
-                hint = " (resume with " + " ".join(_as_flag(k, saved[k]) for k in ADDED_ARCH_FIELDS) + ")"
+                words = [w for k in ADDED_ARCH_FIELDS for w in field_flags(k, saved[k])]
+                hint = " (resume with " + " ".join(words) + ")"
             raise RunError(f"cannot resume from {path}: it has {f}={saved.get(f)!r} but this run has "
                            f"{f}={getattr(ours, f)!r}{hint}")
     return Resume(path, check_experiment(cfg, saved, path))
@@ -66,14 +67,6 @@ def focus_note(cfg) -> str:
     """The start line's --t-focus part: ' t-focus F (log-SNR LO..HI)', or '' for uniform timesteps."""
     band = f"log-SNR {cfg.t_focus_min_log_snr:g}..{cfg.t_focus_max_log_snr:g}"
     return f" t-focus {cfg.t_focus:g} ({band})" if cfg.t_focus else ""
-
-
-def _as_flag(name: str, value) -> str:
-    """The command-line flag that sets config field `name` to `value`."""
-    flag = name.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{'' if value else 'no-'}{flag}"
-    return f"--{flag} {value}"
 
 
 def check_experiment(cfg, saved: dict, path: str) -> list:

@@ -206,9 +206,9 @@ SMOKE = dict(script="train_dit", cells=[{"corrupt": "0"}, {"corrupt": "0.2"}], s
              eval="--num-samples 20 --cfg-scales 1,2 --steps 2 --batch-size 20 --is-splits 2", judge=200,
              fixed_scale=2.0)
 
-# The protocols below were run with the plain DiT-T, before train_dit.py's tiny DiT got its convolutions and 2x-wide
-# MLPs by default, with uniform timesteps, before it got --t-focus, and with AdamW, before --optimizer muon: their
-# train flags pin all four.
+# The protocols below train the plain DiT-T (no convolutions, 4x-wide MLPs) with uniform timesteps and AdamW, the
+# settings their recorded results were measured with; train_dit.py's CPU default differs in all four, so their train
+# flags pin them.
 CONV_PIN = "--pixel-channels 0 --no-token-conv "
 MLP_PIN = "--mlp-ratio 4 "
 FOCUS_PIN = "--t-focus 0 "
@@ -226,12 +226,12 @@ PINS = (CONV_PIN, MLP_PIN, FOCUS_PIN, OPTIMIZER_PIN)
 BUILTIN = dict(script="train_dit", cells=parse_grid(["builtin_length=50,500", "cep=none,uniform"]),
                seeds="0,1,2", jobs=2, judge=2000, metric="fid", fixed_scale=2.0,
                train="--model DiT-T/4 --image-size 16 --steps 1200 --batch-size 32 --lr 1e-3 --ema-decay 0.995 "
-                     "--learn-sigma --grad-clip 0 --lr-warmdown 0 --min-snr 0 "   # the DiT defaults when it was fixed
+                     "--learn-sigma --grad-clip 0 --lr-warmdown 0 --min-snr 0 "   # the official DiT's recipe
                      + OPTIMIZER_PIN + FOCUS_PIN + MLP_PIN + CONV_PIN +            # (the official DiT)
                      "--class-dropout 0.1 --sample-every 0 --ckpt-every 300 --log-every 50",
                eval="--num-samples 300 --cfg-scales 1,2,4 --sampler dpm++ --steps 10 --batch-size 300")
 
-# Added after `builtin` had run (it found no CEP effect), fixed before this one ran: label corruption at 5 items per
+# Fixed with `builtin`'s result (no CEP effect) known and before its own runs: label corruption at 5 items per
 # class with the same budget and measurement, η ∈ {0, 5, 20} % (2 and 10 of the 50 labels flipped). It asks the paper's
 # headline question, and it is a positive control: flipped labels should visibly cost class accuracy.
 BUILTIN_ETA = dict(BUILTIN, cells=parse_grid(["builtin_length=50", "corrupt=0,0.05,0.2"]))

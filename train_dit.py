@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from plumbing.common import RunError, setup_distributed
-from config import Family, TrainConfig, opt, parse_config, resolve_run_config
+from config import Family, TrainConfig, opt, parse_config, print_config, resolve_run_config
 from models import controlnet, dit
 from models.encoders import encoder_from_config
 from scoring import judge
@@ -133,8 +133,6 @@ def resolve(cfg: DiTConfig) -> DiTConfig:
         raise RunError(f"--mlp-ratio must be 0 (auto) or in (0, 64] with {cfg.model}'s MLPs (width {width} x ratio) at "
                        f"least 1 wide, got {cfg.mlp_ratio:g}")
     cfg = replace(cfg, **dit.default_arch(cfg.model, cfg.pixel_channels, cfg.token_conv, cfg.mlp_ratio))
-    if cfg.cond == "text":
-        get_tokenizer(cfg.tokenizer)                   # a missing / bad tokenizer fails now, not after data loading
     return cfg
 
 
@@ -146,12 +144,22 @@ def build_model(cfg):
 FAMILY = Family(DiTConfig, PRESETS, resolve, build_model)   # how evaluate.py rebuilds its checkpoints
 
 
+def configure(argv=None):
+    """(the run's config, init): preset and flags applied, --init-from SOURCE's architecture taken, checked, 'auto'
+    decided; init(model) loads SOURCE's weights (None without --init-from)."""
+    cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip(), printable=True)
+    cfg, init = pretrained.init_from(cfg, "dit", argv, (FINE_TUNE, PRESETS[FINE_TUNE]), PRESETS)   # --init-from SOURCE
+    return resolve(cfg), init
+
+
 @exit_codes("train_dit.py")
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> DiT + diffusion -> train. Bad input: one line, exit 2."""
-    cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
-    cfg, init = pretrained.init_from(cfg, "dit", argv, (FINE_TUNE, PRESETS[FINE_TUNE]), PRESETS)   # --init-from SOURCE
-    cfg = resolve(cfg)
+    cfg, init = configure(argv)
+    if print_config(cfg, argv, "train_dit.py"):    # --print-config: a recipe checked before any GPU hour
+        return 0
+    if cfg.cond == "text":
+        get_tokenizer(cfg.tokenizer)                    # a missing / bad tokenizer fails now, not after data loading
     d = setup_distributed(cfg.device)
     sinks = tracking.sinks_for_run(cfg, d.main)          # --log: W&B / TensorBoard get every log record (rank 0)
     data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from plumbing.common import RunError, setup_distributed
-from config import LATENT_GEOMETRY, Family, TrainConfig, opt, parse_config, resolve_run_config
+from config import (LATENT_GEOMETRY, Family, TrainConfig, opt, parse_config, print_config,
+                    resolve_run_config)
 from models import controlnet, unet
 from models.encoders import encoder_from_config
 from scoring import judge
@@ -64,9 +65,9 @@ PRESETS = {
                       sample_every=10_000, sample_cfg=3.0, sample_steps=50, sample_per_class=4),
     # ControlNet-Canny on ImageNet-100 over a pre-trained LDM-4 IN-1K base (paper §4.4, Table 2): pass --init-from BASE
     # (the architecture comes from it) and --data IN-100/train. The paper states: diffusers' train_controlnet.py with
-    # its default learning rate and batch size, 10 epochs on IN-100, 4 GPUs, Canny thresholds 100 / 200. diffusers'
-    # defaults (shared/notes/anchors-turn3.md): lr 5e-6, batch 4 per device (x 4 = 16), weight decay 1e-2, constant lr
-    # after 500 warm-up steps (we have no warm-up). 10 epochs of ~126K images at 16 = 79K steps. diffusers keeps no
+    # its default learning rate and batch size, 10 epochs on IN-100, 4 GPUs, Canny thresholds 100 / 200. The defaults
+    # of diffusers' examples/controlnet/train_controlnet.py: lr 5e-6, batch 4 per device (x 4 = 16), weight decay 1e-2,
+    # constant lr after 500 warm-up steps (we have no warm-up). 10 epochs of ~126K images at 16 = 79K steps. It keeps no
     # EMA (sample the raw weights with evaluate.py --no-ema to match); CFG dropout 0.1 keeps the base's null class in
     # use so the grid can be guided (diffusers' default drops no prompt).
     "in100-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, steps=79_000, batch_size=16,
@@ -96,8 +97,6 @@ def resolve(cfg: LDMConfig) -> LDMConfig:
     if side % f:
         raise RunError(f"{cfg.model} halves its input {int(math.log2(f))} times: the input side must be divisible "
                        f"by {f}, got {side}" + (f" (--image-size {cfg.image_size} / {down})" if down > 1 else ""))
-    if cfg.cond == "text":
-        get_tokenizer(cfg.tokenizer)                   # a missing / bad tokenizer fails now, not after data loading
     return cfg
 
 
@@ -109,12 +108,22 @@ def build_model(cfg):
 FAMILY = Family(LDMConfig, PRESETS, resolve, build_model)   # how evaluate.py rebuilds its checkpoints
 
 
+def configure(argv=None):
+    """(the run's config, init): preset and flags applied, --init-from SOURCE's architecture taken, checked, 'auto'
+    decided; init(model) loads SOURCE's weights (None without --init-from)."""
+    cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip(), printable=True)
+    cfg, init = pretrained.init_from(cfg, "ldm", argv, (FINE_TUNE, PRESETS[FINE_TUNE]), PRESETS)   # --init-from SOURCE
+    return resolve(cfg), init
+
+
 @exit_codes("train_ldm.py")
 def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> U-Net + diffusion -> train. Bad input: one line, exit 2."""
-    cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
-    cfg, init = pretrained.init_from(cfg, "ldm", argv, (FINE_TUNE, PRESETS[FINE_TUNE]), PRESETS)   # --init-from SOURCE
-    cfg = resolve(cfg)
+    cfg, init = configure(argv)
+    if print_config(cfg, argv, "train_ldm.py"):    # --print-config: a recipe checked before any GPU hour
+        return 0
+    if cfg.cond == "text":
+        get_tokenizer(cfg.tokenizer)                    # a missing / bad tokenizer fails now, not after data loading
     d = setup_distributed(cfg.device)
     sinks = tracking.sinks_for_run(cfg, d.main)          # --log: W&B / TensorBoard get every log record (rank 0)
     data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)

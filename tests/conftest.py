@@ -101,9 +101,9 @@ def randomize(module, std=0.3, seed=0):
 
 
 def builtin_item_one_by_one(ds, key: int):
-    """The oracle of the built-in dataset's batch renderer: ds[key] = (image (C, H, W), label) drawn one item at a time,
-    as data.BuiltinShapes did before it rendered batches (4x4 supersampled coverage of the rotated disc or cross, colour
-    over a vertical gradient), from the same drawn attributes (ds._attributes)."""
+    """The oracle of the built-in dataset's batch renderer: ds[key] = (image (C, H, W), label) drawn one item at a time
+    (4x4 supersampled coverage of the rotated disc or cross, colour over a vertical gradient), from the same drawn
+    attributes (ds._attributes)."""
     index, flip = int(key) >> 1, int(key) & 1
     a, _ = ds._attributes(index)
     ss, n = 4 * ds.image_size, ds.image_size

@@ -241,7 +241,7 @@ def test_bf16_decode_and_encode_match_fp32(kind):
 
 
 def test_vq_codes_under_bf16_autocast_are_the_nearest():
-    """Issue 12 item 1, on CUDA: autocast must not turn the nearest-code distances into bf16 (8192 codes of width 3
+    """On CUDA: autocast must not turn the nearest-code distances into bf16 (8192 codes of width 3
     lie so densely that bf16's 3 significant digits pick a wrong code for many vectors)."""
     from weights import vae
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The layout's promises (issues 14 and 19): the top level is the tutorial and the entry points, the instruments live
+"""The layout's promises: the top level is the tutorial and the entry points, the instruments live
 in folders of their own and import the core, never the reverse; no import circle; at most 7 floors of imports; no
 train script importing another; config resolution returns a new config; models rebuilt through evaluate.families()."""
 import ast

@@ -1,4 +1,4 @@
-"""Issue 12 (training side): no null class, --out as a file, no flag abbreviations, per-step random corruption,
+"""A training run's guards and flags: no null class, --out as a file, no flag abbreviations, per-step random corruption,
 1 process = 2 processes with a latent cache and CEP, resume guards, and the paper's ablation flags."""
 import hashlib
 import json
@@ -28,7 +28,7 @@ def sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-# ---- item 3: --class-dropout 0 (no null class) ----
+# ---- --class-dropout 0 (no null class) ----
 
 def test_class_dropout_0_trains_unguided_grid_and_evaluate_refuses_cfg(tmp_path, capsys):
     out = tmp_path / "run"
@@ -45,7 +45,7 @@ def test_class_dropout_0_trains_unguided_grid_and_evaluate_refuses_cfg(tmp_path,
     assert evaluate.main(base + ["--cfg-scales", "1"]) == 0 and grid.is_file()
 
 
-# ---- item 4 and 8: --out naming a file, abbreviated flags ----
+# ---- --out naming a file, abbreviated flags ----
 
 def test_out_naming_a_file_is_one_line_exit_2(tmp_path, capsys):
     f = tmp_path / "file.txt"
@@ -65,7 +65,7 @@ def test_abbreviated_flags_are_refused_and_explicit_flags_beat_the_preset(capsys
     assert cfg.ema_decay == 0.999 and cfg.model == "DiT-XL/2"
 
 
-# ---- item 5: --corrupt-mode random ----
+# ---- --corrupt-mode random ----
 
 def test_random_corruption_is_exact_per_global_batch_and_follows_the_static_rule():
     ds = types.SimpleNamespace(labels=np.arange(200) % 4, num_classes=4)
@@ -89,7 +89,7 @@ def test_random_corruption_is_exact_per_global_batch_and_follows_the_static_rule
     assert torch.equal(a.noise, b.noise) and a.corrupt_seed is not None and b.corrupt_seed is None
 
 
-# ---- item 6: 1 process = 2 processes with a latent cache, random corruption and CEP on a subset ----
+# ---- 1 process = 2 processes with a latent cache, random corruption and CEP on a subset ----
 
 def small_kl_cache(tmp_path):
     import data
@@ -186,7 +186,7 @@ def test_posterior_and_cep_draws_come_from_the_step_generator():
     torch.testing.assert_close(enc(y, cep_unit=a.cep_unit), want)      # the handed-in draw, not the global RNG
 
 
-# ---- item 7: resume refuses a changed experiment ----
+# ---- resume refuses a changed experiment ----
 
 def test_resume_refuses_changed_experiment_and_override_is_logged(tmp_path, capsys):
     out = tmp_path / "run"
@@ -281,7 +281,7 @@ def test_ablations_resume_bit_identical_and_are_recorded(tmp_path, script, capsy
     assert "--cep" in one_error_line(capsys, os.path.basename(script.__file__))
 
 
-# ---- issue 20: random corruption at its true rate; the trainer applies it; "Fixed CEP" as fixed noise ----
+# ---- random corruption at its true rate; the trainer applies it; "Fixed CEP" as fixed noise ----
 
 @pytest.mark.parametrize("eta", [0.01, 0.05, 0.075, 0.2])
 def test_random_corruption_flips_eta_in_expectation_at_batch_32(eta):

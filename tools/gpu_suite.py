@@ -254,7 +254,7 @@ def spawn(cmd: list, timeout: float, log=None) -> dict:
                 pass
             try:
                 output, _ = proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:                     # a grandchild in another session holds the pipe
+            except subprocess.TimeoutExpired:                     # a grandchild's own process session holds the pipe
                 output = ""
         result = None
         if os.path.isfile(out_path):
@@ -317,7 +317,7 @@ def run_rows(names: list, opts, log=None, on_row=None) -> dict:
 # The table
 
 COLUMNS = ("row", "status", "throughput", "step", "mem GiB", "TFLOP/s", "MFU sheet", "MFU meas", "note")
-TARGET_MFU = {"dit": 55.0, "ldm": 45.0}                     # issue 15's targets (% of the datasheet peak)
+TARGET_MFU = {"dit": 55.0, "ldm": 45.0}                     # a training row's MFU goal (% of the sheet peak)
 
 
 def pct(value) -> str:

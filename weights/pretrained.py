@@ -2,7 +2,7 @@
 pretrained.py: released diffusion weights -> nanoCEP's own modules (the DiT of dit.py, the LDM U-Net of unet.py,
 the autoencoders of vae.py). No diffusers, timm or Lightning at run time: each foreign layout is a key map.
 
-Sources (facts, URLs and open questions: shared/notes/checkpoints.md):
+Sources:
   official DiT    DiT-XL-2-256x256.pt / -512x512.pt: a raw EMA state dict, or a DiT train.py dict with "ema"
   paper DiT-XL/2  DiffusionNoise/dit-xl-2_imagenet_*   diffusers DiTPipeline: transformer/ vae/ scheduler/
   paper LDM-4     DiffusionNoise/ldm_in1k_*            LDMClassToImagePipeline: unet/ class_embedder/ vqvae/ scheduler/
