@@ -145,7 +145,7 @@ class TrainConfig:
                                "without it a resume refuses any change of corruption, CEP, ablation, seed or batch flags")
     init_from: str = opt("", "fine-tune from SOURCE: a release pretrained.py loads or a nanoCEP checkpoint (its EMA "
                          "weights, architecture and numerics; the optimiser flags not given from its recipe: the "
-                         "matching preset's or the checkpoint's own; fresh optimizer state and step); see README")
+                         "matching preset's or the checkpoint's own; fresh optimizer state and step); see docs/weights.md")
     seed: int = opt(0, "global seed (data order, noise, corruption)", experiment=True)
     device: str = opt("auto", "auto | cpu | cuda")
     precision: str = opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
@@ -218,7 +218,7 @@ def parse_config(cls, argv=None, presets: dict | None = None, description: str =
     presets = presets or {}
     p = ArgParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if presets:
-        p.add_argument("--preset", choices=sorted(presets), default=None, help="a named recipe (see README)")
+        p.add_argument("--preset", choices=sorted(presets), default=None, help="a named recipe (docs/flags.md lists them)")
     if printable:
         p.add_argument("--print-config", action="store_true", help="print the resolved config (preset and flags "
                        "applied, 'auto' decided) as the command that reproduces it, every field one flag, and exit "

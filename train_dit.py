@@ -60,7 +60,7 @@ class DiTConfig(TrainConfig):
                     "at batch 64; at 32, 3e-3 and 5.5e-3 score the same)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this value; 0 = off (DiT uses none; the CPU "
                            "default was tuned with 1 at lr 4e-3)")
-    steps: int = opt(3000, "training steps (the CPU default: 7.7-9.5 min alone on 2 cores, by the machine: README)")
+    steps: int = opt(3000, "training steps (the CPU default: about 8-10 min on 2 cores; docs/cpu-default.md)")
     batch_size: int = opt(32, "global batch size (split over processes; the CPU default: 32, twice the updates of 64 "
                           "for the same images and time, which its crosses need; DiT: 256)", experiment=True)
     lr_warmdown: int = opt(1000, "decay the learning rate linearly to 0 over the last N steps (the CPU default: 1000 "
@@ -100,8 +100,8 @@ PRESETS = {
                              grad_clip=0.0, log_every=100, ckpt_every=5_000, keep_every=20_000, sample_every=5_000,
                              sample_cfg=1.75, sample_steps=50, sample_per_class=4, lr_warmdown=0, min_snr=0.0,
                              t_focus=0.0, optimizer="adamw", sample_sampler="dpm++"),
-    # The CPU ControlNet on the built-in shapes (README "ControlNet: downstream adaptation"): --init-from a run of the
-    # CPU default (README's measured base: the plain DiT-T, --mlp-ratio 4 --pixel-channels 0 --no-token-conv); the
+    # The CPU ControlNet on the built-in shapes (docs/controlnet.md): --init-from a run of the
+    # CPU default (docs/controlnet.md's measured base: the plain DiT-T, --mlp-ratio 4 --pixel-channels 0 --no-token-conv); the
     # branch learns to draw the shape whose Canny edges it is given, in its class's colour.
     "builtin-controlnet": dict(control="canny", canny_low=100.0, canny_high=200.0, control_blocks=2, steps=300,
                                batch_size=32, lr=1e-3, grad_clip=1.0, ema_decay=0.99, log_every=25, ckpt_every=100,
