@@ -36,7 +36,9 @@ def opt(default, help: str, **kw):
 class TrainConfig:
     # data
     data: str = opt("builtin", "'builtin' (procedural shapes, no download), a torchvision set (mnist, fashion-mnist, "
-                    "kmnist, cifar10, cifar100: read from --data-root), an ImageNet-layout folder root/<class>/*.jpg, "
+                    "kmnist, cifar10, cifar100: read from --data-root), 'digits' (scikit-learn's bundled 8x8 "
+                    "handwritten digits: their training pool, sources/digits.py), an ImageNet-layout folder "
+                    "root/<class>/*.jpg, "
                     "or with --cond text: a folder of images with same-stem .txt captions or a path<TAB>caption .tsv/.csv; "
                     "or WebDataset shards (.tar, a folder of them, dir/{00000..00099}.tar) with .txt/.json/.cls")
     data_root: str = opt("data", "torchvision sets (--data mnist, ...): the root they are read from (torchvision "

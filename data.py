@@ -1,6 +1,7 @@
 """
 Datasets for nanoCEP: the readers of sources/ (the built-in procedural shapes, ImageNet-style image folders,
-captioned images, WebDataset .tar shards, torchvision's MNIST / CIFAR family) behind one build_dataset, the
+captioned images, WebDataset .tar shards, torchvision's MNIST / CIFAR family, scikit-learn's bundled 8x8 digits)
+behind one build_dataset, the
 training subset of k items per class (--items-per-class, chosen from the seed), static
 condition corruption (labels and captions, through corrupt.py), the step-indexed sampler that makes training
 resumable and identical on 1 or N processes, and the per-step views of a global batch's items that keep random
@@ -24,6 +25,7 @@ import torch
 from plumbing.common import derive_seed
 from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES, BuiltinShapes  # noqa: F401 (data.BuiltinShapes is public)
 from sources.captions import TABLE_EXTENSIONS, CaptionedImages
+from sources.digits import DigitsDataset
 from sources.folders import ImageFolderDataset, flip_key, read_class_index
 from sources.shards import ShardDataset, is_shard_source
 from sources.torchvision_sets import TORCHVISION_SETS, TorchvisionDataset
@@ -31,21 +33,24 @@ from sources.torchvision_sets import TORCHVISION_SETS, TorchvisionDataset
 
 def build_dataset(data: str, image_size: int, seed: int = 0, builtin_length: int = 100_000, captions: bool = False,
                   root: str = "data", train: bool = True, class_index: str = ""):
-    """'builtin', a torchvision name (mnist, cifar10, ...; read from root), a folder, a caption table or WebDataset
-    shards (a .tar, a folder of them, a brace pattern dir/{00000..00099}.tar) -> a dataset following the protocol in
-    this file's docstring.
+    """'builtin', a torchvision name (mnist, cifar10, ...; read from root), 'digits' (sources/digits.py), a folder,
+    a caption table or WebDataset shards (a .tar, a folder of them, a brace pattern dir/{00000..00099}.tar) -> a
+    dataset following the protocol in this file's docstring.
 
     captions=False reads a folder as ImageNet class folders; captions=True as images with same-stem .txt captions.
-    train=False: a torchvision set's test split (other sources have none).
+    train=False: a torchvision set's test split; the digits' fresh part (train=True: their training pool); other
+    sources have none.
     class_index: class folders only, a file of every class name in label order (sources/folders.read_class_index).
     """
-    if class_index and (data in ("builtin", *TORCHVISION_SETS) or is_shard_source(data) or captions
+    if class_index and (data in ("builtin", "digits", *TORCHVISION_SETS) or is_shard_source(data) or captions
                         or data.lower().endswith(TABLE_EXTENSIONS)):
         raise ValueError(f"--class-index {class_index} orders class folders; --data {data} has none")
     if data == "builtin":
         return BuiltinShapes(size=image_size, length=builtin_length, seed=seed)
     if data in TORCHVISION_SETS:
         return TorchvisionDataset(data, root, size=image_size, train=train)
+    if data == "digits":
+        return DigitsDataset(image_size, part="pool" if train else "fresh")
     if is_shard_source(data):       # WebDataset .tar shards: classes (.cls) and/or captions (.txt / .json) inside
         return ShardDataset(data, size=image_size)
     if captions or data.lower().endswith(TABLE_EXTENSIONS):

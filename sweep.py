@@ -320,8 +320,9 @@ class SweepConfig:
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated training seeds (each seeds data, init, noise)"})
     train: str = field(default="", metadata={"help": "extra train flags for every run, after the preset's"})
     eval: str = field(default="", metadata={"help": "extra evaluate.py flags for every run, after the preset's"})
-    judge: int = field(default=0, metadata={"help": "measure with judge.py (built-in data): its extractor, N fresh real "
-                                              "images as --ref, each run's training set for memorization; 0 = off"})
+    judge: int = field(default=0, metadata={"help": "measure with judge.py (built-in data; the digits' judge when "
+                                              "--train says --data digits): its extractor, N fresh real images as "
+                                              "--ref, each run's training set for memorization; 0 = off"})
     reference: str = field(default="", metadata={"help": "builtin:N = write N held-out built-in images once as --ref"})
     metric: str = field(default="fid", metadata={"help": "the metric that picks each cell's best guidance scale"})
     fixed_scale: float = field(default=2.0, metadata={"help": "the fixed guidance scale reported beside the best"})
@@ -389,7 +390,7 @@ def plan(cfg: SweepConfig, features: str = "") -> list:
     if cfg.reference:
         extra_eval = ["--ref", str(out / "reference")]
     if cfg.judge:   # the judge's extractor (built and cached on first use), its reference, the run's training set
-        extra_eval = ["--features", features or "$(python -m scoring.judge path)", "--resize", "none",
+        extra_eval = ["--features", features or judge_path_shell(cfg), "--resize", "none",
                       "--ref", str(out / "judge_ref.npz"), "--train-ref", "auto"]
     runs = []
     for seed, cell in itertools.product(seeds, cells):   # seed-major: a sweep cut short still has complete seeds
@@ -563,11 +564,24 @@ def image_size(cfg: SweepConfig) -> int:
     return int(flag_value(shlex.split(cfg.train), "--image-size", "16"))
 
 
+def judge_data(cfg: SweepConfig) -> list:
+    """The judge.py flags naming the runs' data: ["--data", "digits"] when they train on the digits, else [] (the
+    built-in judge)."""
+    return ["--data", "digits"] if flag_value(shlex.split(cfg.train), "--data", "builtin") == "digits" else []
+
+
+def judge_path_shell(cfg: SweepConfig) -> str:
+    """The shell substitution that prints the judge's path (--dry-run shows it in place of the resolved file)."""
+    words = ["python", "-m", "scoring.judge", "path", *judge_data(cfg), "--image-size", str(image_size(cfg))]
+    return f"$({shlex.join(words)})"
+
+
 def judge_commands(cfg: SweepConfig) -> list:
-    """The two judge.py calls made once per sweep: the extractor's path (built on first use), the reference features."""
-    size = str(image_size(cfg))
-    return [[sys.executable, "-m", "scoring.judge", "path", "--image-size", size],
-            [sys.executable, "-m", "scoring.judge", "ref", "--image-size", size, "--num", str(cfg.judge),
+    """The two judge.py calls made once per sweep: the extractor's path (built on first use), the reference features
+    (digits: --judge N of their fresh part, at most all of it)."""
+    size, which = str(image_size(cfg)), judge_data(cfg)
+    return [[sys.executable, "-m", "scoring.judge", "path", *which, "--image-size", size],
+            [sys.executable, "-m", "scoring.judge", "ref", *which, "--image-size", size, "--num", str(cfg.judge),
              "--out", str(Path(cfg.out).resolve() / "judge_ref.npz")]]
 
 
@@ -975,8 +989,9 @@ def pin_protocol(cfg: SweepConfig, runs: list):
 def print_commands(cfg: SweepConfig, runs: list):
     """--dry-run: the commands, one per line, in the order they would run (train, then eval, per run; a training run
     that cells share, once)."""
+    path_shell = judge_path_shell(cfg)
     show = lambda cmd: shlex.join(["python" if c == sys.executable else c for c in cmd]).replace(
-        "'$(python -m scoring.judge path)'", '"$(python -m scoring.judge path)"')       # let the shell expand it
+        shlex.quote(path_shell), f'"{path_shell}"')                                     # let the shell expand it
     if cfg.judge:
         for cmd in judge_commands(cfg):
             print(f"# once: {show(cmd)}")

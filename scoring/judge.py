@@ -1,5 +1,5 @@
 """
-judge.py: an offline judge for the built-in data, the FID-Inception of 16x16 coloured shapes.
+judge.py: an offline judge for the built-in data (the FID-Inception of 16x16 coloured shapes) and for the digits.
 
 Inception features mean nothing on 16^2 discs and crosses (and cannot be downloaded offline), so this file trains its
 own small CNN on real built-in images (data.BuiltinShapes with seed 1_000_003, disjoint from every training set,
@@ -12,6 +12,14 @@ which use seed = --seed), deterministically, and caches it as a TorchScript extr
     python -m scoring.judge check [--image-size 16] [--num 2000]                     # held-out accuracy and FD, real vs real
     python evaluate.py runs/dit/last.pt --features $(python -m scoring.judge path) --resize none \\
         --ref ref.npz --train-ref train.npz --num-samples 2000 --cfg-scales 1,2,4 --steps 25
+
+With --data digits (sources/digits.py), every command uses the real handwritten digits instead: the judge trains on
+their judge part (class cross-entropy only, classes 0..9, every image also mirrored), `ref` and `check` use their fresh
+part (all of it unless --num), and --image-size defaults to 8:
+
+    python -m scoring.judge ref --data digits --out ref.npz       # the 596 fresh digits, every other one mirrored
+    python evaluate.py runs/dg/last.pt --features $(python -m scoring.judge path --data digits) --resize none \\
+        --ref ref.npz --train-ref auto --num-samples 200 --cfg-scales 1
 
 The extractor follows evaluate.py's protocol: f(x (B, 3, H, W) floats in [0, 255]) -> (feats (B, 128), logits
 (B, 10)), class order as data.BuiltinShapes.class_names. It is trained on two tasks at once: the class (cross-entropy)
@@ -46,18 +54,21 @@ import torch.nn.functional as F
 from plumbing.common import atomic_open
 import data
 from scoring import metrics, shapes
+from sources import digits
 
 JUDGE_VERSION = 1                     # bump when the recipe changes: the cache key changes with it
 JUDGE_SEED = 1_000_003                # the judge's own training images
 REF_SEED = 1_000_033                  # held-out reference images (evaluate.py --ref)
 CHECK_SEED = 1_000_039                # held-out images of `judge.py check`
+ACCURACY_FLOOR = {"builtin": 0.99, "digits": 0.9}    # build warns below this held-out accuracy
 CACHE_DIR = Path(os.environ.get("NANOCEP_CACHE", Path.home() / ".cache" / "nanocep"))
 
 
 @dataclass
 class JudgeConfig:
     image_size: int = 16      # image side (the extractor only accepts this size)
-    num_images: int = 8_000   # training images, drawn once (seed JUDGE_SEED)
+    data: str = "builtin"     # builtin: rendered shapes and their attributes; digits: their judge part, classes only
+    num_images: int = 8_000   # built-in training images, drawn once (seed JUDGE_SEED); digits: the whole judge part
     steps: int = 400          # Adam steps
     batch_size: int = 128
     lr: float = 2e-3          # Adam, cosine-decayed to 0
@@ -67,8 +78,10 @@ class JudgeConfig:
     seed: int = JUDGE_SEED
 
     def key(self) -> str:
-        """A short hash of everything the weights depend on (the cache file name)."""
-        text = json.dumps({"version": JUDGE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        """A short hash of everything the weights depend on (the cache file name); `data` enters it only when it is not
+        builtin, so a built-in judge's key is that of its recipe alone."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "data" or v != "builtin"}
+        text = json.dumps({"version": JUDGE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -137,6 +150,34 @@ def attribute_targets(image_size: int, num: int, seed: int, flips: np.ndarray) -
     return rows, mask
 
 
+def digits_images(image_size: int, part: str, num: int | None = None, mirror: str = "half"):
+    """(uint8 (n, S, S, 3), labels (n,)) of a digits part (sources/digits.py): all of it, or `num` items spread over
+    it; mirror: "none", "half" (every other one, as the built-in references) or "both" (each as stored and mirrored)."""
+    ds = digits.DigitsDataset(image_size, part)
+    picks = np.unique(np.linspace(0, len(ds) - 1, min(num or len(ds), len(ds))).round().astype(int))
+    imgs, labels = ds.render_all()[picks], ds.labels[picks]
+    if mirror == "both":
+        return np.concatenate([imgs, imgs[:, :, ::-1]]), np.concatenate([labels, labels])
+    if mirror == "half":
+        imgs = imgs.copy()
+        imgs[1::2] = imgs[1::2, :, ::-1]
+    return imgs, labels
+
+
+def training_images(cfg: "JudgeConfig", rng: np.random.Generator):
+    """The judge's training set: (images (N, 3, S, S) float in [0, 255], labels (N,), attribute targets (N, 10) and
+    their mask, both None for the digits, which have no attributes)."""
+    if cfg.data == "digits":
+        imgs, labels = digits_images(cfg.image_size, "judge", mirror="both")    # samples of a flip-trained run mirror
+        attrs = mask = None
+    else:
+        flips = rng.random(cfg.num_images) < 0.5
+        imgs, labels = render_images(cfg.image_size, cfg.num_images, cfg.seed, flips)
+        attrs, mask = (torch.from_numpy(a) for a in attribute_targets(cfg.image_size, cfg.num_images, cfg.seed, flips))
+    x = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float()     # (N, 3, S, S) in [0, 255]
+    return x, torch.from_numpy(labels), attrs, mask
+
+
 @contextmanager
 def one_thread():
     """One intra-op thread for the duration: CPU kernels then reduce in a fixed order, so a rebuild is bit-identical.
@@ -154,27 +195,25 @@ def one_thread():
 # Training and the cache
 
 def train_judge(cfg: JudgeConfig, progress: bool = True) -> JudgeNet:
-    """Train the judge on cfg.num_images real images (seed cfg.seed), deterministically (same config -> same weights)."""
+    """Train the judge on its real images (training_images), deterministically (same config -> same weights)."""
     rng = np.random.default_rng([cfg.seed, 1])
-    flips = rng.random(cfg.num_images) < 0.5
-    imgs, labels = render_images(cfg.image_size, cfg.num_images, cfg.seed, flips)
-    attrs, mask = attribute_targets(cfg.image_size, cfg.num_images, cfg.seed, flips)
-    x_all = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()             # (N, 3, S, S) in [0, 255]
-    y_all, a_all, m_all = torch.from_numpy(labels), torch.from_numpy(attrs), torch.from_numpy(mask)
+    x_all, y_all, a_all, m_all = training_images(cfg, rng)
+    num = len(y_all)
     with one_thread():
         torch.manual_seed(cfg.seed)
         net = JudgeNet(cfg.image_size, cfg.width, cfg.feature_dim)
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / cfg.steps)))
-        order = np.concatenate([rng.permutation(cfg.num_images) for _ in range(-(-cfg.steps * cfg.batch_size
-                                                                                   // cfg.num_images))])
+        order = np.concatenate([rng.permutation(num) for _ in range(-(-cfg.steps * cfg.batch_size // num))])
         from tqdm import tqdm
-        for step in tqdm(range(cfg.steps), desc=f"judge {cfg.image_size}px", disable=not progress, file=sys.stderr):
+        for step in tqdm(range(cfg.steps), desc=f"judge {cfg.data} {cfg.image_size}px", disable=not progress,
+                         file=sys.stderr):
             idx = torch.from_numpy(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
             feats = net.features(x_all[idx])
-            ce = F.cross_entropy(net.head(feats), y_all[idx])
-            mse = ((net.attr_head(feats) - a_all[idx]) ** 2 * m_all[idx]).sum() / m_all[idx].sum()
-            loss = ce + cfg.attr_weight * mse
+            loss = F.cross_entropy(net.head(feats), y_all[idx])
+            if a_all is not None:
+                mse = ((net.attr_head(feats) - a_all[idx]) ** 2 * m_all[idx]).sum() / m_all[idx].sum()
+                loss = loss + cfg.attr_weight * mse
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -183,13 +222,15 @@ def train_judge(cfg: JudgeConfig, progress: bool = True) -> JudgeNet:
 
 
 def cache_path(cfg: JudgeConfig) -> Path:
-    """Where a judge with these settings is cached: ~/.cache/nanocep/judge-16px-<settings hash>.pt."""
-    return CACHE_DIR / f"judge-{cfg.image_size}px-{cfg.key()}.pt"
+    """Where a judge with these settings is cached: ~/.cache/nanocep/judge-16px-<settings hash>.pt (the digits':
+    judge-digits-8px-<hash>.pt)."""
+    prefix = "judge-" if cfg.data == "builtin" else f"judge-{cfg.data}-"
+    return CACHE_DIR / f"{prefix}{cfg.image_size}px-{cfg.key()}.pt"
 
 
-def default_path(image_size: int = 16) -> Path:
-    """Where the default judge for this image size is cached."""
-    return cache_path(JudgeConfig(image_size=image_size))
+def default_path(image_size: int = 16, data_name: str = "builtin") -> Path:
+    """Where the default judge for this image size and data (builtin or digits) is cached."""
+    return cache_path(JudgeConfig(image_size=image_size, data=data_name))
 
 
 def build(cfg: JudgeConfig, out=None, progress: bool = True) -> Path:
@@ -199,30 +240,35 @@ def build(cfg: JudgeConfig, out=None, progress: bool = True) -> Path:
     net = train_judge(cfg, progress)
     info = {"config": dataclasses.asdict(cfg), "version": JUDGE_VERSION, "key": cfg.key(),
             "build_seconds": round(time.time() - t0, 1),
-            "class_names": data.BuiltinShapes(cfg.image_size, 10).class_names}
+            "class_names": class_names(cfg.data)}
     with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript, which evaluate.py's --features reads
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(net)
-    info.update(self_check(scripted, cfg.image_size, 1000))
+    info.update(self_check(scripted, cfg.image_size, 1000, cfg.data))
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), atomic_open(out) as f:
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(scripted, f, _extra_files={"judge.json": json.dumps(info)})
     print(f"judge: built {out} in {info['build_seconds']} s; held-out accuracy {info['accuracy']:.4f}", file=sys.stderr)
-    if info["accuracy"] < 0.99:
+    if info["accuracy"] < ACCURACY_FLOOR[cfg.data]:
         print(f"warning: the judge classifies only {info['accuracy']:.1%} of held-out real images right", file=sys.stderr)
     return out
 
 
-def judge_path(image_size: int = 16, progress: bool = True) -> Path:
-    """The default judge for this image size, built and cached on first use."""
-    path = default_path(image_size)
-    return path if path.is_file() else build(JudgeConfig(image_size=image_size), path, progress)
+def judge_path(image_size: int = 16, progress: bool = True, data_name: str = "builtin") -> Path:
+    """The default judge for this image size and data, built and cached on first use."""
+    path = default_path(image_size, data_name)
+    return path if path.is_file() else build(JudgeConfig(image_size=image_size, data=data_name), path, progress)
 
 
-def load(path=None, image_size: int = 16):
-    """The judge as a TorchScript module (the default for image_size if no path)."""
-    return metrics.load_torchscript_extractor(str(path or judge_path(image_size)))
+def load(path=None, image_size: int = 16, data_name: str = "builtin"):
+    """The judge as a TorchScript module (the default for image_size and data if no path)."""
+    return metrics.load_torchscript_extractor(str(path or judge_path(image_size, data_name=data_name)))
+
+
+def class_names(data_name: str) -> list[str]:
+    """The judge's class order: data.BuiltinShapes.class_names, or the digits 0..9."""
+    return [str(c) for c in range(10)] if data_name == "digits" else data.BuiltinShapes(16, 10).class_names
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -240,13 +286,22 @@ def judge_images(net, images: np.ndarray, batch_size: int = 500) -> tuple[np.nda
     return np.concatenate(feats), np.concatenate(preds)
 
 
-def self_check(net, image_size: int, num: int = 2000) -> dict:
-    """Held-out accuracy of the judge and the Fréchet distance between two fresh real sets (both ~ ideal)."""
-    a, la = render_images(image_size, num, CHECK_SEED)
-    b, _ = render_images(image_size, num, CHECK_SEED + 1)
-    fa, pa = judge_images(net, a)
-    fb, _ = judge_images(net, b)
-    return {"accuracy": float((pa == la).mean()), "num_check": num,
+def self_check(net, image_size: int, num: int = 2000, data_name: str = "builtin") -> dict:
+    """Held-out accuracy of the judge and the Fréchet distance between two fresh real sets (both ~ ideal).
+    Digits: `num` images of their fresh part (at most all 596), their accuracy as stored and mirrored, and the
+    distance between its even and odd halves."""
+    if data_name == "digits":
+        imgs, labels = digits_images(image_size, "fresh", num, mirror="none")
+        feats, pred = judge_images(net, imgs)
+        fa, fb = feats[0::2], feats[1::2]
+        mirrored = judge_images(net, imgs[:, :, ::-1])[1]
+        extra = {"accuracy_mirrored": float((mirrored == labels).mean())}
+    else:
+        a, labels = render_images(image_size, num, CHECK_SEED)
+        b, _ = render_images(image_size, num, CHECK_SEED + 1)
+        (fa, pred), (fb, _) = judge_images(net, a), judge_images(net, b)
+        extra = {}
+    return {"accuracy": float((pred == labels).mean()), **extra, "num_check": len(labels),
             "fd_real_real": metrics.frechet_distance(*metrics.feature_statistics(fa), *metrics.feature_statistics(fb))}
 
 
@@ -289,26 +344,30 @@ def judge_final_grid(cfg, images, labels, log, print_fn=print) -> None:
     log(grid_verdict(images, labels, cfg.sample_cfg, cfg.steps, print_fn))
 
 
-def feature_pipeline(image_size: int, path=None) -> str:
+def feature_pipeline(image_size: int, path=None, data_name: str = "builtin") -> str:
     """The feature-pipeline label of this judge file, as evaluate.py --features FILE --resize none gives its features:
     it names the file by content, so a rebuilt or another judge is a different pipeline."""
-    return metrics.pipeline_label(str(path or judge_path(image_size)), resize="none")
+    return metrics.pipeline_label(str(path or judge_path(image_size, data_name=data_name)), resize="none")
 
 
-def reference(image_size: int, num: int, seed: int = REF_SEED, path=None) -> dict:
+def reference(image_size: int, num: int | None, seed: int = REF_SEED, path=None, data_name: str = "builtin") -> dict:
     """Features of `num` fresh real images (half of them flipped): {"feats", "probs", "labels"}, evaluate.py's --ref,
-    with the judge's "pipeline" label and the "image_size"."""
-    flips = np.arange(num) // 10 % 2 == 1           # balanced over classes
-    imgs, labels = render_images(image_size, num, seed, flips)
-    net = load(path, image_size)
+    with the judge's "pipeline" label and the "image_size". Digits: `num` (None: all) of their fresh part, spread
+    over it, every other one mirrored; no seed."""
+    if data_name == "digits":
+        imgs, labels = digits_images(image_size, "fresh", num, mirror="half")
+    else:
+        flips = np.arange(num) // 10 % 2 == 1           # balanced over classes
+        imgs, labels = render_images(image_size, num, seed, flips)
+    net = load(path, image_size, data_name)
     feats, probs = [], []
     with torch.no_grad():
-        for i in range(0, num, 500):
+        for i in range(0, len(imgs), 500):
             f, logits = net(torch.from_numpy(np.ascontiguousarray(imgs[i:i + 500])).permute(0, 3, 1, 2).float())
             feats.append(f.numpy())
             probs.append(torch.softmax(logits.double(), 1).float().numpy())
     return {"feats": np.concatenate(feats), "probs": np.concatenate(probs), "labels": labels,
-            "pipeline": feature_pipeline(image_size, path), "image_size": image_size}
+            "pipeline": feature_pipeline(image_size, path, data_name), "image_size": image_size}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -321,36 +380,45 @@ def main(argv=None) -> int:
     for name in ("build", "path", "ref", "check"):
         s = sub.add_parser(name)
         s.error = p.error
-        s.add_argument("--image-size", type=int, default=16, help="image side (8, 16 or 32 for the built-in runs)")
-        s.add_argument("--judge", help="a judge file (default: the cached default for the image size)")
+        s.add_argument("--data", choices=("builtin", "digits"), default="builtin",
+                       help="the judge's data: the built-in shapes, or the digits (sources/digits.py)")
+        s.add_argument("--image-size", type=int, help="image side (8, 16 or 32 for the built-in runs; default 16, "
+                       "digits 8)")
+        s.add_argument("--judge", help="a judge file (default: the cached default for the data and image size)")
         if name == "build":
             s.add_argument("--out", help="where to write it (default: the cache path `judge.py path` prints)")
         if name == "ref":
-            s.add_argument("--num", type=int, default=5000, help="fresh real images")
-            s.add_argument("--seed", type=int, default=REF_SEED, help="their seed (never a training run's seed)")
+            s.add_argument("--num", type=int, help="fresh real images (default 5000; digits: all of their fresh part)")
+            s.add_argument("--seed", type=int, default=REF_SEED, help="their seed, built-in data only (never a "
+                           "training run's seed)")
             s.add_argument("--out", default="ref.npz", help="features .npz (feats, probs, labels, labelled with the "
                            "judge's pipeline and the image size) for evaluate.py --ref")
         if name == "check":
-            s.add_argument("--num", type=int, default=2000, help="held-out images")
+            s.add_argument("--num", type=int, help="held-out images (default 2000; digits: all of their fresh part)")
     args = p.parse_args(argv)
+    digits_data = args.data == "digits"
+    size = args.image_size or (digits.NATIVE_SIZE if digits_data else 16)
     try:
-        if args.image_size < 8:
-            raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
+        if size < 8:
+            raise ValueError(f"--image-size must be >= 8, got {size}")
         if args.judge and not os.path.isfile(args.judge):
             raise FileNotFoundError(f"judge not found: {args.judge}")
         if args.command == "build":
-            build(JudgeConfig(image_size=args.image_size), args.out)
+            build(JudgeConfig(image_size=size, data=args.data), args.out)
         elif args.command == "path":
-            print(args.judge or judge_path(args.image_size))
+            print(args.judge or judge_path(size, data_name=args.data))
         elif args.command == "check":
-            print(json.dumps(self_check(load(args.judge, args.image_size), args.image_size, args.num)))
+            num = args.num if args.num is not None else (None if digits_data else 2000)
+            print(json.dumps(self_check(load(args.judge, size, args.data), size, num, args.data)))
         else:
-            if args.num < 10:
-                raise ValueError(f"--num must be >= 10, got {args.num}")
+            num = args.num if args.num is not None else (None if digits_data else 5000)
+            if num is not None and num < 10:
+                raise ValueError(f"--num must be >= 10, got {num}")
             new_file(args.out)
-            ref = reference(args.image_size, args.num, args.seed, args.judge)
+            ref = reference(size, num, args.seed, args.judge, args.data)
+            meta = {"part": "fresh"} if digits_data else {"seed": args.seed}
             metrics.write_reference(args.out, ref["feats"], ref["probs"], ref["pipeline"], ref["image_size"],
-                                    labels=ref["labels"], data="builtin", seed=args.seed, num_images=args.num)
+                                    labels=ref["labels"], data=args.data, num_images=len(ref["labels"]), **meta)
             print(f"wrote {args.out}", file=sys.stderr)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"python -m scoring.judge: error: {e}", file=sys.stderr)

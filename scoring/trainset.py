@@ -10,7 +10,8 @@ seed, --builtin-length, --items-per-class), both flips when it trained with flip
 item: item_ids), and stored as pixels (small images only) and as features of the extractor. Fresh real images of the
 same source are matched to the same items once, here: their nearest-item distances are the chance level a model that
 draws fresh images would score. Fresh images: built-in data, seed 1 000 037 (no training run's); a torchvision set,
-its test split; a folder trained with --items-per-class, the items not chosen; any other folder has none.
+its test split; the digits, their fresh part (sources/digits.py: never in the training pool); a folder trained with
+--items-per-class, the items not chosen; any other folder has none.
 """
 import argparse
 import json
@@ -56,7 +57,7 @@ def fresh_images(cfg: dict, num: int) -> np.ndarray | None:
     source = cfg.get("data", "builtin")
     if source == "builtin":
         ds = data.BuiltinShapes(size, num, FRESH_SEED)
-    elif source in data.TORCHVISION_SETS:
+    elif source in data.TORCHVISION_SETS or source == "digits":
         ds = data.build_dataset(source, size, root=cfg.get("data_root", "data"), train=False)
     elif cfg.get("items_per_class", 0) > 0:
         full = data.build_dataset(source, size, captions=cfg.get("cond", "class") == "text",

@@ -8,6 +8,7 @@ follows the item protocol of data.py's docstring and imports nothing from nanoCE
     captions.py           captioned images (img2dataset folders, path<TAB>caption tables) and the token view (--cond text)
     shards.py             WebDataset .tar shards (img2dataset output): indexed once, then read at random by member offset
     torchvision_sets.py   MNIST, Fashion-MNIST, KMNIST, CIFAR-10/100 through torchvision.datasets (--data mnist, ...)
+    digits.py             scikit-learn's bundled 8x8 handwritten digits (--data digits): pool / judge / fresh parts
     control.py            ControlNet's control maps: Canny edges of each item, or same-stem maps made elsewhere
     download.py           downloads checked by sha256, atomic: how weights/ and scoring/ fetch released files
     tokenizer.py          the caption tokenizer (tiktoken: offline bytes, GPT-2 BPE, or a local .tiktoken file)
