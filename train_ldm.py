@@ -25,6 +25,7 @@ from models.encoders import encoder_from_config
 from scoring import judge
 from sources.tokenizer import get_tokenizer
 from trackers import tracking
+from runio import resumed_config
 from trainer import exit_codes, load_data, train
 from weights import latents, pretrained, vae
 
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
     """Flags -> data (corrupted as asked) -> U-Net + diffusion -> train. Bad input: one line, exit 2."""
     cfg = parse_config(LDMConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip())
     cfg, init = pretrained.init_from(cfg, "ldm", argv, (FINE_TUNE, PRESETS[FINE_TUNE]), PRESETS)   # --init-from SOURCE
+    cfg = resumed_config(cfg, argv, PRESETS)             # a checkpoint older than a recipe flag: as trained
     cfg = resolve(cfg)
     d = setup_distributed(cfg.device)
     sinks = tracking.sinks_for_run(cfg, d.main)          # --log: W&B / TensorBoard get every log record (rank 0)
