@@ -311,7 +311,7 @@ print(kept, sorted(faults[3:])[2])              # the median step once warm
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_step_memory_is_kept_not_page_faulted_back_every_step():
-    """setup_distributed keeps the memory a training step frees (plumbing.common.keep_freed_memory): with glibc's
+    """CPU training keeps the memory a training step frees (plumbing.common.keep_freed_memory): with glibc's
     default the CPU default's step (batch 8 here) page-faults its freed activations back in, 2200-3500 times a step
     once warm (measured; 8000-11500 at batch 32), and kept almost never (0-2, a few steps 256-450); the MALLOC_*_
     environment variables, when set, win."""
@@ -324,3 +324,34 @@ def test_freed_step_memory_is_kept_not_page_faulted_back_every_step():
     told = subprocess.run([sys.executable, "-c", "from plumbing.common import keep_freed_memory as k; print(k())"],
                           cwd=ROOT, env={**env(), "MALLOC_TRIM_THRESHOLD_": "131072"}, capture_output=True, text=True)
     assert told.stdout.split() == ["False"], told.stderr
+
+
+def test_only_cpu_training_changes_the_allocator(tmp_path, monkeypatch):
+    """keep_freed_memory is process-wide: setup_distributed (every script, GPU runs too) leaves the allocator alone,
+    and a CPU training run asks for it once, in trainer.train, where freed activations would fault back every step."""
+    import trainer
+    from plumbing import common
+    calls = []
+    monkeypatch.setattr(common, "keep_freed_memory", lambda: calls.append("setup_distributed") or True)
+    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append("train") or True, raising=False)
+    assert common.setup_distributed("cpu").world == 1 and calls == []
+    assert run_tiny(train_dit.main, tmp_path, "--steps", 1) == 0
+    assert calls == ["train"]
+
+
+def test_no_glibc_keeps_the_allocator_and_starts(monkeypatch):
+    """Where ctypes.CDLL(None) raises TypeError (Windows, CPython <= 3.13), keep_freed_memory returns False and set-up
+    goes on; without glibc (Windows, macOS, musl) the C library is not even opened."""
+    import ctypes
+    from plumbing import common
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(k, raising=False)
+
+    def cdll(name, *args, **kwargs):
+        raise TypeError("LoadLibrary() argument 1 must be str, not None")
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    assert common.keep_freed_memory() is False
+    assert common.setup_distributed("cpu").world == 1
+    monkeypatch.setattr(common.platform, "libc_ver", lambda *a, **k: ("", ""))
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: pytest.fail("opened the C library without glibc"))
+    assert common.keep_freed_memory() is False
