@@ -383,8 +383,8 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
     sinks: callables sink(record, images=None) that get every log record too (trackers/tracking.py's --log trackers).
 
     Returns {"status": "done" | "stopped", "step", "loss", "ema", "model"}."""
-    if d.device.type == "cpu":       # a CPU step frees its activations (1-4 MB blocks) and the next one faults them back
-        keep_freed_memory()          # in; a GPU step's live on the GPU, so the process-wide allocator stays as it was
+    if d.device.type == "cpu":      # a CPU step frees its 1-4 MB activations and the next faults them back in;
+        keep_freed_memory()         # a GPU step's live on the GPU: the process-wide allocator stays as it was there
     # --init-from's weights on a fresh run (a resumed one has its own), before the run folder is made (SOURCE may not
     # fit: a one-line error leaves no folder behind)
     note = init(model) if init is not None and data.resume is None else None

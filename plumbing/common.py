@@ -171,12 +171,12 @@ MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD = 32 << 20, 512 << 20     # bytes: 
 
 def keep_freed_memory() -> bool:
     """Keep the memory a CPU step frees for the next step, instead of returning it to the OS (glibc only; True if
-    set). A process-wide allocator setting, so only CPU training asks for it (trainer.train). With glibc's defaults the trimmed top of the heap and the mmapped blocks a CPU training step frees (its 1-4
-    MB activations) are page-faulted back in by the next step: 8000-11500 faults a step for the CPU default, 2.4-4.5
-    M in 400 steps, and 9 % of its wall time (median of 8 alternating pairs of 400-step runs, 4-13 %). Blocks under
-    32 MB now come from the heap, which keeps up to 512 MB free at its top (+30-50 MB peak memory for the CPU
-    default). The environment variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set the same; when set, they
-    win."""
+    set). A process-wide allocator setting, so only CPU training asks for it (trainer.train). With glibc's defaults
+    the trimmed top of the heap and the mmapped blocks a CPU training step frees (its 1-4 MB activations) are
+    page-faulted back in by the next step: 8000-11500 faults a step for the CPU default, 2.4-4.5 M in 400 steps, and
+    9 % of its wall time (median of 8 alternating pairs of 400-step runs, 4-13 %). Blocks under 32 MB now come from
+    the heap, which keeps up to 512 MB free at its top (+30-50 MB peak memory for the CPU default). The environment
+    variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set the same; when set, they win."""
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
     if platform.libc_ver()[0] != "glibc":                     # macOS, Windows, musl: other allocators, nothing to tune
