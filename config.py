@@ -188,16 +188,54 @@ def learning_rate(cfg, step: int) -> float:
     return cfg.lr * min(1.0, left / span)
 
 
-# Architecture fields a stored config may lack (a checkpoint written without them), with the value such checkpoints
-# were trained with (not the field's default): every stored config is read through stored_config.
-ADDED_ARCH_FIELDS = {"pixel_channels": 0, "token_conv": False, "mlp_ratio": 4.0}
-ADDED_RECIPE_FIELDS = {"t_focus": 0.0,                 # and recipe fields: those checkpoints drew t uniformly
-                       "optimizer": "adamw"}            # and trained with AdamW
+# The config fields of the first release (train_dit.py's and train_ldm.py's configs together): every checkpoint
+# stores them. Frozen: a field added later goes into ABSENT_MEANS instead (tests/test_config_fields.py holds both).
+FIRST_RELEASE_FIELDS = frozenset((
+    "batch_size", "builtin_length", "cep", "cep_gamma", "cep_null", "ckpt_every", "class_dropout", "compile", "cond",
+    "context_length", "corrupt", "corrupt_classes", "corrupt_mode", "corrupt_rewrites", "corrupt_type", "data",
+    "device", "ema_decay", "flip", "grad_clip", "image_size", "ip", "keep_every", "latents", "learn_sigma",
+    "log_every", "lr", "micro_batch_size", "mlp_norm_eps", "model", "num_classes", "num_workers", "out", "precision",
+    "resume", "sample_cfg", "sample_every", "sample_per_class", "sample_prompts", "sample_sampler", "sample_steps",
+    "schedule", "seed", "steps", "t_freq_shift", "text_depth", "text_heads", "text_pooled", "text_width", "tokenizer",
+    "vae", "vae_path", "weight_decay"))
+
+# Every field added since, with what a checkpoint written before it existed was trained with: the code's behaviour
+# before the field, not the field's default now (train_dit.py's CPU default is Min-SNR 5 and a 1000-step warmdown;
+# a checkpoint without those fields trained plain ε-MSE at a constant lr). Every stored config is read through
+# stored_config, so a resume, a fine-tune (--init-from) or evaluate.py sees such a checkpoint as it was trained.
+ABSENT_MEANS = {
+    # architecture: the official DiT's layout
+    "pixel_channels": 0, "token_conv": False, "mlp_ratio": 4.0,
+    # the loss, the timesteps, the optimiser and its schedule
+    "min_snr": 0.0, "t_focus": 0.0, "t_focus_min_log_snr": -2.0, "t_focus_max_log_snr": 3.5,
+    "optimizer": "adamw", "lr_warmdown": 0,
+    # the data and the paper's ablations: every item, the sorted class folders, CEP's fresh δ on every item
+    "data_root": "data", "items_per_class": 0, "class_index": "", "cond_dropout": 0.0, "label_smoothing": 0.0,
+    "cep_subset": 1.0, "cep_fixed_delta": False,
+    # no ControlNet
+    "control": "none", "control_blocks": 0, "control_maps": "", "canny_low": 100.0, "canny_high": 200.0,
+    # the run only: no fine-tuning source, no override, no tracker, no CADS on the grids
+    "init_from": "", "resume_override": "", "log": "", "log_group": "", "log_name": "", "sample_cads": "",
+}
+ADDED_ARCH_FIELDS = {k: ABSENT_MEANS[k] for k in ("pixel_channels", "token_conv", "mlp_ratio")}   # the DiT's layout
+
+# The fields of the optimisation recipe a fine-tuning run takes from its source (weights/pretrained.py).
+OPTIMISER_FIELDS = ("optimizer", "lr", "lr_warmdown", "weight_decay", "grad_clip", "ema_decay", "batch_size",
+                    "min_snr", "t_focus", "t_focus_min_log_snr", "t_focus_max_log_snr")
 
 
 def stored_config(saved: dict) -> dict:
-    """A checkpoint's stored config, the architecture and recipe fields it predates filled in as it was trained."""
-    return {**ADDED_ARCH_FIELDS, **ADDED_RECIPE_FIELDS, **saved}
+    """A checkpoint's stored config, every field it predates filled in as it was trained (ABSENT_MEANS)."""
+    return {**ABSENT_MEANS, **saved}
+
+
+def predated_recipe(cfg, saved: dict, explicit: set) -> dict:
+    """{field: value} a resumed run takes from a checkpoint whose stored config `saved` predates the field: the
+    experiment and optimiser fields it lacks and the command line does not give keep the value it was trained with
+    (the command that started it could not name them). Architecture fields are checked instead (runio)."""
+    names = {f.name for f in dataclasses.fields(cfg) if not f.metadata.get("arch")}
+    recipe = (set(experiment_fields(cfg)) | set(OPTIMISER_FIELDS)) & names
+    return {k: ABSENT_MEANS[k] for k in sorted(recipe - set(saved) - set(explicit)) if k in ABSENT_MEANS}
 
 
 def arch_fields(cfg) -> list[str]:

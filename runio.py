@@ -24,7 +24,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from plumbing.common import Dist, RunError, all_mean, atomic_save
-from config import ADDED_ARCH_FIELDS, arch_fields, experiment_fields, field_flags, learning_rate, stored_config
+from config import (ADDED_ARCH_FIELDS, arch_fields, experiment_fields, explicit_fields, field_flags, learning_rate,
+                    predated_recipe, preset_fields, stored_config)
 
 CHECKPOINT_VERSION = 1
 
@@ -72,7 +73,7 @@ def focus_note(cfg) -> str:
 def check_experiment(cfg, saved: dict, path: str) -> list:
     """Refuse to resume `path` (whose config is `saved`) with a changed experiment field not named by --resume-override;
     return the overridden changes [{"field", "checkpoint", "now"}] so the run can log them."""
-    fields, defaults = experiment_fields(cfg), {f.name: f.default for f in dataclasses.fields(cfg)}
+    fields = experiment_fields(cfg)
     allowed = {n.strip().replace("-", "_") for n in cfg.resume_override.split(",") if n.strip()}
     unknown = sorted(allowed - set(fields))
     if unknown:
@@ -80,7 +81,7 @@ def check_experiment(cfg, saved: dict, path: str) -> list:
                        f"(one of {', '.join(fields)})")
     changes = []
     for name in fields:
-        theirs, ours = saved.get(name, defaults[name]), getattr(cfg, name)   # older checkpoints: the default
+        theirs, ours = saved.get(name), getattr(cfg, name)   # saved went through stored_config: every field is there
         if theirs == ours:
             continue
         flag = "--" + name.replace("_", "-")
@@ -92,6 +93,18 @@ def check_experiment(cfg, saved: dict, path: str) -> list:
                            f"carry over; start a new run from its weights with --init-from {path} {flag} {ours}")
         changes.append({"field": name, "checkpoint": theirs, "now": ours})
     return changes
+
+
+def resumed_config(cfg, argv=None, presets: dict | None = None):
+    """cfg for a resume of a checkpoint written before some recipe fields existed: those the command line (flags and
+    --preset) does not give take the value it was trained with (config.predated_recipe), so the command that started
+    the run, plus --resume auto, continues it as it was trained. cfg itself when not resuming."""
+    path = find_resume(cfg.resume, cfg.out)
+    if path is None:
+        return cfg
+    saved = load_checkpoint(path, mmap=True)["config"]
+    given = explicit_fields(argv) | preset_fields(argv, presets)
+    return dataclasses.replace(cfg, **predated_recipe(cfg, saved, given))
 
 
 def find_resume(resume: str, out: str) -> str | None:

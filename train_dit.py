@@ -24,6 +24,7 @@ from models.encoders import encoder_from_config
 from scoring import judge
 from sources.tokenizer import get_tokenizer
 from trackers import tracking
+from runio import resumed_config
 from trainer import exit_codes, load_data, train
 from weights import latents, pretrained, vae
 
@@ -149,6 +150,7 @@ def configure(argv=None):
     decided; init(model) loads SOURCE's weights (None without --init-from)."""
     cfg = parse_config(DiTConfig, argv, PRESETS, description=__doc__.split("\n\n")[0].strip(), printable=True)
     cfg, init = pretrained.init_from(cfg, "dit", argv, (FINE_TUNE, PRESETS[FINE_TUNE]), PRESETS)   # --init-from SOURCE
+    cfg = resumed_config(cfg, argv, PRESETS)             # a checkpoint older than a recipe flag: as trained
     return resolve(cfg), init
 
 

@@ -43,7 +43,7 @@ import conditions
 import data as datalib
 import diffusion as D
 from cep import unit_noise
-from plumbing.common import Dist, RunError, derive_seed, leave_process_group, one_line
+from plumbing.common import Dist, RunError, derive_seed, keep_freed_memory, leave_process_group, one_line
 from plumbing.muon import MuonAdamW
 from config import grid_cads, learning_rate
 from runio import Diverged, Resume, RunIO, StopFlag, check_run_folder
@@ -383,6 +383,8 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
     sinks: callables sink(record, images=None) that get every log record too (trackers/tracking.py's --log trackers).
 
     Returns {"status": "done" | "stopped", "step", "loss", "ema", "model"}."""
+    if d.device.type == "cpu":      # a CPU step frees its 1-4 MB activations and the next faults them back in;
+        keep_freed_memory()         # a GPU step's live on the GPU: the process-wide allocator stays as it was there
     # --init-from's weights on a fresh run (a resumed one has its own), before the run folder is made (SOURCE may not
     # fit: a one-line error leaves no folder behind)
     note = init(model) if init is not None and data.resume is None else None

@@ -97,7 +97,13 @@ class Mlp(nn.Module):
             B, T, C = h.shape
             g = math.isqrt(T)
             grid = h.transpose(1, 2).reshape(B, C, g, g)            # (B, hidden, g, g): tokens are row-major
-            h = h + self.token_conv(grid).flatten(2).transpose(1, 2)
+            # grid is a channels-last view, and so is the gradient the conv gives its (hidden, 1, 3, 3) weight:
+            # strides (9, 1, 3, 1) against the parameter's (9, 9, 3, 1), the same bytes (the middle dim has size 1),
+            # yet DDP, whose gradient buckets follow the parameter's strides, warns on every rank that they differ.
+            # Through squeeze/unsqueeze of that dim, autograd hands back the gradient with the parameter's strides,
+            # whichever layout the conv kernel chose; the forward is unchanged (views, no copy).
+            weight = self.token_conv.weight.squeeze(1).unsqueeze(1)
+            h = h + F.conv2d(grid, weight, self.token_conv.bias, padding=1, groups=C).flatten(2).transpose(1, 2)
         return self.fc2(F.gelu(h, approximate="tanh"))
 
 

@@ -1,7 +1,7 @@
 """
 The plumbing every nanoCEP script shares, written once: one-line CLI errors, atomic file writes, the seed of every
-random stream of a run (derive_seed), and joining torchrun's process group, which also keeps the memory a step frees
-(keep_freed_memory: with glibc's defaults a CPU run page-faults it back in every step). Downloads checked by sha256
+random stream of a run (derive_seed), joining torchrun's process group, and keep_freed_memory (a CPU training run
+keeps the memory a step frees: with glibc's defaults it page-faults it back in every step). Downloads checked by sha256
 live with the instruments that fetch released files, in sources/download.py. (corrupt.py keeps tiny copies of the
 first two on purpose, and cads.py its own seed mix: they are standalone files meant to be copied into other projects.)
 
@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import datetime
 import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -118,10 +119,9 @@ class Dist:
 
 def setup_distributed(device: str = "auto", timeout: float | None = None) -> Dist:
     """Join the process group torchrun created (gloo on CPU, nccl on GPU); the device comes from LOCAL_RANK. Every
-    script that computes (training, evaluation, latent caching) starts here, so this also keeps freed memory.
+    script that computes (training, evaluation, latent caching) starts here.
 
     timeout (seconds) bounds how long a rank waits at a collective (torch's default: 10 minutes)."""
-    keep_freed_memory()
     import torch
     import torch.distributed as dist
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
@@ -171,17 +171,19 @@ MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD = 32 << 20, 512 << 20     # bytes: 
 
 def keep_freed_memory() -> bool:
     """Keep the memory a CPU step frees for the next step, instead of returning it to the OS (glibc only; True if
-    set). With glibc's defaults the trimmed top of the heap and the mmapped blocks a CPU training step frees (its 1-4
-    MB activations) are page-faulted back in by the next step: 8000-11500 faults a step for the CPU default, 2.4-4.5
-    M in 400 steps, and 9 % of its wall time (median of 8 alternating pairs of 400-step runs, 4-13 %). Blocks under
-    32 MB now come from the heap, which keeps up to 512 MB free at its top (+30-50 MB peak memory for the CPU
-    default). The environment variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set the same; when set, they
-    win."""
+    set). A process-wide allocator setting, so only CPU training asks for it (trainer.train). With glibc's defaults
+    the trimmed top of the heap and the mmapped blocks a CPU training step frees (its 1-4 MB activations) are
+    page-faulted back in by the next step: 8000-11500 faults a step for the CPU default, 2.4-4.5 M in 400 steps, and
+    9 % of its wall time (median of 8 alternating pairs of 400-step runs, 4-13 %). Blocks under 32 MB now come from
+    the heap, which keeps up to 512 MB free at its top (+30-50 MB peak memory for the CPU default). The environment
+    variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set the same; when set, they win."""
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    if platform.libc_ver()[0] != "glibc":                     # macOS, Windows, musl: other allocators, nothing to tune
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt                  # the C library this process runs on
-    except (OSError, AttributeError):                        # not glibc (macOS, Windows): nothing to tune
+    except (OSError, TypeError, AttributeError):             # CDLL(None) is a TypeError on Windows' CPython <= 3.13
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3             # glibc's malloc.h parameter numbers
     return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold,

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,6 +108,20 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         for k, v in one["model"].items():
             assert torch.allclose(v, o["model"][k], atol=1e-4, rtol=1e-5), (other, k)
     assert len(ckpt(tmp_path / "ddp")["rng"]) == 2           # every rank's RNG state is saved
+
+
+def test_ddp_run_of_the_headline_command_prints_no_warning(tmp_path):
+    """README's first command (--corrupt 0.05 --cep uniform, the default DiT-T with its Mix-FFN depthwise conv) on 2
+    gloo processes writes nothing to stderr but rank 0's progress bar: no "Grad strides do not match bucket view
+    strides" from DDP on every rank (the conv's weight gradient came channels-last), nor any other warning."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_dit.py"), *TINY, "--steps", "2", "--corrupt", "0.05", "--cep", "uniform",
+           "--out", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    bar = re.compile(r"dit: +\d+%\|")                      # tqdm's bar (stderr, rank 0), redrawn after each \r
+    lines = [ln for ln in re.split(r"[\r\n]", p.stderr) if ln.strip() and not bar.match(ln)]
+    assert lines == [], "\n".join(lines)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])         # a scheduler's stop, and Ctrl-C
@@ -314,7 +329,7 @@ print(kept, sorted(faults[3:])[2])              # the median step once warm
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_step_memory_is_kept_not_page_faulted_back_every_step():
-    """setup_distributed keeps the memory a training step frees (plumbing.common.keep_freed_memory): with glibc's
+    """CPU training keeps the memory a training step frees (plumbing.common.keep_freed_memory): with glibc's
     default the CPU default's step (batch 8 here) page-faults its freed activations back in, 2200-3500 times a step
     once warm (measured; 8000-11500 at batch 32), and kept almost never (0-2, a few steps 256-450); the MALLOC_*_
     environment variables, when set, win."""
@@ -327,3 +342,34 @@ def test_freed_step_memory_is_kept_not_page_faulted_back_every_step():
     told = subprocess.run([sys.executable, "-c", "from plumbing.common import keep_freed_memory as k; print(k())"],
                           cwd=ROOT, env={**env(), "MALLOC_TRIM_THRESHOLD_": "131072"}, capture_output=True, text=True)
     assert told.stdout.split() == ["False"], told.stderr
+
+
+def test_only_cpu_training_changes_the_allocator(tmp_path, monkeypatch):
+    """keep_freed_memory is process-wide: setup_distributed (every script, GPU runs too) leaves the allocator alone,
+    and a CPU training run asks for it once, in trainer.train, where freed activations would fault back every step."""
+    import trainer
+    from plumbing import common
+    calls = []
+    monkeypatch.setattr(common, "keep_freed_memory", lambda: calls.append("setup_distributed") or True)
+    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append("train") or True, raising=False)
+    assert common.setup_distributed("cpu").world == 1 and calls == []
+    assert run_tiny(train_dit.main, tmp_path, "--steps", 1) == 0
+    assert calls == ["train"]
+
+
+def test_no_glibc_keeps_the_allocator_and_starts(monkeypatch):
+    """Where ctypes.CDLL(None) raises TypeError (Windows, CPython <= 3.13), keep_freed_memory returns False and set-up
+    goes on; without glibc (Windows, macOS, musl) the C library is not even opened."""
+    import ctypes
+    from plumbing import common
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(k, raising=False)
+
+    def cdll(name, *args, **kwargs):
+        raise TypeError("LoadLibrary() argument 1 must be str, not None")
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    assert common.keep_freed_memory() is False
+    assert common.setup_distributed("cpu").world == 1
+    monkeypatch.setattr(common.platform, "libc_ver", lambda *a, **k: ("", ""))
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: pytest.fail("opened the C library without glibc"))
+    assert common.keep_freed_memory() is False

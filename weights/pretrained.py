@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from config import OPTIMISER_FIELDS                   # the recipe a fine-tuning run takes from SOURCE
 from plumbing import common
 from sources.download import download as checked_download
 from weights import vae as vae_lib
@@ -575,8 +576,6 @@ def load_pretrained(source, *, root=None, sha256=None, with_vae=True, vae_path=N
 
 SCRIPTS = {"dit": "train_dit", "ldm": "train_ldm"}                 # kind -> the script that fine-tunes it (messages)
 CLASS_TABLES = ("y_embedder.embedding_table.weight", "cond_stage_model.embedding_table.weight")   # DiT, LDM
-OPTIMISER_FIELDS = ("optimizer", "lr", "lr_warmdown", "weight_decay", "grad_clip", "ema_decay", "batch_size",  # recipe
-                    "min_snr", "t_focus", "t_focus_min_log_snr", "t_focus_max_log_snr")
 
 
 def init_weights(source, cfg, kind, explicit=(), recipe=None, chosen=()):
@@ -640,7 +639,7 @@ def _optimiser_recipe(ckpt, recipe) -> tuple[str, dict]:
     """(where it comes from, {field: value}) of the optimiser a fine-tuning run takes: a nanoCEP checkpoint's own
     stored fields (it was trained with them), else the release's preset (recipe = (name, preset)), else nothing."""
     if ckpt is not None:
-        from config import stored_config                 # an older checkpoint's recipe fields as it was trained
+        from config import stored_config                 # a field it predates: the value it was trained with
         stored = stored_config(ckpt["config"])
         return "the checkpoint's own", {k: stored[k] for k in OPTIMISER_FIELDS if k in stored}
     if recipe is not None:
