@@ -1,6 +1,6 @@
 """
 Experiment trackers for --log wandb|tensorboard: sinks that receive every record runio.py writes to log.jsonl (loss,
-lr, img/s, sample grids as images, the judge's verdict, events) and evaluate.py's result rows. Both packages are
+grad_norm, lr, img/s, sample grids as images, the judge's verdict, events) and evaluate.py's result rows. Both packages are
 optional imports; a missing one is one line (exit 2). The core never imports this file: the train scripts' mains hand
 the sinks to trainer.train (runio.RunIO(sinks=...)), on rank 0 only.
 
@@ -10,12 +10,15 @@ the sinks to trainer.train (runio.RunIO(sinks=...)), on rank 0 only.
     python sweep.py --preset smoke --out /tmp/smoke --log tensorboard    # runs grouped by sweep name and cell
 
 A sink is a callable sink(record, images=None) with open(config, start_step) and close(); images is the (N, C, H, W)
-grid in [-1, 1] of a "samples" record. A training run opens its sinks once, before its first step (runio.RunIO.start:
-a tracker that cannot start stops every rank there, in one line); evaluate.py's open at their first record.
-A resumed run continues its tracked run: W&B's run id is kept in OUT/wandb-run-id and the resumed run re-opens that id
-(resume="allow"); TensorBoard's writer purges what the stopped run logged after the checkpoint it resumes from. W&B runs offline unless WANDB_MODE or WANDB_API_KEY says otherwise (nothing leaves the machine by
-default); project $WANDB_PROJECT or "nanocep", group --log-group (sweep.py: the sweep's name), name --log-name
-(sweep.py: cell/seedS; default: the --out folder's name). TensorBoard writes OUT/tensorboard/, so pointing it at a
+grid in [-1, 1] of a "samples" record. A training run opens its sinks once, before its first step (runio.RunIO
+open_trackers: a tracker that cannot start stops every rank there, in one line, exit 2; one that fails later is
+dropped with a warning); evaluate.py's open at their first record. A resumed run continues its tracked run: W&B's run
+id is kept in OUT/wandb-run-id and the resumed run re-opens that id (resume="allow"); TensorBoard's writer purges what
+the stopped run logged after the checkpoint it resumes from (purge_step).
+
+W&B runs offline unless WANDB_MODE or WANDB_API_KEY says otherwise (nothing leaves the machine by default); project
+$WANDB_PROJECT or "nanocep", group --log-group (sweep.py: the sweep's name), name --log-name (sweep.py: cell/seedS;
+default: the --out folder's name). TensorBoard writes OUT/tensorboard/, so pointing it at a
 sweep folder shows its runs by cell and seed.
 """
 import json
