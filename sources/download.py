@@ -69,7 +69,7 @@ HUB_URL = re.compile(r"https://huggingface\.co/([\w.-]+/[\w.-]+)/resolve/([^/]+)
 
 
 def hub_location(url: str) -> tuple[str, str, str] | None:
-    """(repo_id, revision, filename) of a https://huggingface.co/REPO/resolve/REVISION/FILE URL; None for other URLs."""
+    """(repo_id, revision, filename) of a https://huggingface.co/REPO/resolve/REVISION/FILE URL, else None."""
     m = HUB_URL.fullmatch(url)
     return (m[1], m[2], m[3]) if m else None
 
