@@ -138,7 +138,8 @@ def test_the_export_stamps_the_installed_diffusers_and_says_what_its_padding_row
         return real(name)
     monkeypatch.setattr(importlib.metadata, "version", without_diffusers)
     assert export.main([str(tmp_path / "last.pt"), "--out", str(tmp_path / "bare")]) == 0
-    assert json.loads((tmp_path / "bare" / "transformer" / "config.json").read_text())["_diffusers_version"] == "0.30.0"
+    bare = json.loads((tmp_path / "bare" / "transformer" / "config.json").read_text())
+    assert bare["_diffusers_version"] == "0.30.0"
     assert "diffusers 0.30.0 (diffusers is not installed: the oldest release" in capsys.readouterr().out
 
 

@@ -1,8 +1,8 @@
 """
 Experiment trackers for --log wandb|tensorboard: sinks that receive every record runio.py writes to log.jsonl (loss,
 grad_norm, lr, img/s, sample grids as images, the judge's verdict, events) and evaluate.py's result rows. Both
-packages are optional imports; a missing one is one line (exit 2). The core never imports this file: the train scripts' mains hand
-the sinks to trainer.train (runio.RunIO(sinks=...)), on rank 0 only.
+packages are optional imports; a missing one is one line (exit 2). The core never imports this file: the train
+scripts' mains hand the sinks to trainer.train (runio.RunIO(sinks=...)), on rank 0 only.
 
     python train_dit.py --log tensorboard            # event files in runs/dit/tensorboard/: tensorboard --logdir runs
     python train_dit.py --log wandb                  # a W&B offline run in runs/dit/wandb/ (then: wandb sync ...)
