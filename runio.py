@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from plumbing.common import Dist, RunError, all_mean, atomic_save
+from plumbing.common import Dist, RunError, all_mean, atomic_save, one_line
 from config import (ADDED_ARCH_FIELDS, arch_fields, experiment_fields, explicit_fields, field_flags, learning_rate,
                     predated_recipe, preset_fields, stored_config)
 
@@ -32,6 +32,15 @@ CHECKPOINT_VERSION = 1
 
 class Diverged(Exception):
     """The loss became non-finite: the run stops (exit 1) and leaves the last good checkpoint untouched."""
+
+
+class TrackerFailed(RunError):
+    """A --log tracker could not start: raised on every rank at once (RunIO.open_trackers), so all leave together;
+    main says whether this rank prints the one line."""
+
+    def __init__(self, message: str, main: bool):
+        super().__init__(message)
+        self.main = main
 
 
 @dataclasses.dataclass
@@ -168,13 +177,44 @@ class RunIO:
             raise RunError(f"{self.resume_path} is a {ckpt.get('kind')!r} checkpoint, not {self.kind!r}")
         return ckpt
 
+    def open_trackers(self, start_step: int) -> None:
+        """Start the --log trackers once, before training, and agree on the outcome: rank 0 starts them (the sinks
+        live there), then broadcasts the first failure, and a tracker that cannot start (W&B with an API key on an
+        offline node, an unwritable folder) stops every rank here with one line (TrackerFailed, exit 2), before a
+        step is spent. The run was asked to be tracked, so it is not run untracked; WANDB_MODE=offline, or no --log,
+        runs it. Without the agreement rank 0 would die alone and the others wait at their next collective."""
+        failure, opened = None, []
+        for sink in self.sinks:                                    # rank 0's; empty elsewhere
+            try:
+                sink.open(dataclasses.asdict(self.cfg), start_step)
+                opened.append(sink)
+            except Exception as e:                                 # the tracker's own errors: any type
+                failure = f"--log {sink.name} could not start: {one_line(e)}"
+                break
+        if self.d.world > 1:
+            box = [failure]
+            dist.broadcast_object_list(box, src=0)
+            failure = box[0]
+        if failure is not None:
+            for sink in opened:
+                sink.close()
+            self.sinks = []
+            raise TrackerFailed(failure, self.d.main)
+
     def log(self, record: dict, images: torch.Tensor | None = None) -> None:
-        """One log.jsonl line (rank 0), also handed to every sink, with the grid (N, C, H, W) of a samples record."""
+        """One log.jsonl line (rank 0), also handed to every sink, with the grid (N, C, H, W) of a samples record.
+        A tracker that fails mid-run is dropped with a warning: log.jsonl keeps every record, and stopping would need
+        the other ranks, which never wait on rank 0's trackers."""
         if self.d.main:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-            for sink in self.sinks:
-                sink(record, images)
+            for sink in list(self.sinks):
+                try:
+                    sink(record, images)
+                except Exception as e:
+                    self.sinks.remove(sink)
+                    tqdm.write(f"warning: --log {sink.name} failed at step {record.get('step')} ({one_line(e)}); "
+                               f"the run goes on without it (log.jsonl has every record)")
 
     def start(self, model: nn.Module, num_items: int, start_step: int, init_note: str | None = None) -> None:
         """config.json, the start line and event (and the --init-from / --resume-override notes), the progress bar."""
@@ -182,6 +222,7 @@ class RunIO:
         cuda = d.device.type == "cuda"
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
         compiled = cfg.compile if cfg.compile is not None else cuda
+        self.open_trackers(start_step)                             # a tracker that cannot start stops every rank
         if d.main:
             self.file = open(os.path.join(cfg.out, "log.jsonl"), "a")
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -218,17 +259,19 @@ class RunIO:
                            f"({os.path.join(self.cfg.out, 'last.pt')}) is left untouched")
         return mean
 
-    def log_step(self, done: int, mean: float, n: int) -> None:
+    def log_step(self, done: int, mean: float, n: int, grad_norm: float) -> None:
+        """The periodic record of the n steps up to `done`: mean loss, learning rate, speed and grad_norm, the mean
+        total gradient norm before clipping (the same on every rank)."""
         cuda = self.d.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
         dt = time.time() - self.t_log
-        rec = {"step": done, "loss": mean, "lr": learning_rate(self.cfg, done - 1), "step_time": dt / n,
-               "img_per_s": n * self.cfg.batch_size / dt}
+        rec = {"step": done, "loss": mean, "grad_norm": grad_norm, "lr": learning_rate(self.cfg, done - 1),
+               "step_time": dt / n, "img_per_s": n * self.cfg.batch_size / dt}
         if cuda:
             rec["max_mem_gb"] = torch.cuda.max_memory_allocated(self.d.device) / 2 ** 30
         self.log(rec)
-        self.bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+        self.bar.set_postfix(loss=f"{mean:.4f}", grad_norm=f"{grad_norm:.3g}", img_s=f"{rec['img_per_s']:.0f}")
         self.last_loss, self.t_log = mean, time.time()
 
     def grid(self, step: int, sample: Callable, ema: nn.Module) -> None:

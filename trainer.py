@@ -46,7 +46,7 @@ from cep import unit_noise
 from plumbing.common import Dist, RunError, derive_seed, keep_freed_memory, leave_process_group, one_line
 from plumbing.muon import MuonAdamW
 from config import grid_cads, learning_rate
-from runio import Diverged, Resume, RunIO, StopFlag, check_run_folder
+from runio import Diverged, Resume, RunIO, StopFlag, TrackerFailed, check_run_folder
 from sources.captions import TokenizedCaptions, encode_prompts, grid_prompts
 from sources.control import ControlMaps, grid_controls
 from sources.tokenizer import get_tokenizer
@@ -57,12 +57,17 @@ def exit_codes(script: str):
     A run that ends well (or diverges: every rank sees it at the same all-reduce) leaves torchrun's process group
     first (plumbing.common.leave_process_group: a barrier, then destroy): without that, gloo's worker threads can
     still hold tensors when the interpreter shuts down and abort the process (SIGABRT after the last step; a known
-    PyTorch behaviour). Not after a bad input or another error: another rank may still be inside a collective."""
+    PyTorch behaviour). Not after a bad input or another error: another rank may still be inside a collective. A
+    --log tracker that cannot start (runio.TrackerFailed) stops every rank at once: rank 0 prints the line, exit 2."""
     def wrap(main):
         @functools.wraps(main)
         def run(argv=None) -> int:
             try:
                 code = main(argv)
+            except TrackerFailed as e:                  # every rank raised it at the same broadcast: leave together
+                if e.main:
+                    print(f"{script}: error: {e}", file=sys.stderr)
+                code = 2
             except (RunError, ValueError, FileNotFoundError, ConnectionError) as e:
                 print(f"{script}: error: {one_line(e)}", file=sys.stderr)
                 return 2
@@ -161,6 +166,7 @@ class TrainState:
     cep_subset: torch.Tensor | None = None   # --cep-subset: (N,) bool, the items CEP perturbs
     cep_shape: tuple | None = None       # one sample's condition embedding shape, when the step pre-draws CEP noise
     focus: tuple = (0.0, 0, 0)           # --t-focus: (fraction of the batch, band start, band stop) for step_draws
+    grad_norm: torch.Tensor | None = None    # 0-d: the last step's total gradient norm before clipping (update)
 
     @property
     def rows(self) -> slice:
@@ -359,9 +365,14 @@ def backward(s: TrainState, x: torch.Tensor, y: torch.Tensor, extra: dict, draws
 
 def update(s: TrainState, step: int) -> None:
     """Clip the gradient norm (--grad-clip), take the optimizer's step at the step's learning rate, and move the EMA
-    towards the new weights."""
+    towards the new weights. s.grad_norm: the total norm before clipping, a device tensor (no host sync), the same on
+    every rank (DDP's gradients are already averaged); clipping computes it anyway, without clipping it is one fused
+    norm over the gradients."""
+    params = s.ema_pairs[1]
     if s.cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(s.ema_pairs[1], s.cfg.grad_clip)
+        s.grad_norm = torch.nn.utils.clip_grad_norm_(params, s.cfg.grad_clip)
+    else:
+        s.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     for group in s.opt.param_groups:
         group["lr"] = learning_rate(s.cfg, step)
     s.opt.step()
@@ -400,11 +411,13 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
     grid_fn = grid_sampler(cfg, diffusion, data) if cfg.sample_every else None
     io.start(model, len(data.dataset), start, note)
     loss_sum, n, status, step = torch.zeros((), device=d.device), 0, "done", start
+    norm_sum = torch.zeros((), device=d.device)                   # gradient norms since the last record
     model.train()
     with StopFlag() as stop, io:
         for step in range(start, cfg.steps):
             x, y, *control = next(batches)                          # (x, y) or, for a ControlNet, (x, y, control)
             loss_sum += train_step(s, x, y, step, *control)
+            norm_sum += s.grad_norm
             n, done = n + 1, step + 1
             io.bar.update(1)
             log_now = done % cfg.log_every == 0 or done == cfg.steps
@@ -412,8 +425,9 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
             if log_now or ckpt_now or (d.world == 1 and stop.raised):
                 mean = io.mean_loss(loss_sum, n, done)             # all-reduced; Diverged if not finite
                 if log_now:
-                    io.log_step(done, mean, n)
+                    io.log_step(done, mean, n, (norm_sum / n).item())
                     loss_sum.zero_()
+                    norm_sum.zero_()
                     n = 0
             if grid_fn is not None and (done % cfg.sample_every == 0 or done == cfg.steps):
                 io.grid(done, grid_fn, s.ema)

@@ -1,10 +1,11 @@
 """Helpers the test files share: tiny training flags, reading a run folder back, the one-line-error check, the built-in
-dataset's one-item-at-a-time oracle."""
+dataset's one-item-at-a-time oracle, an offline Hugging Face Hub cache."""
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import data
@@ -136,3 +137,33 @@ def read_key_listing(path):
             name, shape = line.split(" (")
             out[name] = torch.empty(tuple(int(s) for s in shape.rstrip(")").split(",") if s.strip()), device="meta")
     return out
+
+
+def hub_cache_with(cache, repo_id, files: dict, commit: str, ref: str = "main"):
+    """files {name: bytes} laid out as huggingface_hub caches a repo's revision: models--ORG--NAME/refs/REF holds the
+    commit, snapshots/COMMIT/ the files."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    for name, data in files.items():
+        (repo / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / name).write_bytes(data)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 with huggingface_hub's default cache in tmp_path/hub, and every socket refused and recorded
+    (the test asserts none was tried)."""
+    import socket
+    from huggingface_hub import constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)          # read at import: what the env var sets
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("no network in tests")
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return tmp_path / "hub", attempts

@@ -2,6 +2,8 @@
 DiTPipeline folder: diffusers' transformer equals our forward (both MLP eps), --init-from the folder is exact,
 DiTPipeline loads and samples it (equal to evaluate.py's sampler of the same folder), refusals in one line."""
 import dataclasses
+import importlib.metadata
+import json
 
 import numpy as np
 import pytest
@@ -110,6 +112,35 @@ def test_dit_pipeline_samples_the_export_as_our_sampler_does(tmp_path, tiny_vae)
     ours = sample_fn(torch.tensor([label]), [5], 3.0)[0].astype(np.float64)
     assert np.isfinite(theirs).all() and theirs.std() > 1
     assert np.abs(ours - theirs).max() <= 0.5 + 1e-3        # ours rounds 127.5 x + 128 down: half a level apart
+
+
+def test_the_export_stamps_the_installed_diffusers_and_says_what_its_padding_rows_do(tmp_path, tiny_vae, capsys,
+                                                                                   monkeypatch):
+    """_diffusers_version is the installed release (0.30.0, the oldest that loads it, without diffusers); rows 10..1000
+    of the class table are our null row, and the export's line says labels 10..999 sample unconditionally."""
+    _, ours = write_checkpoint(tmp_path / "last.pt", tiny_vae)
+    assert export.main([str(tmp_path / "last.pt"), "--out", str(tmp_path / "out")]) == 0
+    line = capsys.readouterr().out
+    configs = ("model_index.json", "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json")
+    stamped = {json.loads((tmp_path / "out" / c).read_text())["_diffusers_version"] for c in configs}
+    assert stamped == {importlib.metadata.version("diffusers")} == {diffusers.__version__}
+    key = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
+    table = load_file(str(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors"))[key]
+    null = ours.state_dict()["y_embedder.embedding_table.weight"][10]
+    assert table.shape[0] == 1001 and torch.equal(table[10:], null.expand(991, -1))
+    assert "labels 10..999 are no classes and sample unconditionally" in line
+    assert f"stamped diffusers {diffusers.__version__} (installed)" in line
+    real = importlib.metadata.version
+
+    def without_diffusers(name):
+        if name == "diffusers":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+    monkeypatch.setattr(importlib.metadata, "version", without_diffusers)
+    assert export.main([str(tmp_path / "last.pt"), "--out", str(tmp_path / "bare")]) == 0
+    bare = json.loads((tmp_path / "bare" / "transformer" / "config.json").read_text())
+    assert bare["_diffusers_version"] == "0.30.0"
+    assert "diffusers 0.30.0 (diffusers is not installed: the oldest release" in capsys.readouterr().out
 
 
 def test_refusals_are_one_line(tmp_path, tiny_vae, capsys):

@@ -1,11 +1,10 @@
 """pretrained.py: released layouts (random weights, tiny configs) loaded into nanoCEP modules, checked against diffusers
-as the oracle; schedulers, downloads (file:// and a fake opener, never the network) and bad input."""
+as the oracle; schedulers, downloads (file://, the Hub's cache offline, never the network) and bad input."""
 import argparse
 import hashlib
 import io
 import json
 import shutil
-import urllib.error
 import warnings
 from pathlib import Path
 
@@ -15,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sources import download as downloads
 import evaluate as ev
 from weights import pretrained
 from models.dit import DiT
 
-from conftest import DATA, randomize, read_key_listing
+from conftest import DATA, hub_cache_with, randomize, read_key_listing
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -201,7 +199,7 @@ def test_scheduler_defaults_and_unsupported_options():
         pretrained.scheduler_betas({"beta_schedule": "squaredcos_cap_v2"})
 
 
-# ---- downloads: file:// URLs and a fake Hugging Face opener (no network) ----
+# ---- downloads: file:// URLs, huggingface_hub offline from a pre-populated cache, or faked (no network) ----
 
 
 def test_url_download_checks_sha256_and_caches(tmp_path):
@@ -220,40 +218,67 @@ def test_url_download_checks_sha256_and_caches(tmp_path):
         pretrained.resolve((tmp_path / "missing.pt").resolve().as_uri(), root=tmp_path / "cache")
 
 
-def test_hf_repo_download_with_token_bin_fallback_and_cache(dit_release, tmp_path, monkeypatch):
+def test_hf_repo_offline_comes_from_the_hub_cache_without_network(dit_release, offline_hub):
+    """A pipeline repo pre-populated in huggingface_hub's cache (the vae as .bin only, an older repo) loads with
+    HF_HUB_OFFLINE=1 and no socket; the local-path route still works; a repo not cached is one ConnectionError."""
     folder, _ = dit_release
+    cache, attempts = offline_hub
     files = {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
-    files["vae/diffusion_pytorch_model.bin"] = files.pop("vae/diffusion_pytorch_model.safetensors")  # an older repo
-    requests = []
+    files["vae/diffusion_pytorch_model.bin"] = files.pop("vae/diffusion_pytorch_model.safetensors")
+    commit = "c0ffee" + "0" * 34
+    hub_cache_with(cache, "org/dit-tiny", files, commit, ref="v1")
+    p = pretrained.load_pretrained("org/dit-tiny@v1")
+    local = pretrained.load_pretrained(folder)
+    assert p["config"]["format"] == "diffusers-dit" and p["vae"] is not None and attempts == []
+    assert all(torch.equal(v, local["model"].state_dict()[k]) for k, v in p["model"].state_dict().items())
+    assert pretrained.resolve("org/dit-tiny@v1") == cache / "models--org--dit-tiny" / "snapshots" / commit
+    with pytest.raises(ConnectionError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        pretrained.load_pretrained("org/other-dit")
+    assert attempts == []
 
-    def fake_urlopen(request):
-        requests.append((request.full_url, request.get_header("Authorization")))
-        prefix = "https://huggingface.co/org/dit-tiny/resolve/v1/"
-        name = request.full_url[len(prefix):]
-        if not request.full_url.startswith(prefix) or name not in files:
-            raise urllib.error.HTTPError(request.full_url, 404, "Not Found", {}, None)
-        return io.BytesIO(files[name])
 
-    monkeypatch.setattr(downloads.urllib.request, "urlopen", fake_urlopen)
-    monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    p = pretrained.load_pretrained("org/dit-tiny@v1", root=tmp_path)
+def test_hf_repo_files_are_asked_of_huggingface_hub_at_one_commit(dit_release, tmp_path, monkeypatch):
+    """Every load asks huggingface_hub for model_index.json at the revision asked (it revalidates a branch), then
+    for each file at the commit that resolved to; .safetensors first, .bin when the repo has none; a gated repo is
+    one line naming HF_TOKEN, an ldm_cc3m repo is refused before any request."""
+    import huggingface_hub
+    from huggingface_hub import errors
+    folder, _ = dit_release
+    files = {str(f.relative_to(folder)): f for f in folder.rglob("*") if f.is_file()}
+    files["vae/diffusion_pytorch_model.bin"] = files.pop("vae/diffusion_pytorch_model.safetensors")
+    commit, calls = "ab" * 20, []
+
+    def http_error(cls, message):                # the error types hf_hub_download raises, without an HTTP response
+        err = cls.__new__(cls)
+        Exception.__init__(err, message)
+        return err
+
+    def fake_download(repo_id, filename, *, revision=None, cache_dir=None):
+        calls.append((repo_id, filename, revision, cache_dir))
+        if repo_id == "org/gated":
+            raise http_error(errors.GatedRepoError, "access to model org/gated is restricted")
+        if filename not in files:
+            raise http_error(errors.RemoteEntryNotFoundError, f"404: {filename}")
+        snap = tmp_path / "snap" / commit / filename               # where the Hub's cache would put it
+        snap.parent.mkdir(parents=True, exist_ok=True)
+        snap.write_bytes(files[filename].read_bytes())
+        return str(snap)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    p = pretrained.load_pretrained("org/dit-tiny@v1", root=tmp_path / "root")
     assert p["config"]["format"] == "diffusers-dit" and p["vae"] is not None
-    assert requests and all(auth == "Bearer hf_secret" for _, auth in requests)
-    assert requests[0][0].endswith("/model_index.json")
-    assert any(u.endswith("vae/diffusion_pytorch_model.safetensors") for u, _ in requests)   # tried first, 404
-    n = len(requests)
-    pretrained.load_pretrained("org/dit-tiny@v1", root=tmp_path)
-    assert len(requests) == n                                                             # all from the cache
-    with pytest.raises(ValueError, match="bert-base-uncased"):                           # refused before any request
-        pretrained.load_pretrained("DiffusionNoise/ldm_cc3m_clean", root=tmp_path)
-    assert len(requests) == n
-
-    def denied(request):
-        raise urllib.error.HTTPError(request.full_url, 401, "Unauthorized", {}, None)
-    monkeypatch.setattr(downloads.urllib.request, "urlopen", denied)
+    assert calls[0] == ("org/dit-tiny", "model_index.json", "v1", tmp_path / "root" / "hub")
+    assert {c[2] for c in calls[1:]} == {commit} and {c[0] for c in calls} == {"org/dit-tiny"}
+    asked = [c[1] for c in calls]
+    assert asked.index("vae/diffusion_pytorch_model.safetensors") < asked.index("vae/diffusion_pytorch_model.bin")
+    n = len(calls)
+    pretrained.load_pretrained("org/dit-tiny", with_vae=False)
+    assert calls[n][1:3] == ("model_index.json", "main") and calls[n][3] is None    # the shared HF cache
+    n = len(calls)
+    with pytest.raises(ValueError, match="bert-base-uncased"):
+        pretrained.load_pretrained("DiffusionNoise/ldm_cc3m_clean")
     with pytest.raises(ValueError, match="HF_TOKEN"):
-        pretrained.load_pretrained("DiffusionNoise/dit-xl-2_imagenet_clean", root=tmp_path)
+        pretrained.load_pretrained("org/gated")
+    assert len(calls) == n + 1
 
 
 # ---- bad input: one clear line, exit code 2, nothing written ----

@@ -1,9 +1,13 @@
 """--log wandb|tensorboard (trackers/tracking.py through runio.RunIO's sinks): a training run's event files parsed by
 TensorBoard's own reader hold the logged losses, the grid and the judge's verdict; W&B through a fake of its API
-surface (init / log / Image / summary / finish) and once for real in offline mode; evaluate.py's rows; sweep.py's
-grouping; a missing package or an unknown tracker in one line."""
+surface (init / log / Image / summary / finish) and once for real in offline mode; a resumed run continues its W&B
+run and its TensorBoard steps; a tracker that cannot start stops both ranks of a real 2-process run in one line, one
+that fails mid-run is dropped with a warning; evaluate.py's rows; sweep.py's grouping; a missing package or an unknown
+tracker in one line."""
 import json
 import os
+import socket
+import subprocess
 import sys
 import types
 
@@ -14,7 +18,7 @@ import torch
 import evaluate as ev
 import sweep
 import train_dit
-from conftest import TINY, expect_one_line_error, logged_losses, read_log
+from conftest import ROOT, TINY, expect_one_line_error, logged_losses, read_log, subprocess_env
 from scoring import judge
 from trackers import tracking
 
@@ -48,7 +52,7 @@ class FakeWandb(types.ModuleType):
     def __init__(self):
         super().__init__("wandb")
         self.inits, self.logged, self.finished = [], [], 0
-        self.summary = {}
+        self.summary, self.id = {}, "fake0001"
 
     def init(self, **kw):
         self.inits.append(kw)
@@ -78,6 +82,8 @@ def test_wandb_sink_sees_every_record_grouped_and_offline(tmp_path, monkeypatch)
     assert init["dir"] == str(out) and init["config"]["num_classes"] == 10 and init["config"]["log"] == "wandb"
     losses = [(s, p["loss"]) for s, p in fake.logged if "loss" in p]
     assert losses == list(zip([1, 2, 3, 4], logged_losses(out)))
+    norms = [r["grad_norm"] for r in read_log(out) if "loss" in r and "event" not in r]
+    assert [p["grad_norm"] for _, p in fake.logged if "loss" in p] == norms and all(n > 0 for n in norms)
     images = [p["samples"] for s, p in fake.logged if "samples" in p]
     assert len(images) == 1 and images[0][0] == "image" and images[0][1][2] == 3
     assert (4, {"judge/class_acc": 0.25, "judge/num": 10, "judge/cfg_scale": 4.0}) in fake.logged
@@ -96,6 +102,83 @@ def test_wandb_offline_for_real_writes_its_run_files(tmp_path, monkeypatch):
     files = [f for _, _, fs in os.walk(tmp_path / "wandb" / run) for f in fs]
     assert any(f.endswith(".wandb") for f in files) and any(f.startswith("samples_") and f.endswith(".png")
                                                            for f in files)
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_tensorboard_steps(tmp_path, monkeypatch):
+    """Stopped after step 4 with a checkpoint at step 2 (a crash after it), resumed from step 2: W&B (offline, for
+    real) continues the same run id, and TensorBoard's reader sees each step once, step 2 from before the checkpoint
+    and steps 3-4 from the resumed run (purge_step hides the stopped run's later events)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out, flags = tmp_path / "run", FLAGS + ["--sample-every", "0", "--keep-every", "2", "--log", "tensorboard,wandb"]
+    assert train_dit.main(flags + ["--out", str(out)]) == 0
+    first = (out / "wandb-run-id").read_text().strip()
+    assert train_dit.main(flags + ["--out", str(out), "--resume", str(out / "step_0000002.pt")]) == 0
+    runs = sorted(d for d in os.listdir(out / "wandb") if d.startswith("offline-run-"))
+    assert len(runs) == 2 and all(r.endswith("-" + first) for r in runs)     # `wandb sync` appends to one run
+    assert (out / "wandb-run-id").read_text().strip() == first
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    losses = {r["step"]: r["loss"] for r in read_log(out) if "loss" in r and "event" not in r}   # the last per step
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    np.testing.assert_allclose([e.value for e in acc.Scalars("loss")], [losses[s] for s in (1, 2, 3, 4)], rtol=1e-6)
+
+
+# Rank 0's W&B cannot start (an API key set on a node without the network): a fake wandb whose init raises.
+LAUNCH_WITH_FAILING_WANDB = """
+import sys, types
+sys.path.insert(0, {root!r})
+wandb = types.ModuleType("wandb")
+def init(**kw):
+    raise RuntimeError("wandb.init(): network error (ConnectTimeout), entering retry loop\\nmore detail")
+wandb.init = init
+sys.modules["wandb"] = wandb
+import train_dit
+sys.exit(train_dit.main(sys.argv[1:]))
+"""
+
+
+def test_a_tracker_that_cannot_start_stops_both_ranks_in_one_line(tmp_path):
+    """Two gloo processes (torchrun's environment, no agent to kill the survivor, as on a multi-node run): W&B fails
+    on rank 0, and both ranks exit 2 within the test's timeout, rank 0 with one line naming the tracker, before any
+    record is written."""
+    with socket.socket() as s_:
+        s_.bind(("127.0.0.1", 0))
+        port = s_.getsockname()[1]
+    code = LAUNCH_WITH_FAILING_WANDB.format(root=ROOT)
+    args = FLAGS + ["--sample-every", "0", "--log", "wandb", "--out", str(tmp_path / "run")]
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(subprocess_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                       RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2"))
+             for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:                                        # a rank left waiting at a collective
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], errs
+    lines = [ln for ln in errs[0].splitlines() if ln.strip()]
+    assert lines[-1] == "train_dit.py: error: --log wandb could not start: wandb.init(): network error " \
+                        "(ConnectTimeout), entering retry loop", errs[0]
+    assert "Traceback" not in errs[0] + errs[1] and "error" not in errs[1]
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_a_tracker_failing_mid_run_is_dropped_with_a_warning(tmp_path, monkeypatch, capsys):
+    fake = FakeWandb()
+
+    def log(payload, step):
+        if step >= 3:
+            raise OSError("wandb: disk full")
+        fake.logged.append((step, payload))
+    fake.log = log
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert train_dit.main(FLAGS + ["--sample-every", "0", "--log", "wandb", "--out", str(tmp_path)]) == 0
+    assert "warning: --log wandb failed at step 3 (wandb: disk full)" in capsys.readouterr().out
+    assert [s for s, p in fake.logged if "loss" in p] == [1, 2] and len(logged_losses(tmp_path)) == 4
+    assert read_log(tmp_path)[-1]["event"] == "done"
 
 
 def test_evaluate_rows_and_sweep_grouping(tmp_path, monkeypatch):

@@ -67,6 +67,23 @@ def test_lr_warmdown_decays_linearly_to_zero_and_resumes_bit_identically(tmp_pat
     assert logged == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])
 
 
+@pytest.mark.parametrize("clip", ["0.1", "0"])       # clipping every step (norms ~0.8), and off
+def test_grad_norm_is_the_mean_pre_clip_norm_of_the_steps_gradients(tmp_path, monkeypatch, clip):
+    """log.jsonl's grad_norm at a --log-every 2 record is the mean over its 2 steps of the total gradient norm before
+    clipping, recomputed here (float64) from the parameters' gradients just before the trainer's update."""
+    import trainer
+    real, norms = trainer.update, []
+
+    def spy(s, step):
+        norms.append(sum(p.grad.double().pow(2).sum() for p in s.model.parameters() if p.grad is not None).sqrt())
+        real(s, step)
+    monkeypatch.setattr(trainer, "update", spy)
+    assert run_tiny(train_dit.main, tmp_path, "--steps", 4, "--log-every", 2, "--grad-clip", clip) == 0
+    logged = [r["grad_norm"] for r in records(tmp_path) if "loss" in r and "event" not in r]
+    expected = [((norms[0] + norms[1]) / 2).item(), ((norms[2] + norms[3]) / 2).item()]
+    assert logged == pytest.approx(expected, rel=1e-5) and min(logged) > 0.1   # before clipping to 0.1
+
+
 @pytest.mark.parametrize("cond", ["class", "text"])
 def test_batched_data_path_trains_bit_identically_to_items_one_by_one(tmp_path, monkeypatch, cond):
     """The built-in dataset's batch renderer (and the token view's batch path) feed training exactly the bytes the

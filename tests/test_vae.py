@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sources.download import hub_location
 from weights import vae
-from conftest import rel_err
+from conftest import hub_cache_with, rel_err
 
 KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "notes" / "keys"
 TINY = dict(block_out_channels=(32, 64))          # two levels: f=2, widths divisible by 32 groups
@@ -318,6 +319,19 @@ def test_load_vae_without_path_downloads_into_cache(kl_ref, vq_ref, tmp_path, mo
     assert [p.name for p in (tmp_path / "c2" / "vae").iterdir()] == ["vq-test.ckpt"]
     with pytest.raises(ValueError, match="no known weights"):
         vae.load_vae("kl-f8", weights="kl-f8-ultra", **TINY)
+
+
+def test_released_kl_f8_comes_from_the_hub_cache_offline(kl_ref, offline_hub):
+    """kl-f8's weights live on the Hub: with HF_HUB_OFFLINE=1 they load from a pre-populated huggingface_hub cache,
+    no socket tried; the file's repo, revision and name are those of the WEIGHTS table's URL."""
+    cache, attempts = offline_hub
+    repo, revision, filename = hub_location(vae.WEIGHTS["kl-f8"].url)
+    assert (repo, revision, filename) == ("stabilityai/sd-vae-ft-ema", "main", "diffusion_pytorch_model.safetensors")
+    hub_cache_with(cache, repo, {filename: kl_ref[1].read_bytes()}, "e" * 40)
+    assert_same_weights(vae.load_vae("kl-f8", **TINY), vae.load_vae("kl-f8", kl_ref[1], **TINY))
+    assert vae.fetch_weights("kl-f8") == cache / "models--stabilityai--sd-vae-ft-ema" / "snapshots" / ("e" * 40) / \
+        filename
+    assert attempts == []
 
 
 # ---- CLI ----

@@ -1,22 +1,30 @@
 """
 Experiment trackers for --log wandb|tensorboard: sinks that receive every record runio.py writes to log.jsonl (loss,
-lr, img/s, sample grids as images, the judge's verdict, events) and evaluate.py's result rows. Both packages are
-optional imports; a missing one is one line (exit 2). The core never imports this file: the train scripts' mains hand
-the sinks to trainer.train (runio.RunIO(sinks=...)), on rank 0 only.
+grad_norm, lr, img/s, sample grids as images, the judge's verdict, events) and evaluate.py's result rows. Both
+packages are optional imports; a missing one is one line (exit 2). The core never imports this file: the train
+scripts' mains hand the sinks to trainer.train (runio.RunIO(sinks=...)), on rank 0 only.
 
     python train_dit.py --log tensorboard            # event files in runs/dit/tensorboard/: tensorboard --logdir runs
     python train_dit.py --log wandb                  # a W&B offline run in runs/dit/wandb/ (then: wandb sync ...)
     WANDB_MODE=online python train_dit.py --log wandb,tensorboard --log-group ablation --log-name cep-u
     python sweep.py --preset smoke --out /tmp/smoke --log tensorboard    # runs grouped by sweep name and cell
 
-A sink is a callable sink(record, images=None) with a close(); images is the (N, C, H, W) grid in [-1, 1] of a
-"samples" record. W&B runs offline unless WANDB_MODE or WANDB_API_KEY says otherwise (nothing leaves the machine by
-default); project $WANDB_PROJECT or "nanocep", group --log-group (sweep.py: the sweep's name), name --log-name
-(sweep.py: cell/seedS; default: the --out folder's name). TensorBoard writes OUT/tensorboard/, so pointing it at a
+A sink is a callable sink(record, images=None) with open(config, start_step) and close(); images is the (N, C, H, W)
+grid in [-1, 1] of a "samples" record. A training run opens its sinks once, before its first step (runio.RunIO
+open_trackers: a tracker that cannot start stops every rank there, in one line, exit 2; one that fails later is
+dropped with a warning); evaluate.py's open at their first record. A resumed run continues its tracked run: W&B's run
+id is kept in OUT/wandb-run-id and the resumed run re-opens that id (resume="allow"); TensorBoard's writer purges what
+the stopped run logged after the checkpoint it resumes from (purge_step).
+
+W&B runs offline unless WANDB_MODE or WANDB_API_KEY says otherwise (nothing leaves the machine by default); project
+$WANDB_PROJECT or "nanocep", group --log-group (sweep.py: the sweep's name), name --log-name (sweep.py: cell/seedS;
+default: the --out folder's name). TensorBoard writes OUT/tensorboard/, so pointing it at a
 sweep folder shows its runs by cell and seed.
 """
 import json
 import os
+
+from plumbing.common import atomic_open
 
 TRACKERS = ("wandb", "tensorboard")
 
@@ -62,16 +70,25 @@ def split_record(record: dict) -> tuple[int | None, dict, dict]:
 
 
 class TensorBoardSink:
-    """Scalars, grids (add_image) and each event as a JSON text entry, into OUT/tensorboard/ (opened at the first
-    record, so a run refused before it starts leaves nothing behind)."""
+    """Scalars, grids (add_image) and each event as a JSON text entry, into OUT/tensorboard/ (opened by open(), or
+    at the first record: a run refused before it starts leaves nothing behind)."""
+
+    name = "tensorboard"
 
     def __init__(self, out: str):
         self.out, self.writer, self.step = out, None, 0
 
+    def open(self, config: dict | None = None, start_step: int | None = None) -> None:
+        """The event writer; a run resumed at start_step hides the events its stopped run wrote after that step
+        (purge_step: the steps from start_step + 1 on are logged again; start_step's own records came before its
+        checkpoint and stay)."""
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(log_dir=os.path.join(self.out, "tensorboard"),
+                                    purge_step=start_step + 1 if start_step else None)
+
     def __call__(self, record: dict, images=None):
         if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=os.path.join(self.out, "tensorboard"))
+            self.open()
         step, numbers, _ = split_record(record)
         self.step = step if step is not None else self.step
         for tag, v in numbers.items():
@@ -90,6 +107,9 @@ class TensorBoardSink:
 class WandbSink:
     """One W&B run: numbers as metrics at their step, grids as wandb.Image, events' other fields in the summary."""
 
+    name = "wandb"
+    ID_FILE = "wandb-run-id"             # in the run folder: the W&B run a resumed run continues
+
     def __init__(self, out: str, config: dict | None, group: str = "", name: str = "", job_type: str = "train"):
         self.settings = dict(project=os.environ.get("WANDB_PROJECT", "nanocep"), dir=out, config=config,
                              group=group or None, name=name or os.path.basename(os.path.abspath(out)),
@@ -97,21 +117,28 @@ class WandbSink:
         self.wandb = self.run = None
         self.step = 0
 
-    def _open(self):
-        """wandb.init at the first record (a run refused before it starts leaves nothing behind)."""
+    def open(self, config: dict | None = None, start_step: int | None = None) -> None:
+        """wandb.init. A training run (start_step given) keeps its W&B run id in its run folder, and one resumed at
+        start_step > 0 continues the W&B run of that id; evaluate.py's (start_step None) is a run of its own."""
         import wandb
         self.wandb = wandb
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        os.makedirs(self.settings["dir"], exist_ok=True)
-        config_file = os.path.join(self.settings["dir"], "config.json")
-        if self.settings["config"] is None and os.path.isfile(config_file):     # the run's resolved flags (RunIO.start)
-            with open(config_file) as f:
-                self.settings["config"] = json.load(f)
-        self.run = wandb.init(mode=mode, **self.settings)
+        out = self.settings["dir"]
+        os.makedirs(out, exist_ok=True)
+        id_file = os.path.join(out, self.ID_FILE)
+        resume = {}
+        if start_step and os.path.isfile(id_file):
+            with open(id_file) as f:
+                resume = dict(id=f.read().strip(), resume="allow")
+        settings = {**self.settings, "config": config if config is not None else self.settings["config"]}
+        self.run = wandb.init(mode=mode, **settings, **resume)
+        if start_step is not None:
+            with atomic_open(id_file, "w") as f:
+                f.write(self.run.id + "\n")
 
     def __call__(self, record: dict, images=None):
         if self.run is None:
-            self._open()
+            self.open()
         step, numbers, other = split_record(record)
         self.step = max(self.step, step) if step is not None else self.step    # W&B steps never go back
         payload = dict(numbers)
@@ -138,6 +165,6 @@ def open_sinks(spec: str, out: str, config: dict, group: str = "", name: str = "
 
 
 def sinks_for_run(cfg, main: bool) -> list:
-    """A train script's sinks, from its config (--log, --log-group, --log-name); W&B's config is the run's
-    config.json, read when the first record arrives (after the data resolved --num-classes)."""
+    """A train script's sinks, from its config (--log, --log-group, --log-name); runio.RunIO.start opens them with
+    the run's resolved config (after the data resolved --num-classes)."""
     return open_sinks(cfg.log, cfg.out, None, cfg.log_group, cfg.log_name, "train", main)

@@ -18,6 +18,11 @@ What diffusers' DiT can represent, and what is refused in one line (exit 2):
 - classes: DiTPipeline uses label 1000 as its CFG null class, so the class table is written with 1000 + 1 rows:
   our K classes, then our null row repeated (rows K..1000; zeros for a run without --class-dropout). Our labels
   0..K (K = our null) give identical outputs; pretrained.py trims the padding on the way back (id2label has K names).
+  So labels K..999 of the exported model are no classes: they sample unconditionally (as the null label does, or
+  from a zero embedding without --class-dropout); use labels 0..K-1 (id2label) only.
+- _diffusers_version: the installed diffusers' version (importlib.metadata), which wrote nothing here but is what
+  the folder was checked against; without diffusers installed, 0.30.0, the first release with DiTTransformer2DModel
+  and so the oldest that can load the folder (the export itself needs no diffusers).
 - pixel-space (--vae none), vq-f4 and text-conditional DiTs: DiTPipeline decodes with an AutoencoderKL and feeds
   class labels, so these are refused.
 - --label-smoothing eps: diffusers' embedder has no smoothing, so the class rows are written smoothed,
@@ -25,6 +30,7 @@ What diffusers' DiT can represent, and what is refused in one line (exit 2):
   (conditions.smoothed); --raw-class-embedding writes E[y] as stored (evaluate.py's flag of the same name). Either
   way the folder is a model without smoothing: --init-from it takes the rows as written.
 """
+import importlib.metadata
 import json
 import os
 import sys
@@ -39,7 +45,22 @@ from runio import load_checkpoint
 from weights import pretrained
 from weights import vae as vae_lib
 
-DIFFUSERS_VERSION = "0.30.0"          # the first release with DiTTransformer2DModel
+MIN_DIFFUSERS = "0.30.0"              # the first release with DiTTransformer2DModel
+
+
+def installed_diffusers() -> str | None:
+    """The installed diffusers' version, or None."""
+    try:
+        return importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def diffusers_version() -> str:
+    """The configs' _diffusers_version: the installed diffusers', else MIN_DIFFUSERS (module docstring)."""
+    return installed_diffusers() or MIN_DIFFUSERS
+
+
 PIPELINE_NULL = 1000                  # DiTPipeline's CFG null label (hard-coded in its __call__)
 
 
@@ -99,7 +120,7 @@ def transformer_config(model: dit.DiT, num_layers: int, norm_eps: float) -> dict
     hidden = model.blocks[0].mlp.fc1.weight.shape[0]
     if hidden != 4 * dim:
         raise ValueError(f"an MLP ratio of {hidden / dim:g}: diffusers' DiT blocks are 4x wide")
-    return {"_class_name": "DiTTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+    return {"_class_name": "DiTTransformer2DModel", "_diffusers_version": diffusers_version(),
             "num_attention_heads": model.num_heads, "attention_head_dim": dim // model.num_heads,
             "in_channels": model.in_channels, "out_channels": model.out_channels, "num_layers": num_layers,
             "dropout": 0.0, "norm_num_groups": 32, "attention_bias": True, "sample_size": model.grid * model.patch_size,
@@ -111,7 +132,7 @@ def transformer_config(model: dit.DiT, num_layers: int, norm_eps: float) -> dict
 def scheduler_config(schedule: str) -> dict:
     """A DPMSolverMultistepScheduler (2nd order DPM-Solver++, the grids' default sampler) on the model's betas."""
     start, end = {"linear": (1e-4, 0.02), "scaled_linear": (0.0015, 0.0195)}[schedule]
-    return {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+    return {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": diffusers_version(),
             "num_train_timesteps": 1000, "beta_schedule": schedule, "beta_start": start, "beta_end": end,
             "prediction_type": "epsilon", "algorithm_type": "dpmsolver++", "solver_order": 2}
 
@@ -120,7 +141,7 @@ def vae_folder_files(ae) -> tuple[dict, dict]:
     """(config.json, state dict) of our kl-f8 autoencoder as a diffusers AutoencoderKL (vae.py keeps its key names)."""
     c = ae.cfg
     n = len(c.block_out_channels)
-    config = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+    config = {"_class_name": "AutoencoderKL", "_diffusers_version": diffusers_version(),
               "in_channels": c.in_channels, "out_channels": c.out_channels,
               "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
               "block_out_channels": list(c.block_out_channels), "layers_per_block": c.layers_per_block,
@@ -173,7 +194,7 @@ def export(ckpt_path: str, out: str, weights: str = "ema", vae_path: str | None 
     ae = vae_lib.load_vae("kl-f8", vae_path or cfg.get("vae_path") or None)   # None: the run's released weights
     if os.path.exists(os.path.join(out, "model_index.json")):
         raise ValueError(f"{out} already holds a diffusers pipeline; pick another --out")
-    index = {"_class_name": "DiTPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+    index = {"_class_name": "DiTPipeline", "_diffusers_version": diffusers_version(),
              "transformer": ["diffusers", "DiTTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
              "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
              "id2label": {str(i): n for i, n in enumerate(class_names(cfg, num_classes, names_file))}}
@@ -192,8 +213,24 @@ def export(ckpt_path: str, out: str, weights: str = "ema", vae_path: str | None 
     return index
 
 
+def export_note(out: str, index: dict) -> str:
+    """The line a finished export prints: what was written, what the padded labels do, the version stamped."""
+    k, installed = len(index["id2label"]), installed_diffusers()
+    padding = (f"its class table is padded to {PIPELINE_NULL + 1} rows with copies of the null row, so labels "
+               f"{k}..{PIPELINE_NULL - 1} are no classes and sample unconditionally, as the null label "
+               f"{PIPELINE_NULL} does" if k < PIPELINE_NULL else f"label {PIPELINE_NULL} is the null label")
+    stamp = (f"diffusers {installed} (installed)" if installed else
+             f"diffusers {MIN_DIFFUSERS} (diffusers is not installed: the oldest release that loads the folder)")
+    return (f"wrote {out}: DiTPipeline with {k} classes (labels 0..{k - 1}); {padding}; stamped {stamp}; sample "
+            f"it with DiTPipeline.from_pretrained({out!r})")
+
+
 def main(argv=None) -> int:
-    p = common.ArgParser(prog="python -m weights.export_diffusers", description=__doc__.split("\n\n")[0].strip())
+    p = common.ArgParser(prog="python -m weights.export_diffusers", description=__doc__.split("\n\n")[0].strip(),
+                         epilog=f"The class table is padded to {PIPELINE_NULL + 1} rows (DiTPipeline's null label is "
+                         f"{PIPELINE_NULL}) with copies of the null row: labels K..{PIPELINE_NULL - 1} are no "
+                         f"classes and sample unconditionally. _diffusers_version is the installed diffusers' "
+                         f"version ({MIN_DIFFUSERS} without diffusers).")
     p.add_argument("checkpoint", help="a nanoCEP DiT checkpoint (last.pt / step_XXXXXXX.pt)")
     p.add_argument("--out", required=True, help="the diffusers pipeline folder to write")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA (default, what the grids sample) "
@@ -210,8 +247,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, ConnectionError, common.RunError) as e:
         print(f"python -m weights.export_diffusers: error: {common.one_line(e)}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: DiTPipeline with {len(index['id2label'])} classes "
-          f"(sample it with DiTPipeline.from_pretrained({args.out!r}))")
+    print(export_note(args.out, index))
     return 0
 
 

@@ -8,8 +8,9 @@ Sources:
   paper LDM-4     DiffusionNoise/ldm_in1k_*            LDMClassToImagePipeline: unet/ class_embedder/ vqvae/ scheduler/
   CompVis LDM-4   cin256-v2 model.ckpt                 Lightning: model.diffusion_model.*, first_stage_model.*, ...
   paper CC3M LDMs DiffusionNoise/ldm_cc3m_*            refused in one line: their BERT text encoder is not implemented
-A source is a local file or folder, an http(s):// or file:// URL, a Hugging Face repo id (fetched with plain urllib
-into the cache; HF_TOKEN is sent for gated repos; "repo@revision" picks a revision) or a short name of RELEASES.
+A source is a local file or folder, an http(s):// or file:// URL, a Hugging Face repo id ("repo@revision" picks a
+revision; fetched by huggingface_hub into its cache: HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT, HF_HUB_CACHE apply, see
+sources/download.py) or a short name of RELEASES. Other URLs are cached in $NANOCEP_CACHE/pretrained/url.
 
     from weights import pretrained
     p = pretrained.load_pretrained("DiffusionNoise/dit-xl-2_imagenet_clean")
@@ -37,7 +38,7 @@ import torch
 
 from config import OPTIMISER_FIELDS                   # the recipe a fine-tuning run takes from SOURCE
 from plumbing import common
-from sources.download import download as checked_download
+from sources.download import download as checked_download, hub_file, hub_location
 from weights import vae as vae_lib
 
 # ---- known releases ----
@@ -58,7 +59,6 @@ RELEASES = {
     "cin256-v2": Release("https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt",
                          "CompVis LDM-4 class-conditional ImageNet 256px (Lightning checkpoint, ~1.7 GB)"),
 }
-HF_ENDPOINT = "https://huggingface.co"   # $HF_ENDPOINT overrides it (a mirror, or a file:// folder)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")   # in a diffusers component
 TEXT_MODEL_ERROR = ("is a text-to-image LDM (the paper's CC3M models): its text encoder is a pre-trained "
                     "bert-base-uncased with a WordPiece tokenizer, which nanoCEP does not implement; "
@@ -72,50 +72,48 @@ PIPELINES = {"DiTPipeline": ("dit", ("transformer", "vae", "scheduler")),
 
 
 def cache_dir(root=None) -> Path:
-    """Where downloads go: $NANOCEP_CACHE (or ~/.cache/nanocep) / pretrained."""
+    """Where URL downloads go: $NANOCEP_CACHE (or ~/.cache/nanocep) / pretrained."""
     return vae_lib.cache_root(root) / "pretrained"
 
 
-def download(url, dest, sha256=None, token=None) -> Path:
-    """checked_download (sources/download.py) with the Hugging Face token, when given (gated repos)."""
-    return checked_download(url, dest, sha256, headers={"Authorization": f"Bearer {token}"} if token else None)
-
-
 def fetch_url(url, root=None, sha256=None) -> Path:
-    """The cached copy of a one-file URL (downloaded on first use)."""
+    """The cached copy of a one-file URL (downloaded on first use); a huggingface.co file comes through the Hub's
+    cache."""
+    if (hub := hub_location(url)) is not None:
+        repo_id, revision, filename = hub
+        return hub_file(repo_id, filename, revision, vae_lib.hub_cache(root), sha256)
     name = re.sub(r"[^\w.-]", "_", url.split("://", 1)[-1])[-150:]
     dest = cache_dir(root) / "url" / name
-    return dest if dest.is_file() else download(url, dest, sha256)
+    return dest if dest.is_file() else checked_download(url, dest, sha256)
 
 
-def fetch_hf_repo(repo_id, revision="main", root=None, endpoint=None) -> Path:
-    """Download the files nanoCEP reads from a diffusers pipeline repo (model_index.json first, then the configs and
-    weights of the components it needs, .safetensors or else .bin) and return the local folder."""
+def fetch_hf_repo(repo_id, revision="main", root=None) -> Path:
+    """Fetch the files nanoCEP reads from a diffusers pipeline repo (model_index.json first, then the configs and
+    weights of the components it needs, .safetensors or else .bin) into the Hub's cache and return the snapshot
+    folder. model_index.json pins the revision's commit, so every file comes from the same one."""
     if "ldm_cc3m" in repo_id.lower():                     # refuse before fetching gigabytes
         raise ValueError(f"{repo_id} {TEXT_MODEL_ERROR}")
-    base = f"{(endpoint or os.environ.get('HF_ENDPOINT') or HF_ENDPOINT).rstrip('/')}/{repo_id}/resolve/{revision}/"
-    folder = cache_dir(root) / "hf" / repo_id.replace("/", "--") / revision
-    token = os.environ.get("HF_TOKEN")
+    cache = vae_lib.hub_cache(root)
+    try:
+        index = hub_file(repo_id, "model_index.json", revision, cache)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (is this a diffusers pipeline repo?)") from None
+    folder = index.parent                                  # snapshots/<commit>/
 
     def get(name, required=True):
-        dest = folder / name
-        if dest.is_file():
-            return dest
         try:
-            return download(base + name, dest, token=token)
-        except FileNotFoundError:
+            return hub_file(repo_id, name, folder.name, cache)
+        except (FileNotFoundError, ConnectionError):       # absent, or offline and not cached
             if required:
-                raise FileNotFoundError(f"{repo_id}: no {name} (is this a diffusers pipeline repo?)") from None
+                raise
             return None
 
-    _, components = pipeline_kind(json.loads(get("model_index.json").read_text()), repo_id)
+    _, components = pipeline_kind(json.loads(index.read_text()), repo_id)
     for comp in components:
         if comp == "scheduler":
             get("scheduler/scheduler_config.json", required=False)
             continue
         get(f"{comp}/config.json")
-        if any((folder / comp / f).is_file() for f in WEIGHT_FILES):
-            continue                                       # cached (either format)
         if get(f"{comp}/{WEIGHT_FILES[0]}", required=False) is None:
             get(f"{comp}/{WEIGHT_FILES[1]}")
     return folder

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from plumbing import common
-from sources.download import download as checked_download
+from sources.download import download as checked_download, hub_file, hub_location
 
 # ---- configs ----
 
@@ -529,7 +529,7 @@ def load_weights(model, path):
 @dataclass(frozen=True)
 class Weights:
     url: str
-    filename: str                 # name inside the cache folder
+    filename: str                 # name inside the cache folder (a Hub file keeps the Hub cache's)
     sha256: str | None = None     # checked when known; no hash is published for these files
     member: str | None = None     # for a .zip: the file to extract from it
 
@@ -548,6 +548,12 @@ WEIGHTS = {
 def cache_root(cache_dir=None):
     """cache_dir, else $NANOCEP_CACHE, else ~/.cache/nanocep."""
     return Path(cache_dir or os.environ.get("NANOCEP_CACHE") or Path.home() / ".cache" / "nanocep")
+
+
+def hub_cache(cache_dir=None):
+    """Where Hugging Face Hub files go: cache_dir/hub when a cache folder is given, else None, huggingface_hub's own
+    cache (HF_HUB_CACHE, shared with diffusers), whatever $NANOCEP_CACHE says."""
+    return None if cache_dir is None else Path(cache_dir) / "hub"
 
 
 def download(url, dest, sha256=None, member=None):
@@ -573,11 +579,14 @@ def download(url, dest, sha256=None, member=None):
 
 
 def fetch_weights(name, cache_dir=None, url=None):
-    """Path to the cached weights `name` (a WEIGHTS key), downloading them first if needed; `url` overrides the
-    table's address (file:// works, which is how the tests exercise this path)."""
+    """Path to the cached weights `name` (a WEIGHTS key), downloading them first if needed (a huggingface.co URL
+    through the Hub's cache, see hub_cache); `url` overrides the table's address (file:// works)."""
     if name not in WEIGHTS:
         raise ValueError(f"no known weights named {name!r}; choose one of {', '.join(WEIGHTS)} or pass a file")
     w = WEIGHTS[name]
+    if (hub := hub_location(url or w.url)) is not None:      # the Hub's cache (sources/download.py hub_file)
+        repo_id, revision, filename = hub
+        return hub_file(repo_id, filename, revision, hub_cache(cache_dir), w.sha256)
     dest = cache_root(cache_dir) / "vae" / w.filename
     if not dest.is_file():  # files are renamed into place only after a complete, verified download
         download(url or w.url, dest, w.sha256, w.member)
