@@ -598,9 +598,12 @@ def collect(runs: list) -> list:
         config_path = run.run_dir / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         train_cfg = {f"train.{k}": v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
-        for r in json.loads(path.read_text())["rows"]:
+        results = json.loads(path.read_text())
+        code = results.get("provenance") or {}          # the code that evaluated (plumbing/provenance.py)
+        for r in results["rows"]:
             r = {("sample_seed" if k == "seed" else k): v for k, v in r.items()}   # "seed" is the training seed
-            rows.append({"cell": cell_name(run.cell), **run.cell, "seed": run.seed, **r, **train_cfg})
+            rows.append({"cell": cell_name(run.cell), **run.cell, "seed": run.seed, **r,
+                         "commit": code.get("commit"), "dirty": code.get("dirty"), **train_cfg})
     return rows
 
 

@@ -241,6 +241,8 @@ def test_smoke_writes_results_summary_and_plots(smoke):
     assert len(rows) == 2 * 2 * 2                                 # cells x seeds x guidance scales
     assert {r["cell"] for r in rows} == {"clean", "corrupt0.2"} and {r["seed"] for r in rows} == {"0", "1"}
     assert all(float(r["precision"]) >= 0 and r["train.corrupt"] in ("0.0", "0.2") for r in rows)
+    from plumbing.provenance import code_state                  # each row names the code that evaluated it
+    assert {r["commit"] for r in rows} == {code_state()["commit"]} and {r["dirty"] for r in rows} <= {"True", "False"}
     text = (out / "summary.md").read_text()
     assert "| corrupt0.2 | 2 |" in text and "±" in text
     for run in ("clean/seed0", "corrupt0.2/seed1"):                # every run folder is a normal nanoCEP run
