@@ -60,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scoring.stats import paired, t_interval
 from trackers import tracking
 
 REPO = Path(__file__).resolve().parent
@@ -617,18 +618,7 @@ def write_csv(rows: list, path: Path):
         w.writerows([{c: "" if r.get(c) is None else r.get(c) for c in columns} for r in rows])
 
 
-# ---- statistics: t-intervals over seeds, paired differences to the clean cell ----
-
-
-def t_interval(values, level=0.95):
-    """(mean, half-width) of the Student-t confidence interval of the mean; half-width nan below 2 values."""
-    from scipy.stats import t
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) == 0:
-        return math.nan, math.nan
-    if len(x) < 2:
-        return float(x.mean()), math.nan
-    return float(x.mean()), float(t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+# ---- statistics: t-intervals over seeds, paired differences to the clean cell (scoring/stats.py) ----
 
 
 def table_of(rows: list, metric: str) -> dict:
@@ -691,8 +681,8 @@ def _cell_stats(tab: dict, name: str, clean: str, scale_of) -> dict:
     stats = {"scale": s, "mean": mean, "ci": half, "n": len(mine)}
     if name != clean:
         both = sorted(set(mine) & set(base))
-        stats["diff"], stats["diff_ci"] = t_interval([mine[k] - base[k] for k in both])
-        stats["diff_n"] = len(both)
+        diff = paired([mine[k] for k in both], [base[k] for k in both])
+        stats["diff"], stats["diff_ci"], stats["diff_n"] = diff["diff"], diff["half"], diff["n"]
     return stats
 
 
