@@ -277,6 +277,25 @@ def test_rerun_after_a_kill_resumes_only_what_is_missing(smoke):
     assert (killed_in_train / "eval" / "results.json").is_file()
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_a_sweep_resumes_from_its_committable_files_alone(smoke, tmp_path):
+    """Under results/<name>/, .gitignore leaves out checkpoints, samples, features and logs; what is left (the raw
+    rows and run records) is a complete sweep: a rerun trains and evaluates nothing and writes the same results.csv."""
+    repo = tmp_path / "repo"
+    shutil.copytree(smoke["out"], repo / "results" / "smoke")
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
+    for args in (["init", "-q"], ["clean", "-fdXq"]):                   # remove every ignored file
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    kept = [p.relative_to(repo / "results" / "smoke") for p in (repo / "results" / "smoke").rglob("*") if p.is_file()]
+    assert not [p for p in kept if p.suffix in (".pt", ".png", ".log")] and Path("sweep.json") in kept
+    run = Path("runs/clean/seed0")
+    assert {run / "config.json", run / "log.jsonl", run / "provenance.json", run / "eval/results.json"} <= set(kept)
+    r = run_sweep(*[repo / "results" / "smoke" if a == smoke["out"] else a for a in smoke["args"]])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(": already done") == 4 and not list((repo / "results" / "smoke").rglob("*.pt"))
+    assert (repo / "results" / "smoke" / "results.csv").read_bytes() == (smoke["out"] / "results.csv").read_bytes()
+
+
 def test_rerun_with_other_settings_is_refused(smoke):
     before = (smoke["out"] / "sweep.json").read_text()
     r = run_sweep(*smoke["args"], "--train", "--steps 6")
