@@ -31,7 +31,8 @@ fresh real images'; --mem-tau the absolute form).
 --pipeline legacy_tensorflow feeds the raw image to the same Inception file, which resizes inside as TF did (the ADM
 evaluator's pipeline, for numbers beside DiT's and the paper's). Reference images (a folder, an arr_0) are
 centre-cropped to the samples' resolution; features from different pipelines are never compared (metrics.py).
-Writes OUT/results.json and OUT/results.csv; features are cached as .npz in OUT/features for reuse.
+Writes OUT/results.json and OUT/results.csv (and OUT/provenance.json: the code's commit, the machine, the command
+line, also inside results.json); features are cached as .npz in OUT/features for reuse.
 The metrics and the feature pass live in metrics.py; this file samples, shards over ranks, and runs the CLI.
 """
 
@@ -49,6 +50,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from plumbing import provenance
 from plumbing.common import ArgParser, RunError, leave_process_group, new_file, setup_distributed
 from sources.captions import read_prompts
 from config import LATENT_GEOMETRY
@@ -427,6 +429,7 @@ def main_metrics(argv):
     if args.ref is None:
         print("note: no --ref, so only the Inception Score is computed", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    code = provenance.collect(device)                      # written beside the results, which carry it too
     featurizer = _featurizer(args, device)
     reference = None
     if args.ref is not None:  # reference images are centre-cropped to the samples' resolution
@@ -445,6 +448,7 @@ def main_metrics(argv):
                "k": args.k, "is_splits": args.is_splits}
         rows.append(row)
         print(json.dumps({c: row[c] for c in METRIC_COLUMNS}))
+    provenance.write(args.out, code)
     json_path, _ = write_results(rows, args.out)
     print(f"wrote {json_path} and results.csv", file=sys.stderr)
     return 0
@@ -598,6 +602,7 @@ def main_sample(argv):
     # a long timeout: ranks wait at barriers while rank 0 featurizes a 50K reference folder and measures
     d = setup_distributed(args.device or "auto", timeout=4 * 3600)
     rank, world_size, device = d.rank, d.world, (str(d.device) if d.world > 1 else args.device or str(d.device))
+    code = provenance.collect(device) if rank == 0 else None
     stored = _ckpt_config(args.ckpt) if args.ckpt else {}
     controlnet = args.control or stored.get("control", "none") != "none"
     held_out = (HeldOutControls(args.ckpt, _ckpt_config(args.ckpt), args.control, args.control_data,
@@ -618,6 +623,8 @@ def main_sample(argv):
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
     featurizer = _featurizer(args, device)
     train_ref = _train_reference(args, featurizer) if rank == 0 else None
+    if rank == 0:                                          # the checks passed; results.json carries it too
+        provenance.write(args.out, code)
     rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, featurizer,
                                args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
                                world_size, settings, args.k, args.is_splits, train_ref, args.mem_tau,

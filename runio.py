@@ -1,5 +1,6 @@
 """
-The run folder of a training run (--out): what trainer.train writes there and reads back. config.json, log.jsonl
+The run folder of a training run (--out): what trainer.train writes there and reads back. config.json,
+provenance.json (plumbing/provenance.py: the code's commit, the machine, the command line), log.jsonl
 (one JSON record per line: start, every --log-every steps, sample grids, stop/done; each record also goes to the
 `sinks` the train script hands in, e.g. trackers/tracking.py's W&B / TensorBoard for --log), samples/step_XXXXXXX.png,
 last.pt (+ step_XXXXXXX.pt every --keep-every steps) and, for a resumed run, the checkpoint it continues from.
@@ -23,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from plumbing import provenance
 from plumbing.common import Dist, RunError, all_mean, atomic_save, one_line
 from config import (ADDED_ARCH_FIELDS, arch_fields, experiment_fields, explicit_fields, field_flags, learning_rate,
                     predated_recipe, preset_fields, stored_config)
@@ -217,7 +219,8 @@ class RunIO:
                                f"the run goes on without it (log.jsonl has every record)")
 
     def start(self, model: nn.Module, num_items: int, start_step: int, init_note: str | None = None) -> None:
-        """config.json, the start line and event (and the --init-from / --resume-override notes), the progress bar."""
+        """config.json, provenance.json, the start line and event (and the --init-from / --resume-override notes), the
+        progress bar."""
         cfg, d = self.cfg, self.d
         cuda = d.device.type == "cuda"
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
@@ -242,9 +245,11 @@ class RunIO:
             if init_note:
                 tqdm.write(f"{self.kind}: {init_note}")
                 self.log({"event": "init_from", "source": cfg.init_from, "note": init_note})
+            code = provenance.collect(d.device)          # this segment's code and machine (a resume writes its own)
+            provenance.write(cfg.out, code)
             self.log({"event": "start", "step": start_step, "world": d.world, "device": str(d.device),
                       "params": n_params, "precision": precision, "compile": compiled,
-                      "resumed_from": self.resume_path})
+                      "resumed_from": self.resume_path, "provenance": code})
             if self.overridden:
                 self.log({"event": "resume_override", "step": start_step, "changes": self.overridden})
                 tqdm.write("note: resumed with --resume-override: " + ", ".join(

@@ -31,7 +31,8 @@ How the experiment is built (read the code in this order):
  3. Resume. A killed sweep, rerun with the same flags, skips runs whose log.jsonl holds a "done" event at the
     requested step count, resumes the interrupted one (--resume auto), and re-evaluates only where results.json lacks
     a requested scale. OUT/sweep.json pins the protocol: rerunning with other flags into the same OUT is refused.
- 4. Summary. results.csv: one row per run x guidance scale, every metric, every setting. summary.md: per cell the
+ 4. Summary. results.csv: one row per run x guidance scale, every metric, every setting, and the commit (and dirty
+    flag) of the code that evaluated it (eval/results.json's provenance). summary.md: per cell the
     mean ± 95 % Student-t interval over seeds at the cell's best scale (best mean of --metric) and at --fixed-scale,
     and the paired difference (same seed) to the clean cell with its interval; a best scale at the edge of the
     guidance grid is marked, as the optimum may lie outside it. Plots: metric vs η with error bars
@@ -40,12 +41,15 @@ Table 2 (ControlNet on pre-trained bases) is a grid over the frozen base: `--gri
 `--init-from A.pt` per cell (with --train "--control canny ...") and pairs every base with the one named clean:
     python sweep.py --preset table2 --dry-run                       # the paper's Table 2 (Canny) as torchrun commands
 --dry-run prints every command (torchrun over --nproc local GPUs where the preset says so) for a cluster scheduler.
+A published sweep runs with --out results/<name>: .gitignore keeps its raw rows and run records, which a rerun resumes
+from, and `python -m tools.results` regenerates the tables docs/ quotes from them (--check: that they still match).
 """
 
 import argparse
 import concurrent.futures
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -61,6 +65,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scoring.stats import paired, t_interval
 from trackers import tracking
 
 REPO = Path(__file__).resolve().parent
@@ -624,34 +629,44 @@ def collect(runs: list) -> list:
         config_path = run.run_dir / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         train_cfg = {f"train.{k}": v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
-        for r in json.loads(path.read_text())["rows"]:
+        results = json.loads(path.read_text())
+        code = results.get("provenance") or {}          # the code that evaluated (plumbing/provenance.py)
+        for r in results["rows"]:
             r = {("sample_seed" if k == "seed" else k): v for k, v in r.items()}   # "seed" is the training seed
-            rows.append({"cell": cell_name(run.cell), **run.cell, "seed": run.seed, **r, **train_cfg})
+            rows.append({"cell": cell_name(run.cell), **run.cell, "seed": run.seed, **r,
+                         "commit": code.get("commit"), "dirty": code.get("dirty"), **train_cfg})
     return rows
 
 
-def write_csv(rows: list, path: Path):
+def csv_text(rows: list) -> str:
+    """results.csv's text: the cell, seed, scale and metric columns first, then every other column by name."""
     first = ["cell", "seed", "cfg_scale", *HIGHER_IS_BETTER]
     columns = [c for c in first if any(c in r for r in rows)]
     columns += sorted({k for r in rows for k in r} - set(columns))
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=columns)
+    w.writeheader()
+    w.writerows([{c: "" if r.get(c) is None else r.get(c) for c in columns} for r in rows])
+    return text.getvalue()
+
+
+def write_csv(rows: list, path: Path):
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows([{c: "" if r.get(c) is None else r.get(c) for c in columns} for r in rows])
+        f.write(csv_text(rows))
 
 
-# ---- statistics: t-intervals over seeds, paired differences to the clean cell ----
+def parse_csv(text: str, where: str = "results.csv") -> list:
+    """csv_text's rows as collect() gave them to the summary: the seed an int, the scale and every metric a float,
+    an empty field None (floats are written as repr, so they come back bit for bit)."""
+    numeric = {"cfg_scale", *HIGHER_IS_BETTER}
+    try:
+        return [{k: None if v == "" else int(v) if k == "seed" else float(v) if k in numeric else v
+                 for k, v in r.items()} for r in csv.DictReader(io.StringIO(text, newline=""))]
+    except (ValueError, TypeError, csv.Error) as e:
+        raise ValueError(f"{where}: not a sweep's results.csv ({e})") from None
 
 
-def t_interval(values, level=0.95):
-    """(mean, half-width) of the Student-t confidence interval of the mean; half-width nan below 2 values."""
-    from scipy.stats import t
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) == 0:
-        return math.nan, math.nan
-    if len(x) < 2:
-        return float(x.mean()), math.nan
-    return float(x.mean()), float(t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+# ---- statistics: t-intervals over seeds, paired differences to the clean cell (scoring/stats.py) ----
 
 
 def table_of(rows: list, metric: str) -> dict:
@@ -714,8 +729,8 @@ def _cell_stats(tab: dict, name: str, clean: str, scale_of) -> dict:
     stats = {"scale": s, "mean": mean, "ci": half, "n": len(mine)}
     if name != clean:
         both = sorted(set(mine) & set(base))
-        stats["diff"], stats["diff_ci"] = t_interval([mine[k] - base[k] for k in both])
-        stats["diff_n"] = len(both)
+        diff = paired([mine[k] for k in both], [base[k] for k in both])
+        stats["diff"], stats["diff_ci"], stats["diff_n"] = diff["diff"], diff["half"], diff["n"]
     return stats
 
 
@@ -729,10 +744,19 @@ def _pm(mean, half):
     return f"{mean:.3g}" if half is None or math.isnan(half) else f"{mean:.3g} ± {half:.2g}"
 
 
+def summary_json(summary: dict) -> str:
+    """summary.json's text (tools/results.py reads its metric and fixed scale back)."""
+    return json.dumps(summary, indent=1, default=str) + "\n"
+
+
 def write_summary(summary: dict, path: Path, header: str):
-    """summary.md: one table per scale rule, one row per cell, each metric as mean ± CI and the paired difference."""
-    lines = [f"# Sweep summary\n\n{header}\n",
-             f"Mean ± 95 % Student-t interval over seeds. *best*: each cell's guidance scale with the best mean "
+    """summary.md: the header line, then summary_text's tables."""
+    path.write_text(f"# Sweep summary\n\n{header}\n\n" + summary_text(summary))
+
+
+def summary_text(summary: dict) -> str:
+    """One table per scale rule, one row per cell, each metric as mean ± CI and the paired difference (Markdown)."""
+    lines = [f"Mean ± 95 % Student-t interval over seeds. *best*: each cell's guidance scale with the best mean "
              f"{summary['metric']} (over the scales every seed has); *fixed*: s = {summary['fixed_scale']:g}. "
              "Δ: the paired difference (same seed) to the cell's clean counterpart, each at its own scale.\n"]
     first = next(iter(summary["cells"].values()), None)
@@ -757,12 +781,17 @@ def write_summary(summary: dict, path: Path, header: str):
             f"{name}: s = {summary['best_scale'][name]:g} is the {side} scale evaluated" for name, side in edge.items())
             + ". The best scale may lie outside the grid: widen `--cfg-scales` before reading these rows as the "
             "cell's best.")
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def write_table(summary: dict, path: Path):
-    """table.md in the style of the paper's Table 1: FID / IS / precision / recall (+ judge metrics) at the fixed scale,
-    the best mean of each column in bold."""
+    """table.md: table_text."""
+    path.write_text(table_text(summary))
+
+
+def table_text(summary: dict) -> str:
+    """A table in the style of the paper's Table 1: FID / IS / precision / recall (+ judge metrics) at the fixed
+    scale, the best mean of each column in bold (Markdown)."""
     cells = summary["cells"]
     metrics = list(next(iter(cells.values()))["metrics"]) if cells else []
     lines = [f"| cell (s = {summary['fixed_scale']:g}) | " + " | ".join(
@@ -780,7 +809,7 @@ def write_table(summary: dict, path: Path):
             text = _pm(st["mean"], st["ci"])
             cols.append(f"**{text}**" if best[m] is not None and st["mean"] == best[m] else text)
         lines.append(f"| {name} | " + " | ".join(cols) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def _plt():
@@ -877,7 +906,7 @@ def report(runs: list, cfg: SweepConfig, header: str = ""):
         return None
     write_csv(rows, out / "results.csv")
     summary = summarize(rows, runs, cfg.metric, cfg.fixed_scale)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    (out / "summary.json").write_text(summary_json(summary))
     spent = {}
     if (out / "timings.jsonl").is_file():
         for line in (out / "timings.jsonl").read_text().splitlines():

@@ -12,4 +12,6 @@ hands the trainer the judge's verdict on the final grid).
     shapes.py         shape fidelity of the built-in data: each sample's best IoU against real items of its shape,
                       the geometry class accuracy cannot see            python -m scoring.shapes
     control.py        a ControlNet's control fidelity: edge F1 between a sample's Canny map and the given one
+    stats.py          the statistics of published numbers (numpy + scipy): t-intervals over seeds, paired differences,
+                      Holm / Bonferroni adjustment, Wilson intervals of shares
 """

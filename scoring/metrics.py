@@ -703,11 +703,17 @@ METRIC_COLUMNS = ["cfg_scale", "fid", "is_mean", "is_std", "precision", "recall"
 
 
 def write_results(rows, out_dir):
-    """Write rows (one per guidance scale) to OUT/results.json and OUT/results.csv; returns both paths."""
+    """Write rows (one per guidance scale) to OUT/results.json and OUT/results.csv; returns both paths. results.json
+    also carries OUT/provenance.json (plumbing/provenance.py: the code and machine that measured), when there is one."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / "results.json", out / "results.csv"
-    json_path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    record = {"rows": rows}
+    try:
+        record["provenance"] = json.loads((out / "provenance.json").read_text())
+    except (OSError, ValueError):       # none, or unreadable: the results still count, without their provenance
+        pass
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
     columns = METRIC_COLUMNS + sorted({key for row in rows for key in row} - set(METRIC_COLUMNS))
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

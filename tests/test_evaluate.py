@@ -263,6 +263,7 @@ def test_metrics_cli_end_to_end_matches_cleanfid(data, tmp_path):
                    "--out", out, "--is-splits", "2", "--workers", "0", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert json.loads((out / "results.json").read_text())["provenance"]["argv"][1:3] == ["metrics", "--samples"]
     # clean-fid's own pipeline (its resize to 299, its data loader, its statistics) on the same folders and network
     from cleanfid import fid
     net = metrics.load_torchscript_extractor(data["extractor"])
@@ -429,8 +430,13 @@ def test_checkpoint_end_to_end_offline(data, tmp_path, capsys):
                     "--batch-size", "6", "--features", str(data["extractor"]), "--ref", str(data["ref"]),
                     "--out", str(out), "--is-splits", "2", "--npz", "--resize", "none"])
     assert code == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
     assert [r["cfg_scale"] for r in rows] == [1.0, 3.0] and rows[0]["model"] == "DiT-T/2"
+    # the code and machine that measured: provenance.json, also inside results.json, this repository's commit
+    from plumbing import provenance
+    assert results["provenance"] == json.loads((out / "provenance.json").read_text())
+    assert results["provenance"]["commit"] == provenance.code_state()["commit"]
     assert all(np.isfinite(r["fid"]) and r["train_step"] == 20 for r in rows)
     assert all(0 <= r["precision"] <= 1 and r["dtype"] == "fp32" for r in rows)   # the metric, not the dtype
     with np.load(out / "cfg3" / "samples.npz") as z:

@@ -241,6 +241,8 @@ def test_smoke_writes_results_summary_and_plots(smoke):
     assert len(rows) == 2 * 2 * 2                                 # cells x seeds x guidance scales
     assert {r["cell"] for r in rows} == {"clean", "corrupt0.2"} and {r["seed"] for r in rows} == {"0", "1"}
     assert all(float(r["precision"]) >= 0 and r["train.corrupt"] in ("0.0", "0.2") for r in rows)
+    from plumbing.provenance import code_state                  # each row names the code that evaluated it
+    assert {r["commit"] for r in rows} == {code_state()["commit"]} and {r["dirty"] for r in rows} <= {"True", "False"}
     text = (out / "summary.md").read_text()
     assert "| corrupt0.2 | 2 |" in text and "±" in text
     for run in ("clean/seed0", "corrupt0.2/seed1"):                # every run folder is a normal nanoCEP run
@@ -273,6 +275,25 @@ def test_rerun_after_a_kill_resumes_only_what_is_missing(smoke):
     assert len(_train_starts(killed_in_eval)) == 1                 # evaluation only, no retraining
     assert (untouched / "eval" / "results.json").stat().st_mtime_ns == before
     assert (killed_in_train / "eval" / "results.json").is_file()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_a_sweep_resumes_from_its_committable_files_alone(smoke, tmp_path):
+    """Under results/<name>/, .gitignore leaves out checkpoints, samples, features and logs; what is left (the raw
+    rows and run records) is a complete sweep: a rerun trains and evaluates nothing and writes the same results.csv."""
+    repo = tmp_path / "repo"
+    shutil.copytree(smoke["out"], repo / "results" / "smoke")
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
+    for args in (["init", "-q"], ["clean", "-fdXq"]):                   # remove every ignored file
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    kept = [p.relative_to(repo / "results" / "smoke") for p in (repo / "results" / "smoke").rglob("*") if p.is_file()]
+    assert not [p for p in kept if p.suffix in (".pt", ".png", ".log")] and Path("sweep.json") in kept
+    run = Path("runs/clean/seed0")
+    assert {run / "config.json", run / "log.jsonl", run / "provenance.json", run / "eval/results.json"} <= set(kept)
+    r = run_sweep(*[repo / "results" / "smoke" if a == smoke["out"] else a for a in smoke["args"]])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(": already done") == 4 and not list((repo / "results" / "smoke").rglob("*.pt"))
+    assert (repo / "results" / "smoke" / "results.csv").read_bytes() == (smoke["out"] / "results.csv").read_bytes()
 
 
 def test_rerun_with_other_settings_is_refused(smoke):

@@ -1,0 +1,132 @@
+"""Tests for tools/results.py: a results folder's quoted tables regenerate from its raw rows, and --check names
+every block or file that no longer matches them (an edited number in a page, an edited raw row); the repository's
+own results/ and docs/ pass the check."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sweep
+from scoring.stats import paired, t_interval
+from tools import results
+
+REPO = Path(__file__).resolve().parents[1]
+PAGE = "# Results\n\nAt s = 2:\n\n<!-- results:tiny:table -->\nstale\n<!-- /results -->\n\nPaired:\n\n" \
+       "<!-- results:tiny:summary -->\n<!-- /results -->\n"
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """results/tiny: 2 cells x 3 seeds, each run's eval/results.json at s = 1 and 2 with a known FID, reported by
+    sweep.report as a sweep would; docs/page.md quoting its table and summary. Plots are stubs (seconds each) until
+    monkeypatch.undo()."""
+    for name in ("plot_vs_eta", "plot_curves"):
+        monkeypatch.setattr(sweep, name, lambda *args: Path(args[2 if len(args) > 2 else 1]).write_bytes(b"stub"))
+    cfg = sweep.SweepConfig(out=str(tmp_path / "results" / "tiny"), grid=["corrupt=0,0.1"], seeds="0,1,2",
+                            train="--steps 3", eval="--cfg-scales 1,2", fixed_scale=2.0)
+    runs = sweep.plan(cfg)
+    sweep.pin_protocol(cfg, runs)
+    fid = {(r.name, s): 10 + 3 * float(r.cell["corrupt"] != "0") + r.seed + s for r in runs for s in (1.0, 2.0)}
+    for r in runs:
+        (r.folder / "eval").mkdir(parents=True)
+        (r.folder / "log.jsonl").write_text(json.dumps({"event": "done", "step": 3}) + "\n")
+        rows = [{"cfg_scale": s, "fid": fid[r.name, s] + 0.1 * r.seed ** 2} for s in (1.0, 2.0)]
+        (r.folder / "eval" / "results.json").write_text(json.dumps({"rows": rows, "provenance": {
+            "commit": "c0ffee", "dirty": False}}))
+    sweep.report(runs, cfg)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.md").write_text(PAGE)
+    return tmp_path
+
+
+def check(root: Path, capsys, *extra) -> tuple[int, list]:
+    args = ["--results", str(root / "results"), "--docs", str(root / "docs"), "--assets", str(root / "assets")]
+    code = results.main([*args, *extra])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_tables_regenerate_from_the_raw_rows_and_check_passes(folder, capsys, monkeypatch):
+    code, out = check(folder, capsys, "--check")
+    assert code == 1 and len(out) == 2 and all("docs/page.md: block results:tiny:" in line for line in out)
+    monkeypatch.undo()                                                    # sweep.py's real plots
+    assert check(folder, capsys)[0] == 0                                   # write the blocks and plots
+    assert check(folder, capsys, "--check") == (0, [])
+    page = (folder / "docs" / "page.md").read_text()
+    table = (folder / "results" / "tiny" / "table.md").read_text()
+    assert f"<!-- results:tiny:table -->\n{table}<!-- /results -->" in page and "stale" not in page
+    assert (folder / "results" / "tiny" / "summary.md").read_text().endswith(page.split(
+        "<!-- results:tiny:summary -->\n")[1].split("<!-- /results -->")[0])
+    # the quoted numbers are the estimates: the clean cell's mean ± t-interval and the paired difference at s = 2
+    clean = [10 + k + 2 + 0.1 * k ** 2 for k in range(3)]
+    treated = [13 + k + 2 + 0.1 * k ** 2 for k in range(3)]
+    assert "| clean | **{} ± {}** |".format(*(f"{v:.3g}" if i == 0 else f"{v:.2g}" for i, v in
+                                              enumerate(t_interval(clean)))) in page
+    diff = paired(treated, clean)
+    assert diff["half"] < 1e-9 and f"| corrupt0.1 | 3 | 2 | {np.mean(treated):.3g} ± " in page
+    assert "| (clean) |" in page and f"| {diff['diff']:.3g} ± " in page
+    assert all((folder / "assets" / "tiny" / name).read_bytes()[:4] == b"\x89PNG" for name in results.PLOTS)
+
+
+def test_check_names_the_block_with_an_edited_number(folder, capsys):
+    check(folder, capsys)
+    page = folder / "docs" / "page.md"
+    text = page.read_text()
+    edited = text.replace("| clean | **13.2 ±", "| clean | **13.3 ±", 1)       # its mean is 13.17
+    assert edited != text
+    page.write_text(edited)
+    code, out = check(folder, capsys, "--check")
+    assert code == 1 and out == [f"{page}: block results:tiny:table differs from what "
+                                 f"{folder / 'results' / 'tiny'}/runs/*/eval/results.json gives"]
+
+
+def test_check_names_the_files_and_blocks_an_edited_raw_row_changes(folder, capsys):
+    check(folder, capsys)
+    raw = folder / "results" / "tiny" / "runs" / "clean" / "seed1" / "eval" / "results.json"
+    data = json.loads(raw.read_text())
+    data["rows"][1]["fid"] += 1.0                                         # s = 2 of one clean run
+    raw.write_text(json.dumps(data))
+    code, out = check(folder, capsys, "--check")
+    assert code == 1 and {line.split(" differs")[0] for line in out} == {
+        str(folder / "results" / "tiny" / "results.csv"), str(folder / "results" / "tiny" / "summary.json"),
+        f"{folder / 'docs' / 'page.md'}: block results:tiny:table",
+        f"{folder / 'docs' / 'page.md'}: block results:tiny:summary"}
+    assert check(folder, capsys)[0] == 0 and check(folder, capsys, "--check") == (0, [])   # regenerated
+
+
+def test_a_results_csv_without_runs_is_the_raw_rows(folder, capsys):
+    """A folder holding results.csv but not the runs' eval results: the tables come from results.csv itself."""
+    check(folder, capsys)
+    import shutil
+    shutil.rmtree(folder / "results" / "tiny" / "runs")
+    assert check(folder, capsys, "--check") == (0, [])
+    path = folder / "results" / "tiny" / "results.csv"
+    rows = path.read_bytes().decode().split("\r\n")
+    assert rows[1].startswith("clean,0,1.0,11.0,")
+    rows[1] = rows[1].replace("clean,0,1.0,11.0,", "clean,0,1.0,11.5,")
+    path.write_bytes("\r\n".join(rows).encode())
+    code, out = check(folder, capsys, "--check")
+    assert code == 1 and any(line.startswith(f"{folder / 'docs' / 'page.md'}: block results:tiny:summary")
+                             for line in out)
+
+
+def test_results_csv_records_the_code_that_evaluated(folder):
+    rows = sweep.parse_csv((folder / "results" / "tiny" / "results.csv").read_bytes().decode())
+    assert {r["commit"] for r in rows} == {"c0ffee"} and {r["dirty"] for r in rows} == {"False"}
+
+
+def test_a_block_quoting_a_missing_folder_is_an_error_and_nothing_is_written(folder, capsys):
+    page = folder / "docs" / "page.md"
+    page.write_text(PAGE + "\n<!-- results:nowhere:table -->\n<!-- /results -->\n")
+    args = ["--results", str(folder / "results"), "--docs", str(folder / "docs"), "--assets", str(folder / "assets")]
+    assert results.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tools.results: error: {page}: block results:nowhere:table: no {folder / 'results' / 'nowhere'}" \
+                  "/results.csv"
+    assert page.read_text().count("stale") == 1 and not (folder / "assets").exists()
+
+
+def test_the_repository_results_match_their_raw_rows(capsys):
+    """The guard of every published table: docs/ quotes what results/ gives (trivially true while neither exists)."""
+    assert results.main(["--check"]) == 0, capsys.readouterr().out
