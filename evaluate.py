@@ -39,6 +39,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -140,7 +141,7 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
             "dtype": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class"),
             "class_dropout": cfg.class_dropout, "image_size": cfg.image_size,
-            "class_embedding": "raw" if raw_class_embedding else "as trained"}
+            "class_embedding": "raw" if raw_class_embedding else "as trained", **condition_scale(model, cfg)}
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
@@ -152,6 +153,26 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
 
         info["num_classes"] = len(prompts)
     return sample_fn, info
+
+
+@torch.no_grad()
+def condition_scale(model, cfg) -> dict:
+    """A class-conditional checkpoint's class_embed_norm (mean L2 norm over the real classes of the embedding the model
+    is fed at sampling: the smoothed row under --label-smoothing, unless raw_at_sampling), cep_noise_norm (the RMS L2
+    norm of CEP's training noise, sqrt(d) x its per-element std: gamma/sqrt(3) uniform, gamma gaussian) and their ratio
+    cep_noise_to_embed (0 without CEP): how large the perturbation is beside what it perturbs. {} for other models."""
+    import cep
+    enc = model.cond
+    if getattr(enc, "kind", None) != "class" or not hasattr(enc, "embedding_table"):
+        return {}
+    was_training = enc.training
+    emb = enc.eval()(torch.arange(enc.num_classes, device=enc.embedding_table.weight.device))   # (K, D), no CEP
+    enc.train(was_training)
+    embed_norm = float(emb.double().norm(dim=1).mean())
+    d = emb.shape[-1]
+    noise_norm = math.sqrt(d) * cep.noise_std(getattr(cfg, "cep", "none"), getattr(cfg, "cep_gamma", 0.0), d)
+    return {"class_embed_norm": embed_norm, "cep_noise_norm": noise_norm,
+            "cep_noise_to_embed": noise_norm / embed_norm if noise_norm > 0 else 0.0}
 
 
 def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_bf16, *, learn_sigma=False,

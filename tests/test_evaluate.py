@@ -723,3 +723,43 @@ def test_legacy_tensorflow_pipeline_matches_cleanfid(tmp_path):
     assert clean.shape == ours["feats"].shape and not np.allclose(clean, ours["feats"], atol=1e-4)
     with pytest.raises(ValueError, match="mode of clean-fid's Inception"):
         metrics.Featurizer(str(path), pipeline="legacy_tensorflow")                   # not for a custom --features
+
+
+
+@pytest.fixture(scope="module")
+def cep_run(tmp_path_factory):
+    """A 2-step DiT run on 12 built-in items with label smoothing 0.5 and CEP-U at gamma 2 (AdamW: Muon imports the
+    compiler, seconds)."""
+    import train_dit
+    run = tmp_path_factory.mktemp("ceprun") / "run"
+    assert train_dit.main(["--image-size", "16", "--batch-size", "8", "--steps", "2", "--sample-every", "0",
+                           "--builtin-length", "12", "--label-smoothing", "0.5", "--cep", "uniform", "--cep-gamma",
+                           "2", "--optimizer", "adamw", "--out", str(run)]) == 0
+    return run
+
+
+def test_condition_scale_of_a_checkpoint_with_known_class_rows(cep_run, tmp_path):
+    """class_embed_norm is the mean L2 norm of the rows the model is fed (the smoothed ones under --label-smoothing,
+    the raw ones with --raw-class-embedding; never the null row), cep_noise_norm sqrt(d) x CEP's per-element std."""
+    ckpt = torch.load(cep_run / "last.pt", weights_only=True)
+    key = "y_embedder.embedding_table.weight"
+    K, D = 10, ckpt["ema"][key].shape[1]
+    rows = torch.zeros(K + 1, D)
+    rows[:K, 0] = torch.arange(1.0, K + 1)                     # class c: (c + 1) e_0; the null row much longer
+    rows[:K, 1] = 1.0
+    rows[K] = 100.0
+    for mode in ("uniform", "gaussian", "none"):
+        torch.save({**ckpt, "config": {**ckpt["config"], "cep": mode}, "ema": {**ckpt["ema"], key: rows}},
+                   tmp_path / f"{mode}.pt")
+    smoothed = 0.5 * rows[:K] + 0.5 * rows[:K].mean(0)          # (K, D)
+    want = {"as trained": smoothed.norm(dim=1).mean().item(), "raw": rows[:K].norm(dim=1).mean().item()}
+    for raw in (False, True):
+        _, info = ev.load_sampler(tmp_path / "uniform.pt", raw_class_embedding=raw)
+        assert info["class_embed_norm"] == pytest.approx(want["raw" if raw else "as trained"], rel=1e-6)
+    assert info["cep_noise_norm"] == pytest.approx(2 / np.sqrt(3))            # uniform: half-width 2/sqrt(d)
+    assert info["cep_noise_to_embed"] == pytest.approx(2 / np.sqrt(3) / want["raw"], rel=1e-6)
+    _, info = ev.load_sampler(tmp_path / "gaussian.pt")
+    assert info["cep_noise_norm"] == pytest.approx(2.0) and info["class_embed_norm"] == pytest.approx(want["as trained"])
+    _, info = ev.load_sampler(tmp_path / "none.pt")
+    assert info["cep_noise_norm"] == 0 and info["cep_noise_to_embed"] == 0
+
