@@ -58,7 +58,7 @@ from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featuriz
                              load_train_reference, min_samples, pipeline_label, plot_fid_is, read_results,
                              reference_kind, reference_pipeline, npz_keys, save_npz, source_pipeline, write_reference,
                              write_results)
-from scoring import shapes
+from scoring import memorization, shapes
 from scoring.held_out import HeldOutControls
 from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES
 from trackers import tracking
@@ -314,7 +314,8 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
     labels, seeds), samples.npz (--npz) and samples/{index:06d}.png (--png). keep_pixels: every rank hands its
     images to rank 0 (through its shard file) for the pixel-space memorization test (small images only).
     shape_fidelity (built-in data): every rank scores its own images' shapes (scoring/shapes.py), and the rows get
-    shape_iou_disc and shape_iou_cross.
+    shape_iou_disc and shape_iou_cross. With train_ref, OUT/memorization_s{scale}.npz and OUT/nearest_s{scale}.npz
+    hold the per-sample arrays behind the memorization columns (memorization.save_arrays).
     """
     out = Path(out_dir)
     labels, seeds = balanced_labels(num_samples, num_classes), sample_seeds(num_samples, seed)
@@ -337,13 +338,17 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
             merged = merge_shards(scale_dir, world_size, keep_images=write_npz, pipeline=featurizer.pipeline)
             if reference is None and ref is not None:
                 reference = load_reference(ref, featurizer, image_size=images.shape[1])
+            found = None if train_ref is None else memorization.search(train_ref, merged["feats"], merged["images"])
             row = {"cfg_scale": scale, **compute_metrics(merged, reference, k, is_splits, featurizer.device,
-                                                         train_ref, num_classes, mem_tau),
+                                                         train_ref, num_classes, mem_tau, found),
                    **shape_columns(merged),
                    "samples": str(scale_dir), "ref": None if ref is None else str(ref), "extractor": featurizer.name,
                    "resize": featurizer.resize, "pipeline": featurizer.pipeline, "k": k, "is_splits": is_splits, "seed": seed, "world_size": world_size,
                    "rank0_samples_per_s": round(len(mine) / max(seconds, 1e-9), 3), **(settings or {})}
             rows.append(row)
+            if found is not None:     # the per-sample distances behind the memorization columns
+                memorization.save_arrays(out, scale, found, merged["labels"], merged["seeds"], merged["images"],
+                                         train_ref.get("pixels"))
             write_results(rows, out)  # after every scale, so a long grid leaves partial results behind
         _barrier()
     return rows if rank == 0 else None

@@ -763,3 +763,43 @@ def test_condition_scale_of_a_checkpoint_with_known_class_rows(cep_run, tmp_path
     _, info = ev.load_sampler(tmp_path / "none.pt")
     assert info["cep_noise_norm"] == 0 and info["cep_noise_to_embed"] == 0
 
+
+def test_train_ref_writes_the_per_sample_memorization_arrays(data, cep_run, tmp_path, monkeypatch):
+    """--train-ref auto: memorization_s<scale>.npz holds the distances behind mem_ratio_px (its d1 < d2 / 3 share is
+    the row's), nearest_s<scale>.npz the first samples beside the training views nearest them; the rows carry the
+    condition's scale."""
+    import functools
+    import data as datasets
+    from scoring import metrics as m, shapes, trainset
+    monkeypatch.setattr(trainset, "build", functools.partial(trainset.build, num_fresh=50))   # a quick chance level
+    monkeypatch.setattr(shapes, "item_iou", lambda images, labels: np.zeros(len(images)))    # not measured here
+    out = tmp_path / "eval"
+    assert ev.main([str(cep_run / "last.pt"), "--num-samples", "40", "--cfg-scales", "1,2", "--steps", "2",
+                    "--batch-size", "20", "--features", str(data["extractor"]), "--resize", "none", "--is-splits", "2",
+                    "--train-ref", "auto", "--npz", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    train_ref = m.load_train_reference(next((out / "features").glob("train-ref-*.npz")))
+    items = trainset.images_of(datasets.training_set(json.loads((cep_run / "config.json").read_text())), range(12))
+    for row in rows:
+        s = row["cfg_scale"]
+        assert row["cep_noise_norm"] == pytest.approx(2 / np.sqrt(3))
+        assert row["cep_noise_to_embed"] == pytest.approx(row["cep_noise_norm"] / row["class_embed_norm"])
+        with np.load(out / f"memorization_s{s:g}.npz") as z:
+            arrays = dict(z)
+        with np.load(out / f"cfg{s:g}" / "samples.npz") as z:
+            samples, labels = z["arr_0"], z["labels"]
+        for key in ("d1", "d2", "d1_feat", "d2_feat"):
+            assert arrays[key].shape == (40,) and arrays[key].dtype == np.float32
+        assert arrays["nearest_item"].shape == (40,) and arrays["nearest_item"].max() < 12
+        np.testing.assert_array_equal(arrays["labels"], labels)
+        assert np.mean(arrays["d1"] < arrays["d2"] / 3) == row["mem_ratio_px"]
+        assert np.mean(arrays["d1_feat"] < arrays["d2_feat"] / 3) == row["mem_ratio_feat"]
+        assert np.median(arrays["d1"]) == pytest.approx(row["nn_px_median"], rel=1e-6)
+        with np.load(out / f"nearest_s{s:g}.npz") as z:
+            shown, nearest, item, view = z["samples"], z["nearest"], z["nearest_item"], z["nearest_view"]
+        assert shown.shape == nearest.shape == (32, 16, 16, 3) and nearest.dtype == np.uint8
+        np.testing.assert_array_equal(shown, samples[:32])
+        np.testing.assert_array_equal(nearest, train_ref["pixels"][view])           # the view nearest each sample,
+        assert all(np.array_equal(n, items[i]) or np.array_equal(n, items[i][:, ::-1]) for n, i in zip(nearest, item))
+        d1 = np.linalg.norm(shown.reshape(32, -1) / 127.5 - nearest.reshape(32, -1) / 127.5, axis=1)
+        np.testing.assert_allclose(d1, arrays["d1"][:32], rtol=1e-5)               # ... at the distance d1
