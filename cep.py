@@ -52,6 +52,13 @@ def _check(mode, gamma):
         raise ValueError(f"CEP gamma must be a finite number >= 0, got {gamma!r}")
 
 
+def noise_std(mode, gamma, d):
+    """The per-element standard deviation of delta for an embedding of width d (0 for mode 'none')."""
+    _check(mode, gamma)
+    scale = gamma / math.sqrt(d)
+    return {"uniform": scale / math.sqrt(3), "gaussian": scale, "none": 0.0}[mode]
+
+
 def unit_noise(shape, mode="uniform", generator=None, device=None):
     """The unit draw delta is made from: U[0, 1) for uniform, N(0, 1) for gaussian, fp32, of `shape`.
 

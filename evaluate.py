@@ -40,6 +40,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -59,7 +60,7 @@ from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featuriz
                              load_train_reference, min_samples, pipeline_label, plot_fid_is, read_results,
                              reference_kind, reference_pipeline, npz_keys, save_npz, source_pipeline, write_reference,
                              write_results)
-from scoring import shapes
+from scoring import memorization, shapes
 from scoring.control import COLUMNS as EDGE_COLUMNS
 from scoring.held_out import HeldOutControls
 from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES
@@ -143,7 +144,7 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
             "train_step": int(state["step"]), "vae": getattr(cfg, "vae", "none"),
             "dtype": "bf16" if use_bf16 else "fp32", "cond": getattr(cfg, "cond", "class"),
             "class_dropout": cfg.class_dropout, "image_size": cfg.image_size,
-            "class_embedding": "raw" if raw_class_embedding else "as trained"}
+            "class_embedding": "raw" if raw_class_embedding else "as trained", **condition_scale(model, cfg)}
     if info["cond"] == "text":
         if not prompts:
             raise ValueError(f"{ckpt} is text-conditional: pass --prompts FILE (one caption per line)")
@@ -155,6 +156,26 @@ def load_sampler(ckpt, device="cpu", ema=True, sampler="dpm++", steps=50, precis
 
         info["num_classes"] = len(prompts)
     return sample_fn, info
+
+
+@torch.no_grad()
+def condition_scale(model, cfg) -> dict:
+    """A class-conditional checkpoint's class_embed_norm (mean L2 norm over the real classes of the embedding the model
+    is fed at sampling: the smoothed row under --label-smoothing, unless raw_at_sampling), cep_noise_norm (the RMS L2
+    norm of CEP's training noise, sqrt(d) x its per-element std: gamma/sqrt(3) uniform, gamma gaussian) and their ratio
+    cep_noise_to_embed (0 without CEP): how large the perturbation is beside what it perturbs. {} for other models."""
+    import cep
+    enc = model.cond
+    if getattr(enc, "kind", None) != "class" or not hasattr(enc, "embedding_table"):
+        return {}
+    was_training = enc.training
+    emb = enc.eval()(torch.arange(enc.num_classes, device=enc.embedding_table.weight.device))   # (K, D), no CEP
+    enc.train(was_training)
+    embed_norm = float(emb.double().norm(dim=1).mean())
+    d = emb.shape[-1]
+    noise_norm = math.sqrt(d) * cep.noise_std(getattr(cfg, "cep", "none"), getattr(cfg, "cep_gamma", 0.0), d)
+    return {"class_embed_norm": embed_norm, "cep_noise_norm": noise_norm,
+            "cep_noise_to_embed": noise_norm / embed_norm if noise_norm > 0 else 0.0}
 
 
 def make_sample_fn(model, diffusion, shape, decode, device, sampler, steps, use_bf16, *, learn_sigma=False,
@@ -296,7 +317,8 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
     labels, seeds), samples.npz (--npz) and samples/{index:06d}.png (--png). keep_pixels: every rank hands its
     images to rank 0 (through its shard file) for the pixel-space memorization test (small images only).
     shape_fidelity (built-in data): every rank scores its own images' shapes (scoring/shapes.py), and the rows get
-    shape_iou_disc and shape_iou_cross.
+    shape_iou_disc and shape_iou_cross. With train_ref, OUT/memorization_s{scale}.npz and OUT/nearest_s{scale}.npz
+    hold the per-sample arrays behind the memorization columns (memorization.save_arrays).
     """
     out = Path(out_dir)
     labels, seeds = balanced_labels(num_samples, num_classes), sample_seeds(num_samples, seed)
@@ -319,13 +341,17 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
             merged = merge_shards(scale_dir, world_size, keep_images=write_npz, pipeline=featurizer.pipeline)
             if reference is None and ref is not None:
                 reference = load_reference(ref, featurizer, image_size=images.shape[1])
+            found = None if train_ref is None else memorization.search(train_ref, merged["feats"], merged["images"])
             row = {"cfg_scale": scale, **compute_metrics(merged, reference, k, is_splits, featurizer.device,
-                                                         train_ref, num_classes, mem_tau),
+                                                         train_ref, num_classes, mem_tau, found),
                    **shape_columns(merged),
                    "samples": str(scale_dir), "ref": None if ref is None else str(ref), "extractor": featurizer.name,
                    "resize": featurizer.resize, "pipeline": featurizer.pipeline, "k": k, "is_splits": is_splits, "seed": seed, "world_size": world_size,
                    "rank0_samples_per_s": round(len(mine) / max(seconds, 1e-9), 3), **(settings or {})}
             rows.append(row)
+            if found is not None:     # the per-sample distances behind the memorization columns
+                memorization.save_arrays(out, scale, found, merged["labels"], merged["seeds"], merged["images"],
+                                         train_ref.get("pixels"))
             write_results(rows, out)  # after every scale, so a long grid leaves partial results behind
         _barrier()
     return rows if rank == 0 else None

@@ -9,6 +9,8 @@ a grid of guidance scales, and say with confidence intervals over seeds whether 
     python sweep.py --preset memorize-map16 --out sweeps/memorize-map16  # the same at 16 px (side, patch)
     python sweep.py --preset memorize --out sweeps/memorize          # the protocol in that regime (30 runs)
     python sweep.py --preset memorize-quick --out sweeps/memorize-quick   # its quick form (9 runs)
+    python sweep.py --preset memorize --eval-steps 2000,2500,3000 --curve-eval "--num-samples 1000 --cfg-scales 1" \
+        --out sweeps/memorize-curve                                # the same, measured along training too
     python sweep.py --preset in1k-dit --out sweeps/dit --train "--latents /data/in1k-kl-f8" \
         --eval "--ref in1k_val_256_tf.npz --pipeline legacy_tensorflow" \
         --nproc 8 --dry-run    # the paper's DiT-XL/2 grid as torchrun commands, against the 50K validation images
@@ -37,6 +39,12 @@ How the experiment is built (read the code in this order):
     and the paired difference (same seed) to the clean cell with its interval; a best scale at the edge of the
     guidance grid is marked, as the optimum may lie outside it. Plots: metric vs η with error bars
     (paper Fig. 2), FID vs IS and precision vs recall across guidance scales per cell (Fig. 3); table.md is Table 1.
+ 5. Along training. --eval-steps 2000,2500,3000 keeps each run's step_XXXXXXX.pt at those steps (below its --steps)
+    and evaluates each into OUT/runs/<cell>/seed<S>/eval/step_XXXXXXX/ (--curve-eval's flags after --eval's). The
+    step column of results.csv tells those rows from the final evaluation's, which alone feed summary.md and the
+    plots above; curve_<metric>.png draws --metric (and mem_ratio_px) at --fixed-scale against the step, mean ± CI
+    over seeds. A rerun skips a checkpoint evaluation with complete results even when its .pt is gone, and refuses
+    one whose results and .pt are both gone.
 Table 2 (ControlNet on pre-trained bases) is a grid over the frozen base: `--grid base=clean:A.pt,cep:B.pt` trains
 `--init-from A.pt` per cell (with --train "--control canny ...") and pairs every base with the one named clean:
     python sweep.py --preset table2 --dry-run                       # the paper's Table 2 (Canny) as torchrun commands
@@ -49,6 +57,7 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -334,6 +343,11 @@ class SweepConfig:
     launcher: str = field(default="python", metadata={"help": "python | torchrun (over --nproc local GPUs)"})
     nproc: int = field(default=0, metadata={"help": "torchrun processes per run; 0 = the local GPU count"})
     jobs: int = field(default=1, metadata={"help": "runs at a time (CPU: threads split between them)"})
+    eval_steps: str = field(default="", metadata={"help": "comma-separated training steps (e.g. 2000,2500,3000) whose "
+                                                 "checkpoints are kept and evaluated too, into RUN/eval/step_XXXXXXX/: "
+                                                 "the metrics along training; empty = off"})
+    curve_eval: str = field(default="", metadata={"help": "extra evaluate.py flags for the --eval-steps checkpoints, "
+                                                 "after --eval's (e.g. --num-samples 1000 --cfg-scales 1)"})
     dry_run: bool = field(default=False, metadata={"help": "print the commands instead of running them"})
     log: str = field(default="", metadata={"help": "wandb | tensorboard: every run's training and evaluation records "
                                              "go there too, grouped by the sweep's name, named cell/seedS"})
@@ -351,6 +365,8 @@ class Run:
     eval_cmd: list
     scales: list
     trained: Path | None = None  # the training run's folder, when another cell's (eval-side keys only differ)
+    curve: dict = field(default_factory=dict)    # --eval-steps: step -> evaluate.py command of RUN/step_XXXXXXX.pt
+    curve_scales: list = field(default_factory=list)  # the guidance scales those evaluations ask for
 
     @property
     def run_dir(self) -> Path:
@@ -360,6 +376,14 @@ class Run:
     @property
     def name(self):
         return f"{cell_name(self.cell)}/seed{self.seed}"
+
+    def checkpoint(self, step: int) -> Path:
+        """The checkpoint the trainer keeps at `step` (runio: --keep-every)."""
+        return self.run_dir / f"step_{step:07d}.pt"
+
+    def curve_dir(self, step: int) -> Path:
+        """Where the checkpoint of `step` is evaluated."""
+        return self.folder / "eval" / f"step_{step:07d}"
 
 
 def launcher_prefix(cfg: SweepConfig) -> list:
@@ -404,20 +428,60 @@ def plan(cfg: SweepConfig, features: str = "") -> list:
         folder = out / "runs" / cell_name(cell) / f"seed{seed}"
         # cells that differ only in evaluate.py keys (cads=off,on) share one training run: the cell without them
         trained = out / "runs" / cell_name({k: v for k, v in cell.items() if k not in EVAL_KEYS}) / f"seed{seed}"
-        train_cmd = prefix + [f"{cfg.script}.py", *shlex.split(cfg.train), *train_args, "--seed", str(seed),
+        train_words = [*shlex.split(cfg.train), *train_args]
+        steps = curve_steps(cfg, train_words)
+        train_cmd = prefix + [f"{cfg.script}.py", *train_words, *keep_flags(train_words, steps), "--seed", str(seed),
                               "--out", str(trained), "--resume", "auto"]
         ev = [*extra_eval, *shlex.split(cfg.eval), *eval_args]
+        curve_ev = [*extra_eval, *shlex.split(cfg.eval), *shlex.split(cfg.curve_eval), *eval_args]
         eval_cmd = prefix + ["evaluate.py", str(trained / "last.pt"), *ev, "--out", str(folder / "eval")]
+        run = Run(cell, seed, folder, train_cmd, eval_cmd, eval_scales(ev), trained=None if trained == folder else trained,
+                  curve_scales=eval_scales(curve_ev))
+        run.curve = {s: prefix + ["evaluate.py", str(run.checkpoint(s)), *curve_ev, "--out", str(run.curve_dir(s))]
+                     for s in steps}
         if cfg.log:   # trackers group a sweep's runs by its name; each run is its cell and seed
             train_tags = ["--log", cfg.log, "--log-group", out.name, "--log-name", f"{trained.parent.name}/seed{seed}"]
             eval_tags = ["--log", cfg.log, "--log-group", out.name, "--log-name", f"{cell_name(cell)}/seed{seed}"]
-            train_cmd, eval_cmd = train_cmd + train_tags, eval_cmd + eval_tags
-        runs.append(Run(cell, seed, folder, train_cmd, eval_cmd, eval_scales(ev),
-                        trained=None if trained == folder else trained))
+            run.train_cmd, run.eval_cmd = train_cmd + train_tags, eval_cmd + eval_tags
+            run.curve = {s: cmd + eval_tags for s, cmd in run.curve.items()}
+        runs.append(run)
     names = [cell_name(c) for c in cells]
     if len(set(names)) != len(names):
         raise ValueError(f"two cells share a name: {names}")
     return runs
+
+
+def parse_steps(text: str) -> list:
+    """--eval-steps "2000,2500" -> [2000, 2500] (sorted, distinct, positive); "" -> []."""
+    try:
+        steps = sorted({int(s) for s in str(text).split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"--eval-steps: not a comma-separated list of integers: {text!r}") from None
+    if steps and steps[0] < 1:
+        raise ValueError(f"--eval-steps: steps must be >= 1, got {text!r}")
+    return steps
+
+
+def curve_steps(cfg: SweepConfig, train_words: list) -> list:
+    """The --eval-steps a run evaluates: those before its last step (its final evaluation reads last.pt)."""
+    final = requested_steps(train_words)
+    return [s for s in parse_steps(cfg.eval_steps) if final is None or s < final]
+
+
+def keep_flags(train_words: list, steps: list) -> list:
+    """Train flags that make the trainer keep step_XXXXXXX.pt at every step of `steps`: it keeps one where both
+    --ckpt-every and --keep-every divide the step, so a missing flag is set to the steps' gcd and a given one that
+    misses a step is refused (ValueError, one line)."""
+    extra = []
+    for flag in ("--keep-every", "--ckpt-every") if steps else ():
+        value = flag_value(train_words, flag, None)
+        if value is None:
+            extra += [flag, str(math.gcd(*steps))]
+        elif not value.isdigit() or int(value) < 1 or any(s % int(value) for s in steps):
+            missed = next((s for s in steps if not value.isdigit() or int(value) < 1 or s % int(value)), steps[0])
+            raise ValueError(f"--eval-steps: {flag} {value} in the train flags keeps no checkpoint at step {missed}; "
+                             f"pick eval steps it divides, or {flag} dividing them all (e.g. {math.gcd(*steps)})")
+    return extra
 
 
 def parse_seeds(text: str) -> list:
@@ -457,7 +521,41 @@ def is_trained(run: Run) -> bool:
 
 def is_evaluated(run: Run) -> bool:
     """results.json holds a row for every requested guidance scale."""
-    path = run.folder / "eval" / "results.json"
+    return has_scales(run.folder / "eval" / "results.json", run.scales)
+
+
+def is_curve_evaluated(run: Run, step: int) -> bool:
+    """The checkpoint of `step` has results for every guidance scale its evaluation asks for (whether or not the
+    checkpoint file is still there: results may be kept without their checkpoints)."""
+    return has_scales(run.curve_dir(step) / "results.json", run.curve_scales)
+
+
+def trained_to(run: Run) -> int:
+    """The last step the run's log.jsonl records (0 before any)."""
+    log, last = run.run_dir / "log.jsonl", 0
+    for line in log.read_text().splitlines() if log.is_file() else ():
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue        # a line cut by a kill
+        last = max(last, step) if isinstance(step, int) else last
+    return last
+
+
+def check_curve_checkpoints(runs: list):
+    """Refuse (ValueError, one line) an --eval-steps evaluation that can never run: its results are missing and its
+    checkpoint is gone although training went past its step, so no rerun of the sweep will write it again."""
+    for run in runs:
+        for step in run.curve:
+            if (not is_curve_evaluated(run, step) and not run.checkpoint(step).is_file()
+                    and trained_to(run) >= step):
+                raise ValueError(f"{run.name}: {run.checkpoint(step)} is gone and {run.curve_dir(step)} has no "
+                                 f"complete results; retrain the run (remove {run.run_dir}) or drop {step} from "
+                                 "--eval-steps")
+
+
+def has_scales(path: Path, scales: list) -> bool:
+    """A results.json at `path` holds a row for every guidance scale of `scales`."""
     if not path.is_file():
         return False
     try:
@@ -465,7 +563,7 @@ def is_evaluated(run: Run) -> bool:
     except (json.JSONDecodeError, KeyError, TypeError):
         return False
     have = {round(float(r["cfg_scale"]), 6) for r in rows if r.get("cfg_scale") is not None}
-    return all(round(s, 6) in have for s in run.scales)
+    return all(round(s, 6) in have for s in scales)
 
 
 class Runner:
@@ -502,16 +600,22 @@ class Runner:
 
 
 def execute(run: Run, runner: Runner, timings: Path):
-    """Train (unless done) then evaluate (unless done) one run; returns (name, what happened)."""
-    if is_evaluated(run):                       # complete results need no training (a folder from before sharing)
+    """Train (unless done), evaluate the --eval-steps checkpoints, then the final one (each unless done); returns
+    (name, what happened)."""
+    curve = [s for s in run.curve if not is_curve_evaluated(run, s)]
+    if is_evaluated(run) and not curve:         # complete results need no training (a folder from before sharing)
         return run.name, "already done"
     did = []
-    for what, done, cmd, where in (("train", is_trained, run.train_cmd, run.run_dir),
-                                   ("eval", is_evaluated, run.eval_cmd, run.folder)):
+    jobs = ([("train", is_trained, run.train_cmd, run.run_dir.parent / f"seed{run.seed}.train.log", None)]
+            + [("curve", functools.partial(is_curve_evaluated, step=s), run.curve[s],
+                run.folder.parent / f"seed{run.seed}.eval.step{s:07d}.log", run.checkpoint(s)) for s in curve]
+            + [("eval", is_evaluated, run.eval_cmd, run.folder.parent / f"seed{run.seed}.eval.log", None)])
+    for what, done, cmd, log, needs in jobs:
         if done(run):
             continue
+        if needs is not None and not needs.is_file():
+            raise RuntimeError(f"{run.name}: training kept no checkpoint {needs} to evaluate; see its train log")
         t0 = time.time()
-        log = where.parent / f"seed{run.seed}.{what}.log"
         rc = runner(cmd, log)
         if rc is None or runner.stopping:
             return run.name, "stopped"
@@ -538,6 +642,7 @@ def execute_all(runs: list, runner: Runner, timings: Path) -> list:
 def run_all(runs: list, cfg: SweepConfig, runner: Runner | None = None) -> bool:
     """Run every run (cfg.jobs training runs at a time, each followed by its cells' evaluations); True if all
     finished."""
+    check_curve_checkpoints(runs)
     threads = max(1, (os.cpu_count() or 1) // max(1, cfg.jobs))
     runner = runner or Runner(threads)
     signal.signal(signal.SIGTERM, runner.stop)
@@ -620,27 +725,51 @@ def write_builtin_reference(folder: Path, spec: str, image_size: int = 16):
 
 
 def collect(runs: list) -> list:
-    """Rows of every evaluated run: its results.json rows plus the cell's settings, the seed and the training config."""
+    """Rows of every evaluated run: its results.json rows plus the cell's settings, the seed, the training config and
+    the step of the checkpoint evaluated (--eval-steps' checkpoints, then the final one at the run's last step)."""
     rows = []
     for run in runs:
-        path = run.folder / "eval" / "results.json"
-        if not path.is_file():
-            continue
         config_path = run.run_dir / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         train_cfg = {f"train.{k}": v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
-        results = json.loads(path.read_text())
-        code = results.get("provenance") or {}          # the code that evaluated (plumbing/provenance.py)
-        for r in results["rows"]:
-            r = {("sample_seed" if k == "seed" else k): v for k, v in r.items()}   # "seed" is the training seed
-            rows.append({"cell": cell_name(run.cell), **run.cell, "seed": run.seed, **r,
-                         "commit": code.get("commit"), "dirty": code.get("dirty"), **train_cfg})
+        final = requested_steps(run.train_cmd)
+        for step, path in [*((s, run.curve_dir(s) / "results.json") for s in run.curve),
+                           (None, run.folder / "eval" / "results.json")]:
+            if not path.is_file():
+                continue
+            results = json.loads(path.read_text())
+            code = results.get("provenance") or {}      # the code that evaluated (plumbing/provenance.py)
+            for r in results["rows"]:
+                r = {("sample_seed" if k == "seed" else k): v for k, v in r.items()}   # "seed" is the training seed
+                at = step if step is not None else r.get("train_step", final)
+                rows.append({"cell": cell_name(run.cell), **run.cell, "seed": run.seed, "step": at, **r,
+                             "commit": code.get("commit"), "dirty": code.get("dirty"), **train_cfg})
     return rows
 
 
+def final_rows(rows: list, runs: list) -> list:
+    """The rows of each run's final evaluation: those whose step is not one of its --eval-steps checkpoints (which all
+    lie before its last step), so a run whose final evaluation is still missing has none yet."""
+    curve = {(cell_name(run.cell), run.seed): set(run.curve) for run in runs}
+    return [r for r in rows if r.get("step") not in curve.get((r["cell"], r["seed"]), ())]
+
+
+def training_curves(rows: list, metric: str, scale: float) -> dict:
+    """{cell: {seed: [(step, value of `metric` at guidance scale `scale`)]}} sorted by step: each run's metric along
+    training, from its --eval-steps checkpoints and its final evaluation (rows without the value are left out)."""
+    out = {}
+    for r in rows:
+        v = r.get(metric)
+        if (v is None or v == "" or r.get("step") in (None, "") or r.get("cfg_scale") is None
+                or round(float(r["cfg_scale"]), 6) != round(float(scale), 6) or math.isnan(float(v))):
+            continue
+        out.setdefault(r["cell"], {}).setdefault(r["seed"], []).append((int(r["step"]), float(v)))
+    return {c: {seed: sorted(pts) for seed, pts in per_seed.items()} for c, per_seed in out.items()}
+
+
 def csv_text(rows: list) -> str:
-    """results.csv's text: the cell, seed, scale and metric columns first, then every other column by name."""
-    first = ["cell", "seed", "cfg_scale", *HIGHER_IS_BETTER]
+    """results.csv's text: the cell, seed, step, scale and metric columns first, then every other column by name."""
+    first = ["cell", "seed", "step", "cfg_scale", *HIGHER_IS_BETTER]
     columns = [c for c in first if any(c in r for r in rows)]
     columns += sorted({k for r in rows for k in r} - set(columns))
     text = io.StringIO()
@@ -660,7 +789,7 @@ def parse_csv(text: str, where: str = "results.csv") -> list:
     an empty field None (floats are written as repr, so they come back bit for bit)."""
     numeric = {"cfg_scale", *HIGHER_IS_BETTER}
     try:
-        return [{k: None if v == "" else int(v) if k == "seed" else float(v) if k in numeric else v
+        return [{k: None if v == "" else int(v) if k in ("seed", "step") else float(v) if k in numeric else v
                  for k, v in r.items()} for r in csv.DictReader(io.StringIO(text, newline=""))]
     except (ValueError, TypeError, csv.Error) as e:
         raise ValueError(f"{where}: not a sweep's results.csv ({e})") from None
@@ -898,13 +1027,41 @@ def plot_curves(rows: list, path: Path):
     plt.close(fig)
 
 
+def plot_training_curves(rows: list, metric: str, scale: float, path: Path) -> bool:
+    """curve_<metric>.png: the metric at guidance scale `scale` against the training step, mean over seeds ± 95 %
+    Student-t interval per step, one line per cell; False (nothing written) when no row has it."""
+    curves = training_curves(rows, metric, scale)
+    if not curves:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for cell, per_seed in curves.items():
+        by_step = {}
+        for pts in per_seed.values():
+            for step, v in pts:
+                by_step.setdefault(step, []).append(v)
+        steps = sorted(by_step)
+        stats = [t_interval(by_step[s]) for s in steps]
+        ax.errorbar(steps, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o",
+                    capsize=3, label=f"{cell} ({len(per_seed)} seeds)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(METRIC_NAMES.get(metric, metric) + (" ↑" if HIGHER_IS_BETTER.get(metric) else " ↓"))
+    ax.legend(fontsize=7)
+    ax.set_title(f"along training at s = {scale:g}: mean ± 95 % CI over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def report(runs: list, cfg: SweepConfig, header: str = ""):
     """Write results.csv, summary.md, table.md and the plots from whatever runs are evaluated; returns the summary."""
     out = Path(cfg.out)
-    rows = collect(runs)
-    if not rows:
+    every = collect(runs)
+    if not every:
         return None
-    write_csv(rows, out / "results.csv")
+    write_csv(every, out / "results.csv")
+    rows = final_rows(every, runs)               # the summary and its plots read each run's final evaluation
     summary = summarize(rows, runs, cfg.metric, cfg.fixed_scale)
     (out / "summary.json").write_text(summary_json(summary))
     spent = {}
@@ -921,6 +1078,9 @@ def report(runs: list, cfg: SweepConfig, header: str = ""):
     plot_vs_eta(summary, runs, out / "metric_vs_eta.png", "best")
     plot_vs_eta(summary, runs, out / "metric_vs_eta_fixed.png", "fixed")
     plot_curves(rows, out / "curves.png")
+    if parse_steps(cfg.eval_steps):              # the metrics along training (the final step included)
+        for metric in dict.fromkeys([cfg.metric, "mem_ratio_px"]):
+            plot_training_curves(every, metric, cfg.fixed_scale, out / f"curve_{metric}.png")
     return summary
 
 
@@ -944,7 +1104,7 @@ def parse_args(argv=None) -> SweepConfig:
             p.add_argument(flag, type=f.type if f.type in (int, float) else str, **kw)
     given = vars(p.parse_args(argv))
     preset = dict(PRESETS[given.pop("preset")]) if given.get("preset") else (given.pop("preset", None) or {})
-    for key in ("train", "eval"):  # extra flags come after the preset's (argparse: the last one wins)
+    for key in ("train", "eval", "curve_eval"):  # extra flags come after the preset's (argparse: the last one wins)
         if key in given and preset.get(key):
             given[key] = f"{preset[key]} {given[key]}"
     cfg = SweepConfig(**{**preset, **given})
@@ -973,7 +1133,8 @@ def check(cfg: SweepConfig):
     if cfg.judge < 0 or 0 < cfg.judge < 10:
         raise ValueError(f"--judge {cfg.judge}: need at least 10 reference images (0 = off)")
     tracking.parse_trackers(cfg.log)                    # an unknown tracker or a missing package: one line, now
-    for text, what in ((cfg.train, "--train"), (cfg.eval, "--eval")):
+    parse_steps(cfg.eval_steps)
+    for text, what in ((cfg.train, "--train"), (cfg.eval, "--eval"), (cfg.curve_eval, "--curve-eval")):
         try:
             shlex.split(text)
         except ValueError as e:
@@ -1002,6 +1163,8 @@ def pin_protocol(cfg: SweepConfig, runs: list):
     protocol = {"script": cfg.script, "cells": list({cell_name(r.cell): r.cell for r in runs}.values()),
                 "seeds": parse_seeds(cfg.seeds), "train": cfg.train, "eval": cfg.eval, "reference": cfg.reference,
                 "judge": cfg.judge}
+    if cfg.eval_steps or cfg.curve_eval:         # only when set, so folders written before these fields still resume
+        protocol.update(eval_steps=cfg.eval_steps, curve_eval=cfg.curve_eval)
     path = Path(cfg.out) / "sweep.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -1034,6 +1197,8 @@ def print_commands(cfg: SweepConfig, runs: list):
         if run.run_dir not in trained:
             print(show(run.train_cmd))
             trained.add(run.run_dir)
+        for cmd in run.curve.values():
+            print(show(cmd))
         print(show(run.eval_cmd))
 
 
@@ -1060,6 +1225,7 @@ def main(argv=None) -> int:
         summary = report(runs, cfg, header)
         print(f"sweep: {'done' if finished else 'stopped (rerun the same command to resume)'} in {wall:.0f} s; "
               + (f"wrote {cfg.out}/results.csv, summary.md, table.md, metric_vs_eta*.png, curves.png"
+                 + (", curve_*.png" if cfg.eval_steps else "")
                  if summary else "nothing evaluated yet"), flush=True)
         return 0 if finished else 1
     except (ValueError, FileNotFoundError, RuntimeError) as e:

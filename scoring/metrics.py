@@ -650,14 +650,14 @@ def min_samples(k=3, is_splits=10):
 
 
 def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu", train_ref=None, num_classes=None,
-                    mem_tau=None):
+                    mem_tau=None, mem_found=None):
     """Metrics of sample features {"feats", "probs", "labels", "images" (optional uint8 NHWC)} against a reference
     from load_reference (or IS only).
 
     With labels (the conditioned classes) and an extractor whose logits are the model's classes (the built-in judge:
     probs (N, num_classes)): class_acc, and diversity against the reference's labelled features. With train_ref
     (load_train_reference): the memorization columns (memorization.py; pixel-space ones when images are given,
-    mem_tau with a threshold mem_tau)."""
+    mem_tau with a threshold mem_tau; mem_found: memorization.search's result when the caller already ran it)."""
     feats, labels, probs = sample["feats"], sample.get("labels"), sample.get("probs")
     row = {"fid": None, "is_mean": None, "is_std": None, "precision": None, "recall": None, "class_acc": None,
            "diversity": None, "shape_iou_disc": None, "shape_iou_cross": None,   # set by evaluate.py (built-in data)
@@ -671,7 +671,7 @@ def compute_metrics(sample, ref=None, k=3, is_splits=10, device="cpu", train_ref
         row["class_acc"] = float((probs.argmax(1) == labels).mean())
     if train_ref is not None:
         check_pipelines(sample.get("pipeline"), train_ref.get("pipeline"), ref_name="training-set features")
-        row.update(memorization.memorization_metrics(train_ref, feats, sample.get("images"), mem_tau))
+        row.update(memorization.memorization_metrics(train_ref, feats, sample.get("images"), mem_tau, mem_found))
     if ref is not None:
         check_pipelines(sample.get("pipeline"), ref.get("pipeline"))
         if sample.get("pipeline") is None or ref.get("pipeline") is None:

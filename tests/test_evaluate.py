@@ -729,3 +729,83 @@ def test_legacy_tensorflow_pipeline_matches_cleanfid(tmp_path):
     assert clean.shape == ours["feats"].shape and not np.allclose(clean, ours["feats"], atol=1e-4)
     with pytest.raises(ValueError, match="mode of clean-fid's Inception"):
         metrics.Featurizer(str(path), pipeline="legacy_tensorflow")                   # not for a custom --features
+
+
+
+@pytest.fixture(scope="module")
+def cep_run(tmp_path_factory):
+    """A 2-step DiT run on 12 built-in items with label smoothing 0.5 and CEP-U at gamma 2 (AdamW: Muon imports the
+    compiler, seconds)."""
+    import train_dit
+    run = tmp_path_factory.mktemp("ceprun") / "run"
+    assert train_dit.main(["--image-size", "16", "--batch-size", "8", "--steps", "2", "--sample-every", "0",
+                           "--builtin-length", "12", "--label-smoothing", "0.5", "--cep", "uniform", "--cep-gamma",
+                           "2", "--optimizer", "adamw", "--out", str(run)]) == 0
+    return run
+
+
+def test_condition_scale_of_a_checkpoint_with_known_class_rows(cep_run, tmp_path):
+    """class_embed_norm is the mean L2 norm of the rows the model is fed (the smoothed ones under --label-smoothing,
+    the raw ones with --raw-class-embedding; never the null row), cep_noise_norm sqrt(d) x CEP's per-element std."""
+    ckpt = torch.load(cep_run / "last.pt", weights_only=True)
+    key = "y_embedder.embedding_table.weight"
+    K, D = 10, ckpt["ema"][key].shape[1]
+    rows = torch.zeros(K + 1, D)
+    rows[:K, 0] = torch.arange(1.0, K + 1)                     # class c: (c + 1) e_0; the null row much longer
+    rows[:K, 1] = 1.0
+    rows[K] = 100.0
+    for mode in ("uniform", "gaussian", "none"):
+        torch.save({**ckpt, "config": {**ckpt["config"], "cep": mode}, "ema": {**ckpt["ema"], key: rows}},
+                   tmp_path / f"{mode}.pt")
+    smoothed = 0.5 * rows[:K] + 0.5 * rows[:K].mean(0)          # (K, D)
+    want = {"as trained": smoothed.norm(dim=1).mean().item(), "raw": rows[:K].norm(dim=1).mean().item()}
+    for raw in (False, True):
+        _, info = ev.load_sampler(tmp_path / "uniform.pt", raw_class_embedding=raw)
+        assert info["class_embed_norm"] == pytest.approx(want["raw" if raw else "as trained"], rel=1e-6)
+    assert info["cep_noise_norm"] == pytest.approx(2 / np.sqrt(3))            # uniform: half-width 2/sqrt(d)
+    assert info["cep_noise_to_embed"] == pytest.approx(2 / np.sqrt(3) / want["raw"], rel=1e-6)
+    _, info = ev.load_sampler(tmp_path / "gaussian.pt")
+    assert info["cep_noise_norm"] == pytest.approx(2.0) and info["class_embed_norm"] == pytest.approx(want["as trained"])
+    _, info = ev.load_sampler(tmp_path / "none.pt")
+    assert info["cep_noise_norm"] == 0 and info["cep_noise_to_embed"] == 0
+
+
+def test_train_ref_writes_the_per_sample_memorization_arrays(data, cep_run, tmp_path, monkeypatch):
+    """--train-ref auto: memorization_s<scale>.npz holds the distances behind mem_ratio_px (its d1 < d2 / 3 share is
+    the row's), nearest_s<scale>.npz the first samples beside the training views nearest them; the rows carry the
+    condition's scale."""
+    import functools
+    import data as datasets
+    from scoring import metrics as m, shapes, trainset
+    monkeypatch.setattr(trainset, "build", functools.partial(trainset.build, num_fresh=50))   # a quick chance level
+    monkeypatch.setattr(shapes, "item_iou", lambda images, labels: np.zeros(len(images)))    # not measured here
+    out = tmp_path / "eval"
+    assert ev.main([str(cep_run / "last.pt"), "--num-samples", "40", "--cfg-scales", "1,2", "--steps", "2",
+                    "--batch-size", "20", "--features", str(data["extractor"]), "--resize", "none", "--is-splits", "2",
+                    "--train-ref", "auto", "--npz", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    train_ref = m.load_train_reference(next((out / "features").glob("train-ref-*.npz")))
+    items = trainset.images_of(datasets.training_set(json.loads((cep_run / "config.json").read_text())), range(12))
+    for row in rows:
+        s = row["cfg_scale"]
+        assert row["cep_noise_norm"] == pytest.approx(2 / np.sqrt(3))
+        assert row["cep_noise_to_embed"] == pytest.approx(row["cep_noise_norm"] / row["class_embed_norm"])
+        with np.load(out / f"memorization_s{s:g}.npz") as z:
+            arrays = dict(z)
+        with np.load(out / f"cfg{s:g}" / "samples.npz") as z:
+            samples, labels = z["arr_0"], z["labels"]
+        for key in ("d1", "d2", "d1_feat", "d2_feat"):
+            assert arrays[key].shape == (40,) and arrays[key].dtype == np.float32
+        assert arrays["nearest_item"].shape == (40,) and arrays["nearest_item"].max() < 12
+        np.testing.assert_array_equal(arrays["labels"], labels)
+        assert np.mean(arrays["d1"] < arrays["d2"] / 3) == row["mem_ratio_px"]
+        assert np.mean(arrays["d1_feat"] < arrays["d2_feat"] / 3) == row["mem_ratio_feat"]
+        assert np.median(arrays["d1"]) == pytest.approx(row["nn_px_median"], rel=1e-6)
+        with np.load(out / f"nearest_s{s:g}.npz") as z:
+            shown, nearest, item, view = z["samples"], z["nearest"], z["nearest_item"], z["nearest_view"]
+        assert shown.shape == nearest.shape == (32, 16, 16, 3) and nearest.dtype == np.uint8
+        np.testing.assert_array_equal(shown, samples[:32])
+        np.testing.assert_array_equal(nearest, train_ref["pixels"][view])           # the view nearest each sample,
+        assert all(np.array_equal(n, items[i]) or np.array_equal(n, items[i][:, ::-1]) for n, i in zip(nearest, item))
+        d1 = np.linalg.norm(shown.reshape(32, -1) / 127.5 - nearest.reshape(32, -1) / 127.5, axis=1)
+        np.testing.assert_allclose(d1, arrays["d1"][:32], rtol=1e-5)               # ... at the distance d1

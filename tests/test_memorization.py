@@ -49,6 +49,21 @@ def test_item_distances_match_a_brute_force_oracle(normalize):
     np.testing.assert_allclose(np.stack([d1, d2], 1), oracle(queries, views, ids, normalize), rtol=1e-9, atol=1e-9)
 
 
+def test_nearest_names_the_item_and_the_view_at_distance_d1():
+    """nearest() returns, beside d1 and d2, the nearest item's id (as item_ids spell it, any values) and the row of its
+    nearer view, the brute-force argmin; a copy of a flipped view names that view."""
+    rng = np.random.default_rng(1)
+    views, queries = rng.normal(size=(30, 7)), rng.normal(size=(9, 7))
+    ids = 100 + 3 * rng.integers(0, 12, size=30)                        # ids that are not 0..N-1
+    queries[0] = views[17]                                              # an exact copy of view 17
+    found = mem.nearest(queries, views, ids, max_elems=40)
+    dist = np.linalg.norm(queries[:, None] - views[None], axis=2)       # (9, 30)
+    np.testing.assert_array_equal(found["view"], dist.argmin(1))
+    np.testing.assert_array_equal(found["item"], ids[dist.argmin(1)])
+    np.testing.assert_allclose(found["d1"], dist.min(1), rtol=1e-9, atol=1e-9)
+    assert found["view"][0] == 17 and found["d1"][0] < 1e-6
+
+
 @pytest.mark.parametrize("n", [50, 500])
 def test_copies_score_one_and_fresh_images_score_the_chance_level_at_every_size(n):
     views, ids, items = training_views(n)

@@ -2,6 +2,7 @@
 end, resume after a simulated kill, and bad input."""
 
 import json
+import math
 import shlex
 import shutil
 import subprocess
@@ -217,6 +218,74 @@ def test_cells_that_differ_only_in_eval_keys_share_one_training_run(tmp_path):
     assert sweep.run_all(runs, cfg, again) and again.trained == []        # its cells' results need no training
 
 
+
+class FakeCurveRunner(FakeRunner):
+    """FakeRunner whose training keeps step_XXXXXXX.pt every --keep-every steps up to --steps, and whose evaluation
+    of a checkpoint at scale s scores fid = its step + s (last.pt: 100 + s)."""
+
+    def __call__(self, cmd, log_path):
+        rc = super().__call__(cmd, log_path)
+        out = Path(cmd[cmd.index("--out") + 1])
+        if "evaluate.py" in cmd[1]:
+            ckpt = Path(cmd[2]).name
+            fid = 100.0 if ckpt == "last.pt" else float(ckpt[5:12])
+            scales = sweep.eval_scales(cmd)                                     # the last --cfg-scales
+            (out / "results.json").write_text(json.dumps({"rows": [{"cfg_scale": x, "fid": fid + x} for x in scales]}))
+        else:
+            steps, keep = (int(sweep.flag_value(cmd, f, None)) for f in ("--steps", "--keep-every"))
+            for step in range(keep, steps + 1, keep):
+                (out / f"step_{step:07d}.pt").write_text("weights")
+            (out / "log.jsonl").write_text(json.dumps({"event": "done", "step": steps}) + "\n")
+        return rc
+
+
+def test_eval_steps_evaluate_kept_checkpoints_into_their_own_folders_and_resume(tmp_path):
+    """--eval-steps 2,4 (below --steps 6): training keeps step_0000002.pt and step_0000004.pt, each is evaluated with
+    --curve-eval's flags after --eval's into eval/step_XXXXXXX/; results.csv gains the step, the summary reads the
+    final rows only; a rerun skips done evaluations even when their checkpoint is gone, and refuses one whose results
+    and checkpoint are both gone."""
+    cfg = sweep.SweepConfig(out=str(tmp_path), grid=["corrupt=0,0.1"], seeds="0,1", train="--steps 6",
+                            eval="--cfg-scales 1,2 --num-samples 30", eval_steps="4,2,6,9",
+                            curve_eval="--cfg-scales 1", fixed_scale=1.0)
+    runs = sweep.plan(cfg)
+    run = runs[0]
+    assert sweep.flag_value(run.train_cmd, "--keep-every", None) == "2"             # the steps' gcd
+    assert sweep.flag_value(run.train_cmd, "--ckpt-every", None) == "2"
+    assert sorted(run.curve) == [2, 4]                                            # 6 is the final step, 9 beyond it
+    cmd = run.curve[4]
+    assert cmd[cmd.index("evaluate.py") + 1] == str(run.run_dir / "step_0000004.pt")
+    assert cmd[cmd.index("--out") + 1] == str(run.folder / "eval" / "step_0000004")
+    assert cmd.index("--cfg-scales") < cmd.index("--num-samples") < len(cmd) - 1 - cmd[::-1].index("--cfg-scales")
+    assert run.curve_scales == [1.0] and run.scales == [1.0, 2.0]
+    runner = FakeCurveRunner()
+    assert sweep.run_all(runs, cfg, runner)
+    assert len(runner.trained) == 4 and len(runner.evaluated) == 4 * 3
+    summary = sweep.report(runs, cfg)
+    import csv
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * (2 + 1 + 1)                       # per run: the final scales 1, 2; one row per checkpoint
+    assert {(r["step"], r["cfg_scale"], r["fid"]) for r in rows if r["cell"] == "clean" and r["seed"] == "0"} == \
+        {("2", "1.0", "3.0"), ("4", "1.0", "5.0"), ("6", "1.0", "101.0"), ("6", "2.0", "102.0")}
+    assert summary["cells"]["clean"]["metrics"]["fid"]["fixed"] == {"scale": 1.0, "mean": 101.0, "ci": 0.0, "n": 2}
+    assert sweep.training_curves(rows, "fid", 1.0)["corrupt0.1"] == {"0": [(2, 3.0), (4, 5.0), (6, 101.0)],
+                                                                     "1": [(2, 3.0), (4, 5.0), (6, 101.0)]}
+    assert (tmp_path / "curve_fid.png").stat().st_size > 0
+    for r in runs:                                            # results may be kept without their checkpoints
+        r.checkpoint(2).unlink()
+    again = FakeCurveRunner()
+    assert sweep.run_all(runs, cfg, again) and again.trained == again.evaluated == []
+    shutil.rmtree(run.curve_dir(2))                           # results and checkpoint gone: never written again
+    with pytest.raises(ValueError, match="step_0000002.pt is gone"):
+        sweep.run_all(runs, cfg, again)
+    shutil.rmtree(run.curve_dir(4))                           # results gone, checkpoint kept: evaluated again
+    shutil.copytree(runs[1].curve_dir(2), run.curve_dir(2))
+    assert sweep.run_all(runs, cfg, again) and again.trained == [] and len(again.evaluated) == 1
+    (run.folder / "eval" / "results.json").unlink()          # a run evaluated along training but not yet at its end
+    summary = sweep.report(runs, cfg)
+    fixed = summary["cells"]["clean"]["metrics"]["fid"]["fixed"]
+    assert (fixed["mean"], fixed["n"]) == (101.0, 1) and math.isnan(fixed["ci"])             # its curve rows left out
+
 # ---- end to end: smoke, resume after a kill, refusal of other settings ----
 
 
@@ -344,6 +413,9 @@ def test_protocols_pin_the_plain_dit_and_folders_from_before_the_pin_still_resum
     (["--out", "x"], "no cells"),
     (["--grid", "raw_class_embedding=off,on"], "trains without label smoothing"),   # nothing to un-smooth
     (["--grid", "label_smoothing=0.1", "--grid", "raw_class_embedding=yes"], "expected on or off"),
+    (["--grid", "corrupt=0", "--eval-steps", "2,x"], "--eval-steps: not a comma-separated list"),
+    (["--grid", "corrupt=0", "--train", "--steps 6 --keep-every 3", "--eval-steps", "2,3"],
+     "--keep-every 3 in the train flags keeps no checkpoint at step 2"),       # a checkpoint that would never exist
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert sweep.main(args if "--out" in args else [*args, "--out", str(tmp_path / "o")]) == 2

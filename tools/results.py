@@ -53,7 +53,8 @@ class Sweep:
         try:
             cfg = sweep.SweepConfig(out=str(folder), script=protocol["script"], cells=protocol["cells"],
                                     seeds=",".join(map(str, protocol["seeds"])), train=protocol["train"],
-                                    eval=protocol["eval"], reference=protocol["reference"], judge=protocol["judge"])
+                                    eval=protocol["eval"], reference=protocol["reference"], judge=protocol["judge"],
+                                    eval_steps=protocol.get("eval_steps", ""), curve_eval=protocol.get("curve_eval", ""))
             metric, fixed_scale = reading["metric"], reading["fixed_scale"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"{folder}: sweep.json or summary.json lacks {e} (not written by sweep.py?)") from None
@@ -63,7 +64,8 @@ class Sweep:
         self.source = "runs/*/eval/results.json" if evaluated else "results.csv"
         self.csv = sweep.csv_text(sweep.collect(self.runs)) if evaluated else _read(folder / "results.csv")
         self.rows = sweep.parse_csv(self.csv, str(folder / "results.csv"))
-        self.summary = sweep.summarize(self.rows, self.runs, metric, fixed_scale)
+        final = sweep.final_rows(self.rows, self.runs)       # the summary reads each run's final evaluation
+        self.summary = sweep.summarize(final, self.runs, metric, fixed_scale)
         self.files = {folder / "summary.json": sweep.summary_json(self.summary)}
         if evaluated:
             self.files[folder / "results.csv"] = self.csv
