@@ -1,6 +1,7 @@
 """Protocol v2's pilot rule (tools/memorize_v2.py): the control's eta_r from the pilot's class accuracies."""
 import csv
 
+import numpy as np
 import pytest
 
 from tools import memorize_v2 as m
@@ -31,3 +32,44 @@ def test_pilot_reads_the_sweep_rows(tmp_path, capsys):
     assert "eta_r = 0.15 (matched)" in capsys.readouterr().out
     (tmp_path / "results.csv").write_text("cell,seed,cfg_scale,class_acc\nclean,0,1,0.5\n")
     assert m.main(["pilot", str(tmp_path)]) == 2
+
+
+def _curve_rows(cell, seed, shares, steps=(2000, 3000, 4000, 5000, 6000), acc=0.8):
+    return [{"cell": cell, "seed": str(seed), "cfg_scale": "1.0", "step": str(s), "mem_ratio_px": str(v),
+             "class_acc": str(acc)} for s, v in zip(steps, shares)]
+
+
+def test_curve_endpoints():
+    curve = [(2000, 0.0), (3000, 0.1), (4000, 0.5), (5000, 0.9), (6000, 0.9)]
+    assert m.plateau(curve) == 0.9
+    assert m.area(curve) == pytest.approx((0.05 + 0.3 + 0.7 + 0.9) * 1000 / 4000)
+    assert m.onset(curve) == pytest.approx(3000 + 0.15 / 0.4 * 1000)
+    assert m.onset([(2000, 0.3), (3000, 0.5)]) == 2000 and m.onset([(2000, 0.1), (3000, 0.2)]) is None
+
+
+def test_analyse_tells_delay_from_plateau_and_matches_scipy():
+    from scipy.stats import ttest_rel
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(6):
+        noise = lambda: rng.normal(0, 0.01, 5)                              # noqa: E731
+        base = np.array([0.0, 0.1, 0.5, 0.9, 0.9])
+        rows += _curve_rows("clean", seed, base + noise())
+        rows += _curve_rows("cepuniform_cep_gamma1", seed, np.array([0.0, 0.0, 0.1, 0.5, 0.9]) + noise())  # later
+        rows += _curve_rows("cepuniform_cep_gamma4", seed, base * 0.5 + noise(), acc=0.7)                    # lower
+        rows += _curve_rows("cepgaussian_cep_gamma0.57735", seed, base + noise())                            # none
+        rows += _curve_rows("corrupt0.1_corrupt_moderandom", seed, base + noise(), acc=0.72)
+    result = m.analyse(rows)
+    read = {(e["arm"], e["base"]): e for f in result.values() for e in f}
+    assert read[("cepuniform_cep_gamma1", "clean")]["decision"] == "delays copying"
+    assert read[("cepuniform_cep_gamma4", "clean")]["decision"] == "lowers the plateau"
+    assert read[("cepgaussian_cep_gamma0.57735", "clean")]["decision"] == "no effect"
+    assert read[("cepuniform_cep_gamma4", "corrupt0.1_corrupt_moderandom")]["decision"] == "lowers the plateau"
+    assert read[("cepuniform_cep_gamma4", "corrupt0.1_corrupt_moderandom")]["matched"]
+    curves = m.curves(rows)
+    a = [m.plateau(curves["cepuniform_cep_gamma4"][s]) for s in range(6)]
+    b = [m.plateau(curves["clean"][s]) for s in range(6)]
+    e = read[("cepuniform_cep_gamma4", "clean")]["P1"]
+    assert e["p"] == pytest.approx(ttest_rel(a, b).pvalue) and e["diff"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert len(result["A"]) == 4 and len(result["B"]) == 2
+    assert "delays copying" in m.decisions_table(result)

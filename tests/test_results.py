@@ -103,8 +103,8 @@ def test_a_results_csv_without_runs_is_the_raw_rows(folder, capsys):
     assert check(folder, capsys, "--check") == (0, [])
     path = folder / "results" / "tiny" / "results.csv"
     rows = path.read_bytes().decode().split("\r\n")
-    assert rows[1].startswith("clean,0,1.0,11.0,")
-    rows[1] = rows[1].replace("clean,0,1.0,11.0,", "clean,0,1.0,11.5,")
+    assert rows[1].startswith("clean,0,3,1.0,11.0,")          # cell, seed, step, scale, fid
+    rows[1] = rows[1].replace("clean,0,3,1.0,11.0,", "clean,0,3,1.0,11.5,")
     path.write_bytes("\r\n".join(rows).encode())
     code, out = check(folder, capsys, "--check")
     assert code == 1 and any(line.startswith(f"{folder / 'docs' / 'page.md'}: block results:tiny:summary")

@@ -2,6 +2,14 @@
 memorize_v2.py: the analysis of the memorization protocol v2 (docs/results/memorization-v2.md), fixed before its runs.
 
     python -m tools.memorize_v2 pilot results/memorize-v2-pilot     # the control's eta_r from the pilot's rows
+    python -m tools.memorize_v2 analyse results/memorize-v2         # endpoints, Holm families, decisions (markdown)
+
+The protocol's analysis (per run, at s = 1, from the sweep's results.csv with its `step` column):
+    P1  the memorized share (mem_ratio_px) at the last step, the plateau
+    P2  the mean share over the checkpoints (trapezoid over steps, divided by their span), the curve
+Each as the paired difference (same seed) to the comparison arm: mean, 95 % t-interval, two-sided paired t-test.
+Family A: every treatment against clean on P1 and P2; family B: CEP-U gamma 4 against the control, CEP-G at CEP-U
+gamma 1's noise std against CEP-U gamma 1. Holm within each family at alpha 0.05; decide() applies the page's rules.
 
 The pilot rule: the control (random label corruption, --corrupt-mode random) is set to the strength eta_r at which its
 class accuracy matches CEP-U gamma = 4's. Class accuracy is read at s = 1 from the sweep's results.csv, averaged over
@@ -17,6 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+ALPHA = 0.05                               # family-wise, Holm within each family
+MARGIN = 0.10                              # the named effect size: 10 points of share ("no effect" lies inside it)
+MATCH = 0.05                               # class accuracies within 5 points count as matched
+ONSET = 0.25                               # the onset step: where a run's share first reaches 25 % (secondary)
 TARGET_CELL = "cepuniform_cep_gamma4"       # CEP-U gamma = 4, the arm whose class accuracy the control matches
 CLEAN_CELL = "clean"
 CONTROL_PREFIX = "corrupt"                 # the random arms' cells: corrupt<eta>_corrupt_moderandom
@@ -70,13 +82,136 @@ def pilot(folder: Path) -> dict:
     return {"class_acc": means, "eta_r": eta, "matched": matched}
 
 
+# ---- the protocol's analysis ----
+
+
+def read_rows(folder: Path) -> list:
+    with open(folder / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def curves(rows: list, metric: str = "mem_ratio_px", scale: float = 1.0) -> dict:
+    """{cell: {seed: [(step, value), ...] sorted by step}} at one guidance scale."""
+    out = {}
+    for r in rows:
+        if r.get(metric, "") in ("", None) or abs(float(r["cfg_scale"]) - scale) > 1e-6 or r.get("step", "") == "":
+            continue
+        out.setdefault(r["cell"], {}).setdefault(int(r["seed"]), []).append((int(float(r["step"])), float(r[metric])))
+    return {c: {s: sorted(v) for s, v in seeds.items()} for c, seeds in out.items()}
+
+
+def plateau(curve: list) -> float:
+    """P1: the value at the last checkpoint."""
+    return curve[-1][1]
+
+
+def area(curve: list) -> float:
+    """P2: the trapezoid mean of the curve over its steps (the mean share over training)."""
+    steps, values = np.array([s for s, _ in curve], float), np.array([v for _, v in curve], float)
+    return float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(steps)) / (steps[-1] - steps[0]))
+
+
+def onset(curve: list, level: float = ONSET):
+    """The step where the curve first reaches `level`, linear between checkpoints; None when it never does."""
+    for (s0, v0), (s1, v1) in zip([(curve[0][0], curve[0][1])] + curve[:-1], curve):
+        if v1 >= level:
+            return float(s1) if v1 == v0 or s1 == s0 else s0 + (level - v0) * (s1 - s0) / (v1 - v0)
+    return None
+
+
+def endpoint(curves_of: dict, cell: str, which) -> dict:
+    """{seed: P(curve)} of one cell."""
+    return {seed: which(c) for seed, c in curves_of.get(cell, {}).items()}
+
+
+def compare(curves_of: dict, arm: str, base: str) -> dict:
+    """P1 and P2 of arm - base, paired by seed: {endpoint: stats.paired's dict}."""
+    from scoring.stats import paired
+    out = {}
+    for name, which in (("P1", plateau), ("P2", area)):
+        a, b = endpoint(curves_of, arm, which), endpoint(curves_of, base, which)
+        seeds = sorted(set(a) & set(b))
+        out[name] = paired([a[s] for s in seeds], [b[s] for s in seeds])
+    return out
+
+
+def decide(p1: dict, p2: dict) -> str:
+    """The page's decision rules on one comparison, from Holm-adjusted p-values (key 'p_holm')."""
+    sig1, sig2 = p1["p_holm"] < ALPHA, p2["p_holm"] < ALPHA
+    if sig1:
+        return "lowers the plateau" if p1["diff"] < 0 else "raises the plateau"
+    if sig2:
+        return "delays copying" if p2["diff"] < 0 else "hastens copying"
+    inside = all(abs(d["diff"]) + d["half"] <= MARGIN for d in (p1, p2))
+    return "no effect" if inside else "unresolved"
+
+
+def families(cells: list) -> dict:
+    """The protocol's two families of comparisons (arm, comparison) over the cells present."""
+    control = next((c for c in cells if c.startswith(CONTROL_PREFIX) and c.endswith("_corrupt_moderandom")), None)
+    gauss = next((c for c in cells if c.startswith("cepgaussian")), None)
+    a = [(c, CLEAN_CELL) for c in cells if c != CLEAN_CELL]
+    b = [(TARGET_CELL, control), (gauss, "cepuniform_cep_gamma1")]
+    return {"A": a, "B": [(x, y) for x, y in b if x in cells and y in cells]}
+
+
+def analyse(rows: list) -> dict:
+    """Every comparison of both families with its Holm-adjusted p-values and decision."""
+    from scoring.stats import holm
+    curves_of = curves(rows)
+    acc = {c: v for c, v in cell_means(last_step_rows(rows)).items()}
+    out = {}
+    for family, pairs in families(sorted(curves_of)).items():
+        results = [compare(curves_of, arm, base) for arm, base in pairs]
+        flat = [r[e] for r in results for e in ("P1", "P2")]
+        for r, p in zip(flat, holm([r["p"] for r in flat])):
+            r["p_holm"] = p
+        out[family] = []
+        for (arm, base), r in zip(pairs, results):
+            entry = {"arm": arm, "base": base, **r, "decision": decide(r["P1"], r["P2"])}
+            if family == "B" and base.startswith(CONTROL_PREFIX):
+                matched = abs(acc.get(arm, np.nan) - acc.get(base, np.nan)) <= MATCH
+                entry["matched"] = bool(matched)
+                if not matched:
+                    entry["decision"] += " (unmatched class accuracy)"
+            out[family].append(entry)
+    return out
+
+
+def last_step_rows(rows: list) -> list:
+    """The rows of each run's last evaluated step."""
+    last = {}
+    for r in rows:
+        if r.get("step", "") != "":
+            key = (r["cell"], r["seed"])
+            last[key] = max(last.get(key, 0), int(float(r["step"])))
+    return [r for r in rows if r.get("step", "") != "" and int(float(r["step"])) == last[(r["cell"], r["seed"])]]
+
+
+def decisions_table(result: dict) -> str:
+    """The generated markdown table of both families."""
+    lines = ["| family | arm − comparison | Δ P1 (plateau), points | p (Holm) | Δ P2 (curve), points | p (Holm) | "
+             "reading |", "|---|---|---|---|---|---|---|"]
+    for family, entries in result.items():
+        for e in entries:
+            p1, p2 = e["P1"], e["P2"]
+            lines.append(f"| {family} | {e['arm']} − {e['base']} | {100 * p1['diff']:+.1f} ± {100 * p1['half']:.1f} | "
+                         f"{p1['p_holm']:.3g} | {100 * p2['diff']:+.1f} ± {100 * p2['half']:.1f} | {p2['p_holm']:.3g} | "
+                         f"{e['decision']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["pilot"], help="pilot: the control's eta_r from the pilot's results.csv")
-    ap.add_argument("folder", help="the sweep folder (results/memorize-v2-pilot)")
+    ap.add_argument("what", choices=["pilot", "analyse"],
+                    help="pilot: the control's eta_r from the pilot's results.csv; analyse: the protocol's reading")
+    ap.add_argument("folder", help="the sweep folder (results/memorize-v2-pilot or results/memorize-v2)")
     args = ap.parse_args(argv)
     try:
+        if args.what == "analyse":
+            print(decisions_table(analyse(read_rows(Path(args.folder)))))
+            return 0
         out = pilot(Path(args.folder))
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
