@@ -130,3 +130,37 @@ def test_a_block_quoting_a_missing_folder_is_an_error_and_nothing_is_written(fol
 def test_the_repository_results_match_their_raw_rows(capsys):
     """The guard of every published table: docs/ quotes what results/ gives (trivially true while neither exists)."""
     assert results.main(["--check"]) == 0, capsys.readouterr().out
+
+
+def test_memorization_curves_and_decisions_regenerate_from_the_raw_rows(tmp_path, capsys):
+    """A sweep with --eval-steps: its curve, endpoints and decisions blocks come from the checkpoints' rows (here a
+    CEP cell that copies half as much at every step), and an edited checkpoint row makes --check fail."""
+    cfg = sweep.SweepConfig(out=str(tmp_path / "results" / "mem"), grid=["cep=none,uniform"], seeds="0,1,2",
+                            train="--steps 6", eval="--cfg-scales 1", eval_steps="2,4", fixed_scale=1.0,
+                            metric="mem_ratio_px")
+    runs = sweep.plan(cfg)
+    sweep.pin_protocol(cfg, runs)
+    share = {2: 0.1, 4: 0.5, 6: 0.9}
+    for r in runs:
+        cut = 0.5 if r.cell["cep"] == "uniform" else 1.0
+        (r.folder / "log.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        (r.folder / "log.jsonl").write_text(json.dumps({"event": "done", "step": 6}) + "\n")
+        for step, folder in [(2, r.curve_dir(2)), (4, r.curve_dir(4)), (6, r.folder / "eval")]:
+            folder.mkdir(parents=True, exist_ok=True)
+            row = {"cfg_scale": 1.0, "mem_ratio_px": share[step] * cut + 0.01 * r.seed, "class_acc": 0.8,
+                   "train_step": step}
+            (folder / "results.json").write_text(json.dumps({"rows": [row]}))
+    sweep.report(runs, cfg)
+    (tmp_path / "docs").mkdir()
+    page = "".join(f"<!-- results:mem:{k} -->\n<!-- /results -->\n" for k in ("curve", "endpoints", "decisions"))
+    (tmp_path / "docs" / "page.md").write_text(page)
+    assert check(tmp_path, capsys)[0] == 0
+    assert check(tmp_path, capsys, "--check") == (0, [])
+    text = (tmp_path / "docs" / "page.md").read_text()
+    assert "| clean | 11.0 ± 2.5 | 51.0 ± 2.5 | 91.0 ± 2.5 |" in text             # mean ± t-interval per step, %
+    assert "| cepuniform | 6.0 ± 2.5 | 26.0 ± 2.5 | 46.0 ± 2.5 |" in text
+    assert "| A | cepuniform − clean | -45.0 ± 0.0 |" in text and "lowers the plateau" in text
+    bad = runs[0].curve_dir(4) / "results.json"
+    bad.write_text(bad.read_text().replace('"mem_ratio_px": 0.5', '"mem_ratio_px": 0.7'))
+    code, out = check(tmp_path, capsys, "--check")
+    assert code == 1 and any("block results:mem:curve" in line for line in out)

@@ -94,7 +94,7 @@ def curves(rows: list, metric: str = "mem_ratio_px", scale: float = 1.0) -> dict
     """{cell: {seed: [(step, value), ...] sorted by step}} at one guidance scale."""
     out = {}
     for r in rows:
-        if r.get(metric, "") in ("", None) or abs(float(r["cfg_scale"]) - scale) > 1e-6 or r.get("step", "") == "":
+        if r.get(metric) in ("", None) or abs(float(r["cfg_scale"]) - scale) > 1e-6 or r.get("step") in ("", None):
             continue
         out.setdefault(r["cell"], {}).setdefault(int(r["seed"]), []).append((int(float(r["step"])), float(r[metric])))
     return {c: {s: sorted(v) for s, v in seeds.items()} for c, seeds in out.items()}
@@ -182,10 +182,10 @@ def last_step_rows(rows: list) -> list:
     """The rows of each run's last evaluated step."""
     last = {}
     for r in rows:
-        if r.get("step", "") != "":
+        if r.get("step") not in ("", None):
             key = (r["cell"], r["seed"])
             last[key] = max(last.get(key, 0), int(float(r["step"])))
-    return [r for r in rows if r.get("step", "") != "" and int(float(r["step"])) == last[(r["cell"], r["seed"])]]
+    return [r for r in rows if r.get("step") not in ("", None) and int(float(r["step"])) == last[(r["cell"], r["seed"])]]
 
 
 def decisions_table(result: dict) -> str:
@@ -199,6 +199,82 @@ def decisions_table(result: dict) -> str:
                          f"{p1['p_holm']:.3g} | {100 * p2['diff']:+.1f} ± {100 * p2['half']:.1f} | {p2['p_holm']:.3g} | "
                          f"{e['decision']} |")
     return "\n".join(lines)
+
+
+def endpoints_table(rows: list) -> str:
+    """Per cell, mean ± 95 % t-interval over seeds: P1, P2, the onset step, and at the last step the class accuracy,
+    the class-embedding norm and CEP's noise-to-embedding ratio (s = 1)."""
+    from scoring.stats import t_interval
+    curves_of, last = curves(rows), last_step_rows(rows)
+
+    def pm(values, scale=1.0, digits=1):
+        if not values:
+            return "–"
+        mean, half = t_interval([v * scale for v in values])
+        return f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
+
+    def at_end(cell, metric):
+        return [float(r[metric]) for r in last if r["cell"] == cell and r.get(metric) not in ("", None)
+                and abs(float(r["cfg_scale"]) - 1.0) < 1e-6]
+
+    lines = ["| cell | seeds | P1: memorized at the end, % | P2: mean over training, % | onset (25 %), step | "
+             "class acc., % | ‖E[y]‖ | ‖δ‖ / ‖E[y]‖ |", "|---|---|---|---|---|---|---|---|"]
+    for cell, per_seed in curves_of.items():
+        onsets = [onset(c) for c in per_seed.values()]
+        reached = [o for o in onsets if o is not None]
+        onset_text = pm(reached, digits=0) + ("" if len(reached) == len(onsets)
+                                              else f" ({len(onsets) - len(reached)} not reached)")
+        lines.append(f"| {cell} | {len(per_seed)} | {pm([plateau(c) for c in per_seed.values()], 100)} | "
+                     f"{pm([area(c) for c in per_seed.values()], 100)} | {onset_text} | "
+                     f"{pm(at_end(cell, 'class_acc'), 100)} | {pm(at_end(cell, 'class_embed_norm'), digits=2)} | "
+                     f"{pm(at_end(cell, 'cep_noise_to_embed'), digits=2)} |")
+    return "\n".join(lines)
+
+
+def figures(folder: Path, out: Path, scale: float = 1.0) -> list:
+    """d1/d2 histograms per cell (every seed's final evaluation pooled) and each cell's first samples beside their
+    nearest training item (seed 0), from the runs' eval/*.npz; returns the files written."""
+    from sweep import _plt
+    tag = f"s{scale:g}"
+    cells = sorted(p.name for p in (folder / "runs").iterdir() if p.is_dir()) if (folder / "runs").is_dir() else []
+    ratios = {}
+    for cell in cells:
+        found = [np.load(f) for f in sorted((folder / "runs" / cell).glob(f"seed*/eval/memorization_{tag}.npz"))]
+        if found:
+            ratios[cell] = np.concatenate([f["d1"] / np.maximum(f["d2"], 1e-12) for f in found])
+    if not ratios:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(5, 1.3 * len(ratios)), sharex=True, squeeze=False)
+    for ax, (cell, r) in zip(axes[:, 0], ratios.items()):
+        ax.hist(np.clip(r, 0, 1.2), bins=60, range=(0, 1.2), color="tab:blue")
+        ax.axvline(1 / 3, color="tab:red", lw=1)                    # the ratio test's threshold (Gu et al.)
+        ax.set_ylabel(cell, rotation=0, ha="right", fontsize=7)
+        ax.text(0.98, 0.8, f"{np.mean(r < 1 / 3):.0%} < 1/3 (n = {len(r)})", transform=ax.transAxes, ha="right",
+                fontsize=7)
+    axes[-1, 0].set_xlabel(f"d1 / d2: nearest over second-nearest training item (pixels, s = {scale:g})")
+    fig.tight_layout()
+    fig.savefig(out / "d1_over_d2.png", dpi=120)
+    plt.close(fig)
+    written = [out / "d1_over_d2.png"]
+    pairs = [(c, np.load(f)) for c in cells for f in sorted((folder / "runs" / c).glob(f"seed0/eval/nearest_{tag}.npz"))]
+    if pairs:
+        n = 8
+        fig, axes = plt.subplots(2 * len(pairs), n, figsize=(n * 0.6, 1.3 * len(pairs)), squeeze=False)
+        for i, (cell, f) in enumerate(pairs):
+            for j in range(n):
+                for row, key in ((2 * i, "samples"), (2 * i + 1, "nearest")):
+                    ax = axes[row, j]
+                    ax.imshow(f[key][j], interpolation="nearest") if j < len(f[key]) else None
+                    ax.set_xticks([]), ax.set_yticks([])
+            axes[2 * i, 0].set_ylabel(cell, rotation=0, ha="right", fontsize=6)
+            axes[2 * i + 1, 0].set_ylabel("nearest", rotation=0, ha="right", fontsize=6)
+        fig.tight_layout(pad=0.2)
+        fig.savefig(out / "nearest.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "nearest.png")
+    return written
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,9 @@ A docs page (docs/**/*.md) quotes a table between two markers, the first naming 
 
     <!-- results:<name>:table -->      (sweep.py's table.md: Table-1 style, every metric at the fixed scale)
     <!-- results:<name>:summary -->    (summary.md's tables: best and fixed scale, paired differences to clean)
+    <!-- results:<name>:curve -->      (a sweep with --eval-steps: the memorized share along training, per cell)
+    <!-- results:<name>:endpoints -->  (the memorization protocol's per-cell endpoints, tools/memorize_v2.py)
+    <!-- results:<name>:decisions -->  (its paired comparisons, Holm-adjusted, and the readings they give)
     <!-- /results -->
 
 The tables come from sweep.py's own summarize / table_text / summary_text, on results.csv, or on the runs' eval
@@ -19,12 +22,15 @@ results where the folder has them (results.csv and summary.json are then checked
 """
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
 
 import sweep
 from plumbing.common import ArgParser
+from scoring.stats import t_interval
+from tools import memorize_v2
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- results:([A-Za-z0-9._-]+):([a-z]+) -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
@@ -66,13 +72,20 @@ class Sweep:
         self.rows = sweep.parse_csv(self.csv, str(folder / "results.csv"))
         final = sweep.final_rows(self.rows, self.runs)       # the summary reads each run's final evaluation
         self.summary = sweep.summarize(final, self.runs, metric, fixed_scale)
+        self.fixed_scale, self.curves = fixed_scale, bool(sweep.parse_steps(cfg.eval_steps))
         self.files = {folder / "summary.json": sweep.summary_json(self.summary)}
         if evaluated:
             self.files[folder / "results.csv"] = self.csv
 
     def table(self, kind: str) -> str | None:
         """A quoted table's text (None: no such table)."""
-        return {"table": sweep.table_text, "summary": sweep.summary_text}.get(kind, lambda s: None)(self.summary)
+        if kind in ("table", "summary"):
+            return {"table": sweep.table_text, "summary": sweep.summary_text}[kind](self.summary)
+        if not self.curves:                          # the kinds below read the metrics along training
+            return None
+        make = {"curve": lambda rows: curve_text(rows, self.fixed_scale), "endpoints": memorize_v2.endpoints_table,
+                "decisions": lambda rows: memorize_v2.decisions_table(memorize_v2.analyse(rows))}.get(kind)
+        return None if make is None else make(self.rows) + "\n"      # the closing marker on a line of its own
 
     def plot(self, folder: Path):
         """sweep.py's plots of this sweep into folder/."""
@@ -80,6 +93,24 @@ class Sweep:
         sweep.plot_vs_eta(self.summary, self.runs, folder / PLOTS[0], "best")
         sweep.plot_vs_eta(self.summary, self.runs, folder / PLOTS[1], "fixed")
         sweep.plot_curves(self.rows, folder / PLOTS[2])
+        if self.curves:                              # memorization along training, its distributions and pictures
+            sweep.plot_training_curves(self.rows, "mem_ratio_px", self.fixed_scale, folder / "curve_mem_ratio_px.png")
+            memorize_v2.figures(self.folder, folder, self.fixed_scale)
+
+
+def curve_text(rows: list, scale: float, metric: str = "mem_ratio_px") -> str:
+    """The memorized share (%) along training per cell: mean ± 95 % t-interval over seeds at each evaluated step."""
+    curves = sweep.training_curves(rows, metric, scale)
+    steps = sorted({step for per_seed in curves.values() for pts in per_seed.values() for step, _ in pts})
+    lines = [f"| cell (s = {scale:g}) | " + " | ".join(str(s) for s in steps) + " |", "|---" * (1 + len(steps)) + "|"]
+    for cell, per_seed in curves.items():
+        cols = []
+        for step in steps:
+            values = [100 * v for pts in per_seed.values() for s, v in pts if s == step]
+            mean, half = t_interval(values) if values else (math.nan, math.nan)
+            cols.append("–" if math.isnan(mean) else f"{mean:.1f}" + ("" if math.isnan(half) else f" ± {half:.1f}"))
+        lines.append(f"| {cell} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
 
 
 def load(results: Path) -> dict:
@@ -96,7 +127,8 @@ def render(page: Path, sweeps: dict, results: Path) -> tuple[str, list, list]:
         where = f"{page}: block results:{name}:{kind}"
         new = sweeps[name].table(kind) if name in sweeps else None
         if new is None:
-            bad.append(f"{where}: " + (f"no table {kind!r} (table or summary)" if name in sweeps
+            bad.append(f"{where}: " + (f"no table {kind!r} (table, summary; curve, endpoints, decisions: "
+                                           "with --eval-steps)" if name in sweeps
                                        else f"no {results / name / 'results.csv'}"))
             return m.group(0)
         if new != old:
