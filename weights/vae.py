@@ -16,7 +16,7 @@ log-variance, std) and the whole decode run in fp32 (the decoder in the weights'
 follows the caller's autocast, so on-the-fly encoding under bf16 training stays fast.
 
     from weights import vae
-    ae = vae.load_vae("kl-f8", "sd-vae-ft-ema.safetensors")   # or no path: download into ~/.cache/nanocep
+    ae = vae.load_vae("kl-f8", "sd-vae-ft-ema.safetensors")   # or no path: download into the Hugging Face cache
     z = ae.encode(x)              # x (B,3,256,256) in [-1,1] -> (B,4,32,32) scaled latents (a posterior sample)
     mean, std = ae.encode_moments(x)
     x_hat = ae.decode(z)          # -> (B,3,256,256) in about [-1,1]
