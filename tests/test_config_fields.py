@@ -15,7 +15,7 @@ from weights import pretrained
 
 
 def test_every_field_added_since_the_first_release_says_what_its_absence_means():
-    """A field added to either config without an ABSENT_MEANS entry would read an older checkpoint with today's
+    """A field added to either config without an ABSENT_MEANS entry would read an older checkpoint with the current
     default (train_dit's Min-SNR 5 for a plain ε-MSE run): add its value from before the field existed."""
     fields = {f.name for c in (train_dit.DiTConfig, train_ldm.LDMConfig) for f in dataclasses.fields(c)}
     assert fields - FIRST_RELEASE_FIELDS - set(ABSENT_MEANS) == set(), "fields without an ABSENT_MEANS entry"
@@ -57,7 +57,7 @@ def _equal(a, b) -> bool:
 def test_old_checkpoint_resumes_as_plain_eps_mse_without_warmdown(tmp_path, capsys):
     """Resumed with the command that started it (which could not name --min-snr or --lr-warmdown), a checkpoint without
     min_snr / lr_warmdown continues as trained: bit-identical to a straight ε-MSE, constant-lr, AdamW run; its true
-    --min-snr 0 is accepted, and today's default Min-SNR 5 given on purpose is refused, naming the stored 0."""
+    --min-snr 0 is accepted, and the current default Min-SNR 5 given on purpose is refused, naming the stored 0."""
     assert run_tiny(train_dit.main, tmp_path / "straight", "--steps", 4, *LAYOUT, *AS_TRAINED) == 0
     _old_checkpoint(tmp_path / "old")
     argv = OLD + ["--out", str(tmp_path / "old"), "--steps", "4", "--resume", "auto", *LAYOUT]
