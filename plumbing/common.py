@@ -64,6 +64,15 @@ def atomic_open(path, mode: str = "wb"):
             os.unlink(tmp)
 
 
+def save_npz(path, **arrays) -> None:
+    """np.savez written atomically (temp file, then rename), skipping None values."""
+    import numpy as np
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
+
+
 def atomic_save(obj, path) -> None:
     """torch.save, atomically."""
     import torch

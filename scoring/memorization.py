@@ -153,7 +153,7 @@ def save_arrays(out_dir, scale: float, found: dict, labels, seeds, images=None, 
     seeds, and d1_feat, d2_feat, nearest_item_feat where features were searched) and, with pixels on both sides,
     OUT/nearest_s<scale>.npz (the first NEAREST_SHOWN samples and the view of each one's nearest training item, uint8
     HWC, for a picture of samples beside what they copy); returns the paths written."""
-    from scoring.metrics import save_npz
+    from plumbing.common import save_npz
     px, feat = found.get("px"), found.get("feat")
     if px is None and feat is None:
         return []

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg, special
 
-from plumbing.common import atomic_open
+from plumbing.common import save_npz
 from sources.download import download, file_hash
 from scoring import memorization
 
@@ -374,14 +374,6 @@ def _source_fingerprint(path):
         st = f.stat()
         h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return f"{path}|{len(files)}|{h.hexdigest()}"
-
-
-def save_npz(path, **arrays):
-    """np.savez written atomically (temp file, then rename), skipping None values."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
 
 
 def pipeline_label(features=None, resize="clean", pipeline="clean"):
