@@ -43,7 +43,8 @@ import conditions
 import data as datalib
 import diffusion as D
 from cep import unit_noise
-from plumbing.common import Dist, RunError, derive_seed, keep_freed_memory, leave_process_group, one_line
+from plumbing.common import (Dist, RunError, derive_seed, keep_freed_memory, leave_process_group, local_rank0_first,
+                              one_line)
 from plumbing.muon import MuonAdamW
 from config import grid_cads, learning_rate
 from runio import Diverged, Resume, RunIO, StopFlag, TrackerFailed, check_run_folder
@@ -93,14 +94,15 @@ class TrainData:
     resume: Resume | None = None         # the checked checkpoint this run continues (runio.check_run_folder)
 
 
-def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callable | None = None) -> TrainData:
+def load_data(cfg, d: Dist, open_cache: Callable | None = None, load_vae: Callable | None = None) -> TrainData:
     """The training data of cfg: static corruption applied (its manifest written to out/corruption.json), captions
     tokenised for text models, and the autoencoder's encode/decode when the model works on latents.
 
     The autoencoder side is handed in by the train script (weights/ is an instrument the core never imports):
     open_cache(path) -> a latent cache dataset (with .vae, .image_size and .encode, its posterior sampler) for --latents;
     load_vae(kind, path, device=) -> the autoencoder (.encode, .decode) for --vae.
-    The run folder and --resume are checked once the class count is known, before anything is written."""
+    The run folder and --resume are checked once the class count is known, before anything is written. Each node's
+    local rank 0 reads the data first (a shard index is built once, then read by the node's other ranks)."""
     if cfg.latents:
         cache = open_cache(cfg.latents)
         encode = cache.encode
@@ -109,7 +111,8 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
                            f"pass --vae {cache.vae} --image-size {cache.image_size}")
         dataset = datalib.subset_per_class(cache, cfg.items_per_class, cfg.seed)    # k items per class, if asked
     else:
-        dataset, encode = datalib.training_set(cfg), None     # --items-per-class cuts it to k items per class
+        dataset = local_rank0_first(lambda: datalib.training_set(cfg), d)   # --items-per-class: k items per class
+        encode = None
     source, text = cfg.latents or cfg.data, cfg.cond == "text"
     if not text and dataset.num_classes == 0:
         raise RunError(f"{source} has captions but no class labels: train it with --cond text")
@@ -128,7 +131,7 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
         dataset = TokenizedCaptions(dataset, get_tokenizer(cfg.tokenizer), cfg.context_length, mirror=True)
     if cfg.control != "none":  # items become (x, y, control map): ControlNet training (models/controlnet.py)
         dataset = ControlMaps(dataset, cfg.control, cfg.canny_low, cfg.canny_high, cfg.control_maps)
-    ae = load_vae(cfg.vae, cfg.vae_path or None, device=device) if cfg.vae != "none" else None
+    ae = load_vae(cfg.vae, cfg.vae_path or None, device=d.device) if cfg.vae != "none" else None
     return TrainData(dataset, cfg.num_classes or dataset.num_classes, encode or (ae and posterior_sampler(ae)),
                      ae and ae.decode, prompts, resume)
 

@@ -198,3 +198,34 @@ def all_mean(x: "torch.Tensor", d: Dist) -> "torch.Tensor":
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= d.world
     return x
+
+
+def first_error(err: BaseException | None, world: int) -> str | None:
+    """A collective every one of the `world` ranks calls where it would meet the others at a barrier: the first rank's
+    error (one line), or None when no rank has one. So a rank that failed (a write that only rank 0 makes, a shard
+    index that only local rank 0 builds) stops its peers at that meeting instead of leaving them waiting for it."""
+    if world > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():                       # (if not, one process plays the ranks in turn)
+            errors = [None] * world
+            dist.all_gather_object(errors, None if err is None else one_line(err))
+            return next((e for e in errors if e is not None), None)
+    return None if err is None else one_line(err)
+
+
+def local_rank0_first(fn, d: Dist):
+    """fn() on each node's local rank 0 while the node's other ranks wait, then on them: what fn caches on disk (the
+    shard index of sources/shards.py) is built once per node and read by the rest. An error local rank 0 raises is
+    raised on every rank (a ValueError with its message on the others). Every rank must call it."""
+    result, err = None, None
+    if d.local_rank == 0:
+        try:
+            result = fn()
+        except Exception as e:                  # shared below, then raised here as it was
+            err = e
+    message = first_error(err, d.world)
+    if err is not None:
+        raise err
+    if message is not None:
+        raise ValueError(message)
+    return result if d.local_rank == 0 else fn()
