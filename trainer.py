@@ -43,8 +43,8 @@ import conditions
 import data as datalib
 import diffusion as D
 from cep import unit_noise
-from plumbing.common import (Dist, RunError, derive_seed, keep_freed_memory, leave_process_group, local_rank0_first,
-                              one_line)
+from plumbing.common import (Dist, RunError, WriteFailed, atomic_open, derive_seed, keep_freed_memory,
+                             leave_process_group, local_rank0_first, one_line)
 from plumbing.muon import MuonAdamW
 from config import grid_cads, learning_rate
 from runio import Diverged, Resume, RunIO, StopFlag, TrackerFailed, check_run_folder
@@ -54,11 +54,12 @@ from sources.tokenizer import get_tokenizer
 
 
 def exit_codes(script: str):
-    """Decorator for a train script's main(): bad input -> one line `script: error: ...`, exit 2; divergence -> 1.
-    A run that ends well (or diverges: every rank sees it at the same all-reduce) leaves torchrun's process group
-    first (plumbing.common.leave_process_group: a barrier, then destroy): without that, gloo's worker threads can
-    still hold tensors when the interpreter shuts down and abort the process (SIGABRT after the last step; a known
-    PyTorch behaviour). Not after a bad input or another error: another rank may still be inside a collective. A
+    """Decorator for a train script's main(): bad input -> one line `script: error: ...`, exit 2; divergence or a
+    failed write (full disk: plumbing.common.WriteFailed) -> one line, exit 1.
+    A run that ends well (or diverges, or fails a write: every rank sees it at the same collective) leaves torchrun's
+    process group first (plumbing.common.leave_process_group: a barrier, then destroy): without that, gloo's worker
+    threads can still hold tensors when the interpreter shuts down and abort the process (SIGABRT after the last step;
+    a known PyTorch behaviour). Not after a bad input or another error: another rank may still be inside a collective. A
     --log tracker that cannot start (runio.TrackerFailed) stops every rank at once: rank 0 prints the line, exit 2."""
     def wrap(main):
         @functools.wraps(main)
@@ -74,6 +75,11 @@ def exit_codes(script: str):
                 return 2
             except Diverged as e:
                 print(f"{script}: {e}", file=sys.stderr)
+                code = 1
+            except WriteFailed as e:
+                print(f"{script}: error: {e}", file=sys.stderr)
+                if not e.shared:                         # raised on this rank alone: a peer may be inside a collective
+                    return 1
                 code = 1
             leave_process_group()
             return code
@@ -444,6 +450,7 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
                 break
         if status == "done":
             io.log({"event": "done", "step": cfg.steps, "loss": io.last_loss})
+        io.agree()                                                   # the last records were written
     return {"status": status, "step": step + 1 if cfg.steps > start else start, "loss": io.last_loss,
             "ema": s.ema, "model": model}
 
@@ -508,7 +515,7 @@ def grid_sampler(cfg, diffusion, data: TrainData):
                                  clip_x0=data.decode is None,       # pixel space: keep x0 estimates in [-1, 1]
                                  generator=steps_noise)
         if data.prompts is not None:                               # the grid's rows, beside its PNGs
-            with open(os.path.join(cfg.out, "samples", "captions.txt"), "w", encoding="utf-8") as f:
+            with atomic_open(os.path.join(cfg.out, "samples", "captions.txt"), "w") as f:
                 f.write("".join(p + "\n" for p in data.prompts))
         return data.decode(x) if data.decode is not None else x
     sample.labels = conds if data.prompts is None else None             # (N,) the grid's classes, for the judge
