@@ -32,7 +32,8 @@ fresh real images'; --mem-tau the absolute form).
 evaluator's pipeline, for numbers beside DiT's and the paper's). Reference images (a folder, an arr_0) are
 centre-cropped to the samples' resolution; features from different pipelines are never compared (metrics.py).
 Writes OUT/results.json and OUT/results.csv (and OUT/provenance.json: the code's commit, the machine, the command
-line, also inside results.json); features are cached as .npz in OUT/features for reuse.
+line, also inside results.json); features are cached as .npz in OUT/features for reuse. Every file is written
+atomically; a write that fails (full disk) ends the run on every rank with one line naming the file, exit 1.
 The metrics and the feature pass live in metrics.py; this file samples, shards over ranks, and runs the CLI.
 """
 
@@ -48,11 +49,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
 from plumbing import provenance
-from plumbing.common import ArgParser, RunError, leave_process_group, new_file, setup_distributed
+from plumbing.common import (ArgParser, RunError, WriteFailed, atomic_open, leave_process_group, new_file,
+                             setup_distributed, writes_shared)
 from sources.captions import read_prompts
 from config import LATENT_GEOMETRY
 from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines, check_reference_size,
@@ -252,8 +253,14 @@ def save_preview(sample_fn, classes, per_class, cfg_scales, seed, path):
             rows.append(np.concatenate(list(sample_fn(torch.full((per_class,), c), [seed + i for i in range(per_class)],
                                                       scale)), axis=1))           # (H, per_class * W, 3)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    save_png(np.concatenate(rows, axis=0), path)
     return path
+
+
+def save_png(image: np.ndarray, path) -> None:
+    """A uint8 (H, W, 3) image as a PNG, atomically."""
+    with atomic_open(path) as f:
+        Image.fromarray(image).save(f, format="png")
 
 
 def sample_shard(sample_fn, labels, seeds, indices, cfg_scale, batch_size, png_dir=None):
@@ -267,7 +274,7 @@ def sample_shard(sample_fn, labels, seeds, indices, cfg_scale, batch_size, png_d
         if png_dir is not None:
             Path(png_dir).mkdir(parents=True, exist_ok=True)
             for i, image in zip(idx, images):
-                Image.fromarray(image).save(Path(png_dir) / f"{i:06d}.png")
+                save_png(image, Path(png_dir) / f"{i:06d}.png")
         chunks.append(images)
     return np.concatenate(chunks)
 
@@ -303,11 +310,6 @@ def shape_columns(merged) -> dict:
     return {f"shape_iou_{shape}": means.get(shape) for shape in BUILTIN_SHAPES}
 
 
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer, ref=None, num_samples=50_000,
                         seed=0, batch_size=64, write_png=False, write_npz=False, rank=0, world_size=1, settings=None,
                         k=3, is_splits=10, train_ref=None, mem_tau=None, keep_pixels=False, shape_fidelity=False):
@@ -328,32 +330,34 @@ def sample_and_evaluate(sample_fn, num_classes, cfg_scales, out_dir, featurizer,
     for scale in cfg_scales:
         scale_dir = out / f"cfg{scale:g}"
         t0 = time.time()
-        images = sample_shard(sample_fn, labels, seeds, mine, scale, batch_size,
-                              png_dir=scale_dir / "samples" if write_png else None)
-        seconds = time.time() - t0
-        feats = featurizer(images)
-        iou = shapes.item_iou(images, labels[mine]) if shape_fidelity else None            # (n,) or None
-        save_npz(scale_dir / f"shard{rank:03d}.npz", feats=feats["feats"], probs=feats["probs"], labels=labels[mine],
-                 seeds=seeds[mine], index=mine, arr_0=images if write_npz or keep_pixels else None, image_size=images.shape[1],
-                 shape_iou=iou)
-        _barrier()
-        if rank == 0:
-            merged = merge_shards(scale_dir, world_size, keep_images=write_npz, pipeline=featurizer.pipeline)
-            if reference is None and ref is not None:
-                reference = load_reference(ref, featurizer, image_size=images.shape[1])
-            found = None if train_ref is None else memorization.search(train_ref, merged["feats"], merged["images"])
-            row = {"cfg_scale": scale, **compute_metrics(merged, reference, k, is_splits, featurizer.device,
-                                                         train_ref, num_classes, mem_tau, found),
-                   **shape_columns(merged),
-                   "samples": str(scale_dir), "ref": None if ref is None else str(ref), "extractor": featurizer.name,
-                   "resize": featurizer.resize, "pipeline": featurizer.pipeline, "k": k, "is_splits": is_splits, "seed": seed, "world_size": world_size,
-                   "rank0_samples_per_s": round(len(mine) / max(seconds, 1e-9), 3), **(settings or {})}
-            rows.append(row)
-            if found is not None:     # the per-sample distances behind the memorization columns
-                memorization.save_arrays(out, scale, found, merged["labels"], merged["seeds"], merged["images"],
-                                         train_ref.get("pixels"))
-            write_results(rows, out)  # after every scale, so a long grid leaves partial results behind
-        _barrier()
+        with writes_shared(world_size):      # each rank's files, then all meet: a failed write stops every rank
+            images = sample_shard(sample_fn, labels, seeds, mine, scale, batch_size,
+                                  png_dir=scale_dir / "samples" if write_png else None)
+            seconds = time.time() - t0
+            feats = featurizer(images)
+            iou = shapes.item_iou(images, labels[mine]) if shape_fidelity else None            # (n,) or None
+            save_npz(scale_dir / f"shard{rank:03d}.npz", feats=feats["feats"], probs=feats["probs"],
+                     labels=labels[mine], seeds=seeds[mine], index=mine,
+                     arr_0=images if write_npz or keep_pixels else None, image_size=images.shape[1], shape_iou=iou)
+        with writes_shared(world_size):      # rank 0's measurement and results, then all meet again
+            if rank == 0:
+                merged = merge_shards(scale_dir, world_size, keep_images=write_npz, pipeline=featurizer.pipeline)
+                if reference is None and ref is not None:
+                    reference = load_reference(ref, featurizer, image_size=images.shape[1])
+                found = None if train_ref is None else memorization.search(train_ref, merged["feats"],
+                                                                           merged["images"])
+                row = {"cfg_scale": scale, **compute_metrics(merged, reference, k, is_splits, featurizer.device,
+                                                             train_ref, num_classes, mem_tau, found),
+                       **shape_columns(merged),
+                       "samples": str(scale_dir), "ref": None if ref is None else str(ref),
+                       "extractor": featurizer.name, "resize": featurizer.resize, "pipeline": featurizer.pipeline,
+                       "k": k, "is_splits": is_splits, "seed": seed, "world_size": world_size,
+                       "rank0_samples_per_s": round(len(mine) / max(seconds, 1e-9), 3), **(settings or {})}
+                rows.append(row)
+                if found is not None:     # the per-sample distances behind the memorization columns
+                    memorization.save_arrays(out, scale, found, merged["labels"], merged["seeds"], merged["images"],
+                                             train_ref.get("pixels"))
+                write_results(rows, out)  # after every scale, so a long grid leaves partial results behind
     return rows if rank == 0 else None
 
 
@@ -648,9 +652,11 @@ def main_sample(argv):
                 "ema": not args.no_ema and args.pretrained is None, **cads_settings(args),
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
     featurizer = _featurizer(args, device)
-    train_ref = _train_reference(args, featurizer) if rank == 0 else None
-    if rank == 0:                                          # the checks passed; results.json carries it too
-        provenance.write(args.out, code)
+    train_ref = None
+    with writes_shared(world_size):                        # rank 0's files: a failed write stops every rank here
+        if rank == 0:
+            train_ref = _train_reference(args, featurizer)
+            provenance.write(args.out, code)               # the checks passed; results.json carries it too
     rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, featurizer,
                                args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
                                world_size, settings, args.k, args.is_splits, train_ref, args.mem_tau,
@@ -785,7 +791,7 @@ def cads_settings(args):
 
 
 def main(argv=None):
-    """Dispatch the subcommands; bad input becomes one line on stderr and exit code 2."""
+    """Dispatch the subcommands; bad input becomes one line on stderr and exit code 2, a failed write exit code 1."""
     argv = sys.argv[1:] if argv is None else argv
     commands = {"metrics": main_metrics, "plot": main_plot, "ref": main_ref}
     try:
@@ -795,6 +801,11 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ConnectionError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
+    except WriteFailed as e:                                 # full disk: a fault, not bad input
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        if e.shared:                                         # every rank raised it at the same meeting
+            leave_process_group()
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ You do not run this file; trainer.py uses it.
 Checkpoints are plain data (tensors, numbers, strings, dicts): {"version", "kind" ("dit" | "ldm"), "step", "config"
 (the run's flags), "model" (the uncompiled module's state_dict), "ema", "opt", "rng" (every rank's torch RNG states),
 "data"}. They are written atomically and load with torch.load(weights_only=True).
+
+A write that fails (full disk, read-only or vanished folder) ends the run with one line naming the file and the cause
+(plumbing.common.WriteFailed, exit 1), on every rank: rank 0 writes, and its failure reaches the others at the next
+point where all ranks meet (after a grid or checkpoint, at a log step), so none is left waiting. The checkpoint it
+would have replaced stays as it was, and the temporary file of a write a kill interrupted is removed on the next start.
 """
 import dataclasses
 import json
@@ -25,11 +30,16 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from plumbing import provenance
-from plumbing.common import Dist, RunError, all_mean, atomic_save, one_line
+from plumbing.common import (Dist, RunError, WriteFailed, agree_on_writes, all_mean, atomic_open, atomic_save, one_line,
+                             remove_leftovers)
 from config import (ADDED_ARCH_FIELDS, arch_fields, experiment_fields, explicit_fields, field_flags, learning_rate,
                     predated_recipe, preset_fields, stored_config)
 
 CHECKPOINT_VERSION = 1
+# what a run writes with atomic_open, in --out and in --out/samples: the temporary files of these a kill left behind
+# are removed when a run starts there
+RUN_FILES = r"last\.pt|step_\d{7}\.pt|config\.json|provenance\.json"
+SAMPLE_FILES = r"step_\d{7}\.png|captions\.txt"
 
 
 class Diverged(Exception):
@@ -168,7 +178,14 @@ class RunIO:
         self.overridden = resume.overridden if resume is not None else []   # logged by start()
         self.judge_grid = judge_grid                               # scores the final class grid (trainer.train)
         self.file = self.bar = None                                # opened by start()
+        self.failed = None                                         # rank 0's WriteFailed, until the ranks meet
         self.last_loss, self.t_log = float("nan"), time.time()
+        if d.main:
+            removed = (remove_leftovers(cfg.out, RUN_FILES) +
+                       remove_leftovers(os.path.join(cfg.out, "samples"), SAMPLE_FILES))
+            if removed:
+                tqdm.write(f"note: removed {len(removed)} temporary file(s) of a write that was interrupted: "
+                           f"{', '.join(os.path.basename(r) for r in removed)}")
 
     def checkpoint_to_resume(self) -> dict | None:
         """The checkpoint to continue from (None for a fresh run); one of another model family is refused."""
@@ -203,13 +220,28 @@ class RunIO:
             self.sinks = []
             raise TrackerFailed(failure, self.d.main)
 
+    def write(self, fn: Callable, *args) -> None:
+        """fn(*args): one of rank 0's writes. With one process a WriteFailed is raised at once; with several it is kept
+        (and rank 0 writes nothing more) until the ranks meet (agree), where every rank raises it."""
+        if self.failed is not None:
+            return
+        try:
+            fn(*args)
+        except WriteFailed as e:
+            if self.d.world == 1:
+                raise
+            self.failed = e
+
+    def agree(self) -> None:
+        """Where all ranks meet (a barrier's place): every rank raises rank 0's write failure, if it had one."""
+        agree_on_writes(self.failed, self.d.world)      # with one process, a failure was raised where it happened
+
     def log(self, record: dict, images: torch.Tensor | None = None) -> None:
         """One log.jsonl line (rank 0), also handed to every sink, with the grid (N, C, H, W) of a samples record.
         A tracker that fails mid-run is dropped with a warning: log.jsonl keeps every record, and stopping would need
         the other ranks, which never wait on rank 0's trackers."""
         if self.d.main:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            self.write(self._append, record)
             for sink in list(self.sinks):
                 try:
                     sink(record, images)
@@ -217,6 +249,13 @@ class RunIO:
                     self.sinks.remove(sink)
                     tqdm.write(f"warning: --log {sink.name} failed at step {record.get('step')} ({one_line(e)}); "
                                f"the run goes on without it (log.jsonl has every record)")
+
+    def _append(self, record: dict) -> None:
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise WriteFailed.of(self.file.name, e) from None
 
     def start(self, model: nn.Module, num_items: int, start_step: int, init_note: str | None = None) -> None:
         """config.json, provenance.json, the start line and event (and the --init-from / --resume-override notes), the
@@ -227,9 +266,7 @@ class RunIO:
         compiled = cfg.compile if cfg.compile is not None else cuda
         self.open_trackers(start_step)                             # a tracker that cannot start stops every rank
         if d.main:
-            self.file = open(os.path.join(cfg.out, "log.jsonl"), "a")
-            with open(os.path.join(cfg.out, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
+            self.write(self._open_files)
             n_params = sum(p.numel() for p in model.parameters())
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)   # a ControlNet's branch only
             local = cfg.batch_size // d.world
@@ -246,7 +283,7 @@ class RunIO:
                 tqdm.write(f"{self.kind}: {init_note}")
                 self.log({"event": "init_from", "source": cfg.init_from, "note": init_note})
             code = provenance.collect(d.device)          # this segment's code and machine (a resume writes its own)
-            provenance.write(cfg.out, code)
+            self.write(provenance.write, cfg.out, code)
             self.log({"event": "start", "step": start_step, "world": d.world, "device": str(d.device),
                       "params": n_params, "precision": precision, "compile": compiled,
                       "resumed_from": self.resume_path, "provenance": code})
@@ -255,6 +292,17 @@ class RunIO:
                 tqdm.write("note: resumed with --resume-override: " + ", ".join(
                     f"{c['field']} {c['checkpoint']!r} -> {c['now']!r}" for c in self.overridden))
         self.bar = tqdm(total=cfg.steps, initial=start_step, disable=not d.main, dynamic_ncols=True, desc=self.kind)
+        self.agree()
+
+    def _open_files(self) -> None:
+        """config.json (written) and log.jsonl (opened to append)."""
+        path = os.path.join(self.cfg.out, "log.jsonl")
+        try:
+            self.file = open(path, "a")
+        except OSError as e:
+            raise WriteFailed.of(path, e) from None
+        with atomic_open(os.path.join(self.cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
 
     def mean_loss(self, loss_sum: torch.Tensor, n: int, done: int) -> float:
         """The loss averaged over the steps since the last log and over ranks (a host sync); Diverged if not finite."""
@@ -280,16 +328,22 @@ class RunIO:
         self.last_loss, self.t_log = mean, time.time()
 
     def grid(self, step: int, sample: Callable, ema: nn.Module) -> None:
+        """samples/step_XXXXXXX.png: the EMA's sample grid (rank 0), logged and, at the last step, judged."""
         if self.d.main:
-            os.makedirs(os.path.join(self.cfg.out, "samples"), exist_ok=True)
-            path = os.path.join(self.cfg.out, "samples", f"step_{step:07d}.png")
-            images = sample(ema)
-            save_grid(images.float().cpu(), path, nrow=self.cfg.sample_per_class)
-            self.log({"event": "samples", "step": step, "path": path}, images=images)
-            if step == self.cfg.steps and self.judge_grid is not None and getattr(sample, "labels", None) is not None:
-                self.judge_grid(self.cfg, images, sample.labels, self.log, tqdm.write)   # does it show its classes?
-        if self.d.world > 1:
-            dist.barrier()
+            self.write(self._grid, step, sample, ema)
+        self.agree()
+
+    def _grid(self, step: int, sample: Callable, ema: nn.Module) -> None:
+        path = os.path.join(self.cfg.out, "samples", f"step_{step:07d}.png")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)     # before sampling: a text grid writes captions.txt
+        except OSError as e:
+            raise WriteFailed.of(path, e) from None
+        images = sample(ema)
+        save_grid(images.float().cpu(), path, nrow=self.cfg.sample_per_class)
+        self.log({"event": "samples", "step": step, "path": path}, images=images)
+        if step == self.cfg.steps and self.judge_grid is not None and getattr(sample, "labels", None) is not None:
+            self.judge_grid(self.cfg, images, sample.labels, self.log, tqdm.write)   # does it show its classes?
 
     def save(self, s, step: int, keep: bool | None = None) -> None:
         """out/last.pt (and out/step_XXXXXXX.pt every --keep-every steps), atomically; s is the trainer's TrainState."""
@@ -300,11 +354,10 @@ class RunIO:
             state = {"version": CHECKPOINT_VERSION, "kind": self.kind, "step": step, "config": dataclasses.asdict(cfg),
                      "model": s.model.state_dict(), "ema": s.ema.state_dict(), "opt": s.opt.state_dict(), "rng": rng,
                      "data": {"samples_seen": step * cfg.batch_size, "world": d.world}}
-            atomic_save(state, os.path.join(cfg.out, "last.pt"))
+            self.write(atomic_save, state, os.path.join(cfg.out, "last.pt"))
             if keep:
-                atomic_save(state, os.path.join(cfg.out, f"step_{step:07d}.pt"))
-        if d.world > 1:
-            dist.barrier()
+                self.write(atomic_save, state, os.path.join(cfg.out, f"step_{step:07d}.pt"))
+        self.agree()
 
     def agree_to_stop(self, raised: bool, collective_step: bool) -> bool:
         """All ranks must stop at the same step: with DDP the signal flag is reduced at log/checkpoint steps only."""
@@ -312,6 +365,7 @@ class RunIO:
             return raised
         if not collective_step:
             return False
+        self.agree()                                     # a log step: rank 0 may have failed to write its record
         flag = torch.tensor(float(raised), device=self.d.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -328,7 +382,10 @@ class RunIO:
     def __exit__(self, *exc):  # close the bar (an error message then starts on a fresh line) and the logs, however it ends
         for thing in (self.bar, self.file, *self.sinks):
             if thing is not None:
-                thing.close()
+                try:
+                    thing.close()
+                except OSError:  # log.jsonl's unflushed tail after a failed write, already reported as WriteFailed
+                    pass
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
@@ -337,7 +394,8 @@ def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     scale = max(1, math.ceil(64 / images.shape[-1]))
     images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    vutils.save_image(images.clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=2)
+    with atomic_open(path) as f:
+        vutils.save_image(images.clamp(-1, 1) * 0.5 + 0.5, f, nrow=nrow, padding=2, format="png")
 
 
 class StopFlag:

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         get_tokenizer(cfg.tokenizer)                    # a missing / bad tokenizer fails now, not after data loading
     d = setup_distributed(cfg.device)
     sinks = tracking.sinks_for_run(cfg, d.main)          # --log: W&B / TensorBoard get every log record (rank 0)
-    data = load_data(cfg, d.device, open_cache=latents.LatentDataset, load_vae=vae.load_vae)
+    data = load_data(cfg, d, open_cache=latents.LatentDataset, load_vae=vae.load_vae)
     cfg = replace(cfg, num_classes=data.num_classes)    # 0 = the dataset's count
     torch.manual_seed(cfg.seed)                          # the same initial weights on every rank and every rerun
     model, diffusion = FAMILY.build(cfg)

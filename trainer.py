@@ -43,7 +43,8 @@ import conditions
 import data as datalib
 import diffusion as D
 from cep import unit_noise
-from plumbing.common import Dist, RunError, derive_seed, keep_freed_memory, leave_process_group, one_line
+from plumbing.common import (Dist, RunError, WriteFailed, atomic_open, derive_seed, keep_freed_memory,
+                             leave_process_group, local_rank0_first, one_line)
 from plumbing.muon import MuonAdamW
 from config import grid_cads, learning_rate
 from runio import Diverged, Resume, RunIO, StopFlag, TrackerFailed, check_run_folder
@@ -53,11 +54,12 @@ from sources.tokenizer import get_tokenizer
 
 
 def exit_codes(script: str):
-    """Decorator for a train script's main(): bad input -> one line `script: error: ...`, exit 2; divergence -> 1.
-    A run that ends well (or diverges: every rank sees it at the same all-reduce) leaves torchrun's process group
-    first (plumbing.common.leave_process_group: a barrier, then destroy): without that, gloo's worker threads can
-    still hold tensors when the interpreter shuts down and abort the process (SIGABRT after the last step; a known
-    PyTorch behaviour). Not after a bad input or another error: another rank may still be inside a collective. A
+    """Decorator for a train script's main(): bad input -> one line `script: error: ...`, exit 2; divergence or a
+    failed write (full disk: plumbing.common.WriteFailed) -> one line, exit 1.
+    A run that ends well (or diverges, or fails a write: every rank sees it at the same collective) leaves torchrun's
+    process group first (plumbing.common.leave_process_group: a barrier, then destroy): without that, gloo's worker
+    threads can still hold tensors when the interpreter shuts down and abort the process (SIGABRT after the last step;
+    a known PyTorch behaviour). Not after a bad input or another error: another rank may still be inside a collective. A
     --log tracker that cannot start (runio.TrackerFailed) stops every rank at once: rank 0 prints the line, exit 2."""
     def wrap(main):
         @functools.wraps(main)
@@ -73,6 +75,11 @@ def exit_codes(script: str):
                 return 2
             except Diverged as e:
                 print(f"{script}: {e}", file=sys.stderr)
+                code = 1
+            except WriteFailed as e:
+                print(f"{script}: error: {e}", file=sys.stderr)
+                if not e.shared:                         # raised on this rank alone: a peer may be inside a collective
+                    return 1
                 code = 1
             leave_process_group()
             return code
@@ -93,14 +100,15 @@ class TrainData:
     resume: Resume | None = None         # the checked checkpoint this run continues (runio.check_run_folder)
 
 
-def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callable | None = None) -> TrainData:
+def load_data(cfg, d: Dist, open_cache: Callable | None = None, load_vae: Callable | None = None) -> TrainData:
     """The training data of cfg: static corruption applied (its manifest written to out/corruption.json), captions
     tokenised for text models, and the autoencoder's encode/decode when the model works on latents.
 
     The autoencoder side is handed in by the train script (weights/ is an instrument the core never imports):
     open_cache(path) -> a latent cache dataset (with .vae, .image_size and .encode, its posterior sampler) for --latents;
     load_vae(kind, path, device=) -> the autoencoder (.encode, .decode) for --vae.
-    The run folder and --resume are checked once the class count is known, before anything is written."""
+    The run folder and --resume are checked once the class count is known, before anything is written. Each node's
+    local rank 0 reads the data first (a shard index is built once, then read by the node's other ranks)."""
     if cfg.latents:
         cache = open_cache(cfg.latents)
         encode = cache.encode
@@ -109,7 +117,8 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
                            f"pass --vae {cache.vae} --image-size {cache.image_size}")
         dataset = datalib.subset_per_class(cache, cfg.items_per_class, cfg.seed)    # k items per class, if asked
     else:
-        dataset, encode = datalib.training_set(cfg), None     # --items-per-class cuts it to k items per class
+        dataset = local_rank0_first(lambda: datalib.training_set(cfg), d)   # --items-per-class: k items per class
+        encode = None
     source, text = cfg.latents or cfg.data, cfg.cond == "text"
     if not text and dataset.num_classes == 0:
         raise RunError(f"{source} has captions but no class labels: train it with --cond text")
@@ -128,7 +137,7 @@ def load_data(cfg, device, open_cache: Callable | None = None, load_vae: Callabl
         dataset = TokenizedCaptions(dataset, get_tokenizer(cfg.tokenizer), cfg.context_length, mirror=True)
     if cfg.control != "none":  # items become (x, y, control map): ControlNet training (models/controlnet.py)
         dataset = ControlMaps(dataset, cfg.control, cfg.canny_low, cfg.canny_high, cfg.control_maps)
-    ae = load_vae(cfg.vae, cfg.vae_path or None, device=device) if cfg.vae != "none" else None
+    ae = load_vae(cfg.vae, cfg.vae_path or None, device=d.device) if cfg.vae != "none" else None
     return TrainData(dataset, cfg.num_classes or dataset.num_classes, encode or (ae and posterior_sampler(ae)),
                      ae and ae.decode, prompts, resume)
 
@@ -441,6 +450,7 @@ def train(cfg, model: nn.Module, diffusion, data: TrainData, *, kind: str, d: Di
                 break
         if status == "done":
             io.log({"event": "done", "step": cfg.steps, "loss": io.last_loss})
+        io.agree()                                                   # the last records were written
     return {"status": status, "step": step + 1 if cfg.steps > start else start, "loss": io.last_loss,
             "ema": s.ema, "model": model}
 
@@ -505,7 +515,7 @@ def grid_sampler(cfg, diffusion, data: TrainData):
                                  clip_x0=data.decode is None,       # pixel space: keep x0 estimates in [-1, 1]
                                  generator=steps_noise)
         if data.prompts is not None:                               # the grid's rows, beside its PNGs
-            with open(os.path.join(cfg.out, "samples", "captions.txt"), "w", encoding="utf-8") as f:
+            with atomic_open(os.path.join(cfg.out, "samples", "captions.txt"), "w") as f:
                 f.write("".join(p + "\n" for p in data.prompts))
         return data.decode(x) if data.decode is not None else x
     sample.labels = conds if data.prompts is None else None             # (N,) the grid's classes, for the judge

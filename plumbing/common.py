@@ -1,7 +1,8 @@
 """
-The plumbing every nanoCEP script shares, written once: one-line CLI errors, atomic file writes, the seed of every
-random stream of a run (derive_seed), joining torchrun's process group, and keep_freed_memory (a CPU training run
-keeps the memory a step frees: with glibc's defaults it page-faults it back in every step). Downloads checked by sha256
+The plumbing every nanoCEP script shares, written once: one-line CLI errors, atomic file writes (a write the disk
+refuses is one line too, WriteFailed, on every rank of a job), the seed of every random stream of a run (derive_seed),
+joining torchrun's process group, and keep_freed_memory (a CPU training run keeps the memory a step frees: with
+glibc's defaults it page-faults it back in every step). Downloads checked by sha256
 live with the instruments that fetch released files, in sources/download.py. (corrupt.py keeps tiny copies of the
 first two on purpose, and cads.py its own seed mix: they are standalone files meant to be copied into other projects.)
 
@@ -13,14 +14,32 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import errno
+import functools
 import os
 import platform
+import re
 import tempfile
 from pathlib import Path
 
 
 class RunError(Exception):
     """A problem the user must fix (bad flag, bad file): the scripts print its message on one line and exit 2."""
+
+
+class WriteFailed(OSError):
+    """An output file could not be written (full disk, read-only or vanished folder): the scripts print its message
+    (`cannot write PATH: CAUSE`) on one line and exit 1; the file it would have replaced is left as it was.
+
+    shared: every rank of the job raised it at the same meeting (agree_on_writes), so they can leave together."""
+
+    def __init__(self, message: str, shared: bool = False):
+        super().__init__(message)
+        self.shared = shared
+
+    @classmethod
+    def of(cls, path, error: OSError) -> "WriteFailed":
+        return cls(f"cannot write {path}: {error.strerror or one_line(error)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -48,19 +67,69 @@ def one_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Files: written atomically
 
+# The errors that say the storage failed, not the code writing to it: raised from inside an atomic_open block they
+# name the file being written (an error of another errno there, e.g. a lost network connection, is the block's own).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+TEMP_SUFFIX = ".part"                   # atomic_open's temporary files: .NAME.XXXXXXXX.part beside NAME
+
+
+def storage_error(e: BaseException | None, any_errno: bool = False) -> OSError | None:
+    """The OSError behind `e` (itself, or one it was raised from or while handling: torch's zip writer turns a failed
+    write into `RuntimeError: ... unexpected pos`, raised while handling the OSError) that says the storage failed."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and (any_errno or e.errno in STORAGE_ERRNOS):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def new_file_mode() -> int:
+    """The mode a new file gets from open(): 0o666 less the umask, read from /proc without changing the umask (setting
+    it to read it back races with other threads); without /proc, read once by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o666 & ~_umask_once()
+
+
+@functools.cache
+def _umask_once() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_open(path, mode: str = "wb"):
+def atomic_open(path, mode: str = "wb", **text_options):
     """Open a temporary file beside `path`; on success it is renamed over `path`, on failure removed.
 
-    A crash or an exception never leaves a half-written file where a reader (or a resumed run) would find it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    A crash or an exception never leaves a half-written file where a reader (or a resumed run) would find it. The file
+    gets the mode open() would give it (umask), not mkstemp's 0600, so a shared folder's readers can read it. A write
+    the storage refuses (full disk, ...) raises WriteFailed naming `path` and the cause. text_options: open()'s
+    newline= for a text mode (its encoding is UTF-8)."""
+    path, tmp, written = Path(path), None, False
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        os.fchmod(fd, new_file_mode())
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", **text_options})) as f:
             yield f
+            written = True                          # from here on every error is this file's: flush, close, rename
         os.replace(tmp, path)
+    except Exception as e:
+        # before the block ran (mkstemp) or after it (close, rename) any OSError is this file's; inside it, only
+        # a storage errno (the block may raise OSErrors of its own)
+        cause = storage_error(e, any_errno=written or tmp is None)
+        if cause is None or isinstance(e, WriteFailed):
+            raise
+        raise WriteFailed.of(path, cause) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -71,6 +140,20 @@ def save_npz(path, **arrays) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as f:
         np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
+
+
+def remove_leftovers(folder, names: str) -> list[str]:
+    """Remove the temporary files atomic_open left in `folder` (a process killed while writing) for the files whose
+    names fully match the regular expression `names`; returns the removed paths. Other files are never touched."""
+    pattern = re.compile(rf"\.(?:{names})\.[A-Za-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+    if not os.path.isdir(folder):
+        return []
+    with os.scandir(folder) as entries:
+        leftovers = [e.path for e in entries if e.is_file(follow_symlinks=False) and pattern.fullmatch(e.name)]
+    for path in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return leftovers
 
 
 def atomic_save(obj, path) -> None:
@@ -207,3 +290,53 @@ def all_mean(x: "torch.Tensor", d: Dist) -> "torch.Tensor":
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= d.world
     return x
+
+
+def first_error(err: BaseException | None, world: int) -> str | None:
+    """A collective every one of the `world` ranks calls where it would meet the others at a barrier: the first rank's
+    error (one line), or None when no rank has one. So a rank that failed (a write that only rank 0 makes, a shard
+    index that only local rank 0 builds) stops its peers at that meeting instead of leaving them waiting for it."""
+    if world > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():                       # (if not, one process plays the ranks in turn)
+            errors = [None] * world
+            dist.all_gather_object(errors, None if err is None else one_line(err))
+            return next((e for e in errors if e is not None), None)
+    return None if err is None else one_line(err)
+
+
+def local_rank0_first(fn, d: Dist):
+    """fn() on each node's local rank 0 while the node's other ranks wait, then on them: what fn caches on disk (the
+    shard index of sources/shards.py) is built once per node and read by the rest. An error local rank 0 raises is
+    raised on every rank (a ValueError with its message on the others). Every rank must call it."""
+    result, err = None, None
+    if d.local_rank == 0:
+        try:
+            result = fn()
+        except Exception as e:                  # shared below, then raised here as it was
+            err = e
+    message = first_error(err, d.world)
+    if err is not None:
+        raise err
+    if message is not None:
+        raise ValueError(message)
+    return result if d.local_rank == 0 else fn()
+
+
+def agree_on_writes(err: WriteFailed | None, world: int) -> None:
+    """Where the ranks meet: every rank raises the first rank's WriteFailed (shared, so they leave together), if any."""
+    message = first_error(err, world)
+    if message is not None:
+        raise WriteFailed(message, shared=True)
+
+
+@contextlib.contextmanager
+def writes_shared(world: int):
+    """A block of writes, then a meeting of all ranks in a barrier's place: if any rank's block failed to write, every
+    rank raises that WriteFailed there (agree_on_writes)."""
+    err = None
+    try:
+        yield
+    except WriteFailed as e:
+        err = e
+    agree_on_writes(err, world)

@@ -695,8 +695,9 @@ METRIC_COLUMNS = ["cfg_scale", "fid", "is_mean", "is_std", "precision", "recall"
 
 
 def write_results(rows, out_dir):
-    """Write rows (one per guidance scale) to OUT/results.json and OUT/results.csv; returns both paths. results.json
-    also carries OUT/provenance.json (plumbing/provenance.py: the code and machine that measured), when there is one."""
+    """Write rows (one per guidance scale) to OUT/results.json and OUT/results.csv, atomically; returns both paths.
+    results.json also carries OUT/provenance.json (plumbing/provenance.py: the code and machine that measured), when
+    there is one."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / "results.json", out / "results.csv"
@@ -705,9 +706,10 @@ def write_results(rows, out_dir):
         record["provenance"] = json.loads((out / "provenance.json").read_text())
     except (OSError, ValueError):       # none, or unreadable: the results still count, without their provenance
         pass
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_open(json_path, "w") as f:
+        f.write(json.dumps(record, indent=2) + "\n")
     columns = METRIC_COLUMNS + sorted({key for row in rows for key in row} - set(METRIC_COLUMNS))
-    with open(csv_path, "w", newline="") as f:
+    with atomic_open(csv_path, "w", newline="") as f:       # csv writes its own line ends
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows([{c: "" if row.get(c) is None else row.get(c) for c in columns} for row in rows])

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
@@ -106,7 +106,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             with Image.open(source) as im:
                 arr = center_crop_arr(im.convert("RGB"), self.image_size)
         except Exception as e:  # PIL raises many types; the user needs the file name, not the type
-            raise ValueError(f"cannot read image {name}: {e}") from None
+            # PIL names what it was given: a shard member's in-memory bytes would print as <_io.BytesIO object ...>
+            why = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else e
+            raise ValueError(f"cannot read image {name}: {why}") from None
         if flip:
             arr = arr[:, ::-1]
         return to_tensor(np.ascontiguousarray(arr)), int(self.labels[index])

@@ -24,7 +24,10 @@ folder is read-only, the index goes to $NANOCEP_CACHE/shards/ (default ~/.cache/
 fails too, the index is kept in memory only (rebuilt on every run, with a note).
 Key convention (webdataset's): a member's key is its path up to the first dot of its file name, the rest is its
 extension, so 000000012.jpg and 000000012.txt form one item. Compressed shards (.tar.gz) cannot be read at an offset
-and are refused.
+and are refused, and so is a damaged shard: tarfile takes a bad member header (or a file cut at a member boundary) for
+the end of the archive, so indexing checks that only tar's end-of-archive zero blocks follow the last member.
+With several processes (torchrun), each node's local rank 0 builds the index while the others wait, then they read it
+(trainer.load_data, weights/latents.py: plumbing.common.local_rank0_first).
 """
 import hashlib
 import io
@@ -39,7 +42,8 @@ import numpy as np
 
 from sources.folders import IMAGE_EXTENSIONS, ImageFolderDataset, clean_caption
 
-INDEX_FORMAT, INDEX_VERSION = "nanocep-shards", 1
+INDEX_FORMAT, INDEX_VERSION = "nanocep-shards", 2     # 2: damaged shards refused, each image member's extension
+END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE      # bytes: tar ends an archive with two zero blocks (then pads to a record)
 IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
@@ -105,18 +109,21 @@ def _member_caption(ext: str, raw: bytes, where: str) -> str | None:
 
 
 def index_shard(path: str, shard_id: int) -> list[dict]:
-    """The items of one shard in member order: {shard, offset, size, key, caption, label} (the last two may be None)."""
-    items, texts = {}, {}
+    """The items of one shard in member order: {shard, offset, size, key, ext, caption, label} (the last two may be
+    None; ext: the image member's extension)."""
+    items, texts, last = {}, {}, None
     try:
         with tarfile.open(path, mode="r:") as tar:
             for m in tar:
+                last = m.name
                 if not m.isfile():
                     continue
                 key, ext = _split_key(m.name)
                 if ext in IMAGE_EXTS:
-                    items.setdefault(key, dict(shard=shard_id, offset=m.offset_data, size=m.size, key=key))
+                    items.setdefault(key, dict(shard=shard_id, offset=m.offset_data, size=m.size, key=key, ext=ext))
                 elif ext in ("txt", "json", "cls"):
                     texts[(key, ext)] = tar.extractfile(m).read()
+            check_end_of_archive(path, tar.offset, last)      # where tarfile stopped reading headers
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ValueError(f"cannot read shard {path}: {e}") from None
     for key, item in items.items():
@@ -132,6 +139,27 @@ def index_shard(path: str, shard_id: int) -> list[dict]:
         except (UnicodeDecodeError, ValueError):
             raise ValueError(f"{where}.cls is not an integer class id: {cls[:40]!r}") from None
     return list(items.values())
+
+
+def check_end_of_archive(path: str, end: int, last: str | None) -> None:
+    """Refuse (ValueError, one line) a shard whose bytes from `end` (where tarfile stopped, after member `last`) are not
+    tar's end of archive: zero bytes to the end of the file, at least two blocks of them. tarfile reads a damaged or
+    zeroed member header, or a file cut exactly at a member header, as the end, and drops every item after it."""
+    after = f"after member {last}" if last else "before its first member"
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(end)
+        pos = end
+        while chunk := f.read(1 << 16):
+            if rest := chunk.lstrip(b"\0"):
+                found = pos + len(chunk) - len(rest)
+                raise ValueError(f"cannot read shard {path}: its members stop at byte {end} {after} (a damaged or "
+                                 f"zeroed member header), but data follows at byte {found} of {size}: those items "
+                                 f"would be lost")
+            pos += len(chunk)
+    if size - end < END_OF_ARCHIVE:
+        raise ValueError(f"cannot read shard {path}: it ends at byte {size} {after}, without tar's end-of-archive "
+                         f"blocks (a truncated file)")
 
 
 def build_index(shards: list[str]) -> dict:
@@ -155,6 +183,7 @@ def build_index(shards: list[str]) -> dict:
             "shards": [_stamp(p) for p in shards],
             "shard": [it["shard"] for it in items], "offset": [it["offset"] for it in items],
             "size": [it["size"] for it in items], "key": [it["key"] for it in items],
+            "ext": [it["ext"] for it in items],
             "captions": captions if captions[0] is not None else None,
             "labels": labels if labels[0] is not None else None}
 
@@ -207,8 +236,9 @@ def load_index(shards: list[str]) -> tuple[dict, str | None]:
             continue
         if _valid(index, shards):
             return index, path
-        print(f"note: shard index {path} does not match the shards (sizes or times changed): re-indexing",
-              file=sys.stderr)
+        why = ("sizes or times changed" if isinstance(index, dict) and index.get("version") == INDEX_VERSION
+               else "an older format")
+        print(f"note: shard index {path} does not match the shards ({why}): re-indexing", file=sys.stderr)
     index = build_index(shards)
     for path in places:
         try:
@@ -235,7 +265,7 @@ class ShardDataset(ImageFolderDataset):
         self.item_shard = np.asarray(index["shard"], dtype=np.int32)       # (N,)
         self.item_offset = np.asarray(index["offset"], dtype=np.int64)     # (N,) byte offset of the image data
         self.item_size = np.asarray(index["size"], dtype=np.int64)         # (N,)
-        self.keys = index["key"]
+        self.keys, self.exts = index["key"], index["ext"]
         self.captions = index["captions"]
         labels = index["labels"]
         self.num_classes = 0 if labels is None else max(labels) + 1
@@ -247,7 +277,7 @@ class ShardDataset(ImageFolderDataset):
 
     def image_file(self, index: int):
         """The image member's bytes (opened per read: no file offset shared between loader workers) and its name."""
-        name = f"{self.shards[self.item_shard[index]]}:{self.keys[index]}"
+        name = f"{self.shards[self.item_shard[index]]}:{self.keys[index]}.{self.exts[index]}"
         with open(self.shards[self.item_shard[index]], "rb") as f:
             f.seek(int(self.item_offset[index]))
             raw = f.read(int(self.item_size[index]))

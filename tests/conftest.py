@@ -1,7 +1,10 @@
 """Helpers the test files share: tiny training flags, reading a run folder back, the one-line-error check, the built-in
-dataset's one-item-at-a-time oracle, an offline Hugging Face Hub cache."""
+dataset's one-item-at-a-time oracle, an offline Hugging Face Hub cache, a full disk."""
+import errno
+import io
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +170,40 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     return tmp_path / "hub", attempts
+
+
+class FullFile(io.FileIO):
+    """A file on a full disk: the first `room` bytes are written, then every write raises ENOSPC as the kernel does."""
+
+    def __init__(self, file, mode: str = "wb", room: int = 0):
+        super().__init__(file, mode)
+        self.room = room
+
+    def write(self, b) -> int:
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return super().write(b)
+
+
+def fill_disk(monkeypatch, name: str, after: int = 0) -> None:
+    """Make every atomic write (plumbing.common.atomic_open) of a file called `name` fail as on a full disk, once
+    `after` of them have succeeded: its temporary file (mkstemp's) is opened on a FullFile."""
+    real_mkstemp, real_fdopen, doomed, seen = tempfile.mkstemp, os.fdopen, set(), [0]
+
+    def mkstemp(*args, **kwargs):
+        fd, tmp = real_mkstemp(*args, **kwargs)
+        if os.path.basename(tmp).startswith(f".{name}."):
+            seen[0] += 1
+            if seen[0] > after:
+                doomed.add(fd)
+        return fd, tmp
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        if fd not in doomed:
+            return real_fdopen(fd, mode, *args, **kwargs)
+        doomed.discard(fd)
+        raw = FullFile(fd, "wb")
+        return raw if "b" in mode else io.TextIOWrapper(io.BufferedWriter(raw), **kwargs)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "fdopen", fdopen)

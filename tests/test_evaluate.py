@@ -14,6 +14,8 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 
 import evaluate as ev
+from conftest import fill_disk, one_error_line
+from plumbing.common import WriteFailed
 from scoring import metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -365,6 +367,29 @@ def test_bad_input_in_process(data, tmp_path, capsys):
         assert code == 2, (args, err)
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
         assert not (tmp_path / "out").exists(), args
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_results(data, tmp_path, monkeypatch, capsys):
+    """results.json, a sample PNG or a rank's shard file that does not fit: one line naming it, exit 1, the results
+    written before left as they were, no temporary file."""
+    args = ["metrics", "--samples", str(data["samples"]), "--ref", str(data["ref"]), "--features",
+            str(data["extractor"]), "--out", str(tmp_path), "--is-splits", "2", "--workers", "0", "--device", "cpu"]
+    assert ev.main(args) == 0
+    before = (tmp_path / "results.json").read_bytes()
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        fill_disk(m, "results.json")
+        assert ev.main(args) == 1
+    line = one_error_line(capsys, "evaluate.py")
+    assert line == f"evaluate.py: error: cannot write {tmp_path / 'results.json'}: No space left on device"
+    assert (tmp_path / "results.json").read_bytes() == before and not list(tmp_path.glob(".*.part"))
+    featurizer = metrics.Featurizer(data["extractor"], resize="none")
+    kwargs = dict(num_classes=3, cfg_scales=[1.0], featurizer=featurizer, num_samples=12, batch_size=4, is_splits=2)
+    for name, png in (("000003.png", True), ("shard000.npz", False)):
+        with monkeypatch.context() as m, pytest.raises(WriteFailed, match=f"cannot write .*{name}: No space left"):
+            fill_disk(m, name)
+            ev.sample_and_evaluate(fake_sampler, out_dir=tmp_path / "s", write_png=png, **kwargs)
+        assert not list((tmp_path / "s").rglob(".*.part"))
 
 
 # ---- sampling plumbing (the sampler itself comes from train_dit.py) ----

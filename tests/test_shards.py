@@ -123,3 +123,67 @@ def test_train_text_on_two_shards_resumes_bit_identically(tmp_path):
     assert b["config"]["corrupt_type"] == "swap"
     with open(tmp_path / "straight" / "corruption.json") as f:
         assert json.load(f)["num_corrupted"] == 8                         # 25 % of 32 captions swapped
+
+
+def write_shard(path, n=5):
+    """One shard of n items (key.png + key.cls), as tarfile writes it (padded to a 10240-byte record); returns the
+    byte offsets of its member headers."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            _add(tar, f"{i:05d}.png", _png())
+            _add(tar, f"{i:05d}.cls", str(i % 3).encode())
+    with tarfile.open(path) as tar:
+        return [m.offset for m in tar.getmembers()]
+
+
+@pytest.mark.parametrize("damage, found", [("truncated at a member header", "without tar's end-of-archive blocks"),
+                                           ("garbled header", "but data follows at byte"),
+                                           ("zeroed header", "but data follows at byte")])
+def test_damaged_shards_are_refused_in_one_line(tmp_path, capsys, damage, found):
+    """tarfile reads these as a shorter archive (3, 2 and 2 of the 5 items, silently); indexing refuses them."""
+    (tmp_path / "wds").mkdir()
+    path = tmp_path / "wds" / "00000.tar"
+    headers = write_shard(path)
+    raw = bytearray(path.read_bytes())
+    h = headers[6]                                           # the header of the 4th item's image
+    if damage == "truncated at a member header":
+        raw = raw[:h]
+    elif damage == "garbled header":
+        raw[h:h + 100] = b"x" * 100                          # its name field: the checksum no longer matches
+    else:
+        raw[h:h + 512] = bytes(512)                          # a zero block, as tar's end marker looks
+    path.write_bytes(bytes(raw))
+    with tarfile.open(path) as tar:                          # what tarfile alone makes of it
+        assert len([m for m in tar if m.name.endswith(".png")]) == 3
+    with pytest.raises(ValueError, match=found) as e:
+        data.build_dataset(str(tmp_path / "wds"), 8)
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and str(path) in message and "00002.cls" in message
+    assert not [f for f in os.listdir(tmp_path / "wds") if f.startswith("nanocep_shards_")]     # no index stored
+    expect_one_line_error(capsys, train_dit.main, "train_dit.py", ["--data", str(tmp_path / "wds")], "00000.tar")
+
+
+def test_good_shards_index_every_item_with_or_without_record_padding(tmp_path):
+    """tarfile pads an archive to a 10240-byte record; a writer that stops after the two zero blocks is fine too."""
+    (tmp_path / "a").mkdir()
+    write_shard(tmp_path / "a" / "0.tar")
+    raw = (tmp_path / "a" / "0.tar").read_bytes()
+    assert len(raw) % 10240 == 0 and len(raw) - len(raw.rstrip(b"\0")) > 1024        # padded past the two blocks
+    assert len(shards.index_shard(str(tmp_path / "a" / "0.tar"), 0)) == 5
+    (tmp_path / "b").mkdir()
+    with tarfile.open(tmp_path / "a" / "0.tar") as tar:
+        end = tar.getmembers()[-1].offset_data + 512                                 # each member's data is < 512 B
+    (tmp_path / "b" / "0.tar").write_bytes(raw[:end + 1024])                          # exactly two zero blocks
+    ds = data.build_dataset(str(tmp_path / "b"), 8)
+    assert len(ds) == 5 and ds.labels.tolist() == [0, 1, 2, 0, 1]
+
+
+def test_an_undecodable_image_names_its_shard_and_member(tmp_path):
+    (tmp_path / "wds").mkdir()
+    with tarfile.open(tmp_path / "wds" / "0.tar", "w") as tar:
+        _add(tar, "00000.jpg", b"these bytes are no image")
+        _add(tar, "00000.cls", b"0")
+    ds = data.build_dataset(str(tmp_path / "wds"), 8)
+    with pytest.raises(ValueError) as e:
+        ds[0]
+    assert str(e.value) == f"cannot read image {tmp_path / 'wds' / '0.tar'}:00000.jpg: not an image format PIL can read"

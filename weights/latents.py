@@ -29,6 +29,7 @@ crash or Ctrl-C skips the finished batches. A rerun with different arguments (ot
 size, dtype) is refused rather than mixed into the old cache. Under torchrun all ranks write the same memory maps, so
 the output folder must be on one machine's disk (or a file system with coherent shared mmap).
 """
+import functools
 import hashlib
 import json
 import os
@@ -38,7 +39,8 @@ import time
 import numpy as np
 import torch
 
-from plumbing.common import ArgParser, atomic_open, leave_process_group, one_line, setup_distributed
+from plumbing.common import (ArgParser, atomic_open, first_error, leave_process_group, local_rank0_first, one_line,
+                             setup_distributed)
 from sources.download import file_hash
 
 FORMAT = "nanocep-latents"
@@ -411,8 +413,9 @@ def _build_main(args) -> int:
     if args.num_workers is not None and args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     d = setup_distributed(args.device)
-    dataset = data.build_dataset(args.data, args.image_size, seed=args.seed, builtin_length=args.builtin_length,
-                                 captions=args.captions)
+    build = functools.partial(data.build_dataset, args.data, args.image_size, seed=args.seed,
+                              builtin_length=args.builtin_length, captions=args.captions)
+    dataset = local_rank0_first(build, d)              # shards: one index build per node, read by the other ranks
     if args.vae_path:                                  # a diffusers vae/ folder names its weights file
         args.vae_path = str(vae.weights_file(args.vae_path))
     overrides = vae.infer_architecture(args.vae, args.vae_path) if args.vae_path else {}
@@ -428,12 +431,8 @@ def _build_main(args) -> int:
                      vae_config=dict(overrides, block_out_channels=list(ae.cfg.block_out_channels)))
     sync = None
     if d.world > 1:
-        import torch.distributed as dist
-
         def sync(err):  # all ranks meet here; the first rank's error (as text) wins
-            errors = [None] * d.world
-            dist.all_gather_object(errors, None if err is None else one_line(err))
-            first = next((e for e in errors if e is not None), None)
+            first = first_error(err, d.world)
             return None if first is None else ValueError(first)
 
     workers = args.num_workers if args.num_workers is not None else (min(8, os.cpu_count() or 1) if d.device.type == "cuda" else 0)
