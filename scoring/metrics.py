@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg, special
 
-from plumbing.common import save_npz
+from plumbing.common import atomic_open, save_npz
 from sources.download import download, file_hash
 from scoring import memorization
 

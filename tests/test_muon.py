@@ -163,9 +163,10 @@ def test_muon_is_refused_where_it_has_nothing_to_train(tmp_path, capsys):
 
 
 def test_a_checkpoint_from_before_the_flag_is_adamw_and_its_optimizer_cannot_change_on_resume(tmp_path, capsys):
-    """A checkpoint whose config has no optimizer field was trained with AdamW: --init-from takes AdamW, resuming it
-    under the CPU default (muon) is refused naming the flag, --resume-override cannot switch the optimizer (its state
-    does not carry over: one line pointing to --init-from, not a traceback), and with --optimizer adamw it resumes."""
+    """A checkpoint whose config has no optimizer field was trained with AdamW: --init-from takes AdamW, the command
+    that started it resumes it with AdamW (not the CPU default's muon), an explicit --optimizer muon is refused naming
+    the stored adamw, --resume-override cannot switch the optimizer (its state does not carry over: one line pointing
+    to --init-from, not a traceback), and with --optimizer adamw it resumes."""
     run = tmp_path / "old"
     assert run_tiny(train_dit.main, run, "--steps", 2, "--optimizer", "adamw") == 0
     state = ckpt(run)
@@ -174,9 +175,13 @@ def test_a_checkpoint_from_before_the_flag_is_adamw_and_its_optimizer_cannot_cha
     assert run_tiny(train_dit.main, tmp_path / "ft", "--steps", 1, "--init-from", run / "last.pt") == 0
     assert ckpt(tmp_path / "ft")["config"]["optimizer"] == "adamw"
     capsys.readouterr()
-    assert run_tiny(train_dit.main, run, "--steps", 4, "--resume", "auto") == 2
-    assert "--optimizer 'adamw'" in one_error_line(capsys)
-    assert run_tiny(train_dit.main, run, "--steps", 4, "--resume", "auto", "--resume-override", "optimizer") == 2
+    assert run_tiny(train_dit.main, run, "--steps", 3, "--resume", "auto") == 0
+    assert ckpt(run)["config"]["optimizer"] == "adamw" and ckpt(run)["step"] == 3
+    capsys.readouterr()
+    assert run_tiny(train_dit.main, run, "--steps", 4, "--resume", "auto", "--optimizer", "muon") == 2
+    assert "'adamw'" in one_error_line(capsys)
+    assert run_tiny(train_dit.main, run, "--steps", 4, "--resume", "auto", "--optimizer", "muon",
+                    "--resume-override", "optimizer") == 2
     assert f"--init-from {run / 'last.pt'} --optimizer muon" in one_error_line(capsys)
     assert run_tiny(train_dit.main, run, "--steps", 4, "--resume", "auto", "--optimizer", "adamw") == 0
     assert ckpt(run)["step"] == 4

@@ -106,8 +106,8 @@ def test_bad_focus_flags_are_one_line(tmp_path, capsys, flags, names):
 
 def test_a_checkpoint_from_before_the_flag_resumes_and_fine_tunes_as_uniform(tmp_path, capsys):
     """A checkpoint whose config has none of the focus fields was trained with uniform timesteps: --init-from takes
-    that recipe (t_focus 0), resuming it under the CPU default (0.5) is refused naming the flag, and with --t-focus 0
-    it resumes."""
+    that recipe (t_focus 0), the command that started it resumes it with uniform timesteps (not the CPU default's
+    0.5), an explicit --t-focus 0.5 is refused naming the stored 0, and with --t-focus 0 it resumes."""
     run = tmp_path / "old"
     assert train_dit.main(TINY + ["--steps", "2", "--out", str(run), "--t-focus", "0"]) == 0
     ckpt = load_ckpt(run)
@@ -117,7 +117,10 @@ def test_a_checkpoint_from_before_the_flag_resumes_and_fine_tunes_as_uniform(tmp
     assert train_dit.main(TINY + ["--steps", "1", "--out", str(tmp_path / "ft"), "--init-from", str(run / "last.pt")]) == 0
     assert load_ckpt(tmp_path / "ft")["config"]["t_focus"] == 0
     capsys.readouterr()
-    assert train_dit.main(TINY + ["--steps", "4", "--out", str(run), "--resume", "auto"]) == 2
+    assert train_dit.main(TINY + ["--steps", "3", "--out", str(run), "--resume", "auto"]) == 0
+    assert load_ckpt(run)["config"]["t_focus"] == 0 and load_ckpt(run)["step"] == 3
+    capsys.readouterr()
+    assert train_dit.main(TINY + ["--steps", "4", "--out", str(run), "--resume", "auto", "--t-focus", "0.5"]) == 2
     assert "--t-focus 0.0" in one_error_line(capsys)
     assert train_dit.main(TINY + ["--steps", "4", "--out", str(run), "--resume", "auto", "--t-focus", "0"]) == 0
     assert load_ckpt(run)["step"] == 4
