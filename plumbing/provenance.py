@@ -30,9 +30,12 @@ def _git(repo: Path, *args) -> str | None:
 
 
 def code_state(repo: Path = REPO) -> dict:
-    """{"commit": HEAD's hash or "unknown", "dirty": tracked files modified (None if unknown), "modified": [paths]}."""
+    """{"commit": HEAD's hash or "unknown", "dirty": tracked code files modified (None if unknown),
+    "modified": [paths]}."""
     head = _git(repo, "rev-parse", "HEAD")
-    status = _git(repo, "status", "--porcelain", "--untracked-files=no") if head else None
+    # results/ is data the code writes (a sweep resumed from committed rows appends to it), not the code
+    status = _git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results") \
+        if head else None
     modified = [line[3:] for line in status.splitlines() if line.strip()] if status is not None else []
     return {"commit": head.strip() if head else "unknown", "dirty": None if status is None else bool(modified),
             "modified": modified}

@@ -73,3 +73,22 @@ def test_analyse_tells_delay_from_plateau_and_matches_scipy():
     assert e["p"] == pytest.approx(ttest_rel(a, b).pvalue) and e["diff"] == pytest.approx(np.mean(a) - np.mean(b))
     assert len(result["A"]) == 4 and len(result["B"]) == 2
     assert "delays copying" in m.decisions_table(result)
+
+
+def test_only_complete_runs_enter_the_endpoints():
+    """A run the sweep has not finished (or with a NaN point) would read its plateau early: with the protocol's steps
+    it is left out of P1, P2, the paired tests and the class-accuracy match."""
+    rows = []
+    for seed in range(3):
+        rows += _curve_rows("clean", seed, [0.1, 0.3, 0.6, 0.9, 0.9])
+        rows += _curve_rows("cepuniform_cep_gamma1", seed, [0.0, 0.1, 0.3, 0.5, 0.6])
+    rows += _curve_rows("clean", 3, [0.1, 0.3, 0.6], steps=(2000, 3000, 4000))            # stopped at 4000
+    rows += _curve_rows("cepuniform_cep_gamma1", 3, [0.0, 0.1, 0.3, 0.5, 0.6])
+    rows += _curve_rows("cepuniform_cep_gamma1", 4, [0.0, float("nan"), 0.3, 0.5, 0.6])  # a NaN point
+    steps = (2000, 3000, 4000, 5000, 6000)
+    assert sorted(m.curves(rows, steps=steps)["cepuniform_cep_gamma1"]) == [0, 1, 2, 3]
+    assert sorted(m.curves(rows, steps=steps)["clean"]) == [0, 1, 2]
+    (entry,) = m.analyse(rows, steps)["A"]
+    assert entry["P1"]["n"] == 3 and entry["P1"]["diff"] == pytest.approx(-0.3)
+    assert m.analyse(rows)["A"][0]["P1"]["n"] == 4                      # without the grid, the stopped run enters
+    assert "| A | cepuniform_cep_gamma1 − clean | 3 |" in m.decisions_table(m.analyse(rows, steps))

@@ -159,7 +159,7 @@ def test_memorization_curves_and_decisions_regenerate_from_the_raw_rows(tmp_path
     text = (tmp_path / "docs" / "page.md").read_text()
     assert "| clean | 11.0 ± 2.5 | 51.0 ± 2.5 | 91.0 ± 2.5 |" in text             # mean ± t-interval per step, %
     assert "| cepuniform | 6.0 ± 2.5 | 26.0 ± 2.5 | 46.0 ± 2.5 |" in text
-    assert "| A | cepuniform − clean | -45.0 ± 0.0 |" in text and "lowers the plateau" in text
+    assert "| A | cepuniform − clean | 3 | -45.0 ± 0.0 |" in text and "lowers the plateau" in text
     bad = runs[0].curve_dir(4) / "results.json"
     bad.write_text(bad.read_text().replace('"mem_ratio_px": 0.5', '"mem_ratio_px": 0.7'))
     code, out = check(tmp_path, capsys, "--check")

@@ -14,8 +14,8 @@ gamma 1's noise std against CEP-U gamma 1. Holm within each family at alpha 0.05
 The pilot rule: the control (random label corruption, --corrupt-mode random) is set to the strength eta_r at which its
 class accuracy matches CEP-U gamma = 4's. Class accuracy is read at s = 1 from the sweep's results.csv, averaged over
 seeds per cell, and interpolated linearly in eta_r through (0, clean) and the pilot's arms; eta_r is the smallest
-crossing of the target, rounded to the nearest 0.05 (halves up). A target outside the arms' range is "unmatched" and takes the
-nearest end of the grid's non-zero values. Only class accuracy enters the rule.
+crossing of the target, rounded to the nearest 0.05 (halves up) and kept inside the arms' range. A target no segment
+crosses is "unmatched" and takes the nearest end of the grid's non-zero values. Only class accuracy enters the rule.
 """
 import argparse
 import csv
@@ -28,6 +28,7 @@ import numpy as np
 ALPHA = 0.05                               # family-wise, Holm within each family
 MARGIN = 0.10                              # the named effect size: 10 points of share ("no effect" lies inside it)
 MATCH = 0.05                               # class accuracies within 5 points count as matched
+PROTOCOL_STEPS = tuple(range(2000, 6001, 500))   # where the protocol measures every run (the last: the plateau)
 ONSET = 0.25                               # the onset step: where a run's share first reaches 25 % (secondary)
 TARGET_CELL = "cepuniform_cep_gamma4"       # CEP-U gamma = 4, the arm whose class accuracy the control matches
 CLEAN_CELL = "clean"
@@ -90,14 +91,21 @@ def read_rows(folder: Path) -> list:
         return list(csv.DictReader(f))
 
 
-def curves(rows: list, metric: str = "mem_ratio_px", scale: float = 1.0) -> dict:
-    """{cell: {seed: [(step, value), ...] sorted by step}} at one guidance scale."""
+def curves(rows: list, metric: str = "mem_ratio_px", scale: float = 1.0, steps=None) -> dict:
+    """{cell: {seed: [(step, value), ...] sorted by step}} at one guidance scale; with `steps`, only the runs measured
+    at exactly those steps (a run the sweep has not finished, or one with a missing or NaN point, is left out: its
+    plateau and area would be read elsewhere on the curve)."""
     out = {}
     for r in rows:
-        if r.get(metric) in ("", None) or abs(float(r["cfg_scale"]) - scale) > 1e-6 or r.get("step") in ("", None):
+        if (r.get(metric) in ("", None) or abs(float(r["cfg_scale"]) - scale) > 1e-6 or r.get("step") in ("", None)
+                or math.isnan(float(r[metric]))):
             continue
         out.setdefault(r["cell"], {}).setdefault(int(r["seed"]), []).append((int(float(r["step"])), float(r[metric])))
-    return {c: {s: sorted(v) for s, v in seeds.items()} for c, seeds in out.items()}
+    out = {c: {s: sorted(v) for s, v in seeds.items()} for c, seeds in out.items()}
+    if steps is not None:
+        want = sorted(int(s) for s in steps)
+        out = {c: {s: v for s, v in seeds.items() if [x for x, _ in v] == want} for c, seeds in out.items()}
+    return {c: seeds for c, seeds in out.items() if seeds}
 
 
 def plateau(curve: list) -> float:
@@ -155,11 +163,12 @@ def families(cells: list) -> dict:
     return {"A": a, "B": [(x, y) for x, y in b if x in cells and y in cells]}
 
 
-def analyse(rows: list) -> dict:
-    """Every comparison of both families with its Holm-adjusted p-values and decision."""
+def analyse(rows: list, steps=None) -> dict:
+    """Every comparison of both families with its Holm-adjusted p-values and decision, over the runs measured at every
+    one of `steps` (the protocol's grid; None: whatever each run has)."""
     from scoring.stats import holm
-    curves_of = curves(rows)
-    acc = {c: v for c, v in cell_means(last_step_rows(rows)).items()}
+    curves_of = curves(rows, steps=steps)
+    acc = cell_means(last_step_rows(rows, steps[-1] if steps else None))
     out = {}
     for family, pairs in families(sorted(curves_of)).items():
         results = [compare(curves_of, arm, base) for arm, base in pairs]
@@ -178,34 +187,39 @@ def analyse(rows: list) -> dict:
     return out
 
 
-def last_step_rows(rows: list) -> list:
-    """The rows of each run's last evaluated step."""
+def last_step_rows(rows: list, step=None) -> list:
+    """The rows of each run's last evaluated step (with `step`: only the runs measured there, at that step)."""
+    if step is not None:
+        return [r for r in rows if r.get("step") not in ("", None) and int(float(r["step"])) == int(step)]
     last = {}
     for r in rows:
         if r.get("step") not in ("", None):
             key = (r["cell"], r["seed"])
             last[key] = max(last.get(key, 0), int(float(r["step"])))
-    return [r for r in rows if r.get("step") not in ("", None) and int(float(r["step"])) == last[(r["cell"], r["seed"])]]
+    return [r for r in rows
+            if r.get("step") not in ("", None) and int(float(r["step"])) == last[(r["cell"], r["seed"])]]
 
 
 def decisions_table(result: dict) -> str:
     """The generated markdown table of both families."""
-    lines = ["| family | arm − comparison | Δ P1 (plateau), points | p (Holm) | Δ P2 (curve), points | p (Holm) | "
-             "reading |", "|---|---|---|---|---|---|---|"]
+    lines = ["| family | arm − comparison | seeds | Δ P1 (plateau), points | p (Holm) | Δ P2 (curve), points | "
+             "p (Holm) | reading |", "|---|---|---|---|---|---|---|---|"]
     for family, entries in result.items():
         for e in entries:
             p1, p2 = e["P1"], e["P2"]
-            lines.append(f"| {family} | {e['arm']} − {e['base']} | {100 * p1['diff']:+.1f} ± {100 * p1['half']:.1f} | "
-                         f"{p1['p_holm']:.3g} | {100 * p2['diff']:+.1f} ± {100 * p2['half']:.1f} | {p2['p_holm']:.3g} | "
+            lines.append(f"| {family} | {e['arm']} − {e['base']} | {p1['n']} | "
+                         f"{100 * p1['diff']:+.1f} ± {100 * p1['half']:.1f} | "
+                         f"{p1['p_holm']:.3g} | {100 * p2['diff']:+.1f} ± {100 * p2['half']:.1f} | "
+                         f"{p2['p_holm']:.3g} | "
                          f"{e['decision']} |")
     return "\n".join(lines)
 
 
-def endpoints_table(rows: list) -> str:
+def endpoints_table(rows: list, steps=None) -> str:
     """Per cell, mean ± 95 % t-interval over seeds: P1, P2, the onset step, and at the last step the class accuracy,
-    the class-embedding norm and CEP's noise-to-embedding ratio (s = 1)."""
+    the class-embedding norm and CEP's noise-to-embedding ratio (s = 1); with `steps`, complete runs only."""
     from scoring.stats import t_interval
-    curves_of, last = curves(rows), last_step_rows(rows)
+    curves_of, last = curves(rows, steps=steps), last_step_rows(rows, steps[-1] if steps else None)
 
     def pm(values, scale=1.0, digits=1):
         if not values:
@@ -258,7 +272,8 @@ def figures(folder: Path, out: Path, scale: float = 1.0) -> list:
     fig.savefig(out / "d1_over_d2.png", dpi=120)
     plt.close(fig)
     written = [out / "d1_over_d2.png"]
-    pairs = [(c, np.load(f)) for c in cells for f in sorted((folder / "runs" / c).glob(f"seed0/eval/nearest_{tag}.npz"))]
+    pairs = [(c, np.load(f)) for c in cells
+             for f in sorted((folder / "runs" / c).glob(f"seed0/eval/nearest_{tag}.npz"))]
     if pairs:
         n = 8
         fig, axes = plt.subplots(2 * len(pairs), n, figsize=(n * 0.6, 1.3 * len(pairs)), squeeze=False)
@@ -286,7 +301,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.what == "analyse":
-            print(decisions_table(analyse(read_rows(Path(args.folder)))))
+            print(decisions_table(analyse(read_rows(Path(args.folder)), PROTOCOL_STEPS)))
             return 0
         out = pilot(Path(args.folder))
     except (OSError, ValueError, KeyError) as e:

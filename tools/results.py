@@ -60,7 +60,8 @@ class Sweep:
             cfg = sweep.SweepConfig(out=str(folder), script=protocol["script"], cells=protocol["cells"],
                                     seeds=",".join(map(str, protocol["seeds"])), train=protocol["train"],
                                     eval=protocol["eval"], reference=protocol["reference"], judge=protocol["judge"],
-                                    eval_steps=protocol.get("eval_steps", ""), curve_eval=protocol.get("curve_eval", ""))
+                                    eval_steps=protocol.get("eval_steps", ""),
+                                    curve_eval=protocol.get("curve_eval", ""))
             metric, fixed_scale = reading["metric"], reading["fixed_scale"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"{folder}: sweep.json or summary.json lacks {e} (not written by sweep.py?)") from None
@@ -73,6 +74,8 @@ class Sweep:
         final = sweep.final_rows(self.rows, self.runs)       # the summary reads each run's final evaluation
         self.summary = sweep.summarize(final, self.runs, metric, fixed_scale)
         self.fixed_scale, self.curves = fixed_scale, bool(sweep.parse_steps(cfg.eval_steps))
+        final = sweep.requested_steps(self.runs[0].train_cmd) if self.runs else None
+        self.steps = sorted({*self.runs[0].curve, final}) if self.runs and final else None   # the protocol's grid
         self.files = {folder / "summary.json": sweep.summary_json(self.summary)}
         if evaluated:
             self.files[folder / "results.csv"] = self.csv
@@ -83,8 +86,10 @@ class Sweep:
             return {"table": sweep.table_text, "summary": sweep.summary_text}[kind](self.summary)
         if not self.curves:                          # the kinds below read the metrics along training
             return None
-        make = {"curve": lambda rows: curve_text(rows, self.fixed_scale), "endpoints": memorize_v2.endpoints_table,
-                "decisions": lambda rows: memorize_v2.decisions_table(memorize_v2.analyse(rows))}.get(kind)
+        steps = self.steps                           # a run's endpoints need every one of them measured
+        make = {"curve": lambda rows: curve_text(rows, self.fixed_scale),
+                "endpoints": lambda rows: memorize_v2.endpoints_table(rows, steps),
+                "decisions": lambda rows: memorize_v2.decisions_table(memorize_v2.analyse(rows, steps))}.get(kind)
         return None if make is None else make(self.rows) + "\n"      # the closing marker on a line of its own
 
     def plot(self, folder: Path):
