@@ -104,11 +104,18 @@ def test_batched_data_path_trains_bit_identically_to_items_one_by_one(tmp_path, 
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    args = TINY + ["--steps", "3", "--seed", "3"]
+    """The command users start with (--corrupt 0.05 --cep uniform, the default DiT-T with its Mix-FFN depthwise conv)
+    on 2 gloo processes trains what 1 process and micro-batches do, and writes nothing to stderr but rank 0's
+    progress bar: no "Grad strides do not match bucket view strides" from DDP on every rank (the conv's weight
+    gradient came channels-last), nor any other warning."""
+    args = TINY + ["--steps", "3", "--seed", "3", "--corrupt", "0.05", "--cep", "uniform"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "train_dit.py"), *args, "--out", str(tmp_path / "ddp")]
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    bar = re.compile(r"dit: +\d+%\|")                      # tqdm's bar (stderr, rank 0), redrawn after each \r
+    lines = [ln for ln in re.split(r"[\r\n]", p.stderr) if ln.strip() and not bar.match(ln)]
+    assert lines == [], "\n".join(lines)
     assert train_dit.main(args + ["--out", str(tmp_path / "one")]) == 0
     assert train_dit.main(args + ["--out", str(tmp_path / "accum"), "--micro-batch-size", "2"]) == 0
     one = ckpt(tmp_path / "one")
@@ -125,20 +132,6 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         for k, v in one["model"].items():
             assert torch.allclose(v, o["model"][k], atol=1e-4, rtol=1e-5), (other, k)
     assert len(ckpt(tmp_path / "ddp")["rng"]) == 2           # every rank's RNG state is saved
-
-
-def test_ddp_run_of_the_headline_command_prints_no_warning(tmp_path):
-    """README's first command (--corrupt 0.05 --cep uniform, the default DiT-T with its Mix-FFN depthwise conv) on 2
-    gloo processes writes nothing to stderr but rank 0's progress bar: no "Grad strides do not match bucket view
-    strides" from DDP on every rank (the conv's weight gradient came channels-last), nor any other warning."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train_dit.py"), *TINY, "--steps", "2", "--corrupt", "0.05", "--cep", "uniform",
-           "--out", str(tmp_path)]
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    bar = re.compile(r"dit: +\d+%\|")                      # tqdm's bar (stderr, rank 0), redrawn after each \r
-    lines = [ln for ln in re.split(r"[\r\n]", p.stderr) if ln.strip() and not bar.match(ln)]
-    assert lines == [], "\n".join(lines)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])         # a scheduler's stop, and Ctrl-C
