@@ -4,7 +4,6 @@ surface (init / log / Image / summary / finish) and once for real in offline mod
 run and its TensorBoard steps; a tracker that cannot start stops both ranks of a real 2-process run in one line, one
 that fails mid-run is dropped with a warning; evaluate.py's rows; sweep.py's grouping; a missing package or an unknown
 tracker in one line."""
-import json
 import os
 import socket
 import subprocess

@@ -27,7 +27,6 @@ Run:
 """
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
