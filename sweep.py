@@ -319,9 +319,28 @@ MEMORIZE_V2_PILOT = dict(script="train_dit", seeds="100,101", jobs=2, judge=2000
                          train=MEM_V2_TRAIN,
                          eval="--num-samples 1000 --cfg-scales 1 --sampler dpm++ --steps 25 --batch-size 500")
 
+# Protocol v2 (docs/results/memorization-v2.md, fixed before its runs): 6 cells x 6 seeds, 6000 steps, memorization
+# at s = 1 every 500 steps from 2000 (1000 samples each), and at the end at s = 1 and 2. The control's eta_r is the
+# pilot's (python -m tools.memorize_v2 pilot results/memorize-v2-pilot); CEP-G's gamma 1/sqrt(3) gives it CEP-U
+# gamma = 1's noise std.
+MEM_V2_CONTROL_ETA = "0.05"     # the pilot: crossing at 0.024, rounded to the grid (0.05)
+MEMORIZE_V2 = dict(script="train_dit", seeds="0,1,2,3,4,5", jobs=2, judge=2000, metric="fid", fixed_scale=1.0,
+                   cells=[_MEM_CELL] + [{**_MEM_CELL, "cep": "uniform", "cep_gamma": g} for g in ("1", "4")]
+                   + [{**_MEM_CELL, "cep": "gaussian", "cep_gamma": "0.57735"},
+                      {**_MEM_CELL, "corrupt": MEM_V2_CONTROL_ETA, "corrupt_mode": "random"},
+                      {**_MEM_CELL, "corrupt": "0.2"}],
+                   train=MEM_V2_TRAIN,
+                   eval="--num-samples 1000 --cfg-scales 1,2 --sampler dpm++ --steps 25 --batch-size 500",
+                   eval_steps="2000,2500,3000,3500,4000,4500,5000,5500", curve_eval="--cfg-scales 1")
+# Its real-data part: first the map of the digits' copying regime (clean, k = 2, 5, 10 items per class, seed 0).
+MEMORIZE_V2_DIGITS_MAP = dict(MEMORIZE_V2, seeds="0", cells=parse_grid(["items_per_class=2,5,10"]),
+                              train=MEM_TRAIN + " --data digits --steps 6000",
+                              eval_steps="1000,1500,2000,2500,3000,3500,4000,4500,5000,5500")
+
 PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "in1k-dit": IN1K_DIT, "table2": TABLE2,
            "memorize-map": MEMORIZE_MAP, "memorize-map16": MEMORIZE_MAP16, "memorize": MEMORIZE,
-           "memorize-quick": MEMORIZE_QUICK, "memorize-v2-pilot": MEMORIZE_V2_PILOT}
+           "memorize-quick": MEMORIZE_QUICK, "memorize-v2-pilot": MEMORIZE_V2_PILOT,
+           "memorize-v2": MEMORIZE_V2, "memorize-v2-digits-map": MEMORIZE_V2_DIGITS_MAP}
 
 
 @dataclass
