@@ -5,6 +5,7 @@ run and its TensorBoard steps; a tracker that cannot start stops both ranks of a
 that fails mid-run is dropped with a warning; evaluate.py's rows; sweep.py's grouping; a missing package or an unknown
 tracker in one line."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -116,7 +117,8 @@ def test_a_resumed_run_continues_its_wandb_run_and_tensorboard_steps(tmp_path, m
     first = (out / "wandb-run-id").read_text().strip()
     assert train_dit.main(flags + ["--out", str(out), "--resume", str(out / "step_0000002.pt")]) == 0
     runs = sorted(d for d in os.listdir(out / "wandb") if d.startswith("offline-run-"))
-    assert len(runs) == 2 and all(r.endswith("-" + first) for r in runs)     # `wandb sync` appends to one run
+    # `wandb sync` appends both to one run; two starts in one second name the second folder ...-ID-1
+    assert len(runs) == 2 and all(re.search(rf"-{re.escape(first)}(-\d+)?$", r) for r in runs)
     assert (out / "wandb-run-id").read_text().strip() == first
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     losses = {r["step"]: r["loss"] for r in read_log(out) if "loss" in r and "event" not in r}   # the last per step
