@@ -92,20 +92,17 @@ def read_rows(folder: Path) -> list:
 
 
 def curves(rows: list, metric: str = "mem_ratio_px", scale: float = 1.0, steps=None) -> dict:
-    """{cell: {seed: [(step, value), ...] sorted by step}} at one guidance scale; with `steps`, only the runs measured
-    at exactly those steps (a run the sweep has not finished, or one with a missing or NaN point, is left out: its
-    plateau and area would be read elsewhere on the curve)."""
+    """{cell: {seed: [(step, value), ...] sorted by step}} at one guidance scale (sweep.training_curves, NaN points
+    left out); with `steps`, only the runs measured at exactly those steps (a run the sweep has not finished, or one
+    with a missing or NaN point, is left out: its plateau and area would be read elsewhere on the curve)."""
+    from sweep import training_curves
+    want = None if steps is None else sorted(int(s) for s in steps)
     out = {}
-    for r in rows:
-        if (r.get(metric) in ("", None) or abs(float(r["cfg_scale"]) - scale) > 1e-6 or r.get("step") in ("", None)
-                or math.isnan(float(r[metric]))):
-            continue
-        out.setdefault(r["cell"], {}).setdefault(int(r["seed"]), []).append((int(float(r["step"])), float(r[metric])))
-    out = {c: {s: sorted(v) for s, v in seeds.items()} for c, seeds in out.items()}
-    if steps is not None:
-        want = sorted(int(s) for s in steps)
-        out = {c: {s: v for s, v in seeds.items() if [x for x, _ in v] == want} for c, seeds in out.items()}
-    return {c: seeds for c, seeds in out.items() if seeds}
+    for cell, seeds in training_curves(rows, metric, scale).items():
+        kept = {int(seed): pts for seed, pts in seeds.items() if want is None or [x for x, _ in pts] == want}
+        if kept:
+            out[cell] = kept
+    return out
 
 
 def plateau(curve: list) -> float:
