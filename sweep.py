@@ -1046,6 +1046,15 @@ def plot_curves(rows: list, path: Path):
     plt.close(fig)
 
 
+def step_intervals(per_seed: dict) -> dict:
+    """{step: (mean, half-width of the 95 % t-interval)} over the seeds of one cell's training curves."""
+    by_step = {}
+    for pts in per_seed.values():
+        for step, v in pts:
+            by_step.setdefault(step, []).append(v)
+    return {step: t_interval(values) for step, values in by_step.items()}
+
+
 def plot_training_curves(rows: list, metric: str, scale: float, path: Path) -> bool:
     """curve_<metric>.png: the metric at guidance scale `scale` against the training step, mean over seeds ± 95 %
     Student-t interval per step, one line per cell; False (nothing written) when no row has it."""
@@ -1055,12 +1064,9 @@ def plot_training_curves(rows: list, metric: str, scale: float, path: Path) -> b
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for cell, per_seed in curves.items():
-        by_step = {}
-        for pts in per_seed.values():
-            for step, v in pts:
-                by_step.setdefault(step, []).append(v)
-        steps = sorted(by_step)
-        stats = [t_interval(by_step[s]) for s in steps]
+        per_step = step_intervals(per_seed)
+        steps = sorted(per_step)
+        stats = [per_step[s] for s in steps]
         ax.errorbar(steps, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o",
                     capsize=3, label=f"{cell} ({len(per_seed)} seeds)")
     ax.set_xlabel("training step")

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import sweep
 from plumbing.common import ArgParser
-from scoring.stats import t_interval
 from tools import memorize_v2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,10 +108,9 @@ def curve_text(rows: list, scale: float, metric: str = "mem_ratio_px") -> str:
     steps = sorted({step for per_seed in curves.values() for pts in per_seed.values() for step, _ in pts})
     lines = [f"| cell (s = {scale:g}) | " + " | ".join(str(s) for s in steps) + " |", "|---" * (1 + len(steps)) + "|"]
     for cell, per_seed in curves.items():
-        cols = []
+        cols, per_step = [], sweep.step_intervals(per_seed)
         for step in steps:
-            values = [100 * v for pts in per_seed.values() for s, v in pts if s == step]
-            mean, half = t_interval(values) if values else (math.nan, math.nan)
+            mean, half = (100 * x for x in per_step.get(step, (math.nan, math.nan)))
             cols.append("–" if math.isnan(mean) else f"{mean:.1f}" + ("" if math.isnan(half) else f" ± {half:.1f}"))
         lines.append(f"| {cell} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
