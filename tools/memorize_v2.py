@@ -302,7 +302,7 @@ def main(argv=None) -> int:
             return 0
         out = pilot(Path(args.folder))
     except (OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"tools.memorize_v2: error: {e}", file=sys.stderr)
         return 2
     for cell, acc in sorted(out["class_acc"].items()):
         print(f"{cell:40s} class accuracy {acc:.3f}")
