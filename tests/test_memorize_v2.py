@@ -92,3 +92,23 @@ def test_only_complete_runs_enter_the_endpoints():
     assert entry["P1"]["n"] == 3 and entry["P1"]["diff"] == pytest.approx(-0.3)
     assert m.analyse(rows)["A"][0]["P1"]["n"] == 4                      # without the grid, the stopped run enters
     assert "| A | cepuniform_cep_gamma1 − clean | 3 |" in m.decisions_table(m.analyse(rows, steps))
+
+
+def test_map_rule_takes_the_largest_copying_k(tmp_path, capsys):
+    def rows(shares_of_k):
+        out = []
+        for k, shares in shares_of_k.items():
+            for r in _curve_rows(f"items_per_class{k}", 0, shares, steps=(1000, 3500, 6000, 6500)):
+                out.append({**r, "train.items_per_class": str(k)})
+        return out
+    # k = 5 reaches 30 % mid-curve (and falls back): it copies; k = 10 reaches it only after step 6000: it does not
+    assert m.map_k(rows({2: [0, .6, .9, .9], 5: [0, .31, .2, .2], 10: [0, .1, .29, .5]}))[0] == 5
+    k, best = m.map_k(rows({2: [0, .1, .2, .2], 5: [0, 0, .1, .1], 10: [0, 0, 0, 0]}))
+    assert k == 2 and best == {2: 0.2, 5: 0.1, 10: 0.0}                   # none copies: the smallest k
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        data = rows({2: [0, .6, .9, .9], 5: [0, .5, .8, .8], 10: [0, .1, .35, .4]})
+        w = csv.DictWriter(f, fieldnames=list(data[0]))
+        w.writeheader()
+        w.writerows(data)
+    assert m.main(["map", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("k = 10")

@@ -3,6 +3,7 @@ memorize_v2.py: the analysis of the memorization protocol v2 (docs/results/memor
 
     python -m tools.memorize_v2 pilot results/memorize-v2-pilot     # the control's eta_r from the pilot's rows
     python -m tools.memorize_v2 analyse results/memorize-v2         # endpoints, Holm families, decisions (markdown)
+    python -m tools.memorize_v2 map results/memorize-v2-digits-map  # the real-data part's items per class
 
 The protocol's analysis (per run, at s = 1, from the sweep's results.csv with its `step` column):
     P1  the memorized share (mem_ratio_px) at the last step, the plateau
@@ -16,6 +17,9 @@ class accuracy matches CEP-U gamma = 4's. Class accuracy is read at s = 1 from t
 seeds per cell, and interpolated linearly in eta_r through (0, clean) and the pilot's arms; eta_r is the smallest
 crossing of the target, rounded to the nearest 0.05 (halves up) and kept inside the arms' range. A target no segment
 crosses is "unmatched" and takes the nearest end of the grid's non-zero values. Only class accuracy enters the rule.
+
+The map rule (the real-data part): the key arms use the largest k (items per class) whose clean run's memorized share
+at s = 1 reaches 30 % at some checkpoint up to step 6000; if none does, the smallest k.
 """
 import argparse
 import csv
@@ -34,6 +38,8 @@ TARGET_CELL = "cepuniform_cep_gamma4"       # CEP-U gamma = 4, the arm whose cla
 CLEAN_CELL = "clean"
 CONTROL_PREFIX = "corrupt"                 # the random arms' cells: corrupt<eta>_corrupt_moderandom
 STEP = 0.05                                # eta_r's resolution
+MAP_SHARE = 0.30                           # the map: a k "copies" when its clean run reaches this share ...
+MAP_LAST_STEP = 6000                       # ... at some checkpoint up to this step
 
 
 def cell_means(rows: list, metric: str = "class_acc", scale: float = 1.0) -> dict:
@@ -81,6 +87,20 @@ def pilot(folder: Path) -> dict:
         raise ValueError(f"{folder}/results.csv lacks the pilot's cells: {missing or 'the random arms'}")
     eta, matched = pilot_eta(means[CLEAN_CELL], means[TARGET_CELL], arms)
     return {"class_acc": means, "eta_r": eta, "matched": matched}
+
+
+def map_k(rows: list) -> tuple[int, dict]:
+    """The map rule: (the k the key arms use, {k: the highest share at s = 1 up to MAP_LAST_STEP})."""
+    k_of = {r["cell"]: int(float(r["train.items_per_class"])) for r in rows}
+    best = {}
+    for cell, seeds in curves(rows).items():
+        shares = [v for pts in seeds.values() for step, v in pts if step <= MAP_LAST_STEP and not math.isnan(v)]
+        if shares:
+            best[k_of[cell]] = max(best.get(k_of[cell], 0.0), max(shares))
+    if not best:
+        raise ValueError("no memorization curve at s = 1 in the map's rows")
+    copying = [k for k, share in best.items() if share >= MAP_SHARE]
+    return (max(copying) if copying else min(best)), best
 
 
 # ---- the protocol's analysis ----
@@ -292,13 +312,20 @@ def figures(folder: Path, out: Path, scale: float = 1.0) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["pilot", "analyse"],
-                    help="pilot: the control's eta_r from the pilot's results.csv; analyse: the protocol's reading")
-    ap.add_argument("folder", help="the sweep folder (results/memorize-v2-pilot or results/memorize-v2)")
+    ap.add_argument("what", choices=["pilot", "analyse", "map"],
+                    help="pilot: the control's eta_r from the pilot's results.csv; analyse: the protocol's reading; "
+                         "map: the real-data part's items per class from the map's rows")
+    ap.add_argument("folder", help="the sweep folder (results/memorize-v2-pilot, results/memorize-v2, ...)")
     args = ap.parse_args(argv)
     try:
         if args.what == "analyse":
             print(decisions_table(analyse(read_rows(Path(args.folder)), PROTOCOL_STEPS)))
+            return 0
+        if args.what == "map":
+            k, best = map_k(read_rows(Path(args.folder)))
+            for kk, share in sorted(best.items()):
+                print(f"k = {kk:3d}: highest memorized share at s = 1 up to step {MAP_LAST_STEP}: {share:.3f}")
+            print(f"k = {k}")
             return 0
         out = pilot(Path(args.folder))
     except (OSError, ValueError, KeyError) as e:
