@@ -30,22 +30,26 @@ def test_collect_names_the_head_of_the_code_not_of_the_working_directory(tmp_pat
     monkeypatch.chdir(tmp_path)                                 # not a repository: the module's path decides
     info = provenance.collect("cpu")
     assert info["commit"] == head and len(head) == 40
-    assert info["dirty"] == bool(git(REPO, "status", "--porcelain", "--untracked-files=no").strip())
+    code_changes = git(REPO, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    assert info["dirty"] == bool(code_changes.strip())                # a sweep writing under results/ is not code
     assert info["torch"] == torch.__version__ and info["python"] == ".".join(map(str, sys.version_info[:3]))
     assert info["argv"] == sys.argv and info["cpu"] and info["cuda"] is None and info["started_utc"].endswith("+00:00")
 
 
 @needs_git
-def test_dirty_flips_when_a_tracked_file_changes_and_not_for_untracked_ones(tmp_path):
+def test_dirty_flips_when_a_tracked_code_file_changes_and_not_for_untracked_ones_or_results(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     git(repo, "init", "-q")
     (repo / "a.py").write_text("x = 1\n")
-    git(repo, "add", "a.py")
+    (repo / "results").mkdir()
+    (repo / "results" / "rows.csv").write_text("a\n")
+    git(repo, "add", "a.py", "results/rows.csv")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
     head = git(repo, "rev-parse", "HEAD").strip()
     assert provenance.code_state(repo) == {"commit": head, "dirty": False, "modified": []}
     (repo / "new.py").write_text("untracked\n")
+    (repo / "results" / "rows.csv").write_text("a\nb\n")                # a sweep appending its rows: data, not code
     assert provenance.code_state(repo)["dirty"] is False
     (repo / "a.py").write_text("x = 2\n")
     assert provenance.code_state(repo) == {"commit": head, "dirty": True, "modified": ["a.py"]}
