@@ -156,6 +156,11 @@ def remove_leftovers(folder, names: str) -> list[str]:
     return leftovers
 
 
+def cache_root(cache_dir=None) -> Path:
+    """Where nanoCEP caches what it builds or downloads: cache_dir, else $NANOCEP_CACHE, else ~/.cache/nanocep."""
+    return Path(cache_dir or os.environ.get("NANOCEP_CACHE") or Path.home() / ".cache" / "nanocep")
+
+
 def atomic_save(obj, path) -> None:
     """torch.save, atomically."""
     import torch

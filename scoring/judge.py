@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plumbing.common import atomic_open
+from plumbing.common import atomic_open, cache_root
 import data
 from scoring import metrics, shapes
 from sources import digits
@@ -61,7 +61,7 @@ JUDGE_SEED = 1_000_003                # the judge's own training images
 REF_SEED = 1_000_033                  # held-out reference images (evaluate.py --ref)
 CHECK_SEED = 1_000_039                # held-out images of `judge.py check`
 ACCURACY_FLOOR = {"builtin": 0.99, "digits": 0.9}    # build warns below this held-out accuracy
-CACHE_DIR = Path(os.environ.get("NANOCEP_CACHE", Path.home() / ".cache" / "nanocep"))
+CACHE_DIR = cache_root()                # $NANOCEP_CACHE or ~/.cache/nanocep
 
 
 @dataclass

@@ -9,7 +9,8 @@ accuracy cannot see whether the arms are there. This file measures the geometry 
      (seed 1_000_049, disjoint from every training set and from the judge's images), any size, place and rotation.
 A real item scores close to 1 (a 20,000-item bank at 16 px: discs 0.98, crosses 0.92 on average; the bank is finite,
 so a real cross rarely finds its exact twin). A real *disc* scored as a cross gets ~0.77 (a fat cross is its best
-match): a cross sample below that is less of a cross than a disc is.
+match): a cross sample below that is less of a cross than a disc is. The banks are rendered once and cached in
+$NANOCEP_CACHE/shapes (default ~/.cache/nanocep/shapes), named by a hash of the renderer's code.
 
     from scoring import shapes
     shapes.shape_iou(images, labels)            # {"disc": 0.90, "cross": 0.67}: mean best IoU per shape
@@ -17,12 +18,15 @@ match): a cross sample below that is less of a cross than a disc is.
     python -m scoring.shapes [--image-size 16]  # the real-vs-real calibration
 """
 import functools
+import hashlib
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from plumbing.common import ArgParser
+from plumbing.common import ArgParser, atomic_open, cache_root
+import sources.builtin
 from sources.builtin import BUILTIN_COLOURS, BUILTIN_SHAPES, BuiltinShapes
 
 SHAPE_SEED = 1_000_049                # the bank's real items
@@ -49,10 +53,50 @@ def items_of_shape(image_size: int, shape: str, num: int, seed: int):
     return ds.render_batch(index), ds.labels[index]
 
 
+def build_masks(image_size: int, shape: str, size: int) -> np.ndarray:
+    """(size, S, S) bool: the foreground masks of the bank's fresh real items of `shape`, every colour in turn."""
+    return foreground(*items_of_shape(image_size, shape, size, SHAPE_SEED))
+
+
+@functools.lru_cache(maxsize=1)
+def recipe_tag() -> str:
+    """A short hash of the code that draws the bank (the renderer and this file): an edit to either names new files,
+    so a cached bank is never one an older renderer drew."""
+    code = Path(sources.builtin.__file__).read_bytes() + Path(__file__).read_bytes()
+    return hashlib.sha1(code).hexdigest()[:10]
+
+
+def bank_path(image_size: int, shape: str, size: int) -> Path:
+    """Where a bank's masks are cached: $NANOCEP_CACHE (or ~/.cache/nanocep)/shapes/."""
+    return cache_root() / "shapes" / f"bank-{recipe_tag()}-{image_size}px-{shape}-{size}-seed{SHAPE_SEED}.npy"
+
+
+def cached_masks(image_size: int, shape: str, size: int) -> np.ndarray:
+    """build_masks, read from the disk cache when a file of the right shape is there, else built and cached. Rendering
+    a 20,000-item bank costs every evaluating process several seconds; the cache is a convenience: an unreadable
+    file is rebuilt, and a cache that cannot be written is skipped."""
+    path = bank_path(image_size, shape, size)
+    try:
+        bits = np.load(path, allow_pickle=False)
+        masks = np.unpackbits(bits, axis=1, count=image_size * image_size).astype(bool)
+        if masks.shape == (size, image_size * image_size):
+            return masks.reshape(size, image_size, image_size)
+    except (OSError, ValueError, EOFError):
+        pass                                                   # absent or damaged: build it
+    masks = build_masks(image_size, shape, size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path, "wb") as f:
+            np.save(f, np.packbits(masks.reshape(size, -1), axis=1))
+    except OSError:
+        pass                                                   # a read-only or full cache: the next process builds
+    return masks
+
+
 @functools.lru_cache(maxsize=8)
 def shape_bank(image_size: int, shape: str, size: int = BANK_SIZE) -> torch.Tensor:
-    """(size, H*W) float masks of fresh real items of `shape` in every colour (built once per process, ~2 s at 16 px)."""
-    masks = foreground(*items_of_shape(image_size, shape, size, SHAPE_SEED))
+    """(size, H*W) float masks of fresh real items of `shape` in every colour (built once, then read from the cache)."""
+    masks = cached_masks(image_size, shape, size)
     return torch.from_numpy(masks.reshape(size, -1).astype(np.float32))
 
 

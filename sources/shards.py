@@ -40,6 +40,7 @@ import tempfile
 
 import numpy as np
 
+from plumbing.common import cache_root
 from sources.folders import IMAGE_EXTENSIONS, ImageFolderDataset, clean_caption
 
 INDEX_FORMAT, INDEX_VERSION = "nanocep-shards", 2     # 2: damaged shards refused, each image member's extension
@@ -194,7 +195,7 @@ def index_paths(shards: list[str]) -> list[str]:
     """Where the index of these shards may live, in the order tried: beside them, then the user cache."""
     absolute = [os.path.abspath(p) for p in shards]
     tag = hashlib.sha1("\n".join(absolute).encode()).hexdigest()[:12]
-    cache = os.environ.get("NANOCEP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanocep")
+    cache = str(cache_root())
     return [os.path.join(os.path.commonpath([os.path.dirname(p) for p in absolute]), f"nanocep_shards_{tag}.json"),
             os.path.join(cache, "shards", f"nanocep_shards_{tag}.json")]
 

@@ -85,3 +85,28 @@ def test_best_iou_in_chunks_equals_one_product():
     rng = np.random.default_rng(3)
     masks, bank = rng.random((11, 8, 8)) > 0.5, torch.from_numpy((rng.random((40, 64)) > 0.6).astype(np.float32))
     np.testing.assert_array_equal(shapes.best_iou(masks, bank, chunk=3), shapes.best_iou(masks, bank, chunk=1024))
+
+
+def test_the_bank_is_cached_on_disk_equal_to_a_fresh_render(tmp_path, monkeypatch):
+    """Built once, then read: the cached masks are the rendered ones; a damaged file is rebuilt; a cache that cannot
+    be written still gives the masks; an edit to the renderer's code names another file."""
+    monkeypatch.setenv("NANOCEP_CACHE", str(tmp_path / "cache"))
+    fresh_masks = shapes.build_masks(8, "cross", 300)
+    path = shapes.bank_path(8, "cross", 300)
+    assert not path.exists() and np.array_equal(shapes.cached_masks(8, "cross", 300), fresh_masks)
+    assert path.is_file() and path.parent == tmp_path / "cache" / "shapes"
+    monkeypatch.setattr(shapes, "build_masks", lambda *a: 1 / 0)            # a second call must read, not render
+    assert np.array_equal(shapes.cached_masks(8, "cross", 300), fresh_masks)
+    monkeypatch.undo()
+    monkeypatch.setenv("NANOCEP_CACHE", str(tmp_path / "cache"))
+    path.write_bytes(path.read_bytes()[:100])                              # damaged: rebuilt and rewritten
+    assert np.array_equal(shapes.cached_masks(8, "cross", 300), fresh_masks)
+    assert np.array_equal(shapes.cached_masks(8, "cross", 300), fresh_masks) and path.stat().st_size > 100
+    monkeypatch.setenv("NANOCEP_CACHE", "/proc/no-cache-here")             # not writable: built, nothing raised
+    assert np.array_equal(shapes.cached_masks(8, "cross", 300), fresh_masks)
+    tag = shapes.recipe_tag()
+    shapes.recipe_tag.cache_clear()
+    monkeypatch.setattr(shapes.sources.builtin, "__file__", str(tmp_path / "edited.py"))
+    (tmp_path / "edited.py").write_text("# the renderer, edited\n")
+    assert shapes.recipe_tag() != tag
+    shapes.recipe_tag.cache_clear()

@@ -72,7 +72,7 @@ PIPELINES = {"DiTPipeline": ("dit", ("transformer", "vae", "scheduler")),
 
 def cache_dir(root=None) -> Path:
     """Where URL downloads go: $NANOCEP_CACHE (or ~/.cache/nanocep) / pretrained."""
-    return vae_lib.cache_root(root) / "pretrained"
+    return common.cache_root(root) / "pretrained"
 
 
 def fetch_url(url, root=None, sha256=None) -> Path:

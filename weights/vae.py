@@ -545,11 +545,6 @@ WEIGHTS = {
 }
 
 
-def cache_root(cache_dir=None):
-    """cache_dir, else $NANOCEP_CACHE, else ~/.cache/nanocep."""
-    return Path(cache_dir or os.environ.get("NANOCEP_CACHE") or Path.home() / ".cache" / "nanocep")
-
-
 def hub_cache(cache_dir=None):
     """Where Hugging Face Hub files go: cache_dir/hub when a cache folder is given, else None, huggingface_hub's own
     cache (HF_HUB_CACHE, shared with diffusers), whatever $NANOCEP_CACHE says."""
@@ -587,7 +582,7 @@ def fetch_weights(name, cache_dir=None, url=None):
     if (hub := hub_location(url or w.url)) is not None:      # the Hub's cache (sources/download.py hub_file)
         repo_id, revision, filename = hub
         return hub_file(repo_id, filename, revision, hub_cache(cache_dir), w.sha256)
-    dest = cache_root(cache_dir) / "vae" / w.filename
+    dest = common.cache_root(cache_dir) / "vae" / w.filename
     if not dest.is_file():  # files are renamed into place only after a complete, verified download
         download(url or w.url, dest, w.sha256, w.member)
     return dest
