@@ -4,6 +4,7 @@ a grid of guidance scales, and say with confidence intervals over seeds whether 
 
     python sweep.py --preset builtin --out sweeps/builtin          # the CPU experiment of docs/results/builtin.md
     python sweep.py --preset builtin-eta --out sweeps/builtin-eta  # its label-corruption companion (η = 0, 5, 20 %)
+    python sweep.py --preset builtin-probe --out sweeps/builtin-probe  # its clean model trained 4x longer, along training
     python sweep.py --preset smoke --out /tmp/smoke                # 2 cells x 2 seeds, a few steps each (~1-2 min; CI)
     python sweep.py --preset memorize-map --out sweeps/memorize-map  # where a clean model starts copying (docs/results)
     python sweep.py --preset memorize-map16 --out sweeps/memorize-map16  # the same at 16 px (side, patch)
@@ -249,6 +250,12 @@ BUILTIN = dict(script="train_dit", cells=parse_grid(["builtin_length=50,500", "c
 # class with the same budget and measurement, η ∈ {0, 5, 20} % (2 and 10 of the 50 labels flipped). It asks the paper's
 # headline question, and it is a positive control: flipped labels should visibly cost class accuracy.
 BUILTIN_ETA = dict(BUILTIN, cells=parse_grid(["builtin_length=50", "corrupt=0,0.05,0.2"]))
+# Where does a clean model of that recipe start to copy? The clean DiT-T/4 trained 4x the images (2400 steps of batch
+# 64) at 5 and 20 items per class, measured along training at s = 2 (250 samples); seed 0, exploratory.
+BUILTIN_PROBE = dict(BUILTIN, cells=parse_grid(["builtin_length=50,200"]), seeds="0",
+                     train=BUILTIN["train"].replace("--steps 1200 --batch-size 32", "--steps 2400 --batch-size 64"),
+                     eval="--num-samples 250 --cfg-scales 2 --sampler dpm++ --steps 10 --batch-size 250",
+                     eval_steps="600,900,1200,1800", curve_eval="--cfg-scales 2")
 
 # The paper's DiT-XL/2 protocol (Table 1, Fig. 14): 400K steps, 50K samples over its guidance grid, s = 1.75 in Table 1.
 IN1K_DIT = dict(script="train_dit", cells=IN1K_CELLS, seeds="0", launcher="torchrun",
@@ -337,7 +344,7 @@ MEMORIZE_V2_DIGITS_MAP = dict(MEMORIZE_V2, seeds="0", cells=parse_grid(["items_p
                               train=MEM_TRAIN + " --data digits --steps 6000",
                               eval_steps="1000,1500,2000,2500,3000,3500,4000,4500,5000,5500")
 
-PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "in1k-dit": IN1K_DIT, "table2": TABLE2,
+PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "builtin-probe": BUILTIN_PROBE, "in1k-dit": IN1K_DIT, "table2": TABLE2,
            "memorize-map": MEMORIZE_MAP, "memorize-map16": MEMORIZE_MAP16, "memorize": MEMORIZE,
            "memorize-quick": MEMORIZE_QUICK, "memorize-v2-pilot": MEMORIZE_V2_PILOT,
            "memorize-v2": MEMORIZE_V2, "memorize-v2-digits-map": MEMORIZE_V2_DIGITS_MAP}

@@ -379,7 +379,7 @@ def test_protocols_pin_the_plain_dit_and_folders_from_before_the_pin_still_resum
     import train_dit
     from config import parse_config
     from models import dit
-    for preset in ("builtin", "builtin-eta", "memorize-map", "memorize-map16", "memorize", "memorize-quick"):
+    for preset in ("builtin", "builtin-eta", "builtin-probe", "memorize-map", "memorize-map16", "memorize", "memorize-quick"):
         flags = shlex.split(sweep.PRESETS[preset]["train"])
         cfg = parse_config(train_dit.DiTConfig, flags)
         assert dit.default_arch(cfg.model, cfg.pixel_channels, cfg.token_conv, cfg.mlp_ratio) == {
