@@ -52,6 +52,7 @@ import torch
 from PIL import Image
 
 from plumbing import provenance
+from runio import TrackerFailed
 from plumbing.common import (ArgParser, RunError, WriteFailed, atomic_open, leave_process_group, new_file,
                              setup_distributed, writes_shared)
 from sources.captions import read_prompts
@@ -652,6 +653,7 @@ def main_sample(argv):
                 "ema": not args.no_ema and args.pretrained is None, **cads_settings(args),
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
     featurizer = _featurizer(args, device)
+    sinks = start_trackers(args, settings, rank, world_size)   # one that cannot start stops every rank, before sampling
     train_ref = None
     with writes_shared(world_size):                        # rank 0's files: a failed write stops every rank here
         if rank == 0:
@@ -667,7 +669,7 @@ def main_sample(argv):
     if rank == 0:
         for row in rows:
             print(json.dumps({c: row.get(c) for c in METRIC_COLUMNS + (EDGE_COLUMNS if held_out else [])}))
-        log_rows(args, rows, settings)
+        log_rows(args, rows, sinks)
     leave_process_group()
     return 0
 
@@ -680,13 +682,22 @@ def _trained_on_builtin_classes(cfg: dict, info) -> bool:
             and info["image_size"] <= PIXEL_TEST_MAX_SIDE)
 
 
-def log_rows(args, rows, settings) -> None:
-    """--log: each guidance scale's row as an "eval/cfg{scale}" record at the checkpoint's training step."""
+def start_trackers(args, settings, rank: int, world: int) -> list:
+    """--log: rank 0's sinks, started before any sample is drawn and agreed across ranks (runio.start_agreed)."""
     if not args.log:
+        return []
+    from runio import start_agreed
+    sinks = tracking.open_sinks(args.log, args.out, settings, args.log_group, args.log_name, job_type="eval",
+                                main=rank == 0)
+    return start_agreed(sinks, settings, None, world, rank == 0)
+
+
+def log_rows(args, rows, sinks) -> None:
+    """--log: each guidance scale's row as an "eval/cfg{scale}" record at the checkpoint's training step."""
+    if not sinks:
         return
     from runio import load_checkpoint
     step = int(load_checkpoint(args.ckpt, mmap=True)["step"]) if args.ckpt else 0
-    sinks = tracking.open_sinks(args.log, args.out, settings, args.log_group, args.log_name, job_type="eval")
     for sink in sinks:
         for row in rows:
             sink({"event": f"eval/cfg{row['cfg_scale']:g}", "step": step, **row})
@@ -798,6 +809,11 @@ def main(argv=None):
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])
         return main_sample(argv)
+    except TrackerFailed as e:                               # every rank raised it at the same broadcast
+        if e.main:
+            print(f"evaluate.py: error: {e}", file=sys.stderr)
+        leave_process_group()
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ConnectionError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

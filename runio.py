@@ -47,12 +47,37 @@ class Diverged(Exception):
 
 
 class TrackerFailed(RunError):
-    """A --log tracker could not start: raised on every rank at once (RunIO.open_trackers), so all leave together;
+    """A --log tracker could not start: raised on every rank at once (start_agreed), so all leave together;
     main says whether this rank prints the one line."""
 
     def __init__(self, message: str, main: bool):
         super().__init__(message)
         self.main = main
+
+
+def start_agreed(sinks: list, config: dict | None, start_step: int | None, world: int, main: bool) -> list:
+    """Open the --log sinks (rank 0's; empty elsewhere) and agree on the outcome: rank 0 broadcasts the first failure,
+    and a tracker that cannot start (W&B with an API key on an offline node, an unwritable folder) raises TrackerFailed
+    on every rank, before any work is spent. The job was asked to be tracked, so it is not run untracked; WANDB_MODE=
+    offline, or no --log, runs it. Without the agreement rank 0 would die alone and the others wait at their next
+    collective. Returns the opened sinks (training's and evaluate.py's)."""
+    failure, opened = None, []
+    for sink in sinks:
+        try:
+            sink.open(config, start_step)
+            opened.append(sink)
+        except Exception as e:                                     # the tracker's own errors: any type
+            failure = f"--log {sink.name} could not start: {one_line(e)}"
+            break
+    if world > 1:
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if failure is not None:
+        for sink in opened:
+            sink.close()
+        raise TrackerFailed(failure, main)
+    return opened
 
 
 @dataclasses.dataclass
@@ -197,28 +222,10 @@ class RunIO:
         return ckpt
 
     def open_trackers(self, start_step: int) -> None:
-        """Start the --log trackers once, before training, and agree on the outcome: rank 0 starts them (the sinks
-        live there), then broadcasts the first failure, and a tracker that cannot start (W&B with an API key on an
-        offline node, an unwritable folder) stops every rank here with one line (TrackerFailed, exit 2), before a
-        step is spent. The run was asked to be tracked, so it is not run untracked; WANDB_MODE=offline, or no --log,
-        runs it. Without the agreement rank 0 would die alone and the others wait at their next collective."""
-        failure, opened = None, []
-        for sink in self.sinks:                                    # rank 0's; empty elsewhere
-            try:
-                sink.open(dataclasses.asdict(self.cfg), start_step)
-                opened.append(sink)
-            except Exception as e:                                 # the tracker's own errors: any type
-                failure = f"--log {sink.name} could not start: {one_line(e)}"
-                break
-        if self.d.world > 1:
-            box = [failure]
-            dist.broadcast_object_list(box, src=0)
-            failure = box[0]
-        if failure is not None:
-            for sink in opened:
-                sink.close()
-            self.sinks = []
-            raise TrackerFailed(failure, self.d.main)
+        """Start the --log trackers once, before training, agreed across ranks (start_agreed): one that cannot start
+        stops every rank here with one line (TrackerFailed, exit 2), before a step is spent."""
+        sinks, self.sinks = self.sinks, []
+        self.sinks = start_agreed(sinks, dataclasses.asdict(self.cfg), start_step, self.d.world, self.d.main)
 
     def write(self, fn: Callable, *args) -> None:
         """fn(*args): one of rank 0's writes. With one process a WriteFailed is raised at once; with several it is kept

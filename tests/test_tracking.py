@@ -191,9 +191,8 @@ def test_evaluate_rows_and_sweep_grouping(tmp_path, monkeypatch):
 
         def close(self):
             seen.append("closed")
-    monkeypatch.setattr(tracking, "open_sinks", lambda *a, **kw: [Sink()])
     args = types.SimpleNamespace(log="tensorboard", ckpt=None, out=str(tmp_path), log_group="", log_name="")
-    ev.log_rows(args, [{"cfg_scale": 1.5, "fid": 12.0}, {"cfg_scale": 4, "fid": 9.0}], {})
+    ev.log_rows(args, [{"cfg_scale": 1.5, "fid": 12.0}, {"cfg_scale": 4, "fid": 9.0}], [Sink()])
     assert seen == [{"event": "eval/cfg1.5", "step": 0, "cfg_scale": 1.5, "fid": 12.0},
                     {"event": "eval/cfg4", "step": 0, "cfg_scale": 4, "fid": 9.0}, "closed"]
     cfg = sweep.parse_args(["--preset", "smoke", "--out", str(tmp_path / "smk"), "--log", "tensorboard"])
@@ -203,6 +202,31 @@ def test_evaluate_rows_and_sweep_grouping(tmp_path, monkeypatch):
             i = cmd.index("--log")
             assert cmd[i:i + 6] == ["--log", "tensorboard", "--log-group", "smk", "--log-name", name]
     assert "--log" not in sweep.plan(sweep.parse_args(["--preset", "smoke", "--out", str(tmp_path)]))[0].train_cmd
+
+
+def test_evaluate_starts_its_tracker_before_sampling_and_a_failure_is_one_line(tmp_path, monkeypatch, capsys):
+    """evaluate.py --log wandb: a W&B that cannot start stops it before a sample is drawn (one line, exit 2, nothing
+    written); one that starts receives a row per guidance scale at the checkpoint's step."""
+    from test_evaluate import TinyExtractor, jit_save
+    assert train_dit.main(FLAGS + ["--sample-every", "0", "--out", str(tmp_path / "run")]) == 0
+    extractor = jit_save(TinyExtractor(), tmp_path / "tiny.pt")
+    flags = [str(tmp_path / "run" / "last.pt"), "--num-samples", "10", "--cfg-scales", "1,2", "--steps", "2",
+             "--features", str(extractor), "--resize", "none", "--log", "wandb"]
+    fake = FakeWandb()
+
+    def offline_init(**kw):
+        raise ConnectionError("wandb.init(): network error (ConnectTimeout), entering retry loop")
+    fake.init = offline_init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    capsys.readouterr()
+    expect_one_line_error(capsys, ev.main, "evaluate.py", flags + ["--out", str(tmp_path / "failed")],
+                          "--log wandb could not start: wandb.init(): network error")
+    assert not (tmp_path / "failed" / "results.json").exists() and not list((tmp_path / "failed").rglob("*.npz"))
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert ev.main(flags + ["--out", str(tmp_path / "eval")]) == 0
+    rows = [(step, payload) for step, payload in fake.logged if any(k.startswith("eval/cfg") for k in payload)]
+    assert [step for step, _ in rows] == [4, 4] and fake.inits[0]["job_type"] == "eval" and fake.finished == 1
 
 
 def test_missing_package_and_unknown_tracker_are_one_line(tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ scripts' mains hand the sinks to trainer.train (runio.RunIO(sinks=...)), on rank
 A sink is a callable sink(record, images=None) with open(config, start_step) and close(); images is the (N, C, H, W)
 grid in [-1, 1] of a "samples" record. A training run opens its sinks once, before its first step (runio.RunIO
 open_trackers: a tracker that cannot start stops every rank there, in one line, exit 2; one that fails later is
-dropped with a warning); evaluate.py's open at their first record. A resumed run continues its tracked run: W&B's run
+dropped with a warning); evaluate.py opens its sinks the same way (runio.start_agreed) before it samples. A resumed run continues its tracked run: W&B's run
 id is kept in OUT/wandb-run-id and the resumed run re-opens that id (resume="allow"); TensorBoard's writer purges what
 the stopped run logged after the checkpoint it resumes from (purge_step).
 
