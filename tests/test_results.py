@@ -3,6 +3,7 @@ every block or file that no longer matches them (an edited number in a page, an 
 own results/ and docs/ pass the check."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,11 @@ def test_memorization_curves_and_decisions_regenerate_from_the_raw_rows(tmp_path
     bad.write_text(bad.read_text().replace('"mem_ratio_px": 0.5', '"mem_ratio_px": 0.7'))
     code, out = check(tmp_path, capsys, "--check")
     assert code == 1 and any("block results:mem:curve" in line for line in out)
+    (tmp_path / "docs" / "page.md").write_text("<!-- results:mem:progress -->\n<!-- /results -->\n")
+    unfinished = next(r for r in runs if r.cell["cep"] == "uniform")
+    (unfinished.folder / "eval" / "results.json").unlink()                  # a run not yet measured at its end
+    assert (tmp_path / "assets" / "mem" / "curve_mem_ratio_px.png").is_file()  # drawn while the sweep was complete
+    shutil.rmtree(tmp_path / "assets" / "mem")
+    assert check(tmp_path, capsys)[0] == 0
+    assert "5 of 6 runs in (clean 3 of 3; cepuniform 2 of 3)." in (tmp_path / "docs" / "page.md").read_text()
+    assert not (tmp_path / "assets" / "mem").exists()                       # no plots of a sweep still running

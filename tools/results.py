@@ -2,6 +2,7 @@
 tools/results.py: every published sweep number, regenerated from the raw rows committed under results/.
 
     python -m tools.results            # rewrite the quoted tables in docs/ and the plots in assets/results/
+                                       # (a sweep's plots once all its runs are in)
     python -m tools.results --check    # exit 1 naming every table or file that differs from the raw rows
 
 results/<name>/ is a sweep folder (python sweep.py ... --out results/<name>) less its heavy files (.gitignore):
@@ -15,6 +16,7 @@ A docs page (docs/**/*.md) quotes a table between two markers, the first naming 
     <!-- results:<name>:curve -->      (a sweep with --eval-steps: the memorized share along training, per cell)
     <!-- results:<name>:endpoints -->  (the memorization protocol's per-cell endpoints, tools/memorize_v2.py)
     <!-- results:<name>:decisions -->  (its paired comparisons, Holm-adjusted, and the readings they give)
+    <!-- results:<name>:progress -->   (how many of the protocol's runs are in, per cell: a sweep that runs in parts)
     <!-- /results -->
 
 The tables come from sweep.py's own summarize / table_text / summary_text, on results.csv, or on the runs' eval
@@ -66,6 +68,8 @@ class Sweep:
             raise ValueError(f"{folder}: sweep.json or summary.json lacks {e} (not written by sweep.py?)") from None
         self.runs = sweep.plan(cfg)
         evaluated = [r for r in self.runs if (r.folder / "eval" / "results.json").is_file()]
+        # a sweep that runs in parts: its plots wait for its last run (a progress block says where it stands)
+        self.complete = not evaluated or len(evaluated) == len(self.runs)
         # the raw rows: the runs' own results when the folder has them, else results.csv as committed
         self.source = "runs/*/eval/results.json" if evaluated else "results.csv"
         self.csv = sweep.csv_text(sweep.collect(self.runs)) if evaluated else _read(folder / "results.csv")
@@ -83,6 +87,8 @@ class Sweep:
         """A quoted table's text (None: no such table)."""
         if kind in ("table", "summary"):
             return {"table": sweep.table_text, "summary": sweep.summary_text}[kind](self.summary)
+        if kind == "progress":
+            return progress_text(self.runs)
         if not self.curves:                          # the kinds below read the metrics along training
             return None
         steps = self.steps                           # a run's endpoints need every one of them measured
@@ -100,6 +106,18 @@ class Sweep:
         if self.curves:                              # memorization along training, its distributions and pictures
             sweep.plot_training_curves(self.rows, "mem_ratio_px", self.fixed_scale, folder / "curve_mem_ratio_px.png")
             memorize_v2.figures(self.folder, folder, self.fixed_scale)
+
+
+def progress_text(runs: list) -> str:
+    """How many of a sweep's planned runs are in (evaluated at their end), in all and per cell."""
+    per_cell = {}
+    for r in runs:
+        cell = sweep.cell_name(r.cell)
+        done, planned = per_cell.get(cell, (0, 0))
+        per_cell[cell] = (done + (r.folder / "eval" / "results.json").is_file(), planned + 1)
+    total = sum(done for done, _ in per_cell.values())
+    cells = "; ".join(f"{cell} {done} of {planned}" for cell, (done, planned) in per_cell.items())
+    return f"{total} of {len(runs)} runs in ({cells}).\n"
 
 
 def curve_text(rows: list, scale: float, metric: str = "mem_ratio_px") -> str:
@@ -162,7 +180,8 @@ def run(results: Path, docs: Path, assets: Path, check: bool) -> tuple[list, lis
         with open(path, "w", newline="") as f:
             f.write(text)
     for s in sweeps.values():
-        s.plot(assets / s.name)
+        if s.complete:
+            s.plot(assets / s.name)
     return stale, bad
 
 
