@@ -5,12 +5,25 @@ protocol of data.py's docstring, images ADM-centre-cropped (resized) to any side
     python train_dit.py --data mnist --data-root ~/data --image-size 16 --items-per-class 5
 
 The files are read through torchvision.datasets from the root; if they are not there, torchvision downloads them
-there once (the machines that run our tests are offline: the tests write small files in the same formats).
-Nothing to run here; data.build_dataset picks the reader.
+there once (the machines that run our tests are offline: the tests write small files in the same formats). For the
+MNIST family the root may also be a folder holding the four IDX files as published (`*-idx3-ubyte.gz`, ...), such as
+Debian's and Ubuntu's packaged Fashion-MNIST, which needs no download from the dataset's host:
+
+    apt-get install dataset-fashion-mnist        # /usr/share/datasets/fashion-mnist/
+    python train_dit.py --data fashion-mnist --data-root /usr/share/datasets/fashion-mnist --image-size 8
+
+Such a folder is decompressed once into torchvision's layout under $NANOCEP_CACHE/torchvision/ (default
+~/.cache/nanocep). Nothing to run here; data.build_dataset picks the reader.
 """
+import gzip
+import hashlib
+import os
+import shutil
+
 import numpy as np
 import torch
 
+from plumbing.common import atomic_open, cache_root
 from sources.folders import as_item, center_crop_arr, flip_key
 
 # --data name -> torchvision.datasets class name
@@ -18,10 +31,41 @@ TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist":
                     "cifar100": "CIFAR100"}
 
 
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_FAMILY = ("mnist", "fashion-mnist", "kmnist")
+
+
+def idx_root(name: str, root: str) -> str | None:
+    """For a folder holding an MNIST-family set's four IDX files as published (.gz): the root under which torchvision
+    finds them, decompressed once into the cache (atomically, so an interrupted copy is never read); None for any
+    other folder."""
+    published = [os.path.join(root, f + ".gz") for f in IDX_FILES]
+    if name not in MNIST_FAMILY or not all(os.path.isfile(p) for p in published):
+        return None
+    tag = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:10]
+    out = cache_root() / "torchvision" / f"{name}-{tag}"
+    raw = out / TORCHVISION_SETS[name] / "raw"                  # torchvision's layout: ROOT/<Class>/raw/<file>
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--data {name}: cannot make {raw} for the decompressed files ({e.strerror}); "
+                         f"set NANOCEP_CACHE") from None
+    for file, src in zip(IDX_FILES, published):
+        if (raw / file).is_file() and os.path.getmtime(raw / file) >= os.path.getmtime(src):
+            continue
+        try:
+            with gzip.open(src, "rb") as fin, atomic_open(raw / file, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        except (EOFError, gzip.BadGzipFile, ValueError) as e:
+            raise ValueError(f"--data {name}: cannot read {src} ({e})") from None
+    return str(out)
+
+
 def open_torchvision(name: str, root: str, train: bool = True):
     """The torchvision dataset `name` under root (its train or test split), downloading it there if absent."""
     import torchvision.datasets as tvd
     cls = getattr(tvd, TORCHVISION_SETS[name])
+    root = idx_root(name, root) or root
     try:
         return cls(root, train=train, download=False)
     except RuntimeError:                                   # not there (or corrupted): let torchvision fetch it once

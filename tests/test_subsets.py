@@ -2,6 +2,7 @@
 (--data mnist, cifar10, ...) read from files written here offline in torchvision's formats."""
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -83,6 +84,34 @@ def test_mnist_is_read_through_torchvision_resized_and_in_rgb(tmp_path):
     cfg = {"data": "mnist", "data_root": str(tmp_path), "image_size": 8, "seed": 1, "items_per_class": 2}
     tr = trainset.build(cfg, num_fresh=10)
     assert tr["pixels"].shape == (40, 8, 8, 3) and len(tr["real_px_d1"]) == 10   # fresh: the test split
+
+
+def test_a_folder_of_the_published_gz_files_reads_as_the_set(tmp_path, monkeypatch, capsys):
+    """--data-root may be the four IDX files as published (.gz), e.g. Debian's dataset-fashion-mnist folder: they are
+    decompressed once into the cache in torchvision's layout and read through torchvision.datasets; a damaged file is
+    one line naming it."""
+    import gzip
+    monkeypatch.setenv("NANOCEP_CACHE", str(tmp_path / "cache"))
+    write_mnist(tmp_path / "tv", n_train=40)
+    published = tmp_path / "usr-share-datasets-fashion-mnist"
+    published.mkdir()
+    for f in (tmp_path / "tv" / "MNIST" / "raw").iterdir():
+        (published / (f.name + ".gz")).write_bytes(gzip.compress(f.read_bytes()))
+    ds = data.build_dataset("fashion-mnist", 8, root=str(published))
+    assert len(ds) == 40 and ds.num_classes == 10 and ds.class_names[0] == "T-shirt/top"
+    assert np.array_equal(ds.labels, np.arange(40) % 10) and ds[2 * 3][0].shape == (3, 8, 8)
+    raw = next((tmp_path / "cache" / "torchvision").glob("fashion-mnist-*/FashionMNIST/raw"))
+    assert (raw / "train-images-idx3-ubyte").read_bytes() == (tmp_path / "tv" / "MNIST" / "raw" /
+                                                             "train-images-idx3-ubyte").read_bytes()
+    before = (raw / "train-images-idx3-ubyte").stat().st_mtime_ns
+    assert len(data.build_dataset("fashion-mnist", 8, root=str(published), train=False)) == 30
+    assert (raw / "train-images-idx3-ubyte").stat().st_mtime_ns == before          # decompressed once
+    damaged = tmp_path / "damaged"
+    shutil.copytree(published, damaged)
+    (damaged / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00 not gzip")
+    expect_one_line_error(capsys, train_dit.main, "train_dit.py",
+                          [*TINY, "--steps", "1", "--data", "fashion-mnist", "--data-root", str(damaged),
+                           "--out", str(tmp_path / "run")], "train-labels-idx1-ubyte.gz")
 
 
 def test_cifar10_is_read_through_torchvision(tmp_path, monkeypatch):
