@@ -4,7 +4,7 @@ a grid of guidance scales, and say with confidence intervals over seeds whether 
 
     python sweep.py --preset builtin --out sweeps/builtin          # the CPU experiment of docs/results/builtin.md
     python sweep.py --preset builtin-eta --out sweeps/builtin-eta  # its label-corruption companion (η = 0, 5, 20 %)
-    python sweep.py --preset builtin-probe --out sweeps/builtin-probe  # its clean model trained 4x longer, along training
+    python sweep.py --preset builtin-probe --out sweeps/probe      # its clean model trained 4x longer, along training
     python sweep.py --preset smoke --out /tmp/smoke                # 2 cells x 2 seeds, a few steps each (~1-2 min; CI)
     python sweep.py --preset memorize-map --out sweeps/memorize-map  # where a clean model starts copying (docs/results)
     python sweep.py --preset memorize-map16 --out sweeps/memorize-map16  # the same at 16 px (side, patch)
@@ -339,15 +339,11 @@ MEMORIZE_V2 = dict(script="train_dit", seeds="0,1,2,3,4,5", jobs=2, judge=2000, 
                    train=MEM_V2_TRAIN,
                    eval="--num-samples 1000 --cfg-scales 1,2 --sampler dpm++ --steps 25 --batch-size 500",
                    eval_steps="2000,2500,3000,3500,4000,4500,5000,5500", curve_eval="--cfg-scales 1")
-# Its real-data part: first the map of the digits' copying regime (clean, k = 2, 5, 10 items per class, seed 0).
-MEMORIZE_V2_DIGITS_MAP = dict(MEMORIZE_V2, seeds="0", cells=parse_grid(["items_per_class=2,5,10"]),
-                              train=MEM_TRAIN + " --data digits --steps 6000",
-                              eval_steps="1000,1500,2000,2500,3000,3500,4000,4500,5000,5500")
 
-PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "builtin-probe": BUILTIN_PROBE, "in1k-dit": IN1K_DIT, "table2": TABLE2,
-           "memorize-map": MEMORIZE_MAP, "memorize-map16": MEMORIZE_MAP16, "memorize": MEMORIZE,
-           "memorize-quick": MEMORIZE_QUICK, "memorize-v2-pilot": MEMORIZE_V2_PILOT,
-           "memorize-v2": MEMORIZE_V2, "memorize-v2-digits-map": MEMORIZE_V2_DIGITS_MAP}
+PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "builtin-probe": BUILTIN_PROBE,
+           "in1k-dit": IN1K_DIT, "table2": TABLE2, "memorize-map": MEMORIZE_MAP, "memorize-map16": MEMORIZE_MAP16,
+           "memorize": MEMORIZE, "memorize-quick": MEMORIZE_QUICK, "memorize-v2-pilot": MEMORIZE_V2_PILOT,
+           "memorize-v2": MEMORIZE_V2}
 
 
 @dataclass

@@ -3,7 +3,7 @@ memorize_v2.py: the analysis of the memorization protocol v2 (docs/results/memor
 
     python -m tools.memorize_v2 pilot results/memorize-v2-pilot     # the control's eta_r from the pilot's rows
     python -m tools.memorize_v2 analyse results/memorize-v2         # endpoints, Holm families, decisions (markdown)
-    python -m tools.memorize_v2 map results/memorize-v2-digits-map  # the real-data part's items per class
+    python -m tools.memorize_v2 map results/<the map's folder>       # the real-data part's items per class
 
 The protocol's analysis (per run, at s = 1, from the sweep's results.csv with its `step` column):
     P1  the memorized share (mem_ratio_px) at the last step, the plateau
