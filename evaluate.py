@@ -38,6 +38,7 @@ The metrics and the feature pass live in metrics.py; this file samples, shards o
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -654,22 +655,25 @@ def main_sample(argv):
                 **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
     featurizer = _featurizer(args, device)
     sinks = start_trackers(args, settings, rank, world_size)   # one that cannot start stops every rank, before sampling
-    train_ref = None
-    with writes_shared(world_size):                        # rank 0's files: a failed write stops every rank here
+    with contextlib.ExitStack() as trackers:
+        for sink in sinks:                                 # closed however the work below ends: the tracked run is
+            trackers.callback(sink.close)                  # finished and its events flushed
+        train_ref = None
+        with writes_shared(world_size):                    # rank 0's files: a failed write stops every rank here
+            if rank == 0:
+                train_ref = _train_reference(args, featurizer)
+                provenance.write(args.out, code)           # the checks passed; results.json carries it too
+        rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, featurizer,
+                                   args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
+                                   world_size, settings, args.k, args.is_splits, train_ref, args.mem_tau,
+                                   keep_pixels=bool(args.train_ref) and info["image_size"] <= PIXEL_TEST_MAX_SIDE,
+                                   shape_fidelity=held_out is None and _trained_on_builtin_classes(stored, info))
+        if held_out is not None:
+            rows = held_out.add_edge_f1(rows, args.out)
         if rank == 0:
-            train_ref = _train_reference(args, featurizer)
-            provenance.write(args.out, code)               # the checks passed; results.json carries it too
-    rows = sample_and_evaluate(sample_fn, info["num_classes"], args.cfg_scales, args.out, featurizer,
-                               args.ref, args.num_samples, args.seed, args.batch_size, args.png, args.npz, rank,
-                               world_size, settings, args.k, args.is_splits, train_ref, args.mem_tau,
-                               keep_pixels=bool(args.train_ref) and info["image_size"] <= PIXEL_TEST_MAX_SIDE,
-                               shape_fidelity=held_out is None and _trained_on_builtin_classes(stored, info))
-    if held_out is not None:
-        rows = held_out.add_edge_f1(rows, args.out)
-    if rank == 0:
-        for row in rows:
-            print(json.dumps({c: row.get(c) for c in METRIC_COLUMNS + (EDGE_COLUMNS if held_out else [])}))
-        log_rows(args, rows, sinks)
+            for row in rows:
+                print(json.dumps({c: row.get(c) for c in METRIC_COLUMNS + (EDGE_COLUMNS if held_out else [])}))
+            log_rows(args, rows, sinks)
     leave_process_group()
     return 0
 
@@ -698,10 +702,9 @@ def log_rows(args, rows, sinks) -> None:
         return
     from runio import load_checkpoint
     step = int(load_checkpoint(args.ckpt, mmap=True)["step"]) if args.ckpt else 0
-    for sink in sinks:
+    for sink in sinks:                                     # the caller closes them
         for row in rows:
             sink({"event": f"eval/cfg{row['cfg_scale']:g}", "step": step, **row})
-        sink.close()
 
 
 def _train_reference(args, featurizer):

@@ -696,6 +696,9 @@ def image_size(cfg: SweepConfig) -> int:
     return int(flag_value(shlex.split(cfg.train), "--image-size", "16"))
 
 
+JUDGED_DATA = ("builtin", "digits")      # the data scoring/judge.py has a judge for
+
+
 def judge_data(cfg: SweepConfig) -> list:
     """The judge.py flags naming the runs' data: ["--data", "digits"] when they train on the digits, else [] (the
     built-in judge)."""
@@ -1167,6 +1170,10 @@ def check(cfg: SweepConfig):
             shlex.split(text)
         except ValueError as e:
             raise ValueError(f"{what} {text!r}: {e}") from None
+    data = flag_value(shlex.split(cfg.train), "--data", "builtin")
+    if cfg.judge and data not in JUDGED_DATA:
+        raise ValueError(f"--judge {cfg.judge}: the judge knows {' and '.join(JUDGED_DATA)} only, and --train trains "
+                         f"on --data {data}; pass --judge 0 and give --eval its own --features and --ref")
 
 
 def _without(words: list, pin: list) -> list:

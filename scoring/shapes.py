@@ -81,7 +81,7 @@ def cached_masks(image_size: int, shape: str, size: int) -> np.ndarray:
         masks = np.unpackbits(bits, axis=1, count=image_size * image_size).astype(bool)
         if masks.shape == (size, image_size * image_size):
             return masks.reshape(size, image_size, image_size)
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, TypeError):
         pass                                                   # absent or damaged: build it
     masks = build_masks(image_size, shape, size)
     try:

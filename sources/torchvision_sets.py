@@ -19,11 +19,12 @@ import gzip
 import hashlib
 import os
 import shutil
+import zlib
 
 import numpy as np
 import torch
 
-from plumbing.common import atomic_open, cache_root
+from plumbing.common import WriteFailed, atomic_open, cache_root
 from sources.folders import as_item, center_crop_arr, flip_key
 
 # --data name -> torchvision.datasets class name
@@ -38,12 +39,13 @@ MNIST_FAMILY = ("mnist", "fashion-mnist", "kmnist")
 def idx_root(name: str, root: str) -> str | None:
     """For a folder holding an MNIST-family set's four IDX files as published (.gz): the root under which torchvision
     finds them, decompressed once into the cache (atomically, so an interrupted copy is never read); None for any
-    other folder."""
+    other folder. The cache folder is named by the files' path, size and modification time, so replaced files are
+    decompressed again."""
     published = [os.path.join(root, f + ".gz") for f in IDX_FILES]
     if name not in MNIST_FAMILY or not all(os.path.isfile(p) for p in published):
         return None
-    tag = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:10]
-    out = cache_root() / "torchvision" / f"{name}-{tag}"
+    stamp = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in published]
+    out = cache_root() / "torchvision" / f"{name}-{hashlib.sha1(repr(stamp).encode()).hexdigest()[:10]}"
     raw = out / TORCHVISION_SETS[name] / "raw"                  # torchvision's layout: ROOT/<Class>/raw/<file>
     try:
         raw.mkdir(parents=True, exist_ok=True)
@@ -51,14 +53,20 @@ def idx_root(name: str, root: str) -> str | None:
         raise ValueError(f"--data {name}: cannot make {raw} for the decompressed files ({e.strerror}); "
                          f"set NANOCEP_CACHE") from None
     for file, src in zip(IDX_FILES, published):
-        if (raw / file).is_file() and os.path.getmtime(raw / file) >= os.path.getmtime(src):
-            continue
-        try:
-            with gzip.open(src, "rb") as fin, atomic_open(raw / file, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        except (EOFError, gzip.BadGzipFile, ValueError) as e:
-            raise ValueError(f"--data {name}: cannot read {src} ({e})") from None
+        if not (raw / file).is_file():
+            decompress(name, src, raw / file)
     return str(out)
+
+
+def decompress(name: str, src: str, dest) -> None:
+    """gunzip src into dest, atomically; a damaged or unreadable src is one line naming it (a full disk: WriteFailed)."""
+    try:
+        with gzip.open(src, "rb") as fin, atomic_open(dest, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+    except WriteFailed:
+        raise
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        raise ValueError(f"--data {name}: cannot read {src} ({e})") from None
 
 
 def open_torchvision(name: str, root: str, train: bool = True):

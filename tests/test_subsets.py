@@ -1,6 +1,7 @@
 """--items-per-class (k items per class chosen from the seed, in the core data path) and torchvision's datasets
 (--data mnist, cifar10, ...) read from files written here offline in torchvision's formats."""
 import json
+import os
 import pickle
 import shutil
 
@@ -106,12 +107,19 @@ def test_a_folder_of_the_published_gz_files_reads_as_the_set(tmp_path, monkeypat
     before = (raw / "train-images-idx3-ubyte").stat().st_mtime_ns
     assert len(data.build_dataset("fashion-mnist", 8, root=str(published), train=False)) == 30
     assert (raw / "train-images-idx3-ubyte").stat().st_mtime_ns == before          # decompressed once
+    replaced = published / "train-labels-idx1-ubyte.gz"                    # new files (another mtime): read again
+    labels = gzip.decompress(replaced.read_bytes())
+    replaced.write_bytes(gzip.compress(labels[:8] + bytes([9] * 40)))
+    os.utime(replaced, ns=(1, 1))                                           # even with an older timestamp
+    assert np.array_equal(data.build_dataset("fashion-mnist", 8, root=str(published)).labels, [9] * 40)
     damaged = tmp_path / "damaged"
     shutil.copytree(published, damaged)
-    (damaged / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00 not gzip")
-    expect_one_line_error(capsys, train_dit.main, "train_dit.py",
-                          [*TINY, "--steps", "1", "--data", "fashion-mnist", "--data-root", str(damaged),
-                           "--out", str(tmp_path / "run")], "train-labels-idx1-ubyte.gz")
+    good = gzip.compress(labels)
+    for bad in (b"\x1f\x8b\x08\x00 not gzip", good[:12] + bytes(len(good) - 12)):   # a bad header; bad deflate data
+        (damaged / "train-labels-idx1-ubyte.gz").write_bytes(bad)
+        expect_one_line_error(capsys, train_dit.main, "train_dit.py",
+                              [*TINY, "--steps", "1", "--data", "fashion-mnist", "--data-root", str(damaged),
+                               "--out", str(tmp_path / "run")], "train-labels-idx1-ubyte.gz")
 
 
 def test_cifar10_is_read_through_torchvision(tmp_path, monkeypatch):

@@ -194,7 +194,7 @@ def test_evaluate_rows_and_sweep_grouping(tmp_path, monkeypatch):
     args = types.SimpleNamespace(log="tensorboard", ckpt=None, out=str(tmp_path), log_group="", log_name="")
     ev.log_rows(args, [{"cfg_scale": 1.5, "fid": 12.0}, {"cfg_scale": 4, "fid": 9.0}], [Sink()])
     assert seen == [{"event": "eval/cfg1.5", "step": 0, "cfg_scale": 1.5, "fid": 12.0},
-                    {"event": "eval/cfg4", "step": 0, "cfg_scale": 4, "fid": 9.0}, "closed"]
+                    {"event": "eval/cfg4", "step": 0, "cfg_scale": 4, "fid": 9.0}]
     cfg = sweep.parse_args(["--preset", "smoke", "--out", str(tmp_path / "smk"), "--log", "tensorboard"])
     for run in sweep.plan(cfg):
         name = f"{sweep.cell_name(run.cell)}/seed{run.seed}"
@@ -222,6 +222,13 @@ def test_evaluate_starts_its_tracker_before_sampling_and_a_failure_is_one_line(t
     expect_one_line_error(capsys, ev.main, "evaluate.py", flags + ["--out", str(tmp_path / "failed")],
                           "--log wandb could not start: wandb.init(): network error")
     assert not (tmp_path / "failed" / "results.json").exists() and not list((tmp_path / "failed").rglob("*.npz"))
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with monkeypatch.context() as m:                                     # a fault after it started: still finished
+        m.setattr(ev, "sample_and_evaluate", lambda *a, **kw: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            ev.main(flags + ["--out", str(tmp_path / "fault")])
+    assert len(fake.inits) == 1 and fake.finished == 1
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     assert ev.main(flags + ["--out", str(tmp_path / "eval")]) == 0

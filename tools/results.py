@@ -75,6 +75,7 @@ class Sweep:
         self.csv = sweep.csv_text(sweep.collect(self.runs)) if evaluated else _read(folder / "results.csv")
         self.rows = sweep.parse_csv(self.csv, str(folder / "results.csv"))
         final = sweep.final_rows(self.rows, self.runs)       # the summary reads each run's final evaluation
+        self.measured = {(r["cell"], str(r["seed"])) for r in final}   # the runs measured at their end
         self.summary = sweep.summarize(final, self.runs, metric, fixed_scale)
         self.fixed_scale, self.curves = fixed_scale, bool(sweep.parse_steps(cfg.eval_steps))
         final = sweep.requested_steps(self.runs[0].train_cmd) if self.runs else None
@@ -88,7 +89,7 @@ class Sweep:
         if kind in ("table", "summary"):
             return {"table": sweep.table_text, "summary": sweep.summary_text}[kind](self.summary)
         if kind == "progress":
-            return progress_text(self.runs)
+            return progress_text(self.runs, self.measured)
         if not self.curves:                          # the kinds below read the metrics along training
             return None
         steps = self.steps                           # a run's endpoints need every one of them measured
@@ -108,13 +109,13 @@ class Sweep:
             memorize_v2.figures(self.folder, folder, self.fixed_scale)
 
 
-def progress_text(runs: list) -> str:
-    """How many of a sweep's planned runs are in (evaluated at their end), in all and per cell."""
+def progress_text(runs: list, measured: set) -> str:
+    """How many of a sweep's planned runs are in (their (cell, seed) among `measured`), in all and per cell."""
     per_cell = {}
     for r in runs:
         cell = sweep.cell_name(r.cell)
         done, planned = per_cell.get(cell, (0, 0))
-        per_cell[cell] = (done + (r.folder / "eval" / "results.json").is_file(), planned + 1)
+        per_cell[cell] = (done + ((cell, str(r.seed)) in measured), planned + 1)
     total = sum(done for done, _ in per_cell.values())
     cells = "; ".join(f"{cell} {done} of {planned}" for cell, (done, planned) in per_cell.items())
     return f"{total} of {len(runs)} runs in ({cells}).\n"
