@@ -53,9 +53,9 @@ import torch
 from PIL import Image
 
 from plumbing import provenance
-from runio import TrackerFailed
 from plumbing.common import (ArgParser, RunError, WriteFailed, atomic_open, leave_process_group, new_file,
                              setup_distributed, writes_shared)
+from runio import TrackerFailed, load_checkpoint, start_agreed
 from sources.captions import read_prompts
 from config import LATENT_GEOMETRY
 from scoring.metrics import (INCEPTION_PATH, METRIC_COLUMNS, PIPELINES, Featurizer, check_pipelines, check_reference_size,
@@ -100,7 +100,6 @@ def families() -> dict:
 def load_model(ckpt, device="cpu", ema=True):
     """(model, diffusion, cfg, state) of the nanoCEP checkpoint CKPT, rebuilt through families() from its stored config;
     the model in eval mode without gradients, holding the EMA weights (ema=True) or the raw ones."""
-    from runio import load_checkpoint
     try:
         state = load_checkpoint(str(ckpt))
     except RunError as e:
@@ -690,7 +689,6 @@ def start_trackers(args, settings, rank: int, world: int) -> list:
     """--log: rank 0's sinks, started before any sample is drawn and agreed across ranks (runio.start_agreed)."""
     if not args.log:
         return []
-    from runio import start_agreed
     sinks = tracking.open_sinks(args.log, args.out, settings, args.log_group, args.log_name, job_type="eval",
                                 main=rank == 0)
     return start_agreed(sinks, settings, None, world, rank == 0)
@@ -700,7 +698,6 @@ def log_rows(args, rows, sinks) -> None:
     """--log: each guidance scale's row as an "eval/cfg{scale}" record at the checkpoint's training step."""
     if not sinks:
         return
-    from runio import load_checkpoint
     step = int(load_checkpoint(args.ckpt, mmap=True)["step"]) if args.ckpt else 0
     for sink in sinks:                                     # the caller closes them
         for row in rows:
@@ -712,7 +709,6 @@ def _train_reference(args, featurizer):
     if args.train_ref != "auto":
         return load_train_reference(args.train_ref) if args.train_ref else None
     from scoring import trainset
-    from runio import load_checkpoint
     if args.ckpt is None:
         raise ValueError("--train-ref auto needs a nanoCEP checkpoint (its config names the training set)")
     cfg = trainset.run_config(load_checkpoint(args.ckpt)["config"])
@@ -753,7 +749,6 @@ def _classes(text):
 
 def _ckpt_config(path) -> dict:
     """The config stored in a checkpoint (its tensors are only mapped, not read)."""
-    from runio import load_checkpoint
     try:
         return load_checkpoint(str(path), mmap=True)["config"]
     except RunError as e:

@@ -224,7 +224,7 @@ class RunIO:
     def open_trackers(self, start_step: int) -> None:
         """Start the --log trackers once, before training, agreed across ranks (start_agreed): one that cannot start
         stops every rank here with one line (TrackerFailed, exit 2), before a step is spent."""
-        sinks, self.sinks = self.sinks, []
+        sinks, self.sinks = self.sinks, []                          # none left to write to if they cannot start
         self.sinks = start_agreed(sinks, dataclasses.asdict(self.cfg), start_step, self.d.world, self.d.main)
 
     def write(self, fn: Callable, *args) -> None:

@@ -699,10 +699,15 @@ def image_size(cfg: SweepConfig) -> int:
 JUDGED_DATA = ("builtin", "digits")      # the data scoring/judge.py has a judge for
 
 
+def train_data(cfg: SweepConfig) -> str:
+    """The --data the runs train on (train_dit/train_ldm default builtin)."""
+    return flag_value(shlex.split(cfg.train), "--data", "builtin")
+
+
 def judge_data(cfg: SweepConfig) -> list:
     """The judge.py flags naming the runs' data: ["--data", "digits"] when they train on the digits, else [] (the
     built-in judge)."""
-    return ["--data", "digits"] if flag_value(shlex.split(cfg.train), "--data", "builtin") == "digits" else []
+    return ["--data", "digits"] if train_data(cfg) == "digits" else []
 
 
 def judge_path_shell(cfg: SweepConfig) -> str:
@@ -1170,7 +1175,7 @@ def check(cfg: SweepConfig):
             shlex.split(text)
         except ValueError as e:
             raise ValueError(f"{what} {text!r}: {e}") from None
-    data = flag_value(shlex.split(cfg.train), "--data", "builtin")
+    data = train_data(cfg)
     if cfg.judge and data not in JUDGED_DATA:
         raise ValueError(f"--judge {cfg.judge}: the judge knows {' and '.join(JUDGED_DATA)} only, and --train trains "
                          f"on --data {data}; pass --judge 0 and give --eval its own --features and --ref")

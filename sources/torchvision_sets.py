@@ -44,7 +44,7 @@ def idx_root(name: str, root: str) -> str | None:
     published = [os.path.join(root, f + ".gz") for f in IDX_FILES]
     if name not in MNIST_FAMILY or not all(os.path.isfile(p) for p in published):
         return None
-    stamp = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in published]
+    stamp = [(os.path.abspath(p), st.st_size, st.st_mtime_ns) for p, st in ((p, os.stat(p)) for p in published)]
     out = cache_root() / "torchvision" / f"{name}-{hashlib.sha1(repr(stamp).encode()).hexdigest()[:10]}"
     raw = out / TORCHVISION_SETS[name] / "raw"                  # torchvision's layout: ROOT/<Class>/raw/<file>
     try:

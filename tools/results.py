@@ -68,14 +68,14 @@ class Sweep:
             raise ValueError(f"{folder}: sweep.json or summary.json lacks {e} (not written by sweep.py?)") from None
         self.runs = sweep.plan(cfg)
         evaluated = [r for r in self.runs if (r.folder / "eval" / "results.json").is_file()]
-        # a sweep that runs in parts: its plots wait for its last run (a progress block says where it stands)
-        self.complete = not evaluated or len(evaluated) == len(self.runs)
         # the raw rows: the runs' own results when the folder has them, else results.csv as committed
         self.source = "runs/*/eval/results.json" if evaluated else "results.csv"
         self.csv = sweep.csv_text(sweep.collect(self.runs)) if evaluated else _read(folder / "results.csv")
         self.rows = sweep.parse_csv(self.csv, str(folder / "results.csv"))
         final = sweep.final_rows(self.rows, self.runs)       # the summary reads each run's final evaluation
         self.measured = {(r["cell"], str(r["seed"])) for r in final}   # the runs measured at their end
+        # a sweep that runs in parts: its plots wait for its last run (a progress block says where it stands)
+        self.complete = len(self.measured) == len(self.runs)
         self.summary = sweep.summarize(final, self.runs, metric, fixed_scale)
         self.fixed_scale, self.curves = fixed_scale, bool(sweep.parse_steps(cfg.eval_steps))
         final = sweep.requested_steps(self.runs[0].train_cmd) if self.runs else None
