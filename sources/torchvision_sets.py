@@ -82,7 +82,9 @@ def open_torchvision(name: str, root: str, train: bool = True):
         except Exception as e:                             # offline: URLError, RuntimeError, ... -> one line
             raise FileNotFoundError(f"--data {name}: not found under {root} and the download failed "
                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); put the "
-                                    f"torchvision files under {root} or pass --data-root") from None
+                                    f"torchvision files under {root} or pass --data-root"
+                                    + (" (a folder of the four published .gz IDX files also reads)"
+                                       if name in MNIST_FAMILY else "")) from None
 
 
 class TorchvisionDataset(torch.utils.data.Dataset):
