@@ -339,11 +339,18 @@ MEMORIZE_V2 = dict(script="train_dit", seeds="0,1,2,3,4,5", jobs=2, judge=2000, 
                    train=MEM_V2_TRAIN,
                    eval="--num-samples 1000 --cfg-scales 1,2 --sampler dpm++ --steps 25 --batch-size 500",
                    eval_steps="2000,2500,3000,3500,4000,4500,5000,5500", curve_eval="--cfg-scales 1")
+# Its real-data part (fixed before its runs): Fashion-MNIST at 8 px through its own judge (the test split's halves),
+# first the map of its copying regime: clean, k = 2, 5, 10 items per class, seed 0, memorization every 500 steps from
+# 1000; python -m tools.memorize_v2 map turns it into the key arms' k.
+FASHION = "--data fashion-mnist --data-root /usr/share/datasets/fashion-mnist"     # Debian's dataset-fashion-mnist
+MEMORIZE_V2_FASHION_MAP = dict(MEMORIZE_V2, seeds="0", cells=parse_grid(["items_per_class=2,5,10"]),
+                               train=f"{MEM_TRAIN} {FASHION} --steps 6000",
+                               eval_steps="1000,1500,2000,2500,3000,3500,4000,4500,5000,5500")
 
 PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "builtin-probe": BUILTIN_PROBE,
            "in1k-dit": IN1K_DIT, "table2": TABLE2, "memorize-map": MEMORIZE_MAP, "memorize-map16": MEMORIZE_MAP16,
            "memorize": MEMORIZE, "memorize-quick": MEMORIZE_QUICK, "memorize-v2-pilot": MEMORIZE_V2_PILOT,
-           "memorize-v2": MEMORIZE_V2}
+           "memorize-v2": MEMORIZE_V2, "memorize-v2-fashion-map": MEMORIZE_V2_FASHION_MAP}
 
 
 @dataclass
@@ -356,9 +363,10 @@ class SweepConfig:
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated training seeds (each seeds data, init, noise)"})
     train: str = field(default="", metadata={"help": "extra train flags for every run, after the preset's"})
     eval: str = field(default="", metadata={"help": "extra evaluate.py flags for every run, after the preset's"})
-    judge: int = field(default=0, metadata={"help": "measure with judge.py (built-in data; the digits' judge when "
-                                              "--train says --data digits): its extractor, N fresh real images as "
-                                              "--ref, each run's training set for memorization; 0 = off"})
+    judge: int = field(default=0, metadata={"help": "measure with judge.py (built-in data; the digits' or an MNIST-"
+                                              "family set's judge when --train says --data so): its extractor, N "
+                                              "fresh real images as --ref, each run's training set for memorization; "
+                                              "0 = off"})
     reference: str = field(default="", metadata={"help": "builtin:N = write N held-out built-in images once as --ref"})
     metric: str = field(default="fid", metadata={"help": "the metric that picks each cell's best guidance scale"})
     fixed_scale: float = field(default=2.0, metadata={"help": "the fixed guidance scale reported beside the best"})
@@ -696,7 +704,7 @@ def image_size(cfg: SweepConfig) -> int:
     return int(flag_value(shlex.split(cfg.train), "--image-size", "16"))
 
 
-JUDGED_DATA = ("builtin", "digits")      # the data scoring/judge.py has a judge for
+JUDGED_DATA = ("builtin", "digits", "mnist", "fashion-mnist", "kmnist")   # scoring/judge.py's (torch-free here)
 
 
 def train_data(cfg: SweepConfig) -> str:
@@ -705,9 +713,14 @@ def train_data(cfg: SweepConfig) -> str:
 
 
 def judge_data(cfg: SweepConfig) -> list:
-    """The judge.py flags naming the runs' data: ["--data", "digits"] when they train on the digits, else [] (the
-    built-in judge)."""
-    return ["--data", "digits"] if train_data(cfg) == "digits" else []
+    """The judge.py flags naming the runs' data: [] for the built-in judge, ["--data", "digits"], or for a torchvision
+    set its name and the runs' --data-root."""
+    name = train_data(cfg)
+    if name == "builtin":
+        return []
+    if name == "digits":
+        return ["--data", name]
+    return ["--data", name, "--data-root", flag_value(shlex.split(cfg.train), "--data-root", "data")]
 
 
 def judge_path_shell(cfg: SweepConfig) -> str:
@@ -718,7 +731,7 @@ def judge_path_shell(cfg: SweepConfig) -> str:
 
 def judge_commands(cfg: SweepConfig) -> list:
     """The two judge.py calls made once per sweep: the extractor's path (built on first use), the reference features
-    (digits: --judge N of their fresh part, at most all of it)."""
+    (real data: --judge N of its fresh part, at most all of it)."""
     size, which = str(image_size(cfg)), judge_data(cfg)
     return [[sys.executable, "-m", "scoring.judge", "path", *which, "--image-size", size],
             [sys.executable, "-m", "scoring.judge", "ref", *which, "--image-size", size, "--num", str(cfg.judge),
@@ -1177,8 +1190,9 @@ def check(cfg: SweepConfig):
             raise ValueError(f"{what} {text!r}: {e}") from None
     data = train_data(cfg)
     if cfg.judge and data not in JUDGED_DATA:
-        raise ValueError(f"--judge {cfg.judge}: the judge knows {' and '.join(JUDGED_DATA)} only, and --train trains "
-                         f"on --data {data}; pass --judge 0 and give --eval its own --features and --ref")
+        raise ValueError(f"--judge {cfg.judge}: the judge knows {', '.join(JUDGED_DATA[:-1])} and {JUDGED_DATA[-1]} "
+                         f"only, and --train trains on --data {data}; pass --judge 0 and give --eval its own "
+                         "--features and --ref")
 
 
 def _without(words: list, pin: list) -> list:

@@ -1,5 +1,5 @@
 """
-judge.py: an offline judge for the built-in data (the FID-Inception of 16x16 coloured shapes) and for the digits.
+judge.py: an offline judge for the built-in data (the FID-Inception of 16x16 coloured shapes) and for real data.
 
 Inception features mean nothing on 16^2 discs and crosses (and cannot be downloaded offline), so this file trains its
 own small CNN on real built-in images (data.BuiltinShapes with seed 1_000_003, disjoint from every training set,
@@ -13,12 +13,16 @@ which use seed = --seed), deterministically, and caches it as a TorchScript extr
     python evaluate.py runs/dit/last.pt --features $(python -m scoring.judge path) --resize none \\
         --ref ref.npz --train-ref train.npz --num-samples 2000 --cfg-scales 1,2,4 --steps 25
 
-With --data digits (sources/digits.py), every command uses the real handwritten digits instead: the judge trains on
-their judge part (class cross-entropy only, classes 0..9, every image also mirrored), `ref` and `check` use their fresh
-part (all of it unless --num), and --image-size defaults to 8:
+With --data digits (sources/digits.py) or an MNIST-family set (mnist, fashion-mnist, kmnist, read from --data-root),
+every command uses that real data instead: the judge trains on its judge part (class cross-entropy only, every image
+also mirrored), `ref` and `check` use its fresh part (all of it unless --num), and --image-size defaults to 8. The
+digits' parts are fixed thirds (sources/digits.py); a torchvision set's are the halves of its test split, the first
+for the judge and the second fresh (the chance level of trainset.py uses the same fresh half):
 
     python -m scoring.judge ref --data digits --out ref.npz       # the 596 fresh digits, every other one mirrored
-    python evaluate.py runs/dg/last.pt --features $(python -m scoring.judge path --data digits) --resize none \\
+    F="--data fashion-mnist --data-root /usr/share/datasets/fashion-mnist"
+    python -m scoring.judge ref $F --num 2000 --out ref.npz       # 2000 of the last 5000 test images, spread
+    python evaluate.py runs/fm/last.pt --features $(python -m scoring.judge path $F) --resize none \\
         --ref ref.npz --train-ref auto --num-samples 200 --cfg-scales 1
 
 The extractor follows evaluate.py's protocol: f(x (B, 3, H, W) floats in [0, 255]) -> (feats (B, 128), logits
@@ -55,20 +59,23 @@ from plumbing.common import atomic_open, cache_root
 import data
 from scoring import metrics, shapes
 from sources import digits
+from sources.torchvision_sets import MNIST_FAMILY, TORCHVISION_SETS, test_part
 
 JUDGE_VERSION = 1                     # bump when the recipe changes: the cache key changes with it
 JUDGE_SEED = 1_000_003                # the judge's own training images
 REF_SEED = 1_000_033                  # held-out reference images (evaluate.py --ref)
 CHECK_SEED = 1_000_039                # held-out images of `judge.py check`
-ACCURACY_FLOOR = {"builtin": 0.99, "digits": 0.9}    # build warns below this held-out accuracy
+JUDGED_DATA = ("builtin", "digits", *MNIST_FAMILY)   # the data a judge is made for (--data)
+ACCURACY_FLOOR = {"builtin": 0.99, "digits": 0.9, "fashion-mnist": 0.8}   # build warns below this held-out accuracy
 CACHE_DIR = cache_root()                # $NANOCEP_CACHE or ~/.cache/nanocep
 
 
 @dataclass
 class JudgeConfig:
     image_size: int = 16      # image side (the extractor only accepts this size)
-    data: str = "builtin"     # builtin: rendered shapes and their attributes; digits: their judge part, classes only
-    num_images: int = 8_000   # built-in training images, drawn once (seed JUDGE_SEED); digits: the whole judge part
+    data: str = "builtin"     # builtin: rendered shapes and their attributes; digits, an MNIST-family set: their
+                              # judge part (real_part), classes only
+    num_images: int = 8_000   # built-in training images, drawn once (seed JUDGE_SEED); real data: the whole judge part
     steps: int = 400          # Adam steps
     batch_size: int = 128
     lr: float = 2e-3          # Adam, cosine-decayed to 0
@@ -76,11 +83,15 @@ class JudgeConfig:
     feature_dim: int = 128    # the feature vector (evaluate.py's "feats")
     attr_weight: float = 1.0  # weight of the attribute regression next to the class cross-entropy
     seed: int = JUDGE_SEED
+    data_root: str = "data"   # where an MNIST-family set is read (its --data-root); not in the key: the content is
+    data_hash: str = ""       # an MNIST-family set's judge part, by content (judge_config): a different copy of the
+                              # set, or files of the same format with other images, is another judge
 
     def key(self) -> str:
         """A short hash of everything the weights depend on (the cache file name); `data` enters it only when it is not
-        builtin, so a built-in judge's key is that of its recipe alone."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "data" or v != "builtin"}
+        builtin and data_hash when it is set, so a built-in or digits judge's key is that of its recipe alone."""
+        skip = {"data": "builtin", "data_hash": ""}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "data_root" and skip.get(k, None) != v}
         text = json.dumps({"version": JUDGE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -150,12 +161,27 @@ def attribute_targets(image_size: int, num: int, seed: int, flips: np.ndarray) -
     return rows, mask
 
 
-def digits_images(image_size: int, part: str, num: int | None = None, mirror: str = "half"):
-    """(uint8 (n, S, S, 3), labels (n,)) of a digits part (sources/digits.py): all of it, or `num` items spread over
-    it; mirror: "none", "half" (every other one, as the built-in references) or "both" (each as stored and mirrored)."""
-    ds = digits.DigitsDataset(image_size, part)
-    picks = np.unique(np.linspace(0, len(ds) - 1, min(num or len(ds), len(ds))).round().astype(int))
-    imgs, labels = ds.render_all()[picks], ds.labels[picks]
+def real_part(data_name: str, image_size: int, part: str, root: str = "data"):
+    """(a dataset with render(i) and labels, the indices (n,) of one of its parts) of real data: the digits' judge or
+    fresh part (sources/digits.py), or the first ("judge") or second ("fresh") half of an MNIST-family set's test split
+    (sources/torchvision_sets.py); both parts are disjoint from every training item."""
+    if data_name == "digits":
+        ds = digits.DigitsDataset(image_size, part)
+        return ds, np.arange(len(ds))
+    if data_name not in MNIST_FAMILY:
+        raise ValueError(f"no judge for --data {data_name}: a judge is made for {', '.join(JUDGED_DATA)}")
+    ds = data.build_dataset(data_name, image_size, root=root, train=False)
+    return ds, test_part(len(ds), part)
+
+
+def real_images(data_name: str, image_size: int, part: str, num: int | None = None, mirror: str = "half",
+                root: str = "data"):
+    """(uint8 (n, S, S, 3), labels (n,)) of a real part (real_part): all of it, or `num` items spread over it;
+    mirror: "none", "half" (every other one, as the built-in references) or "both" (each as stored and mirrored)."""
+    ds, indices = real_part(data_name, image_size, part, root)
+    picks = indices[np.unique(np.linspace(0, len(indices) - 1, min(num or len(indices), len(indices))).round()
+                              .astype(int))]
+    imgs, labels = np.stack([ds.render(int(i)) for i in picks]), np.asarray(ds.labels)[picks]
     if mirror == "both":
         return np.concatenate([imgs, imgs[:, :, ::-1]]), np.concatenate([labels, labels])
     if mirror == "half":
@@ -166,9 +192,9 @@ def digits_images(image_size: int, part: str, num: int | None = None, mirror: st
 
 def training_images(cfg: "JudgeConfig", rng: np.random.Generator):
     """The judge's training set: (images (N, 3, S, S) float in [0, 255], labels (N,), attribute targets (N, 10) and
-    their mask, both None for the digits, which have no attributes)."""
-    if cfg.data == "digits":
-        imgs, labels = digits_images(cfg.image_size, "judge", mirror="both")    # samples of a flip-trained run mirror
+    their mask, both None for real data, which has no attributes)."""
+    if cfg.data != "builtin":                                                   # samples of a flip-trained run mirror
+        imgs, labels = real_images(cfg.data, cfg.image_size, "judge", mirror="both", root=cfg.data_root)
         attrs = mask = None
     else:
         flips = rng.random(cfg.num_images) < 0.5
@@ -222,15 +248,29 @@ def train_judge(cfg: JudgeConfig, progress: bool = True) -> JudgeNet:
 
 
 def cache_path(cfg: JudgeConfig) -> Path:
-    """Where a judge with these settings is cached: ~/.cache/nanocep/judge-16px-<settings hash>.pt (the digits':
-    judge-digits-8px-<hash>.pt)."""
+    """Where a judge with these settings is cached: ~/.cache/nanocep/judge-16px-<settings hash>.pt (other data's:
+    judge-digits-8px-<hash>.pt, judge-fashion-mnist-8px-<hash>.pt)."""
     prefix = "judge-" if cfg.data == "builtin" else f"judge-{cfg.data}-"
     return CACHE_DIR / f"{prefix}{cfg.image_size}px-{cfg.key()}.pt"
 
 
-def default_path(image_size: int = 16, data_name: str = "builtin") -> Path:
-    """Where the default judge for this image size and data (builtin or digits) is cached."""
-    return cache_path(JudgeConfig(image_size=image_size, data=data_name))
+def judge_config(image_size: int = 16, data_name: str = "builtin", data_root: str = "data") -> JudgeConfig:
+    """The default judge's settings for this image size and data; an MNIST-family set's carry the hash of its judge
+    part as stored (images and labels), so the cache never serves a judge trained on other files."""
+    if data_name not in JUDGED_DATA:
+        raise ValueError(f"no judge for --data {data_name}: a judge is made for {', '.join(JUDGED_DATA)}")
+    cfg = JudgeConfig(image_size=image_size, data=data_name, data_root=data_root)
+    if data_name in MNIST_FAMILY:
+        ds, indices = real_part(data_name, image_size, "judge", data_root)
+        digest = hashlib.sha1(np.ascontiguousarray(np.asarray(ds.tv.data)[indices]).tobytes())
+        digest.update(np.ascontiguousarray(ds.labels[indices]).tobytes())
+        cfg.data_hash = digest.hexdigest()[:12]
+    return cfg
+
+
+def default_path(image_size: int = 16, data_name: str = "builtin", data_root: str = "data") -> Path:
+    """Where the default judge for this image size and data is cached."""
+    return cache_path(judge_config(image_size, data_name, data_root))
 
 
 def build(cfg: JudgeConfig, out=None, progress: bool = True) -> Path:
@@ -244,30 +284,35 @@ def build(cfg: JudgeConfig, out=None, progress: bool = True) -> Path:
     with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript, which evaluate.py's --features reads
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(net)
-    info.update(self_check(scripted, cfg.image_size, 1000, cfg.data))
+    info.update(self_check(scripted, cfg.image_size, 1000, cfg.data, cfg.data_root))
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), atomic_open(out) as f:
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(scripted, f, _extra_files={"judge.json": json.dumps(info)})
     print(f"judge: built {out} in {info['build_seconds']} s; held-out accuracy {info['accuracy']:.4f}", file=sys.stderr)
-    if info["accuracy"] < ACCURACY_FLOOR[cfg.data]:
+    if info["accuracy"] < ACCURACY_FLOOR.get(cfg.data, 0.8):
         print(f"warning: the judge classifies only {info['accuracy']:.1%} of held-out real images right", file=sys.stderr)
     return out
 
 
-def judge_path(image_size: int = 16, progress: bool = True, data_name: str = "builtin") -> Path:
+def judge_path(image_size: int = 16, progress: bool = True, data_name: str = "builtin", data_root: str = "data") -> Path:
     """The default judge for this image size and data, built and cached on first use."""
-    path = default_path(image_size, data_name)
-    return path if path.is_file() else build(JudgeConfig(image_size=image_size, data=data_name), path, progress)
+    cfg = judge_config(image_size, data_name, data_root)
+    path = cache_path(cfg)
+    return path if path.is_file() else build(cfg, path, progress)
 
 
-def load(path=None, image_size: int = 16, data_name: str = "builtin"):
+def load(path=None, image_size: int = 16, data_name: str = "builtin", data_root: str = "data"):
     """The judge as a TorchScript module (the default for image_size and data if no path)."""
-    return metrics.load_torchscript_extractor(str(path or judge_path(image_size, data_name=data_name)))
+    return metrics.load_torchscript_extractor(str(path or judge_path(image_size, data_name=data_name,
+                                                                     data_root=data_root)))
 
 
 def class_names(data_name: str) -> list[str]:
-    """The judge's class order: data.BuiltinShapes.class_names, or the digits 0..9."""
+    """The judge's class order: data.BuiltinShapes.class_names, the digits 0..9, or the torchvision set's classes."""
+    if data_name in MNIST_FAMILY:
+        import torchvision.datasets as tvd
+        return [str(c) for c in getattr(tvd, TORCHVISION_SETS[data_name]).classes]
     return [str(c) for c in range(10)] if data_name == "digits" else data.BuiltinShapes(16, 10).class_names
 
 
@@ -286,12 +331,12 @@ def judge_images(net, images: np.ndarray, batch_size: int = 500) -> tuple[np.nda
     return np.concatenate(feats), np.concatenate(preds)
 
 
-def self_check(net, image_size: int, num: int = 2000, data_name: str = "builtin") -> dict:
+def self_check(net, image_size: int, num: int = 2000, data_name: str = "builtin", data_root: str = "data") -> dict:
     """Held-out accuracy of the judge and the Fréchet distance between two fresh real sets (both ~ ideal).
-    Digits: `num` images of their fresh part (at most all 596), their accuracy as stored and mirrored, and the
+    Real data: `num` images of its fresh part (at most all of it), their accuracy as stored and mirrored, and the
     distance between its even and odd halves."""
-    if data_name == "digits":
-        imgs, labels = digits_images(image_size, "fresh", num, mirror="none")
+    if data_name != "builtin":
+        imgs, labels = real_images(data_name, image_size, "fresh", num, mirror="none", root=data_root)
         feats, pred = judge_images(net, imgs)
         fa, fb = feats[0::2], feats[1::2]
         mirrored = judge_images(net, imgs[:, :, ::-1])[1]
@@ -344,22 +389,24 @@ def judge_final_grid(cfg, images, labels, log, print_fn=print) -> None:
     log(grid_verdict(images, labels, cfg.sample_cfg, cfg.steps, print_fn))
 
 
-def feature_pipeline(image_size: int, path=None, data_name: str = "builtin") -> str:
+def feature_pipeline(image_size: int, path=None, data_name: str = "builtin", data_root: str = "data") -> str:
     """The feature-pipeline label of this judge file, as evaluate.py --features FILE --resize none gives its features:
     it names the file by content, so a rebuilt or another judge is a different pipeline."""
-    return metrics.pipeline_label(str(path or judge_path(image_size, data_name=data_name)), resize="none")
+    return metrics.pipeline_label(str(path or judge_path(image_size, data_name=data_name, data_root=data_root)),
+                                  resize="none")
 
 
-def reference(image_size: int, num: int | None, seed: int = REF_SEED, path=None, data_name: str = "builtin") -> dict:
+def reference(image_size: int, num: int | None, seed: int = REF_SEED, path=None, data_name: str = "builtin",
+              data_root: str = "data") -> dict:
     """Features of `num` fresh real images (half of them flipped): {"feats", "probs", "labels"}, evaluate.py's --ref,
-    with the judge's "pipeline" label and the "image_size". Digits: `num` (None: all) of their fresh part, spread
+    with the judge's "pipeline" label and the "image_size". Real data: `num` (None: all) of its fresh part, spread
     over it, every other one mirrored; no seed."""
-    if data_name == "digits":
-        imgs, labels = digits_images(image_size, "fresh", num, mirror="half")
+    if data_name != "builtin":
+        imgs, labels = real_images(data_name, image_size, "fresh", num, mirror="half", root=data_root)
     else:
         flips = np.arange(num) // 10 % 2 == 1           # balanced over classes
         imgs, labels = render_images(image_size, num, seed, flips)
-    net = load(path, image_size, data_name)
+    net = load(path, image_size, data_name, data_root)
     feats, probs = [], []
     with torch.no_grad():
         for i in range(0, len(imgs), 500):
@@ -367,7 +414,7 @@ def reference(image_size: int, num: int | None, seed: int = REF_SEED, path=None,
             feats.append(f.numpy())
             probs.append(torch.softmax(logits.double(), 1).float().numpy())
     return {"feats": np.concatenate(feats), "probs": np.concatenate(probs), "labels": labels,
-            "pipeline": feature_pipeline(image_size, path, data_name), "image_size": image_size}
+            "pipeline": feature_pipeline(image_size, path, data_name, data_root), "image_size": image_size}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -380,43 +427,49 @@ def main(argv=None) -> int:
     for name in ("build", "path", "ref", "check"):
         s = sub.add_parser(name)
         s.error = p.error
-        s.add_argument("--data", choices=("builtin", "digits"), default="builtin",
-                       help="the judge's data: the built-in shapes, or the digits (sources/digits.py)")
+        s.add_argument("--data", choices=JUDGED_DATA, default="builtin",
+                       help="the judge's data: the built-in shapes, the digits (sources/digits.py) or an MNIST-family "
+                       "set (its test split: the first half trains the judge, the second is the fresh images)")
+        s.add_argument("--data-root", default="data", help="where an MNIST-family set is read (as train_dit.py "
+                       "--data-root: torchvision's layout or the four published .gz files)")
         s.add_argument("--image-size", type=int, help="image side (8, 16 or 32 for the built-in runs; default 16, "
-                       "digits 8)")
+                       "real data 8)")
         s.add_argument("--judge", help="a judge file (default: the cached default for the data and image size)")
         if name == "build":
             s.add_argument("--out", help="where to write it (default: the cache path `judge.py path` prints)")
         if name == "ref":
-            s.add_argument("--num", type=int, help="fresh real images (default 5000; digits: all of their fresh part)")
+            s.add_argument("--num", type=int, help="fresh real images (default 5000; real data: all of its fresh "
+                           "part)")
             s.add_argument("--seed", type=int, default=REF_SEED, help="their seed, built-in data only (never a "
                            "training run's seed)")
             s.add_argument("--out", default="ref.npz", help="features .npz (feats, probs, labels, labelled with the "
                            "judge's pipeline and the image size) for evaluate.py --ref")
         if name == "check":
-            s.add_argument("--num", type=int, help="held-out images (default 2000; digits: all of their fresh part)")
+            s.add_argument("--num", type=int, help="held-out images (default 2000; real data: all of its fresh "
+                           "part)")
     args = p.parse_args(argv)
-    digits_data = args.data == "digits"
-    size = args.image_size or (digits.NATIVE_SIZE if digits_data else 16)
+    real = args.data != "builtin"
+    size = args.image_size or (digits.NATIVE_SIZE if real else 16)
     try:
         if size < 8:
             raise ValueError(f"--image-size must be >= 8, got {size}")
         if args.judge and not os.path.isfile(args.judge):
             raise FileNotFoundError(f"judge not found: {args.judge}")
         if args.command == "build":
-            build(JudgeConfig(image_size=size, data=args.data), args.out)
+            build(judge_config(size, args.data, args.data_root), args.out)
         elif args.command == "path":
-            print(args.judge or judge_path(size, data_name=args.data))
+            print(args.judge or judge_path(size, data_name=args.data, data_root=args.data_root))
         elif args.command == "check":
-            num = args.num if args.num is not None else (None if digits_data else 2000)
-            print(json.dumps(self_check(load(args.judge, size, args.data), size, num, args.data)))
+            num = args.num if args.num is not None else (None if real else 2000)
+            net = load(args.judge, size, args.data, args.data_root)
+            print(json.dumps(self_check(net, size, num, args.data, args.data_root)))
         else:
-            num = args.num if args.num is not None else (None if digits_data else 5000)
+            num = args.num if args.num is not None else (None if real else 5000)
             if num is not None and num < 10:
                 raise ValueError(f"--num must be >= 10, got {num}")
             new_file(args.out)
-            ref = reference(size, num, args.seed, args.judge, args.data)
-            meta = {"part": "fresh"} if digits_data else {"seed": args.seed}
+            ref = reference(size, num, args.seed, args.judge, args.data, args.data_root)
+            meta = {"part": "fresh"} if real else {"seed": args.seed}
             metrics.write_reference(args.out, ref["feats"], ref["probs"], ref["pipeline"], ref["image_size"],
                                     labels=ref["labels"], data=args.data, num_images=len(ref["labels"]), **meta)
             print(f"wrote {args.out}", file=sys.stderr)

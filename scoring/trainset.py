@@ -9,9 +9,10 @@ The items are rebuilt from the run's config exactly as the trainer built them (d
 seed, --builtin-length, --items-per-class), both flips when it trained with flips (a flip is a view of the same
 item: item_ids), and stored as pixels (small images only) and as features of the extractor. Fresh real images of the
 same source are matched to the same items once, here: their nearest-item distances are the chance level a model that
-draws fresh images would score. Fresh images: built-in data, seed 1 000 037 (no training run's); a torchvision set,
-its test split; the digits, their fresh part (sources/digits.py: never in the training pool); a folder trained with
---items-per-class, the items not chosen; any other folder has none.
+draws fresh images would score. Fresh images: built-in data, 2000 of seed 1 000 037 (no training run's); a torchvision
+set, the whole second half of its test split (the first half trains its judge); the digits, their whole fresh part
+(sources/digits.py: never in the training pool); a folder trained with --items-per-class, 2000 of the items not
+chosen; any other folder has none.
 """
 import argparse
 import json
@@ -22,8 +23,10 @@ import numpy as np
 
 import data
 from scoring import memorization, metrics
+from sources.torchvision_sets import test_part
 
 FRESH_SEED = 1_000_037          # built-in fresh images (never a training seed)
+NUM_FRESH = 2000                # fresh images of a source without a fixed fresh part (built-in data, a folder)
 MAX_PIXEL_BYTES = 2 ** 30       # pixels are kept for the pixel-space ratio test up to this size (small images)
 
 
@@ -51,14 +54,18 @@ def images_of(dataset, indices, flip: bool = False) -> np.ndarray:
     return np.stack([to_uint8(dataset[2 * int(i) + int(flip)][0]) for i in indices])
 
 
-def fresh_images(cfg: dict, num: int) -> np.ndarray | None:
-    """Up to `num` real images of the run's source that it did not train on (half of them flipped), or None."""
+def fresh_images(cfg: dict, num: int | None = None) -> np.ndarray | None:
+    """`num` real images of the run's source that it did not train on, spread over them (half of them flipped), or
+    None. num None: the whole fresh part of a torchvision set or the digits, else NUM_FRESH."""
     size = int(cfg.get("image_size", 16))
     source = cfg.get("data", "builtin")
     if source == "builtin":
-        ds = data.BuiltinShapes(size, num, FRESH_SEED)
-    elif source in data.TORCHVISION_SETS or source == "digits":
-        ds = data.build_dataset(source, size, root=cfg.get("data_root", "data"), train=False)
+        ds = data.BuiltinShapes(size, num or NUM_FRESH, FRESH_SEED)
+    elif source == "digits":
+        ds = data.build_dataset(source, size, train=False)                         # their fresh part
+    elif source in data.TORCHVISION_SETS:
+        test = data.build_dataset(source, size, root=cfg.get("data_root", "data"), train=False)
+        ds = data.ItemSubset(test, test_part(len(test), "fresh"))                  # its second half
     elif cfg.get("items_per_class", 0) > 0:
         full = data.build_dataset(source, size, captions=cfg.get("cond", "class") == "text",
                                   class_index=cfg.get("class_index", ""))   # the labels training drew items by
@@ -68,11 +75,12 @@ def fresh_images(cfg: dict, num: int) -> np.ndarray | None:
         return None
     if len(ds) == 0:
         return None
-    picks = np.unique(np.linspace(0, len(ds) - 1, min(num, len(ds))).round().astype(int))   # spread over the source
+    num = min(num or (len(ds) if source in (*data.TORCHVISION_SETS, "digits") else NUM_FRESH), len(ds))
+    picks = np.unique(np.linspace(0, len(ds) - 1, num).round().astype(int))                 # spread over the source
     return np.stack([to_uint8(ds[2 * int(i) + (j % 2)][0]) for j, i in enumerate(picks)])
 
 
-def build(cfg: dict, featurize=None, pipeline=None, num_fresh: int = 2000) -> dict:
+def build(cfg: dict, featurize=None, pipeline=None, num_fresh: int | None = None) -> dict:
     """The --train-ref arrays of a run's config: pixels and/or feats of every view, item_ids, items (the source
     indices trained on), labels, the fresh images' real_{px,feat}_{d1,d2}, pipeline, image_size.
 
@@ -114,10 +122,11 @@ def main(argv=None) -> int:
     p.add_argument("--features", help="a TorchScript extractor for the feature-space columns (the built-in judge: "
                    "$(python -m scoring.judge path)); default: pixels only")
     p.add_argument("--resize", choices=("clean", "none"), default="none", help="resize before the extractor")
-    p.add_argument("--num-fresh", type=int, default=2000, help="fresh real images for the chance level")
+    p.add_argument("--num-fresh", type=int, help="fresh real images for the chance level (default: all of a "
+                   f"torchvision set's or the digits' fresh part, {NUM_FRESH} of any other source)")
     args = p.parse_args(argv)
     try:
-        if args.num_fresh < 2:
+        if args.num_fresh is not None and args.num_fresh < 2:
             raise ValueError(f"--num-fresh must be >= 2, got {args.num_fresh}")
         new_file(args.out)
         featurizer = metrics.Featurizer(args.features, resize=args.resize) if args.features else None

@@ -13,7 +13,9 @@ Debian's and Ubuntu's packaged Fashion-MNIST, which needs no download from the d
     python train_dit.py --data fashion-mnist --data-root /usr/share/datasets/fashion-mnist --image-size 8
 
 Such a folder is decompressed once into torchvision's layout under $NANOCEP_CACHE/torchvision/ (default
-~/.cache/nanocep). Nothing to run here; data.build_dataset picks the reader.
+~/.cache/nanocep). A test split is cut by position into two halves (TEST_PARTS): the first trains the set's judge
+(`python -m scoring.judge build --data fashion-mnist --data-root DIR`), the second is the fresh real images every
+measurement compares with. Nothing to run here; data.build_dataset picks the reader.
 """
 import gzip
 import hashlib
@@ -30,6 +32,19 @@ from sources.folders import as_item, center_crop_arr, flip_key
 # --data name -> torchvision.datasets class name
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST", "cifar10": "CIFAR10",
                     "cifar100": "CIFAR100"}
+
+
+# A test split's two halves, by position (no seed): the first trains a judge (scoring/judge.py), the second holds the
+# fresh real images (the judge's reference and held-out check, the chance level of scoring/trainset.py)
+TEST_PARTS = ("judge", "fresh")
+
+
+def test_part(num_test: int, part: str) -> np.ndarray:
+    """Indices (n,) of a test split's part: "judge", its first half, or "fresh", its second half."""
+    if part not in TEST_PARTS:
+        raise ValueError(f"a test split's part must be one of {', '.join(TEST_PARTS)}, got {part!r}")
+    half = num_test // 2
+    return np.arange(half) if part == "judge" else np.arange(half, num_test)
 
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -78,7 +78,7 @@ def tiny_digits_judge(tmp_path_factory):
 
 def test_digits_judge_has_the_judge_protocol_and_its_own_cache_key(tiny_digits_judge):
     net = judge.load(tiny_digits_judge)
-    imgs, labels = judge.digits_images(8, "fresh")
+    imgs, labels = judge.real_images("digits", 8, "fresh")
     feats, pred = judge.judge_images(net, imgs)
     assert feats.shape == (596, 128) and (pred == labels).mean() > 0.6          # 60 steps already far above chance
     ref = judge.reference(8, None, path=tiny_digits_judge, data_name="digits")

@@ -178,8 +178,8 @@ def test_bad_input_is_one_line_and_exit_2(small_judge, tmp_path, capsys):
 
 def test_final_grid_hook_prints_and_logs_the_class_accuracy(small_judge, monkeypatch):
     from types import SimpleNamespace
-    monkeypatch.setattr(judge, "default_path", lambda image_size=16, data_name="builtin": small_judge)
-    monkeypatch.setattr(judge, "judge_path", lambda image_size=16, progress=True, data_name="builtin": small_judge)
+    monkeypatch.setattr(judge, "default_path", lambda *args, **kwargs: small_judge)
+    monkeypatch.setattr(judge, "judge_path", lambda *args, **kwargs: small_judge)
     imgs, labels = judge.render_images(16, 40, 85)
     grid = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1            # (N, 3, 16, 16) in [-1, 1]
     records, lines = [], []
