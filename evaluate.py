@@ -714,7 +714,8 @@ def _train_reference(args, featurizer):
     cfg = trainset.run_config(load_checkpoint(args.ckpt)["config"])
     spec = {k: cfg.get(k) for k in ("data", "data_root", "image_size", "seed", "builtin_length", "items_per_class",
                                     "flip", "cond")}
-    tag = hashlib.sha1(f"{json.dumps(spec, sort_keys=True)}|{featurizer.id}".encode()).hexdigest()[:12]
+    key = f"{json.dumps(spec, sort_keys=True)}|{featurizer.id}|fresh v{trainset.FRESH_VERSION}"   # an older rule's: stale
+    tag = hashlib.sha1(key.encode()).hexdigest()[:12]
     path = Path(args.out) / "features" / f"train-ref-{tag}.npz"
     if not path.is_file():
         save_npz(path, **trainset.build(cfg, featurize=lambda images: featurizer(images)["feats"],

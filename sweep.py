@@ -363,8 +363,8 @@ class SweepConfig:
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated training seeds (each seeds data, init, noise)"})
     train: str = field(default="", metadata={"help": "extra train flags for every run, after the preset's"})
     eval: str = field(default="", metadata={"help": "extra evaluate.py flags for every run, after the preset's"})
-    judge: int = field(default=0, metadata={"help": "measure with judge.py (built-in data; the digits' or an MNIST-"
-                                              "family set's judge when --train says --data so): its extractor, N "
+    judge: int = field(default=0, metadata={"help": "measure with judge.py (built-in data; the digits' or Fashion-"
+                                              "MNIST's judge when --train says --data so): its extractor, N "
                                               "fresh real images as --ref, each run's training set for memorization; "
                                               "0 = off"})
     reference: str = field(default="", metadata={"help": "builtin:N = write N held-out built-in images once as --ref"})
@@ -704,7 +704,7 @@ def image_size(cfg: SweepConfig) -> int:
     return int(flag_value(shlex.split(cfg.train), "--image-size", "16"))
 
 
-JUDGED_DATA = ("builtin", "digits", "mnist", "fashion-mnist", "kmnist")   # scoring/judge.py's (torch-free here)
+JUDGED_DATA = ("builtin", "digits", "fashion-mnist")   # scoring/judge.py's (a torch-free copy)
 
 
 def train_data(cfg: SweepConfig) -> str:

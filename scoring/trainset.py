@@ -27,6 +27,7 @@ from sources.torchvision_sets import test_part
 
 FRESH_SEED = 1_000_037          # built-in fresh images (never a training seed)
 NUM_FRESH = 2000                # fresh images of a source without a fixed fresh part (built-in data, a folder)
+FRESH_VERSION = 2               # which fresh images: 2 = a torchvision set's second test half (1: its whole test split)
 MAX_PIXEL_BYTES = 2 ** 30       # pixels are kept for the pixel-space ratio test up to this size (small images)
 
 

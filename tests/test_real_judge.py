@@ -3,17 +3,21 @@ split, disjoint from training and from each other; it is keyed by the content it
 its reference, check and the chance level of trainset.py come from the fresh half. Files are written here offline in
 the published format (the four IDX .gz files), with images that depend on the class so a tiny judge can learn them."""
 import gzip
+import json
+import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
+import torch
 
 import sweep
 from scoring import judge, memorization, trainset
 
-N_TRAIN, N_TEST = 60, 40
+N_TRAIN, N_TEST = 60, 30          # halves of 15: the labels (cycling 0..9) differ between them
 
 
 def write_fashion(folder, n_train=N_TRAIN, n_test=N_TEST, shift=0):
@@ -50,12 +54,14 @@ def test_the_parts_are_the_halves_of_the_test_split(fashion):
     ds, judge_part = judge.real_part("fashion-mnist", 8, "judge", str(folder))
     _, fresh_part = judge.real_part("fashion-mnist", 8, "fresh", str(folder))
     assert len(ds) == N_TEST and ds.class_names[0] == "T-shirt/top" == judge.class_names("fashion-mnist")[0]
-    assert np.array_equal(judge_part, np.arange(20)) and np.array_equal(fresh_part, np.arange(20, 40))
-    imgs, labels = judge.real_images("fashion-mnist", 8, "fresh", num=10, mirror="none", root=str(folder))
-    assert imgs.shape == (10, 8, 8, 3) and imgs.dtype == np.uint8
-    assert np.array_equal(labels, ds.labels[20 + np.linspace(0, 19, 10).round().astype(int)])   # spread over it
-    both, _ = judge.real_images("fashion-mnist", 8, "judge", mirror="both", root=str(folder))
-    assert len(both) == 40 and np.array_equal(both[20:], both[:20, :, ::-1])
+    assert np.array_equal(judge_part, np.arange(15)) and np.array_equal(fresh_part, np.arange(15, 30))
+    imgs, labels = judge.real_images("fashion-mnist", 8, "fresh", num=8, mirror="none", root=str(folder))
+    picks = 15 + np.linspace(0, 14, 8).round().astype(int)                            # spread over the second half
+    assert imgs.shape == (8, 8, 8, 3) and imgs.dtype == np.uint8 and np.array_equal(labels, ds.labels[picks])
+    assert np.array_equal(imgs, np.stack([ds.render(int(i)) for i in picks]))
+    both, labels = judge.real_images("fashion-mnist", 8, "judge", mirror="both", root=str(folder))
+    assert len(both) == 30 and np.array_equal(both[15:], both[:15, :, ::-1])
+    assert np.array_equal(both[:15], np.stack([ds.render(i) for i in range(15)])) and labels[0] == 0
     with pytest.raises(ValueError, match="no judge for --data cifar10"):
         judge.real_part("cifar10", 8, "judge", str(folder))
 
@@ -63,9 +69,9 @@ def test_the_parts_are_the_halves_of_the_test_split(fashion):
 def test_the_judge_learns_its_half_and_checks_on_the_other(fashion):
     folder, path = fashion
     check = judge.self_check(judge.load(path), 8, None, "fashion-mnist", str(folder))
-    assert check["num_check"] == 20 and check["accuracy"] >= 0.8 and check["accuracy_mirrored"] >= 0.5
+    assert check["num_check"] == 15 and check["accuracy"] >= 0.8 and check["accuracy_mirrored"] >= 0.5
     ref = judge.reference(8, None, path=path, data_name="fashion-mnist", data_root=str(folder))
-    assert ref["feats"].shape == (20, 128) and np.array_equal(ref["labels"], np.arange(20, 40) % 10)
+    assert ref["feats"].shape == (15, 128) and np.array_equal(ref["labels"], np.arange(15, 30) % 10)
 
 
 def test_the_cache_key_is_the_content_not_the_place(fashion, tmp_path):
@@ -78,7 +84,14 @@ def test_the_cache_key_is_the_content_not_the_place(fashion, tmp_path):
     assert judge.judge_config(8, "fashion-mnist", str(tmp_path / "other")).key() != key  # other images
     assert judge.default_path(8, "fashion-mnist", str(folder)).name.startswith("judge-fashion-mnist-8px-")
     assert judge.default_path(16).name == "judge-16px-e1e769ea6116.pt"            # the others keep their keys
-    assert judge.default_path(8, "digits").name == judge.cache_path(judge.JudgeConfig(8, "digits")).name
+    assert judge.default_path(8, "digits").name == "judge-digits-8px-7bdb1bf06674.pt"
+    unhashed = judge.JudgeConfig(image_size=8, data="fashion-mnist", data_root=str(folder), steps=1, width=4)
+    extra = {"judge.json": ""}
+    with warnings.catch_warnings():                             # torch 2.14 deprecates TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(judge.build(unhashed, tmp_path / "j.pt", progress=False)), _extra_files=extra)
+    assert json.loads(extra["judge.json"])["config"]["data_hash"] == judge.judge_config(8, "fashion-mnist",
+                                                                                         str(folder)).data_hash
 
 
 def test_the_chance_level_is_the_whole_fresh_half(fashion):
@@ -87,7 +100,9 @@ def test_the_chance_level_is_the_whole_fresh_half(fashion):
     folder, _ = fashion
     cfg = {"data": "fashion-mnist", "data_root": str(folder), "image_size": 8, "items_per_class": 2, "seed": 3}
     tr = trainset.build(cfg)
-    assert int(tr["num_items"]) == 20 and int(tr["num_fresh"]) == 20 and tr["pixels"].shape == (40, 8, 8, 3)
+    assert int(tr["num_items"]) == 20 and int(tr["num_fresh"]) == 15 and tr["pixels"].shape == (40, 8, 8, 3)
+    fresh, _ = judge.real_images("fashion-mnist", 8, "fresh", mirror="half", root=str(folder))
+    assert np.array_equal(trainset.fresh_images(cfg), fresh)                 # the judge's fresh half, as the reference
     assert tr["real_px_d1"].min() > 0 and memorization.ratio_memorized(tr["real_px_d1"], tr["real_px_d2"]) <= 0.1
     assert int(trainset.build(cfg, num_fresh=6)["num_fresh"]) == 6
 
@@ -101,10 +116,10 @@ def test_cli_writes_the_fresh_reference_and_bad_input_is_one_line(fashion, tmp_p
     assert r.returncode == 0, r.stderr
     ref = np.load(tmp_path / "ref.npz")
     assert ref["feats"].shape == (10, 128) and str(ref["data"]) == "fashion-mnist"
-    missing = tmp_path / "no-such-folder"
-    r = subprocess.run(base + ["check", "--data", "fashion-mnist", "--data-root", str(missing)],
-                       capture_output=True, text=True, env={**__import__("os").environ,
-                                                            "NANOCEP_CACHE": str(tmp_path / "c")})
+    not_a_folder = tmp_path / "a-file"                        # no download can land there either: offline or not
+    not_a_folder.write_text("")
+    r = subprocess.run(base + ["check", "--data", "fashion-mnist", "--data-root", str(not_a_folder)],
+                       capture_output=True, text=True, env={**os.environ, "NANOCEP_CACHE": str(tmp_path / "c")})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "fashion-mnist" in r.stderr
 
 

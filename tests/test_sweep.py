@@ -417,7 +417,7 @@ def test_protocols_pin_the_plain_dit_and_folders_from_before_the_pin_still_resum
     (["--grid", "corrupt=0", "--train", "--steps 6 --keep-every 3", "--eval-steps", "2,3"],
      "--keep-every 3 in the train flags keeps no checkpoint at step 2"),       # a checkpoint that would never exist
     (["--grid", "corrupt=0", "--judge", "100", "--train", "--data cifar10 --data-root /d"],
-     "the judge knows builtin, digits, mnist, fashion-mnist and kmnist only"),   # not the shapes judge on CIFAR
+     "the judge knows builtin, digits and fashion-mnist only"),     # not the shapes judge on CIFAR
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert sweep.main(args if "--out" in args else [*args, "--out", str(tmp_path / "o")]) == 2
