@@ -356,11 +356,24 @@ MEMORIZE_V2_FASHION = dict(MEMORIZE_V2, seeds="0,1,2,3,4",
                               {**_MEM_CELL, "corrupt": "0.2"}],
                            train=f"{MEM_TRAIN} {FASHION} --items-per-class {MEM_V2_FASHION_K} --steps 6000")
 
+# The built-in ControlNet (docs/controlnet.md): a clean plain DiT-T base (400 steps of batch 64), then a ControlNet
+# over it trained 200 steps, beside one trained 1 step at lr 1e-9 (its zero layers still ~0: the base, sampling the
+# same classes and seeds); measured on 200 held-out built-in images' Canny maps. The base runs first.
+CONTROLNET_BASE = dict(script="train_dit", cells=[{"corrupt": "0"}], seeds="0", judge=200, fixed_scale=2.0,
+                       train="--steps 400 --batch-size 64 --sample-every 0 --lr-warmdown 0 --min-snr 0 "
+                             + OPTIMIZER_PIN + FOCUS_PIN + MLP_PIN + CONV_PIN.strip(),
+                       eval="--num-samples 200 --cfg-scales 2 --sampler dpm++ --steps 10")
+CONTROLNET_BUILTIN = dict(CONTROLNET_BASE, cells=[{"steps": "1", "lr": "1e-9"}, {"steps": "200"}],
+                          train="--preset builtin-controlnet --sample-every 0 "
+                                "--init-from results/controlnet-base/runs/clean/seed0/last.pt",
+                          eval="--control canny --control-data builtin " + CONTROLNET_BASE["eval"])
+
 PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "builtin-probe": BUILTIN_PROBE,
            "in1k-dit": IN1K_DIT, "table2": TABLE2, "memorize-map": MEMORIZE_MAP, "memorize-map16": MEMORIZE_MAP16,
            "memorize": MEMORIZE, "memorize-quick": MEMORIZE_QUICK, "memorize-v2-pilot": MEMORIZE_V2_PILOT,
            "memorize-v2": MEMORIZE_V2, "memorize-v2-fashion-map": MEMORIZE_V2_FASHION_MAP,
-           "memorize-v2-fashion": MEMORIZE_V2_FASHION}
+           "memorize-v2-fashion": MEMORIZE_V2_FASHION,
+           "controlnet-base": CONTROLNET_BASE, "controlnet-builtin": CONTROLNET_BUILTIN}
 
 
 @dataclass
