@@ -4,10 +4,7 @@ its reference, check and the chance level of trainset.py come from the fresh hal
 the published format (the four IDX .gz files), with images that depend on the class so a tiny judge can learn them."""
 import gzip
 import json
-import os
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 import torch
 
 import sweep
+from conftest import expect_one_line_error
 from scoring import judge, memorization, trainset
 
 N_TRAIN, N_TEST = 60, 30          # halves of 15: the labels (cycling 0..9) differ between them
@@ -107,20 +105,17 @@ def test_the_chance_level_is_the_whole_fresh_half(fashion):
     assert int(trainset.build(cfg, num_fresh=6)["num_fresh"]) == 6
 
 
-def test_cli_writes_the_fresh_reference_and_bad_input_is_one_line(fashion, tmp_path):
+def test_cli_writes_the_fresh_reference_and_bad_input_is_one_line(fashion, tmp_path, capsys, monkeypatch):
     folder, path = fashion
-    base = [sys.executable, "-m", "scoring.judge"]
     flags = ["--data", "fashion-mnist", "--data-root", str(folder), "--judge", str(path)]
-    r = subprocess.run(base + ["ref", *flags, "--num", "10", "--out", str(tmp_path / "ref.npz")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert judge.main(["ref", *flags, "--num", "10", "--out", str(tmp_path / "ref.npz")]) == 0
     ref = np.load(tmp_path / "ref.npz")
     assert ref["feats"].shape == (10, 128) and str(ref["data"]) == "fashion-mnist"
     not_a_folder = tmp_path / "a-file"                        # no download can land there either: offline or not
     not_a_folder.write_text("")
-    r = subprocess.run(base + ["check", "--data", "fashion-mnist", "--data-root", str(not_a_folder)],
-                       capture_output=True, text=True, env={**os.environ, "NANOCEP_CACHE": str(tmp_path / "c")})
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "fashion-mnist" in r.stderr
+    monkeypatch.setattr(judge, "CACHE_DIR", tmp_path / "cache")
+    expect_one_line_error(capsys, judge.main, "python -m scoring.judge",
+                          ["check", "--data", "fashion-mnist", "--data-root", str(not_a_folder)], "fashion-mnist")
 
 
 def test_the_sweep_passes_the_runs_data_and_root_to_the_judge(tmp_path):
