@@ -88,6 +88,7 @@ EVAL_KEYS = {
     "cads": lambda v: [] if v == "off" else ["--cads-noise", "0.1"],   # CADS at sampling time, the paper's s = 0.1
     "cads_noise": lambda v: ["--cads-noise", str(v)],                     # or its noise scale as the axis
     "raw_class_embedding": lambda v: ["--raw-class-embedding"] if switch(v, "raw_class_embedding") else [],
+    "sampler": lambda v: ["--sampler", str(v)],                          # the sampler as an axis (one training run)
 }                                                   # a --label-smoothing model sampled with its raw class rows E[y]
 # Grid keys that are training flags under another form: key -> (value -> training arguments).
 # base=NAME:PATH is a ControlNet's frozen base (Table 2's axis): --init-from PATH, shown (and paired) as NAME.
@@ -368,12 +369,18 @@ CONTROLNET_BUILTIN = dict(CONTROLNET_BASE, cells=[{"steps": "1", "lr": "1e-9"}, 
                                 "--init-from results/controlnet-base/runs/clean/seed0/last.pt",
                           eval="--control canny --control-data builtin " + CONTROLNET_BASE["eval"])
 
+# The CPU default (docs/cpu-default.md): `python train_dit.py` as it ships, seeds 0 and 1, scored by the judge on 200
+# samples at guidance 2, 4, 6 with DPM-Solver++ and DDPM in 50 steps (one training run per seed serves both).
+CPU_DEFAULT = dict(script="train_dit", cells=[{"sampler": "dpm++"}, {"sampler": "ddpm"}], seeds="0,1", jobs=2,
+                   judge=200, fixed_scale=4.0, train="",       # no memorization columns: 100K items, none copied
+                   eval="--num-samples 200 --cfg-scales 2,4,6 --steps 50 --train-ref ''")
+
 PRESETS = {"smoke": SMOKE, "builtin": BUILTIN, "builtin-eta": BUILTIN_ETA, "builtin-probe": BUILTIN_PROBE,
            "in1k-dit": IN1K_DIT, "table2": TABLE2, "memorize-map": MEMORIZE_MAP, "memorize-map16": MEMORIZE_MAP16,
            "memorize": MEMORIZE, "memorize-quick": MEMORIZE_QUICK, "memorize-v2-pilot": MEMORIZE_V2_PILOT,
            "memorize-v2": MEMORIZE_V2, "memorize-v2-fashion-map": MEMORIZE_V2_FASHION_MAP,
            "memorize-v2-fashion": MEMORIZE_V2_FASHION,
-           "controlnet-base": CONTROLNET_BASE, "controlnet-builtin": CONTROLNET_BUILTIN}
+           "controlnet-base": CONTROLNET_BASE, "controlnet-builtin": CONTROLNET_BUILTIN, "cpu-default": CPU_DEFAULT}
 
 
 @dataclass

@@ -173,3 +173,14 @@ def test_memorization_curves_and_decisions_regenerate_from_the_raw_rows(tmp_path
     assert check(tmp_path, capsys)[0] == 0
     assert "5 of 6 runs in (clean 3 of 3; cepuniform 2 of 3)." in (tmp_path / "docs" / "page.md").read_text()
     assert not (tmp_path / "assets" / "mem").exists()                       # no plots of a sweep still running
+
+
+def test_a_rows_block_quotes_every_final_row_as_measured(folder, capsys):
+    """The rows kind (one or two seeds: no averaging) lists each run's final row at each scale, its value as written."""
+    (folder / "docs" / "page.md").write_text("<!-- results:tiny:rows -->\n<!-- /results -->\n")
+    assert check(folder, capsys)[0] == 0
+    block = (folder / "docs" / "page.md").read_text().splitlines()[1:-1]
+    assert block[0] == "| cell | seed | s | FID |" and len(block) == 2 + 2 * 3 * 2
+    fid = 10 + 3 + 2 + 2 + 0.1 * 4                                      # corrupt0.1, seed 2, s = 2
+    assert f"| corrupt0.1 | 2 | 2 | {fid:.3g} |" in block
+    assert check(folder, capsys, "--check") == (0, [])

@@ -218,6 +218,15 @@ def test_cells_that_differ_only_in_eval_keys_share_one_training_run(tmp_path):
     assert sweep.run_all(runs, cfg, again) and again.trained == []        # its cells' results need no training
 
 
+def test_the_cpu_default_preset_samples_one_training_run_per_seed_with_both_samplers(tmp_path):
+    cfg = sweep.parse_args(["--preset", "cpu-default", "--out", str(tmp_path)])
+    runs = sweep.plan(cfg, features="judge.pt")
+    assert {r.run_dir.parent.name for r in runs} == {"clean"} and len(runs) == 4
+    samplers = sorted(sweep.flag_value(r.eval_cmd, "--sampler", None) for r in runs)
+    assert samplers == ["ddpm", "ddpm", "dpm++", "dpm++"]
+    assert all(sweep.flag_value(r.eval_cmd, "--train-ref", None) == "" for r in runs)   # the preset's word wins
+
+
 
 class FakeCurveRunner(FakeRunner):
     """FakeRunner whose training keeps step_XXXXXXX.pt every --keep-every steps up to --steps, and whose evaluation

@@ -17,6 +17,7 @@ A docs page (docs/**/*.md) quotes a table between two markers, the first naming 
     <!-- results:<name>:endpoints -->  (the memorization protocol's per-cell endpoints, tools/memorize_v2.py)
     <!-- results:<name>:decisions -->  (its paired comparisons, Holm-adjusted, and the readings they give)
     <!-- results:<name>:progress -->   (how many of the protocol's runs are in, per cell: a sweep that runs in parts)
+    <!-- results:<name>:rows -->       (each run's final row at every guidance scale, no averaging: one or two seeds)
     <!-- /results -->
 
 The tables come from sweep.py's own summarize / table_text / summary_text, on results.csv, or on the runs' eval
@@ -90,6 +91,8 @@ class Sweep:
             return {"table": sweep.table_text, "summary": sweep.summary_text}[kind](self.summary)
         if kind == "progress":
             return progress_text(self.runs, self.measured)
+        if kind == "rows":
+            return rows_text(sweep.final_rows(self.rows, self.runs))
         if not self.curves:                          # the kinds below read the metrics along training
             return None
         steps = self.steps                           # a run's endpoints need every one of them measured
@@ -121,6 +124,21 @@ def progress_text(runs: list, measured: set) -> str:
     return f"{total} of {len(runs)} runs in ({cells}).\n"
 
 
+ROW_METRICS = ("class_acc", "shape_iou_disc", "shape_iou_cross", "edge_f1", "edge_f1_exact", "fid", "precision",
+               "recall", "mem_ratio_px")          # a rows block's columns, those the sweep measured
+
+
+def rows_text(rows: list) -> str:
+    """Every final row as measured (cell, seed, guidance scale and the ROW_METRICS present), 3 significant digits."""
+    metrics = [m for m in ROW_METRICS if any(r.get(m) is not None for r in rows)]
+    lines = ["| cell | seed | s | " + " | ".join(sweep.METRIC_NAMES.get(m, m) for m in metrics) + " |",
+             "|---" * (3 + len(metrics)) + "|"]
+    for r in sorted(rows, key=lambda r: (r["cell"], r["seed"], r["cfg_scale"])):
+        values = ["–" if r.get(m) is None else f"{r[m]:.3g}" for m in metrics]
+        lines.append(f"| {r['cell']} | {r['seed']} | {r['cfg_scale']:g} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def curve_text(rows: list, scale: float, metric: str = "mem_ratio_px") -> str:
     """The memorized share (%) along training per cell: mean ± 95 % t-interval over seeds at each evaluated step."""
     curves = sweep.training_curves(rows, metric, scale)
@@ -149,8 +167,8 @@ def render(page: Path, sweeps: dict, results: Path) -> tuple[str, list, list]:
         where = f"{page}: block results:{name}:{kind}"
         new = sweeps[name].table(kind) if name in sweeps else None
         if new is None:
-            bad.append(f"{where}: " + (f"no table {kind!r} (table, summary; curve, endpoints, decisions: "
-                                           "with --eval-steps)" if name in sweeps
+            bad.append(f"{where}: " + (f"no table {kind!r} (table, summary, progress, rows; curve, endpoints, "
+                                           "decisions: with --eval-steps)" if name in sweeps
                                        else f"no {results / name / 'results.csv'}"))
             return m.group(0)
         if new != old:
