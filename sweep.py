@@ -367,7 +367,8 @@ CONTROLNET_BASE = dict(script="train_dit", cells=[{"corrupt": "0"}], seeds="0", 
 CONTROLNET_BUILTIN = dict(CONTROLNET_BASE, cells=[{"steps": "1", "lr": "1e-9"}, {"steps": "200"}],
                           train="--preset builtin-controlnet --sample-every 0 "
                                 "--init-from results/controlnet-base/runs/clean/seed0/last.pt",
-                          eval="--control canny --control-data builtin " + CONTROLNET_BASE["eval"])
+                          eval="--control canny --control-data builtin " + CONTROLNET_BASE["eval"]
+                          + " --train-ref ''")      # no memorization columns: 100K training items, ~5 min each
 
 # The CPU default (docs/cpu-default.md): `python train_dit.py` as it ships, seeds 0 and 1, scored by the judge on 200
 # samples at guidance 2, 4, 6 with DPM-Solver++ and DDPM in 50 steps (one training run per seed serves both).
