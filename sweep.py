@@ -88,8 +88,9 @@ EVAL_KEYS = {
     "cads": lambda v: [] if v == "off" else ["--cads-noise", "0.1"],   # CADS at sampling time, the paper's s = 0.1
     "cads_noise": lambda v: ["--cads-noise", str(v)],                     # or its noise scale as the axis
     "raw_class_embedding": lambda v: ["--raw-class-embedding"] if switch(v, "raw_class_embedding") else [],
+    # (a --label-smoothing model sampled with its raw class rows E[y])
     "sampler": lambda v: ["--sampler", str(v)],                          # the sampler as an axis (one training run)
-}                                                   # a --label-smoothing model sampled with its raw class rows E[y]
+}
 # Grid keys that are training flags under another form: key -> (value -> training arguments).
 # base=NAME:PATH is a ControlNet's frozen base (Table 2's axis): --init-from PATH, shown (and paired) as NAME.
 TRAIN_KEYS = {"base": lambda v: ["--init-from", base_path(v)]}
@@ -167,7 +168,7 @@ def cell_name(cell: dict) -> str:
     context = [f"{k}{v}" for k, v in cell.items() if k not in CLEAN]
     treated = [f"{k}{shown(k, v)}" for k, v in cell.items() if k in CLEAN and not same_value(shown(k, v), CLEAN[k])]
     name = "_".join(context + (treated or ["clean"]))
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+    return "".join(c if c.isalnum() or c in "._-+" else "-" for c in name)
 
 
 def clean_counterpart(cell: dict) -> dict:
@@ -815,6 +816,7 @@ def collect(runs: list) -> list:
             code = results.get("provenance") or {}      # the code that evaluated (plumbing/provenance.py)
             for r in results["rows"]:
                 r = {("sample_seed" if k == "seed" else k): v for k, v in r.items()}   # "seed" is the training seed
+                r = {(f"eval.{k}" if k in run.cell else k): v for k, v in r.items()}   # a cell key keeps its column
                 at = step if step is not None else r.get("train_step", final)
                 rows.append({"cell": cell_name(run.cell), **run.cell, "seed": run.seed, "step": at, **r,
                              "commit": code.get("commit"), "dirty": code.get("dirty"), **train_cfg})

@@ -184,3 +184,5 @@ def test_a_rows_block_quotes_every_final_row_as_measured(folder, capsys):
     fid = 10 + 3 + 2 + 2 + 0.1 * 4                                      # corrupt0.1, seed 2, s = 2
     assert f"| corrupt0.1 | 2 | 2 | {fid:.3g} |" in block
     assert check(folder, capsys, "--check") == (0, [])
+    assert [results.number(v) for v in (None, float("nan"), 1234.6, 0.12345, 271.44)] == ["–", "–", "1235", "0.123",
+                                                                                          "271"]

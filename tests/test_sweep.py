@@ -218,6 +218,27 @@ def test_cells_that_differ_only_in_eval_keys_share_one_training_run(tmp_path):
     assert sweep.run_all(runs, cfg, again) and again.trained == []        # its cells' results need no training
 
 
+def test_the_fashion_key_arms_are_the_protocols(tmp_path):
+    """memorize-v2-fashion (fixed before its runs): the built-in part's recipe and measurement on Fashion-MNIST at the
+    map's k = 2, the five key arms, seeds 0-4; the analysis reads family A (4 treatments) and B (gamma 4 - control)."""
+    from tools import memorize_v2
+    cfg = sweep.parse_args(["--preset", "memorize-v2-fashion", "--out", str(tmp_path)])
+    runs = sweep.plan(cfg, features="judge.pt")
+    cells = sorted({r.name.split("/")[0] for r in runs})
+    assert cells == ["cepuniform_cep_gamma1", "cepuniform_cep_gamma4", "clean", "corrupt0.05_corrupt_moderandom",
+                     "corrupt0.2"] and sorted({r.seed for r in runs}) == [0, 1, 2, 3, 4]
+    v2 = sweep.PRESETS["memorize-v2"]
+    assert all(cfg_value == v2[k] for k, cfg_value in sweep.PRESETS["memorize-v2-fashion"].items()
+               if k in ("eval", "eval_steps", "curve_eval", "judge", "metric", "fixed_scale", "script"))
+    train = runs[0].train_cmd
+    assert sweep.flag_value(train, "--data", None) == "fashion-mnist" and sweep.flag_value(train, "--items-per-class",
+                                                                                          None) == "2"
+    assert sweep.flag_value(train, "--steps", None) == "6000" and sweep.flag_value(train, "--image-size", None) == "8"
+    assert tuple(sorted(runs[0].curve)) + (6000,) == memorize_v2.PROTOCOL_STEPS
+    families = memorize_v2.families(cells)
+    assert len(families["A"]) == 4 and families["B"] == [("cepuniform_cep_gamma4", "corrupt0.05_corrupt_moderandom")]
+
+
 def test_the_cpu_default_preset_samples_one_training_run_per_seed_with_both_samplers(tmp_path):
     cfg = sweep.parse_args(["--preset", "cpu-default", "--out", str(tmp_path)])
     runs = sweep.plan(cfg, features="judge.pt")

@@ -128,13 +128,20 @@ ROW_METRICS = ("class_acc", "shape_iou_disc", "shape_iou_cross", "edge_f1", "edg
                "recall", "mem_ratio_px")          # a rows block's columns, those the sweep measured
 
 
+def number(v) -> str:
+    """A measured value as a rows block shows it: 3 significant digits, whole numbers from 1000 on, – for none."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
 def rows_text(rows: list) -> str:
     """Every final row as measured (cell, seed, guidance scale and the ROW_METRICS present), 3 significant digits."""
     metrics = [m for m in ROW_METRICS if any(r.get(m) is not None for r in rows)]
     lines = ["| cell | seed | s | " + " | ".join(sweep.METRIC_NAMES.get(m, m) for m in metrics) + " |",
              "|---" * (3 + len(metrics)) + "|"]
     for r in sorted(rows, key=lambda r: (r["cell"], r["seed"], r["cfg_scale"])):
-        values = ["–" if r.get(m) is None else f"{r[m]:.3g}" for m in metrics]
+        values = [number(r.get(m)) for m in metrics]
         lines.append(f"| {r['cell']} | {r['seed']} | {r['cfg_scale']:g} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
