@@ -277,7 +277,7 @@ def figures(folder: Path, out: Path, scale: float = 1.0) -> list:
         return []
     out.mkdir(parents=True, exist_ok=True)
     plt = _plt()
-    fig, axes = plt.subplots(len(ratios), 1, figsize=(5, 1.3 * len(ratios)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(7, 1.3 * len(ratios)), sharex=True, squeeze=False)
     for ax, (cell, r) in zip(axes[:, 0], ratios.items()):
         ax.hist(np.clip(r, 0, 1.2), bins=60, range=(0, 1.2), color="tab:blue")
         ax.axvline(1 / 3, color="tab:red", lw=1)                    # the ratio test's threshold (Gu et al.)
@@ -286,6 +286,7 @@ def figures(folder: Path, out: Path, scale: float = 1.0) -> list:
                 fontsize=7)
     axes[-1, 0].set_xlabel(f"d1 / d2: nearest over second-nearest training item (pixels, s = {scale:g})")
     fig.tight_layout()
+    fig.subplots_adjust(left=0.3)                                   # room for the cell names beside the rows
     fig.savefig(out / "d1_over_d2.png", dpi=120)
     plt.close(fig)
     written = [out / "d1_over_d2.png"]
@@ -293,7 +294,8 @@ def figures(folder: Path, out: Path, scale: float = 1.0) -> list:
              for f in sorted((folder / "runs" / c).glob(f"seed0/eval/nearest_{tag}.npz"))]
     if pairs:
         n = 8
-        fig, axes = plt.subplots(2 * len(pairs), n, figsize=(n * 0.6, 1.3 * len(pairs)), squeeze=False)
+        label_width = 1.6                                            # inches for the cell names
+        fig, axes = plt.subplots(2 * len(pairs), n, figsize=(n * 0.6 + label_width, 1.3 * len(pairs)), squeeze=False)
         for i, (cell, f) in enumerate(pairs):
             for j in range(n):
                 for row, key in ((2 * i, "samples"), (2 * i + 1, "nearest")):
@@ -302,7 +304,8 @@ def figures(folder: Path, out: Path, scale: float = 1.0) -> list:
                     ax.set_xticks([]), ax.set_yticks([])
             axes[2 * i, 0].set_ylabel(cell, rotation=0, ha="right", fontsize=6)
             axes[2 * i + 1, 0].set_ylabel("nearest", rotation=0, ha="right", fontsize=6)
-        fig.tight_layout(pad=0.2)
+        fig.subplots_adjust(left=label_width / (n * 0.6 + label_width), right=0.99, top=0.99, bottom=0.01,
+                            wspace=0.05, hspace=0.1)                 # square pictures, the names beside them
         fig.savefig(out / "nearest.png", dpi=120)
         plt.close(fig)
         written.append(out / "nearest.png")
