@@ -65,9 +65,9 @@ JUDGE_VERSION = 1                     # bump when the recipe changes: the cache 
 JUDGE_SEED = 1_000_003                # the judge's own training images
 REF_SEED = 1_000_033                  # held-out reference images (evaluate.py --ref)
 CHECK_SEED = 1_000_039                # held-out images of `judge.py check`
-# Torchvision sets whose test split's halves (TEST_PARTS) are alike: Fashion-MNIST's order is shuffled. MNIST's is not
-# (its first 5,000 test images come from NIST's cleaner writers), so its halves would not be a fair split; KMNIST's
-# order is unchecked.
+# Torchvision sets whose test split's halves (TEST_PARTS) are alike: Fashion-MNIST's (each class 477-526 times in each
+# half). MNIST's test split is ordered (its first 5,000 images cleaner and easier than its last), so its halves would
+# not be a fair split; KMNIST's order is unchecked.
 HALVES_JUDGED = ("fashion-mnist",)
 JUDGED_DATA = ("builtin", "digits", *HALVES_JUDGED)   # the data a judge is made for (--data)
 ACCURACY_FLOOR = {"builtin": 0.99, "digits": 0.9, "fashion-mnist": 0.8}   # build warns below this held-out accuracy
@@ -165,6 +165,11 @@ def attribute_targets(image_size: int, num: int, seed: int, flips: np.ndarray) -
     return rows, mask
 
 
+def no_judge(data_name: str) -> ValueError:
+    """The one-line error for data no judge is made for."""
+    return ValueError(f"no judge for --data {data_name}: a judge is made for {', '.join(JUDGED_DATA)}")
+
+
 def real_part(data_name: str, image_size: int, part: str, root: str = "data"):
     """(a dataset with render(i) and labels, the indices (n,) of one of its parts) of real data: the digits' judge or
     fresh part (sources/digits.py), or the first ("judge") or second ("fresh") half of Fashion-MNIST's test split
@@ -173,7 +178,7 @@ def real_part(data_name: str, image_size: int, part: str, root: str = "data"):
         ds = digits.DigitsDataset(image_size, part)
         return ds, np.arange(len(ds))
     if data_name not in HALVES_JUDGED:
-        raise ValueError(f"no judge for --data {data_name}: a judge is made for {', '.join(JUDGED_DATA)}")
+        raise no_judge(data_name)
     ds = data.build_dataset(data_name, image_size, root=root, train=False)
     return ds, test_part(len(ds), part)
 
@@ -262,7 +267,7 @@ def judge_config(image_size: int = 16, data_name: str = "builtin", data_root: st
     """The default judge's settings for this image size and data; a torchvision set's carry the hash of its judge
     part as stored (images and labels), so the cache never serves a judge trained on other files."""
     if data_name not in JUDGED_DATA:
-        raise ValueError(f"no judge for --data {data_name}: a judge is made for {', '.join(JUDGED_DATA)}")
+        raise no_judge(data_name)
     cfg = JudgeConfig(image_size=image_size, data=data_name, data_root=data_root)
     if data_name in HALVES_JUDGED:
         ds, indices = real_part(data_name, image_size, "judge", data_root)

@@ -60,6 +60,7 @@ def fresh_images(cfg: dict, num: int | None = None) -> np.ndarray | None:
     None. num None: the whole fresh part of a torchvision set or the digits, else NUM_FRESH."""
     size = int(cfg.get("image_size", 16))
     source = cfg.get("data", "builtin")
+    whole = True                                                                  # a fixed fresh part: all of it
     if source == "builtin":
         ds = data.BuiltinShapes(size, num or NUM_FRESH, FRESH_SEED)
     elif source == "digits":
@@ -71,12 +72,12 @@ def fresh_images(cfg: dict, num: int | None = None) -> np.ndarray | None:
         full = data.build_dataset(source, size, captions=cfg.get("cond", "class") == "text",
                                   class_index=cfg.get("class_index", ""))   # the labels training drew items by
         chosen = data.items_per_class(full.labels, cfg["items_per_class"], cfg.get("seed", 0))
-        ds = data.ItemSubset(full, np.setdiff1d(np.arange(len(full)), chosen))
+        ds, whole = data.ItemSubset(full, np.setdiff1d(np.arange(len(full)), chosen)), False
     else:
         return None
     if len(ds) == 0:
         return None
-    num = min(num or (len(ds) if source in (*data.TORCHVISION_SETS, "digits") else NUM_FRESH), len(ds))
+    num = min(num or (len(ds) if whole else NUM_FRESH), len(ds))
     picks = np.unique(np.linspace(0, len(ds) - 1, num).round().astype(int))                 # spread over the source
     return np.stack([to_uint8(ds[2 * int(i) + (j % 2)][0]) for j, i in enumerate(picks)])
 
